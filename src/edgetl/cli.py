@@ -1,0 +1,304 @@
+"""The ``edgetl`` command line: parse, call the library, print (human text or one JSON object).
+
+Thin on purpose: every command is a few lines over a library call. Heavy imports (torch, NNCF,
+OpenVINO) happen inside the library functions a command calls, so ``edgetl --help`` is instant.
+A user mistake (:class:`edgetl.errors.EdgetlError`) prints ``error: ...`` on one line and exits
+non-zero; with ``--json`` stdout carries exactly one JSON object, and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgetlError
+
+log = logging.getLogger("edgetl")
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.ERROR if quiet else logging.WARNING)
+    log.propagate = False
+    # NNCF and OpenVINO log INFO lines and progress bars of their own; keep the terminal readable.
+    for noisy in ("nncf", "openvino"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def handle_errors(fn):
+    """Turn EdgetlError into ``error: message`` + its exit code; Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgetlError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(obj: dict, as_json: bool, text: str) -> None:
+    """Print either the JSON object (machines) or the text (people) on stdout."""
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        click.echo(text)
+
+
+def warn_skipped(skipped: list, *, quiet: bool) -> None:
+    """One warning that counts and names the files that were skipped."""
+    if skipped and not quiet:
+        names = ", ".join(f"{p} ({r})" for p, r in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        click.echo(f"warning: skipped {len(skipped)} unreadable file(s): {names}{more} (--strict makes this fatal)", err=True)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgetl")
+def main() -> None:
+    """Adapt a frozen pretrained backbone to your images and ship it to an edge device.
+
+    \b
+    Typical use:
+      edgetl example surfaces data/          # a small built-in dataset to try things on
+      edgetl fit data/ --out parts.bundle    # train a head, quantize, export, verify
+      edgetl predict parts.bundle img.jpg    # on the device: no torch needed
+      edgetl adapt parts.bundle new/         # on the device: learn from new labelled images
+    """
+
+
+# ----------------------------------------------------------------------------------------- fit
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0/1/2 or any timm model name.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Backbone weights (.safetensors or .pth state dict).")
+@click.option("--head", "head_kind", type=click.Choice(["linear", "mlp", "prototype"]), default="linear", show_default=True,
+              help="Head trained on the frozen features.")
+@click.option("--l2", type=float, help="L2 regularisation (default: chosen on the validation split).")
+@click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units of the mlp head.")
+@click.option("--epochs", type=int, default=300, show_default=True, help="Optimizer iterations for linear/mlp heads.")
+@click.option("--target", "-t", help="Target profile name (see `edgetl targets`) or a .toml file.  [default: cpu-x86]")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the target's precision.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
+@click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or CSV.")
+@click.option("--val-split", type=float, default=0.2, show_default=True, help="Fraction held out per class when no --val.")
+@click.option("--augment", type=int, default=0, show_default=True, help="Augmented views cached per training image.")
+@click.option("--calibration-size", type=int, help="INT8 calibration images (default: the target's, 300).")
+@click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the head and calibration.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]")
+@click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
+@json_option
+@quiet_option
+@handle_errors
+def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
+        augment, calibration_size, allow_drop, seed, cache_dir, strict, force, as_json, quiet):
+    """Train a head on DATA and write a deployable bundle to --out.
+
+    DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, or a CSV with
+    path,label columns. The backbone is exported once, converted for the target (INT8 calibrated on
+    your training images by default), and the head is trained on the features that converted model
+    produces, so it sees exactly what the device will compute.
+    """
+    _setup_logging(quiet)
+    from .fit import FitOptions, fit as run_fit
+    from .heads import HeadConfig
+
+    opts = FitOptions(
+        backbone=backbone, weights=str(weights) if weights else None,
+        head=HeadConfig(kind=head_kind, l2=l2, hidden=hidden, epochs=epochs, seed=seed),
+        target=target, precision=precision, runtime=runtime, val=str(val) if val else None, val_split=val_split,
+        augment=augment, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
+        calibration_size=calibration_size, allow_drop=allow_drop, quiet=quiet or as_json,
+    )
+    result = run_fit(data, out, options=opts, force=force)
+    warn_skipped(result.dataset.skipped, quiet=quiet)
+    emit(_fit_summary(result), as_json, _fit_text(result))
+
+
+def _fit_summary(result) -> dict:
+    r = result.report
+    return {
+        "bundle": str(result.bundle.path),
+        "labels": result.bundle.labels,
+        "counts": result.dataset.counts(),
+        "skipped": [{"path": str(p), "reason": why} for p, why in result.dataset.skipped],
+        "val": result.metrics,
+        "train_accuracy": r["train_accuracy"],
+        "target": r["target"], "precision": r["precision"], "runtime": r["runtime"],
+        "reference": r["reference"], "gate": r["gate"], "latency_batch1": r["latency_batch1"], "size": r["size"],
+        "timings_s": result.timings,
+    }
+
+
+def _fit_text(result) -> str:
+    from .report import format_metrics
+
+    r = result.report
+    lines = [f"bundle    {result.bundle.path}  ({r['target']}: {r['precision']} on {r['runtime']})"]
+    n_tr = sum(c["train"] for c in result.dataset.counts().values())
+    n_va = sum(c["val"] for c in result.dataset.counts().values())
+    lines.append(f"data      {len(result.bundle.labels)} classes, {n_tr} train / {n_va} val images")
+    ref = r["reference"]
+    if ref.get("fp32_val_accuracy") is not None:
+        lines.append(
+            f"fp32      {ref['fp32_val_accuracy'] * 100:.2f}% val accuracy; {r['precision']} drop "
+            f"{ref['accuracy_drop_pp']:+.2f} pp (tolerance {r['gate']['tolerance_pp']}), feature cosine {ref['feature_cosine_mean']:.4f}"
+        )
+    size_mb = r["size"]["backbone_bytes"] / 1e6
+    lines.append(f"model     {size_mb:.1f} MB backbone, batch-1 latency {r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)")
+    lines.append(f"time      {sum(v for k, v in result.timings.items() if k != 'backbone_images'):.1f} s "
+                 f"({result.timings['backbone_images']} images through a backbone)")
+    if result.metrics:
+        lines.append("")
+        lines.append(format_metrics(result.metrics, title="validation"))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- eval
+@main.command("eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
+@click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
+@json_option
+@quiet_option
+@handle_errors
+def eval_cmd(bundle, data, device, strict, as_json, quiet):
+    """Accuracy, per-class recall and confusion matrix of BUNDLE on labelled images in DATA."""
+    _setup_logging(quiet)
+    from .report import format_metrics
+    from .runtime import Predictor
+
+    m = Predictor(bundle, device=device).evaluate(data, quiet=quiet or as_json, strict=strict)
+    warn_skipped([(p["path"], p["reason"]) for p in m["skipped"]], quiet=quiet)
+    emit(m, as_json, format_metrics(m, title=f"{bundle} on {data} (head v{m['head_version']})"))
+
+
+# ------------------------------------------------------------------------------------- predict
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=int, default=1, show_default=True, help="Classes listed per image.")
+@click.option("--threshold", type=float, help="Answer 'unknown' below this confidence (default: the bundle's).")
+@click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
+@json_option
+@quiet_option
+@handle_errors
+def predict(bundle, paths, top_k, threshold, device, as_json, quiet):
+    """Classify image files or folders with BUNDLE (runs without torch)."""
+    _setup_logging(quiet)
+    from .runtime import Predictor
+
+    preds = Predictor(bundle, device=device).predict(paths, top_k=top_k, threshold=threshold, quiet=quiet or as_json)
+    lines = []
+    for p in preds:
+        alts = "  ".join(f"{l} {q:.3f}" for l, q in p.top_k[1:])
+        lines.append(f"{p.path}\t{p.label}\t{p.confidence:.3f}" + (f"\t{alts}" if alts else ""))
+    emit({"predictions": [p.to_dict() for p in preds]}, as_json, "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--target", "-t", help="Target profile name or .toml file (default: the run's).")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Precision of the new bundle.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Runtime of the new bundle.")
+@click.option("--data", type=click.Path(path_type=Path), help="Training data, if it moved since the run.")
+@click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than allowed.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
+@json_option
+@quiet_option
+@handle_errors
+def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, force, as_json, quiet):
+    """Re-export an existing bundle RUN for another target, precision or runtime.
+
+    Uses the run's recorded data, split, backbone and head settings (the chosen L2 included).
+    Cached features make this fast; only the new model's features are computed. The head is
+    retrained on the new model's features, so it matches what that device computes.
+    """
+    _setup_logging(quiet)
+    from .export import export_bundle
+
+    result = export_bundle(run, out, target=target, precision=precision, runtime=runtime, data=data,
+                           allow_drop=allow_drop, cache_dir=cache_dir, force=force, quiet=quiet or as_json)
+    emit(_fit_summary(result), as_json, _fit_text(result))
+
+
+# ------------------------------------------------------------------------------------ targets
+@main.command()
+@json_option
+@handle_errors
+def targets(as_json):
+    """List the shipped target profiles (add your own with --target FILE.toml)."""
+    from .targets import list_targets
+
+    ts = list_targets()
+    width = max(len(t.name) for t in ts)
+    text = "\n".join(f"{t.name:<{width}}  {t.description}" for t in ts)
+    emit({"targets": [t.to_dict() for t in ts]}, as_json, text)
+
+
+# ------------------------------------------------------------------------------------ example
+@main.command()
+@click.argument("name", type=click.Choice(["surfaces", "defects"]))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@json_option
+@handle_errors
+def example(name, out, seed, force, as_json):
+    """Write a built-in example dataset (made from images that ship with scikit-image) to OUT."""
+    from .examples import make_example
+
+    summary = make_example(name, out, seed=seed, force=force)
+    emit({"example": name, "out": str(out), **summary}, as_json, f"wrote the {name!r} example to {out}")
+
+
+# --------------------------------------------------------------------------------------- info
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def info(bundle, as_json):
+    """Show a bundle's manifest summary after verifying every file's hash."""
+    from .bundle import load_bundle
+
+    b = load_bundle(bundle)
+    m = b.manifest
+    text = "\n".join([
+        f"bundle     {b.path} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
+        f"task       {b.task}",
+        f"backbone   {m['backbone']['name']} ({m['backbone']['num_features']}-d, {m['precision']} on {m['runtime']})",
+        f"target     {m['target']['name']}",
+        f"labels     {', '.join(b.labels)}",
+        f"head       v{b.head_version} of {len(m['head']['versions'])}",
+        f"files      {len(m['files'])} verified",
+    ])
+    emit({"path": str(b.path), "verified": True, **m}, as_json, text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,300 @@
+"""Find labelled images on disk, check them, and split them.
+
+Layouts understood (checked in this order):
+
+* ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` — an explicit validation set;
+* ``DATA/<class>/*`` — ImageFolder; a stratified, seeded split makes the validation set;
+* ``DATA.csv`` or ``DATA/labels.csv`` — a manifest with ``path,label`` (and optionally ``split``)
+  columns, paths relative to the CSV's folder and never outside it.
+
+Every image is decoded once here, so a truncated or non-image file is found before any model runs.
+Bad files are skipped and reported (``Dataset.skipped``) unless ``strict`` is set.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+_VAL_DIRS = ("val", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image; ``digest`` is the sha256 of the file's bytes (the cache key's core)."""
+
+    path: Path
+    label: str
+    digest: str
+
+
+@dataclass
+class Dataset:
+    """A checked dataset: classes in a fixed (sorted) order, a train and a validation list."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        tr, va = Counter(s.label for s in self.train), Counter(s.label for s in self.val)
+        return {c: {"train": tr[c], "val": va[c]} for c in self.classes}
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def check_image(path: Path) -> str:
+    """Decode ``path`` fully and return the sha256 of its bytes.
+
+    Raises:
+        DataError: unreadable, truncated or not an image.
+    """
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _scan_folder(root: Path) -> list[tuple[Path, str]]:
+    """ImageFolder: (path, label) for every file below ``root/<class>/``."""
+    items = []
+    for cdir in _class_dirs(root):
+        items += [(p, cdir.name) for p in _files_under(cdir)]
+    loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p)]
+    if loose and not items:
+        raise DataError(
+            f"{root}: images lie directly in the folder; put each class in its own sub-folder "
+            f"({root}/<class>/image.jpg) or list them in a CSV with path,label columns"
+        )
+    return items
+
+
+def _scan_csv(csv_path: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]] | None]:
+    """CSV manifest -> (train items, val items or None when there is no split column)."""
+    base = csv_path.parent.resolve()
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{csv_path}: cannot read the CSV manifest ({exc})") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        raise DataError(f"{csv_path}: the CSV manifest is empty; expected path,label rows")
+    header = [h.strip().lower() for h in rows[0]]
+    if "path" in header and "label" in header:
+        ip, il = header.index("path"), header.index("label")
+        isplit = header.index("split") if "split" in header else None
+        rows = rows[1:]
+    else:
+        ip, il, isplit = 0, 1, None
+    train, val = [], []
+    for lineno, row in enumerate(rows, start=2 if ip or il or isplit is not None else 1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il):
+            raise DataError(f"{csv_path}:{lineno}: expected path,label, got {row!r}")
+        rel, label = row[ip].strip(), row[il].strip()
+        if not label:
+            raise DataError(f"{csv_path}:{lineno}: empty label for {rel!r}")
+        path = (base / rel).resolve()
+        if not path.is_relative_to(base):
+            raise DataError(
+                f"{csv_path}:{lineno}: {rel!r} points outside the CSV's folder {base}; "
+                "keep images below the folder that holds the CSV"
+            )
+        split = row[isplit].strip().lower() if isplit is not None and len(row) > isplit else "train"
+        if split not in ("train", *_VAL_DIRS):
+            raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train or val")
+        (val if split in _VAL_DIRS else train).append((path, label))
+    return train, (val if isplit is not None else None)
+
+
+def _find_layout(root: Path):
+    """-> (layout name, train items, val items or None)."""
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder; give an image folder or a CSV manifest")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"{root}: expected a folder of class sub-folders or a .csv manifest")
+        train, val = _scan_csv(root)
+        return "csv", train, val
+    subdirs = {p.name.lower(): p for p in _class_dirs(root)}
+    val_dir = next((subdirs[n] for n in _VAL_DIRS if n in subdirs), None)
+    if "train" in subdirs and val_dir is not None:
+        return "train+val", _scan_folder(subdirs["train"]), _scan_folder(val_dir)
+    if not subdirs and (root / "labels.csv").is_file():
+        train, val = _scan_csv(root / "labels.csv")
+        return "csv", train, val
+    return "folder", _scan_folder(root), None
+
+
+def _check_all(items, *, strict: bool, skipped: list) -> list[Sample]:
+    out = []
+    for path, label in items:
+        if not is_image_name(path):
+            reason = "not an image file (unknown extension)"
+        else:
+            try:
+                out.append(Sample(path, label, check_image(path)))
+                continue
+            except DataError as exc:
+                if strict:
+                    raise DataError(f"{exc} (--strict makes bad files fatal)") from None
+                reason = str(exc).split(": ", 1)[-1]
+        if strict and is_image_name(path):
+            raise DataError(f"{path}: {reason}")
+        skipped.append((path, reason))
+    return out
+
+
+def stratified_split(samples: list[Sample], *, fraction: float, seed: int):
+    """Seeded split keeping class proportions; every class with >= 2 images gets >= 1 in val."""
+    by_class: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_class[s.label].append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda s: (s.digest, str(s.path)))
+        rng.shuffle(group)
+        n_val = 0 if len(group) < 2 else min(len(group) - 1, max(1, round(len(group) * fraction)))
+        val += group[:n_val]
+        train += group[n_val:]
+    return train, val
+
+
+def scan_images(root: str | Path, *, strict: bool = False) -> tuple[str, list[Sample], list[Sample] | None, list]:
+    """Discover and decode every image under ``root``; labels as the layout gives them.
+
+    Returns:
+        (layout, samples, explicit val samples or None, skipped [(path, reason)]).
+    """
+    root = Path(root)
+    layout, train_items, val_items = _find_layout(root)
+    skipped: list[tuple[Path, str]] = []
+    train = _check_all(train_items, strict=strict, skipped=skipped)
+    val = _check_all(val_items, strict=strict, skipped=skipped) if val_items is not None else None
+    return layout, train, val, skipped
+
+
+def load_dataset(
+    root: str | Path,
+    *,
+    val: str | Path | None = None,
+    val_split: float = 0.2,
+    seed: int = 0,
+    strict: bool = False,
+    min_classes: int = 2,
+) -> Dataset:
+    """Find, check and split a labelled image dataset.
+
+    Args:
+        root: an ImageFolder, a ``train``/``val`` pair, or a CSV manifest.
+        val: a separate validation folder or CSV (overrides any split in ``root``).
+        val_split: fraction held out per class when no validation set is given.
+        seed: seeds the split.
+        strict: make unreadable files fatal instead of skipped.
+        min_classes: 2 for classification.
+
+    Raises:
+        DataError: missing path, no usable images, too few classes, a class with no usable image.
+
+    Example:
+        >>> ds = load_dataset("parts/", val_split=0.2, seed=0)  # doctest: +SKIP
+        >>> ds.classes, len(ds.train), len(ds.val)  # doctest: +SKIP
+    """
+    if not 0.0 < val_split < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
+    root = Path(root)
+    layout, train, explicit_val, skipped = scan_images(root, strict=strict)
+    if val is not None:
+        vlayout, vtrain, vval, vskipped = scan_images(val, strict=strict)
+        explicit_val = vtrain + (vval or [])
+        skipped += vskipped
+    found = Counter(lbl for _, lbl in [(s.path, s.label) for s in train])
+    if not train:
+        raise DataError(
+            f"{root}: no usable training images found ({len(skipped)} skipped); expected "
+            f"{root}/<class>/<image>.jpg|png|bmp|tif|webp or a CSV manifest"
+        )
+    expected = _expected_classes(root, layout)
+    empty = sorted(c for c in expected if found[c] == 0)
+    if empty:
+        raise DataError(
+            f"{root}: class {empty[0]!r} has no usable image"
+            + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+            + "; add images or remove the folder"
+        )
+    classes = sorted(found)
+    if len(classes) < min_classes:
+        raise DataError(
+            f"{root}: found {len(classes)} class ({', '.join(classes)}); classification needs at "
+            f"least {min_classes}. For good-only defect data use --task anomaly"
+        )
+    if explicit_val is not None:
+        unknown = sorted({s.label for s in explicit_val} - set(classes))
+        if unknown:
+            raise DataError(
+                f"{val or root}: validation class {unknown[0]!r} has no training images; "
+                "every validation class must also appear in training"
+            )
+        return Dataset(root, layout, classes, train, explicit_val, skipped)
+    tr, va = stratified_split(train, fraction=val_split, seed=seed)
+    return Dataset(root, layout, classes, tr, va, skipped)
+
+
+def _expected_classes(root: Path, layout: str) -> list[str]:
+    """Class folders that exist on disk, so an all-bad class is reported rather than dropped."""
+    if layout == "folder":
+        return [p.name for p in _class_dirs(root)]
+    if layout == "train+val":
+        return [p.name for p in _class_dirs(root / "train")] if (root / "train").is_dir() else []
+    return []
+
+
+def list_images(paths: list[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of image paths for ``predict``.
+
+    Raises:
+        DataError: a path does not exist, or nothing in it looks like an image.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p}: no such file or folder")
+        if p.is_dir():
+            found = [f for f in _files_under(p) if is_image_name(f)]
+            if not found:
+                raise DataError(f"{p}: no image files (.jpg .png .bmp .tif .webp) in this folder")
+            out += found
+        else:
+            out.append(p)
+    return out

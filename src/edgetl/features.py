@@ -1,0 +1,181 @@
+"""Batched feature extraction through a runtime session, with an on-disk cache.
+
+The backbone is frozen, so each image goes through it once per (model, preprocessing, view). The
+cache key is the image's content hash plus the *model file's* hash (which pins architecture,
+weights and precision: an INT8 model calibrated differently is a different model) plus the
+preprocessing digest plus the augmentation view. A second ``fit`` with another head or
+hyper-parameters finds every vector here and never runs the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
+
+
+@dataclass
+class FeatureSet:
+    """Feature vectors with integer labels indexing ``labels``; rows follow ``paths``."""
+
+    X: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    paths: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.X.shape[0])
+
+
+def file_digest(path: str | Path, *, length: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length] if length else h.hexdigest()
+
+
+def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
+    """Cache namespace of one model file + preprocessing (OpenVINO IR: the .bin holds the weights)."""
+    model_path = Path(model_path)
+    parts = [file_digest(model_path)]
+    weights = model_path.with_suffix(".bin")
+    if model_path.suffix == ".xml" and weights.is_file():
+        parts.append(file_digest(weights))
+    parts.append(preprocess.digest())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+class FeatureCache:
+    """``root/<model_key>/v<view>/<ab>/<digest>.npy``: one small file per vector, written atomically."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / "features" / key
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, digest: str, view: int) -> Path:
+        return self.dir / f"v{view}" / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str, view: int) -> np.ndarray | None:
+        p = self._path(digest, view)
+        try:
+            vec = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):  # absent, or a torn write from a killed process: recompute
+            self.misses += 1
+            return None
+        self.hits += 1
+        return vec
+
+    def put(self, digest: str, view: int, vec: np.ndarray) -> None:
+        p = self._path(digest, view)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, p)
+
+
+def augment(im: Image.Image, *, seed: int) -> Image.Image:
+    """A mild, label-preserving random view: crop 60-100%, flip, small rotation, light/colour jitter.
+
+    Deterministic for a given seed so an augmented view can be cached like a plain one.
+    """
+    rng = random.Random(seed)
+    w, h = im.size
+    s = rng.uniform(0.6, 1.0) ** 0.5
+    cw, ch = max(8, int(w * s)), max(8, int(h * s))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    angle = rng.uniform(-10, 10)
+    im = im.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.75, 1.25))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.75, 1.25))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 0.2:
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    return im
+
+
+def _seed_for(digest: str, view: int) -> int:
+    return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:12], 16)
+
+
+def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", view: int = 0) -> np.ndarray:
+    """Decode + (optionally augment) + preprocess one image into the backbone's CHW input."""
+    im = load_rgb(path)
+    if view:
+        im = augment(im, seed=_seed_for(digest or str(path), view))
+    return to_tensor(resize_crop(im, preprocess), preprocess)
+
+
+def _progress(total: int, *, desc: str, quiet: bool):
+    """A tqdm bar on a terminal; nothing when piped, in CI, or with --quiet."""
+    disable = quiet or not sys.stderr.isatty() or total == 0
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
+
+
+def extract_features(
+    paths: Sequence[Path],
+    *,
+    session,
+    preprocess: PreprocessConfig,
+    digests: Sequence[str] | None = None,
+    cache: FeatureCache | None = None,
+    view: int = 0,
+    batch_size: int = 32,
+    quiet: bool = False,
+    desc: str = "features",
+) -> np.ndarray:
+    """Feature vectors for ``paths`` (rows in order), from the cache where possible.
+
+    Args:
+        paths: image files.
+        session: a :class:`edgetl.runtime.Session` whose first output is the feature vector.
+        preprocess: the backbone's preprocessing.
+        digests: content hashes of the files (computed when omitted); the cache key.
+        cache: where vectors are kept between runs; ``None`` disables caching.
+        view: 0 for the plain image, k > 0 for the k-th deterministic augmented view.
+        batch_size: images per runtime call.
+        quiet: no progress bar.
+
+    Returns:
+        float32 array of shape (len(paths), num_features).
+    """
+    paths = [Path(p) for p in paths]
+    digests = list(digests) if digests is not None else [file_digest(p) for p in paths]
+    out: list[np.ndarray | None] = [cache.get(d, view) if cache else None for d in digests]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        bar = _progress(len(todo), desc=desc, quiet=quiet)
+        # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(todo), batch_size):
+                idx = todo[start : start + batch_size]
+                batch = np.stack(list(pool.map(
+                    lambda i: load_input(paths[i], preprocess, digest=digests[i], view=view), idx)))
+                feats = session(batch)
+                feats = feats.reshape(feats.shape[0], -1).astype(np.float32, copy=False)
+                for i, vec in zip(idx, feats):
+                    out[i] = vec
+                    if cache:
+                        cache.put(digests[i], view, vec)
+                bar.update(len(idx))
+        bar.close()
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(out).astype(np.float32, copy=False)

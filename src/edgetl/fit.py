@@ -1,0 +1,348 @@
+"""``fit``: image folder -> frozen backbone -> target model -> features -> head -> bundle.
+
+Each stage hands typed data to the next (Dataset, ExportedBackbone, ConvertedModel, FeatureSet,
+Head, Bundle). Everything expensive is cached under the cache directory, keyed by content:
+
+* the FP32 ONNX export, by (architecture, weights sha256, opset) — a hit needs no torch;
+* the converted/quantized model, by (FP32 model, target settings, calibration images);
+* features, by (image sha256, model file sha256, preprocessing, augmentation view).
+
+So a second ``fit`` that only changes the head runs no backbone at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbones import DEFAULT_BACKBONE, ExportedBackbone, default_cache_dir, export_backbone
+from .bundle import Bundle, BundleWriter, check_out_dir
+from .data import Dataset, load_dataset
+from .errors import ConfigError, GateError
+from .features import FeatureCache, extract_features, file_digest, load_input, model_key
+from .fuse import fuse, parity
+from .heads import Head, HeadConfig, train_head
+from .quantize import ConvertedModel, calibration_subset, convert, feature_cosine
+from .report import classification_metrics
+from .sessions import Session, open_session
+from .targets import Target, load_target
+
+log = logging.getLogger("edgetl")
+
+# Exemplars kept per class for on-device replay: enough to anchor a class mean and its spread,
+# small enough that a 100-class bundle carries < 10 MB of them.
+EXEMPLARS_PER_CLASS = 20
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything ``fit`` can be told. Defaults are what ``edgetl fit DATA --out B`` does."""
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    head: HeadConfig = field(default_factory=HeadConfig)
+    target: str | None = None
+    precision: str | None = None
+    runtime: str | None = None
+    val: str | None = None
+    val_split: float = 0.2
+    augment: int = 0
+    seed: int = 0
+    cache_dir: str | None = None
+    strict: bool = False
+    calibration_size: int | None = None
+    allow_drop: bool = False
+    reference: bool = True
+    exemplars_per_class: int = EXEMPLARS_PER_CLASS
+    batch_size: int = 32
+    quiet: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["head"] = self.head.to_dict()
+        return d
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` produced: the bundle, its validation metrics, the full report and timings."""
+
+    bundle: Bundle
+    metrics: dict
+    report: dict
+    dataset: Dataset
+    timings: dict
+
+
+def resolve_target(options: FitOptions) -> Target:
+    t = load_target(options.target)
+    t = t.with_overrides(precision=options.precision, runtime=options.runtime)
+    if options.calibration_size is not None:
+        import dataclasses
+
+        t = dataclasses.replace(t, quantization=dataclasses.replace(t.quantization, calibration_size=options.calibration_size))
+    return t
+
+
+def _calibration(ds: Dataset, exported: ExportedBackbone, target: Target, seed: int) -> tuple[np.ndarray, list[str], dict]:
+    """Preprocessed calibration images: a stratified subset of the *training* split.
+
+    With fewer training images than the profile's calibration size, every image is used once
+    plainly and then as augmented views (at most 3 per image) up to the size: activation ranges
+    see more variety, and the report says how many were real.
+    """
+    size = target.quantization.calibration_size
+    idx = calibration_subset([s.label for s in ds.train], size=size, seed=seed)
+    chosen = [ds.train[i] for i in idx]
+    views = [(s, 0) for s in chosen]
+    view = 1
+    while len(views) < size and view <= 3:
+        views += [(s, view) for s in chosen][: size - len(views)]
+        view += 1
+    arr = np.stack([load_input(s.path, exported.preprocess, digest=s.digest, view=v) for s, v in views])
+    key = [f"{s.digest}:{v}" for s, v in views]
+    info = {"images": len(chosen), "augmented_views": len(views) - len(chosen), "requested": size}
+    return arr, key, info
+
+
+def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, cache_root: Path, seed: int) -> ConvertedModel:
+    """The target's backbone model, from the cache when the same settings and images made it before."""
+    q = target.quantization
+    settings = {"precision": target.precision, "runtime": target.runtime, "batch": target.batch, "opset": target.opset}
+    calib = None
+    calib_info: dict = {}
+    if target.precision == "int8":
+        settings["quantization"] = asdict(q)
+        calib, calib_key, calib_info = _calibration(ds, exported, target, seed)
+        settings["calibration"] = hashlib.sha256("|".join(calib_key).encode()).hexdigest()
+    settings["fp32"] = file_digest(exported.path)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    folder = cache_root / "models" / key
+    info_path = folder / "info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib)
+    converted.info["calibration"] = calib_info
+    converted.info["file"] = converted.path.name
+    info_path_tmp = tmp / "info.json"
+    info_path_tmp.write_text(json.dumps(converted.info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return ConvertedModel(folder / converted.path.name, converted.runtime, converted.precision, converted.info)
+
+
+def _extract_split(ds: Dataset, split: str, session: Session, exported: ExportedBackbone, cache: FeatureCache,
+                   views: int, options: FitOptions, desc: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of one split: the plain view, then augmented views 1..views stacked below."""
+    samples = getattr(ds, split)
+    paths, digests = [s.path for s in samples], [s.digest for s in samples]
+    blocks = [
+        extract_features(paths, session=session, preprocess=exported.preprocess, digests=digests, cache=cache,
+                         view=v, batch_size=options.batch_size, quiet=options.quiet,
+                         desc=f"{desc} (view {v})" if v else desc)
+        for v in range(views + 1)
+    ]
+    index = {label: i for i, label in enumerate(ds.classes)}
+    y = np.array([index[s.label] for s in samples], dtype=np.int64)
+    return np.concatenate(blocks), np.tile(y, views + 1)
+
+
+def measure_latency(session: Session, shape: tuple[int, ...], *, runs: int = 20) -> dict:
+    """Batch-1 latency of a session on random input: median and p90 in ms after a warm-up."""
+    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    for _ in range(3):
+        session(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
+def select_exemplars(X: np.ndarray, y: np.ndarray, n_classes: int, *, per_class: int) -> np.ndarray:
+    """Indices of up to ``per_class`` rows per class chosen by herding (iCaRL).
+
+    Herding greedily adds the row that brings the running mean of the chosen set closest to the
+    class mean, so a few exemplars reproduce the class's centre better than a random few.
+    """
+    chosen: list[int] = []
+    for c in range(n_classes):
+        rows = np.flatnonzero(y == c)
+        if len(rows) <= per_class:
+            chosen += rows.tolist()
+            continue
+        F = X[rows] / (np.linalg.norm(X[rows], axis=1, keepdims=True) + 1e-12)
+        mu = F.mean(axis=0)
+        acc = np.zeros_like(mu)
+        taken: list[int] = []
+        free = np.ones(len(rows), dtype=bool)
+        for k in range(1, per_class + 1):
+            dist = np.linalg.norm(mu[None, :] - (acc[None, :] + F) / k, axis=1)
+            dist[~free] = np.inf
+            j = int(np.argmin(dist))
+            taken.append(j)
+            free[j] = False
+            acc += F[j]
+        chosen += rows[taken].tolist()
+    return np.array(chosen, dtype=np.int64)
+
+
+def save_exemplars(path: Path, X: np.ndarray, y: np.ndarray, labels: list[str]) -> None:
+    """exemplars.npz: features, integer labels, and label names as JSON text (no pickles)."""
+    names = np.frombuffer(json.dumps(labels).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
+
+
+def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False) -> FitResult:
+    """Adapt a pretrained backbone to the images in ``data`` and write a bundle to ``out``.
+
+    Args:
+        data: ImageFolder, ``train``/``val`` pair, or CSV manifest (see :func:`edgetl.data.load_dataset`).
+        out: bundle directory to create (refused if non-empty unless ``force``).
+        options: backbone, head, target, precision, split, cache ...
+        force: replace an existing bundle at ``out`` (atomically; the old one stays until the new one is whole).
+
+    Raises:
+        DataError: bad dataset.  ConfigError: bad option or profile.
+        GateError: the quantized model lost more accuracy than the profile allows (unless ``allow_drop``).
+
+    Example:
+        >>> r = fit("parts/", "parts.bundle", options=FitOptions(head=HeadConfig(kind="mlp")))  # doctest: +SKIP
+        >>> r.metrics["accuracy"]  # doctest: +SKIP
+    """
+    out = Path(out)
+    check_out_dir(out, force=force)  # fail before any work, not after minutes of it
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = round(now - t, 3)
+        t = now
+
+    target = resolve_target(options)
+    if options.augment < 0 or options.augment > 32:
+        raise ConfigError(f"--augment {options.augment}: use 0 to 32 augmented views per training image")
+    ds = load_dataset(data, val=options.val, val_split=options.val_split, seed=options.seed, strict=options.strict)
+    lap("scan")
+    cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+    exported = export_backbone(options.backbone, weights=options.weights, cache_dir=cache_root, opset=target.opset)
+    lap("export")
+    shipped = _converted_model(exported, target, ds, cache_root, options.seed)
+    lap("convert")
+
+    session = open_session(shipped.path, runtime=target.runtime, device=target.device, providers=["CPUExecutionProvider"])
+    cache = FeatureCache(cache_root, model_key(shipped.path, exported.preprocess))
+    X_tr, y_tr = _extract_split(ds, "train", session, exported, cache, options.augment, options, "train features")
+    X_va, y_va = _extract_split(ds, "val", session, exported, cache, 0, options, "val features")
+    lap("features")
+    backbone_runs = cache.misses
+
+    head = train_head(X_tr, y_tr, ds.classes, cfg=options.head, X_val=X_va if len(X_va) else None,
+                      y_val=y_va if len(y_va) else None)
+    lap("head")
+    val_metrics = classification_metrics(y_va, head.predict(X_va), ds.classes) if len(X_va) else {}
+    train_metrics = classification_metrics(y_tr[: len(ds.train)], head.predict(X_tr[: len(ds.train)]), ds.classes)
+
+    # Reference: the same pipeline at FP32 in ONNX Runtime, to measure what conversion costs.
+    # When the shipped model *is* that FP32 ONNX model, the reference is the result itself.
+    ref: dict = {}
+    is_reference = target.precision == "fp32" and target.runtime == "onnxruntime"
+    if options.reference and not is_reference:
+        ref_session = open_session(exported.path, runtime="onnxruntime")
+        ref_cache = FeatureCache(cache_root, model_key(exported.path, exported.preprocess))
+        R_tr, _ = _extract_split(ds, "train", ref_session, exported, ref_cache, options.augment, options, "fp32 reference")
+        R_va, _ = _extract_split(ds, "val", ref_session, exported, ref_cache, 0, options, "fp32 reference val")
+        backbone_runs += ref_cache.misses
+        fixed = HeadConfig.from_dict({**options.head.to_dict(), "l2": head.meta.get("l2", options.head.l2)})
+        ref_head = train_head(R_tr, y_tr, ds.classes, cfg=fixed)
+        ref_acc = float(np.mean(ref_head.predict(R_va) == y_va)) if len(R_va) else None
+        cos = feature_cosine(R_va, X_va) if len(R_va) else feature_cosine(R_tr, X_tr)
+        ref = {
+            "fp32_val_accuracy": ref_acc,
+            "val_accuracy": val_metrics.get("accuracy"),
+            "feature_cosine_mean": round(float(cos.mean()), 5),
+            "feature_cosine_min": round(float(cos.min()), 5),
+        }
+        if ref_acc is not None and val_metrics:
+            ref["accuracy_drop_pp"] = round((ref_acc - val_metrics["accuracy"]) * 100, 3)
+    lap("reference")
+    drop = ref.get("accuracy_drop_pp")
+    gate = {"tolerance_pp": target.accuracy_tolerance, "drop_pp": drop,
+            "passed": drop is None or drop <= target.accuracy_tolerance}
+    if not gate["passed"] and not options.allow_drop:
+        raise GateError(
+            f"{target.precision} model loses {drop:.2f} points of validation accuracy vs FP32 "
+            f"(target {target.name} allows {target.accuracy_tolerance}); try --calibration-size, another "
+            "--target/--precision, or accept it with --allow-drop"
+        )
+
+    with BundleWriter(out, force=force) as w:
+        ext = shipped.path.suffix
+        backbone_name = f"backbone{ext}"
+        for src in shipped.files():
+            shutil.copyfile(src, w.dir / f"backbone{src.suffix}")
+        (w.dir / "heads").mkdir()
+        head.save(w.dir / "heads" / "v1.npz")
+        plain_tr = X_tr[: len(ds.train)]
+        ex_idx = select_exemplars(plain_tr, y_tr[: len(ds.train)], len(ds.classes), per_class=options.exemplars_per_class)
+        save_exemplars(w.dir / "exemplars.npz", plain_tr[ex_idx], y_tr[ex_idx], ds.classes)
+        meta = {"edgetl_version": __version__, "labels": ds.classes, "preprocess": exported.preprocess.to_dict(),
+                "backbone": exported.name, "precision": target.precision, "target": target.name}
+        fused_path = fuse(w.dir / backbone_name, head, w.dir, meta=meta)
+        lap("bundle")
+        fused_session = open_session(fused_path, runtime=target.runtime, device=target.device)
+        probe = [s.path for s in (ds.val or ds.train)[:16]]
+        probe_x = np.stack([load_input(p, exported.preprocess) for p in probe])
+        fused_probs = fused_session(probe_x)
+        par = parity(fused_probs, head.proba(session(probe_x)))
+        latency = measure_latency(session, (3, exported.preprocess.input_size, exported.preprocess.input_size))
+        sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()),
+                 "fp32_bytes": exported.path.stat().st_size}
+        report = {
+            "precision": target.precision, "runtime": target.runtime, "target": target.name,
+            "conversion": shipped.info, "reference": ref, "gate": gate, "fused_parity": par,
+            "latency_batch1": latency, "size": sizes, "val": val_metrics, "train_accuracy": train_metrics["accuracy"],
+            "timings_s": timings,
+        }
+        (w.dir / "report.json").write_text(json.dumps(report, indent=2))
+        head_entry = {
+            "version": 1, "file": "heads/v1.npz", "kind": head.kind, "labels": ds.classes, "source": "fit",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "val_accuracy": val_metrics.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2"),
+        }
+        manifest = {
+            "edgetl_version": __version__,
+            "task": "classify",
+            "labels": ds.classes,
+            "backbone": exported.to_dict(),
+            "target": target.to_dict(),
+            "precision": target.precision,
+            "runtime": target.runtime,
+            "models": {"backbone": backbone_name, "fused": fused_path.name},
+            "head": {"current": 1, "versions": [head_entry]},
+            "exemplars": {"file": "exemplars.npz", "per_class": options.exemplars_per_class, "selection": "herding"},
+            "thresholds": {"unknown": 0.0},
+            "metrics": {"val": {k: val_metrics.get(k) for k in ("accuracy", "balanced_accuracy", "per_class_recall")},
+                        "train_accuracy": train_metrics["accuracy"], **({"reference": ref} if ref else {})},
+            "training": {"data": str(Path(data).resolve()), "layout": ds.layout, "counts": ds.counts(),
+                         "options": options.to_dict(), "skipped": len(ds.skipped)},
+        }
+        bundle = w.commit(manifest)
+    lap("finish")
+    timings["backbone_images"] = backbone_runs
+    return FitResult(bundle, val_metrics, report, ds, timings)

@@ -1,0 +1,150 @@
+"""Image decoding and preprocessing in numpy + Pillow, shared by ``fit`` and the device runtime.
+
+The numbers a head is trained on must be the numbers the device computes, so there is exactly one
+implementation, and it has no torch in it. It reproduces timm's evaluation transform for the
+backbone's pretrained config (resize the shorter side to ``size / crop_pct``, centre crop, scale to
+[0, 1], normalise); ``tests/parity/test_preprocess.py`` checks it against timm's own transform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+_INTERPOLATION = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+# Transparent pixels are composited onto mid-grey: deterministic, and close to the 0.5 mean most
+# backbones normalise with, so a cut-out product photo does not gain a black or white halo.
+_ALPHA_BACKGROUND = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes the backbone's input tensor. Travels with the weights and the bundle."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATION:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} is not one of {sorted(_INTERPOLATION)}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(
+            input_size=int(d["input_size"]),
+            crop_pct=float(d["crop_pct"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+
+    def digest(self) -> str:
+        """A short stable hash: part of every feature-cache key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image file Pillow reads into an 8-bit RGB image, upright.
+
+    Handles EXIF orientation, grayscale, palette, RGBA/LA (composited on grey), CMYK, and 16-bit
+    or float single-channel images (rescaled to 8 bits rather than clipped).
+
+    Raises:
+        DataError: the file is missing, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # force a full decode here so truncated files fail now, not later
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert a decoded Pillow image of any mode to 8-bit RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if im.mode == "I" and arr.max() <= 255:
+            top = 255.0
+        if im.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode != "RGB":
+        return im.convert("RGB")
+    return im
+
+
+def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
+    """Resize the shorter side to ``floor(size / crop_pct)`` and take the centre ``size`` crop.
+
+    Integer rounding follows torchvision (``int`` for the long side, ``round`` for crop offsets), so
+    the pixels equal timm's evaluation transform exactly.
+    """
+    size = cfg.input_size
+    scale = math.floor(size / cfg.crop_pct)
+    w, h = im.size
+    if w <= h:
+        new_w, new_h = scale, int(scale * h / w)
+    else:
+        new_w, new_h = int(scale * w / h), scale
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
+    left = int(round((new_w - size) / 2.0))
+    top = int(round((new_h - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def to_tensor(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """An RGB image of the right size -> normalised float32 CHW array."""
+    arr = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    mean = np.asarray(cfg.mean, dtype=np.float32)
+    std = np.asarray(cfg.std, dtype=np.float32)
+    arr = (arr - mean) / std
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_image(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Decoded image -> the backbone's (3, size, size) float32 input."""
+    return to_tensor(resize_crop(to_rgb(im), cfg), cfg)
+
+
+def preprocess_file(path: str | Path, cfg: PreprocessConfig) -> np.ndarray:
+    """Image file -> the backbone's (3, size, size) float32 input."""
+    return preprocess_image(load_rgb(path), cfg)

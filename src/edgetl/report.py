@@ -1,0 +1,64 @@
+"""Classification metrics and their plain-text rendering (numpy only: used on the device too)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, per-class recall and precision, and the confusion matrix (rows = true class).
+
+    Example:
+        >>> m = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])
+        >>> m["accuracy"], m["per_class_recall"]["b"]
+        (0.6667, 0.5)
+    """
+    k = len(labels)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    if len(y_true):
+        np.add.at(cm, (y_true, y_pred), 1)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    diag = np.diag(cm)
+    recall = {labels[i]: (round(float(diag[i] / support[i]), 4) if support[i] else None) for i in range(k)}
+    precision = {labels[i]: (round(float(diag[i] / predicted[i]), 4) if predicted[i] else None) for i in range(k)}
+    n = int(support.sum())
+    present = [r for r in recall.values() if r is not None]
+    return {
+        "n": n,
+        "accuracy": round(float(diag.sum() / n), 4) if n else None,
+        "balanced_accuracy": round(float(np.mean(present)), 4) if present else None,
+        "per_class_recall": recall,
+        "per_class_precision": precision,
+        "support": {labels[i]: int(support[i]) for i in range(k)},
+        "confusion_matrix": cm.tolist(),
+        "labels": list(labels),
+    }
+
+
+def format_metrics(m: dict, *, title: str = "") -> str:
+    """A human-readable block: accuracy, per-class recall, confusion matrix."""
+    labels = m["labels"]
+    lines = []
+    if title:
+        lines.append(title)
+    acc = m["accuracy"]
+    lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} images)" if acc is not None else "accuracy  n/a (no images)")
+    if m.get("balanced_accuracy") is not None:
+        lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%")
+    width = max(8, *(len(l) for l in labels))
+    lines.append("")
+    lines.append(f"{'class':<{width}}  recall   support")
+    for lbl in labels:
+        r = m["per_class_recall"][lbl]
+        lines.append(f"{lbl:<{width}}  {'  n/a ' if r is None else f'{r * 100:5.1f}%'}   {m['support'][lbl]:>7}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    cw = max(5, *(len(str(v)) for row in m["confusion_matrix"] for v in row))
+    short = [l[:cw] for l in labels]
+    lines.append(" " * (width + 2) + " ".join(f"{s:>{cw}}" for s in short))
+    for lbl, row in zip(labels, m["confusion_matrix"]):
+        lines.append(f"{lbl:<{width}}  " + " ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)

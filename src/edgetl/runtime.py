@@ -1,0 +1,128 @@
+"""The device side: load a bundle and classify images with numpy, Pillow and the bundle's runtime.
+
+No torch, no timm, no network (``tests/cli/test_no_torch.py`` runs this where torch cannot
+import). Predictions are computed as backbone (ONNX Runtime / OpenVINO) -> numpy head, the same
+head code ``fit`` trained, so a head version written by ``adapt`` is used immediately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle
+from .data import Sample, list_images, scan_images
+from .errors import DataError
+from .features import extract_features
+from .report import classification_metrics
+from .sessions import Session, open_session
+
+
+@dataclass
+class Prediction:
+    """One image's answer. ``label`` is ``"unknown"`` when confidence is under the bundle's threshold."""
+
+    path: str
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    unknown: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "label": self.label,
+            "confidence": round(self.confidence, 6),
+            "unknown": self.unknown,
+            "top_k": [{"label": l, "p": round(p, 6)} for l, p in self.top_k],
+        }
+
+
+def open_backbone(bundle: Bundle, *, device: str | None = None, threads: int | None = None) -> Session:
+    """A session for the bundle's backbone with its target's device / providers."""
+    target = bundle.manifest.get("target", {})
+    return open_session(
+        bundle.model_file("backbone"),
+        runtime=bundle.runtime,
+        device=device or target.get("device"),
+        providers=target.get("providers"),
+        threads=threads,
+    )
+
+
+class Predictor:
+    """A bundle ready to classify.
+
+    Example:
+        >>> p = Predictor("parts.bundle")  # doctest: +SKIP
+        >>> [r.label for r in p.predict(["a.jpg", "b.jpg"])]  # doctest: +SKIP
+    """
+
+    def __init__(self, bundle: Bundle | str | Path, *, device: str | None = None, threads: int | None = None,
+                 head_version: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.session = open_backbone(self.bundle, device=device, threads=threads)
+        self.head = self.bundle.load_head(head_version)
+        self.preprocess = self.bundle.preprocess
+        entry = self.bundle.head_entry(head_version)
+        self.threshold = float(entry.get("unknown_threshold", self.bundle.manifest.get("thresholds", {}).get("unknown", 0.0)))
+
+    @property
+    def labels(self) -> list[str]:
+        return self.head.labels
+
+    def features(self, paths: Sequence[Path], *, quiet: bool = True) -> np.ndarray:
+        return extract_features(paths, session=self.session, preprocess=self.preprocess, quiet=quiet, desc="predict")
+
+    def proba(self, paths: Sequence[Path], *, quiet: bool = True) -> np.ndarray:
+        return self.head.proba(self.features(paths, quiet=quiet))
+
+    def predict(self, paths: Sequence[str | Path], *, top_k: int = 1, quiet: bool = True,
+                threshold: float | None = None) -> list[Prediction]:
+        """Classify image files (folders are expanded). Unreadable files raise :class:`DataError`."""
+        files = list_images(list(paths))
+        probs = self.proba(files, quiet=quiet)
+        thr = self.threshold if threshold is None else threshold
+        out = []
+        k = max(1, min(top_k, len(self.labels)))
+        for path, p in zip(files, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            best = int(order[0])
+            unknown = bool(p[best] < thr)
+            out.append(Prediction(
+                str(path), "unknown" if unknown else self.labels[best], float(p[best]),
+                [(self.labels[int(i)], float(p[int(i)])) for i in order], unknown,
+            ))
+        return out
+
+    def evaluate(self, data: str | Path, *, quiet: bool = True, strict: bool = False) -> dict:
+        """Accuracy, per-class recall and confusion matrix on every labelled image under ``data``.
+
+        Raises:
+            DataError: no usable images, or a class the bundle does not know.
+        """
+        layout, samples, val, skipped = scan_images(data, strict=strict)
+        samples = samples + (val or [])
+        if not samples:
+            raise DataError(f"{data}: no usable labelled images to evaluate ({len(skipped)} skipped)")
+        unknown = sorted({s.label for s in samples} - set(self.labels))
+        if unknown:
+            raise DataError(
+                f"{data}: class {unknown[0]!r} is not in this bundle (knows: {', '.join(self.labels)}); "
+                "teach it first with: edgetl adapt BUNDLE DATA"
+            )
+        index = {l: i for i, l in enumerate(self.labels)}
+        X = extract_features([s.path for s in samples], session=self.session, preprocess=self.preprocess,
+                             digests=[s.digest for s in samples], quiet=quiet, desc="eval")
+        y = np.array([index[s.label] for s in samples], dtype=np.int64)
+        m = classification_metrics(y, self.head.predict(X), self.labels)
+        m["skipped"] = [{"path": str(p), "reason": r} for p, r in skipped]
+        m["head_version"] = self.bundle.head_version
+        return m
+
+
+def samples_to_paths(samples: Sequence[Sample]) -> list[Path]:
+    return [s.path for s in samples]

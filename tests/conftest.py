@@ -1,0 +1,68 @@
+"""Shared fixtures. Expensive things (the backbone export, example datasets, fitted bundles) are
+session-scoped and share one cache directory, the way a user's second run shares ~/.cache/edgetl."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("edgetl-cache")
+    os.environ["EDGETL_CACHE"] = str(d)  # CLI subprocesses share it
+    return d
+
+
+@pytest.fixture(scope="session")
+def exported(cache_dir):
+    from edgetl.backbones import export_backbone
+
+    return export_backbone("efficientnet_lite0", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def surfaces(tmp_path_factory) -> Path:
+    """The built-in classification example, small enough for tests."""
+    from edgetl.examples import make_surfaces
+
+    out = tmp_path_factory.mktemp("data") / "surfaces"
+    make_surfaces(out, seed=0, per_class=16, val_per_class=8)
+    return out
+
+
+def write_image(path: Path, *, mode: str = "RGB", size=(64, 48), seed: int = 0) -> Path:
+    """A small random-texture image of the given Pillow mode."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        arr = rng.integers(0, 65535, size=(size[1], size[0]), dtype=np.uint16)
+        Image.fromarray(arr).save(path)
+        return path
+    arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_folder(root: Path, classes=("a", "b"), per_class: int = 4, suffix: str = ".png") -> Path:
+    for ci, c in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / c / f"{c}{i}{suffix}", seed=ci * 100 + i)
+    return root
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    """Run the real `edgetl` entry point in a subprocess (as a user would)."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgetl.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=900)
