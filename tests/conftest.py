@@ -66,3 +66,27 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "edgetl.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=900)
+
+
+_BLOCKER = '''
+import sys
+
+class _NoTorch:
+    """Make torch (and what drags it in) unimportable, as on a device that never installed it."""
+    blocked = ("torch", "torchvision", "timm", "nncf")
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ImportError(f"{name} is blocked: this is the device path")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+'''
+
+
+@pytest.fixture(scope="session")
+def no_torch_env(tmp_path_factory) -> dict:
+    """Environment for a subprocess in which `import torch` fails (via sitecustomize)."""
+    d = tmp_path_factory.mktemp("no-torch")
+    (d / "sitecustomize.py").write_text(_BLOCKER)
+    return {"PYTHONPATH": str(d) + os.pathsep + os.environ.get("PYTHONPATH", "")}

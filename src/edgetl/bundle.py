@@ -260,10 +260,11 @@ class BundleWriter:
         return Bundle(self.out, manifest)
 
 
-def update_manifest(bundle: Bundle, changes: dict) -> Bundle:
+def update_manifest(bundle: Bundle, changes: dict, *, exclude: list[str] = ()) -> Bundle:
     """Apply ``changes`` to the manifest and re-hash files, switching atomically (one rename).
 
-    Files the new manifest refers to must already be written (durably) inside the bundle.
+    Files the new manifest refers to must already be written (durably) inside the bundle; files in
+    ``exclude`` are left out of it (the caller deletes them after the switch).
 
     Raises:
         BundleError: the bundle directory is read-only or the disk is full; the old manifest stays.
@@ -271,7 +272,7 @@ def update_manifest(bundle: Bundle, changes: dict) -> Bundle:
     manifest = dict(bundle.manifest)
     manifest.update(changes)
     try:
-        manifest["files"] = file_entries(bundle.path)
+        manifest["files"] = {k: v for k, v in file_entries(bundle.path).items() if k not in set(exclude)}
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:
         raise BundleError(

@@ -277,6 +277,100 @@ def example(name, out, seed, force, as_json):
     emit({"example": name, "out": str(out), **summary}, as_json, f"wrote the {name!r} example to {out}")
 
 
+# -------------------------------------------------------------------------------------- adapt
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--replace", is_flag=True, help="Train on DATA only: forget the replay memory and classes not in DATA.")
+@click.option("--tolerance", type=float, default=5.0, show_default=True,
+              help="Allowed accuracy drop on known classes, in percentage points.")
+@click.option("--force", is_flag=True, help="Accept the update even if the gate refuses it.")
+@click.option("--dry-run", is_flag=True, help="Train and run the gate, but write nothing.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
+@json_option
+@quiet_option
+@handle_errors
+def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_json, quiet):
+    """Retrain BUNDLE's head on the device from new labelled images in DATA (no torch).
+
+    DATA is an image folder (DATA/<class>/*.jpg); new class names add classes. The new head is
+    trained on DATA plus the bundle's replay exemplars, checked by a gate on held-out images, and
+    becomes a new version only if it passes (exit code 3 otherwise; the old head stays current).
+    """
+    _setup_logging(quiet)
+    from .adapt import adapt as run_adapt
+
+    r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
+                  dry_run=dry_run, quiet=quiet or as_json)
+    warn_skipped(r.skipped, quiet=quiet)
+    g = r.gate
+    fmt = lambda v: "n/a" if v is None else f"{v:.1%}"
+    text = "\n".join([
+        ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
+        f"labels        {', '.join(r.labels)}" + (f"  (new: {', '.join(r.new_classes)})" if r.new_classes else ""),
+        f"known classes {fmt(g['old_known_accuracy'])} -> {fmt(g['new_known_accuracy'])} on held-out data",
+        f"new images    {fmt(g['new_holdout_accuracy'])} held-out accuracy ({g['holdout_images']} images)",
+        f"gate          {'passed' if g['passed'] else 'FAILED (forced)' if g['forced'] else 'FAILED'}",
+        f"time          {r.timings.get('features', 0):.2f} s features, {r.timings.get('train', 0):.2f} s training",
+    ])
+    emit(r.to_dict(), as_json, text)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--to", "to", type=int, help="Version to make current (default: the previous one).")
+@json_option
+@handle_errors
+def rollback(bundle, to, as_json):
+    """Make an earlier head version of BUNDLE current again."""
+    from .adapt import rollback as run_rollback
+
+    b = run_rollback(bundle, to=to)
+    emit({"bundle": str(b.path), "current": b.head_version, "labels": b.labels}, as_json,
+         f"head v{b.head_version} is now current in {b.path}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@json_option
+@handle_errors
+def history(bundle, as_json):
+    """List BUNDLE's head versions (the current one marked with *)."""
+    from .adapt import history as run_history
+
+    rows = run_history(bundle)
+    lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<14} {'classes':>7}  {'val/holdout acc':>15}"]
+    for e in rows:
+        acc = e.get("val_accuracy") if e.get("val_accuracy") is not None else (e.get("gate") or {}).get("new_holdout_accuracy")
+        lines.append(f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<14} "
+                     f"{len(e['labels']):>7}  {('%.1f%%' % (acc * 100)) if acc is not None else 'n/a':>15}")
+    emit({"versions": rows}, as_json, "\n".join(lines))
+
+
+# -------------------------------------------------------------------------------------- bench
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runs", type=int, default=50, show_default=True, help="Timed batch-1 runs.")
+@click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
+@json_option
+@handle_errors
+def bench(bundle, runs, device, as_json):
+    """Latency p50/p90 at batch 1, throughput at the best batch, peak memory and size of BUNDLE."""
+    from .benchmark import bench_bundle
+
+    r = bench_bundle(bundle, runs=runs, device=device)
+    text = "\n".join([
+        f"bundle      {bundle} ({r['precision']} on {r['runtime']}/{r['device']})",
+        f"latency     p50 {r['latency_ms']['p50']:.2f} ms, p90 {r['latency_ms']['p90']:.2f} ms (batch 1, {runs} runs)",
+        f"throughput  {r['throughput']['images_per_s']:.1f} images/s at batch {r['throughput']['batch']}",
+        f"memory      {r['peak_rss_mb']:.0f} MB peak RSS",
+        f"size        {r['backbone_mb']:.2f} MB backbone, {r['bundle_mb']:.2f} MB bundle",
+        f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine)",
+    ])
+    emit(r, as_json, text)
+
+
 # --------------------------------------------------------------------------------------- info
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import __version__
 from .backbones import DEFAULT_BACKBONE, ExportedBackbone, default_cache_dir, export_backbone
+from .adapt import herding, save_exemplars
 from .bundle import Bundle, BundleWriter, check_out_dir
 from .data import Dataset, load_dataset
 from .errors import ConfigError, GateError
@@ -171,41 +172,6 @@ def measure_latency(session: Session, shape: tuple[int, ...], *, runs: int = 20)
     return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
 
 
-def select_exemplars(X: np.ndarray, y: np.ndarray, n_classes: int, *, per_class: int) -> np.ndarray:
-    """Indices of up to ``per_class`` rows per class chosen by herding (iCaRL).
-
-    Herding greedily adds the row that brings the running mean of the chosen set closest to the
-    class mean, so a few exemplars reproduce the class's centre better than a random few.
-    """
-    chosen: list[int] = []
-    for c in range(n_classes):
-        rows = np.flatnonzero(y == c)
-        if len(rows) <= per_class:
-            chosen += rows.tolist()
-            continue
-        F = X[rows] / (np.linalg.norm(X[rows], axis=1, keepdims=True) + 1e-12)
-        mu = F.mean(axis=0)
-        acc = np.zeros_like(mu)
-        taken: list[int] = []
-        free = np.ones(len(rows), dtype=bool)
-        for k in range(1, per_class + 1):
-            dist = np.linalg.norm(mu[None, :] - (acc[None, :] + F) / k, axis=1)
-            dist[~free] = np.inf
-            j = int(np.argmin(dist))
-            taken.append(j)
-            free[j] = False
-            acc += F[j]
-        chosen += rows[taken].tolist()
-    return np.array(chosen, dtype=np.int64)
-
-
-def save_exemplars(path: Path, X: np.ndarray, y: np.ndarray, labels: list[str]) -> None:
-    """exemplars.npz: features, integer labels, and label names as JSON text (no pickles)."""
-    names = np.frombuffer(json.dumps(labels).encode(), dtype=np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
-
-
 def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False) -> FitResult:
     """Adapt a pretrained backbone to the images in ``data`` and write a bundle to ``out``.
 
@@ -299,7 +265,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         (w.dir / "heads").mkdir()
         head.save(w.dir / "heads" / "v1.npz")
         plain_tr = X_tr[: len(ds.train)]
-        ex_idx = select_exemplars(plain_tr, y_tr[: len(ds.train)], len(ds.classes), per_class=options.exemplars_per_class)
+        ex_idx = herding(plain_tr, y_tr[: len(ds.train)], len(ds.classes), per_class=options.exemplars_per_class)
         save_exemplars(w.dir / "exemplars.npz", plain_tr[ex_idx], y_tr[ex_idx], ds.classes)
         meta = {"edgetl_version": __version__, "labels": ds.classes, "preprocess": exported.preprocess.to_dict(),
                 "backbone": exported.name, "precision": target.precision, "target": target.name}
@@ -321,7 +287,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         }
         (w.dir / "report.json").write_text(json.dumps(report, indent=2))
         head_entry = {
-            "version": 1, "file": "heads/v1.npz", "kind": head.kind, "labels": ds.classes, "source": "fit",
+            "version": 1, "file": "heads/v1.npz", "exemplars": "exemplars.npz", "fused": fused_path.name,
+            "kind": head.kind, "labels": ds.classes, "source": "fit",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "val_accuracy": val_metrics.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2"),
         }

@@ -54,11 +54,14 @@ def set_static_batch(model, batch: int):
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _nncf_dataset(calibration: np.ndarray, batch: int):
+def _nncf_dataset(calibration: np.ndarray, batch: int, input_name: str | None = None):
+    """Calibration items one model call each; the ONNX backend wants {input name: array} dicts."""
     nncf = require("nncf", extra="train", purpose="INT8 quantization")
     step = batch if batch > 0 else 1
     # NNCF's statistics are per sample; batches of the model's own static size keep shapes valid.
     items = [calibration[i : i + step] for i in range(0, len(calibration) - step + 1, step)]
+    if input_name is not None:
+        items = [{input_name: x} for x in items]
     return nncf.Dataset(items)
 
 
@@ -126,7 +129,17 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
     return {"engine": "onnxruntime.quantization", "calibration_method": q.calibration_method}
 
 
-def convert(
+def convert(fp32_onnx: Path, **kwargs) -> "ConvertedModel":
+    """See :func:`_convert`. NNCF draws its progress bars on stdout; they belong on stderr so that
+    ``--json`` output stays one clean object."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return _convert(fp32_onnx, **kwargs)
+
+
+def _convert(
     fp32_onnx: Path,
     *,
     target: Target,
@@ -184,7 +197,9 @@ def convert(
         else:
             nncf = require("nncf", extra="train", purpose="INT8 quantization")
             n = len(calibration) // (batch or 1)
-            qmodel = nncf.quantize(onnx.load(str(src)), _nncf_dataset(calibration, batch), **_nncf_params(target, n))
+            model = onnx.load(str(src))
+            data = _nncf_dataset(calibration, batch, model.graph.input[0].name)
+            qmodel = nncf.quantize(model, data, **_nncf_params(target, n))
             onnx.save(qmodel, str(dst))
             info.update(engine="nncf/onnx", preset=target.quantization.preset)
     if src != fp32_onnx:

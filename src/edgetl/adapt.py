@@ -1,0 +1,368 @@
+"""On-device head retraining: ``adapt``, ``rollback``, ``history``. numpy + the bundle's runtime only.
+
+How an update happens (and why it cannot lose the working model):
+
+1. The bundle is verified and checked writable *before* any work.
+2. New images go through the bundle's own backbone (the exact model the device runs).
+3. Each class's new images are split: most train, a stratified part is held out. The replay
+   exemplars (features of earlier training images, per class) are split the same way.
+4. The head is retrained with the same numpy trainer ``fit`` uses, on new + replayed features
+   (``--replace``: new only), with the current head's settings (kind, L2).
+5. The gate compares old and new heads on the held-out data: accuracy on previously known classes
+   may not fall by more than the tolerance, and the new data must be learnable (held-out accuracy
+   well above chance; shuffled or wrong labels fail here). A refused update changes nothing.
+6. New files are written beside the old ones (``heads/vN.npz``, ``exemplars/vN.npz``,
+   ``model-vN.*``), fsynced, and only then does one atomic rename of ``manifest.json`` make version
+   N current. A power cut before that rename leaves the old version current and whole; after it,
+   the new one. ``rollback`` is the same manifest switch back to an older version.
+
+Exemplar memory: per class at most ``per_class`` feature vectors (20 by default), chosen by herding
+over the old exemplars plus the new training images, so memory stays bounded however many
+updates run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, load_bundle, update_manifest
+from .data import scan_images
+from .errors import BundleError, DataError, GateError
+from .features import extract_features
+from .heads import Head, HeadConfig, train_head
+from .runtime import open_backbone
+
+# Keep the fused single-file model of this many most recent versions; older ones are regenerated
+# on rollback (they are a few MB each, heads are a few hundred KB).
+KEEP_FUSED = 3
+DEFAULT_TOLERANCE_PP = 5.0
+HOLDOUT = 0.25
+
+
+def _fault(point: str) -> None:
+    """Test hook: ``EDGETL_FAULT=<point>`` kills the process here, like a power cut would."""
+    if os.environ.get("EDGETL_FAULT") == point:
+        os._exit(70)
+
+
+@dataclass
+class AdaptResult:
+    """What an update did; ``accepted`` is False only with ``dry_run``."""
+
+    bundle: Bundle
+    version: int
+    labels: list[str]
+    new_classes: list[str]
+    gate: dict
+    timings: dict
+    skipped: list
+    accepted: bool = True
+
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle.path), "version": self.version, "labels": self.labels,
+                "new_classes": self.new_classes, "gate": self.gate, "timings_s": self.timings,
+                "accepted": self.accepted,
+                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped]}
+
+
+def load_exemplars(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """exemplars.npz -> (features, label indices, label names)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = json.loads(bytes(z["label_names"]).decode())
+            return z["features"].astype(np.float32), z["labels"].astype(np.int64), names
+    except (OSError, KeyError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable exemplar memory ({exc}); re-export the bundle") from None
+
+
+def herding(X: np.ndarray, y: np.ndarray, n_classes: int, *, per_class: int) -> np.ndarray:
+    """Indices of up to ``per_class`` rows per class chosen by herding (iCaRL).
+
+    Herding greedily adds the row that brings the running mean of the chosen set closest to the
+    class mean, so a few exemplars reproduce the class's centre better than a random few.
+    """
+    chosen: list[int] = []
+    for c in range(n_classes):
+        rows = np.flatnonzero(y == c)
+        if len(rows) <= per_class:
+            chosen += rows.tolist()
+            continue
+        F = X[rows] / (np.linalg.norm(X[rows], axis=1, keepdims=True) + 1e-12)
+        mu = F.mean(axis=0)
+        acc = np.zeros_like(mu)
+        free = np.ones(len(rows), dtype=bool)
+        for k in range(1, per_class + 1):
+            dist = np.linalg.norm(mu[None, :] - (acc[None, :] + F) / k, axis=1)
+            dist[~free] = np.inf
+            j = int(np.argmin(dist))
+            free[j] = False
+            acc += F[j]
+            chosen.append(int(rows[j]))
+    return np.array(chosen, dtype=np.int64)
+
+
+def save_exemplars(path: Path, X: np.ndarray, y: np.ndarray, labels: list[str]) -> None:
+    """features, integer labels, and label names as JSON bytes (no object arrays, no pickles)."""
+    names = np.frombuffer(json.dumps(labels).encode(), dtype=np.uint8)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Stratified held-out mask: ~fraction per class, none from a class with a single row."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        if len(rows) < 2:
+            continue
+        n = min(len(rows) - 1, max(1, int(round(len(rows) * fraction))))
+        mask[rng.choice(rows, size=n, replace=False)] = True
+    return mask
+
+
+def _accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
+    return float(np.mean(head.predict(X) == y)) if len(y) else None
+
+
+def _check_writable(b: Bundle) -> None:
+    probe = b.path / f".write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BundleError(
+            f"{b.path}: bundle is not writable ({exc.strerror or exc}); copy it somewhere writable or fix permissions"
+        ) from None
+
+
+def _fused_name(b: Bundle, version: int) -> str:
+    suffix = Path(b.manifest["models"]["fused"]).suffix
+    return f"model{suffix}" if version == 1 else f"model-v{version}{suffix}"
+
+
+def _fused_files(name: str) -> list[str]:
+    return [name, str(Path(name).with_suffix(".bin"))] if name.endswith(".xml") else [name]
+
+
+def _write_fused(b: Bundle, head: Head, version: int) -> str:
+    """Regenerate the single-file model for ``head``; returns its name inside the bundle."""
+    from .fuse import fuse_onnx, fuse_openvino
+
+    name = _fused_name(b, version)
+    meta = {"labels": head.labels, "head_version": version, "backbone": b.manifest["backbone"]["name"],
+            "preprocess": b.manifest["backbone"]["preprocess"], "precision": b.precision}
+    target = b.path / name
+    staging = b.path / f".staging-{os.getpid()}{target.suffix}"
+    try:
+        if name.endswith(".xml"):
+            fuse_openvino(b.model_file("backbone"), head, staging, meta=meta)
+            os.replace(staging.with_suffix(".bin"), target.with_suffix(".bin"))
+        else:
+            fuse_onnx(b.model_file("backbone"), head, staging, meta=meta)
+        os.replace(staging, target)
+    finally:
+        for p in (staging, staging.with_suffix(".bin")):
+            p.unlink(missing_ok=True)
+    return name
+
+
+def _pruned(b: Bundle, keep_versions: set[int]) -> list[str]:
+    """Fused files of versions outside ``keep_versions`` (the heads themselves are always kept)."""
+    out = []
+    for entry in b.manifest["head"]["versions"]:
+        fused = entry.get("fused")
+        if fused and entry["version"] not in keep_versions and (b.path / fused).exists():
+            out += _fused_files(fused)
+    return out
+
+
+def _switch(b: Bundle, changes: dict, drop: list[str]) -> Bundle:
+    """Atomically make ``changes`` current, then delete files no longer referenced."""
+    _fault("before-switch")
+    new = update_manifest(b, changes, exclude=drop)
+    _fault("after-switch")
+    for rel in drop:
+        (b.path / rel).unlink(missing_ok=True)
+    return new
+
+
+def adapt(
+    bundle: str | Path | Bundle,
+    data: str | Path,
+    *,
+    replace: bool = False,
+    force: bool = False,
+    tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+    holdout: float = HOLDOUT,
+    seed: int = 0,
+    strict: bool = False,
+    dry_run: bool = False,
+    quiet: bool = True,
+) -> AdaptResult:
+    """Retrain the bundle's head on labelled images in ``data`` (plus replayed exemplars).
+
+    Args:
+        bundle: bundle directory (or a loaded Bundle).
+        data: ImageFolder of new labelled images; new class names extend the label set.
+        replace: train on the new data only (forget the replay memory and classes not in ``data``).
+        force: accept the update even if the gate refuses it.
+        tolerance_pp: allowed accuracy drop on previously known classes, in percentage points.
+        holdout: fraction of new images (per class) and of exemplars held out for the gate.
+        dry_run: run everything including the gate, write nothing.
+
+    Raises:
+        BundleError: damaged, foreign or read-only bundle; disk full while writing (old head stays).
+        DataError: no usable images in ``data``.
+        GateError: the update would hurt known classes or the new labels are not learnable.
+
+    Example:
+        >>> r = adapt("parts.bundle", "new_images/")  # doctest: +SKIP
+        >>> r.version, r.new_classes  # doctest: +SKIP
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    if b.task != "classify":
+        raise BundleError(f"{b.path}: adapt for task {b.task!r} bundles is done by its own command")
+    if not dry_run:
+        _check_writable(b)
+    layout, samples, val, skipped = scan_images(data, strict=strict)
+    samples += val or []
+    if not samples:
+        raise DataError(f"{data}: no usable labelled images ({len(skipped)} skipped); expected {data}/<class>/<image>")
+    old_head = b.load_head()
+    old_labels = list(old_head.labels)
+    new_classes = sorted({s.label for s in samples} - set(old_labels))
+    labels = (sorted({s.label for s in samples}) if replace else old_labels + new_classes)
+    index = {l: i for i, l in enumerate(labels)}
+
+    session = open_backbone(b)
+    X_new = extract_features([s.path for s in samples], session=session, preprocess=b.preprocess,
+                             digests=[s.digest for s in samples], quiet=quiet, desc="adapt features")
+    y_new = np.array([index[s.label] for s in samples], dtype=np.int64)
+    timings["features"] = round(time.perf_counter() - t0, 3)
+    t1 = time.perf_counter()
+
+    ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
+    X_ex, y_ex_old, ex_names = load_exemplars(b.path / ex_file)
+    keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
+    X_ex = X_ex[keep]
+    y_ex = np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
+
+    hold_new = _holdout_mask(y_new, holdout, seed)
+    hold_ex = _holdout_mask(y_ex, holdout, seed + 1)
+    X_tr = np.concatenate([X_new[~hold_new]] + ([] if replace else [X_ex[~hold_ex]]))
+    y_tr = np.concatenate([y_new[~hold_new]] + ([] if replace else [y_ex[~hold_ex]]))
+
+    cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
+    if cfg.l2 is None and old_head.meta.get("l2") is not None:
+        cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})  # no search on the device
+    head = train_head(X_tr, y_tr, labels, cfg=cfg)
+    timings["train"] = round(time.perf_counter() - t1, 3)
+
+    # ---- gate: compare old and new heads on held-out data they never trained on
+    old_index = {l: i for i, l in enumerate(old_labels)}
+    X_ev = np.concatenate([X_new[hold_new], X_ex[hold_ex]])
+    y_ev = np.concatenate([y_new[hold_new], y_ex[hold_ex]])
+    known = np.isin(np.array(labels)[y_ev], old_labels) if len(y_ev) else np.zeros(0, bool)
+    y_ev_old = np.array([old_index.get(labels[i], -1) for i in y_ev[known]], dtype=np.int64)
+    old_known = _accuracy(old_head, X_ev[known], y_ev_old)
+    new_known = _accuracy(head, X_ev[known], y_ev[known])
+    new_holdout = _accuracy(head, X_new[hold_new], y_new[hold_new])
+    k_new = len(np.unique(y_new))
+    floor = min(0.5, 2.0 / k_new) if k_new > 1 else 0.0
+    reasons = []
+    if old_known is not None and new_known is not None and (old_known - new_known) * 100 > tolerance_pp:
+        reasons.append(f"accuracy on known classes would fall from {old_known:.1%} to {new_known:.1%} "
+                       f"(tolerance {tolerance_pp} pp)")
+    if new_holdout is not None and k_new > 1 and new_holdout < floor:
+        reasons.append(f"held-out accuracy on the new images is {new_holdout:.1%}, near chance "
+                       f"(floor {floor:.0%}); are the labels right?")
+    gate = {"old_known_accuracy": old_known, "new_known_accuracy": new_known, "new_holdout_accuracy": new_holdout,
+            "holdout_images": int(hold_new.sum()), "holdout_exemplars": int(hold_ex.sum()),
+            "tolerance_pp": tolerance_pp, "passed": not reasons, "forced": bool(reasons and force),
+            "reasons": reasons}
+    if reasons and not force and not dry_run:
+        raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(reasons) + " (--force to accept)")
+    if dry_run:
+        return AdaptResult(b, b.head_version, labels, new_classes, gate, timings, skipped, accepted=False)
+
+    # ---- final head on all data (held-out rows included), new exemplar memory, files, switch
+    t2 = time.perf_counter()
+    X_all = np.concatenate([X_new] + ([] if replace else [X_ex]))
+    y_all = np.concatenate([y_new] + ([] if replace else [y_ex]))
+    head = train_head(X_all, y_all, labels, cfg=cfg)
+    per_class = int(b.manifest.get("exemplars", {}).get("per_class", 20))
+    ex_idx = herding(X_all, y_all, len(labels), per_class=per_class)
+    version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
+    try:
+        (b.path / "heads").mkdir(exist_ok=True)
+        (b.path / "exemplars").mkdir(exist_ok=True)
+        head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
+        head.save(b.path / head_rel)
+        save_exemplars(b.path / ex_rel, X_all[ex_idx], y_all[ex_idx], labels)
+        fused = _write_fused(b, head, version)
+    except OSError as exc:
+        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
+                          f"v{b.head_version} stays current") from None
+    timings["write"] = round(time.perf_counter() - t2, 3)
+    entry = {"version": version, "file": head_rel, "exemplars": ex_rel, "fused": fused, "kind": head.kind,
+             "labels": labels, "source": "adapt-replace" if replace else "adapt",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "data": str(Path(data).resolve()), "images": len(samples), "new_classes": new_classes,
+             "gate": gate, "l2": head.meta.get("l2"), "unknown_threshold": b.head_entry().get("unknown_threshold", 0.0)}
+    versions = b.manifest["head"]["versions"] + [entry]
+    recent = {e["version"] for e in versions[-KEEP_FUSED:]}
+    drop = _pruned(b, recent)
+    new = _switch(b, {"head": {"current": version, "versions": versions}, "labels": labels,
+                      "models": {**b.manifest["models"], "fused": fused}}, drop)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    return AdaptResult(new, version, labels, new_classes, gate, timings, skipped)
+
+
+def rollback(bundle: str | Path | Bundle, *, to: int | None = None) -> Bundle:
+    """Make an earlier head version current again (default: the one before the current).
+
+    The old head file is used as it was written, so predictions are bit-identical to what that
+    version gave. Its fused model is regenerated if it was pruned.
+
+    Raises:
+        BundleError: no such version, nothing to roll back to, or a read-only bundle.
+    """
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    current = b.head_version
+    versions = [e["version"] for e in b.manifest["head"]["versions"]]
+    if to is None:
+        older = [v for v in versions if v < current]
+        if not older:
+            raise BundleError(f"{b.path}: v{current} is the first version; nothing to roll back to")
+        to = max(older)
+    entry = b.head_entry(to)  # raises for an unknown version
+    if to == current:
+        return b
+    _check_writable(b)
+    head = b.load_head(to)
+    fused = entry.get("fused") or _fused_name(b, to)
+    if not all((b.path / f).exists() for f in _fused_files(fused)):
+        fused = _write_fused(b, head, to)
+    versions_meta = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
+    return _switch(b, {"head": {"current": to, "versions": versions_meta}, "labels": entry["labels"],
+                       "models": {**b.manifest["models"], "fused": fused}}, [])
+
+
+def history(bundle: str | Path | Bundle) -> list[dict]:
+    """Every head version, oldest first, with ``current`` marked."""
+    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    cur = b.head_version
+    return [{**e, "current": e["version"] == cur} for e in b.manifest["head"]["versions"]]

@@ -1,0 +1,60 @@
+"""``edgetl bench``: how fast and how big a bundle is on the machine it runs on (device side, no torch)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import load_bundle
+from .runtime import open_backbone
+
+
+def _peak_rss_mb() -> float:
+    # Linux reports ru_maxrss in KiB (macOS in bytes; edge targets here are Linux).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
+                 batches: tuple[int, ...] = (1, 4, 8, 16, 32)) -> dict:
+    """Time the bundle's backbone + head on random input.
+
+    Returns latency p50/p90 at batch 1, the best throughput over ``batches`` (only the model's
+    static batch when it has one), the process's peak RSS and the sizes.
+    """
+    b = load_bundle(path)
+    session = open_backbone(b, device=device)
+    head = b.load_head()
+    size = b.preprocess.input_size
+    rng = np.random.default_rng(0)
+
+    def once(n: int) -> float:
+        x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+        t0 = time.perf_counter()
+        head.proba(session(x))
+        return time.perf_counter() - t0
+
+    for _ in range(5):
+        once(1)
+    lat = np.array([once(1) for _ in range(runs)]) * 1000
+    best = {"batch": 1, "images_per_s": 1000.0 / float(np.median(lat))}
+    for n in ([session.static_batch] if session.static_batch else batches):
+        once(n)
+        t = min(once(n) for _ in range(3))
+        if n / t > best["images_per_s"]:
+            best = {"batch": n, "images_per_s": n / t}
+    files = b.manifest["files"]
+    backbone = sum(v["bytes"] for k, v in files.items() if k.startswith("backbone"))
+    budget = float(b.manifest["target"].get("latency_budget_ms", 0) or 0)
+    p50 = float(np.percentile(lat, 50))
+    return {
+        "bundle": str(b.path), "precision": b.precision, "runtime": b.runtime, "device": session.device,
+        "latency_ms": {"p50": round(p50, 3), "p90": round(float(np.percentile(lat, 90)), 3)},
+        "throughput": {"batch": best["batch"], "images_per_s": round(best["images_per_s"], 1)},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "backbone_mb": round(backbone / 1e6, 3),
+        "bundle_mb": round(sum(v["bytes"] for v in files.values()) / 1e6, 3),
+        "latency_budget_ms": budget, "within_budget": bool(budget and p50 <= budget),
+    }

@@ -1,0 +1,59 @@
+"""The device path (predict, eval, adapt, info of a bundle) runs where torch cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+# Every module a device imports. (fit/export/backbones/quantize are the laptop side.)
+DEVICE_MODULES = ["edgetl", "edgetl.cli", "edgetl.runtime", "edgetl.adapt", "edgetl.bundle", "edgetl.sessions",
+                  "edgetl.heads", "edgetl.features", "edgetl.data", "edgetl.preprocess", "edgetl.fuse",
+                  "edgetl.report", "edgetl.targets", "edgetl.errors"]
+
+
+def test_device_modules_import_without_torch(no_torch_env):
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in DEVICE_MODULES) + (
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'nncf')]\n"
+        "assert not bad, bad\nprint('ok')")
+    import os
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **no_torch_env})
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_blocker_really_blocks(no_torch_env):
+    import os
+
+    r = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                       env={**os.environ, **no_torch_env})
+    assert r.returncode != 0 and "blocked" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(surfaces, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nt") / "int8.bundle"
+    r = run_cli("fit", surfaces, "--out", out, "--calibration-size", "64", "--allow-drop", "--json")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_predict_and_eval_without_torch_match_in_process(int8_bundle, surfaces, no_torch_env):
+    from edgetl.runtime import Predictor
+
+    p = Predictor(int8_bundle)
+    expected = [x.to_dict() for x in p.predict([surfaces / "val"], top_k=3)]
+    r = run_cli("predict", int8_bundle, surfaces / "val", "--top-k", "3", "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["predictions"]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [g["confidence"] for g in got] == pytest.approx([e["confidence"] for e in expected], abs=1e-6)
+    r = run_cli("eval", int8_bundle, surfaces / "val", "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accuracy"] == pytest.approx(p.evaluate(surfaces / "val")["accuracy"])
+    r = run_cli("info", int8_bundle, env=no_torch_env)
+    assert r.returncode == 0, r.stderr
