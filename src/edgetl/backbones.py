@@ -284,16 +284,63 @@ def default_cache_dir() -> Path:
     return Path(base) / "edgetl"
 
 
+# ----- patch features for one-class (anomaly) heads ------------------------------------------------
+# PatchCore / PaDiM read mid-level stages: stride 8 and 16 hold local texture and part structure,
+# where the last stage is too coarse and too ImageNet-specific to localise a scratch.
+PATCH_REDUCTIONS = (8, 16)
+
+
+def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
+    """Wrap a frozen timm backbone so it outputs one patch-feature map (PatchCore-style).
+
+    The stages whose stride is in ``reductions`` are each averaged over a 3x3 neighbourhood
+    (stride 1, padding not counted, so border patches keep their scale), the coarser ones are
+    resized bilinearly to the finest one's grid, and all are concatenated along channels. For
+    EfficientNet-Lite0 at 224 px: 40 + 112 = 152 channels on a 28 x 28 grid. Later stages are
+    not computed at all (``stop_early``).
+
+    Raises:
+        ConfigError: the model has no stage at one of ``reductions``.
+    """
+    torch = require("torch", extra="train", purpose="exporting the backbone")
+    info = [dict(f) for f in model.feature_info]
+    indices = [i for i, f in enumerate(info) if f["reduction"] in reductions]
+    found = sorted({info[i]["reduction"] for i in indices})
+    if found != sorted(set(reductions)):
+        have = sorted({f["reduction"] for f in info})
+        raise ConfigError(f"backbone has stages at strides {have}; patch features asked for {list(reductions)}")
+    indices = [min(i for i in indices if info[i]["reduction"] == r) for r in sorted(set(reductions))]
+
+    class PatchFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+            self.num_features = sum(int(info[i]["num_chs"]) for i in indices)
+
+        def forward(self, x):
+            F = torch.nn.functional
+            maps = self.body.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+            maps = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in maps]
+            size = maps[0].shape[-2:]
+            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+            return torch.cat(maps, dim=1)
+
+    return PatchFeatures().eval()
+
+
 def export_backbone(
     name: str = DEFAULT_BACKBONE,
     *,
     weights: str | Path | None = None,
     cache_dir: str | Path | None = None,
     opset: int = ONNX_OPSET,
+    patch_reductions: tuple[int, ...] | None = None,
 ) -> ExportedBackbone:
     """The backbone's FP32 ONNX feature extractor, exported once and then served from the cache.
 
     A cache hit needs no torch at all: the key is computed from the weights file's hash.
+    ``patch_reductions`` exports the patch-feature variant instead (see :func:`patch_feature_model`;
+    output ``features`` of shape (N, C, H, W), ``num_features`` = C), cached under its own key.
 
     Raises:
         ConfigError: unknown backbone or unusable weights file.
@@ -301,8 +348,9 @@ def export_backbone(
     """
     spec = resolve(name)
     source = weight_source(spec, weights)
-    key = hashlib.sha256(f"{spec.timm_name}|{source.digest}|{opset}".encode()).hexdigest()[:20]
-    folder = Path(cache_dir or default_cache_dir()) / "backbones" / f"{spec.name}-{key}"
+    variant = f"|patch:{','.join(map(str, patch_reductions))}:avg3" if patch_reductions else ""  # anomaly heads
+    key = hashlib.sha256(f"{spec.timm_name}|{source.digest}|{opset}{variant}".encode()).hexdigest()[:20]
+    folder = Path(cache_dir or default_cache_dir()) / "backbones" / f"{spec.name}-{key}{'-patch' if variant else ''}"
     meta_path = folder / "backbone.json"
     if meta_path.is_file() and (folder / "backbone.onnx").is_file():
         meta = json.loads(meta_path.read_text())
@@ -312,6 +360,8 @@ def export_backbone(
         )
     model = build_model(spec, source)
     pre = preprocess_config(model)
+    if patch_reductions:
+        model = patch_feature_model(model, patch_reductions)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -63,7 +63,7 @@ _REGIONS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 }
 
 SURFACE_CLASSES = ("brick", "coins", "grass", "gravel", "print", "regolith", "tissue", "wood")
-DEFECT_TEXTURES = ("gravel", "grass", "brick")
+DEFECT_TEXTURES = ("brick", "gravel", "grass")
 DEFECT_TYPES = ("scratch", "spot", "crack", "missing", "contamination")
 _CONTAMINANTS = ("tissue", "wood", "fur", "grass", "gravel", "regolith")
 _ISOTROPIC = {"gravel", "grass"}  # textures whose look survives a 90 degree turn
@@ -327,18 +327,26 @@ def _supersampled_strokes(size: int, strokes, ss: int = 4) -> np.ndarray:
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
-def _blob(size: int, rng: np.random.Generator, area: float, roughness: float) -> tuple[np.ndarray, tuple]:
-    """A filled irregular blob of about ``area`` (fraction of the image); returns (0/1 mask, centre)."""
-    radius = size * math.sqrt(area / math.pi)
-    margin = min(radius + 2, size / 2)
-    cx, cy = rng.uniform(margin, size - margin, size=2)
+def _blob(size: int, rng: np.random.Generator, area: float, roughness: float, nd) -> tuple[np.ndarray, tuple]:
+    """An irregular filled blob of about ``area`` (fraction of the image): a random ellipse whose
+    outline is pushed in and out by smooth noise. Returns (0/1 float mask, centre)."""
+    mean_r = size * math.sqrt(area / math.pi)
+    ratio = float(rng.uniform(0.55, 1.0))
+    ax, ay = mean_r / math.sqrt(ratio), mean_r * math.sqrt(ratio)
+    theta = float(rng.uniform(0, math.pi))
+    margin = min(max(ax, ay) + 2, size / 2)
+    cx, cy = (float(v) for v in rng.uniform(margin, size - margin, size=2))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    phi = np.arctan2(yy - cy, xx - cx)
-    r = np.full_like(phi, radius)
-    for k in range(2, 7):
-        r += radius * float(rng.uniform(0, roughness / k)) * np.cos(k * phi + float(rng.uniform(0, 2 * np.pi)))
-    inside = np.hypot(xx - cx, yy - cy) <= r
-    return inside.astype(np.float32), (float(cx), float(cy))
+    c, s = math.cos(theta), math.sin(theta)
+    u = ((xx - cx) * c + (yy - cy) * s) / ax
+    v = (-(xx - cx) * s + (yy - cy) * c) / ay
+    dist = np.sqrt(u * u + v * v)
+    field = nd.gaussian_filter(rng.normal(size=(size, size)).astype(np.float32), max(2.0, 0.35 * mean_r))
+    field /= max(float(field.std()), 1e-6)
+    inside = (dist + 0.3 * roughness * field < 1.0) & (dist < 1.6)
+    if inside.sum() < 0.3 * area * size * size:  # the noise ate the blob: fall back to the ellipse
+        inside = dist < 1.0
+    return inside.astype(np.float32), (cx, cy)
 
 
 def _defect_scratch(img, rng, ctx):
@@ -353,14 +361,14 @@ def _defect_scratch(img, rng, ctx):
     t = np.linspace(0, 1, 80)[:, None]
     curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
     n = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
-    width = rng.uniform(0.8, 2.6)
+    width = rng.uniform(1.0, 3.0)
     strokes = []
     for j in range(n):
         off = np.array([-d[1], d[0]]) * j * rng.uniform(3, 7)
         strokes.append((curve + off, width * rng.uniform(0.7, 1.0)))
-    alpha = _supersampled_strokes(size, strokes) * rng.uniform(0.5, 0.95)
+    alpha = _supersampled_strokes(size, strokes) * rng.uniform(0.6, 1.0)
     bright = bool(rng.random() < 0.5)
-    target = img * 0.3 + 0.7 * rng.uniform(205, 255) if bright else img * rng.uniform(0.15, 0.45)
+    target = img * 0.3 + 0.7 * rng.uniform(215, 255) if bright else img * rng.uniform(0.1, 0.4)
     return alpha, target, {"strokes": n, "width": round(float(width), 2), "bright": bright,
                            "length": round(float(length), 1)}
 
@@ -368,7 +376,7 @@ def _defect_scratch(img, rng, ctx):
 def _defect_spot(img, rng, ctx):
     size = img.shape[0]
     area = rng.uniform(0.01, 0.10)
-    blob, centre = _blob(size, rng, area, roughness=0.5)
+    blob, centre = _blob(size, rng, area, 0.8, ctx["ndimage"])
     sigma = math.sqrt(area * size * size / math.pi) * rng.uniform(0.12, 0.3)
     nd = ctx["ndimage"]
     soft = nd.gaussian_filter(blob, sigma)
@@ -413,7 +421,7 @@ def _defect_crack(img, rng, ctx):
 def _defect_missing(img, rng, ctx):
     size = img.shape[0]
     area = rng.uniform(0.015, 0.10)
-    blob, centre = _blob(size, rng, area, roughness=0.9)
+    blob, centre = _blob(size, rng, area, 1.2, ctx["ndimage"])
     nd = ctx["ndimage"]
     alpha = np.clip(nd.gaussian_filter(blob, 0.7) * 1.15, 0, 1)
     if rng.random() < 0.5:
@@ -433,7 +441,7 @@ def _defect_missing(img, rng, ctx):
 def _defect_contamination(img, rng, ctx):
     size = img.shape[0]
     area = rng.uniform(0.015, 0.10)
-    blob, centre = _blob(size, rng, area, roughness=0.7)
+    blob, centre = _blob(size, rng, area, 1.0, ctx["ndimage"])
     choices = [c for c in _CONTAMINANTS if c != ctx["texture"]]
     name = choices[int(rng.integers(0, len(choices)))]
     src, region = _region(name)
@@ -455,7 +463,7 @@ _DEFECTS = {
 _ALPHA_CUTOFF = 0.05  # weaker changes are dropped entirely, so every altered pixel is in the mask
 
 
-def apply_defect(clean: np.ndarray, kind: str, rng: np.random.Generator, *, texture: str = "gravel"):
+def apply_defect(clean: np.ndarray, kind: str, rng: np.random.Generator, *, texture: str = "brick"):
     """Damage an RGB uint8 image. Returns (damaged uint8 image, 0/255 uint8 mask, params).
 
     Pixels outside the mask are exactly the input's; the mask is the altered area dilated by 2 px.
@@ -472,7 +480,7 @@ def apply_defect(clean: np.ndarray, kind: str, rng: np.random.Generator, *, text
     return out, (mask.astype(np.uint8) * 255), params
 
 
-def defect_plan(texture: str = "gravel") -> dict:
+def defect_plan(texture: str = "brick") -> dict:
     """The texture's source region and its disjoint train / test parts."""
     if texture not in DEFECT_TEXTURES:
         raise ConfigError(f"unknown texture {texture!r}; choose one of {', '.join(DEFECT_TEXTURES)}")
@@ -483,7 +491,7 @@ def defect_plan(texture: str = "gravel") -> dict:
 
 
 def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good: int = 20,
-                 n_test_defect: int = 40, size: int = 224, texture: str = "gravel",
+                 n_test_defect: int = 40, size: int = 224, texture: str = "brick",
                  force: bool = False) -> dict:
     """Write the surface-inspection anomaly-detection example in the MVTec AD layout.
 

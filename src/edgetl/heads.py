@@ -132,7 +132,9 @@ class HeadConfig:
         epochs: Maximum L-BFGS iterations (``linear``) or full-batch Adam steps (``mlp``).
         lr: Adam learning rate (``mlp`` only).
         seed: Seeds the MLP initialisation and the cross-validation folds.
-        balance: Weight each row by ``n / (k * n_c)`` so every class counts equally.
+        balance: Weight each row by ``n / (k * n_c)`` so every class counts equally (``k``
+            counting the classes that have rows). The prototype head's class means are per class
+            anyway; there it only weighs the temperature fit.
 
     Raises:
         ConfigError: on an unknown kind or an out-of-range value.
@@ -149,8 +151,9 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ConfigError(f"unknown head kind {self.kind!r}; {_kinds_hint()}")
+        number = (int, float, np.integer, np.floating)
         if self.l2 is not None:
-            if isinstance(self.l2, bool) or not isinstance(self.l2, (int, float, np.integer, np.floating)):
+            if isinstance(self.l2, bool) or not isinstance(self.l2, number):
                 raise ConfigError(f"l2 must be a number >= 0 or None (automatic), got {self.l2!r}")
             if not math.isfinite(self.l2) or self.l2 < 0:
                 raise ConfigError(f"l2 must be a finite number >= 0 or None (automatic), got {self.l2!r}")
@@ -160,9 +163,8 @@ class HeadConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float, np.integer, np.floating)) or not (
-            math.isfinite(self.lr) and self.lr > 0
-        ):
+        lr_ok = isinstance(self.lr, number) and not isinstance(self.lr, bool)
+        if not (lr_ok and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
         object.__setattr__(self, "lr", float(self.lr))
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
@@ -220,10 +222,17 @@ class Head:
     Attributes:
         kind: One of :data:`HEAD_KINDS`.
         labels: Class names; logit column ``j`` is ``labels[j]``.
-        arrays: float32 parameters, the feature standardisation (``mean``, and ``scale`` for the
-            linear and MLP heads) included.
-        meta: JSON-serialisable facts about training: chosen ``l2``, ``train_accuracy``,
-            ``config``, ``n_features``, the L2 search, ...
+        arrays: float32 parameters, the feature standardisation included. ``linear``: ``mean``,
+            ``scale`` (d,), ``W`` (d, k), ``b`` (k,); logits = ``((x - mean) / scale) @ W + b``.
+            ``mlp``: ``mean``, ``scale``, ``W1`` (d, h), ``b1``, ``W2`` (h, k), ``b2``.
+            ``prototype``: ``mean`` (d,), unit-norm class means ``prototypes`` (d, k), the scalar
+            ``logit_scale`` and ``b`` (k,); logits = ``logit_scale * cos(x - mean, prototype) + b``
+            (``b`` is 0 except for classes without rows).
+        meta: JSON-serialisable facts about training: ``l2`` (chosen or given; None for
+            prototype), ``l2_search`` (method, metric, grid, scores, chosen), ``train_accuracy``,
+            ``val_accuracy`` (when validation rows were given), ``config``, ``n_features``,
+            ``n_classes``, ``n_train``, ``class_counts``, ``absent_classes``, and per kind
+            ``optimizer`` / ``basis_rank`` or ``logit_scale``.
     """
 
     kind: str
@@ -343,11 +352,13 @@ class Head:
         except (UnicodeDecodeError, ValueError):
             raise BundleError(f"{path}: head header is not valid JSON (file corrupt?)") from None
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
-            raise BundleError(f"{path}: not an edgetl head (format {header.get('format') if isinstance(header, dict) else None!r})")
+            found = header.get("format") if isinstance(header, dict) else None
+            raise BundleError(f"{path}: not an edgetl head (format {found!r}, expected {_FORMAT!r})")
         version = header.get("version")
         if not isinstance(version, int) or version > _FORMAT_VERSION or version < 1:
             raise BundleError(
-                f"{path}: head format version {version!r}; this edgetl reads up to {_FORMAT_VERSION} (upgrade edgetl)"
+                f"{path}: head format version {version!r}; this edgetl reads 1 to {_FORMAT_VERSION} "
+                "(upgrade edgetl)"
             )
         kind, labels, meta = header.get("kind"), header.get("labels"), header.get("meta")
         if kind not in HEAD_KINDS:
@@ -397,7 +408,8 @@ class Head:
             raise ConfigError(f"opset must be an integer from {_MIN_OPSET} to {newest}, got {opset!r}")
         if not input_name or not output_name or input_name == output_name:
             raise ConfigError(
-                f"input_name and output_name must be two different non-empty names, got {input_name!r}, {output_name!r}"
+                "input_name and output_name must be two different non-empty names, "
+                f"got {input_name!r}, {output_name!r}"
             )
         a = self.arrays
         inits = []
@@ -430,7 +442,8 @@ class Head:
             else:
                 pre = node("Add", [node("MatMul", [std, const("W1", a["W1"])]), const("b1", a["b1"])])
                 hidden = node("Relu", [pre])
-                node("Add", [node("MatMul", [hidden, const("W2", a["W2"])]), const("b2", a["b2"])], output_name)
+                out = node("MatMul", [hidden, const("W2", a["W2"])])
+                node("Add", [out, const("b2", a["b2"])], output_name)
         graph = helper.make_graph(
             nodes,
             f"edgetl_{self.kind}_head",
@@ -473,7 +486,10 @@ def _check_arrays(kind: str, arrays: dict, k: int) -> str | None:
             return f"head array {name!r} has shape {arr.shape}; expected {len(shape)} dimensions"
         for axis, sym in zip(arr.shape, shape):
             if dims.setdefault(sym, axis) != axis:
-                return f"head array {name!r} has shape {arr.shape}, inconsistent with the others ({sym}={dims[sym]})"
+                return (
+                    f"head array {name!r} has shape {arr.shape}, "
+                    f"inconsistent with the others ({sym}={dims[sym]})"
+                )
         if not np.all(np.isfinite(arr)):
             return f"head array {name!r} holds NaN or infinity"
     return None
@@ -928,11 +944,10 @@ def train_head(
     """
     if not isinstance(cfg, HeadConfig):
         raise ConfigError(f"cfg must be a HeadConfig, got {type(cfg).__name__}; {_kinds_hint()}")
-    labels = list(labels) if not isinstance(labels, str) else None
-    if not labels or not all(isinstance(s, str) and s for s in labels) or len(set(labels)) != len(labels):
-        raise DataError("labels must be a list of at least 2 unique non-empty strings")
-    if len(labels) < 2:
-        raise DataError(f"a head needs at least 2 labels, got {labels}")
+    labels = [] if isinstance(labels, str) else list(labels)
+    names_ok = all(isinstance(s, str) and s for s in labels) and len(set(labels)) == len(labels)
+    if len(labels) < 2 or not names_ok:
+        raise DataError(f"labels must be a list of at least 2 unique non-empty strings, got {labels[:5]!r}")
     k = len(labels)
     X = _as_features(X, "X")
     n, d = X.shape
@@ -940,7 +955,9 @@ def train_head(
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64)
         if sample_weight.shape != (n,) or not np.all(np.isfinite(sample_weight)) or np.any(sample_weight < 0):
-            raise DataError(f"sample_weight must be {n} finite non-negative numbers, got shape {sample_weight.shape}")
+            raise DataError(
+                f"sample_weight must be {n} finite non-negative numbers, got shape {sample_weight.shape}"
+            )
         if not np.any(sample_weight > 0):
             raise DataError("sample_weight is zero for every row; nothing to train on")
     if (X_val is None) != (y_val is None):
@@ -969,8 +986,10 @@ def train_head(
         arrays = _train_prototype(X, y, w, sample_weight, k, mean, meta)
     else:
         std = X.std(axis=0, dtype=np.float64)
-        # Constant features (std 0, or float32 noise around it) keep scale 1: they centre to ~0.
-        scale = np.where(std > 1e-6 * max(1.0, float(np.abs(mean64).max())), std, 1.0).astype(np.float32)
+        # A constant feature (std 0, or a few float32 ulps of wobble around its value) keeps scale 1
+        # so it centres to ~0 instead of being blown up into unit-variance rounding noise.
+        varies = (std > 1e-6 * np.abs(mean64)) & (std > 1e-12)
+        scale = np.where(varies, std, 1.0).astype(np.float32)
         Xs = (X - mean) / scale
         basis = _Basis(Xs)
         meta["basis_rank"] = basis.rank
@@ -983,7 +1002,8 @@ def train_head(
             )
         else:
             l2 = cfg.l2
-            meta["l2_search"] = {"method": "fixed", "grid": None, "scores": None, "metric": None, "chosen": l2}
+            meta["l2_search"] = {"method": "fixed", "metric": None, "grid": None, "scores": None}
+            meta["l2_search"]["chosen"] = l2
         if fit is None:
             fit = trainer.fit(None, l2)
         meta["l2"] = l2
@@ -1057,7 +1077,8 @@ def _train_prototype(X, y, w, sample_weight, k, mean, meta) -> dict:
     cols = np.flatnonzero(present)
     if usable.any() and cols.shape[0] >= 2:
         loo = cos.copy()
-        loo[rows[usable], y[usable]] = (own_dot[usable] - sw[usable] * unit_sq[usable]) / np.sqrt(loo_sq[usable])
+        u = rows[usable]
+        loo[u, y[u]] = (own_dot[u] - sw[u] * unit_sq[u]) / np.sqrt(loo_sq[u])
         C = loo[usable][:, cols]
         target = np.searchsorted(cols, y[usable])
         wu = w[usable] / w[usable].sum()

@@ -127,6 +127,35 @@ def test_linear_matches_a_reference_logistic_regression(toy):
     assert np.abs(W - W_ref).max() <= 1e-3 * np.abs(W_ref).max()
 
 
+def test_wide_features_train_in_the_row_space_and_keep_the_optimum():
+    """d > n: the fit runs in an n-dimensional basis, yet the weights are the full-space optimum."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    X, y = blobs(12, d=300, spread=3.0, seed=10)  # 48 rows, 300 features
+    Xt, yt = blobs(50, d=300, spread=3.0, seed=11)
+    l2 = 0.05
+    head = train_head(X, y, LABELS4, cfg=HeadConfig(l2=l2, balance=False))
+    assert head.meta["basis_rank"] <= 48
+    assert np.mean(head.predict(Xt) == yt) >= 0.9
+    Xs = (X - head.arrays["mean"]) / head.arrays["scale"]
+    ref = linear_model.LogisticRegression(C=1.0 / (l2 * len(y)), tol=1e-10, max_iter=10_000).fit(Xs, y)
+    W_ref = ref.coef_.T - ref.coef_.T.mean(axis=1, keepdims=True)
+    W = head.arrays["W"] - head.arrays["W"].mean(axis=1, keepdims=True)
+    assert np.abs(W - W_ref).max() <= 1e-3 * np.abs(W_ref).max()
+    for kind in ("mlp", "prototype"):
+        wide = train_head(X, y, LABELS4, cfg=FAST[kind])
+        assert np.mean(wide.predict(Xt) == yt) >= 0.9, kind
+
+
+def test_constant_and_duplicated_features_are_harmless(toy):
+    X, y, Xt, yt = toy
+    pad = lambda A: np.concatenate([A, np.full((len(A), 3), 7.0, np.float32), A[:, :5]], axis=1)  # noqa: E731
+    for kind in HEAD_KINDS:
+        head = train_head(pad(X), y, LABELS4, cfg=FAST[kind])
+        logits = head.logits(pad(Xt))
+        assert np.all(np.isfinite(logits)), kind
+        assert np.mean(np.argmax(logits, axis=1) == yt) >= 0.95, kind
+
+
 def test_class_without_rows_is_never_predicted():
     X, y = blobs(30, k=3, seed=3)
     labels = ["a", "b", "c", "unseen"]
@@ -330,7 +359,8 @@ def test_load_rejects_tampered_arrays_and_newer_versions(tmp_path, toy_heads):
         return path
 
     wrong_shape = write("shape.npz", b=np.zeros(5, dtype=np.float32))
-    newer = write("newer.npz", _header=np.frombuffer(json.dumps({**header, "version": 99}).encode(), np.uint8))
+    newer_header = json.dumps({**header, "version": 99}).encode()
+    newer = write("newer.npz", _header=np.frombuffer(newer_header, np.uint8))
     missing = dict(arrays)
     del missing["W"]
     no_w = tmp_path / "no_w.npz"
