@@ -156,12 +156,11 @@ def _render_crop(src: np.ndarray, box, size: int, rng: np.random.Generator, aug:
     if angle:
         im = im.rotate(angle, resample=Image.Resampling.BILINEAR)
         rad = math.radians(abs(angle))
-        inner = int(w / (math.cos(rad) + math.sin(rad)))
-        off = (w - inner) / 2.0
-        crop = (off, off, off + inner, off + inner)
-    else:
-        crop = (0, 0, w, w)
-    im = im.resize((size, size), Image.Resampling.LANCZOS, box=crop)
+        inner = int(w / (math.cos(rad) + math.sin(rad))) - 1  # 1 px margin: no fill colour bleeds in
+        off = (w - inner) // 2
+        # Crop before resizing: resize(box=...) would let the filter reach the black corners.
+        im = im.crop((off, off, off + inner, off + inner))
+    im = im.resize((size, size), Image.Resampling.LANCZOS)
     if k:
         im = im.transpose((Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)[k - 1])
     if flip:
@@ -246,7 +245,7 @@ def _check_count(name: str, value, minimum: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ surfaces
-def surface_plan(*, per_class: int = 48, val_per_class: int = 16):
+def surface_plan() -> dict:
     """Per class: (source region name, train region, val region, base window side in pixels)."""
     plan = {}
     for cls in SURFACE_CLASSES:
@@ -277,10 +276,11 @@ def make_surfaces(out_dir, *, seed: int = 0, per_class: int = 48, val_per_class:
         ConfigError: a count or size out of range.
         MissingDependency: scikit-image is not installed.
     """
+    _check_count("seed", seed, 0)
     _check_count("per_class", per_class, 1)
     _check_count("val_per_class", val_per_class, 1)
     _check_count("size", size, 16)
-    plan = surface_plan(per_class=per_class, val_per_class=val_per_class)
+    plan = surface_plan()
     with _staged_output(out_dir, force=force) as tmp:
         items = []
         for ci, cls in enumerate(SURFACE_CLASSES):
@@ -510,6 +510,7 @@ def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good:
         ConfigError: an unknown texture, a count or size out of range.
         MissingDependency: scikit-image is not installed.
     """
+    _check_count("seed", seed, 0)
     _check_count("n_train_good", n_train_good, 1)
     _check_count("n_test_good", n_test_good, 0)
     _check_count("n_test_defect", n_test_defect, 0)

@@ -911,7 +911,22 @@ def _warm(prev: dict | None, cfg: HeadConfig, k: int):
     return _mean_start([prev], k)
 
 
-def train_head(
+def train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_val=None, sample_weight=None) -> Head:
+    """Train a classification head on frozen-backbone features (see :func:`_train_head`).
+
+    BLAS runs single-threaded here: the matrices are small (a few hundred rows), and OpenBLAS
+    threads spinning for busy cores made training 5-10x slower on 2-core machines (measured:
+    0.5 s vs 2.5-5 s for 500 x 1280 x 10 with automatic L2).
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a base dependency
+        return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+
+
+def _train_head(
     X,
     y,
     labels,

@@ -19,6 +19,22 @@ from edgetl.heads import (
     train_head,
 )
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_blas_thread():
+    """Run this module's BLAS single-threaded when threadpoolctl is at hand.
+
+    On a small machine shared with other jobs, multi-threaded OpenBLAS spins waiting for busy
+    cores on these small products and runs several times slower than one thread.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 # Small MLPs keep the whole file fast; the defaults (hidden 256, 300 steps) are exercised on digits.
 FAST = {
     "linear": HeadConfig(kind="linear", l2=1e-2),
@@ -78,7 +94,7 @@ def test_each_kind_learns_separable_blobs(toy, toy_heads, kind):
 
 @pytest.mark.parametrize("kind,cfg,floor", [
     ("linear", HeadConfig(kind="linear"), 0.92),  # automatic l2 (3-fold)
-    ("mlp", HeadConfig(kind="mlp", l2=1e-3), 0.92),  # default width and steps
+    ("mlp", HeadConfig(kind="mlp", l2=1e-3, hidden=128, epochs=200), 0.92),
     ("prototype", HeadConfig(kind="prototype"), 0.80),  # chance is 0.10
 ])
 def test_each_kind_far_above_chance_on_digits(digits, kind, cfg, floor):
@@ -377,14 +393,16 @@ def test_load_rejects_tampered_arrays_and_newer_versions(tmp_path, toy_heads):
 # ------------------------------------------------------------------------------- ONNX
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # 17: the default; 18: what the fused bundle model uses
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_onnx_graph_computes_the_logits(toy, toy_heads, kind):
+def test_onnx_graph_computes_the_logits(toy, toy_heads, kind, opset):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     _, _, Xt, _ = toy
     head = toy_heads[kind]
-    model = head.to_onnx()
+    model = head.to_onnx(opset=opset)
     onnx.checker.check_model(model)
+    assert model.opset_import[0].version == opset
     assert [op.op_type for op in model.graph.node].count("Softmax") == 0
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_value == 64

