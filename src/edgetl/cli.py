@@ -96,7 +96,7 @@ def main() -> None:
 @click.option("--l2", type=float, help="L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--epochs", type=int, default=300, show_default=True, help="Optimizer iterations for linear/mlp heads.")
-@click.option("--target", "-t", help="Target profile name (see `edgetl targets`) or a .toml file.  [default: cpu-x86]")
+@click.option("--target", "-t", help="Target profile name (see `edgetl targets`) or a .toml file.  [default: openvino-cpu]")
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the target's precision.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or CSV.")
@@ -108,11 +108,18 @@ def main() -> None:
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]")
 @click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
+# --- text (issue 7) ---
+@click.option("--task", type=click.Choice(["classify", "text"]),
+              help="classify (images) or text; default: text for a CSV/TSV/JSONL file with a text column.")
+@click.option("--text-column", help="Text column of a text dataset (default: text, sentence, content, ...).")
+@click.option("--label-column", help="Label column of a text dataset (default: label, class, category, ...).")
+# --- end text ---
 @json_option
 @quiet_option
 @handle_errors
 def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
-        augment, calibration_size, allow_drop, seed, cache_dir, strict, force, as_json, quiet):
+        augment, calibration_size, allow_drop, seed, cache_dir, strict, force, task, text_column, label_column,
+        as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
     DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, or a CSV with
@@ -123,6 +130,19 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
     _setup_logging(quiet)
     from .fit import FitOptions, fit as run_fit
     from .heads import HeadConfig
+
+    # --- text (issue 7): text datasets go to edgetl.text ---
+    from . import text_cli
+
+    if text_cli.wants_text(data, task):
+        summary, text = text_cli.fit(
+            data, out, backbone=backbone, head=HeadConfig(kind=head_kind, l2=l2, hidden=hidden, epochs=epochs, seed=seed),
+            target=target, precision=precision, runtime=runtime, val=val, val_split=val_split, seed=seed,
+            cache_dir=cache_dir, strict=strict, calibration_size=calibration_size, allow_drop=allow_drop, force=force,
+            quiet=quiet or as_json, text_column=text_column, label_column=label_column)
+        warn_skipped([(s["row"], s["reason"]) for s in summary["skipped"]], quiet=quiet)
+        return emit(summary, as_json, text)
+    # --- end text ---
 
     opts = FitOptions(
         backbone=backbone, weights=str(weights) if weights else None,
@@ -190,6 +210,14 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
     from .report import format_metrics
     from .runtime import Predictor
 
+    # --- text (issue 7): text bundles evaluate on CSV/TSV/JSONL rows ---
+    from . import text_cli
+
+    if text_cli.is_text_bundle_path(bundle):
+        m, text, skipped = text_cli.evaluate(bundle, data, strict=strict, device=device)
+        warn_skipped(skipped, quiet=quiet)
+        return emit(m, as_json, text)
+    # --- end text ---
     m = Predictor(bundle, device=device).evaluate(data, quiet=quiet or as_json, strict=strict)
     warn_skipped([(p["path"], p["reason"]) for p in m["skipped"]], quiet=quiet)
     emit(m, as_json, format_metrics(m, title=f"{bundle} on {data} (head v{m['head_version']})"))
@@ -198,17 +226,35 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
 # ------------------------------------------------------------------------------------- predict
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--top-k", type=int, default=1, show_default=True, help="Classes listed per image.")
+# --- text (issue 7) ---
+@click.option("--file", "text_file", type=click.Path(path_type=Path), help="Text bundles: classify each line of this file.")
+# --- end text ---
 @click.option("--threshold", type=float, help="Answer 'unknown' below this confidence (default: the bundle's).")
 @click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
 @json_option
 @quiet_option
 @handle_errors
-def predict(bundle, paths, top_k, threshold, device, as_json, quiet):
-    """Classify image files or folders with BUNDLE (runs without torch)."""
+def predict(bundle, paths, top_k, threshold, device, text_file, as_json, quiet):
+    """Classify image files or folders with BUNDLE (runs without torch).
+
+    For a text bundle, PATHS are the texts themselves; or give --file FILE (one text per line), or
+    pipe lines on stdin.
+    """
     _setup_logging(quiet)
     from .runtime import Predictor
+
+    # --- text (issue 7): texts from arguments, --file or stdin ---
+    from . import text_cli
+
+    if text_cli.is_text_bundle_path(bundle):
+        obj, text = text_cli.predict(bundle, [str(p) for p in paths], file=text_file, top_k=top_k,
+                                     threshold=threshold, device=device)
+        return emit(obj, as_json, text)
+    if not paths:
+        raise click.UsageError("give one or more image files or folders")
+    # --- end text ---
 
     preds = Predictor(bundle, device=device).predict(paths, top_k=top_k, threshold=threshold, quiet=quiet or as_json)
     lines = []

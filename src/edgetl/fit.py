@@ -211,8 +211,10 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     shipped = _converted_model(exported, target, ds, cache_root, options.seed)
     lap("convert")
 
-    session = open_session(shipped.path, runtime=target.runtime, device=target.device, providers=["CPUExecutionProvider"])
-    cache = FeatureCache(cache_root, model_key(shipped.path, exported.preprocess))
+    simulate = target.fit_features == "simulated" and target.precision == "int8"
+    session = open_session(shipped.path, runtime=target.runtime, device=target.device, providers=["CPUExecutionProvider"],
+                           simulate=simulate)
+    cache = FeatureCache(cache_root, model_key(shipped.path, exported.preprocess) + ("-simulated" if simulate else ""))
     X_tr, y_tr = _extract_split(ds, "train", session, exported, cache, options.augment, options, "train features")
     X_va, y_va = _extract_split(ds, "val", session, exported, cache, 0, options, "val features")
     lap("features")
@@ -270,8 +272,13 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         meta = {"edgetl_version": __version__, "labels": ds.classes, "preprocess": exported.preprocess.to_dict(),
                 "backbone": exported.name, "precision": target.precision, "target": target.name}
         fused_path = fuse(w.dir / backbone_name, head, w.dir, meta=meta)
+        if target.tensorrt is not None:
+            from .tensorrt import write_build_scripts
+
+            write_build_scripts(w.dir, fused=fused_path.name, workspace_mb=target.tensorrt.workspace_mb,
+                                level=target.tensorrt.builder_optimization_level)
         lap("bundle")
-        fused_session = open_session(fused_path, runtime=target.runtime, device=target.device)
+        fused_session = open_session(fused_path, runtime=target.runtime, device=target.device, simulate=simulate)
         probe = [s.path for s in (ds.val or ds.train)[:16]]
         probe_x = np.stack([load_input(p, exported.preprocess) for p in probe])
         fused_probs = fused_session(probe_x)

@@ -70,7 +70,15 @@ def _nncf_params(target: Target, n: int):
     q = target.quantization
     preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
     ignored = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False) if q.keep_float else None
-    return dict(preset=preset, subset_size=n, fast_bias_correction=q.fast_bias_correction, ignored_scope=ignored)
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+    advanced = AdvancedQuantizationParameters(
+        overflow_fix={"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
+                      "disable": OverflowFix.DISABLE}[q.overflow_fix],
+        disable_channel_alignment=not q.channel_alignment,
+    )
+    return dict(preset=preset, subset_size=n, fast_bias_correction=q.fast_bias_correction, ignored_scope=ignored,
+                advanced_parameters=advanced)
 
 
 def _ov_core():
@@ -118,6 +126,7 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
         activation_type=qtype[q.activation_type],
         weight_type=qtype[q.weight_type],
         calibrate_method=method,
+        reduce_range=q.overflow_fix == "enable",
         nodes_to_exclude=None,
         extra_options={
             "ActivationSymmetric": q.symmetric_activations,

@@ -66,9 +66,14 @@ class Session:
 class OrtSession(Session):
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, *, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: Path, *, providers: list[str] | None = None, threads: int | None = None,
+                 simulate: bool = False):
         ort = require("onnxruntime", extra="base", purpose="running ONNX models")
         opts = ort.SessionOptions()
+        if simulate:
+            # No graph rewriting: Quantize/DequantizeLinear run as ops, convolutions in float, so
+            # the result is exact INT8 arithmetic without this host's integer-kernel shortcuts.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # keep ORT's own warnings off the user's terminal
@@ -132,6 +137,7 @@ def open_session(
     device: str | None = None,
     providers: list[str] | None = None,
     threads: int | None = None,
+    simulate: bool = False,
 ) -> Session:
     """Load a model for inference.
 
@@ -141,6 +147,7 @@ def open_session(
         device: OpenVINO device (``CPU``, ``NPU``, ``GPU``, ``AUTO``); missing devices fall back to CPU.
         providers: ONNX Runtime execution providers in preference order; unavailable ones are skipped.
         threads: intra-op threads (default: all cores this process may use).
+        simulate: ONNX Runtime only: run a QDQ graph unfused (exact INT8 numerics in float).
 
     Raises:
         ConfigError: unknown runtime or a model the runtime cannot load.
@@ -150,7 +157,7 @@ def open_session(
     if runtime is None:
         runtime = "openvino" if path.suffix == ".xml" else "onnxruntime"
     if runtime == "onnxruntime":
-        return OrtSession(path, providers=providers, threads=threads)
+        return OrtSession(path, providers=providers, threads=threads, simulate=simulate)
     if runtime == "openvino":
         return OpenVinoSession(path, device=device or "CPU", threads=threads)
     if runtime == "tensorrt":

@@ -24,7 +24,7 @@ def test_every_help_runs():
 @pytest.fixture(scope="module")
 def fp32_bundle(surfaces, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "fp32.bundle"
-    r = run_cli("fit", surfaces, "--out", out, "--precision", "fp32", "--json")
+    r = run_cli("fit", surfaces, "--out", out, "-t", "cpu-x86", "--precision", "fp32", "--json")
     assert r.returncode == 0, r.stderr
     return out, json.loads(r.stdout)
 
@@ -39,7 +39,7 @@ def test_fit_json_is_one_object_and_learns(fp32_bundle, surfaces):
 
 
 def test_second_fit_with_new_head_runs_no_backbone(fp32_bundle, surfaces, tmp_path):
-    r = run_cli("fit", surfaces, "--out", tmp_path / "mlp.bundle", "--precision", "fp32", "--head", "mlp", "--json")
+    r = run_cli("fit", surfaces, "--out", tmp_path / "mlp.bundle", "-t", "cpu-x86", "--precision", "fp32", "--head", "mlp", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["timings_s"]["backbone_images"] == 0
 
@@ -47,7 +47,7 @@ def test_second_fit_with_new_head_runs_no_backbone(fp32_bundle, surfaces, tmp_pa
 def test_fit_refuses_to_overwrite(fp32_bundle, surfaces):
     out, _ = fp32_bundle
     before = (out / "manifest.json").read_bytes()
-    r = run_cli("fit", surfaces, "--out", out, "--precision", "fp32")
+    r = run_cli("fit", surfaces, "--out", out, "-t", "cpu-x86", "--precision", "fp32")
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     assert (out / "manifest.json").read_bytes() == before
 

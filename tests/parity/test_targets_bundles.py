@@ -1,0 +1,91 @@
+"""Every shipped target profile produces a bundle that really fits its profile.
+
+One bundle per profile (small calibration set to keep CI fast), then checks against the profile:
+static shapes where required, QDQ placement and symmetric zero points for TensorRT, opset, the IR
+compiling on OpenVINO's CPU plugin, ONNX models running in ONNX Runtime, accuracy within tolerance,
+and the fused model agreeing with backbone + head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgetl.bundle import load_bundle
+from edgetl.fit import FitOptions, fit
+from edgetl.targets import list_targets
+
+TARGETS = [t.name for t in list_targets()]
+
+
+@pytest.fixture(scope="module")
+def bundles(surfaces, cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("targets")
+    out = {}
+    for name in TARGETS:
+        opts = FitOptions(target=name, cache_dir=str(cache_dir), calibration_size=48, quiet=True, allow_drop=True)
+        out[name] = fit(surfaces, root / f"{name}.bundle", options=opts)
+    return out
+
+
+def test_every_shipped_target_is_covered():
+    # completeness: a new profile file must show up here (and so in every check below)
+    assert {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu"} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_bundle_matches_profile(bundles, name):
+    r = bundles[name]
+    b = load_bundle(r.bundle.path)
+    t = b.manifest["target"]
+    assert t["name"] == name and b.precision == t["precision"] and b.runtime == t["runtime"]
+    backbone = b.model_file("backbone")
+    if b.runtime == "openvino":
+        import openvino as ov
+
+        model = ov.Core().read_model(str(backbone))
+        shape = model.inputs[0].get_partial_shape()
+        assert shape[0].is_static == (t["batch"] > 0)
+        ov.Core().compile_model(model, "CPU")  # compiles on the CPU plugin
+        if b.precision == "int8":
+            assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    else:
+        import onnx
+        import onnxruntime as ort
+
+        m = onnx.load(str(backbone))
+        opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
+        assert opset == t["opset"]
+        dim0 = m.graph.input[0].type.tensor_type.shape.dim[0]
+        assert (dim0.dim_value == t["batch"]) if t["batch"] else bool(dim0.dim_param)
+        ort.InferenceSession(str(backbone), providers=["CPUExecutionProvider"])
+        if b.precision == "int8":
+            q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+            dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+            convs = [n for n in m.graph.node if n.op_type == "Conv"]
+            assert q and dq
+            # every convolution reads a dequantized input and dequantized weights
+            produced_by_dq = {n.output[0] for n in dq}
+            assert all(c.input[0] in produced_by_dq and c.input[1] in produced_by_dq for c in convs)
+    # the gate's figures are recorded, and the drop is within the profile's tolerance
+    ref = r.report["reference"]
+    if b.precision != "fp32" or b.runtime != "onnxruntime":
+        assert ref["accuracy_drop_pp"] <= t["accuracy_tolerance"]
+    assert r.report["fused_parity"]["top1_agreement"] == 1.0
+    assert r.report["fused_parity"]["max_abs_diff"] < 1e-3
+
+
+def test_tensorrt_profile_is_symmetric_int8(bundles):
+    import onnx
+    from onnx import numpy_helper
+
+    b = bundles["jetson-orin"].bundle
+    m = onnx.load(str(b.model_file("backbone")))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert zps, "no zero points found"
+    assert all(z.dtype == np.int8 and not z.any() for z in zps)  # signed, zero point 0: TensorRT's form
+    assert (b.path / "build_engine.sh").is_file() and (b.path / "build_engine.py").is_file()
