@@ -394,6 +394,27 @@ def history(bundle, as_json):
     emit({"versions": rows}, as_json, "\n".join(lines))
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("value", type=click.FloatRange(0.0, 1.0))
+@json_option
+@handle_errors
+def threshold(bundle, value, as_json):
+    """Set BUNDLE's open-set threshold: below VALUE confidence, predict answers "unknown".
+
+    Stored in the manifest (not baked into any graph), so it can change after export; 0 disables it.
+    """
+    from .bundle import load_bundle, update_manifest
+
+    b = load_bundle(bundle)
+    versions = [dict(e, unknown_threshold=value) if e["version"] == b.head_version else e
+                for e in b.manifest["head"]["versions"]]
+    b = update_manifest(b, {"head": {**b.manifest["head"], "versions": versions},
+                            "thresholds": {**b.manifest.get("thresholds", {}), "unknown": value}})
+    emit({"bundle": str(b.path), "unknown_threshold": value}, as_json,
+         f"predictions under {value:.2f} confidence are now 'unknown' in {b.path}")
+
+
 # -------------------------------------------------------------------------------------- bench
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))

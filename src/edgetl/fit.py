@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .backbones import resolve as resolve_backbone
 from .backbones import DEFAULT_BACKBONE, ExportedBackbone, default_cache_dir, export_backbone
 from .adapt import herding, save_exemplars
 from .bundle import Bundle, BundleWriter, check_out_dir
@@ -201,6 +202,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         t = now
 
     target = resolve_target(options)
+    resolve_backbone(options.backbone)  # a typo in a name fails now, before the data is read
     if options.augment < 0 or options.augment > 32:
         raise ConfigError(f"--augment {options.augment}: use 0 to 32 augmented views per training image")
     ds = load_dataset(data, val=options.val, val_split=options.val_split, seed=options.seed, strict=options.strict)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import make_folder, run_cli
 
-COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench"]
+COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench", "threshold"]
 
 
 def test_every_help_runs():
@@ -65,6 +65,20 @@ def test_eval_and_predict(fp32_bundle, surfaces):
     assert all(p["label"] in summary["labels"] for p in preds)
     text = run_cli("eval", out, surfaces / "val")
     assert "confusion matrix" in text.stdout and "recall" in text.stdout
+
+
+def test_threshold_turns_low_confidence_into_unknown(fp32_bundle, surfaces, tmp_path):
+    import shutil
+
+    b = tmp_path / "t.bundle"
+    shutil.copytree(fp32_bundle[0], b)
+    assert run_cli("threshold", b, "1.0").returncode == 0
+    preds = json.loads(run_cli("predict", b, surfaces / "val", "--json").stdout)["predictions"]
+    assert preds and all(p["label"] == "unknown" and p["unknown"] for p in preds)
+    assert run_cli("threshold", b, "0").returncode == 0
+    preds = json.loads(run_cli("predict", b, surfaces / "val", "--json").stdout)["predictions"]
+    assert not any(p["unknown"] for p in preds)
+    assert run_cli("threshold", b, "1.5").returncode == 2  # out of range: a usage error
 
 
 def test_info_verifies(fp32_bundle):
