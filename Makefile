@@ -10,7 +10,7 @@ DEMO   ?= demo-out
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,test]'
+	$(PY) -m pip install -q -e '.[train,test,text-train]'
 	touch $(STAMP)
 
 install: $(STAMP)

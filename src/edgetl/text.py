@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -37,14 +38,18 @@ from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle
 from .errors import BundleError, ConfigError, DataError, GateError
 from .heads import HeadConfig, train_head
 from .report import classification_metrics
-from .text_data import TextDataset, is_text_data, load_text_dataset, scan_texts, text_digest
+from .text_data import TextDataset, is_text_data, load_text_dataset, scan_texts
 from .text_encoder import TextEncoder
 
-__all__ = ["TextFitOptions", "TextFitResult", "fit_text", "TextPredictor", "TextPrediction", "adapt_text",
-           "is_text_bundle", "is_text_data"]
+__all__ = ["TextFitOptions", "TextFitResult", "fit_text", "export_text_bundle", "TextPredictor", "TextPrediction",
+           "adapt_text", "is_text_bundle", "is_text_data"]
 
 # Exemplars kept per class for on-device replay (embeddings are 384 floats: 20 per class is small).
 EXEMPLARS_PER_CLASS = 20
+# Without --target, text bundles go to ONNX Runtime with dynamic INT8: on this project's AVX2 test
+# machine it embedded 1.4x faster than FP32, while OpenVINO's static INT8 of the same encoder ran
+# slower than OpenVINO FP32 (benchmarks/text.py; images default to openvino-cpu instead).
+TEXT_DEFAULT_TARGET = "cpu-x86"
 # A typical ticket: what the batch-1 latency in the report is measured on.
 _LATENCY_TEXT = "Operator reports the hydraulic pump on line 3 is leaking oil near the main seal again."
 
@@ -187,6 +192,10 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     Raises:
         DataError: bad dataset.  ConfigError: bad option or profile.
         GateError: the quantized encoder lost more accuracy than the profile allows (unless ``allow_drop``).
+
+    Example:
+        >>> r = fit_text("tickets.csv", "tickets.bundle", options=TextFitOptions(target="cpu-arm64"))  # doctest: +SKIP
+        >>> r.metrics["accuracy"], r.report["reference"]["accuracy_drop_pp"]  # doctest: +SKIP
     """
     from .backbones import default_cache_dir
     from .features import FeatureCache
@@ -206,7 +215,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         timings[name] = round(now - t, 3)
         t = now
 
-    target = resolve_target(options)
+    target = resolve_target(options if options.target else dataclasses.replace(options, target=TEXT_DEFAULT_TARGET))
     if target.batch > 0:
         raise ConfigError(f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic "
                           "shapes for now: use cpu-x86, cpu-arm64 or openvino-cpu")
@@ -330,6 +339,38 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     lap("finish")
     timings["backbone_texts"] = runs
     return TextFitResult(bundle, val_metrics, report, ds, timings)
+
+
+def export_text_bundle(run: str | Path, out: str | Path, *, target: str | None = None, precision: str | None = None,
+                       runtime: str | None = None, data: str | Path | None = None, allow_drop: bool = False,
+                       cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False) -> TextFitResult:
+    """Re-make text bundle ``run`` for another target, precision or runtime (the text twin of
+    :func:`edgetl.export.export_bundle`): the recorded data, split, encoder and head settings (the
+    chosen L2 included) are fitted again; the FP32 export and embeddings come from the cache.
+
+    Raises:
+        BundleError: ``run`` is not a text bundle made by ``fit``.
+        DataError: the recorded training data is gone and ``data`` was not given.
+    """
+    src = load_bundle(run)
+    training = src.manifest.get("training") or {}
+    if not is_text_bundle(src) or "options" not in training:
+        raise BundleError(f"{run}: not a text bundle that records how it was fitted; run edgetl fit instead")
+    recorded = dict(training["options"])
+    head_cfg = HeadConfig.from_dict(recorded.pop("head"))
+    chosen_l2 = src.head_entry(1).get("l2")
+    if head_cfg.l2 is None and chosen_l2 is not None:
+        head_cfg = dataclasses.replace(head_cfg, l2=chosen_l2)
+    names = {f.name for f in dataclasses.fields(TextFitOptions)} - {"head"}
+    opts = TextFitOptions(**{k: v for k, v in recorded.items() if k in names}, head=head_cfg)
+    data_path = Path(data) if data else Path(training["data"])
+    if not data_path.exists():
+        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data FILE")
+    if target is not None:
+        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
+    opts = dataclasses.replace(opts, precision=precision or opts.precision, runtime=runtime or opts.runtime,
+                               allow_drop=allow_drop, cache_dir=str(cache_dir) if cache_dir else opts.cache_dir, quiet=quiet)
+    return fit_text(data_path, out, options=opts, force=force)
 
 
 # ------------------------------------------------------------------------------------ predict

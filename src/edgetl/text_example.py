@@ -148,9 +148,14 @@ VAL_TEMPLATES = {
 CLASSES = sorted(VOCAB)
 
 
-def _fill(template: str, label: str, rng: random.Random) -> str:
+def _seen(words: list[str]) -> list[str]:
+    """The part of a class's word list that training may use: the first two thirds."""
+    return words[: max(1, -(-2 * len(words) // 3))]
+
+
+def _fill(template: str, label: str, rng: random.Random, *, train: bool) -> str:
     slots = {"asset": rng.choice(ASSETS), "prefix": rng.choice(PREFIXES), "time": rng.choice(TIMES)}
-    slots.update({k: rng.choice(v) for k, v in VOCAB[label].items()})
+    slots.update({k: rng.choice(_seen(v) if train else v) for k, v in VOCAB[label].items()})
     text = template.format(**slots)
     text = re.sub(r"\s+", " ", text).strip(" ,;:") + rng.choice(SUFFIXES)
     text = re.sub(r"\s+([,.;:])", r"\1", text)
@@ -162,14 +167,14 @@ def _fill(template: str, label: str, rng: random.Random) -> str:
     return text
 
 
-def _draw(templates: dict, n: int, rng: random.Random, taken: set) -> list[tuple[str, str]]:
+def _draw(templates: dict, n: int, rng: random.Random, taken: set, *, train: bool) -> list[tuple[str, str]]:
     rows = []
     for label in CLASSES:
         made = 0
         for _ in range(n * 50):
             if made == n:
                 break
-            text = _fill(rng.choice(templates[label]), label, rng)
+            text = _fill(rng.choice(templates[label]), label, rng, train=train)
             if text.lower() not in taken:
                 taken.add(text.lower())
                 rows.append((text, label))
@@ -194,8 +199,8 @@ def make_tickets(out: str | Path, *, seed: int = 0, per_class: int = 60, val_per
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     taken: set = set()
-    train = _draw(TRAIN_TEMPLATES, per_class, rng, taken)
-    val = _draw(VAL_TEMPLATES, val_per_class, rng, taken)
+    train = _draw(TRAIN_TEMPLATES, per_class, rng, taken, train=True)
+    val = _draw(VAL_TEMPLATES, val_per_class, rng, taken, train=False)
     rng.shuffle(train)
     rng.shuffle(val)
     with open(path, "w", newline="", encoding="utf-8") as f:

@@ -17,10 +17,10 @@ Export (cached under ``<cache>/text_backbones/``, keyed by the weights' sha256, 
 
 Conversion for a target (:func:`convert_text`):
 
-* ONNX Runtime INT8 — Optimum's ``ORTQuantizer`` with the ``AutoQuantizationConfig`` preset of
-  the profile (``avx512_vnni`` for x86, ``arm64`` for ARM), dynamic: weights INT8 per channel,
-  activations quantized at run time per batch. That is the standard recipe for BERT-style
-  encoders on CPUs, and needs no calibration. ``mode="static"`` instead calibrates a QDQ graph
+* ONNX Runtime INT8 — Optimum's ``ORTQuantizer`` with the ``AutoQuantizationConfig`` preset that
+  matches the profile's weight type (``avx2``: U8 weights, for cpu-x86; ``arm64`` /
+  ``avx512_vnni``: S8 weights), dynamic: weights per channel, activations quantized at run time
+  per batch. That is the standard recipe for BERT-style encoders on CPUs, and needs no calibration. ``mode="static"`` instead calibrates a QDQ graph
   with NNCF (``model_type=TRANSFORMER``) on the training texts.
 * OpenVINO INT8 — the ONNX graph read by OpenVINO and quantized by NNCF with
   ``model_type=TRANSFORMER`` (the transformer-aware scheme: no quantizers on the attention
@@ -35,7 +35,6 @@ torch and transformers are imported inside functions only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -44,7 +43,7 @@ import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -64,10 +63,6 @@ _EXPORT_VERSION = 1
 # eps = 1e-12; the grafted nodes use the same floors so the embeddings match it to float rounding.
 _COUNT_EPS = 1e-9
 _NORM_EPS = 1e-12
-# Where Optimum's dynamic presets fit the profile better than its own quantization fields do:
-# ORT's CPU kernels differ between x86 (VNNI: u8 x s8) and ARM (SDOT/UDOT, I8MM).
-_ORT_PRESETS = {"cpu-arm64": "arm64", "cpu-x86": "avx512_vnni"}
-_ORT_DEFAULT_PRESET = "avx512_vnni"
 
 
 @dataclass(frozen=True)
@@ -332,6 +327,7 @@ def export_text_backbone(
             raise ConfigError(f"{src.ref}: no tokenizer.json; edgetl's device side needs the single-file tokenizer")
         max_length = _max_length(src, config)
         load_tokenizer(tok_src, max_length=max_length).save(str(tmp / "tokenizer.json"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shutil.rmtree(tmp / "raw", ignore_errors=True)
         width = int(config.get("hidden_size") or model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
         info = {"name": src.name, "path": "encoder.onnx", "tokenizer": "tokenizer.json", "max_length": max_length,
@@ -360,6 +356,21 @@ def calibration_feeds(tokenizer_path: Path, texts: Sequence[str], inputs: Sequen
     return feeds
 
 
+def _ort_preset(target: Target) -> tuple[str, dict]:
+    """Optimum's dynamic preset for the profile's weight type.
+
+    U8 weights (the cpu-x86 profile) are Optimum's ``avx2`` preset: ORT's AVX2 kernels without
+    VNNI sum u8 x s8 products in saturating int16, which U8 x U8 avoids; the profile's
+    ``overflow_fix = "enable"`` maps to its 7-bit ``reduce_range``. S8 weights are the ``arm64``
+    preset on ARM profiles and ``avx512_vnni`` elsewhere (the same U8 x S8 types).
+    """
+    q = target.quantization
+    extra = {"use_symmetric_weights": q.symmetric_weights}
+    if q.weight_type == "uint8":
+        return "avx2", {**extra, "reduce_range": q.overflow_fix == "enable"}
+    return ("arm64" if "arm" in target.name else "avx512_vnni"), extra
+
+
 def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     """Optimum's ORTQuantizer with the profile's dynamic preset."""
     try:
@@ -367,11 +378,13 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
     except ImportError:
         return _ort_dynamic_plain(src, out_dir, target)
-    preset = _ORT_PRESETS.get(target.name, _ORT_DEFAULT_PRESET)
-    cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=target.quantization.per_channel)
+    preset, extra = _ort_preset(target)
+    cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=target.quantization.per_channel, **extra)
     work = out_dir / ".ortq"
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, work / "model.onnx")
+    if (src.parent / "config.json").is_file():  # lets Optimum record the model type with the result
+        shutil.copyfile(src.parent / "config.json", work / "config.json")
     with contextlib.redirect_stdout(sys.stderr):
         quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
         quantizer.quantize(save_dir=work / "out", quantization_config=cfg)
@@ -379,28 +392,29 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     shutil.move(str(work / "out" / "model_quantized.onnx"), dst)
     shutil.rmtree(work, ignore_errors=True)
     return dst, {"engine": "optimum.onnxruntime.ORTQuantizer", "preset": f"AutoQuantizationConfig.{preset}",
-                 "mode": "dynamic", "per_channel": target.quantization.per_channel}
+                 "mode": "dynamic", "per_channel": target.quantization.per_channel,
+                 "weights": "uint8" if preset == "avx2" else "int8", **extra}
 
 
 def _ort_dynamic_plain(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     """Without Optimum: ONNX Runtime's own quantize_dynamic with the same weight settings."""
     oq = require("onnxruntime.quantization", extra="base", purpose="INT8 quantization")
     dst = out_dir / "backbone.onnx"
-    oq.quantize_dynamic(str(src), str(dst), per_channel=target.quantization.per_channel, weight_type=oq.QuantType.QInt8,
+    q = target.quantization
+    oq.quantize_dynamic(str(src), str(dst), per_channel=q.per_channel, reduce_range=q.overflow_fix == "enable",
+                        weight_type=oq.QuantType.QUInt8 if q.weight_type == "uint8" else oq.QuantType.QInt8,
                         op_types_to_quantize=["MatMul", "Gather"])
     return dst, {"engine": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic",
                  "per_channel": target.quantization.per_channel}
 
 
 def _nncf_params(target: Target, n: int) -> dict:
+    """The profile's NNCF settings (preset, overflow fix, ignored scope ...), as images get them,
+    plus ``model_type=TRANSFORMER``."""
+    from .quantize import _nncf_params as profile_params
+
     nncf = require("nncf", extra="train", purpose="INT8 quantization")
-    q = target.quantization
-    preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
-    params = dict(model_type=nncf.ModelType.TRANSFORMER, preset=preset, subset_size=n,
-                  fast_bias_correction=q.fast_bias_correction)
-    if q.keep_float:
-        params["ignored_scope"] = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False)
-    return params
+    return {**profile_params(target, n), "model_type": nncf.ModelType.TRANSFORMER}
 
 
 def convert_text(
