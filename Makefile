@@ -9,7 +9,6 @@ DEMO   ?= demo-out
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,test,text-train]'
 	touch $(STAMP)
 

@@ -25,6 +25,11 @@ def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
     static batch when it has one), the process's peak RSS and the sizes.
     """
     b = load_bundle(path)
+    if b.task != "classify":
+        from .errors import BundleError
+
+        raise BundleError(f"{b.path}: bench measures image classification bundles; this one is a {b.task!r} bundle "
+                          f"(see benchmarks/{'text' if b.task == 'text' else 'anomaly'}.py)")
     session = open_backbone(b, device=device)
     head = b.load_head()
     size = b.preprocess.input_size

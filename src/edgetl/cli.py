@@ -91,8 +91,9 @@ def main() -> None:
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
               help="efficientnet_lite0/1/2 or any timm model name.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Backbone weights (.safetensors or .pth state dict).")
-@click.option("--head", "head_kind", type=click.Choice(["linear", "mlp", "prototype"]), default="linear", show_default=True,
-              help="Head trained on the frozen features.")
+@click.option("--head", "head_kind", type=click.Choice(["linear", "mlp", "prototype", "padim", "patchcore"]),
+              help="Head trained on the frozen features: linear (default), mlp, prototype; "
+                   "with --task anomaly: patchcore (default) or padim.")
 @click.option("--l2", type=float, help="L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--epochs", type=int, default=300, show_default=True, help="Optimizer iterations for linear/mlp heads.")
@@ -109,8 +110,9 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
 @click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
 # --- text (issue 7) ---
-@click.option("--task", type=click.Choice(["classify", "text"]),
-              help="classify (images) or text; default: text for a CSV/TSV/JSONL file with a text column.")
+@click.option("--task", type=click.Choice(["classify", "text", "anomaly"]),
+              help="classify (images), text, or anomaly (good images only: defect detection); default: text for "
+                   "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good (MVTec) folder.")
 @click.option("--text-column", help="Text column of a text dataset (default: text, sentence, content, ...).")
 @click.option("--label-column", help="Label column of a text dataset (default: label, class, category, ...).")
 # --- end text ---
@@ -130,6 +132,20 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
     _setup_logging(quiet)
     from .fit import FitOptions, fit as run_fit
     from .heads import HeadConfig
+
+    # --- anomaly (issue 6): good-only data goes to edgetl.anomaly ---
+    from . import anomaly
+
+    if anomaly.wants_anomaly(data, task, head_kind):
+        result = anomaly.fit_anomaly(data, out, force=force, options=anomaly.AnomalyOptions(
+            head=anomaly.AnomalyConfig(kind=head_kind or "patchcore", seed=seed), backbone=backbone,
+            weights=str(weights) if weights else None, target=target, precision=precision, runtime=runtime,
+            val_split=val_split, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
+            calibration_size=calibration_size, allow_drop=allow_drop, quiet=quiet or as_json))
+        warn_skipped(result.data.skipped, quiet=quiet)
+        return emit(anomaly.fit_summary(result), as_json, anomaly.fit_text(result))
+    head_kind = head_kind or "linear"
+    # --- end anomaly ---
 
     # --- text (issue 7): text datasets go to edgetl.text ---
     from . import text_cli
@@ -218,6 +234,14 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
         warn_skipped(skipped, quiet=quiet)
         return emit(m, as_json, text)
     # --- end text ---
+    # --- anomaly (issue 6) ---
+    from . import anomaly
+
+    if anomaly.is_anomaly_bundle_path(bundle):
+        m = anomaly.AnomalyPredictor(bundle, device=device).evaluate(data, strict=strict)
+        warn_skipped([(p["path"], p["reason"]) for p in m["skipped"]], quiet=quiet)
+        return emit(m, as_json, anomaly.eval_text(m, title=f"{bundle} on {data} (head v{m['head_version']})"))
+    # --- end anomaly ---
     m = Predictor(bundle, device=device).evaluate(data, quiet=quiet or as_json, strict=strict)
     warn_skipped([(p["path"], p["reason"]) for p in m["skipped"]], quiet=quiet)
     emit(m, as_json, format_metrics(m, title=f"{bundle} on {data} (head v{m['head_version']})"))
@@ -231,12 +255,16 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
 # --- text (issue 7) ---
 @click.option("--file", "text_file", type=click.Path(path_type=Path), help="Text bundles: classify each line of this file.")
 # --- end text ---
-@click.option("--threshold", type=float, help="Answer 'unknown' below this confidence (default: the bundle's).")
+@click.option("--threshold", type=float, help="Answer 'unknown' below this confidence (default: the bundle's); "
+              "anomaly bundles: the defect score threshold.")
 @click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
+# --- anomaly (issue 6) ---
+@click.option("--heatmaps", type=click.Path(path_type=Path), help="Anomaly bundles: write heat-map overlays (PNG) here.")
+# --- end anomaly ---
 @json_option
 @quiet_option
 @handle_errors
-def predict(bundle, paths, top_k, threshold, device, text_file, as_json, quiet):
+def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, as_json, quiet):
     """Classify image files or folders with BUNDLE (runs without torch).
 
     For a text bundle, PATHS are the texts themselves; or give --file FILE (one text per line), or
@@ -255,6 +283,13 @@ def predict(bundle, paths, top_k, threshold, device, text_file, as_json, quiet):
     if not paths:
         raise click.UsageError("give one or more image files or folders")
     # --- end text ---
+    # --- anomaly (issue 6): good/defect, score and threshold per image ---
+    from . import anomaly
+
+    if anomaly.is_anomaly_bundle_path(bundle):
+        preds = anomaly.AnomalyPredictor(bundle, device=device).predict(paths, threshold=threshold, heatmaps=heatmaps)
+        return emit({"predictions": [p.to_dict() for p in preds]}, as_json, anomaly.predict_text(preds))
+    # --- end anomaly ---
 
     preds = Predictor(bundle, device=device).predict(paths, top_k=top_k, threshold=threshold, quiet=quiet or as_json)
     lines = []
@@ -286,8 +321,12 @@ def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, fo
     retrained on the new model's features, so it matches what that device computes.
     """
     _setup_logging(quiet)
-    from .export import export_bundle
+    from .bundle import read_manifest
 
+    if read_manifest(Path(run)).get("task") == "text":
+        from .text import export_text_bundle as export_bundle
+    else:
+        from .export import export_bundle
     result = export_bundle(run, out, target=target, precision=precision, runtime=runtime, data=data,
                            allow_drop=allow_drop, cache_dir=cache_dir, force=force, quiet=quiet or as_json)
     emit(_fit_summary(result), as_json, _fit_text(result))
@@ -345,10 +384,19 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
     becomes a new version only if it passes (exit code 3 otherwise; the old head stays current).
     """
     _setup_logging(quiet)
-    from .adapt import adapt as run_adapt
+    from .bundle import read_manifest
 
-    r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
-                  dry_run=dry_run, quiet=quiet or as_json)
+    task = read_manifest(Path(bundle)).get("task", "classify")
+    if task == "text":
+        from .text import adapt_text
+
+        r = adapt_text(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
+                       dry_run=dry_run)
+    else:
+        from .adapt import adapt as run_adapt
+
+        r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
+                      dry_run=dry_run, quiet=quiet or as_json)
     warn_skipped(r.skipped, quiet=quiet)
     g = r.gate
     fmt = lambda v: "n/a" if v is None else f"{v:.1%}"
