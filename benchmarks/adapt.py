@@ -35,8 +35,13 @@ def drift(src: Path, dst: Path) -> None:
         im.filter(ImageFilter.GaussianBlur(1.2)).save(q)
 
 
-_CHILD = ("import atexit, resource, sys\n"
-          "atexit.register(lambda: sys.stderr.write('PEAK_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (torch-laden)
+# process would report the parent's size.
+_CHILD = ("import atexit, sys\n"
+          "def _peak():\n"
+          "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+          "    sys.stderr.write('PEAK_KB %s\\n' % kb[0])\n"
+          "atexit.register(_peak)\n"
           "from edgetl.cli import main\n"
           "sys.argv = ['edgetl'] + sys.argv[1:]\n"
           "main()\n")

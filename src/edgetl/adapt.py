@@ -16,7 +16,7 @@ How an update happens (and why it cannot lose the working model):
    N current. A power cut before that rename leaves the old version current and whole; after it,
    the new one. ``rollback`` is the same manifest switch back to an older version.
 
-Exemplar memory: per class at most ``per_class`` feature vectors (20 by default), chosen by herding
+Exemplar memory: per class at most ``per_class`` feature vectors (50 by default), chosen by herding
 over the old exemplars plus the new training images, so memory stays bounded however many
 updates run.
 """

@@ -13,7 +13,15 @@ from .runtime import open_backbone
 
 
 def _peak_rss_mb() -> float:
-    # Linux reports ru_maxrss in KiB (macOS in bytes; edge targets here are Linux).
+    """This process's peak resident memory. VmHWM where Linux has it (ru_maxrss survives exec, so
+    a process started by a big parent would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -114,6 +114,24 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
             return None if i is None else {input_name: calibration[i : i + step]}
 
     qtype = {"int8": oq.QuantType.QInt8, "uint8": oq.QuantType.QUInt8}
+    # ORT warns once per layer, on the root logger, that a bias overflows int32 where a BN-folded
+    # channel has near-zero weights (its bias is then clipped). The count goes into the report
+    # instead of flooding the terminal.
+    clipped: list[str] = []
+
+    class _BiasFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            msg = record.getMessage()
+            if "exceeds the range of a int32" in msg:
+                clipped.append(msg.split("`")[1] if "`" in msg else msg)
+                return False
+            return "pre-processing before quantization" not in msg
+
+    root = logging.getLogger()
+    flt = _BiasFilter()
+    root.addFilter(flt)
+    for h in root.handlers:
+        h.addFilter(flt)
     method = {
         "minmax": oq.CalibrationMethod.MinMax,
         "percentile": oq.CalibrationMethod.Percentile,
@@ -135,7 +153,11 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
             "QuantizeBias": True,
         },
     )
-    return {"engine": "onnxruntime.quantization", "calibration_method": q.calibration_method}
+    root.removeFilter(flt)
+    for h in root.handlers:
+        h.removeFilter(flt)
+    return {"engine": "onnxruntime.quantization", "calibration_method": q.calibration_method,
+            "biases_clipped_to_int32": len(clipped)}
 
 
 def convert(fp32_onnx: Path, **kwargs) -> "ConvertedModel":
