@@ -241,17 +241,32 @@ def adapt(
     samples += val or []
     if not samples:
         raise DataError(f"{data}: no usable labelled images ({len(skipped)} skipped); expected {data}/<class>/<image>")
-    old_head = b.load_head()
-    old_labels = list(old_head.labels)
-    new_classes = sorted({s.label for s in samples} - set(old_labels))
-    labels = (sorted({s.label for s in samples}) if replace else old_labels + new_classes)
-    index = {l: i for i, l in enumerate(labels)}
-
     session = open_backbone(b)
     X_new = extract_features([s.path for s in samples], session=session, preprocess=b.preprocess,
                              digests=[s.digest for s in samples], quiet=quiet, desc="adapt features")
-    y_new = np.array([index[s.label] for s in samples], dtype=np.int64)
     timings["features"] = round(time.perf_counter() - t0, 3)
+    return update_head(b, X_new, [s.label for s in samples], data=data, n_items=len(samples), skipped=skipped,
+                       replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
+                       dry_run=dry_run, timings=timings, t0=t0)
+
+
+def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_items: int, skipped: list,
+                replace: bool = False, force: bool = False, tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+                holdout: float = HOLDOUT, seed: int = 0, dry_run: bool = False, timings: dict | None = None,
+                t0: float | None = None) -> AdaptResult:
+    """Replay + gate + new head version from already extracted features (any modality).
+
+    ``adapt`` (images) and ``edgetl.text.adapt_text`` both end here, so the gate, the exemplar
+    memory and the atomic switch are one piece of code.
+    """
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter() if t0 is None else t0
+    old_head = b.load_head()
+    old_labels = list(old_head.labels)
+    new_classes = sorted(set(new_labels) - set(old_labels))
+    labels = (sorted(set(new_labels)) if replace else old_labels + new_classes)
+    index = {l: i for i, l in enumerate(labels)}
+    y_new = np.array([index[l] for l in new_labels], dtype=np.int64)
     t1 = time.perf_counter()
 
     ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
@@ -334,7 +349,7 @@ def adapt(
     entry = {"version": version, "file": head_rel, "exemplars": ex_rel, "fused": fused, "kind": head.kind,
              "labels": labels, "source": "adapt-replace" if replace else "adapt",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "data": str(Path(data).resolve()), "images": len(samples), "new_classes": new_classes,
+             "data": str(Path(data).resolve()), "images": n_items, "new_classes": new_classes,
              "gate": gate, "l2": head.meta.get("l2"), "unknown_threshold": b.head_entry().get("unknown_threshold", 0.0)}
     versions = b.manifest["head"]["versions"] + [entry]
     recent = {e["version"] for e in versions[-KEEP_FUSED:]}

@@ -536,104 +536,10 @@ def adapt_text(
                         dry_run=dry_run, timings=timings, t0=t0)
 
 
-def _update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_items: int, skipped: list,
-                 replace: bool, force: bool, tolerance_pp: float, holdout: float, seed: int, dry_run: bool,
-                 timings: dict, t0: float):
-    """Replay + gate + new head version, from features. Mirrors the part of
-    :func:`edgetl.adapt.adapt` after feature extraction, step for step, and reuses its helpers
-    (exemplar memory, hold-out split, fused-model writer, atomic switch). When that part becomes a
-    function of its own in ``adapt.py``, this one should simply call it.
-    """
-    from . import adapt as _adapt
+def _update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], **kw):
+    """Replay + gate + new head version from embeddings: the same code path as image ``adapt``."""
+    from .adapt import update_head
 
-    old_head = b.load_head()
-    old_labels = list(old_head.labels)
-    new_classes = sorted(set(new_labels) - set(old_labels))
-    labels = sorted(set(new_labels)) if replace else old_labels + new_classes
-    index = {l: i for i, l in enumerate(labels)}
-    y_new = np.array([index[l] for l in new_labels], dtype=np.int64)
-    t1 = time.perf_counter()
+    return update_head(b, X_new, new_labels, **kw)
 
-    ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
-    X_ex, y_ex_old, ex_names = _adapt.load_exemplars(b.path / ex_file)
-    keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
-    X_ex = X_ex[keep]
-    y_ex = np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
 
-    hold_new = _adapt._holdout_mask(y_new, holdout, seed)
-    hold_ex = _adapt._holdout_mask(y_ex, holdout, seed + 1)
-    X_tr = np.concatenate([X_new[~hold_new]] + ([] if replace else [X_ex[~hold_ex]]))
-    y_tr = np.concatenate([y_new[~hold_new]] + ([] if replace else [y_ex[~hold_ex]]))
-
-    cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
-    if cfg.l2 is None and old_head.meta.get("l2") is not None:
-        cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})
-    head = train_head(X_tr, y_tr, labels, cfg=cfg)
-    timings["train"] = round(time.perf_counter() - t1, 3)
-
-    # Gate, as in adapt(): new head vs a replay-only control head on held-out rows of known classes
-    # (or vs the current head on held-out new rows when there is no replay), plus a learnability floor.
-    X_ev = np.concatenate([X_new[hold_new], X_ex[hold_ex]])
-    y_ev = np.concatenate([y_new[hold_new], y_ex[hold_ex]])
-    known = np.isin(np.array(labels)[y_ev], old_labels) if len(y_ev) else np.zeros(0, bool)
-    if not replace and (~hold_ex).any() and hold_ex.any():
-        control = train_head(X_ex[~hold_ex], y_ex[~hold_ex], labels, cfg=cfg)
-        baseline = _adapt._accuracy(control, X_ev[known], y_ev[known])
-        baseline_kind = "replay-only control head"
-    else:
-        old_index = {l: i for i, l in enumerate(old_labels)}
-        sel = known[: int(hold_new.sum())]
-        y_old = np.array([old_index[labels[i]] for i in y_new[hold_new][sel]], dtype=np.int64)
-        baseline = _adapt._accuracy(old_head, X_new[hold_new][sel], y_old)
-        baseline_kind = "current head"
-        known = np.zeros(len(y_ev), bool)
-        known[: int(hold_new.sum())] = sel
-    new_known = _adapt._accuracy(head, X_ev[known], y_ev[known])
-    new_holdout = _adapt._accuracy(head, X_new[hold_new], y_new[hold_new])
-    k_new = len(np.unique(y_new))
-    floor = min(0.5, 2.0 / k_new) if k_new > 1 else 0.0
-    reasons = []
-    if baseline is not None and new_known is not None and (baseline - new_known) * 100 > tolerance_pp:
-        reasons.append(f"accuracy on known classes would fall from {baseline:.1%} to {new_known:.1%} "
-                       f"(tolerance {tolerance_pp} pp)")
-    if new_holdout is not None and k_new > 1 and new_holdout < floor:
-        reasons.append(f"held-out accuracy on the new rows is {new_holdout:.1%}, near chance "
-                       f"(floor {floor:.0%}); are the labels right?")
-    gate = {"old_known_accuracy": baseline, "baseline": baseline_kind, "new_known_accuracy": new_known,
-            "new_holdout_accuracy": new_holdout, "holdout_images": int(hold_new.sum()),
-            "holdout_exemplars": int(hold_ex.sum()), "tolerance_pp": tolerance_pp, "passed": not reasons,
-            "forced": bool(reasons and force), "reasons": reasons}
-    if reasons and not force and not dry_run:
-        raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(reasons) + " (force=True to accept)")
-    if dry_run:
-        return _adapt.AdaptResult(b, b.head_version, labels, new_classes, gate, timings, skipped, accepted=False)
-
-    t2 = time.perf_counter()
-    X_all = np.concatenate([X_new] + ([] if replace else [X_ex]))
-    y_all = np.concatenate([y_new] + ([] if replace else [y_ex]))
-    head = train_head(X_all, y_all, labels, cfg=cfg)
-    per_class = int(b.manifest.get("exemplars", {}).get("per_class", EXEMPLARS_PER_CLASS))
-    ex_idx = _adapt.herding(X_all, y_all, len(labels), per_class=per_class)
-    version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
-    try:
-        (b.path / "heads").mkdir(exist_ok=True)
-        (b.path / "exemplars").mkdir(exist_ok=True)
-        head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
-        head.save(b.path / head_rel)
-        _adapt.save_exemplars(b.path / ex_rel, X_all[ex_idx], y_all[ex_idx], labels)
-        fused = _adapt._write_fused(b, head, version)
-    except OSError as exc:
-        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); v{b.head_version} stays current") from None
-    timings["write"] = round(time.perf_counter() - t2, 3)
-    entry = {"version": version, "file": head_rel, "exemplars": ex_rel, "fused": fused, "kind": head.kind,
-             "labels": labels, "source": "adapt-replace" if replace else "adapt",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "data": str(Path(data).resolve()), "texts": n_items, "new_classes": new_classes,
-             "gate": gate, "l2": head.meta.get("l2"), "unknown_threshold": b.head_entry().get("unknown_threshold", 0.0)}
-    versions = b.manifest["head"]["versions"] + [entry]
-    recent = {e["version"] for e in versions[-_adapt.KEEP_FUSED:]}
-    drop = _adapt._pruned(b, recent)
-    new = _adapt._switch(b, {"head": {"current": version, "versions": versions}, "labels": labels,
-                             "models": {**b.manifest["models"], "fused": fused}}, drop)
-    timings["total"] = round(time.perf_counter() - t0, 3)
-    return _adapt.AdaptResult(new, version, labels, new_classes, gate, timings, skipped)
