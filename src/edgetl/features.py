@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from .bundle import sha256_file
 from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
 
 
@@ -38,11 +39,8 @@ class FeatureSet:
 
 
 def file_digest(path: str | Path, *, length: int | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length] if length else h.hexdigest()
+    digest = sha256_file(Path(path))
+    return digest[:length] if length else digest
 
 
 def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
