@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .bundle import sha256_file
 from .errors import ConfigError, MissingDependency, require
 from .preprocess import PreprocessConfig
 
@@ -117,14 +118,6 @@ class WeightSource:
     digest: str
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_source(spec: BackboneSpec, weights: str | Path | None = None) -> WeightSource:
     """Decide where weights come from (explicit file, offline package, timm download).
 
@@ -135,11 +128,11 @@ def weight_source(spec: BackboneSpec, weights: str | Path | None = None) -> Weig
         p = Path(weights)
         if not p.is_file():
             raise ConfigError(f"{p}: weights file not found; pass a .safetensors or .pth state dict")
-        return WeightSource("file", p, _file_digest(p))
+        return WeightSource("file", p, sha256_file(p))
     if spec.package is not None:
         p = spec.package.path()
         if p is not None:
-            return WeightSource("package", p, _file_digest(p))
+            return WeightSource("package", p, sha256_file(p))
     return WeightSource("timm", None, f"timm:{spec.timm_name}")
 
 
@@ -285,19 +278,21 @@ def default_cache_dir() -> Path:
 
 
 # ----- patch features for one-class (anomaly) heads ------------------------------------------------
-# PatchCore / PaDiM read mid-level stages: stride 8 and 16 hold local texture and part structure,
-# where the last stage is too coarse and too ImageNet-specific to localise a scratch.
-PATCH_REDUCTIONS = (8, 16)
+# PatchCore / PaDiM read early and mid-level stages: local texture, where the last stage is too
+# coarse and too ImageNet-specific to localise a scratch. Features land on one stride-8 grid.
+PATCH_REDUCTIONS = (4, 8)
+PATCH_GRID_STRIDE = 8
 
 
 def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
     """Wrap a frozen timm backbone so it outputs one patch-feature map (PatchCore-style).
 
     The stages whose stride is in ``reductions`` are each averaged over a 3x3 neighbourhood
-    (stride 1, padding not counted, so border patches keep their scale), the coarser ones are
-    resized bilinearly to the finest one's grid, and all are concatenated along channels. For
-    EfficientNet-Lite0 at 224 px: 40 + 112 = 152 channels on a 28 x 28 grid. Later stages are
-    not computed at all (``stop_early``).
+    (stride 1, zero padding counted as in PatchCore: not counting it made border patches the most
+    anomalous of every good image), brought to the stride-8 grid (finer maps average-pooled,
+    coarser ones resized bilinearly) and concatenated along channels. For EfficientNet-Lite0 at
+    224 px and strides (4, 8): 24 + 40 = 64 channels on a 28 x 28 grid. Later stages are not
+    computed at all (``stop_early``).
 
     Raises:
         ConfigError: the model has no stage at one of ``reductions``.
@@ -320,10 +315,17 @@ def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
         def forward(self, x):
             F = torch.nn.functional
             maps = self.body.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
-            maps = [F.avg_pool2d(m, 3, stride=1, padding=1, count_include_pad=False) for m in maps]
-            size = maps[0].shape[-2:]
-            maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
-            return torch.cat(maps, dim=1)
+            maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in maps]
+            size = -(-x.shape[-1] // PATCH_GRID_STRIDE)
+            out = []
+            for m in maps:
+                if m.shape[-1] > size:
+                    k = m.shape[-1] // size
+                    m = F.avg_pool2d(m, k, stride=k)
+                if m.shape[-1] != size:
+                    m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+                out.append(m)
+            return torch.cat(out, dim=1)
 
     return PatchFeatures().eval()
 
@@ -348,7 +350,7 @@ def export_backbone(
     """
     spec = resolve(name)
     source = weight_source(spec, weights)
-    variant = f"|patch:{','.join(map(str, patch_reductions))}:avg3" if patch_reductions else ""  # anomaly heads
+    variant = f"|patch:{','.join(map(str, patch_reductions))}:avg3:grid{PATCH_GRID_STRIDE}" if patch_reductions else ""
     key = hashlib.sha256(f"{spec.timm_name}|{source.digest}|{opset}{variant}".encode()).hexdigest()[:20]
     folder = Path(cache_dir or default_cache_dir()) / "backbones" / f"{spec.name}-{key}{'-patch' if variant else ''}"
     meta_path = folder / "backbone.json"
