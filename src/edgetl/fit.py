@@ -95,12 +95,13 @@ def resolve_target(options: FitOptions) -> Target:
     return t
 
 
-def _calibration(ds: Dataset, exported: ExportedBackbone, target: Target, seed: int) -> tuple[np.ndarray, list[str], dict]:
-    """Preprocessed calibration images: a stratified subset of the *training* split.
+def _calibration_plan(ds: Dataset, target: Target, seed: int) -> tuple[list, dict]:
+    """Which training images (and augmented views) calibrate INT8: a stratified subset of *train*.
 
     With fewer training images than the profile's calibration size, every image is used once
     plainly and then as augmented views (at most 3 per image) up to the size: activation ranges
-    see more variety, and the report says how many were real.
+    see more variety, and the report says how many were real. Only the plan is made here (its
+    content hashes key the model cache); pixels are decoded on a cache miss only.
     """
     size = target.quantization.calibration_size
     idx = calibration_subset([s.label for s in ds.train], size=size, seed=seed)
@@ -110,22 +111,20 @@ def _calibration(ds: Dataset, exported: ExportedBackbone, target: Target, seed: 
     while len(views) < size and view <= 3:
         views += [(s, view) for s in chosen][: size - len(views)]
         view += 1
-    arr = np.stack([load_input(s.path, exported.preprocess, digest=s.digest, view=v) for s, v in views])
-    key = [f"{s.digest}:{v}" for s, v in views]
     info = {"images": len(chosen), "augmented_views": len(views) - len(chosen), "requested": size}
-    return arr, key, info
+    return views, info
 
 
 def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, cache_root: Path, seed: int) -> ConvertedModel:
     """The target's backbone model, from the cache when the same settings and images made it before."""
     q = target.quantization
     settings = {"precision": target.precision, "runtime": target.runtime, "batch": target.batch, "opset": target.opset}
-    calib = None
+    plan: list = []
     calib_info: dict = {}
     if target.precision == "int8":
         settings["quantization"] = asdict(q)
-        calib, calib_key, calib_info = _calibration(ds, exported, target, seed)
-        settings["calibration"] = hashlib.sha256("|".join(calib_key).encode()).hexdigest()
+        plan, calib_info = _calibration_plan(ds, target, seed)
+        settings["calibration"] = hashlib.sha256("|".join(f"{s.digest}:{v}" for s, v in plan).encode()).hexdigest()
     settings["fp32"] = file_digest(exported.path)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_root / "models" / key
@@ -135,6 +134,7 @@ def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, ca
         return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    calib = np.stack([load_input(s.path, exported.preprocess, digest=s.digest, view=v) for s, v in plan]) if plan else None
     converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib)
     converted.info["calibration"] = calib_info
     converted.info["file"] = converted.path.name
@@ -286,7 +286,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         probe_x = np.stack([load_input(p, exported.preprocess) for p in probe])
         fused_probs = fused_session(probe_x)
         par = parity(fused_probs, head.proba(session(probe_x)))
-        latency = measure_latency(session, (3, exported.preprocess.input_size, exported.preprocess.input_size))
+        latency = measure_latency(session, (3, exported.preprocess.input_size, exported.preprocess.input_size), runs=10)
         sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()),
                  "fp32_bytes": exported.path.stat().st_size}
         report = {

@@ -31,6 +31,19 @@ def bundles(surfaces, cache_dir, tmp_path_factory):
     return out
 
 
+# Feature cosine of INT8 vs FP32 on the example's validation images, per profile. Measured on an
+# AVX2 CPU without VNNI (see README, "Quantization"): ORT U8U8 and exactly simulated QDQ reach
+# ~0.96-0.97; OpenVINO's CPU plugin with 7-bit weights 0.85-0.95. The 0.98 is not reached
+# here; these floors catch regressions (a broken calibration or a saturating scheme drops to 0.6-0.8).
+MIN_COSINE = {"cpu-x86": 0.93, "cpu-arm64": 0.93, "jetson-orin": 0.93, "openvino-cpu": 0.80, "intel-npu": 0.80}
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_int8_features_stay_close_to_fp32(bundles, name):
+    ref = bundles[name].report["reference"]
+    assert ref["feature_cosine_mean"] >= MIN_COSINE.get(name, 0.93), ref
+
+
 def test_every_shipped_target_is_covered():
     # completeness: a new profile file must show up here (and so in every check below)
     assert {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu"} <= set(TARGETS)
