@@ -273,6 +273,9 @@ class AnomalyHead:
         header = {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": self.kind, "config": self.config.to_dict(),
                   "grid": list(self.grid), "channels_in": self.channels_in, "size": self.size, "meta": self.meta}
         payload = {k: np.asarray(v, order="C") for k, v in self.arrays.items()}  # keeps 0-d arrays 0-d
+        if "m2" in payload:  # symmetric (P, d, d): the upper triangle is enough, half the bytes
+            m2 = payload.pop("m2")
+            payload["m2_triu"] = m2[:, *np.triu_indices(m2.shape[-1])]
         payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -301,6 +304,14 @@ class AnomalyHead:
         except Exception as exc:  # zip errors, pickle refusal, truncation
             raise BundleError(f"{path}: cannot read anomaly head ({type(exc).__name__}: {exc})") from None
         blob = raw.pop(_HEADER_KEY, None)
+        if "m2_triu" in raw:
+            packed = raw.pop("m2_triu")
+            d = int(round((math.sqrt(8 * packed.shape[-1] + 1) - 1) / 2))
+            m2 = np.zeros((packed.shape[0], d, d), packed.dtype)
+            iu = np.triu_indices(d)
+            m2[:, iu[0], iu[1]] = packed
+            m2[:, iu[1], iu[0]] = packed
+            raw["m2"] = m2
         try:
             header = json.loads(blob.tobytes().decode()) if blob is not None else None
         except (UnicodeDecodeError, ValueError):
@@ -420,7 +431,8 @@ def _moments(F: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     X = F[:, channels].reshape(N, len(channels), H * W).transpose(2, 0, 1).astype(np.float64)  # (P, N, d)
     mean = X.mean(axis=1)
     Z = X - mean[:, None, :]
-    return mean, Z.transpose(0, 2, 1) @ Z, N
+    m2 = Z.transpose(0, 2, 1) @ Z
+    return mean, 0.5 * (m2 + m2.transpose(0, 2, 1)), N  # exactly symmetric: saved as a triangle
 
 
 def _merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):

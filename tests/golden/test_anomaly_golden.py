@@ -1,0 +1,206 @@
+"""Defect detection end to end on the built-in defects example, through the real backbone.
+
+Good-only training, detection quality (image AUROC, pixel AUROC, heat-map peaks inside the defect
+masks), INT8 vs FP32, the fused model against the numpy reference, the torch-free device path
+(predict with heat maps, eval) and an on-device update.
+
+Dataset: ``make_defects(seed=0)``: gravel, 60 good training images, 20 good and 40 defective test
+images (scratch, spot, crack, missing, contamination; 8 each), 224 px. Measured on it (this
+machine, AMD EPYC AVX2 without VNNI): padim image AUROC 0.86-0.88, patchcore 0.85-0.93 (see
+benchmarks/anomaly.py for the full table); the floors below leave a margin for other hosts' kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+MIN_IMAGE_AUROC = 0.85
+MIN_PIXEL_AUROC = 0.90
+MIN_PEAK_IN_MASK = 0.7  # "most defects": the map's maximum within 8 px of the true defect
+INT8_MAX_DROP_PP = 1.0  # image AUROC points INT8 may lose vs FP32 (the profiles' accuracy_tolerance)
+# Fused graph vs backbone + numpy head on the same images. ONNX Runtime runs the same backbone
+# kernels in both, so only the float32 summation order of the scoring differs: 1e-4 relative.
+# OpenVINO's CPU plugin compiles the INT8 backbone a little differently once the scoring graph
+# follows it, which moves scores by up to ~1 % relative (measured 0.2-0.7 %): 2e-2. That is its
+# low-precision passes, not the scoring graph: compiled with LP_TRANSFORMS_MODE=False (FakeQuantize
+# run as float ops) fused and numpy agree to 2e-7.
+RTOL_ORT = 1e-4
+RTOL_OPENVINO_INT8 = 2e-2
+
+
+@pytest.fixture(scope="module")
+def defects(tmp_path_factory):
+    from edgetl.examples import make_defects
+
+    out = tmp_path_factory.mktemp("anomaly-data") / "defects"
+    make_defects(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def padim_bundle(defects, cache_dir, tmp_path_factory):
+    """Library fit, default target (OpenVINO INT8) with the FP32 ONNX Runtime reference."""
+    from edgetl.anomaly import AnomalyConfig, AnomalyOptions, fit_anomaly
+
+    out = tmp_path_factory.mktemp("anomaly") / "padim.bundle"
+    return fit_anomaly(defects, out, options=AnomalyOptions(head=AnomalyConfig(kind="padim"), calibration_size=64,
+                                                            cache_dir=str(cache_dir), quiet=True))
+
+
+@pytest.fixture(scope="module")
+def patchcore_bundle(defects, cache_dir, tmp_path_factory):
+    """CLI fit (auto-detected anomaly task), ONNX Runtime INT8 (cpu-x86) -> the ONNX fusion path."""
+    out = tmp_path_factory.mktemp("anomaly") / "patchcore.bundle"
+    r = run_cli("fit", defects, "--out", out, "--target", "cpu-x86", "--calibration-size", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["task"] == "anomaly" and summary["head"] == "patchcore"
+    return out, summary
+
+
+def test_patch_backbone_export_matches_torch(defects, cache_dir):
+    import torch
+
+    from edgetl.anomaly import anomaly_preprocess, feature_shape
+    from edgetl.backbones import build_model, export_backbone, patch_feature_model, resolve, weight_source
+    from edgetl.features import load_input
+    from edgetl.sessions import open_session
+
+    exported = export_backbone("efficientnet_lite0", cache_dir=cache_dir, patch_reductions=(4, 8))
+    assert feature_shape(exported.path) == (64, 28, 28) and exported.num_features == 64
+    spec = resolve("efficientnet_lite0")
+    model = patch_feature_model(build_model(spec, weight_source(spec)), (4, 8))
+    pre = anomaly_preprocess(exported.preprocess)
+    x = np.stack([load_input(p, pre) for p in sorted((defects / "test" / "crack").glob("*.png"))[:2]])
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(open_session(exported.path)(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
+    from edgetl.anomaly import AnomalyHead
+    from edgetl.bundle import load_bundle
+
+    _, summary = patchcore_bundle
+    for m, counts in ((padim_bundle.report["metrics"], padim_bundle.data.counts()), (summary["metrics"], summary["counts"])):
+        assert counts["train_good"] == 60 and counts["test_good"] == 20
+        assert m["image_auroc"] > MIN_IMAGE_AUROC, m
+        assert m["pixel_auroc"] > MIN_PIXEL_AUROC, m
+        assert m["peak_in_mask"] >= MIN_PEAK_IN_MASK, m
+        assert m["threshold_policy"].startswith("best F1") and m["f1"] > 0.75
+    b = load_bundle(padim_bundle.bundle.path)
+    assert b.task == "anomaly" and b.labels == ["good", "defect"]
+    assert {"backbone.xml", "backbone.bin", "model.xml", "model.bin", "heads/v1.npz", "report.json"} <= set(b.manifest["files"])
+    head = AnomalyHead.load(b.path / "heads" / "v1.npz")  # allow_pickle=False inside
+    assert head.kind == "padim" and head.grid == (28, 28)
+    assert b.head_entry()["threshold"] == pytest.approx(padim_bundle.metrics["threshold"])
+
+
+def test_int8_keeps_image_auroc(padim_bundle, patchcore_bundle):
+    for ref in (padim_bundle.report["reference"], patchcore_bundle[1]["reference"]):
+        assert ref["fp32_image_auroc"] > MIN_IMAGE_AUROC, ref
+        assert ref["image_auroc_drop_pp"] <= INT8_MAX_DROP_PP, ref
+    assert padim_bundle.report["gate"]["passed"] and patchcore_bundle[1]["gate"]["passed"]
+
+
+def test_fused_model_equals_numpy_reference(padim_bundle, patchcore_bundle, defects):
+    from edgetl.anomaly import AnomalyPredictor
+
+    paths = sorted((defects / "test").glob("*/*.png"))[::5]
+    for bundle, rtol in ((patchcore_bundle[0], RTOL_ORT), (padim_bundle.bundle.path, RTOL_OPENVINO_INT8)):
+        fused_maps, fused = AnomalyPredictor(bundle).maps(paths)
+        ref_maps, ref = AnomalyPredictor(bundle, fused=False).maps(paths)
+        np.testing.assert_allclose(fused, ref, rtol=rtol)
+        assert np.max(np.abs(fused_maps - ref_maps)) <= rtol * ref.max()
+    assert patchcore_bundle[1]["fused_parity"]["max_rel_score_diff"] < RTOL_ORT
+
+
+def test_device_predict_and_eval_without_torch(patchcore_bundle, defects, no_torch_env, tmp_path):
+    from edgetl.anomaly import AnomalyPredictor
+
+    bundle, summary = patchcore_bundle
+    folder = defects / "test" / "spot"
+    expected = [p.to_dict() for p in AnomalyPredictor(bundle).predict([folder])]
+    r = run_cli("predict", bundle, folder, "--json", "--heatmaps", tmp_path / "maps", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)["predictions"]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], rel=1e-5)
+    assert all(g["threshold"] == pytest.approx(summary["metrics"]["threshold"]) for g in got)
+    pngs = sorted((tmp_path / "maps").glob("*_heatmap.png"))
+    assert len(pngs) == len(got) and Image.open(pngs[0]).size == (224, 224)
+    r = run_cli("predict", bundle, folder / "000.png", env=no_torch_env)
+    assert r.returncode == 0 and "threshold" in r.stdout and ("defect" in r.stdout or "good" in r.stdout)
+
+    r = run_cli("eval", bundle, defects, "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["image_auroc"] == pytest.approx(summary["metrics"]["image_auroc"], abs=0.01)
+    assert m["pixel_auroc"] > MIN_PIXEL_AUROC and set(m["per_defect_auroc"]) == {
+        "scratch", "spot", "crack", "missing", "contamination"}
+
+
+_ADAPT = """
+import json, sys
+from edgetl.anomaly import adapt_anomaly, AnomalyPredictor
+r = adapt_anomaly(sys.argv[1], sys.argv[2])
+p = AnomalyPredictor(sys.argv[1])
+print(json.dumps({"version": r.version, "before": r.before, "after": r.after, "memory": r.memory,
+                  "current": p.version, "threshold": p.threshold}))
+bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "nncf")]
+assert not bad, bad
+"""
+
+
+@pytest.mark.parametrize("which", ["patchcore", "padim"])
+def test_adapt_on_device_adds_good_images(which, patchcore_bundle, padim_bundle, no_torch_env, tmp_path):
+    import os
+
+    from edgetl.anomaly import AnomalyHead
+    from edgetl.bundle import load_bundle
+    from edgetl.examples import make_defects
+
+    src = patchcore_bundle[0] if which == "patchcore" else padim_bundle.bundle.path
+    bundle = tmp_path / "b"
+    shutil.copytree(src, bundle)
+    new = tmp_path / "new"
+    make_defects(new, seed=7, n_train_good=6, n_test_good=0, n_test_defect=0)  # new good parts
+    r = subprocess.run([sys.executable, "-c", _ADAPT, str(bundle), str(new / "train" / "good")], capture_output=True,
+                       text=True, env={**os.environ, **no_torch_env})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["version"] == 2 and out["current"] == 2
+    assert out["after"]["max"] <= out["before"]["max"]  # the new goods now look more normal
+    b = load_bundle(bundle)  # every file hashed and present
+    entry = b.head_entry()
+    assert entry["file"] == "heads/v2.npz" and (bundle / entry["fused"]).is_file() and entry["source"] == "adapt"
+    head = AnomalyHead.load(bundle / entry["file"])
+    if which == "patchcore":
+        assert head.memory_size <= head.config.max_memory and out["memory"]["patches"] == head.memory_size
+    else:
+        assert int(head.arrays["count"]) == 66
+    assert AnomalyHead.load(bundle / "heads" / "v1.npz").kind == which  # the old version stays for rollback
+
+    from edgetl.anomaly import AnomalyPredictor, adapt_anomaly, rollback_anomaly
+
+    probe = sorted((new / "train" / "good").glob("*.png"))[:3]
+    original = AnomalyPredictor(src).maps(probe)[1]
+    if which == "patchcore":  # more updates: old fused models are pruned, the manifest stays whole
+        for _ in range(3):
+            adapt_anomaly(bundle, new / "train" / "good")
+        b = load_bundle(bundle)
+        assert b.head_version == 5 and not (bundle / "model.onnx").exists() and (bundle / "model-v5.onnx").exists()
+    b = rollback_anomaly(bundle, to=1)  # regenerates model.onnx where it was pruned
+    assert b.head_version == 1 and load_bundle(bundle).head_entry()["threshold"] == pytest.approx(entry["threshold"])
+    np.testing.assert_allclose(AnomalyPredictor(bundle).maps(probe)[1], original, rtol=1e-6)
