@@ -71,11 +71,19 @@ def _nncf_params(target: Target, n: int):
     preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
     ignored = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False) if q.keep_float else None
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    # NNCF's own default for per-tensor activations is MEAN_MINMAX: the mean over calibration
+    # items of each item's min and max. With one image per item that clips every activation whose
+    # peak only some images reach; on EfficientNet-Lite0 the feature cosine to FP32 (exact INT8
+    # arithmetic) was 0.854 with it and 0.949 with the global MINMAX.
+    ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
+              "histogram": RangeEstimatorParametersSet.HISTOGRAM}[q.calibration_method]
     advanced = AdvancedQuantizationParameters(
         overflow_fix={"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
                       "disable": OverflowFix.DISABLE}[q.overflow_fix],
         disable_channel_alignment=not q.channel_alignment,
+        activations_range_estimator_params=ranges,
     )
     return dict(preset=preset, subset_size=n, fast_bias_correction=q.fast_bias_correction, ignored_scope=ignored,
                 advanced_parameters=advanced)

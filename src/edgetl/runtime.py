@@ -41,16 +41,30 @@ class Prediction:
         }
 
 
-def open_backbone(bundle: Bundle, *, device: str | None = None, threads: int | None = None) -> Session:
-    """A session for the bundle's backbone with its target's device / providers."""
+def open_bundle_model(bundle: Bundle, path: Path, *, device: str | None = None, threads: int | None = None,
+                      exact: bool = True) -> Session:
+    """A session for one of the bundle's model files, with its target's device / providers.
+
+    With ``exact`` (the default), a bundle whose head was trained on exact INT8 features
+    (``fit_features = "simulated"``: ARM, Jetson, NPU profiles) computes those same numbers on a
+    CPU whose own INT8 kernels would saturate, by emulation: slower, but the predictions are the
+    device's. ``exact=False`` measures this host's native kernels (``bench``).
+    """
     target = bundle.manifest.get("target", {})
     return open_session(
-        bundle.model_file("backbone"),
+        path,
         runtime=bundle.runtime,
         device=device or target.get("device"),
         providers=target.get("providers"),
         threads=threads,
+        exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
     )
+
+
+def open_backbone(bundle: Bundle, *, device: str | None = None, threads: int | None = None,
+                  exact: bool = True) -> Session:
+    """A session for the bundle's backbone (see :func:`open_bundle_model`)."""
+    return open_bundle_model(bundle, bundle.model_file("backbone"), device=device, threads=threads, exact=exact)
 
 
 class Predictor:

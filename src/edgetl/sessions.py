@@ -32,11 +32,44 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_SATURATES: bool | None = None
+
+
+def cpu_int8_saturates() -> bool:
+    """Whether this CPU's INT8 kernels can saturate: x86 without VNNI.
+
+    Without VNNI, x86 INT8 convolutions multiply u8 x s8 pairs into a *saturating* int16 sum
+    (``vpmaddubsw``), so a model quantized with full 8-bit weights computes different numbers here
+    than on an ARM dot-product CPU, a TensorRT GPU, an NPU or a VNNI CPU, which all accumulate in
+    int32. Set ``EDGETL_EXACT_INT8=0`` or ``1`` to override the detection.
+    """
+    global _SATURATES
+    env = os.environ.get("EDGETL_EXACT_INT8")
+    if env in ("0", "1"):
+        return env == "1"
+    if _SATURATES is None:
+        import platform
+
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+            _SATURATES = False
+        else:
+            try:
+                flags = Path("/proc/cpuinfo").read_text()
+            except OSError:  # not Linux: assume a current CPU
+                flags = "avx_vnni"
+            _SATURATES = not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return _SATURATES
+
+
 class Session:
-    """A loaded model. ``run`` maps an input batch to a list of output arrays (in graph order)."""
+    """A loaded model. ``run`` maps an input batch to a list of output arrays (in graph order).
+
+    ``emulated`` is True when INT8 runs as exact float emulation instead of this host's kernels.
+    """
 
     runtime: str = ""
     device: str = ""
+    emulated: bool = False
     input_name: str = ""
     output_names: list[str]
     static_batch: int | None = None
@@ -67,8 +100,14 @@ class OrtSession(Session):
     runtime = "onnxruntime"
 
     def __init__(self, path: Path, *, providers: list[str] | None = None, threads: int | None = None,
-                 simulate: bool = False):
+                 simulate: bool = False, exact: bool = False):
         ort = require("onnxruntime", extra="base", purpose="running ONNX models")
+        available = ort.get_available_providers()
+        wanted = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
+        if not wanted:
+            wanted = ["CPUExecutionProvider"]
+        simulate = simulate or (exact and wanted[0] == "CPUExecutionProvider" and cpu_int8_saturates())
+        self.emulated = simulate
         opts = ort.SessionOptions()
         if simulate:
             # No graph rewriting: Quantize/DequantizeLinear run as ops, convolutions in float, so
@@ -77,10 +116,6 @@ class OrtSession(Session):
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # keep ORT's own warnings off the user's terminal
-        available = ort.get_available_providers()
-        wanted = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
-        if not wanted:
-            wanted = ["CPUExecutionProvider"]
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad files
@@ -98,20 +133,27 @@ class OrtSession(Session):
 class OpenVinoSession(Session):
     runtime = "openvino"
 
-    def __init__(self, path: Path, *, device: str = "CPU", threads: int | None = None):
+    def __init__(self, path: Path, *, device: str = "CPU", threads: int | None = None, simulate: bool = False,
+                 exact: bool = False):
         ov = require("openvino", extra="openvino", purpose="running OpenVINO models")
         core = ov.Core()
         available = core.available_devices
-        chosen = device
-        base = device.split(":")[-1].split(",")[0] if device.startswith(("AUTO", "MULTI", "HETERO")) else device
-        if not device.startswith(("AUTO", "MULTI", "HETERO")) and base not in available:
+        # Exact INT8 numerics: the CPU plugin with its low-precision passes off runs every
+        # FakeQuantize as float ops, which is what an NPU (or a VNNI CPU) computes, free of this
+        # host's saturating AVX2 kernels. Fit-time features only; never the device path.
+        chosen = "CPU" if simulate else device
+        if not chosen.startswith(("AUTO", "MULTI", "HETERO")) and chosen not in available:
             # The NPU profile must still run on a laptop without an NPU (and in CI): fall back to CPU
             # and say so once, instead of failing.
             log.warning("OpenVINO device %s not found (available: %s); running on CPU", device, ", ".join(available))
             chosen = "CPU"
-        config = {}
+        simulate = simulate or (exact and chosen == "CPU" and cpu_int8_saturates())
+        self.emulated = simulate
+        config: dict = {}
         if chosen == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads or default_threads()
+        if simulate:
+            config["LP_TRANSFORMS_MODE"] = False
         try:
             model = core.read_model(str(path))
             self._compiled = core.compile_model(model, chosen, config)
@@ -138,6 +180,7 @@ def open_session(
     providers: list[str] | None = None,
     threads: int | None = None,
     simulate: bool = False,
+    exact: bool = False,
 ) -> Session:
     """Load a model for inference.
 
@@ -147,7 +190,11 @@ def open_session(
         device: OpenVINO device (``CPU``, ``NPU``, ``GPU``, ``AUTO``); missing devices fall back to CPU.
         providers: ONNX Runtime execution providers in preference order; unavailable ones are skipped.
         threads: intra-op threads (default: all cores this process may use).
-        simulate: ONNX Runtime only: run a QDQ graph unfused (exact INT8 numerics in float).
+        simulate: exact INT8 numerics in float (ONNX Runtime: the QDQ graph unfused; OpenVINO: on
+            the CPU with low-precision transformations off), for fit-time features.
+        exact: the model's INT8 numbers must be those of an int32-accumulating device (the
+            profile's ``fit_features = "simulated"``): emulate when the session would run on a CPU
+            whose INT8 kernels saturate (:func:`cpu_int8_saturates`), run natively otherwise.
 
     Raises:
         ConfigError: unknown runtime or a model the runtime cannot load.
@@ -157,9 +204,9 @@ def open_session(
     if runtime is None:
         runtime = "openvino" if path.suffix == ".xml" else "onnxruntime"
     if runtime == "onnxruntime":
-        return OrtSession(path, providers=providers, threads=threads, simulate=simulate)
+        return OrtSession(path, providers=providers, threads=threads, simulate=simulate, exact=exact)
     if runtime == "openvino":
-        return OpenVinoSession(path, device=device or "CPU", threads=threads)
+        return OpenVinoSession(path, device=device or "CPU", threads=threads, simulate=simulate, exact=exact)
     if runtime == "tensorrt":
         raise MissingDependency(
             "runtime 'tensorrt' runs through ONNX Runtime's TensorRT provider on the device; "

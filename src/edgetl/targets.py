@@ -34,9 +34,12 @@ class Quantization:
     symmetric_weights: bool = True
     per_channel: bool = True
     calibration_size: int = 300
-    calibration_method: str = "minmax"  # minmax | percentile | entropy (ort engine); nncf decides its own
+    # Activation ranges. Both engines: minmax (global min/max over the calibration set). ort engine:
+    # percentile | entropy. nncf engine: mean_minmax (NNCF's default: per-image extremes averaged)
+    # | histogram.
+    calibration_method: str = "minmax"
     preset: str = "performance"  # nncf: performance (symmetric) | mixed (asymmetric activations)
-    fast_bias_correction: bool = True
+    fast_bias_correction: bool = True  # nncf: false runs the full (slower, better) BiasCorrection
     keep_float: tuple[str, ...] = ()  # node-name patterns kept in float
     # x86 CPUs without VNNI (AVX2 only) multiply u8 x s8 pairs into a saturating int16 sum; full
     # 8-bit weights then overflow. "enable" quantizes weights to 7 bits everywhere (NNCF's overflow
@@ -85,10 +88,11 @@ class Target:
     latency_budget_ms: float = 50.0
     device_packages: tuple[str, ...] = ("edgetl", "onnxruntime")
     # How fit computes training features from the converted model on the laptop/CI machine:
-    # "runtime" runs the host's own INT8 kernels; "simulated" runs the QDQ graph with graph
-    # optimisations off, i.e. exact INT8 arithmetic in float. Devices whose integer kernels never
-    # saturate (ARM dot-product, TensorRT) compute the simulated numbers, while an AVX2 host
-    # without VNNI would saturate and hand the head features the device never produces.
+    # "runtime" runs the host's own INT8 kernels; "simulated" computes exact INT8 arithmetic in
+    # float (ONNX Runtime: the QDQ graph unfused; OpenVINO: FakeQuantize run as float ops, the CPU
+    # plugin's low-precision passes off). Devices whose integer kernels never saturate (ARM
+    # dot-product, TensorRT, NPUs) compute the simulated numbers, while an AVX2 host without VNNI
+    # would saturate and hand the head features the device never produces.
     fit_features: str = "runtime"
     quantization: Quantization = field(default_factory=Quantization)
     tensorrt: TensorRT | None = None
@@ -175,7 +179,8 @@ def _check_rules(t: Target, where: str) -> None:
         "quantization.engine": (q.engine, ("nncf", "ort")),
         "quantization.activation_type": (q.activation_type, ("int8", "uint8")),
         "quantization.weight_type": (q.weight_type, ("int8", "uint8")),
-        "quantization.calibration_method": (q.calibration_method, ("minmax", "percentile", "entropy")),
+        "quantization.calibration_method": (q.calibration_method, ("minmax", "percentile", "entropy")
+                                            if q.engine == "ort" else ("minmax", "mean_minmax", "histogram")),
         "quantization.preset": (q.preset, ("performance", "mixed")),
         "quantization.overflow_fix": (q.overflow_fix, ("enable", "first_layer", "disable")),
     }
@@ -204,8 +209,6 @@ def _check_rules(t: Target, where: str) -> None:
             raise ConfigError(f"{where}: TensorRT profiles need a static input shape; set batch = 1 (or another fixed size)")
         if t.runtime != "onnxruntime":
             raise ConfigError(f"{where}: a [tensorrt] profile ships ONNX; set runtime = \"onnxruntime\"")
-    if t.fit_features == "simulated" and t.runtime != "onnxruntime":
-        raise ConfigError(f"{where}: fit_features = \"simulated\" needs runtime onnxruntime (QDQ graphs)")
     if q.accuracy_control and t.runtime != "openvino":
         raise ConfigError(f"{where}: quantization.accuracy_control needs runtime openvino (NNCF's OpenVINO backend)")
 

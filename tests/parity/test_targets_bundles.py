@@ -1,6 +1,7 @@
 """Every shipped target profile produces a bundle that really fits its profile.
 
-One bundle per profile (small calibration set to keep CI fast), then checks against the profile:
+One bundle per profile (each profile's own calibration settings: what a user gets), then checks
+against the profile:
 static shapes where required, QDQ placement and symmetric zero points for TensorRT, opset, the IR
 compiling on OpenVINO's CPU plugin, ONNX models running in ONNX Runtime, accuracy within tolerance,
 and the fused model agreeing with backbone + head.
@@ -26,16 +27,19 @@ def bundles(surfaces, cache_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("targets")
     out = {}
     for name in TARGETS:
-        opts = FitOptions(target=name, cache_dir=str(cache_dir), calibration_size=48, quiet=True, allow_drop=True)
+        opts = FitOptions(target=name, cache_dir=str(cache_dir), quiet=True, allow_drop=True)
         out[name] = fit(surfaces, root / f"{name}.bundle", options=opts)
     return out
 
 
-# Feature cosine of INT8 vs FP32 on the example's validation images, per profile. Measured on an
-# AVX2 CPU without VNNI (see README, "Quantization"): exactly simulated 8-bit QDQ reaches ~0.94-0.96,
-# 7-bit weights (ORT reduce_range, OpenVINO overflow fix) 0.83-0.90. The issue's 0.98 is not reached
-# here; these floors catch regressions (a broken calibration or a saturating scheme drops to 0.6-0.8).
-MIN_COSINE = {"cpu-x86": 0.80, "cpu-arm64": 0.90, "jetson-orin": 0.90, "openvino-cpu": 0.78, "intel-npu": 0.78}
+# Feature cosine of INT8 vs FP32 on the example's validation images, per profile, as the bundle
+# computes it. Measured here (AMD EPYC, AVX2 without VNNI; README "Quantization"): exact INT8
+# arithmetic with NNCF's global min/max ranges and full bias correction 0.986-0.989 (intel-npu);
+# the same with 7-bit weights, which do not saturate on AVX2, 0.944-0.950 (openvino-cpu); ONNX
+# Runtime's quantizer 0.96 exact (cpu-arm64, jetson-orin) and 0.87 with 7-bit weights (cpu-x86).
+# intel-npu holds the issue's 0.98; the others are floors that catch regressions (a broken
+# calibration or a saturating scheme falls to 0.6-0.8).
+MIN_COSINE = {"cpu-x86": 0.85, "cpu-arm64": 0.94, "jetson-orin": 0.92, "openvino-cpu": 0.93, "intel-npu": 0.98}
 
 
 @pytest.mark.parametrize("name", TARGETS)
