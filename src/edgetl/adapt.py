@@ -135,7 +135,8 @@ def _accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.mean(head.predict(X) == y)) if len(y) else None
 
 
-def _check_writable(b: Bundle) -> None:
+def check_writable(b: Bundle) -> None:
+    """Refuse a read-only bundle before any work (one line, the fix named)."""
     probe = b.path / f".write-probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
@@ -155,21 +156,17 @@ def _fused_files(name: str) -> list[str]:
     return [name, str(Path(name).with_suffix(".bin"))] if name.endswith(".xml") else [name]
 
 
-def _write_fused(b: Bundle, head: Head, version: int) -> str:
-    """Regenerate the single-file model for ``head``; returns its name inside the bundle."""
-    from .fuse import fuse_onnx, fuse_openvino
-
+def write_fused(b: Bundle, version: int, write) -> str:
+    """Write version ``version``'s single-file model through ``write(staging_path)``, then rename it
+    into place (``model.*`` for v1, ``model-vN.*`` after): a crash leaves no half file under the
+    final name. Returns its name inside the bundle."""
     name = _fused_name(b, version)
-    meta = {"labels": head.labels, "head_version": version, "backbone": b.manifest["backbone"]["name"],
-            "preprocess": b.manifest["backbone"]["preprocess"], "precision": b.precision}
     target = b.path / name
     staging = b.path / f".staging-{os.getpid()}{target.suffix}"
     try:
+        write(staging)
         if name.endswith(".xml"):
-            fuse_openvino(b.model_file("backbone"), head, staging, meta=meta)
             os.replace(staging.with_suffix(".bin"), target.with_suffix(".bin"))
-        else:
-            fuse_onnx(b.model_file("backbone"), head, staging, meta=meta)
         os.replace(staging, target)
     finally:
         for p in (staging, staging.with_suffix(".bin")):
@@ -177,7 +174,16 @@ def _write_fused(b: Bundle, head: Head, version: int) -> str:
     return name
 
 
-def _pruned(b: Bundle, keep_versions: set[int]) -> list[str]:
+def _write_fused(b: Bundle, head: Head, version: int) -> str:
+    """Regenerate the classification model (backbone + ``head`` + softmax) for ``version``."""
+    from .fuse import fuse
+
+    meta = {"labels": head.labels, "head_version": version, "backbone": b.manifest["backbone"]["name"],
+            "preprocess": b.manifest["backbone"]["preprocess"], "precision": b.precision}
+    return write_fused(b, version, lambda staging: fuse(b.model_file("backbone"), head, staging, meta=meta))
+
+
+def pruned_fused(b: Bundle, keep_versions: set[int]) -> list[str]:
     """Fused files of versions outside ``keep_versions`` (the heads themselves are always kept)."""
     out = []
     for entry in b.manifest["head"]["versions"]:
@@ -187,7 +193,7 @@ def _pruned(b: Bundle, keep_versions: set[int]) -> list[str]:
     return out
 
 
-def _switch(b: Bundle, changes: dict, drop: list[str]) -> Bundle:
+def switch_version(b: Bundle, changes: dict, drop: list[str]) -> Bundle:
     """Atomically make ``changes`` current, then delete files no longer referenced."""
     _fault("before-switch")
     new = update_manifest(b, changes, exclude=drop)
@@ -236,7 +242,7 @@ def adapt(
     if b.task != "classify":
         raise BundleError(f"{b.path}: adapt for task {b.task!r} bundles is done by its own command")
     if not dry_run:
-        _check_writable(b)
+        check_writable(b)
     layout, samples, val, skipped = scan_images(data, strict=strict)
     samples += val or []
     if not samples:
@@ -353,8 +359,8 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
              "gate": gate, "l2": head.meta.get("l2"), "unknown_threshold": b.head_entry().get("unknown_threshold", 0.0)}
     versions = b.manifest["head"]["versions"] + [entry]
     recent = {e["version"] for e in versions[-KEEP_FUSED:]}
-    drop = _pruned(b, recent)
-    new = _switch(b, {"head": {"current": version, "versions": versions}, "labels": labels,
+    drop = pruned_fused(b, recent)
+    new = switch_version(b, {"head": {"current": version, "versions": versions}, "labels": labels,
                       "models": {**b.manifest["models"], "fused": fused}}, drop)
     timings["total"] = round(time.perf_counter() - t0, 3)
     return AdaptResult(new, version, labels, new_classes, gate, timings, skipped)
@@ -363,8 +369,9 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
 def rollback(bundle: str | Path | Bundle, *, to: int | None = None) -> Bundle:
     """Make an earlier head version current again (default: the one before the current).
 
-    The old head file is used as it was written, so predictions are bit-identical to what that
-    version gave. Its fused model is regenerated if it was pruned.
+    Works for every task (classification, text, anomaly). The old head file is used as it was
+    written, so predictions are bit-identical to what that version gave; an anomaly version comes
+    back with its own threshold. Its fused model is regenerated if it was pruned.
 
     Raises:
         BundleError: no such version, nothing to roll back to, or a read-only bundle.
@@ -380,13 +387,20 @@ def rollback(bundle: str | Path | Bundle, *, to: int | None = None) -> Bundle:
     entry = b.head_entry(to)  # raises for an unknown version
     if to == current:
         return b
-    _check_writable(b)
-    head = b.load_head(to)
+    check_writable(b)
+    changes: dict = {"labels": entry["labels"]}
     fused = entry.get("fused") or _fused_name(b, to)
-    if not all((b.path / f).exists() for f in _fused_files(fused)):
-        fused = _write_fused(b, head, to)
+    if b.task == "anomaly":
+        from .anomaly import AnomalyHead, write_fused_anomaly
+
+        thr = float(entry.get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
+        changes["thresholds"] = {**b.manifest.get("thresholds", {}), "anomaly": thr}
+        if not all((b.path / f).exists() for f in _fused_files(fused)):
+            fused = write_fused_anomaly(b, AnomalyHead.load(b.path / entry["file"]), to, thr)
+    elif not all((b.path / f).exists() for f in _fused_files(fused)):
+        fused = _write_fused(b, b.load_head(to), to)
     versions_meta = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
-    return _switch(b, {"head": {"current": to, "versions": versions_meta}, "labels": entry["labels"],
+    return switch_version(b, {**changes, "head": {"current": to, "versions": versions_meta},
                        "models": {**b.manifest["models"], "fused": fused}}, [])
 
 

@@ -50,11 +50,13 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .adapt import KEEP_FUSED, check_writable, pruned_fused, rollback, switch_version, write_fused
 from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest
 from .data import Sample, check_image, is_image_name
 from .errors import BundleError, ConfigError, DataError, GateError
 from .features import FeatureCache, extract_features, load_input, model_key
 from .preprocess import PreprocessConfig, resize_crop
+from .runtime import open_backbone, open_bundle_model
 from .sessions import Session, open_session
 
 HEAD_KINDS = ("patchcore", "padim")
@@ -1035,16 +1037,13 @@ class AnomalyPredictor:
         self.version = int(entry["version"])
         self.threshold = float(entry.get("threshold", self.bundle.manifest.get("thresholds", {}).get("anomaly", 1.0)))
         self.shape = tuple(self.bundle.manifest["backbone"]["feature_shape"])
-        target = self.bundle.manifest.get("target", {})
-        kw = dict(runtime=self.bundle.runtime, device=device or target.get("device"),
-                  providers=target.get("providers"), threads=threads)
         self.fused = fused
         self._head: AnomalyHead | None = None
         if fused:
             name = entry.get("fused") or self.bundle.manifest["models"]["fused"]
-            self.session = open_session(self.bundle.path / name, **kw)
+            self.session = open_bundle_model(self.bundle, self.bundle.path / name, device=device, threads=threads)
         else:
-            self.session = open_session(self.bundle.model_file("backbone"), **kw)
+            self.session = open_backbone(self.bundle, device=device, threads=threads)
             self._head = AnomalyHead.load(self.bundle.path / entry["file"])
 
     @property
@@ -1198,50 +1197,35 @@ class AnomalyAdaptResult:
     after: dict
     memory: dict
     timings: dict
+    accepted: bool = True  # False: a dry run, nothing written
 
-
-# Fused models kept for this many most recent versions (heads/vN.npz are always kept).
-KEEP_FUSED = 3
-
-
-def _rel_model_files(name: str) -> list[str]:
-    return [name, str(Path(name).with_suffix(".bin"))] if name.endswith(".xml") else [name]
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle.path), "task": "anomaly", "version": self.version, "images": self.images,
+                "new_images_before": self.before, "new_images_after": self.after, "memory": self.memory,
+                "timings_s": self.timings, "accepted": self.accepted}
 
 
 def write_fused_anomaly(b: Bundle, head: AnomalyHead, version: int, threshold: float) -> str:
-    """(Re)generate the fused model of ``head`` inside bundle ``b``; returns its file name.
-
-    Written to a staging name and renamed, so a crash leaves no half file under the final name.
-    """
+    """(Re)generate the fused model (backbone + scoring graph) of ``head`` inside bundle ``b``;
+    returns its file name (staged and renamed, see :func:`edgetl.adapt.write_fused`)."""
     from .anomaly_export import fuse_anomaly
 
-    suffix = Path(b.manifest["models"]["fused"]).suffix
-    name = f"model{suffix}" if version == 1 else f"model-v{version}{suffix}"
-    target = b.path / name
-    staging = b.path / f".staging-{os.getpid()}{suffix}"
     meta = {"task": "anomaly", "backbone": b.manifest["backbone"]["name"],
             "preprocess": b.manifest["backbone"]["preprocess"], "precision": b.precision, "head": head.kind,
             "head_version": version, "threshold": threshold}
-    try:
-        fuse_anomaly(b.model_file("backbone"), head, staging, meta=meta)
-        if suffix == ".xml":
-            os.replace(staging.with_suffix(".bin"), target.with_suffix(".bin"))
-        os.replace(staging, target)
-    finally:
-        for p in (staging, staging.with_suffix(".bin")):
-            p.unlink(missing_ok=True)
-    return name
+    return write_fused(b, version, lambda staging: fuse_anomaly(b.model_file("backbone"), head, staging, meta=meta))
 
 
 def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: float | None = None,
-                  strict: bool = False, quiet: bool = True) -> AnomalyAdaptResult:
+                  strict: bool = False, quiet: bool = True, dry_run: bool = False) -> AnomalyAdaptResult:
     """Teach a deployed anomaly bundle newly confirmed good images, on the device.
 
     The images go through the bundle's own backbone; the head learns them (patchcore: the bank
     grows by a coreset of the new patches, never past ``max_memory``; padim: the moments are merged
     exactly); ``heads/vN.npz`` and ``model-vN.*`` are written, and one atomic manifest switch makes
     version N current. The threshold carries over (pass ``threshold`` to change it): adding good
-    images only moves good scores down, so the old cut stays conservative.
+    images only moves good scores down, so the old cut stays conservative. ``dry_run`` computes
+    the before/after scores and writes nothing.
 
     Raises:
         DataError: no good images under ``data``.  BundleError: not an anomaly bundle or read-only.
@@ -1250,12 +1234,8 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if b.task != "anomaly":
         raise BundleError(f"{b.path}: a {b.task!r} bundle; adapt_anomaly needs an anomaly bundle")
-    probe = b.path / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BundleError(f"{b.path}: bundle is not writable ({exc.strerror or exc})") from None
+    if not dry_run:
+        check_writable(b)
     root = Path(data)
     skipped: list = []
     folder = next((f for f in (root / "train" / "good", root / "good") if f.is_dir()), root)
@@ -1275,31 +1255,34 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
     thr = pred.threshold if threshold is None else float(threshold)
     if thr <= 0:
         raise ConfigError(f"threshold must be > 0, got {thr}")
-    version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
-    head_file = f"heads/v{version}.npz"
-    new_head.meta = dict(new_head.meta, parent_version=pred.version)
-    new_head.save(b.path / head_file)
-    fused = write_fused_anomaly(b, new_head, version, thr)
-    entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused": fused, "threshold": thr,
-             "threshold_policy": "carried over" if threshold is None else "given", "images": new_head.meta.get("images"),
-             "new_images": len(samples), "parent": pred.version}
-    versions = b.manifest["head"]["versions"] + [entry]
-    # Fused models of older versions are pruned (a padim one is ~13 MB); rollback regenerates them.
-    keep = {e["version"] for e in versions[-KEEP_FUSED:]}
-    drop = [f for e in versions if e["version"] not in keep and e.get("fused") and (b.path / e["fused"]).exists()
-            for f in _rel_model_files(e["fused"])]
-    new = update_manifest(b, {"head": {"current": version, "versions": versions},
-                              "models": {**b.manifest["models"], "fused": fused},
-                              "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, exclude=drop)
-    for rel in drop:
-        (b.path / rel).unlink(missing_ok=True)
     summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
                          "over_threshold": int(np.sum(s >= thr))}
     if new_head.kind == "patchcore":
         memory = {"patches": new_head.memory_size, "max_memory": new_head.config.max_memory}
     else:
         memory = {"images": _count(new_head.arrays)}
+    if dry_run:
+        return AnomalyAdaptResult(b, pred.version, len(samples), summary(before), summary(after), memory,
+                                  {"total": round(time.perf_counter() - t0, 3)}, accepted=False)
+    version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
+    head_file = f"heads/v{version}.npz"
+    new_head.meta = dict(new_head.meta, parent_version=pred.version)
+    try:
+        new_head.save(b.path / head_file)
+        fused = write_fused_anomaly(b, new_head, version, thr)
+    except OSError as exc:
+        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
+                          f"v{pred.version} stays current") from None
+    entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused": fused, "threshold": thr,
+             "threshold_policy": "carried over" if threshold is None else "given", "images": new_head.meta.get("images"),
+             "new_images": len(samples), "parent": pred.version}
+    versions = b.manifest["head"]["versions"] + [entry]
+    # Fused models of older versions are pruned (a padim one is ~13 MB); rollback regenerates them.
+    drop = pruned_fused(b, {e["version"] for e in versions[-KEEP_FUSED:]})
+    new = switch_version(b, {"head": {"current": version, "versions": versions},
+                      "models": {**b.manifest["models"], "fused": fused},
+                      "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, drop)
     return AnomalyAdaptResult(new, version, len(samples), summary(before), summary(after), memory,
                               {"total": round(time.perf_counter() - t0, 3)})
 
@@ -1397,7 +1380,7 @@ def eval_text(m: dict, *, title: str = "") -> str:
 
 def rollback_anomaly(bundle: Bundle | str | Path, *, to: int | None = None) -> Bundle:
     """Make an earlier head version of an anomaly bundle current again, with its own threshold
-    (default: the version before the current one). Its fused model is regenerated if pruned.
+    (default: the version before the current one); see :func:`edgetl.adapt.rollback`.
 
     Raises:
         BundleError: not an anomaly bundle, no such version, nothing to roll back to.
@@ -1405,20 +1388,4 @@ def rollback_anomaly(bundle: Bundle | str | Path, *, to: int | None = None) -> B
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if b.task != "anomaly":
         raise BundleError(f"{b.path}: a {b.task!r} bundle, not an anomaly bundle")
-    current = b.head_version
-    if to is None:
-        older = [e["version"] for e in b.manifest["head"]["versions"] if e["version"] < current]
-        if not older:
-            raise BundleError(f"{b.path}: v{current} is the first version; nothing to roll back to")
-        to = max(older)
-    entry = b.head_entry(to)
-    if to == current:
-        return b
-    thr = float(entry.get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
-    fused = entry.get("fused")
-    if not fused or not all((b.path / f).exists() for f in _rel_model_files(fused)):
-        fused = write_fused_anomaly(b, AnomalyHead.load(b.path / entry["file"]), to, thr)
-    versions = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
-    return update_manifest(b, {"head": {"current": to, "versions": versions},
-                               "models": {**b.manifest["models"], "fused": fused},
-                               "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}})
+    return rollback(b, to=to)

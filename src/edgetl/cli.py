@@ -382,11 +382,35 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
     DATA is an image folder (DATA/<class>/*.jpg); new class names add classes. The new head is
     trained on DATA plus the bundle's replay exemplars, checked by a gate on held-out images, and
     becomes a new version only if it passes (exit code 3 otherwise; the old head stays current).
+
+    For an anomaly (defect-detection) bundle, DATA is a folder of newly confirmed *good* images
+    (DATA/*.png, DATA/good/ or DATA/train/good/): they join the memory bank or the statistics,
+    the threshold carries over, and the result is a new version like any other.
     """
     _setup_logging(quiet)
     from .bundle import read_manifest
 
     task = read_manifest(Path(bundle)).get("task", "classify")
+    # --- anomaly (issue 6): DATA holds newly confirmed good images; no labels, so no gate ---
+    if task == "anomaly":
+        from .anomaly import adapt_anomaly
+
+        if replace:
+            raise EdgetlError(f"{bundle}: --replace is for classification bundles; an anomaly bundle only adds good images")
+        r = adapt_anomaly(bundle, data, strict=strict, quiet=quiet or as_json, dry_run=dry_run)
+        b4, af = r.before, r.after
+        mem = r.memory
+        text = "\n".join([
+            ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
+            f"learned       {r.images} good images"
+            + (f"; memory bank {mem['patches']} of at most {mem['max_memory']} patches" if "patches" in mem
+               else f"; statistics of {mem['images']} images"),
+            f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
+            f"{af['over_threshold']}",
+            f"time          {r.timings['total']:.2f} s",
+        ])
+        return emit(r.to_dict(), as_json, text)
+    # --- end anomaly ---
     if task == "text":
         from .text import adapt_text
 
@@ -434,6 +458,12 @@ def history(bundle, as_json):
     from .adapt import history as run_history
 
     rows = run_history(bundle)
+    if rows and "threshold" in rows[0]:  # anomaly bundle: images learned and the threshold per version
+        lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<8} {'images':>7}  {'threshold':>10}"]
+        for e in rows:
+            lines.append(f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<8} "
+                         f"{e.get('images') or 0:>7}  {e['threshold']:>10.4g}")
+        return emit({"versions": rows}, as_json, "\n".join(lines))
     lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<14} {'classes':>7}  {'val/holdout acc':>15}"]
     for e in rows:
         acc = e.get("val_accuracy") if e.get("val_accuracy") is not None else (e.get("gate") or {}).get("new_holdout_accuracy")
@@ -444,17 +474,31 @@ def history(bundle, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.argument("value", type=click.FloatRange(0.0, 1.0))
+@click.argument("value", type=float)
 @json_option
 @handle_errors
 def threshold(bundle, value, as_json):
-    """Set BUNDLE's open-set threshold: below VALUE confidence, predict answers "unknown".
+    """Set BUNDLE's decision threshold (stored in the manifest, never baked into a graph).
 
-    Stored in the manifest (not baked into any graph), so it can change after export; 0 disables it.
+    \b
+    Classification and text bundles: below VALUE confidence (0..1), predict answers "unknown";
+      0 disables it.
+    Anomaly bundles: an image whose score reaches VALUE (> 0, in the units `predict` prints) is
+      a defect.
     """
     from .bundle import load_bundle, update_manifest
 
     b = load_bundle(bundle)
+    # --- anomaly (issue 6) ---
+    if b.task == "anomaly":
+        from .anomaly import set_threshold
+
+        b = set_threshold(b, value)
+        return emit({"bundle": str(b.path), "anomaly_threshold": value}, as_json,
+                    f"images scoring {value:.4g} or more are now 'defect' in {b.path}")
+    # --- end anomaly ---
+    if not 0.0 <= value <= 1.0:
+        raise click.BadParameter(f"{value} is not in the range 0<=x<=1 (a confidence)", param_hint="'VALUE'")
     versions = [dict(e, unknown_threshold=value) if e["version"] == b.head_version else e
                 for e in b.manifest["head"]["versions"]]
     b = update_manifest(b, {"head": {**b.manifest["head"], "versions": versions},

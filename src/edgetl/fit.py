@@ -274,7 +274,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         save_exemplars(w.dir / "exemplars.npz", plain_tr[ex_idx], y_tr[ex_idx], ds.classes)
         meta = {"edgetl_version": __version__, "labels": ds.classes, "preprocess": exported.preprocess.to_dict(),
                 "backbone": exported.name, "precision": target.precision, "target": target.name}
-        fused_path = fuse(w.dir / backbone_name, head, w.dir, meta=meta)
+        fused_path = fuse(w.dir / backbone_name, head, w.dir / "model", meta=meta)
         if target.tensorrt is not None:
             from .tensorrt import write_build_scripts
 

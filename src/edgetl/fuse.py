@@ -88,11 +88,12 @@ def fuse_openvino(backbone_xml: Path, head, out_xml: Path, *, meta: dict) -> Pat
     return out_xml
 
 
-def fuse(backbone_path: Path, head, out_dir: Path, *, meta: dict) -> Path:
-    """Write ``model.onnx`` or ``model.xml`` next to the backbone's kind; returns its path."""
+def fuse(backbone_path: Path, head, out_path: Path, *, meta: dict) -> Path:
+    """Write the fused model to ``out_path`` with the backbone's kind of suffix (``.onnx``, or
+    ``.xml`` + ``.bin``); returns its path."""
     if backbone_path.suffix == ".xml":
-        return fuse_openvino(backbone_path, head, out_dir / "model.xml", meta=meta)
-    return fuse_onnx(backbone_path, head, out_dir / "model.onnx", meta=meta)
+        return fuse_openvino(backbone_path, head, Path(out_path).with_suffix(".xml"), meta=meta)
+    return fuse_onnx(backbone_path, head, Path(out_path).with_suffix(".onnx"), meta=meta)
 
 
 def parity(fused_probs: np.ndarray, ref_probs: np.ndarray) -> dict:

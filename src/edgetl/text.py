@@ -295,7 +295,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         backbone = exported.to_dict()
         meta = {"edgetl_version": __version__, "task": "text", "labels": ds.classes, "preprocess": backbone["preprocess"],
                 "backbone": exported.name, "precision": target.precision, "target": target.name}
-        fused_path = fuse(w.dir / backbone_name, head, w.dir, meta=meta)
+        fused_path = fuse(w.dir / backbone_name, head, w.dir / "model", meta=meta)
         lap("bundle")
         probe = [s.text for s in (ds.val or ds.train)[:16]]
         fused = TextEncoder(fused_path, exported.tokenizer, runtime=target.runtime, device=target.device,
@@ -523,7 +523,7 @@ def adapt_text(
     if not is_text_bundle(b):
         raise BundleError(f"{b.path}: a {b.task!r} bundle; adapt it with edgetl adapt")
     if not dry_run:
-        _adapt._check_writable(b)
+        _adapt.check_writable(b)
     cols = b.manifest.get("training", {}).get("columns", {})
     train, val, skipped, _ = _scan_like_training(data, cols, strict)
     rows = train + (val or [])

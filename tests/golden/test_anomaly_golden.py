@@ -204,3 +204,39 @@ def test_adapt_on_device_adds_good_images(which, patchcore_bundle, padim_bundle,
     b = rollback_anomaly(bundle, to=1)  # regenerates model.onnx where it was pruned
     assert b.head_version == 1 and load_bundle(bundle).head_entry()["threshold"] == pytest.approx(entry["threshold"])
     np.testing.assert_allclose(AnomalyPredictor(bundle).maps(probe)[1], original, rtol=1e-6)
+
+
+def test_cli_adapt_history_threshold_rollback(patchcore_bundle, no_torch_env, tmp_path):
+    """The device workflow for an anomaly bundle through the same commands as classification."""
+    from edgetl.examples import make_defects
+
+    bundle = tmp_path / "b"
+    shutil.copytree(patchcore_bundle[0], bundle)
+    new = tmp_path / "new"
+    make_defects(new, seed=11, n_train_good=4, n_test_good=0, n_test_defect=0)
+    manifest = (bundle / "manifest.json").read_bytes()
+    r = run_cli("adapt", bundle, new, "--dry-run", "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["accepted"] is False and (bundle / "manifest.json").read_bytes() == manifest
+    r = run_cli("adapt", bundle, new, "--replace", env=no_torch_env)
+    assert r.returncode == 2 and "--replace" in r.stderr and "Traceback" not in r.stderr
+
+    r = run_cli("adapt", bundle, new, "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["version"] == 2 and out["images"] == 4 and out["accepted"]
+    assert out["new_images_after"]["max"] <= out["new_images_before"]["max"]
+    r = run_cli("history", bundle, env=no_torch_env)
+    assert r.returncode == 0 and "threshold" in r.stdout and r.stdout.count("\n") == 3
+
+    r = run_cli("threshold", bundle, "1e9", "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)["predictions"]
+    assert preds and all(p["label"] == "good" and p["threshold"] == pytest.approx(1e9) for p in preds)
+    assert run_cli("threshold", bundle, "-1").returncode == 2  # a score threshold must be > 0
+
+    r = run_cli("rollback", bundle, "--json", env=no_torch_env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["current"] == 1
+    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)["predictions"]
+    assert all(p["threshold"] == pytest.approx(patchcore_bundle[1]["metrics"]["threshold"]) for p in preds)
