@@ -32,7 +32,7 @@ from .errors import ConfigError, GateError
 from .features import FeatureCache, extract_features, file_digest, load_input, model_key
 from .fuse import fuse, parity
 from .heads import Head, HeadConfig, train_head
-from .quantize import ConvertedModel, calibration_subset, convert, feature_cosine
+from .quantize import ConvertedModel, calibration_subset, convert, convert_with_accuracy_control, feature_cosine
 from .report import classification_metrics
 from .sessions import Session, open_session
 from .targets import Target, load_target
@@ -115,8 +115,24 @@ def _calibration_plan(ds: Dataset, target: Target, seed: int) -> tuple[list, dic
     return views, info
 
 
-def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, cache_root: Path, seed: int) -> ConvertedModel:
-    """The target's backbone model, from the cache when the same settings and images made it before."""
+@dataclass(frozen=True)
+class _Restore:
+    """Accuracy control's inputs: validation images, the FP32-trained head that scores them, the
+    allowed drop. ``key`` identifies them in the model cache."""
+
+    samples: list
+    head: Head
+    labels: np.ndarray
+    max_drop: float
+    key: str
+
+
+def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, cache_root: Path, seed: int,
+                     restore: _Restore | None = None) -> ConvertedModel:
+    """The target's backbone model, from the cache when the same settings and images made it before.
+
+    With ``restore``, NNCF's accuracy-controlled quantization makes it (see
+    :func:`edgetl.quantize.convert_with_accuracy_control`)."""
     q = target.quantization
     settings = {"precision": target.precision, "runtime": target.runtime, "batch": target.batch, "opset": target.opset}
     plan: list = []
@@ -126,6 +142,8 @@ def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, ca
         plan, calib_info = _calibration_plan(ds, target, seed)
         settings["calibration"] = hashlib.sha256("|".join(f"{s.digest}:{v}" for s, v in plan).encode()).hexdigest()
     settings["fp32"] = file_digest(exported.path)
+    if restore is not None:
+        settings["accuracy_control"] = restore.key
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_root / "models" / key
     info_path = folder / "info.json"
@@ -135,7 +153,17 @@ def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, ca
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     calib = np.stack([load_input(s.path, exported.preprocess, digest=s.digest, view=v) for s, v in plan]) if plan else None
-    converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib)
+    if restore is None:
+        converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib)
+    else:
+        val_x = np.stack([load_input(s.path, exported.preprocess) for s in restore.samples])
+
+        def score(features: np.ndarray) -> tuple[float, list[float]]:
+            hits = (restore.head.predict(features) == restore.labels[: len(features)]).astype(float)
+            return float(hits.mean()), hits.tolist()
+
+        converted = convert_with_accuracy_control(exported.path, target=target, out_dir=tmp, calibration=calib,
+                                                  validation=val_x, score=score, max_drop=restore.max_drop)
     converted.info["calibration"] = calib_info
     converted.info["file"] = converted.path.name
     info_path_tmp = tmp / "info.json"
@@ -172,6 +200,73 @@ def measure_latency(session: Session, shape: tuple[int, ...], *, runs: int = 20)
         session(x)
         times.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
+@dataclass
+class _Trained:
+    """A head trained on one converted model's features (what ``fit`` ships unless the gate says no)."""
+
+    session: Session
+    simulate: bool
+    X_tr: np.ndarray
+    y_tr: np.ndarray
+    X_va: np.ndarray
+    y_va: np.ndarray
+    head: Head
+    val_metrics: dict
+    train_metrics: dict
+    backbone_runs: int
+
+
+def _train_on(shipped: ConvertedModel, target: Target, ds: Dataset, exported: ExportedBackbone, cache_root: Path,
+              options: FitOptions, lap) -> _Trained:
+    """Features of every image through ``shipped`` (cached), then the head and its metrics."""
+    simulate = target.fit_features == "simulated" and target.precision == "int8"
+    session = open_session(shipped.path, runtime=target.runtime, device=target.device, providers=["CPUExecutionProvider"],
+                           simulate=simulate)
+    cache = FeatureCache(cache_root, model_key(shipped.path, exported.preprocess) + ("-simulated" if simulate else ""))
+    X_tr, y_tr = _extract_split(ds, "train", session, exported, cache, options.augment, options, "train features")
+    X_va, y_va = _extract_split(ds, "val", session, exported, cache, 0, options, "val features")
+    lap("features")
+    head = train_head(X_tr, y_tr, ds.classes, cfg=options.head, X_val=X_va if len(X_va) else None,
+                      y_val=y_va if len(y_va) else None)
+    lap("head")
+    val_metrics = classification_metrics(y_va, head.predict(X_va), ds.classes) if len(X_va) else {}
+    train_metrics = classification_metrics(y_tr[: len(ds.train)], head.predict(X_tr[: len(ds.train)]), ds.classes)
+    return _Trained(session, simulate, X_tr, y_tr, X_va, y_va, head, val_metrics, train_metrics, cache.misses)
+
+
+def _compare_to_fp32(trained: _Trained, target: Target, ds: Dataset, exported: ExportedBackbone, cache_root: Path,
+                     options: FitOptions) -> tuple[dict, Head | None, int]:
+    """The same pipeline at FP32 in ONNX Runtime, to measure what conversion costs: (figures, the
+    FP32-trained head, images run through the FP32 backbone). When the shipped model *is* that
+    FP32 ONNX model, or ``options.reference`` is off, there is nothing to compare."""
+    if not options.reference or (target.precision == "fp32" and target.runtime == "onnxruntime"):
+        return {}, None, 0
+    ref_session = open_session(exported.path, runtime="onnxruntime")
+    ref_cache = FeatureCache(cache_root, model_key(exported.path, exported.preprocess))
+    R_tr, _ = _extract_split(ds, "train", ref_session, exported, ref_cache, options.augment, options, "fp32 reference")
+    R_va, _ = _extract_split(ds, "val", ref_session, exported, ref_cache, 0, options, "fp32 reference val")
+    head, y_va, val_metrics = trained.head, trained.y_va, trained.val_metrics
+    fixed = HeadConfig.from_dict({**options.head.to_dict(), "l2": head.meta.get("l2", options.head.l2)})
+    ref_head = train_head(R_tr, trained.y_tr, ds.classes, cfg=fixed)
+    ref_acc = float(np.mean(ref_head.predict(R_va) == y_va)) if len(R_va) else None
+    cos = feature_cosine(R_va, trained.X_va) if len(R_va) else feature_cosine(R_tr, trained.X_tr)
+    ref = {
+        "fp32_val_accuracy": ref_acc,
+        "val_accuracy": val_metrics.get("accuracy"),
+        "feature_cosine_mean": round(float(cos.mean()), 5),
+        "feature_cosine_min": round(float(cos.min()), 5),
+    }
+    if ref_acc is not None and val_metrics:
+        ref["accuracy_drop_pp"] = round((ref_acc - val_metrics["accuracy"]) * 100, 3)
+    return ref, ref_head, ref_cache.misses
+
+
+def _gate(ref: dict, target: Target) -> dict:
+    drop = ref.get("accuracy_drop_pp")
+    return {"tolerance_pp": target.accuracy_tolerance, "drop_pp": drop,
+            "passed": drop is None or drop <= target.accuracy_tolerance}
 
 
 def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False) -> FitResult:
@@ -214,50 +309,39 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     shipped = _converted_model(exported, target, ds, cache_root, options.seed)
     lap("convert")
 
-    simulate = target.fit_features == "simulated" and target.precision == "int8"
-    session = open_session(shipped.path, runtime=target.runtime, device=target.device, providers=["CPUExecutionProvider"],
-                           simulate=simulate)
-    cache = FeatureCache(cache_root, model_key(shipped.path, exported.preprocess) + ("-simulated" if simulate else ""))
-    X_tr, y_tr = _extract_split(ds, "train", session, exported, cache, options.augment, options, "train features")
-    X_va, y_va = _extract_split(ds, "val", session, exported, cache, 0, options, "val features")
-    lap("features")
-    backbone_runs = cache.misses
-
-    head = train_head(X_tr, y_tr, ds.classes, cfg=options.head, X_val=X_va if len(X_va) else None,
-                      y_val=y_va if len(y_va) else None)
-    lap("head")
-    val_metrics = classification_metrics(y_va, head.predict(X_va), ds.classes) if len(X_va) else {}
-    train_metrics = classification_metrics(y_tr[: len(ds.train)], head.predict(X_tr[: len(ds.train)]), ds.classes)
-
-    # Reference: the same pipeline at FP32 in ONNX Runtime, to measure what conversion costs.
-    # When the shipped model *is* that FP32 ONNX model, the reference is the result itself.
-    ref: dict = {}
-    is_reference = target.precision == "fp32" and target.runtime == "onnxruntime"
-    if options.reference and not is_reference:
-        ref_session = open_session(exported.path, runtime="onnxruntime")
-        ref_cache = FeatureCache(cache_root, model_key(exported.path, exported.preprocess))
-        R_tr, _ = _extract_split(ds, "train", ref_session, exported, ref_cache, options.augment, options, "fp32 reference")
-        R_va, _ = _extract_split(ds, "val", ref_session, exported, ref_cache, 0, options, "fp32 reference val")
-        backbone_runs += ref_cache.misses
-        fixed = HeadConfig.from_dict({**options.head.to_dict(), "l2": head.meta.get("l2", options.head.l2)})
-        ref_head = train_head(R_tr, y_tr, ds.classes, cfg=fixed)
-        ref_acc = float(np.mean(ref_head.predict(R_va) == y_va)) if len(R_va) else None
-        cos = feature_cosine(R_va, X_va) if len(R_va) else feature_cosine(R_tr, X_tr)
-        ref = {
-            "fp32_val_accuracy": ref_acc,
-            "val_accuracy": val_metrics.get("accuracy"),
-            "feature_cosine_mean": round(float(cos.mean()), 5),
-            "feature_cosine_min": round(float(cos.min()), 5),
-        }
-        if ref_acc is not None and val_metrics:
-            ref["accuracy_drop_pp"] = round((ref_acc - val_metrics["accuracy"]) * 100, 3)
+    trained = _train_on(shipped, target, ds, exported, cache_root, options, lap)
+    ref, ref_head, ref_runs = _compare_to_fp32(trained, target, ds, exported, cache_root, options)
     lap("reference")
-    drop = ref.get("accuracy_drop_pp")
-    gate = {"tolerance_pp": target.accuracy_tolerance, "drop_pp": drop,
-            "passed": drop is None or drop <= target.accuracy_tolerance}
+    gate = _gate(ref, target)
+    q = target.quantization
+    if not gate["passed"] and q.accuracy_control and target.precision == "int8" and ref_head is not None and ds.val:
+        # Plain PTQ missed the tolerance: let NNCF put the most damaging layers back in float,
+        # scored by the FP32 head's accuracy on the validation images (what the gate measures).
+        log.warning("%s: INT8 loses %.2f points; retrying with accuracy-controlled quantization",
+                    target.name, gate["drop_pp"])
+        index = {label: i for i, label in enumerate(ds.classes)}
+        restore = _Restore(ds.val, ref_head, np.array([index[s.label] for s in ds.val]),
+                           target.accuracy_tolerance / 100.0,
+                           hashlib.sha256("|".join([s.digest for s in ds.val] + [
+                               json.dumps(options.head.to_dict(), sort_keys=True)]).encode()).hexdigest())
+        first_drop = gate["drop_pp"]
+        shipped = _converted_model(exported, target, ds, cache_root, options.seed, restore=restore)
+        lap("accuracy_control")
+        ref_runs += trained.backbone_runs
+        trained = _train_on(shipped, target, ds, exported, cache_root, options, lap)
+        ref, _, more = _compare_to_fp32(trained, target, ds, exported, cache_root, options)
+        ref_runs += more
+        gate = {**_gate(ref, target), "plain_ptq_drop_pp": first_drop,
+                "accuracy_control": shipped.info.get("accuracy_control")}
+    session, head, val_metrics, train_metrics = trained.session, trained.head, trained.val_metrics, trained.train_metrics
+    X_tr, y_tr, simulate = trained.X_tr, trained.y_tr, trained.simulate
+    backbone_runs = trained.backbone_runs + ref_runs
     if not gate["passed"] and not options.allow_drop:
+        tried = gate.get("accuracy_control")
+        after = (f" even with {len(tried['float_layers'])} layers kept in float by accuracy-controlled quantization "
+                 f"(plain INT8 lost {gate['plain_ptq_drop_pp']:.2f})") if tried else ""
         raise GateError(
-            f"{target.precision} model loses {drop:.2f} points of validation accuracy vs FP32 "
+            f"{target.precision} model loses {gate['drop_pp']:.2f} points of validation accuracy vs FP32{after} "
             f"(target {target.name} allows {target.accuracy_tolerance}); try --calibration-size, another "
             "--target/--precision, or accept it with --allow-drop"
         )

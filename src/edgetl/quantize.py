@@ -249,6 +249,94 @@ def _convert(
     return ConvertedModel(dst, runtime, precision, info)
 
 
+# Accuracy-controlled quantization reverts one group of quantizers per iteration and re-validates;
+# capping the iterations bounds its time (a few minutes for EfficientNet-Lite on 2 cores).
+ACCURACY_CONTROL_MAX_ITERATIONS = 12
+
+
+def float_layers(model) -> list[str]:
+    """Names of the convolutions / matmuls of an NNCF-quantized OpenVINO model whose weights are
+    not quantized (what accuracy control reverted to float)."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        # Quantized weights reach the op through a FakeQuantize, or (compressed) as an int8
+        # constant followed by Convert / Subtract / Multiply.
+        src = op.input_value(1).get_node()
+        while src.get_type_name() in ("Reshape", "Convert", "Transpose", "Multiply", "Subtract", "Unsqueeze"):
+            src = src.input_value(0).get_node()
+        integer = src.get_type_name() == "Constant" and src.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4")
+        if src.get_type_name() != "FakeQuantize" and not integer:
+            out.append(op.get_friendly_name().removesuffix("/WithoutBiases"))
+    return out
+
+
+def convert_with_accuracy_control(
+    fp32_onnx: Path,
+    *,
+    target: Target,
+    out_dir: Path,
+    calibration: np.ndarray,
+    validation: np.ndarray,
+    score,
+    max_drop: float,
+    stem: str = "backbone",
+) -> ConvertedModel:
+    """INT8 through NNCF's accuracy-controlled quantization (OpenVINO IR only).
+
+    Quantizes like :func:`convert`, then reverts the quantizers that cost most on ``validation``
+    images to float, until ``score`` of the model's outputs falls no more than ``max_drop`` below
+    its FP32 value (or :data:`ACCURACY_CONTROL_MAX_ITERATIONS` is reached). ``score(outputs)``
+    returns ``(metric, per-image values)``; fit passes the FP32-trained head's accuracy, so
+    "accuracy" means what the gate means. The layers left in float are in ``info["float_layers"]``.
+
+    Raises:
+        ConfigError: the target's runtime is not OpenVINO.
+    """
+    if target.runtime != "openvino":
+        raise ConfigError(f"accuracy-controlled quantization needs runtime openvino (target {target.name})")
+    import contextlib
+    import sys
+
+    ov = _ov_core()
+    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    batch = target.batch
+    model = onnx_to_openvino(fp32_onnx, batch=batch)
+    params = _nncf_params(target, len(calibration) // (batch or 1))
+    # One model call per validation item, and NNCF ranks quantizers by per-item values: items are
+    # single images (the static batch where the model has one), the value an item's mean score.
+    step = batch or 1
+
+    def validate(compiled, items) -> tuple[float, list[float]]:
+        outs = [np.asarray(compiled(x)[0]) for x in items]
+        metric, per_image = score(np.concatenate(outs).reshape(sum(len(o) for o in outs), -1))
+        bounds = np.cumsum([0] + [len(o) for o in outs])
+        return metric, [float(np.mean(per_image[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    val_items = [validation[i : i + step] for i in range(0, len(validation) - step + 1, step)]
+    with contextlib.redirect_stdout(sys.stderr):
+        restored = nncf.quantize_with_accuracy_control(
+            model, _nncf_dataset(calibration, batch), nncf.Dataset(val_items), validate, max_drop=max_drop,
+            preset=params["preset"], subset_size=params["subset_size"],
+            fast_bias_correction=params["fast_bias_correction"], ignored_scope=params["ignored_scope"],
+            advanced_quantization_parameters=params["advanced_parameters"],
+            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                max_num_iterations=ACCURACY_CONTROL_MAX_ITERATIONS),
+        )
+    dst = out_dir / f"{stem}.xml"
+    ov.save_model(restored, str(dst), compress_to_fp16=False)
+    layers = float_layers(ov.Core().read_model(str(dst)))  # as saved: quantized weights are int8 constants
+    info = {"precision": "int8", "runtime": "openvino", "batch": batch or "dynamic", "engine": "nncf/openvino",
+            "preset": target.quantization.preset, "accuracy_control": {"max_drop": max_drop, "float_layers": layers},
+            "calibration_images": int(len(calibration)), "seconds": round(time.perf_counter() - t0, 2)}
+    return ConvertedModel(dst, "openvino", "int8", info)
+
+
 def feature_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two feature matrices (the quantization quality measure)."""
     num = np.sum(a * b, axis=1)

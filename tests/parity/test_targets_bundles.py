@@ -9,8 +9,6 @@ and the fused model agreeing with backbone + head.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest

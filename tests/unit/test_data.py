@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.data import list_images, load_dataset, stratified_split
+from edgetl.data import list_images, load_dataset
 from edgetl.errors import DataError
 from edgetl.preprocess import PreprocessConfig, load_rgb, preprocess_file
 from tests.conftest import make_folder, write_image

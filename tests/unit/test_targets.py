@@ -45,6 +45,10 @@ def test_user_profile_file(tmp_path):
     ('runtime = "openvino"\nprecision = "int8"\n', "missing required key 'description'"),
     (BASE + "opset = 11\n", "opset"),
     ("this is = = not toml", "invalid TOML"),
+    (BASE + "[quantization]\nengine = 'ort'\ncalibration_method = 'mean_minmax'\n",
+     "calibration_method = 'mean_minmax' is not one of minmax, percentile, entropy"),
+    (BASE + "[quantization]\ncalibration_method = 'entropy'\n", "is not one of minmax, mean_minmax, histogram"),
+    (BASE + "[quantization]\naccuracy_control = true\n", "accuracy_control needs runtime openvino"),
 ])
 def test_invalid_profiles_name_the_problem(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
