@@ -23,6 +23,7 @@ updates run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -111,11 +112,15 @@ def save_exemplars(path: Path, X: np.ndarray, y: np.ndarray, labels: list[str]) 
     """features, integer labels, and label names as JSON bytes (no object arrays, no pickles)."""
     names = np.frombuffer(json.dumps(labels).encode(), dtype=np.uint8)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -154,6 +159,23 @@ def _fused_name(b: Bundle, version: int) -> str:
 
 def _fused_files(name: str) -> list[str]:
     return [name, str(Path(name).with_suffix(".bin"))] if name.endswith(".xml") else [name]
+
+
+@contextlib.contextmanager
+def new_version_files(b: Bundle, rels: list[str]):
+    """Writing a new version's files: if one fails (a full disk, a read-only file system), the ones
+    already written are removed and one :class:`BundleError` says the current version stays."""
+    try:
+        yield
+    except OSError as exc:
+        for rel in rels:
+            (b.path / rel).unlink(missing_ok=True)
+            try:
+                (b.path / rel).parent.rmdir()  # a folder this update made, if it is empty
+            except OSError:
+                pass
+        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
+                          f"v{b.head_version} stays current") from None
 
 
 def write_fused(b: Bundle, version: int, write) -> str:
@@ -341,16 +363,13 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
     per_class = int(b.manifest.get("exemplars", {}).get("per_class", 20))
     ex_idx = herding(X_all, y_all, len(labels), per_class=per_class)
     version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
-    try:
+    head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
+    with new_version_files(b, [head_rel, ex_rel]):
         (b.path / "heads").mkdir(exist_ok=True)
         (b.path / "exemplars").mkdir(exist_ok=True)
-        head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
         head.save(b.path / head_rel)
         save_exemplars(b.path / ex_rel, X_all[ex_idx], y_all[ex_idx], labels)
         fused = _write_fused(b, head, version)
-    except OSError as exc:
-        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
-                          f"v{b.head_version} stays current") from None
     timings["write"] = round(time.perf_counter() - t2, 3)
     entry = {"version": version, "file": head_rel, "exemplars": ex_rel, "fused": fused, "kind": head.kind,
              "labels": labels, "source": "adapt-replace" if replace else "adapt",

@@ -50,7 +50,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .adapt import KEEP_FUSED, check_writable, pruned_fused, rollback, switch_version, write_fused
+from .adapt import (KEEP_FUSED, check_writable, new_version_files, pruned_fused, rollback, switch_version,
+                    write_fused)
 from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest
 from .data import Sample, check_image, is_image_name
 from .errors import BundleError, ConfigError, DataError, GateError
@@ -817,18 +818,6 @@ def _evaluate(head: AnomalyHead, F: np.ndarray, samples: list[Sample], masks: di
     return m, maps, scores
 
 
-def _measure_latency(session: Session, shape: tuple[int, ...], *, runs: int = 20) -> dict:
-    x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    for _ in range(3):
-        session.run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
-
-
 def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = AnomalyOptions(),
                 force: bool = False) -> AnomalyFitResult:
     """Good images in ``data`` -> a defect-detection bundle at ``out``.
@@ -849,7 +838,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     from .anomaly_export import fuse_anomaly, fused_parity
     from .backbones import default_cache_dir, export_backbone
     from .data import Dataset
-    from .fit import _converted_model
+    from .fit import _converted_model, measure_latency
     from .quantize import feature_cosine
     from .targets import load_target
 
@@ -953,8 +942,8 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
         probe_x = np.stack([load_input(s.path, pre) for s in probe])
         fused_session = open_session(fused_path, runtime=target.runtime, device=target.device, simulate=simulate)
         par = fused_parity(fused_session, session, head, probe_x, shape)
-        latency = {"backbone": _measure_latency(session, (3, pre.input_size, pre.input_size)),
-                   "fused": _measure_latency(fused_session, (3, pre.input_size, pre.input_size))}
+        latency = {"backbone": measure_latency(session, (3, pre.input_size, pre.input_size)),
+                   "fused": measure_latency(fused_session, (3, pre.input_size, pre.input_size))}
         sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()),
                  "fused_bytes": sum(p.stat().st_size for p in _model_files(fused_path)),
                  "head_bytes": (w.dir / "heads" / "v1.npz").stat().st_size,
@@ -994,6 +983,34 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     lap("finish")
     timings["backbone_images"] = cache.misses
     return AnomalyFitResult(bundle, metrics, report, ds, timings)
+
+
+def export_anomaly_bundle(run: str | Path, out: str | Path, *, target: str | None = None,
+                          precision: str | None = None, runtime: str | None = None, data: str | Path | None = None,
+                          allow_drop: bool = False, cache_dir: str | Path | None = None, force: bool = False,
+                          quiet: bool = False) -> AnomalyFitResult:
+    """Re-make anomaly bundle ``run`` for another target / precision / runtime from its recorded
+    recipe (data, head settings, seed); cached patch features make the FP32 side free.
+
+    Raises:
+        BundleError: ``run`` does not record how it was fitted.  DataError: its data moved (pass ``data``).
+    """
+    src = load_bundle(run)
+    recorded = dict((src.manifest.get("training") or {}).get("options") or {})
+    if src.task != "anomaly" or "head" not in recorded:
+        raise BundleError(f"{run}: this bundle does not record how it was fitted; run edgetl fit instead")
+    head = AnomalyConfig.from_dict(recorded.pop("head"))
+    fields = {f.name for f in dataclasses.fields(AnomalyOptions)}
+    opts = AnomalyOptions(head=head, **{k: v for k, v in recorded.items() if k in fields})
+    data_path = Path(data) if data else Path(src.manifest["training"]["data"])
+    if not data_path.exists():
+        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data DIR")
+    if target is not None:  # a new profile brings its own precision/runtime unless given
+        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
+    opts = dataclasses.replace(opts, precision=precision or opts.precision, runtime=runtime or opts.runtime,
+                               allow_drop=allow_drop, quiet=quiet,
+                               cache_dir=str(cache_dir) if cache_dir else opts.cache_dir)
+    return fit_anomaly(data_path, out, options=opts, force=force)
 
 
 def _model_files(path: Path) -> list[Path]:
@@ -1267,12 +1284,9 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
     version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
     head_file = f"heads/v{version}.npz"
     new_head.meta = dict(new_head.meta, parent_version=pred.version)
-    try:
+    with new_version_files(b, [head_file]):
         new_head.save(b.path / head_file)
         fused = write_fused_anomaly(b, new_head, version, thr)
-    except OSError as exc:
-        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
-                          f"v{pred.version} stays current") from None
     entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused": fused, "threshold": thr,
              "threshold_policy": "carried over" if threshold is None else "given", "images": new_head.meta.get("images"),

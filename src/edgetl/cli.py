@@ -323,12 +323,22 @@ def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, fo
     _setup_logging(quiet)
     from .bundle import read_manifest
 
-    if read_manifest(Path(run)).get("task") == "text":
+    task = read_manifest(Path(run)).get("task")
+    kw = dict(target=target, precision=precision, runtime=runtime, data=data, allow_drop=allow_drop,
+              cache_dir=cache_dir, force=force, quiet=quiet or as_json)
+    # --- anomaly (issue 6) ---
+    if task == "anomaly":
+        from . import anomaly
+
+        result = anomaly.export_anomaly_bundle(run, out, **kw)
+        warn_skipped(result.data.skipped, quiet=quiet)
+        return emit(anomaly.fit_summary(result), as_json, anomaly.fit_text(result))
+    # --- end anomaly ---
+    if task == "text":
         from .text import export_text_bundle as export_bundle
     else:
         from .export import export_bundle
-    result = export_bundle(run, out, target=target, precision=precision, runtime=runtime, data=data,
-                           allow_drop=allow_drop, cache_dir=cache_dir, force=force, quiet=quiet or as_json)
+    result = export_bundle(run, out, **kw)
     emit(_fit_summary(result), as_json, _fit_text(result))
 
 
@@ -348,14 +358,20 @@ def targets(as_json):
 
 # ------------------------------------------------------------------------------------ example
 @main.command()
-@click.argument("name", type=click.Choice(["surfaces", "defects"]))
+@click.argument("name", type=click.Choice(["surfaces", "defects", "tickets"]))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @json_option
 @handle_errors
 def example(name, out, seed, force, as_json):
-    """Write a built-in example dataset (made from images that ship with scikit-image) to OUT."""
+    """Write a built-in example dataset to OUT.
+
+    \b
+    surfaces  8 classes of material photographs (scikit-image), for classification
+    defects   good textures + synthetic scratches, spots, cracks ... (MVTec layout), for --task anomaly
+    tickets   maintenance tickets in 5 classes (tickets.csv: text,label,split), for text classification
+    """
     from .examples import make_example
 
     summary = make_example(name, out, seed=seed, force=force)

@@ -58,8 +58,28 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def check_image(path: Path) -> str:
-    """Decode ``path`` fully and return the sha256 of its bytes.
+class CheckedImages:
+    """Content hashes of images that decoded fully before, kept in the cache as empty files
+    (``root/checked/ab/<sha256>``). A file whose bytes hash to one of them is that same image, so
+    a second ``fit`` on the same data hashes every file but decodes none."""
+
+    def __init__(self, root: str | Path):
+        self.dir = Path(root) / "checked"
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / digest
+
+    def __contains__(self, digest: str) -> bool:
+        return self._path(digest).exists()
+
+    def add(self, digest: str) -> None:
+        p = self._path(digest)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+
+
+def check_image(path: Path, checked: CheckedImages | None = None) -> str:
+    """Decode ``path`` fully (unless ``checked`` knows its content) and return the sha256 of its bytes.
 
     Raises:
         DataError: unreadable, truncated or not an image.
@@ -68,12 +88,17 @@ def check_image(path: Path) -> str:
         blob = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    digest = hashlib.sha256(blob).hexdigest()
+    if checked is not None and digest in checked:
+        return digest
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
-    return hashlib.sha256(blob).hexdigest()
+    if checked is not None:
+        checked.add(digest)
+    return digest
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -156,14 +181,14 @@ def _find_layout(root: Path):
     return "folder", _scan_folder(root), None
 
 
-def _check_all(items, *, strict: bool, skipped: list) -> list[Sample]:
+def _check_all(items, *, strict: bool, skipped: list, checked: CheckedImages | None = None) -> list[Sample]:
     out = []
     for path, label in items:
         if not is_image_name(path):
             reason = "not an image file (unknown extension)"
         else:
             try:
-                out.append(Sample(path, label, check_image(path)))
+                out.append(Sample(path, label, check_image(path, checked)))
                 continue
             except DataError as exc:
                 if strict:
@@ -191,8 +216,10 @@ def stratified_split(samples: list[Sample], *, fraction: float, seed: int):
     return train, val
 
 
-def scan_images(root: str | Path, *, strict: bool = False) -> tuple[str, list[Sample], list[Sample] | None, list]:
-    """Discover and decode every image under ``root``; labels as the layout gives them.
+def scan_images(root: str | Path, *, strict: bool = False,
+                checked: CheckedImages | None = None) -> tuple[str, list[Sample], list[Sample] | None, list]:
+    """Discover and decode every image under ``root`` (not those ``checked`` already knows);
+    labels as the layout gives them.
 
     Returns:
         (layout, samples, explicit val samples or None, skipped [(path, reason)]).
@@ -200,8 +227,8 @@ def scan_images(root: str | Path, *, strict: bool = False) -> tuple[str, list[Sa
     root = Path(root)
     layout, train_items, val_items = _find_layout(root)
     skipped: list[tuple[Path, str]] = []
-    train = _check_all(train_items, strict=strict, skipped=skipped)
-    val = _check_all(val_items, strict=strict, skipped=skipped) if val_items is not None else None
+    train = _check_all(train_items, strict=strict, skipped=skipped, checked=checked)
+    val = _check_all(val_items, strict=strict, skipped=skipped, checked=checked) if val_items is not None else None
     return layout, train, val, skipped
 
 
@@ -213,6 +240,7 @@ def load_dataset(
     seed: int = 0,
     strict: bool = False,
     min_classes: int = 2,
+    checked: CheckedImages | None = None,
 ) -> Dataset:
     """Find, check and split a labelled image dataset.
 
@@ -223,6 +251,7 @@ def load_dataset(
         seed: seeds the split.
         strict: make unreadable files fatal instead of skipped.
         min_classes: 2 for classification.
+        checked: images known to decode (a cache), which are hashed but not decoded again.
 
     Raises:
         DataError: missing path, no usable images, too few classes, a class with no usable image.
@@ -234,9 +263,9 @@ def load_dataset(
     if not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     root = Path(root)
-    layout, train, explicit_val, skipped = scan_images(root, strict=strict)
+    layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked)
     if val is not None:
-        vlayout, vtrain, vval, vskipped = scan_images(val, strict=strict)
+        vlayout, vtrain, vval, vskipped = scan_images(val, strict=strict, checked=checked)
         explicit_val = vtrain + (vval or [])
         skipped += vskipped
     found = Counter(lbl for _, lbl in [(s.path, s.label) for s in train])

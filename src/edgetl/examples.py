@@ -564,7 +564,14 @@ def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good:
 
 
 # ------------------------------------------------------------------------------------ entry point
-EXAMPLES = {"surfaces": make_surfaces, "defects": make_defects}
+def make_tickets(out_dir, *, seed: int = 0, force: bool = False, per_class: int = 60, val_per_class: int = 20) -> dict:
+    """The text-classification example (``out_dir/tickets.csv``); see :mod:`edgetl.text_example`."""
+    from .text_example import make_tickets as make
+
+    return make(out_dir, seed=seed, per_class=per_class, val_per_class=val_per_class, force=force)
+
+
+EXAMPLES = {"surfaces": make_surfaces, "defects": make_defects, "tickets": make_tickets}
 
 
 def make_example(name: str, out_dir, *, seed: int = 0, force: bool = False, **options) -> dict:

@@ -54,9 +54,24 @@ def set_static_batch(model, batch: int):
     return onnx.shape_inference.infer_shapes(model)
 
 
+def load_nncf():
+    """Import NNCF with its log on stderr at WARNING. At import NNCF attaches a handler that
+    writes INFO lines to *stdout*, which would corrupt ``--json`` output (accuracy control logs a
+    line per iteration); edgetl reports progress itself."""
+    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    import sys
+
+    logger = logging.getLogger("nncf")
+    logger.setLevel(max(logger.level, logging.WARNING))
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
+            h.setStream(sys.stderr)
+    return nncf
+
+
 def _nncf_dataset(calibration: np.ndarray, batch: int, input_name: str | None = None):
     """Calibration items one model call each; the ONNX backend wants {input name: array} dicts."""
-    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    nncf = load_nncf()
     step = batch if batch > 0 else 1
     # NNCF's statistics are per sample; batches of the model's own static size keep shapes valid.
     items = [calibration[i : i + step] for i in range(0, len(calibration) - step + 1, step)]
@@ -66,7 +81,7 @@ def _nncf_dataset(calibration: np.ndarray, batch: int, input_name: str | None = 
 
 
 def _nncf_params(target: Target, n: int):
-    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    nncf = load_nncf()
     q = target.quantization
     preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
     ignored = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False) if q.keep_float else None
@@ -216,7 +231,7 @@ def _convert(
         ov = _ov_core()
         model = onnx_to_openvino(src, batch=batch)
         if precision == "int8":
-            nncf = require("nncf", extra="train", purpose="INT8 quantization")
+            nncf = load_nncf()
             n = len(calibration) // (batch or 1)
             model = nncf.quantize(model, _nncf_dataset(calibration, batch), **_nncf_params(target, n))
             info.update(engine="nncf/openvino", preset=target.quantization.preset)
@@ -234,7 +249,7 @@ def _convert(
         elif target.quantization.engine == "ort":
             info.update(_quantize_ort(src, dst, calibration, target))
         else:
-            nncf = require("nncf", extra="train", purpose="INT8 quantization")
+            nncf = load_nncf()
             n = len(calibration) // (batch or 1)
             model = onnx.load(str(src))
             data = _nncf_dataset(calibration, batch, model.graph.input[0].name)
@@ -300,7 +315,7 @@ def convert_with_accuracy_control(
     import sys
 
     ov = _ov_core()
-    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    nncf = load_nncf()
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     out_dir.mkdir(parents=True, exist_ok=True)

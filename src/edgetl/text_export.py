@@ -51,7 +51,7 @@ import numpy as np
 
 from .errors import ConfigError, MissingDependency, require
 from .features import file_digest
-from .quantize import ConvertedModel
+from .quantize import ConvertedModel, load_nncf
 from .targets import Target
 from .text_encoder import DEFAULT_MAX_LENGTH, load_tokenizer
 
@@ -420,7 +420,7 @@ def _nncf_params(target: Target, n: int) -> dict:
 
     from .quantize import _nncf_params as profile_params
 
-    nncf = require("nncf", extra="train", purpose="INT8 quantization")
+    nncf = load_nncf()
     params = profile_params(target, n)
     params["advanced_parameters"] = dataclasses.replace(params["advanced_parameters"],
                                                         activations_range_estimator_params=None)
@@ -470,7 +470,7 @@ def convert_text(
     else:
         if not calibration:
             raise ConfigError("static INT8 quantization of a text encoder needs calibration texts; none were given")
-        nncf = require("nncf", extra="train", purpose="INT8 quantization")
+        nncf = load_nncf()
         feeds = calibration_feeds(exported.tokenizer, calibration, exported.inputs, max_length=exported.max_length)
         params = _nncf_params(target, len(feeds))
         with contextlib.redirect_stdout(sys.stderr):

@@ -127,3 +127,34 @@ def test_bad_inputs_leave_the_head_current(base, tmp_path, no_torch_env):
     (b / "manifest.json").write_text(json.dumps(m))
     r = run_cli("adapt", b, new, env=no_torch_env)
     assert r.returncode == 2 and "format version" in r.stderr
+
+
+def _limit_file_size():
+    """In the child: files may not grow past 64 KB (writes then fail with EFBIG, as on a full disk)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_full_disk_while_writing_keeps_the_old_head(base, tmp_path, no_torch_env):
+    """The new head writes, then the fused model (MBs) cannot: one line, exit 2, v1 still current and
+    whole. RLIMIT_FSIZE stands in for a full disk because it works for root too (chmod does not)."""
+    import subprocess
+    import sys
+
+    from edgetl.bundle import load_bundle
+
+    bundle, new, _ = base
+    b = _copy(bundle, tmp_path)
+    before = (b / "manifest.json").read_bytes()
+    files = sorted(p.relative_to(b) for p in b.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "edgetl.cli", "adapt", str(b), str(new)], capture_output=True, text=True,
+                       env={**os.environ, **no_torch_env}, preexec_fn=_limit_file_size, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert "cannot write the new head" in r.stderr and "stays current" in r.stderr and "Traceback" not in r.stderr
+    assert (b / "manifest.json").read_bytes() == before
+    loaded = load_bundle(b)  # every file the manifest names is present and hashes right
+    assert loaded.head_version == 1
+    assert sorted(p.relative_to(b) for p in b.rglob("*")) == files  # nothing half-written is left behind

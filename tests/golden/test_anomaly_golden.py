@@ -240,3 +240,13 @@ def test_cli_adapt_history_threshold_rollback(patchcore_bundle, no_torch_env, tm
     assert json.loads(r.stdout)["current"] == 1
     preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)["predictions"]
     assert all(p["threshold"] == pytest.approx(patchcore_bundle[1]["metrics"]["threshold"]) for p in preds)
+
+
+def test_export_remakes_an_anomaly_bundle_for_another_precision(patchcore_bundle, tmp_path):
+    bundle, summary = patchcore_bundle
+    r = run_cli("export", bundle, "--out", tmp_path / "fp32", "--precision", "fp32", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["task"] == "anomaly" and out["precision"] == "fp32" and out["head"] == "patchcore"
+    # the FP32 bundle is the reference the INT8 fit compared itself with
+    assert out["metrics"]["image_auroc"] == pytest.approx(summary["reference"]["fp32_image_auroc"], abs=1e-4)

@@ -135,3 +135,21 @@ def test_list_images_expands_folders_and_rejects_missing(tmp_path):
     assert len(list_images([tmp_path])) == 4
     with pytest.raises(DataError, match="no such file"):
         list_images([tmp_path / "nope.jpg"])
+
+
+def test_checked_images_skip_the_decode_of_known_content_only(tmp_path, monkeypatch):
+    from edgetl.data import CheckedImages, check_image
+
+    good = write_image(tmp_path / "a.png")
+    checked = CheckedImages(tmp_path / "cache")
+    digest = check_image(good, checked)
+    assert digest in checked
+    truncated = tmp_path / "t.png"
+    truncated.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(DataError):
+        check_image(truncated, checked)
+    # Known content is not decoded again (the decoder is made to fail to prove it); unknown still is.
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("decoder called")))
+    assert check_image(good, checked) == digest
+    with pytest.raises(DataError, match="decoder called"):
+        check_image(truncated, checked)
