@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle, update_manifest
+from .bundle import Bundle, load_bundle, update_manifest, write_npz_durably
 from .data import scan_images
 from .errors import BundleError, DataError, GateError
 from .features import extract_features
@@ -111,16 +111,7 @@ def herding(X: np.ndarray, y: np.ndarray, n_classes: int, *, per_class: int) -> 
 def save_exemplars(path: Path, X: np.ndarray, y: np.ndarray, labels: list[str]) -> None:
     """features, integer labels, and label names as JSON bytes (no object arrays, no pickles)."""
     names = np.frombuffer(json.dumps(labels).encode(), dtype=np.uint8)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz_durably(path, features=X.astype(np.float32), labels=y.astype(np.int64), label_names=names)
 
 
 def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:

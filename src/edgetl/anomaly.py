@@ -39,9 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,7 +50,7 @@ from PIL import Image
 
 from .adapt import (KEEP_FUSED, check_writable, new_version_files, pruned_fused, rollback, switch_version,
                     write_fused)
-from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest
+from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest, write_npz_durably
 from .data import Sample, check_image, is_image_name
 from .errors import BundleError, ConfigError, DataError, GateError
 from .features import FeatureCache, extract_features, load_input, model_key
@@ -280,16 +278,7 @@ class AnomalyHead:
             m2 = payload.pop("m2")
             payload["m2_triu"] = m2[:, *np.triu_indices(m2.shape[-1])]
         payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_npz_durably(path, **payload)
 
     @classmethod
     def load(cls, path: str | Path) -> "AnomalyHead":

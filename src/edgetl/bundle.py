@@ -74,6 +74,18 @@ def write_file_durably(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def write_npz_durably(path: Path, **arrays) -> None:
+    """An uncompressed ``.npz`` of plain arrays (never object arrays: it loads with
+    ``allow_pickle=False``), written like :func:`write_file_durably`."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_file_durably(path, buf.getvalue())
+
+
 def file_entries(root: Path) -> dict[str, dict]:
     """sha256 and size of every file below ``root`` except the manifest, by relative path."""
     out = {}

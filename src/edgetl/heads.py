@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from .bundle import write_npz_durably
 from .errors import BundleError, ConfigError, DataError, require
 
 __all__ = ["HEAD_KINDS", "HeadConfig", "Head", "train_head", "softmax", "L2_GRID", "MLP_L2_GRID"]
@@ -308,20 +307,7 @@ class Head:
         blob = json.dumps(header, default=_json_default, sort_keys=True).encode("utf-8")
         payload = {name: np.asarray(arr, dtype=np.float32, order="C") for name, arr in self.arrays.items()}
         payload[_HEADER_KEY] = np.frombuffer(blob, dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                # A file object, not a name: np.savez would append ".npz" to a name lacking it.
-                np.savez(f, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_npz_durably(path, **payload)
 
     @classmethod
     def load(cls, path) -> "Head":
