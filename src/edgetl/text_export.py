@@ -35,6 +35,7 @@ torch and transformers are imported inside functions only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
@@ -359,16 +360,18 @@ def calibration_feeds(tokenizer_path: Path, texts: Sequence[str], inputs: Sequen
 def _ort_preset(target: Target) -> tuple[str, dict]:
     """Optimum's dynamic preset for the profile's weight type.
 
-    U8 weights (the cpu-x86 profile) are Optimum's ``avx2`` preset: ORT's AVX2 kernels without
-    VNNI sum u8 x s8 products in saturating int16, which U8 x U8 avoids; the profile's
-    ``overflow_fix = "enable"`` maps to its 7-bit ``reduce_range``. S8 weights are the ``arm64``
-    preset on ARM profiles and ``avx512_vnni`` elsewhere (the same U8 x S8 types).
+    U8 weights are Optimum's ``avx2`` preset (U8 x U8). S8 weights are the ``arm64`` preset on
+    ARM profiles and ``avx512_vnni`` elsewhere (U8 x S8, the cpu-x86 profile). The profile's
+    ``overflow_fix = "enable"`` becomes ORT's 7-bit ``reduce_range`` in every preset: ORT's AVX2
+    kernels without VNNI sum u8 x s8 products in a saturating int16, which 7-bit weights keep
+    clear of (the ``avx512_vnni`` preset has no such argument; the flag is set on its config).
     """
     q = target.quantization
     extra = {"use_symmetric_weights": q.symmetric_weights}
+    reduce_range = q.overflow_fix == "enable"
     if q.weight_type == "uint8":
-        return "avx2", {**extra, "reduce_range": q.overflow_fix == "enable"}
-    return ("arm64" if "arm" in target.name else "avx512_vnni"), extra
+        return "avx2", {**extra, "reduce_range": reduce_range}
+    return ("arm64" if "arm" in target.name else "avx512_vnni"), {**extra, "reduce_range": reduce_range}
 
 
 def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
@@ -379,7 +382,9 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     except ImportError:
         return _ort_dynamic_plain(src, out_dir, target)
     preset, extra = _ort_preset(target)
+    reduce_range = extra.pop("reduce_range")
     cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=target.quantization.per_channel, **extra)
+    cfg = dataclasses.replace(cfg, reduce_range=reduce_range)
     work = out_dir / ".ortq"
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, work / "model.onnx")
@@ -393,7 +398,7 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     shutil.rmtree(work, ignore_errors=True)
     return dst, {"engine": "optimum.onnxruntime.ORTQuantizer", "preset": f"AutoQuantizationConfig.{preset}",
                  "mode": "dynamic", "per_channel": target.quantization.per_channel,
-                 "weights": "uint8" if preset == "avx2" else "int8", **extra}
+                 "weights": "uint8" if preset == "avx2" else "int8", "reduce_range": reduce_range, **extra}
 
 
 def _ort_dynamic_plain(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
