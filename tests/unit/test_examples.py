@@ -215,7 +215,7 @@ def test_every_defect_type_on_every_texture(texture):
 
 # ----------------------------------------------------------------------------------- entry point
 def test_make_example_names_and_options(tmp_path):
-    with pytest.raises(ConfigError, match="defects, surfaces"):
+    with pytest.raises(ConfigError, match="defects, surfaces, tickets"):
         ex.make_example("nope", tmp_path / "x")
     with pytest.raises(ConfigError, match="texture"):
         ex.make_example("defects", tmp_path / "x", texture="marble")
@@ -228,7 +228,10 @@ def test_make_example_names_and_options(tmp_path):
     assert not (tmp_path / "x").exists()
     s = ex.make_example("surfaces", tmp_path / "s", seed=2, per_class=1, val_per_class=1, size=32)
     assert s["name"] == "surfaces" and s["seed"] == 2 and len(list((tmp_path / "s").rglob("*.png"))) == 16
-    assert set(ex.EXAMPLES) == {"surfaces", "defects"}
+    assert set(ex.EXAMPLES) == {"surfaces", "defects", "tickets"}
+    t = ex.make_example("tickets", tmp_path / "t", per_class=4, val_per_class=2)
+    rows = (tmp_path / "t" / "tickets.csv").read_text().splitlines()
+    assert rows[0] == "text,label,split" and len(rows) == 1 + 5 * (4 + 2) and t
 
 
 def test_non_empty_out_dir_is_refused_unless_force_replaces_an_example(tmp_path):
