@@ -64,6 +64,8 @@ LABELS = ["good", "defect"]
 _FORMAT = "edgetl-anomaly-head"
 _FORMAT_VERSION = 1
 _HEADER_KEY = "__header__"
+# Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): see fit_anomaly.
+PATCH_FLOAT_TYPES = ("AveragePool", "AvgPool", "Resize", "Interpolate", "Concat")
 # Mask pixels above this (0..255) are defect; MVTec masks are 0/255.
 _MASK_LEVEL = 127
 
@@ -825,6 +827,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     """
     from . import __version__
     from .anomaly_export import fuse_anomaly, fused_parity
+    from .fuse import check_parity
     from .backbones import default_cache_dir, export_backbone
     from .data import Dataset
     from .fit import _converted_model, measure_latency
@@ -844,9 +847,14 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
         t = now
 
     target = load_target(options.target).with_overrides(precision=options.precision, runtime=options.runtime)
+    q = target.quantization
+    # The patch extractor ends in averaging, resizing and concatenation: nothing INT8 speeds up,
+    # and left quantized, OpenVINO's low-precision passes carry the last dequantization into the
+    # fused scoring graph and compute wrong distances there (every score ~170 for true 19-32).
+    q = dataclasses.replace(q, keep_float_types=tuple(dict.fromkeys(q.keep_float_types + PATCH_FLOAT_TYPES)))
     if options.calibration_size is not None:
-        target = dataclasses.replace(target, quantization=dataclasses.replace(
-            target.quantization, calibration_size=options.calibration_size))
+        q = dataclasses.replace(q, calibration_size=options.calibration_size)
+    target = dataclasses.replace(target, quantization=q)
     ds = load_anomaly_data(data, val_split=options.val_split, seed=options.seed, strict=options.strict)
     lap("scan")
     cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
@@ -931,6 +939,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
         probe_x = np.stack([load_input(s.path, pre) for s in probe])
         fused_session = open_session(fused_path, runtime=target.runtime, device=target.device, simulate=simulate)
         par = fused_parity(fused_session, session, head, probe_x, shape)
+        check_parity(par, par["max_rel_score_diff"], "relative score difference", allow=options.allow_drop)
         latency = {"backbone": measure_latency(session, (3, pre.input_size, pre.input_size)),
                    "fused": measure_latency(fused_session, (3, pre.input_size, pre.input_size))}
         sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()),

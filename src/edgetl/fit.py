@@ -30,7 +30,7 @@ from .bundle import Bundle, BundleWriter, check_out_dir
 from .data import CheckedImages, Dataset, load_dataset
 from .errors import ConfigError, GateError
 from .features import FeatureCache, extract_features, file_digest, load_input, model_key
-from .fuse import fuse, parity
+from .fuse import check_parity, fuse, parity
 from .heads import Head, HeadConfig, train_head
 from .quantize import ConvertedModel, calibration_subset, convert, convert_with_accuracy_control, feature_cosine
 from .report import classification_metrics
@@ -395,6 +395,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         probe, feats = (ds.val, trained.X_va) if ds.val else (ds.train, X_tr)
         probe_x = np.stack([load_input(s.path, exported.preprocess) for s in probe[:16]])
         par = parity(fused_session(probe_x), head.proba(feats[: len(probe_x)]))
+        check_parity(par, par["max_abs_diff"], "max probability difference", allow=options.allow_drop)
         latency = shipped_latency(shipped, target, (3, exported.preprocess.input_size, exported.preprocess.input_size))
         sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()),
                  "fp32_bytes": exported.path.stat().st_size}

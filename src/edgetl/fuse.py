@@ -96,6 +96,27 @@ def fuse(backbone_path: Path, head, out_path: Path, *, meta: dict) -> Path:
     return fuse_onnx(backbone_path, head, Path(out_path).with_suffix(".onnx"), meta=meta)
 
 
+# The single-file model may differ from backbone + numpy head only by float summation order and
+# the runtime compiling one graph instead of two; a larger gap means the fused graph is wrong.
+PARITY_TOLERANCE = 1e-2
+
+
+def check_parity(par: dict, value: float, what: str, *, allow: bool) -> None:
+    """Refuse a bundle whose fused model disagrees with its reference by more than
+    :data:`PARITY_TOLERANCE` (``value``: the worst difference), unless ``allow``.
+
+    Raises:
+        GateError: the fused model is off.
+    """
+    from .errors import GateError
+
+    par["passed"] = bool(value <= PARITY_TOLERANCE)
+    if not par["passed"] and not allow:
+        raise GateError(f"the single-file model disagrees with backbone + head ({what} {value:.3g} > "
+                        f"{PARITY_TOLERANCE}); this is a runtime or edgetl bug, please report it. --allow-drop "
+                        "writes the bundle anyway (predict uses backbone + head, which are right)")
+
+
 def parity(fused_probs: np.ndarray, ref_probs: np.ndarray) -> dict:
     """How far the fused model's probabilities are from backbone + numpy head."""
     diff = np.abs(fused_probs - ref_probs)

@@ -84,7 +84,8 @@ def _nncf_params(target: Target, n: int):
     nncf = load_nncf()
     q = target.quantization
     preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
-    ignored = nncf.IgnoredScope(patterns=list(q.keep_float), validate=False) if q.keep_float else None
+    ignored = (nncf.IgnoredScope(patterns=list(q.keep_float), types=list(q.keep_float_types), validate=False)
+               if q.keep_float or q.keep_float_types else None)
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
@@ -125,7 +126,9 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
     q = target.quantization
     oq = require("onnxruntime.quantization", extra="base", purpose="INT8 quantization")
     onnx = require("onnx", extra="base", purpose="reading ONNX graphs")
-    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+    graph = onnx.load(str(src), load_external_data=False).graph
+    input_name = graph.input[0].name
+    excluded = [n.name for n in graph.node if n.op_type in q.keep_float_types] or None
     step = target.batch or 8
 
     class Reader(oq.CalibrationDataReader):
@@ -168,7 +171,7 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
         weight_type=qtype[q.weight_type],
         calibrate_method=method,
         reduce_range=q.overflow_fix == "enable",
-        nodes_to_exclude=None,
+        nodes_to_exclude=excluded,
         extra_options={
             "ActivationSymmetric": q.symmetric_activations,
             "WeightSymmetric": q.symmetric_weights,

@@ -41,6 +41,7 @@ class Quantization:
     preset: str = "performance"  # nncf: performance (symmetric) | mixed (asymmetric activations)
     fast_bias_correction: bool = True  # nncf: false runs the full (slower, better) BiasCorrection
     keep_float: tuple[str, ...] = ()  # node-name patterns kept in float
+    keep_float_types: tuple[str, ...] = ()  # op types kept in float (ONNX or OpenVINO type names)
     # x86 CPUs without VNNI (AVX2 only) multiply u8 x s8 pairs into a saturating int16 sum; full
     # 8-bit weights then overflow. "enable" quantizes weights to 7 bits everywhere (NNCF's overflow
     # fix / ORT's reduce_range), "first_layer" only where inputs span the full range.

@@ -200,7 +200,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     from .backbones import default_cache_dir
     from .features import FeatureCache
     from .fit import resolve_target
-    from .fuse import fuse, parity
+    from .fuse import check_parity, fuse, parity
     from .quantize import feature_cosine
     from .text_export import export_text_backbone
 
@@ -301,6 +301,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         fused = TextEncoder(fused_path, exported.tokenizer, runtime=target.runtime, device=target.device,
                             max_length=exported.max_length)
         par = parity(fused.embed_batch(probe), head.proba(encoder.embed_batch(probe)))
+        check_parity(par, par["max_abs_diff"], "max probability difference", allow=options.allow_drop)
         bench_texts = [s.text for s in (ds.val or ds.train)[:64]]
         speed = {"sentences_per_s": round(_throughput(encoder, bench_texts), 1)}
         if fp32_encoder is not None:
