@@ -1093,7 +1093,8 @@ class AnomalyPredictor:
         thr = self.threshold if threshold is None else float(threshold)
         if thr <= 0:
             raise ConfigError(f"threshold must be > 0, got {thr}")
-        out = []
+        out: list[AnomalyPrediction] = []
+        taken: set[str] = set()
         for i in range(0, len(files), 8):
             chunk = files[i : i + 8]
             maps, scores = self.maps(chunk)
@@ -1102,7 +1103,7 @@ class AnomalyPredictor:
                 out.append(AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr,
                                              float(s / thr), (int(peak[0]), int(peak[1]))))
                 if heatmaps is not None:
-                    save_overlay(path, m / thr, Path(heatmaps), self.preprocess)
+                    save_overlay(path, m / thr, Path(heatmaps), self.preprocess, taken)
         return out
 
     def evaluate(self, data: str | Path, *, threshold: float | None = None, strict: bool = False) -> dict:
@@ -1168,19 +1169,24 @@ def overlay(image: Image.Image, norm_map: np.ndarray, *, vmax: float = 1.5) -> I
     return Image.fromarray(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8), "RGB")
 
 
-def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: PreprocessConfig) -> Path:
-    """Write ``<out_dir>/<stem>_heatmap.png``: the image as the model saw it, with the map on top."""
+def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: PreprocessConfig,
+                 taken: set[str] | None = None) -> Path:
+    """Write ``<out_dir>/<stem>_heatmap.png``: the image as the model saw it, with the map on top.
+
+    ``taken`` holds the names already written in this run: a second input with the same stem (from
+    another folder) gets ``<stem>_1_heatmap.png``; a file left by an earlier run is overwritten.
+    """
     from .preprocess import load_rgb
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = resize_crop(load_rgb(path), pre)
-    target = out_dir / f"{Path(path).stem}_heatmap.png"
-    k = 1
-    while target.exists():  # two inputs with the same name in different folders
-        target = out_dir / f"{Path(path).stem}_{k}_heatmap.png"
-        k += 1
-    overlay(seen, norm_map).save(target)
-    return target
+    taken = set() if taken is None else taken
+    name, k = f"{Path(path).stem}_heatmap.png", 1
+    while name in taken:
+        name, k = f"{Path(path).stem}_{k}_heatmap.png", k + 1
+    taken.add(name)
+    overlay(seen, norm_map).save(out_dir / name)
+    return out_dir / name
 
 
 # ----- thresholds and on-device updates --------------------------------------------------------

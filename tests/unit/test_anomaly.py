@@ -295,3 +295,21 @@ def test_overlay_colours():
     out = np.asarray(overlay(im, m))
     assert out[0, 9, 0] > out[0, 9, 2]  # red where above threshold
     assert out[0, 0, 2] > out[0, 0, 0]  # blue where low
+
+
+def test_heatmap_names_unique_within_a_run_and_overwritten_across_runs(tmp_path):
+    from edgetl.anomaly import save_overlay
+    from edgetl.preprocess import PreprocessConfig
+
+    pre = PreprocessConfig(input_size=32, crop_pct=1.0)
+    srcs = []
+    for folder in ("a", "b"):  # the same file name in two folders
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(tmp_path / folder / "000.png")
+        srcs.append(tmp_path / folder / "000.png")
+    out = tmp_path / "maps"
+    for _ in range(2):  # a second run overwrites instead of piling up numbered copies
+        taken: set = set()
+        names = [save_overlay(p, np.ones((32, 32), np.float32), out, pre, taken).name for p in srcs]
+        assert names == ["000_heatmap.png", "000_1_heatmap.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["000_1_heatmap.png", "000_heatmap.png"]
