@@ -346,8 +346,10 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         index = {label: i for i, label in enumerate(ds.classes)}
         restore = _Restore(ds.val, ref_head, np.array([index[s.label] for s in ds.val]),
                            target.accuracy_tolerance / 100.0,
-                           hashlib.sha256("|".join([s.digest for s in ds.val] + [
-                               json.dumps(options.head.to_dict(), sort_keys=True)]).encode()).hexdigest())
+                           # what the scoring head depends on: training and validation images, head options
+                           hashlib.sha256("|".join([s.digest for s in ds.train] + ["val"] + [s.digest for s in ds.val]
+                                                   + [json.dumps(options.head.to_dict(), sort_keys=True),
+                                                      str(options.augment)]).encode()).hexdigest())
         first_drop = gate["drop_pp"]
         shipped = _converted_model(exported, target, ds, cache_root, options.seed, restore=restore)
         lap("accuracy_control")

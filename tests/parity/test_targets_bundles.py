@@ -104,3 +104,17 @@ def test_tensorrt_profile_is_symmetric_int8(bundles):
     assert zps, "no zero points found"
     assert all(z.dtype == np.int8 and not z.any() for z in zps)  # signed, zero point 0: TensorRT's form
     assert (b.path / "build_engine.sh").is_file() and (b.path / "build_engine.py").is_file()
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_device_path_computes_what_the_head_was_trained_on(bundles, surfaces, name):
+    """predict/eval of every bundle reproduce fit's validation accuracy on this host: profiles whose
+    head learned exact INT8 (ARM, Jetson, NPU) are emulated here when this CPU's INT8 saturates."""
+    from edgetl.runtime import Predictor
+    from edgetl.sessions import cpu_int8_saturates
+
+    r = bundles[name]
+    p = Predictor(r.bundle.path)
+    simulated = r.bundle.manifest["target"]["fit_features"] == "simulated"
+    assert p.session.emulated == (simulated and cpu_int8_saturates())
+    assert p.evaluate(surfaces / "val")["accuracy"] == pytest.approx(r.metrics["accuracy"], abs=1e-9)
