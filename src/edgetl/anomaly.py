@@ -1000,14 +1000,10 @@ def export_anomaly_bundle(run: str | Path, out: str | Path, *, target: str | Non
     head = AnomalyConfig.from_dict(recorded.pop("head"))
     fields = {f.name for f in dataclasses.fields(AnomalyOptions)}
     opts = AnomalyOptions(head=head, **{k: v for k, v in recorded.items() if k in fields})
-    data_path = Path(data) if data else Path(src.manifest["training"]["data"])
-    if not data_path.exists():
-        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data DIR")
-    if target is not None:  # a new profile brings its own precision/runtime unless given
-        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
-    opts = dataclasses.replace(opts, precision=precision or opts.precision, runtime=runtime or opts.runtime,
-                               allow_drop=allow_drop, quiet=quiet,
-                               cache_dir=str(cache_dir) if cache_dir else opts.cache_dir)
+    from .export import retargeted
+
+    opts, data_path = retargeted(opts, src.manifest["training"]["data"], target=target, precision=precision,
+                                 runtime=runtime, data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet)
     return fit_anomaly(data_path, out, options=opts, force=force)
 
 

@@ -17,6 +17,27 @@ from .fit import FitOptions, FitResult, fit
 from .heads import HeadConfig
 
 
+def retargeted(opts, recorded_data: str, *, target: str | None, precision: str | None, runtime: str | None,
+               data: str | Path | None, allow_drop: bool, cache_dir: str | Path | None, quiet: bool,
+               data_hint: str = "DIR"):
+    """A run's recorded options (any task's options dataclass) pointed at a new target / precision /
+    runtime, and where its data is now. A new ``target`` brings its own precision and runtime
+    unless those are given too.
+
+    Raises:
+        DataError: the recorded data is gone and ``data`` was not given.
+    """
+    data_path = Path(data) if data else Path(recorded_data)
+    if not data_path.exists():
+        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data {data_hint}")
+    if target is not None:
+        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
+    opts = dataclasses.replace(opts, precision=precision or opts.precision, runtime=runtime or opts.runtime,
+                               allow_drop=allow_drop, cache_dir=str(cache_dir) if cache_dir else opts.cache_dir,
+                               quiet=quiet)
+    return opts, data_path
+
+
 def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None, precision: str | None = None,
                   runtime: str | None = None, data: str | Path | None = None, allow_drop: bool = False,
                   cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False) -> FitResult:
@@ -37,17 +58,6 @@ def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None
         head_cfg = dataclasses.replace(head_cfg, l2=chosen_l2)
     fields = {f.name for f in dataclasses.fields(FitOptions)}
     opts = FitOptions(**{k: v for k, v in recorded.items() if k in fields and k != "head"}, head=head_cfg)
-    data_path = Path(data) if data else Path(training["data"])
-    if not data_path.exists():
-        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data DIR")
-    if target is not None:
-        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
-    opts = dataclasses.replace(
-        opts,
-        precision=precision or (opts.precision if target is None else None),
-        runtime=runtime or (opts.runtime if target is None else None),
-        allow_drop=allow_drop,
-        cache_dir=str(cache_dir) if cache_dir else opts.cache_dir,
-        quiet=quiet,
-    )
+    opts, data_path = retargeted(opts, training["data"], target=target, precision=precision, runtime=runtime,
+                                 data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet)
     return fit(data_path, out, options=opts, force=force)

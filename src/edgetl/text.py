@@ -364,13 +364,10 @@ def export_text_bundle(run: str | Path, out: str | Path, *, target: str | None =
         head_cfg = dataclasses.replace(head_cfg, l2=chosen_l2)
     names = {f.name for f in dataclasses.fields(TextFitOptions)} - {"head"}
     opts = TextFitOptions(**{k: v for k, v in recorded.items() if k in names}, head=head_cfg)
-    data_path = Path(data) if data else Path(training["data"])
-    if not data_path.exists():
-        raise DataError(f"{data_path}: the run's training data is not there any more; pass --data FILE")
-    if target is not None:
-        opts = dataclasses.replace(opts, target=target, precision=None, runtime=None)
-    opts = dataclasses.replace(opts, precision=precision or opts.precision, runtime=runtime or opts.runtime,
-                               allow_drop=allow_drop, cache_dir=str(cache_dir) if cache_dir else opts.cache_dir, quiet=quiet)
+    from .export import retargeted
+
+    opts, data_path = retargeted(opts, training["data"], target=target, precision=precision, runtime=runtime,
+                                 data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet, data_hint="FILE")
     return fit_text(data_path, out, options=opts, force=force)
 
 
