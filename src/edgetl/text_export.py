@@ -361,17 +361,16 @@ def _ort_preset(target: Target) -> tuple[str, dict]:
     """Optimum's dynamic preset for the profile's weight type.
 
     U8 weights are Optimum's ``avx2`` preset (U8 x U8). S8 weights are the ``arm64`` preset on
-    ARM profiles and ``avx512_vnni`` elsewhere (U8 x S8, the cpu-x86 profile). The profile's
-    ``overflow_fix = "enable"`` becomes ORT's 7-bit ``reduce_range`` in every preset: ORT's AVX2
-    kernels without VNNI sum u8 x s8 products in a saturating int16, which 7-bit weights keep
-    clear of (the ``avx512_vnni`` preset has no such argument; the flag is set on its config).
+    ARM profiles and ``avx512_vnni`` elsewhere (U8 x S8, the cpu-x86 profile). Whatever the
+    preset, :func:`_ort_dynamic` turns the profile's ``overflow_fix = "enable"`` into ORT's 7-bit
+    ``reduce_range`` on its config (only ``avx2`` takes it as an argument): ORT's AVX2 kernels
+    without VNNI sum u8 x s8 products in a saturating int16, which 7-bit weights keep clear of.
     """
     q = target.quantization
     extra = {"use_symmetric_weights": q.symmetric_weights}
-    reduce_range = q.overflow_fix == "enable"
     if q.weight_type == "uint8":
-        return "avx2", {**extra, "reduce_range": reduce_range}
-    return ("arm64" if "arm" in target.name else "avx512_vnni"), {**extra, "reduce_range": reduce_range}
+        return "avx2", extra
+    return ("arm64" if "arm" in target.name else "avx512_vnni"), extra
 
 
 def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
@@ -382,7 +381,7 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     except ImportError:
         return _ort_dynamic_plain(src, out_dir, target)
     preset, extra = _ort_preset(target)
-    reduce_range = extra.pop("reduce_range")
+    reduce_range = target.quantization.overflow_fix == "enable"
     cfg = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=target.quantization.per_channel, **extra)
     cfg = dataclasses.replace(cfg, reduce_range=reduce_range)
     work = out_dir / ".ortq"
@@ -421,8 +420,6 @@ def _nncf_params(target: Target, n: int) -> dict:
     MiniLM they took the INT8 embedding cosine to FP32 from 0.98 down to 0.955 (attention and
     LayerNorm activations have rare large outliers that global extremes chase, and NNCF's
     per-image average ignores)."""
-    import dataclasses
-
     from .quantize import _nncf_params as profile_params
 
     nncf = load_nncf()
