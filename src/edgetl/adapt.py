@@ -371,7 +371,7 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
     recent = {e["version"] for e in versions[-KEEP_FUSED:]}
     drop = pruned_fused(b, recent)
     new = switch_version(b, {"head": {"current": version, "versions": versions}, "labels": labels,
-                      "models": {**b.manifest["models"], "fused": fused}}, drop)
+                             "models": {**b.manifest["models"], "fused": fused}}, drop)
     timings["total"] = round(time.perf_counter() - t0, 3)
     return AdaptResult(new, version, labels, new_classes, gate, timings, skipped)
 
@@ -411,7 +411,7 @@ def rollback(bundle: str | Path | Bundle, *, to: int | None = None) -> Bundle:
         fused = _write_fused(b, b.load_head(to), to)
     versions_meta = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
     return switch_version(b, {**changes, "head": {"current": to, "versions": versions_meta},
-                       "models": {**b.manifest["models"], "fused": fused}}, [])
+                              "models": {**b.manifest["models"], "fused": fused}}, [])
 
 
 def history(bundle: str | Path | Bundle) -> list[dict]:

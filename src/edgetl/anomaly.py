@@ -1295,8 +1295,8 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
     # Fused models of older versions are pruned (a padim one is ~13 MB); rollback regenerates them.
     drop = pruned_fused(b, {e["version"] for e in versions[-KEEP_FUSED:]})
     new = switch_version(b, {"head": {"current": version, "versions": versions},
-                      "models": {**b.manifest["models"], "fused": fused},
-                      "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, drop)
+                             "models": {**b.manifest["models"], "fused": fused},
+                             "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, drop)
     return AnomalyAdaptResult(new, version, len(samples), summary(before), summary(after), memory,
                               {"total": round(time.perf_counter() - t0, 3)})
 
