@@ -62,8 +62,20 @@ def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
     backbone = sum(v["bytes"] for k, v in files.items() if k.startswith("backbone"))
     budget = float(b.manifest["target"].get("latency_budget_ms", 0) or 0)
     p50 = float(np.percentile(lat, 50))
+    from .sessions import cpu_family
+
+    wanted = device or b.manifest["target"].get("device", "CPU")
+    # An NPU profile timed on a laptop without an NPU runs on the CPU plugin: the budget is the
+    # device's, so the figure says where it really ran.
+    fallback = b.runtime == "openvino" and session.device != wanted
+    providers = b.manifest["target"].get("providers") or []
+    if b.runtime == "onnxruntime" and providers and session.device != providers[0]:
+        fallback = True
     return {
         "bundle": str(b.path), "precision": b.precision, "runtime": b.runtime, "device": session.device,
+        "target_device": wanted if b.runtime == "openvino" else (providers[0] if providers else "CPUExecutionProvider"),
+        "fallback": fallback, "float_precision": session.float_precision,
+        "requested_float_precision": session.requested_precision, "cpu": cpu_family(),
         "latency_ms": {"p50": round(p50, 3), "p90": round(float(np.percentile(lat, 90)), 3)},
         "throughput": {"batch": best["batch"], "images_per_s": round(best["images_per_s"], 1)},
         "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -122,6 +122,14 @@ class Bundle:
         return self.manifest["runtime"]
 
     @property
+    def float_precision(self) -> str:
+        """What the bundle's models compute non-quantized ops in: f32 unless its profile opted
+        into bf16 / f16 (bundles written before this was recorded mean f32)."""
+        if self.precision == "bf16":
+            return "bf16"
+        return str(self.manifest.get("target", {}).get("float_precision", "f32"))
+
+    @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.manifest["backbone"]["preprocess"])
 

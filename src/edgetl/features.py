@@ -54,6 +54,23 @@ def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
+def numerics_tag(session) -> str:
+    """What decides a session's numbers beyond the model file: runtime, float precision, and the
+    INT8 path (exact emulation, or this CPU family's native kernels, which differ between AVX2
+    and VNNI machines). Part of every feature cache key, so features computed one way are never
+    served for another (a bf16 run for an f32 one, say)."""
+    from .sessions import cpu_family
+
+    path = "exact" if session.emulated else f"native-{cpu_family()['int8']}"
+    return f"{session.runtime}-{session.float_precision}-{path}"
+
+
+def session_key(session, model_path: str | Path, preprocess: PreprocessConfig) -> str:
+    """Cache namespace of features computed by ``session`` on ``model_path`` (see :func:`numerics_tag`)."""
+    tag = hashlib.sha256(numerics_tag(session).encode()).hexdigest()[:8]
+    return f"{model_key(model_path, preprocess)}-{tag}"
+
+
 class FeatureCache:
     """``root/<model_key>/v<view>/<ab>/<digest>.npy``: one small file per vector, written atomically."""
 

@@ -58,6 +58,7 @@ def open_bundle_model(bundle: Bundle, path: Path, *, device: str | None = None, 
         providers=target.get("providers"),
         threads=threads,
         exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
+        float_precision=bundle.float_precision,
     )
 
 

@@ -18,8 +18,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-PRECISIONS = ("int8", "fp16", "fp32")
+# bf16: FP32 weights computed in bfloat16, on OpenVINO where the CPU has native bf16 (AVX-512 BF16,
+# AMX); on other CPUs OpenVINO keeps f32 and the report says so.
+PRECISIONS = ("int8", "bf16", "fp16", "fp32")
 RUNTIMES = ("onnxruntime", "openvino")
+FLOAT_PRECISIONS = ("f32", "bf16", "f16")
 DEFAULT_TARGET = "openvino-cpu"  # the fastest INT8 path measured on x86 CPUs (see README)
 
 
@@ -75,6 +78,9 @@ class Target:
         accuracy_tolerance: maximal accuracy drop vs FP32, in percentage points.
         latency_budget_ms: batch-1 latency the bundle should meet on the device (reported).
         device_packages: what ``pip install`` the device needs to run the bundle.
+        float_precision: what the runtime computes non-quantized ops in (``f32`` by default; a
+            profile may opt into ``bf16`` / ``f16`` where that is faster). ``precision = "bf16"``
+            implies ``bf16``.
     """
 
     name: str
@@ -88,6 +94,7 @@ class Target:
     accuracy_tolerance: float = 1.0
     latency_budget_ms: float = 50.0
     device_packages: tuple[str, ...] = ("edgetl", "onnxruntime")
+    float_precision: str = "f32"
     # How fit computes training features from the converted model on the laptop/CI machine:
     # "runtime" runs the host's own INT8 kernels; "simulated" computes exact INT8 arithmetic in
     # float (ONNX Runtime: the QDQ graph unfused; OpenVINO: FakeQuantize run as float ops, the CPU
@@ -98,23 +105,70 @@ class Target:
     quantization: Quantization = field(default_factory=Quantization)
     tensorrt: TensorRT | None = None
     source: str = ""
+    # Settings an override (--precision / --runtime) made irrelevant and dropped, for the report.
+    adjusted: tuple[str, ...] = ()
 
     @property
     def static(self) -> bool:
         return self.batch > 0
 
+    @property
+    def session_precision(self) -> str:
+        """The float precision sessions of this target's models are compiled with."""
+        return "bf16" if self.precision == "bf16" else self.float_precision
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
+        if not d["adjusted"]:
+            d.pop("adjusted")
         return d
 
     def with_overrides(self, **kw: Any) -> "Target":
-        """A copy with ``precision`` / ``runtime`` / ... replaced (None values ignored), re-validated."""
-        kw = {k: v for k, v in kw.items() if v is not None}
+        """A copy with ``precision`` / ``runtime`` replaced (None values ignored), re-validated.
+
+        Overrides compose with any profile: settings an override makes irrelevant are dropped and
+        listed in :attr:`adjusted` (which the report shows), e.g. accuracy control once nothing is
+        INT8, or an OpenVINO device once the runtime is ONNX Runtime. An override that would need
+        settings the profile does not have fails with the name of a profile that has them.
+
+        Raises:
+            ConfigError: the combination needs another profile (named in the message).
+        """
+        kw = {k: v for k, v in kw.items() if v is not None and getattr(self, k) != v}
         if not kw:
             return self
         t = dataclasses.replace(self, **kw)
-        _check_rules(t, self.source or self.name)
+        where = self.source or self.name
+        q, notes = t.quantization, list(self.adjusted)
+        asked = " ".join(f"--{k} {v}" for k, v in kw.items())
+        if t.runtime == "openvino" and t.precision == "int8" and q.engine != "nncf":
+            raise ConfigError(f"{asked}: {self.name} quantizes with ONNX Runtime's quantizer, which makes no OpenVINO "
+                              "model; for INT8 on OpenVINO use --target openvino-cpu (or intel-npu)")
+        if t.runtime == "openvino" and t.tensorrt is not None:
+            raise ConfigError(f"{asked}: {self.name} is a TensorRT profile; for OpenVINO use --target openvino-cpu")
+        if t.precision == "bf16" and t.runtime != "openvino":
+            raise ConfigError(f"{asked}: bf16 runs on OpenVINO's CPU plugin; use --target openvino-cpu --precision bf16")
+        if t.precision != "int8":
+            if q.accuracy_control:
+                q = dataclasses.replace(q, accuracy_control=False)
+                notes.append("quantization.accuracy_control dropped: nothing is INT8")
+            if t.fit_features != "runtime":
+                t = dataclasses.replace(t, fit_features="runtime")
+                notes.append("fit_features = runtime: exact-INT8 emulation is moot without INT8")
+        if t.runtime == "onnxruntime":
+            if q.accuracy_control:
+                q = dataclasses.replace(q, accuracy_control=False)
+                notes.append("quantization.accuracy_control dropped: it needs OpenVINO (NNCF's OpenVINO backend)")
+            if t.float_precision == "bf16":
+                t = dataclasses.replace(t, float_precision="f32")
+                notes.append("float_precision = f32: ONNX Runtime's CPU provider computes in f32")
+            if self.runtime == "openvino" and t.device != "CPU":
+                notes.append(f"device {t.device} dropped: ONNX Runtime runs on its providers "
+                             f"({', '.join(t.providers)})")
+                t = dataclasses.replace(t, device="CPU")
+        t = dataclasses.replace(t, quantization=q, adjusted=tuple(notes))
+        _check_rules(t, where)
         return t
 
 
@@ -144,6 +198,7 @@ def _coerce(where: str, key: str, value: Any, default: Any) -> Any:
 def _build(cls, data: dict, where: str, *, required: tuple[str, ...] = (), extra: dict | None = None):
     allowed = _fields(cls)
     allowed.pop("source", None)
+    allowed.pop("adjusted", None)
     out = dict(extra or {})
     for key, value in data.items():
         if key not in allowed or key in out:
@@ -177,6 +232,7 @@ def _check_rules(t: Target, where: str) -> None:
         "runtime": (t.runtime, RUNTIMES),
         "fit_features": (t.fit_features, ("runtime", "simulated")),
         "precision": (t.precision, PRECISIONS),
+        "float_precision": (t.float_precision, FLOAT_PRECISIONS),
         "quantization.engine": (q.engine, ("nncf", "ort")),
         "quantization.activation_type": (q.activation_type, ("int8", "uint8")),
         "quantization.weight_type": (q.weight_type, ("int8", "uint8")),
@@ -210,6 +266,15 @@ def _check_rules(t: Target, where: str) -> None:
             raise ConfigError(f"{where}: TensorRT profiles need a static input shape; set batch = 1 (or another fixed size)")
         if t.runtime != "onnxruntime":
             raise ConfigError(f"{where}: a [tensorrt] profile ships ONNX; set runtime = \"onnxruntime\"")
+    if t.precision == "bf16" and t.runtime != "openvino":
+        raise ConfigError(f"{where}: precision bf16 runs on OpenVINO's CPU plugin; set runtime = \"openvino\" "
+                          "(or use --target openvino-cpu --precision bf16)")
+    if t.float_precision == "bf16" and t.runtime != "openvino":
+        raise ConfigError(f"{where}: float_precision = \"bf16\" needs runtime openvino; ONNX Runtime's CPU "
+                          "provider computes float ops in f32")
+    if t.float_precision == "f16" and t.runtime == "onnxruntime" and "TensorrtExecutionProvider" not in t.providers:
+        raise ConfigError(f"{where}: float_precision = \"f16\" on ONNX Runtime needs the TensorRT provider; "
+                          "use \"f32\" (or an fp16 model: precision = \"fp16\")")
     if q.accuracy_control and t.runtime != "openvino":
         raise ConfigError(f"{where}: quantization.accuracy_control needs runtime openvino (NNCF's OpenVINO backend)")
 

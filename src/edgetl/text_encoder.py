@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError, require
 from .features import FeatureCache, file_digest
-from .sessions import default_threads
+from .sessions import open_session
 from .text_data import text_digest
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -61,51 +61,6 @@ def load_tokenizer(path: str | Path, *, max_length: int = DEFAULT_MAX_LENGTH):
     return tok
 
 
-class _OrtRunner:
-    runtime = "onnxruntime"
-
-    def __init__(self, path: Path, *, providers, threads):
-        ort = require("onnxruntime", extra="base", purpose="running ONNX models")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        available = ort.get_available_providers()
-        wanted = [p for p in (providers or ["CPUExecutionProvider"]) if p in available] or ["CPUExecutionProvider"]
-        try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
-        except Exception as exc:
-            raise ConfigError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
-        self.inputs = [i.name for i in self._sess.get_inputs()]
-        self.device = self._sess.get_providers()[0]
-
-    def __call__(self, feeds: dict) -> np.ndarray:
-        return self._sess.run(None, feeds)[0]
-
-
-class _OpenVinoRunner:
-    runtime = "openvino"
-
-    def __init__(self, path: Path, *, device, threads):
-        ov = require("openvino", extra="openvino", purpose="running OpenVINO models")
-        core = ov.Core()
-        chosen = device or "CPU"
-        if chosen not in core.available_devices and not chosen.startswith(("AUTO", "MULTI", "HETERO")):
-            chosen = "CPU"
-        config = {"INFERENCE_NUM_THREADS": threads or default_threads()} if chosen == "CPU" else {}
-        try:
-            self._compiled = core.compile_model(core.read_model(str(path)), chosen, config)
-        except Exception as exc:
-            raise ConfigError(f"{path}: OpenVINO cannot compile this model for {chosen} ({str(exc).splitlines()[0]})") from None
-        self._request = self._compiled.create_infer_request()
-        self.inputs = [i.get_any_name() for i in self._compiled.inputs]
-        self.device = chosen
-
-    def __call__(self, feeds: dict) -> np.ndarray:
-        res = self._request.infer(feeds)
-        return np.asarray(res[self._compiled.outputs[0]]).copy()
-
-
 class TextEncoder:
     """Tokenizer + encoder session: texts in, float32 sentence embeddings out.
 
@@ -117,27 +72,26 @@ class TextEncoder:
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | Path, *, runtime: str | None = None,
                  device: str | None = None, providers: Sequence[str] | None = None, threads: int | None = None,
-                 max_length: int = DEFAULT_MAX_LENGTH):
+                 max_length: int = DEFAULT_MAX_LENGTH, float_precision: str = "f32"):
         self.model_path, self.tokenizer_path = Path(model_path), Path(tokenizer_path)
         self.max_length = int(max_length)
         self.tokenizer = load_tokenizer(self.tokenizer_path, max_length=self.max_length)
-        runtime = runtime or ("openvino" if self.model_path.suffix == ".xml" else "onnxruntime")
-        if runtime == "onnxruntime":
-            self.runner = _OrtRunner(self.model_path, providers=providers, threads=threads)
-        elif runtime == "openvino":
-            self.runner = _OpenVinoRunner(self.model_path, device=device, threads=threads)
-        else:
-            raise ConfigError(f"unknown runtime {runtime!r}; expected onnxruntime or openvino")
-        unknown = [n for n in self.runner.inputs if n not in MODEL_INPUTS]
-        if unknown or "input_ids" not in self.runner.inputs:
-            raise ConfigError(f"{self.model_path}: inputs {self.runner.inputs} are not a text encoder's "
+        self.session = open_session(self.model_path, runtime=runtime, device=device,
+                                    providers=list(providers) if providers else None, threads=threads,
+                                    float_precision=float_precision)
+        unknown = [n for n in self.session.input_names if n not in MODEL_INPUTS]
+        if unknown or "input_ids" not in self.session.input_names:
+            raise ConfigError(f"{self.model_path}: inputs {self.session.input_names} are not a text encoder's "
                               f"(expected {', '.join(MODEL_INPUTS[:2])} [, token_type_ids])")
         self._key: str | None = None
 
     @property
     def cache_key(self) -> str:
         if self._key is None:
-            self._key = text_model_key(self.model_path, self.tokenizer_path, self.max_length)
+            from .features import numerics_tag
+
+            base = text_model_key(self.model_path, self.tokenizer_path, self.max_length)
+            self._key = f"{base}-{hashlib.sha256(numerics_tag(self.session).encode()).hexdigest()[:8]}"
         return self._key
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -148,11 +102,11 @@ class TextEncoder:
             "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
             "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
         }
-        return {name: arrays[name] for name in self.runner.inputs}
+        return {name: arrays[name] for name in self.session.input_names}
 
     def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
         """Embeddings of one batch, no cache."""
-        return np.asarray(self.runner(self.tokenize(texts)), dtype=np.float32)
+        return np.asarray(self.session.run(self.tokenize(texts))[0], dtype=np.float32)
 
     def encode(self, texts: Sequence[str], *, digests: Sequence[str] | None = None, cache: FeatureCache | bool | None = None,
                cache_root: str | Path | None = None, batch_size: int = 32) -> np.ndarray:

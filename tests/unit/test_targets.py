@@ -7,7 +7,7 @@ import pytest
 from edgetl.errors import ConfigError
 from edgetl.targets import list_targets, load_target
 
-SHIPPED = {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu"}
+SHIPPED = {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu", "openvino-cpu-vnni"}
 
 
 def test_shipped_profiles_load_and_describe_themselves():
