@@ -90,3 +90,28 @@ def no_torch_env(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("no-torch")
     (d / "sitecustomize.py").write_text(_BLOCKER)
     return {"PYTHONPATH": str(d) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def make_grouped_crops(root: Path, *, classes=("brick", "grass", "gravel", "moon", "camera"), groups: int = 4,
+                       per_group: int = 6, size: int = 96, folders: bool = True) -> Path:
+    """Data with many near-copies per source, as factory data has: each class is one scikit-image
+    photograph, each group one quadrant of it, and each image of a group a crop shifted a few
+    pixels inside that quadrant (consecutive frames of one part). With ``folders`` the layout is
+    ``DATA/<class>/<group>/``; without, a flat ``DATA/<class>/`` with the group in the file name."""
+    from skimage import data as skdata
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        img = np.asarray(getattr(skdata, c)())
+        img = np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
+        H, W = img.shape[:2]
+        for g in range(groups):
+            y0, x0 = (g // 2) * (H // 2), (g % 2) * (W // 2)
+            cy, cx = y0 + (H // 2 - size) // 2, x0 + (W // 2 - size) // 2
+            for i in range(per_group):
+                dy, dx = rng.integers(-6, 7, 2)
+                crop = img[cy + dy : cy + dy + size, cx + dx : cx + dx + size]
+                out = root / c / f"part{g}" / f"frame{i}.png" if folders else root / c / f"part{g}_frame{i}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.ascontiguousarray(crop)).save(out)
+    return root

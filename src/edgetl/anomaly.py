@@ -52,8 +52,8 @@ from .adapt import (KEEP_FUSED, check_writable, new_version_files, pruned_fused,
                     write_fused)
 from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest, write_npz_durably
 from .data import Sample, check_image, is_image_name
-from .errors import BundleError, ConfigError, DataError, GateError
-from .features import FeatureCache, extract_features, load_input, model_key
+from .errors import BundleError, ConfigError, DataError
+from .features import FeatureCache, extract_features, load_input, session_key
 from .preprocess import PreprocessConfig, resize_crop
 from .runtime import open_backbone, open_bundle_model
 from .sessions import Session, open_session
@@ -828,6 +828,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     from . import __version__
     from .anomaly_export import fuse_anomaly, fused_parity
     from .fuse import check_parity
+    from .gate import GateDecision, auroc_gate, enforce
     from .backbones import default_cache_dir, export_backbone
     from .data import Dataset
     from .fit import _converted_model, measure_latency
@@ -875,9 +876,10 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     # INT8 arithmetic (QDQ run unfused), as classification does; see Target.fit_features.
     simulate = target.fit_features == "simulated" and target.precision == "int8"
 
-    def features(model_path: Path, runtime: str, device: str, desc: str, sim: bool = False):
-        sess = open_session(model_path, runtime=runtime, device=device, providers=["CPUExecutionProvider"], simulate=sim)
-        cache = FeatureCache(cache_root, model_key(model_path, pre) + ("-simulated" if sim else ""))
+    def features(model_path: Path, runtime: str, device: str, desc: str, sim: bool = False, precision: str = "f32"):
+        sess = open_session(model_path, runtime=runtime, device=device, providers=["CPUExecutionProvider"], simulate=sim,
+                            float_precision=precision)
+        cache = FeatureCache(cache_root, session_key(sess, model_path, pre))
         kw = dict(session=sess, preprocess=pre, shape=shape, cache=cache, batch_size=options.batch_size,
                   quiet=options.quiet)
         F_tr = extract_patch_features([s.path for s in ds.train], digests=[s.digest for s in ds.train],
@@ -886,7 +888,8 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
                                       desc=f"{desc} eval", **kw)
         return sess, cache, F_tr, F_ev
 
-    session, cache, F_tr, F_ev = features(shipped.path, target.runtime, target.device, "patch features", simulate)
+    session, cache, F_tr, F_ev = features(shipped.path, target.runtime, target.device, "patch features", simulate,
+                                          target.session_precision)
     lap("features")
     head = fit_head(F_tr, cfg, size=pre.input_size)
     lap("head")
@@ -896,10 +899,13 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
 
     ref: dict = {}
     is_reference = target.precision == "fp32" and target.runtime == "onnxruntime"
+    decision = GateDecision("image_auroc", target.accuracy_tolerance, 0, method="the shipped model is the reference")
     if options.reference and not is_reference:
         _, _, R_tr, R_ev = features(exported.path, "onnxruntime", "CPU", "fp32 reference")
         ref_head = fit_head(R_tr, cfg, size=pre.input_size)
-        ref_m, _, _ = _evaluate(ref_head, R_ev, evalset, ds.masks, pre)
+        ref_m, _, ref_scores = _evaluate(ref_head, R_ev, evalset, ds.masks, pre)
+        decision = auroc_gate([s.label != "good" for s in evalset], ref_scores, scores,
+                              tolerance_pp=target.accuracy_tolerance)
         cos = feature_cosine(_patches(R_ev), _patches(F_ev)) if len(R_ev) else np.ones(1)
         ref = {"fp32_image_auroc": ref_m["image_auroc"], "image_auroc": metrics["image_auroc"],
                "fp32_pixel_auroc": ref_m["pixel_auroc"], "pixel_auroc": metrics["pixel_auroc"],
@@ -909,14 +915,9 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
         if ref_m["image_auroc"] is not None and metrics["image_auroc"] is not None:
             ref["image_auroc_drop_pp"] = round((ref_m["image_auroc"] - metrics["image_auroc"]) * 100, 3)
     lap("reference")
-    drop = ref.get("image_auroc_drop_pp")
-    gate = {"metric": "image_auroc", "tolerance_pp": target.accuracy_tolerance, "drop_pp": drop,
-            "passed": drop is None or drop <= target.accuracy_tolerance}
-    if not gate["passed"] and not options.allow_drop:
-        raise GateError(
-            f"{target.precision} model loses {drop:.2f} points of image AUROC vs FP32 (target {target.name} allows "
-            f"{target.accuracy_tolerance}); try --calibration-size, --precision fp32, or accept it with --allow-drop"
-        )
+    gate = decision.to_dict()
+    enforce(decision, model=f"{target.precision} model", target=target.name, allow=options.allow_drop,
+            hint="try --calibration-size or --precision fp32")
 
     with BundleWriter(out, force=force) as w:
         backbone_name = f"backbone{shipped.path.suffix}"
@@ -937,7 +938,8 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
         lap("bundle")
         probe = evalset[:8] or ds.train[:8]
         probe_x = np.stack([load_input(s.path, pre) for s in probe])
-        fused_session = open_session(fused_path, runtime=target.runtime, device=target.device, simulate=simulate)
+        fused_session = open_session(fused_path, runtime=target.runtime, device=target.device, simulate=simulate,
+                                     float_precision=target.session_precision)
         par = fused_parity(fused_session, session, head, probe_x, shape)
         check_parity(par, par["max_rel_score_diff"], "relative score difference", allow=options.allow_drop)
         latency = {"backbone": measure_latency(session, (3, pre.input_size, pre.input_size)),
@@ -950,6 +952,8 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
             "task": "anomaly", "head": head.kind, "precision": target.precision, "runtime": target.runtime,
             "target": target.name, "conversion": shipped.info, "eval_set": "test" if ds.test else "held-out good",
             "metrics": metrics, "reference": ref, "gate": gate, "fused_parity": par, "latency_batch1": latency,
+            "numerics": {"features": session.describe(), "fused": fused_session.describe(),
+                         "target_float_precision": target.session_precision},
             "size": sizes, "memory_patches": head.memory_size, "timings_s": timings,
         }
         (w.dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -1363,11 +1367,9 @@ def fit_text(result: AnomalyFitResult) -> str:
                                                                         f"; {c['val_good']} good held out")]
     lines.append(f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
                  f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})")
-    ref = r["reference"]
-    if ref.get("fp32_image_auroc") is not None:
-        lines.append(f"fp32      image AUROC {_fmt(ref['fp32_image_auroc'])} ({r['precision']} drop "
-                     f"{ref['image_auroc_drop_pp']:+.2f} pp, tolerance {r['gate']['tolerance_pp']}), "
-                     f"patch-feature cosine {ref['patch_feature_cosine_mean']:.4f}")
+    from .report import gate_lines
+
+    lines += gate_lines(r, "patch-feature cosine", r["reference"].get("patch_feature_cosine_mean"))
     lines.append(f"model     {r['size']['bundle_bytes'] / 1e6:.1f} MB bundle, fused model batch-1 latency "
                  f"{r['latency_batch1']['fused']['p50_ms']:.1f} ms (p50, this machine); fused vs numpy: "
                  f"score rel. diff {r['fused_parity']['max_rel_score_diff']:.1e}")

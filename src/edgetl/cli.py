@@ -98,10 +98,12 @@ def main() -> None:
 @click.option("--hidden", type=int, default=256, show_default=True, help="Hidden units of the mlp head.")
 @click.option("--epochs", type=int, default=300, show_default=True, help="Optimizer iterations for linear/mlp heads.")
 @click.option("--target", "-t", help="Target profile name (see `edgetl targets`) or a .toml file.  [default: openvino-cpu]")
-@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Override the target's precision.")
+@click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or CSV.")
 @click.option("--val-split", type=float, default=0.2, show_default=True, help="Fraction held out per class when no --val.")
+@click.option("--group-by", help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
+              "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]")
 @click.option("--augment", type=int, default=0, show_default=True, help="Augmented views cached per training image.")
 @click.option("--calibration-size", type=int, help="INT8 calibration images (default: the target's, 300).")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows.")
@@ -120,7 +122,7 @@ def main() -> None:
 @quiet_option
 @handle_errors
 def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
-        augment, calibration_size, allow_drop, seed, cache_dir, strict, force, task, text_column, label_column,
+        group_by, augment, calibration_size, allow_drop, seed, cache_dir, strict, force, task, text_column, label_column,
         as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
@@ -164,7 +166,7 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
         backbone=backbone, weights=str(weights) if weights else None,
         head=HeadConfig(kind=head_kind, l2=l2, hidden=hidden, epochs=epochs, seed=seed),
         target=target, precision=precision, runtime=runtime, val=str(val) if val else None, val_split=val_split,
-        augment=augment, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
+        group_by=group_by, augment=augment, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
         calibration_size=calibration_size, allow_drop=allow_drop, quiet=quiet or as_json,
     )
     result = run_fit(data, out, options=opts, force=force)
@@ -194,13 +196,13 @@ def _fit_text(result) -> str:
     lines = [f"bundle    {result.bundle.path}  ({r['target']}: {r['precision']} on {r['runtime']})"]
     n_tr = sum(c["train"] for c in result.dataset.counts().values())
     n_va = sum(c["val"] for c in result.dataset.counts().values())
-    lines.append(f"data      {len(result.bundle.labels)} classes, {n_tr} train / {n_va} val images")
-    ref = r["reference"]
-    if ref.get("fp32_val_accuracy") is not None:
-        lines.append(
-            f"fp32      {ref['fp32_val_accuracy'] * 100:.2f}% val accuracy; {r['precision']} drop "
-            f"{ref['accuracy_drop_pp']:+.2f} pp (tolerance {r['gate']['tolerance_pp']}), feature cosine {ref['feature_cosine_mean']:.4f}"
-        )
+    split = r.get("split", {})
+    how = {"grouped": f"grouped split, {split.get('val_groups')} of {split.get('groups')} groups held out",
+           "explicit": "your validation set", "stratified": "stratified random split"}.get(split.get("method"), "")
+    lines.append(f"data      {len(result.bundle.labels)} classes, {n_tr} train / {n_va} val images ({how})")
+    from .report import gate_lines
+
+    lines += gate_lines(r, "feature cosine", r["reference"].get("feature_cosine_mean"))
     size_mb = r["size"]["backbone_bytes"] / 1e6
     lines.append(f"model     {size_mb:.1f} MB backbone, batch-1 latency {r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)")
     lines.append(f"time      {sum(v for k, v in result.timings.items() if k != 'backbone_images'):.1f} s "
@@ -304,7 +306,7 @@ def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, as_jso
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--target", "-t", help="Target profile name or .toml file (default: the run's).")
-@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), help="Precision of the new bundle.")
+@click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Precision of the new bundle.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Runtime of the new bundle.")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data, if it moved since the run.")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than allowed.")
@@ -535,13 +537,17 @@ def bench(bundle, runs, device, as_json):
     from .benchmark import bench_bundle
 
     r = bench_bundle(bundle, runs=runs, device=device)
+    where = f" (CPU fallback: {r['target_device']} is not on this machine)" if r["fallback"] else ""
     text = "\n".join([
-        f"bundle      {bundle} ({r['precision']} on {r['runtime']}/{r['device']})",
+        f"bundle      {bundle} ({r['precision']} on {r['runtime']}/{r['device']}{where})",
+        f"numerics    float ops in {r['float_precision']} (asked {r['requested_float_precision']}); "
+        f"this CPU's INT8 accumulates in {r['cpu']['int8']}",
         f"latency     p50 {r['latency_ms']['p50']:.2f} ms, p90 {r['latency_ms']['p90']:.2f} ms (batch 1, {runs} runs)",
         f"throughput  {r['throughput']['images_per_s']:.1f} images/s at batch {r['throughput']['batch']}",
         f"memory      {r['peak_rss_mb']:.0f} MB peak RSS",
         f"size        {r['backbone_mb']:.2f} MB backbone, {r['bundle_mb']:.2f} MB bundle",
-        f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine)",
+        f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine"
+        f"{', which is not the target device' if r['fallback'] else ''})",
     ])
     emit(r, as_json, text)
 

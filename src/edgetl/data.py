@@ -4,8 +4,14 @@ Layouts understood (checked in this order):
 
 * ``DATA/train/<class>/*`` + ``DATA/val/<class>/*`` — an explicit validation set;
 * ``DATA/<class>/*`` — ImageFolder; a stratified, seeded split makes the validation set;
-* ``DATA.csv`` or ``DATA/labels.csv`` — a manifest with ``path,label`` (and optionally ``split``)
-  columns, paths relative to the CSV's folder and never outside it.
+* ``DATA.csv`` or ``DATA/labels.csv`` — a manifest with ``path,label`` (and optionally ``split``
+  and ``group``) columns, paths relative to the CSV's folder and never outside it.
+
+Groups. Small datasets are rarely independent images: many frames of one part, one shift, one
+camera. A random split puts near-copies of a validation image into training, and the validation
+figure then measures memorisation. When images carry a group — ``DATA/<class>/<group>/*``, a
+``group`` column, or ``group_by`` (a CSV column, ``folder``, or ``regex:PATTERN`` on the file name)
+— the split keeps every group on one side (:func:`group_split`).
 
 Every image is decoded once here, so a truncated or non-image file is found before any model runs.
 Bad files are skipped and reported (``Dataset.skipped``) unless ``strict`` is set.
@@ -17,6 +23,7 @@ import csv
 import hashlib
 import io
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +38,13 @@ _VAL_DIRS = ("val", "valid", "validation")
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled image; ``digest`` is the sha256 of the file's bytes (the cache key's core)."""
+    """One labelled image; ``digest`` is the sha256 of the file's bytes (the cache key's core);
+    ``group`` what it belongs with (a part, a session), or "" for an image of its own."""
 
     path: Path
     label: str
     digest: str
+    group: str = ""
 
 
 @dataclass
@@ -48,6 +57,9 @@ class Dataset:
     train: list[Sample]
     val: list[Sample]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # How the validation set was made: "explicit", "stratified" or "grouped (<source>)", with
+    # group counts and the classes left without validation images.
+    split: dict = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         tr, va = Counter(s.label for s in self.train), Counter(s.label for s in self.val)
@@ -109,11 +121,14 @@ def _files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _scan_folder(root: Path) -> list[tuple[Path, str]]:
-    """ImageFolder: (path, label) for every file below ``root/<class>/``."""
+def _scan_folder(root: Path) -> list[tuple[Path, str, str]]:
+    """ImageFolder: (path, label, group) for every file below ``root/<class>/``; an image in a
+    sub-folder ``root/<class>/<group>/...`` belongs to that group (named ``<class>/<group>``)."""
     items = []
     for cdir in _class_dirs(root):
-        items += [(p, cdir.name) for p in _files_under(cdir)]
+        for p in _files_under(cdir):
+            rel = p.relative_to(cdir).parts
+            items.append((p, cdir.name, f"{cdir.name}/{rel[0]}" if len(rel) > 1 else ""))
     loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p)]
     if loose and not items:
         raise DataError(
@@ -123,8 +138,9 @@ def _scan_folder(root: Path) -> list[tuple[Path, str]]:
     return items
 
 
-def _scan_csv(csv_path: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]] | None]:
-    """CSV manifest -> (train items, val items or None when there is no split column)."""
+def _scan_csv(csv_path: Path, group_column: str | None = None):
+    """CSV manifest -> (train items, val items or None when there is no split column); items are
+    (path, label, group), the group from ``group_column`` (default: a ``group`` column if any)."""
     base = csv_path.parent.resolve()
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
@@ -140,6 +156,11 @@ def _scan_csv(csv_path: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, 
         rows = rows[1:]
     else:
         ip, il, isplit = 0, 1, None
+        header = []
+    wanted = (group_column or "group").strip().lower()
+    igroup = header.index(wanted) if wanted in header else None
+    if group_column and igroup is None:
+        raise DataError(f"{csv_path}: no column {group_column!r} to group by; columns: {', '.join(header) or 'none'}")
     train, val = [], []
     for lineno, row in enumerate(rows, start=2 if ip or il or isplit is not None else 1):
         if not row or all(not c.strip() for c in row):
@@ -158,37 +179,38 @@ def _scan_csv(csv_path: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, 
         split = row[isplit].strip().lower() if isplit is not None and len(row) > isplit else "train"
         if split not in ("train", *_VAL_DIRS):
             raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train or val")
-        (val if split in _VAL_DIRS else train).append((path, label))
+        group = row[igroup].strip() if igroup is not None and len(row) > igroup else ""
+        (val if split in _VAL_DIRS else train).append((path, label, group))
     return train, (val if isplit is not None else None)
 
 
-def _find_layout(root: Path):
+def _find_layout(root: Path, group_column: str | None = None):
     """-> (layout name, train items, val items or None)."""
     if not root.exists():
         raise DataError(f"{root}: no such file or folder; give an image folder or a CSV manifest")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise DataError(f"{root}: expected a folder of class sub-folders or a .csv manifest")
-        train, val = _scan_csv(root)
+        train, val = _scan_csv(root, group_column)
         return "csv", train, val
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     val_dir = next((subdirs[n] for n in _VAL_DIRS if n in subdirs), None)
     if "train" in subdirs and val_dir is not None:
         return "train+val", _scan_folder(subdirs["train"]), _scan_folder(val_dir)
     if not subdirs and (root / "labels.csv").is_file():
-        train, val = _scan_csv(root / "labels.csv")
+        train, val = _scan_csv(root / "labels.csv", group_column)
         return "csv", train, val
     return "folder", _scan_folder(root), None
 
 
 def _check_all(items, *, strict: bool, skipped: list, checked: CheckedImages | None = None) -> list[Sample]:
     out = []
-    for path, label in items:
+    for path, label, group in items:
         if not is_image_name(path):
             reason = "not an image file (unknown extension)"
         else:
             try:
-                out.append(Sample(path, label, check_image(path, checked)))
+                out.append(Sample(path, label, check_image(path, checked), group))
                 continue
             except DataError as exc:
                 if strict:
@@ -216,16 +238,84 @@ def stratified_split(samples: list[Sample], *, fraction: float, seed: int):
     return train, val
 
 
-def scan_images(root: str | Path, *, strict: bool = False,
-                checked: CheckedImages | None = None) -> tuple[str, list[Sample], list[Sample] | None, list]:
+def group_split(samples: list[Sample], *, fraction: float, seed: int) -> tuple[list[Sample], list[Sample], dict]:
+    """A seeded split that keeps every group on one side and each class near ``fraction`` in val.
+
+    Groups are taken in a seeded order; a group goes to validation while its classes are below
+    their validation quota and it is not the last training group of any of its classes. Images
+    without a group are groups of one. Returns (train, val, info); ``info`` names the classes
+    that got no validation image (too few groups).
+    """
+    by_group: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_group[s.group or f"\0{s.digest}:{s.path}"].append(s)
+    per_class = Counter(s.label for s in samples)
+    quota = {c: (0 if n < 2 else max(1, round(n * fraction))) for c, n in per_class.items()}
+    groups_of: dict[str, set[str]] = defaultdict(set)
+    for g, members in by_group.items():
+        for s in members:
+            groups_of[s.label].add(g)
+    rng = random.Random(seed)
+    order = sorted(by_group, key=lambda g: (min(s.digest for s in by_group[g]), g))
+    rng.shuffle(order)
+    in_val: Counter = Counter()
+    train_groups = {c: set(gs) for c, gs in groups_of.items()}
+    val_groups: set[str] = set()
+    for g in order:
+        counts = Counter(s.label for s in by_group[g])
+        wanted = any(in_val[c] < quota[c] for c in counts)
+        keeps_train = all(len(train_groups[c]) > 1 for c in counts)
+        if wanted and keeps_train:
+            val_groups.add(g)
+            in_val.update(counts)
+            for c in counts:
+                train_groups[c].discard(g)
+    train = [s for g in order if g not in val_groups for s in by_group[g]]
+    val = [s for g in order if g in val_groups for s in by_group[g]]
+    key = lambda s: (s.label, str(s.path))  # noqa: E731 - stable output order
+    info = {"groups": len(by_group), "val_groups": len(val_groups),
+            "classes_without_val": sorted(c for c in per_class if in_val[c] == 0 and per_class[c] >= 2)}
+    return sorted(train, key=key), sorted(val, key=key), info
+
+
+def _regroup(samples: list[Sample], group_by: str | None, layout: str) -> tuple[list[Sample], str]:
+    """Apply ``group_by`` to scanned samples -> (samples, where their groups come from)."""
+    import dataclasses
+
+    if group_by == "none":
+        return [dataclasses.replace(s, group="") for s in samples], "none"
+    if group_by and group_by.startswith("regex:"):
+        try:
+            pattern = re.compile(group_by[len("regex:"):])
+        except re.error as exc:
+            raise DataError(f"--group-by {group_by!r}: not a valid regular expression ({exc})") from None
+        out = []
+        for s in samples:
+            m = pattern.search(s.path.name)
+            g = (m.group(1) if m and m.groups() else m.group(0)) if m else ""
+            out.append(dataclasses.replace(s, group=f"{s.label}/{g}" if g else ""))
+        return out, f"regex {pattern.pattern!r} on file names"
+    if group_by == "folder" and layout not in ("folder", "train+val"):
+        raise DataError(f"--group-by folder needs DATA/<class>/<group>/ folders; this dataset is a {layout}")
+    if any(s.group for s in samples):
+        return samples, ("csv column" if layout == "csv" else "folder DATA/<class>/<group>/")
+    return samples, "none"
+
+
+def scan_images(root: str | Path, *, strict: bool = False, checked: CheckedImages | None = None,
+                group_by: str | None = None) -> tuple[str, list[Sample], list[Sample] | None, list]:
     """Discover and decode every image under ``root`` (not those ``checked`` already knows);
-    labels as the layout gives them.
+    labels (and groups) as the layout gives them.
 
     Returns:
         (layout, samples, explicit val samples or None, skipped [(path, reason)]).
     """
     root = Path(root)
-    layout, train_items, val_items = _find_layout(root)
+    column = group_by if group_by and group_by not in ("none", "folder") and not group_by.startswith("regex:") else None
+    if column and not (root.is_file() or (root / "labels.csv").is_file()):
+        raise DataError(f"--group-by {group_by!r}: a column name needs a CSV manifest; for folders use "
+                        "--group-by folder (DATA/<class>/<group>/) or --group-by 'regex:PATTERN'")
+    layout, train_items, val_items = _find_layout(root, column)
     skipped: list[tuple[Path, str]] = []
     train = _check_all(train_items, strict=strict, skipped=skipped, checked=checked)
     val = _check_all(val_items, strict=strict, skipped=skipped, checked=checked) if val_items is not None else None
@@ -241,6 +331,7 @@ def load_dataset(
     strict: bool = False,
     min_classes: int = 2,
     checked: CheckedImages | None = None,
+    group_by: str | None = None,
 ) -> Dataset:
     """Find, check and split a labelled image dataset.
 
@@ -252,6 +343,8 @@ def load_dataset(
         strict: make unreadable files fatal instead of skipped.
         min_classes: 2 for classification.
         checked: images known to decode (a cache), which are hashed but not decoded again.
+        group_by: where groups come from: ``None`` (a ``group`` column or ``<class>/<group>/``
+            folders when present), ``none``, ``folder``, ``regex:PATTERN`` or a CSV column.
 
     Raises:
         DataError: missing path, no usable images, too few classes, a class with no usable image.
@@ -263,7 +356,8 @@ def load_dataset(
     if not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     root = Path(root)
-    layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked)
+    layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked, group_by=group_by)
+    train, grouping = _regroup(train, group_by, layout)
     if val is not None:
         vlayout, vtrain, vval, vskipped = scan_images(val, strict=strict, checked=checked)
         explicit_val = vtrain + (vval or [])
@@ -295,9 +389,12 @@ def load_dataset(
                 f"{val or root}: validation class {unknown[0]!r} has no training images; "
                 "every validation class must also appear in training"
             )
-        return Dataset(root, layout, classes, train, explicit_val, skipped)
+        return Dataset(root, layout, classes, train, explicit_val, skipped, {"method": "explicit"})
+    if grouping != "none":
+        tr, va, info = group_split(train, fraction=val_split, seed=seed)
+        return Dataset(root, layout, classes, tr, va, skipped, {"method": "grouped", "groups_from": grouping, **info})
     tr, va = stratified_split(train, fraction=val_split, seed=seed)
-    return Dataset(root, layout, classes, tr, va, skipped)
+    return Dataset(root, layout, classes, tr, va, skipped, {"method": "stratified"})
 
 
 def _expected_classes(root: Path, layout: str) -> list[str]:

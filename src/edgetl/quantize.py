@@ -239,7 +239,9 @@ def _convert(
             model = nncf.quantize(model, _nncf_dataset(calibration, batch), **_nncf_params(target, n))
             info.update(engine="nncf/openvino", preset=target.quantization.preset)
         dst = out_dir / f"{stem}.xml"
-        ov.save_model(model, str(dst), compress_to_fp16=(precision == "fp16"))
+        # bf16 bundles keep FP16-compressed weights (half the file; the CPU computes in bf16, whose
+        # mantissa is coarser than fp16's, so nothing is lost that bf16 would keep).
+        ov.save_model(model, str(dst), compress_to_fp16=precision in ("fp16", "bf16"))
     else:
         dst = out_dir / f"{stem}.onnx"
         if precision == "fp32":
@@ -267,9 +269,15 @@ def _convert(
     return ConvertedModel(dst, runtime, precision, info)
 
 
-# Accuracy-controlled quantization reverts one group of quantizers per iteration and re-validates;
-# capping the iterations bounds its time (a few minutes for EfficientNet-Lite on 2 cores).
+# Accuracy-controlled quantization ranks every quantizer group by reverting it and re-validating,
+# then reverts the worst one per iteration. Both are bounded: at most this many iterations, and a
+# wall-clock budget after which it stops and the plain INT8 model stands (the gate then refuses).
 ACCURACY_CONTROL_MAX_ITERATIONS = 12
+ACCURACY_CONTROL_BUDGET_S = 120.0
+
+
+class _OutOfTime(Exception):
+    """Raised from inside NNCF's validation callback when accuracy control's budget is spent."""
 
 
 def float_layers(model) -> list[str]:
@@ -300,6 +308,7 @@ def convert_with_accuracy_control(
     score,
     max_drop: float,
     stem: str = "backbone",
+    budget_s: float = ACCURACY_CONTROL_BUDGET_S,
 ) -> ConvertedModel:
     """INT8 through NNCF's accuracy-controlled quantization (OpenVINO IR only).
 
@@ -307,7 +316,10 @@ def convert_with_accuracy_control(
     images to float, until ``score`` of the model's outputs falls no more than ``max_drop`` below
     its FP32 value (or :data:`ACCURACY_CONTROL_MAX_ITERATIONS` is reached). ``score(outputs)``
     returns ``(metric, per-image values)``; fit passes the FP32-trained head's accuracy, so
-    "accuracy" means what the gate means. The layers left in float are in ``info["float_layers"]``.
+    "accuracy" means what the gate means. The layers left in float are in
+    ``info["accuracy_control"]["float_layers"]``. After ``budget_s`` seconds it stops: then no
+    model file is written and ``info["accuracy_control"]["stopped"]`` says why (the caller keeps
+    the plain INT8 model).
 
     Raises:
         ConfigError: the target's runtime is not OpenVINO.
@@ -331,27 +343,36 @@ def convert_with_accuracy_control(
     step = batch or 1
 
     def validate(compiled, items) -> tuple[float, list[float]]:
+        if time.perf_counter() - t0 > budget_s:
+            raise _OutOfTime
         outs = [np.asarray(compiled(x)[0]) for x in items]
         metric, per_image = score(np.concatenate(outs).reshape(sum(len(o) for o in outs), -1))
         bounds = np.cumsum([0] + [len(o) for o in outs])
         return metric, [float(np.mean(per_image[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
     val_items = [validation[i : i + step] for i in range(0, len(validation) - step + 1, step)]
-    with contextlib.redirect_stdout(sys.stderr):
-        restored = nncf.quantize_with_accuracy_control(
-            model, _nncf_dataset(calibration, batch), nncf.Dataset(val_items), validate, max_drop=max_drop,
-            preset=params["preset"], subset_size=params["subset_size"],
-            fast_bias_correction=params["fast_bias_correction"], ignored_scope=params["ignored_scope"],
-            advanced_quantization_parameters=params["advanced_parameters"],
-            advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                max_num_iterations=ACCURACY_CONTROL_MAX_ITERATIONS),
-        )
+    info = {"precision": "int8", "runtime": "openvino", "batch": batch or "dynamic", "engine": "nncf/openvino",
+            "preset": target.quantization.preset, "calibration_images": int(len(calibration))}
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            restored = nncf.quantize_with_accuracy_control(
+                model, _nncf_dataset(calibration, batch), nncf.Dataset(val_items), validate, max_drop=max_drop,
+                preset=params["preset"], subset_size=params["subset_size"],
+                fast_bias_correction=params["fast_bias_correction"], ignored_scope=params["ignored_scope"],
+                advanced_quantization_parameters=params["advanced_parameters"],
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=ACCURACY_CONTROL_MAX_ITERATIONS, num_ranking_workers=1),
+            )
+    except _OutOfTime:
+        info.update(accuracy_control={"max_drop": max_drop, "float_layers": [],
+                                      "stopped": f"time budget of {budget_s:.0f} s spent"},
+                    seconds=round(time.perf_counter() - t0, 2))
+        return ConvertedModel(out_dir / f"{stem}.none", "openvino", "int8", info)
     dst = out_dir / f"{stem}.xml"
     ov.save_model(restored, str(dst), compress_to_fp16=False)
     layers = float_layers(ov.Core().read_model(str(dst)))  # as saved: quantized weights are int8 constants
-    info = {"precision": "int8", "runtime": "openvino", "batch": batch or "dynamic", "engine": "nncf/openvino",
-            "preset": target.quantization.preset, "accuracy_control": {"max_drop": max_drop, "float_layers": layers},
-            "calibration_images": int(len(calibration)), "seconds": round(time.perf_counter() - t0, 2)}
+    info.update(accuracy_control={"max_drop": max_drop, "float_layers": layers},
+                seconds=round(time.perf_counter() - t0, 2))
     return ConvertedModel(dst, "openvino", "int8", info)
 
 

@@ -26,9 +26,14 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     precision = {labels[i]: (round(float(diag[i] / predicted[i]), 4) if predicted[i] else None) for i in range(k)}
     n = int(support.sum())
     present = [r for r in recall.values() if r is not None]
+    from .gate import wilson_interval
+
+    # Two-sided 95 %: what a figure on this many items could be (40 items: about +-8 points).
+    lo, hi = wilson_interval(int(diag.sum()), n, confidence=0.975) if n else (None, None)
     return {
         "n": n,
         "accuracy": round(float(diag.sum() / n), 4) if n else None,
+        "accuracy_interval": [round(lo, 4), round(hi, 4)] if n else None,
         "balanced_accuracy": round(float(np.mean(present)), 4) if present else None,
         "per_class_recall": recall,
         "per_class_precision": precision,
@@ -38,14 +43,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
-def format_metrics(m: dict, *, title: str = "") -> str:
-    """A human-readable block: accuracy, per-class recall, confusion matrix."""
+def format_metrics(m: dict, *, title: str = "", items: str = "images") -> str:
+    """A human-readable block: accuracy (with its interval), per-class recall, confusion matrix."""
     labels = m["labels"]
     lines = []
     if title:
         lines.append(title)
     acc = m["accuracy"]
-    lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} images)" if acc is not None else "accuracy  n/a (no images)")
+    ci = m.get("accuracy_interval")
+    interval = f"; 95% interval {ci[0] * 100:.1f}-{ci[1] * 100:.1f}%" if ci else ""
+    lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} {items}{interval})" if acc is not None
+                 else f"accuracy  n/a (no {items})")
     if m.get("balanced_accuracy") is not None:
         lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%")
     width = max(8, *(len(l) for l in labels))
@@ -62,3 +70,15 @@ def format_metrics(m: dict, *, title: str = "") -> str:
     for lbl, row in zip(labels, m["confusion_matrix"]):
         lines.append(f"{lbl:<{width}}  " + " ".join(f"{v:>{cw}}" for v in row))
     return "\n".join(lines)
+
+
+def gate_lines(report: dict, cosine_name: str, cosine) -> list[str]:
+    """The FP32 comparison and the gate's decision (drop, interval, verdict), for every task's fit."""
+    from .gate import GateDecision
+
+    g = GateDecision.from_dict(report["gate"])
+    if g.drop_pp is None:
+        return [f"gate      {g.describe()}"]
+    cos = f", {cosine_name} {cosine:.4f}" if cosine is not None else ""
+    return [f"fp32      {g.reference * 100:.2f}% {g.metric.replace('_', ' ')} (converted {g.value * 100:.2f}%){cos}",
+            f"gate      {g.describe()}"]

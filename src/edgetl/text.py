@@ -35,7 +35,8 @@ import numpy as np
 
 from . import __version__
 from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle
-from .errors import BundleError, ConfigError, DataError, GateError
+from .errors import BundleError, ConfigError, DataError
+from .gate import GateDecision, accuracy_gate, enforce
 from .heads import HeadConfig, train_head
 from .report import classification_metrics
 from .text_data import TextDataset, is_text_data, load_text_dataset, scan_texts
@@ -234,8 +235,10 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     lap("convert")
 
     def open_encoder(path):
-        return TextEncoder(path, exported.tokenizer, runtime=target.runtime if path == shipped.path else "onnxruntime",
-                           device=target.device, max_length=exported.max_length)
+        shipped_model = path == shipped.path
+        return TextEncoder(path, exported.tokenizer, runtime=target.runtime if shipped_model else "onnxruntime",
+                           device=target.device, max_length=exported.max_length,
+                           float_precision=target.session_precision if shipped_model else "f32")
 
     encoder = open_encoder(shipped.path)
     cache = FeatureCache(cache_root, encoder.cache_key)
@@ -256,6 +259,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     # conversion costs (the same gate images get).
     ref: dict = {}
     fp32_encoder = None
+    decision = GateDecision("accuracy", target.accuracy_tolerance, 0, method="the shipped encoder is the reference")
     if options.reference and not (target.precision == "fp32" and target.runtime == "onnxruntime"):
         fp32_encoder = open_encoder(exported.path)
         ref_cache = FeatureCache(cache_root, fp32_encoder.cache_key)
@@ -264,22 +268,18 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         runs += ref_cache.misses
         fixed = HeadConfig.from_dict({**options.head.to_dict(), "l2": head.meta.get("l2", options.head.l2)})
         ref_head = train_head(R_tr, y_tr, ds.classes, cfg=fixed)
-        ref_acc = float(np.mean(ref_head.predict(R_va) == y_va)) if len(y_va) else None
+        ref_correct = ref_head.predict(R_va) == y_va
+        ref_acc = float(np.mean(ref_correct)) if len(y_va) else None
+        decision = accuracy_gate(ref_correct, head.predict(X_va) == y_va, tolerance_pp=target.accuracy_tolerance)
         cos = feature_cosine(R_va, X_va) if len(y_va) else feature_cosine(R_tr, X_tr)
         ref = {"fp32_val_accuracy": ref_acc, "val_accuracy": val_metrics.get("accuracy"),
                "feature_cosine_mean": round(float(cos.mean()), 5), "feature_cosine_min": round(float(cos.min()), 5)}
         if ref_acc is not None and val_metrics:
             ref["accuracy_drop_pp"] = round((ref_acc - val_metrics["accuracy"]) * 100, 3)
     lap("reference")
-    drop = ref.get("accuracy_drop_pp")
-    gate = {"tolerance_pp": target.accuracy_tolerance, "drop_pp": drop,
-            "passed": drop is None or drop <= target.accuracy_tolerance}
-    if not gate["passed"] and not options.allow_drop:
-        raise GateError(
-            f"{target.precision} encoder loses {drop:.2f} points of validation accuracy vs FP32 "
-            f"(target {target.name} allows {target.accuracy_tolerance}); try --precision fp32, another --target, "
-            "or accept it with --allow-drop"
-        )
+    gate = decision.to_dict()
+    enforce(decision, model=f"{target.precision} encoder", target=target.name, items="texts",
+            allow=options.allow_drop, hint="try --precision fp32 or another --target")
 
     from .adapt import herding, save_exemplars
 
@@ -299,7 +299,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         lap("bundle")
         probe = [s.text for s in (ds.val or ds.train)[:16]]
         fused = TextEncoder(fused_path, exported.tokenizer, runtime=target.runtime, device=target.device,
-                            max_length=exported.max_length)
+                            max_length=exported.max_length, float_precision=target.session_precision)
         par = parity(fused.embed_batch(probe), head.proba(encoder.embed_batch(probe)))
         check_parity(par, par["max_abs_diff"], "max probability difference", allow=options.allow_drop)
         bench_texts = [s.text for s in (ds.val or ds.train)[:64]]
@@ -309,6 +309,8 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
         sizes = {"backbone_bytes": sum(p.stat().st_size for p in shipped.files()), "fp32_bytes": exported.path.stat().st_size}
         report = {"task": "text", "precision": target.precision, "runtime": target.runtime, "target": target.name,
                   "conversion": shipped.info, "reference": ref, "gate": gate, "fused_parity": par,
+                  "numerics": {"features": encoder.session.describe(), "fused": fused.session.describe(),
+                               "target_float_precision": target.session_precision},
                   "latency_batch1": _latency(encoder), "throughput": speed, "size": sizes, "val": val_metrics,
                   "train_accuracy": train_metrics["accuracy"], "timings_s": timings}
         (w.dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -397,7 +399,7 @@ def open_text_encoder(bundle: Bundle, *, device: str | None = None, threads: int
     pre = bundle.manifest["backbone"].get("preprocess", {})
     return TextEncoder(bundle.model_file("backbone"), bundle.file(bundle.manifest["models"].get("tokenizer", "tokenizer.json")),
                        runtime=bundle.runtime, device=device or target.get("device"), providers=target.get("providers"),
-                       threads=threads, max_length=int(pre.get("max_length", 256)))
+                       threads=threads, max_length=int(pre.get("max_length", 256)), float_precision=bundle.float_precision)
 
 
 class TextPredictor:

@@ -73,11 +73,9 @@ def _fit_text(result) -> str:
              f"data      {len(result.bundle.labels)} classes, {sum(c['train'] for c in counts)} train / "
              f"{sum(c['val'] for c in counts)} val texts (columns {result.dataset.columns.get('text')!r}, "
              f"{result.dataset.columns.get('label')!r})"]
-    ref = r["reference"]
-    if ref.get("fp32_val_accuracy") is not None:
-        lines.append(f"fp32      {ref['fp32_val_accuracy'] * 100:.2f}% val accuracy; {r['precision']} drop "
-                     f"{ref['accuracy_drop_pp']:+.2f} pp (tolerance {r['gate']['tolerance_pp']}), "
-                     f"embedding cosine {ref['feature_cosine_mean']:.4f}")
+    from .report import gate_lines
+
+    lines += gate_lines(r, "embedding cosine", r["reference"].get("feature_cosine_mean"))
     speed = r["throughput"]
     extra = f" (fp32 {speed['fp32_sentences_per_s']:.0f})" if "fp32_sentences_per_s" in speed else ""
     lines.append(f"model     {r['size']['backbone_bytes'] / 1e6:.1f} MB encoder, {speed['sentences_per_s']:.0f} sentences/s"
@@ -85,7 +83,7 @@ def _fit_text(result) -> str:
     lines.append(f"time      {sum(v for k, v in result.timings.items() if k != 'backbone_texts'):.1f} s "
                  f"({result.timings['backbone_texts']} texts through an encoder)")
     if result.metrics:
-        lines += ["", format_metrics(result.metrics, title="validation").replace(" images)", " texts)")]
+        lines += ["", format_metrics(result.metrics, title="validation", items="texts")]
     return "\n".join(lines)
 
 
@@ -94,7 +92,7 @@ def evaluate(bundle, data, *, strict: bool, device: str | None) -> tuple[dict, s
     from .text import TextPredictor
 
     m = TextPredictor(bundle, device=device).evaluate(data, strict=strict)
-    text = format_metrics(m, title=f"{bundle} on {data} (head v{m['head_version']})").replace(" images)", " texts)")
+    text = format_metrics(m, title=f"{bundle} on {data} (head v{m['head_version']})", items="texts")
     return m, text, [(s["path"], s["reason"]) for s in m["skipped"]]
 
 
