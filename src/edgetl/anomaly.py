@@ -866,7 +866,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     lap("export")
     # Calibration: the good training images only (fit's own stratified subset + augmented views).
     calib_ds = Dataset(ds.root, ds.layout, ["good"], ds.train, [], [])
-    shipped = _converted_model(exported, target, calib_ds, cache_root, options.seed)
+    shipped = _converted_model(exported, target, calib_ds, cache_root, options.seed, quiet=options.quiet)
     lap("convert")
 
     shape = feature_shape(exported.path)

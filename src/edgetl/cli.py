@@ -105,7 +105,7 @@ def main() -> None:
 @click.option("--group-by", help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
               "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]")
 @click.option("--augment", type=int, default=0, show_default=True, help="Augmented views cached per training image.")
-@click.option("--calibration-size", type=int, help="INT8 calibration images (default: the target's, 300).")
+@click.option("--calibration-size", type=int, help="INT8 calibration images (default: the target's, 128).")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the head and calibration.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]")

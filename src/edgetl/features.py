@@ -136,6 +136,14 @@ def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", vi
     return to_tensor(resize_crop(im, preprocess), preprocess)
 
 
+def status(message: str, *, quiet: bool = False) -> None:
+    """One line on stderr saying what a long step is doing (nothing with ``quiet`` / ``--quiet``)."""
+    import logging
+
+    if not quiet and logging.getLogger("edgetl").isEnabledFor(logging.WARNING):
+        print(f"{message} ...", file=sys.stderr, flush=True)
+
+
 def _progress(total: int, *, desc: str, quiet: bool):
     """A tqdm bar on a terminal; nothing when piped, in CI, or with --quiet."""
     disable = quiet or not sys.stderr.isatty() or total == 0

@@ -30,7 +30,7 @@ from .bundle import Bundle, BundleWriter, check_out_dir
 from .data import CheckedImages, Dataset, load_dataset
 from .diagnostics import leakage_message, near_duplicates
 from .errors import ConfigError
-from .features import FeatureCache, extract_features, file_digest, load_input, session_key
+from .features import FeatureCache, extract_features, file_digest, load_input, session_key, status
 from .fuse import check_parity, fuse, parity
 from .gate import GateDecision, accuracy_gate, enforce
 from .heads import Head, HeadConfig, train_head
@@ -120,8 +120,13 @@ def _calibration_plan(ds: Dataset, target: Target, seed: int) -> tuple[list, dic
 
 
 def calibration_inputs(plan: list, preprocess) -> np.ndarray:
-    """The calibration plan's images (and augmented views) as one preprocessed batch."""
-    return np.stack([load_input(s.path, preprocess, digest=s.digest, view=v) for s, v in plan])
+    """The calibration plan's images (and augmented views) as one preprocessed batch, decoded on
+    two threads (Pillow releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return np.stack(list(pool.map(lambda sv: load_input(sv[0].path, preprocess, digest=sv[0].digest, view=sv[1]),
+                                      plan)))
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,7 @@ class _Restore:
 
 
 def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, cache_root: Path, seed: int,
-                     restore: _Restore | None = None) -> ConvertedModel:
+                     restore: _Restore | None = None, quiet: bool = False) -> ConvertedModel:
     """The target's backbone model, from the cache when the same settings and images made it before.
 
     With ``restore``, NNCF's accuracy-controlled quantization makes it (see
@@ -161,9 +166,12 @@ def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, ca
         return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    what = f"{target.precision} for {target.name} ({target.runtime})"
+    status(f"converting the backbone to {what}" + (f", calibrated on {len(plan)} training images" if plan else "")
+           + (": accuracy-controlled" if restore is not None else ""), quiet=quiet)
     calib = calibration_inputs(plan, exported.preprocess) if plan else None
     if restore is None:
-        converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib)
+        converted = convert(exported.path, target=target, out_dir=tmp, calibration=calib, quiet=quiet)
     else:
         val_x = np.stack([load_input(s.path, exported.preprocess) for s in restore.samples])
 
@@ -172,7 +180,7 @@ def _converted_model(exported: ExportedBackbone, target: Target, ds: Dataset, ca
             return float(hits.mean()), hits.tolist()
 
         converted = convert_with_accuracy_control(exported.path, target=target, out_dir=tmp, calibration=calib,
-                                                  validation=val_x, score=score, max_drop=restore.max_drop)
+                                                  validation=val_x, score=score, max_drop=restore.max_drop, quiet=quiet)
     converted.info["calibration"] = calib_info
     converted.info["file"] = converted.path.name
     info_path_tmp = tmp / "info.json"
@@ -337,7 +345,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     lap("scan")
     exported = export_backbone(options.backbone, weights=options.weights, cache_dir=cache_root, opset=target.opset)
     lap("export")
-    shipped = _converted_model(exported, target, ds, cache_root, options.seed)
+    shipped = _converted_model(exported, target, ds, cache_root, options.seed, quiet=options.quiet)
     lap("convert")
 
     trained = _train_on(shipped, target, ds, exported, cache_root, options, lap)
@@ -358,7 +366,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
                            hashlib.sha256("|".join([s.digest for s in ds.train] + ["val"] + [s.digest for s in ds.val]
                                                    + [json.dumps(options.head.to_dict(), sort_keys=True),
                                                       str(options.augment)]).encode()).hexdigest())
-        restored = _converted_model(exported, target, ds, cache_root, options.seed, restore=restore)
+        restored = _converted_model(exported, target, ds, cache_root, options.seed, restore=restore,
+                                    quiet=options.quiet)
         lap("accuracy_control")
         control = restored.info.get("accuracy_control", {})
         gate = {"plain_ptq": decision.to_dict(), "accuracy_control": control}

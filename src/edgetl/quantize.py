@@ -14,8 +14,11 @@ torch is never imported here; NNCF, OpenVINO and onnx are imported inside functi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +57,34 @@ def set_static_batch(model, batch: int):
     return onnx.shape_inference.infer_shapes(model)
 
 
+def quiet_requested(quiet: bool = False) -> bool:
+    """``--quiet`` reaches the library as the edgetl logger's level (the CLI sets ERROR)."""
+    return quiet or not logging.getLogger("edgetl").isEnabledFor(logging.WARNING)
+
+
+@contextlib.contextmanager
+def quantizer_output(quiet: bool = False):
+    """Where NNCF's and Optimum's progress bars go: stderr (stdout carries ``--json``), or nowhere
+    with ``--quiet``."""
+    if quiet_requested(quiet):
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    else:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+
+
 def load_nncf():
-    """Import NNCF with its log on stderr at WARNING. At import NNCF attaches a handler that
-    writes INFO lines to *stdout*, which would corrupt ``--json`` output (accuracy control logs a
-    line per iteration); edgetl reports progress itself."""
+    """Import NNCF with its log on stderr at WARNING (ERROR with ``--quiet``). At import NNCF
+    attaches a handler that writes INFO lines to *stdout*, which would corrupt ``--json`` output
+    (accuracy control logs a line per iteration); edgetl reports progress itself. NNCF imports
+    torch when it is installed; torch's "No CUDA runtime is found" notice is not for our users."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     nncf = require("nncf", extra="train", purpose="INT8 quantization")
-    import sys
 
     logger = logging.getLogger("nncf")
+    if quiet_requested():
+        logger.setLevel(logging.ERROR)
     logger.setLevel(max(logger.level, logging.WARNING))
     for h in logger.handlers:
         if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
@@ -186,13 +209,10 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
             "biases_clipped_to_int32": len(clipped)}
 
 
-def convert(fp32_onnx: Path, **kwargs) -> "ConvertedModel":
+def convert(fp32_onnx: Path, *, quiet: bool = False, **kwargs) -> "ConvertedModel":
     """See :func:`_convert`. NNCF draws its progress bars on stdout; they belong on stderr so that
-    ``--json`` output stays one clean object."""
-    import contextlib
-    import sys
-
-    with contextlib.redirect_stdout(sys.stderr):
+    ``--json`` output stays one clean object (and nowhere with ``quiet``)."""
+    with quantizer_output(quiet):
         return _convert(fp32_onnx, **kwargs)
 
 
@@ -309,6 +329,7 @@ def convert_with_accuracy_control(
     max_drop: float,
     stem: str = "backbone",
     budget_s: float = ACCURACY_CONTROL_BUDGET_S,
+    quiet: bool = False,
 ) -> ConvertedModel:
     """INT8 through NNCF's accuracy-controlled quantization (OpenVINO IR only).
 
@@ -326,9 +347,6 @@ def convert_with_accuracy_control(
     """
     if target.runtime != "openvino":
         raise ConfigError(f"accuracy-controlled quantization needs runtime openvino (target {target.name})")
-    import contextlib
-    import sys
-
     ov = _ov_core()
     nncf = load_nncf()
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -354,7 +372,7 @@ def convert_with_accuracy_control(
     info = {"precision": "int8", "runtime": "openvino", "batch": batch or "dynamic", "engine": "nncf/openvino",
             "preset": target.quantization.preset, "calibration_images": int(len(calibration))}
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with quantizer_output(quiet):
             restored = nncf.quantize_with_accuracy_control(
                 model, _nncf_dataset(calibration, batch), nncf.Dataset(val_items), validate, max_drop=max_drop,
                 preset=params["preset"], subset_size=params["subset_size"],

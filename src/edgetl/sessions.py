@@ -182,29 +182,18 @@ class OrtSession(Session):
         opts.log_severity_level = 3  # keep ORT's own warnings off the user's terminal
         # The CPU provider's only implicit down-cast is this ARM64 opt-in; pinned off so f32 is f32.
         opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "0")
-        provider_options = [self._provider_options(p, float_precision) for p in wanted]
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted,
-                                              provider_options=provider_options)
+            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise ConfigError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
         self.device = self._sess.get_providers()[0]
-        # TensorRT is the one ORT provider that can run float layers in f16; it does so only when
-        # asked (above). Everything else computes in the model's own types.
-        self.float_precision = float_precision if self.device == "TensorrtExecutionProvider" else "f32"
+        # ORT computes in the model's own types (its TensorRT provider too, at its defaults).
+        self.float_precision = "f32"
         inputs = self._sess.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.input_name = self.input_names[0]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.static_batch = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
-
-    @staticmethod
-    def _provider_options(provider: str, float_precision: str) -> dict:
-        if provider == "TensorrtExecutionProvider":
-            # Q/DQ graphs carry their own scales (explicit quantization); f16 for the float layers
-            # only when the profile asks for it.
-            return {"trt_int8_enable": "True", "trt_fp16_enable": str(float_precision == "f16")}
-        return {}
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._sess.run(None, feeds)

@@ -36,7 +36,7 @@ class Quantization:
     symmetric_activations: bool = False
     symmetric_weights: bool = True
     per_channel: bool = True
-    calibration_size: int = 300
+    calibration_size: int = 128
     # Activation ranges. Both engines: minmax (global min/max over the calibration set). ort engine:
     # percentile | entropy. nncf engine: mean_minmax (NNCF's default: per-image extremes averaged)
     # | histogram.
@@ -160,9 +160,9 @@ class Target:
             if q.accuracy_control:
                 q = dataclasses.replace(q, accuracy_control=False)
                 notes.append("quantization.accuracy_control dropped: it needs OpenVINO (NNCF's OpenVINO backend)")
-            if t.float_precision == "bf16":
+            if t.float_precision != "f32":
                 t = dataclasses.replace(t, float_precision="f32")
-                notes.append("float_precision = f32: ONNX Runtime's CPU provider computes in f32")
+                notes.append("float_precision = f32: ONNX Runtime computes in the model's own types")
             if self.runtime == "openvino" and t.device != "CPU":
                 notes.append(f"device {t.device} dropped: ONNX Runtime runs on its providers "
                              f"({', '.join(t.providers)})")
@@ -269,12 +269,9 @@ def _check_rules(t: Target, where: str) -> None:
     if t.precision == "bf16" and t.runtime != "openvino":
         raise ConfigError(f"{where}: precision bf16 runs on OpenVINO's CPU plugin; set runtime = \"openvino\" "
                           "(or use --target openvino-cpu --precision bf16)")
-    if t.float_precision == "bf16" and t.runtime != "openvino":
-        raise ConfigError(f"{where}: float_precision = \"bf16\" needs runtime openvino; ONNX Runtime's CPU "
-                          "provider computes float ops in f32")
-    if t.float_precision == "f16" and t.runtime == "onnxruntime" and "TensorrtExecutionProvider" not in t.providers:
-        raise ConfigError(f"{where}: float_precision = \"f16\" on ONNX Runtime needs the TensorRT provider; "
-                          "use \"f32\" (or an fp16 model: precision = \"fp16\")")
+    if t.float_precision != "f32" and t.runtime != "openvino":
+        raise ConfigError(f"{where}: float_precision = \"{t.float_precision}\" needs runtime openvino; ONNX "
+                          "Runtime computes float ops in the model's own types (use precision = \"fp16\" for FP16)")
     if q.accuracy_control and t.runtime != "openvino":
         raise ConfigError(f"{where}: quantization.accuracy_control needs runtime openvino (NNCF's OpenVINO backend)")
 

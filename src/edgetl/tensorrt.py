@@ -19,9 +19,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ONNX="${{1:-{fused}}}"
 TRTEXEC="${{TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}}"
-# --int8 lets TensorRT use the graph's own Q/DQ scales (explicit quantization; no calibrator);
-# --fp16 lets layers left in float run in half precision.
-"$TRTEXEC" --onnx="$ONNX" --saveEngine="${{ONNX%.onnx}}.engine" --int8 --fp16 \\
+# --stronglyTyped: every tensor keeps the type the graph gives it, so INT8 is where the Q/DQ nodes
+# put it (explicit quantization, scales from the graph, no calibrator) and the float layers stay
+# FP32, which is what the head was trained on. Strong typing builds on TensorRT 10 (JetPack 6
+# ships 10.3) and is the only mode TensorRT 11 has (it removed --int8 / --fp16).
+"$TRTEXEC" --onnx="$ONNX" --saveEngine="${{ONNX%.onnx}}.engine" --stronglyTyped \\
   --memPoolSize=workspace:{workspace}M --builderOptimizationLevel={level} --skipInference
 echo "engine written to ${{ONNX%.onnx}}.engine"
 """
@@ -37,7 +39,9 @@ import tensorrt as trt
 onnx_path = sys.argv[1] if len(sys.argv) > 1 else "{fused}"
 logger = trt.Logger(trt.Logger.WARNING)
 builder = trt.Builder(logger)
-network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+# Strongly typed: INT8 exactly where the graph's Q/DQ nodes put it, FP32 elsewhere (what the head
+# learned). TensorRT 10 has it and TensorRT 11 requires it: no precision builder flags are set.
+network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
 parser = trt.OnnxParser(network, logger)
 with open(onnx_path, "rb") as f:
     if not parser.parse(f.read()):
@@ -47,8 +51,6 @@ with open(onnx_path, "rb") as f:
 config = builder.create_builder_config()
 config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, {workspace} << 20)
 config.builder_optimization_level = {level}
-config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from the Q/DQ nodes
-config.set_flag(trt.BuilderFlag.FP16)
 engine = builder.build_serialized_network(network, config)
 if engine is None:
     sys.exit("engine build failed")
@@ -61,9 +63,10 @@ print("engine written to", out)
 
 def write_build_scripts(folder: Path, *, fused: str, workspace_mb: int, level: int) -> list[Path]:
     """Write build_engine.sh / build_engine.py into a bundle being staged."""
+    kw = dict(fused=fused, workspace=workspace_mb, level=level)
     sh = folder / "build_engine.sh"
-    sh.write_text(_SH.format(fused=fused, workspace=workspace_mb, level=level))
+    sh.write_text(_SH.format(**kw))
     sh.chmod(0o755)
     py = folder / "build_engine.py"
-    py.write_text(_PY.format(fused=fused, workspace=workspace_mb, level=level))
+    py.write_text(_PY.format(**kw))
     return [sh, py]

@@ -34,7 +34,6 @@ torch and transformers are imported inside functions only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -42,7 +41,6 @@ import importlib.util
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +50,7 @@ import numpy as np
 
 from .errors import ConfigError, MissingDependency, require
 from .features import file_digest
-from .quantize import ConvertedModel, load_nncf
+from .quantize import ConvertedModel, load_nncf, quantizer_output
 from .targets import Target
 from .text_encoder import DEFAULT_MAX_LENGTH, load_tokenizer
 
@@ -232,7 +230,7 @@ def add_pooling(model, *, hidden: str, mask: str = "attention_mask", output: str
 def _export_optimum(src: TextSource, out: Path, opset: int) -> Path:
     from optimum.exporters.onnx import main_export
 
-    with contextlib.redirect_stdout(sys.stderr):
+    with quantizer_output():
         main_export(src.ref, output=str(out), task="feature-extraction", library_name="transformers", opset=opset,
                     do_validation=False, device="cpu", local_files_only=src.local)
     return out / "model.onnx"
@@ -389,7 +387,7 @@ def _ort_dynamic(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
     shutil.copyfile(src, work / "model.onnx")
     if (src.parent / "config.json").is_file():  # lets Optimum record the model type with the result
         shutil.copyfile(src.parent / "config.json", work / "config.json")
-    with contextlib.redirect_stdout(sys.stderr):
+    with quantizer_output():
         quantizer = ORTQuantizer.from_pretrained(work, file_name="model.onnx")
         quantizer.quantize(save_dir=work / "out", quantization_config=cfg)
     dst = out_dir / "backbone.onnx"
@@ -475,7 +473,7 @@ def convert_text(
         nncf = load_nncf()
         feeds = calibration_feeds(exported.tokenizer, calibration, exported.inputs, max_length=exported.max_length)
         params = _nncf_params(target, len(feeds))
-        with contextlib.redirect_stdout(sys.stderr):
+        with quantizer_output():
             if target.runtime == "openvino":
                 ov = require("openvino", extra="openvino", purpose="OpenVINO IR export")
                 model = ov.convert_model(str(exported.path))

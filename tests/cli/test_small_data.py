@@ -73,3 +73,15 @@ def test_grouped_split_holds_out_whole_parts(near_copies, cache_dir, tmp_path):
     assert report["leakage"]["fraction"] < 0.25  # whole parts held out: few near-copies left
     assert not report["leakage"]["warn"] and "near-copy" not in r.stderr
     assert json.loads(r.stdout)["val"]["n"] == 5 * 6  # one whole part (6 frames) per class held out
+
+
+def test_quiet_means_quiet_even_while_converting(surfaces, exported, cache_dir, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir / "backbones", cache / "backbones")  # the export cached, nothing else
+    r = run_cli("fit", surfaces, "--out", tmp_path / "b", "--quiet", "--json", "--cache", cache)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # no NNCF bars, no torch notice, no warning
+    assert json.loads(r.stdout)["gate"]["verdict"] in ("passed", "inconclusive")
+    shutil.copytree(cache_dir / "backbones", tmp_path / "cache2" / "backbones")
+    loud = run_cli("fit", surfaces, "--out", tmp_path / "b2", "--cache", tmp_path / "cache2")
+    assert loud.returncode == 0, loud.stderr
+    assert "converting the backbone to int8 for openvino-cpu" in loud.stderr

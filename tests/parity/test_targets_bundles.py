@@ -105,6 +105,12 @@ def test_tensorrt_profile_is_symmetric_int8(bundles):
     assert zps, "no zero points found"
     assert all(z.dtype == np.int8 and not z.any() for z in zps)  # signed, zero point 0: TensorRT's form
     assert (b.path / "build_engine.sh").is_file() and (b.path / "build_engine.py").is_file()
+    # strongly typed builds: TensorRT 11 removed the precision flags, TensorRT 10.3 (JetPack 6) has both
+    sh, py = (b.path / "build_engine.sh").read_text(), (b.path / "build_engine.py").read_text()
+    command = next(line for line in sh.splitlines() if line.startswith('"$TRTEXEC"'))
+    assert "--stronglyTyped" in command and "--int8" not in command and "--fp16" not in command
+    assert "STRONGLY_TYPED" in py and "BuilderFlag" not in py
+    compile(py, "build_engine.py", "exec")
 
 
 @pytest.mark.parametrize("name", TARGETS)
