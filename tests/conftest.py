@@ -115,3 +115,15 @@ def make_grouped_crops(root: Path, *, classes=("brick", "grass", "gravel", "moon
                 out.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.ascontiguousarray(crop)).save(out)
     return root
+
+
+def minimal_manifest(labels=("a", "b"), **extra) -> dict:
+    """The smallest manifest the schema accepts, for bundle-format tests that write files by hand
+    (backbone.onnx and heads/v1.npz)."""
+    return {"task": "classify", "labels": list(labels), "precision": "fp32", "runtime": "onnxruntime",
+            "backbone": {"name": "test", "num_features": 4,
+                         "preprocess": {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
+                                        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+            "target": {"name": "cpu-x86"}, "models": {"backbone": "backbone.onnx"},
+            "head": {"current": 1, "versions": [{"version": 1, "file": "heads/v1.npz", "labels": list(labels)}]},
+            **extra}

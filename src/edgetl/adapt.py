@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle, load_bundle, update_manifest, write_npz_durably
+from .bundle import Bundle, load_bundle, update_manifest, updating, write_npz_durably
 from .data import scan_images
-from .errors import BundleError, DataError, GateError
+from .errors import BundleError, ConfigError, DataError, GateError
 from .features import extract_features
 from .heads import Head, HeadConfig, train_head
 from .runtime import open_backbone
@@ -131,24 +132,12 @@ def _accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.mean(head.predict(X) == y)) if len(y) else None
 
 
-def check_writable(b: Bundle) -> None:
-    """Refuse a read-only bundle before any work (one line, the fix named)."""
-    probe = b.path / f".write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BundleError(
-            f"{b.path}: bundle is not writable ({exc.strerror or exc}); copy it somewhere writable or fix permissions"
-        ) from None
-
-
-def _fused_name(b: Bundle, version: int) -> str:
+def fused_name(b: Bundle, version: int) -> str:
     suffix = Path(b.manifest["models"]["fused"]).suffix
     return f"model{suffix}" if version == 1 else f"model-v{version}{suffix}"
 
 
-def _fused_files(name: str) -> list[str]:
+def fused_files(name: str) -> list[str]:
     return [name, str(Path(name).with_suffix(".bin"))] if name.endswith(".xml") else [name]
 
 
@@ -173,7 +162,7 @@ def write_fused(b: Bundle, version: int, write) -> str:
     """Write version ``version``'s single-file model through ``write(staging_path)``, then rename it
     into place (``model.*`` for v1, ``model-vN.*`` after): a crash leaves no half file under the
     final name. Returns its name inside the bundle."""
-    name = _fused_name(b, version)
+    name = fused_name(b, version)
     target = b.path / name
     staging = b.path / f".staging-{os.getpid()}{target.suffix}"
     try:
@@ -196,24 +185,46 @@ def _write_fused(b: Bundle, head: Head, version: int) -> str:
     return write_fused(b, version, lambda staging: fuse(b.model_file("backbone"), head, staging, meta=meta))
 
 
-def pruned_fused(b: Bundle, keep_versions: set[int]) -> list[str]:
-    """Fused files of versions outside ``keep_versions`` (the heads themselves are always kept)."""
-    out = []
-    for entry in b.manifest["head"]["versions"]:
-        fused = entry.get("fused")
-        if fused and entry["version"] not in keep_versions and (b.path / fused).exists():
-            out += _fused_files(fused)
-    return out
+def with_new_version(b: Bundle, entry: dict) -> tuple[list[dict], list[str]]:
+    """The version list with ``entry`` added and the fused models of all but the
+    :data:`KEEP_FUSED` most recent versions pruned: (versions, files to drop). A pruned version's
+    ``fused`` becomes None (its head is always kept; rollback regenerates the model)."""
+    versions = b.manifest["head"]["versions"] + [entry]
+    keep = {e["version"] for e in versions[-KEEP_FUSED:]}
+    out, drop = [], []
+    for e in versions:
+        if e["version"] not in keep and e.get("fused"):
+            drop += [f for f in fused_files(e["fused"]) if f in b.manifest["files"]]
+            e = dict(e, fused=None)
+        out.append(e)
+    return out, drop
 
 
-def switch_version(b: Bundle, changes: dict, drop: list[str]) -> Bundle:
-    """Atomically make ``changes`` current, then delete files no longer referenced."""
+def switch_version(b: Bundle, changes: dict, *, add: list[str] = (), drop: list[str] = (), signer=None,
+                   operation: str = "adapt", new_version: dict | None = None) -> Bundle:
+    """Atomically make ``changes`` current (the files in ``add`` hashed in), then delete the files
+    in ``drop``, which the new manifest no longer lists. The caller holds the writer lock."""
     _fault("before-switch")
-    new = update_manifest(b, changes, exclude=drop)
+    new = update_manifest(b, changes, add=add, drop=drop, signer=signer, operation=operation, new_version=new_version)
     _fault("after-switch")
     for rel in drop:
         (b.path / rel).unlink(missing_ok=True)
     return new
+
+
+def for_update(bundle: str | Path | Bundle, *, operation: str, dry_run: bool = False, wait: float = 0.0):
+    """The bundle to work on: under its writer lock, as it is now, for a real update; simply
+    loaded for a dry run (which writes nothing)."""
+    path = bundle.path if isinstance(bundle, Bundle) else Path(bundle)
+    if dry_run:
+        return contextlib.nullcontext(load_bundle(path))
+    return updating(path, operation=operation, wait=wait)
+
+
+def check_tolerance(value: float, name: str = "--tolerance") -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 100):
+        raise ConfigError(f"{name} {value!r}: give percentage points between 0 and 100")
+    return float(value)
 
 
 def adapt(
@@ -228,6 +239,8 @@ def adapt(
     strict: bool = False,
     dry_run: bool = False,
     quiet: bool = True,
+    wait: float = 0.0,
+    signer=None,
 ) -> AdaptResult:
     """Retrain the bundle's head on labelled images in ``data`` (plus replayed exemplars).
 
@@ -239,9 +252,12 @@ def adapt(
         tolerance_pp: allowed accuracy drop on previously known classes, in percentage points.
         holdout: fraction of new images (per class) and of exemplars held out for the gate.
         dry_run: run everything including the gate, write nothing.
+        wait: seconds to wait for another writer of the bundle (0: refuse at once).
+        signer: a :class:`edgetl.signing.SigningKey` that signs the new version.
 
     Raises:
         BundleError: damaged, foreign or read-only bundle; disk full while writing (old head stays).
+        BundleBusy: another process is writing the bundle.
         DataError: no usable images in ``data``.
         GateError: the update would hurt known classes or the new labels are not learnable.
 
@@ -251,32 +267,32 @@ def adapt(
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if b.task != "classify":
-        raise BundleError(f"{b.path}: adapt for task {b.task!r} bundles is done by its own command")
-    if not dry_run:
-        check_writable(b)
-    layout, samples, val, skipped = scan_images(data, strict=strict)
-    samples += val or []
-    if not samples:
-        raise DataError(f"{data}: no usable labelled images ({len(skipped)} skipped); expected {data}/<class>/<image>")
-    session = open_backbone(b)
-    X_new = extract_features([s.path for s in samples], session=session, preprocess=b.preprocess,
-                             digests=[s.digest for s in samples], quiet=quiet, desc="adapt features")
-    timings["features"] = round(time.perf_counter() - t0, 3)
-    return update_head(b, X_new, [s.label for s in samples], data=data, n_items=len(samples), skipped=skipped,
-                       replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
-                       dry_run=dry_run, timings=timings, t0=t0)
+    check_tolerance(tolerance_pp)
+    with for_update(bundle, operation="adapt", dry_run=dry_run, wait=wait) as b:
+        if b.task != "classify":
+            raise BundleError(f"{b.path}: adapt for task {b.task!r} bundles is done by its own command")
+        layout, samples, val, skipped = scan_images(data, strict=strict)
+        samples += val or []
+        if not samples:
+            raise DataError(f"{data}: no usable labelled images ({len(skipped)} skipped); expected {data}/<class>/<image>")
+        session = open_backbone(b)
+        X_new = extract_features([s.path for s in samples], session=session, preprocess=b.preprocess,
+                                 digests=[s.digest for s in samples], quiet=quiet, desc="adapt features")
+        timings["features"] = round(time.perf_counter() - t0, 3)
+        return update_head(b, X_new, [s.label for s in samples], data=data, n_items=len(samples), skipped=skipped,
+                           replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
+                           dry_run=dry_run, timings=timings, t0=t0, signer=signer)
 
 
 def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_items: int, skipped: list,
                 replace: bool = False, force: bool = False, tolerance_pp: float = DEFAULT_TOLERANCE_PP,
                 holdout: float = HOLDOUT, seed: int = 0, dry_run: bool = False, timings: dict | None = None,
-                t0: float | None = None) -> AdaptResult:
+                t0: float | None = None, signer=None) -> AdaptResult:
     """Replay + gate + new head version from already extracted features (any modality).
 
     ``adapt`` (images) and ``edgetl.text.adapt_text`` both end here, so the gate, the exemplar
-    memory and the atomic switch are one piece of code.
+    memory and the atomic switch are one piece of code. The caller holds the writer lock (it got
+    ``b`` from :func:`for_update`).
     """
     timings = {} if timings is None else timings
     t0 = time.perf_counter() if t0 is None else t0
@@ -331,6 +347,11 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
     k_new = len(np.unique(y_new))
     floor = min(0.5, 2.0 / k_new) if k_new > 1 else 0.0
     reasons = []
+    swaps = label_disagreements(old_head, X_new, new_labels)
+    for w in swaps:
+        reasons.append(f"{w['looks_like_count']} of {w['images']} new images labelled {w['label']!r} look like "
+                       f"{w['looks_like']!r} to the current head (it agrees with the label on {w['agreement']:.0%}); "
+                       "are the labels swapped? If the parts really changed, pass --force")
     if baseline is not None and new_known is not None and (baseline - new_known) * 100 > tolerance_pp:
         reasons.append(f"accuracy on known classes would fall from {baseline:.1%} to {new_known:.1%} "
                        f"(tolerance {tolerance_pp} pp)")
@@ -340,7 +361,7 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
     gate = {"old_known_accuracy": baseline, "baseline": baseline_kind, "new_known_accuracy": new_known, "new_holdout_accuracy": new_holdout,
             "holdout_images": int(hold_new.sum()), "holdout_exemplars": int(hold_ex.sum()),
             "tolerance_pp": tolerance_pp, "passed": not reasons, "forced": bool(reasons and force),
-            "reasons": reasons}
+            "label_check": swaps, "reasons": reasons}
     if reasons and not force and not dry_run:
         raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(reasons) + " (--force to accept)")
     if dry_run:
@@ -355,7 +376,7 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
     ex_idx = herding(X_all, y_all, len(labels), per_class=per_class)
     version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
     head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
-    with new_version_files(b, [head_rel, ex_rel]):
+    with new_version_files(b, [head_rel, ex_rel, *fused_files(fused_name(b, version))]):
         (b.path / "heads").mkdir(exist_ok=True)
         (b.path / "exemplars").mkdir(exist_ok=True)
         head.save(b.path / head_rel)
@@ -367,51 +388,111 @@ def update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], *, data, n_
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "data": str(Path(data).resolve()), "images": n_items, "new_classes": new_classes,
              "gate": gate, "l2": head.meta.get("l2"), "unknown_threshold": b.head_entry().get("unknown_threshold", 0.0)}
-    versions = b.manifest["head"]["versions"] + [entry]
-    recent = {e["version"] for e in versions[-KEEP_FUSED:]}
-    drop = pruned_fused(b, recent)
+    versions, drop = with_new_version(b, entry)
     new = switch_version(b, {"head": {"current": version, "versions": versions}, "labels": labels,
-                             "models": {**b.manifest["models"], "fused": fused}}, drop)
+                             "models": {**b.manifest["models"], "fused": fused},
+                             "thresholds": {**b.manifest.get("thresholds", {}), "unknown": entry["unknown_threshold"]}},
+                         add=[head_rel, ex_rel, *fused_files(fused)], drop=drop, signer=signer, operation="adapt",
+                         new_version=entry)
     timings["total"] = round(time.perf_counter() - t0, 3)
     return AdaptResult(new, version, labels, new_classes, gate, timings, skipped)
 
 
-def rollback(bundle: str | Path | Bundle, *, to: int | None = None) -> Bundle:
+def rollback(bundle: str | Path | Bundle, *, to: int | None = None, wait: float = 0.0, signer=None) -> Bundle:
     """Make an earlier head version current again (default: the one before the current).
 
     Works for every task (classification, text, anomaly). The old head file is used as it was
-    written, so predictions are bit-identical to what that version gave; an anomaly version comes
-    back with its own threshold. Its fused model is regenerated if it was pruned.
+    written, so predictions are bit-identical to what that version gave, and the version comes
+    back with its own thresholds (its "unknown" confidence, or its defect score cut). Its fused
+    model is regenerated if it was pruned.
 
     Raises:
         BundleError: no such version, nothing to roll back to, or a read-only bundle.
+        BundleBusy: another process is writing the bundle.
     """
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    current = b.head_version
-    versions = [e["version"] for e in b.manifest["head"]["versions"]]
-    if to is None:
-        older = [v for v in versions if v < current]
-        if not older:
-            raise BundleError(f"{b.path}: v{current} is the first version; nothing to roll back to")
-        to = max(older)
-    entry = b.head_entry(to)  # raises for an unknown version
-    if to == current:
-        return b
-    check_writable(b)
-    changes: dict = {"labels": entry["labels"]}
-    fused = entry.get("fused") or _fused_name(b, to)
-    if b.task == "anomaly":
-        from .anomaly import AnomalyHead, write_fused_anomaly
+    with for_update(bundle, operation="rollback", wait=wait) as b:
+        current = b.head_version
+        versions = [e["version"] for e in b.manifest["head"]["versions"]]
+        if to is None:
+            older = [v for v in versions if v < current]
+            if not older:
+                raise BundleError(f"{b.path}: v{current} is the first version; nothing to roll back to")
+            to = max(older)
+        entry = b.head_entry(to)  # raises for an unknown version
+        if to == current:
+            return b
+        thresholds = dict(b.manifest.get("thresholds", {}))
+        fused = entry.get("fused") or fused_name(b, to)
+        present = all(f in b.manifest["files"] for f in fused_files(fused))
+        if b.task == "anomaly":
+            from .anomaly import AnomalyHead, write_fused_anomaly
 
-        thr = float(entry.get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
-        changes["thresholds"] = {**b.manifest.get("thresholds", {}), "anomaly": thr}
-        if not all((b.path / f).exists() for f in _fused_files(fused)):
-            fused = write_fused_anomaly(b, AnomalyHead.load(b.path / entry["file"]), to, thr)
-    elif not all((b.path / f).exists() for f in _fused_files(fused)):
-        fused = _write_fused(b, b.load_head(to), to)
-    versions_meta = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
-    return switch_version(b, {**changes, "head": {"current": to, "versions": versions_meta},
-                              "models": {**b.manifest["models"], "fused": fused}}, [])
+            thresholds["anomaly"] = float(entry.get("threshold", thresholds.get("anomaly", 1.0)))
+            if not present:
+                fused = write_fused_anomaly(b, AnomalyHead.load(b.path / entry["file"]), to, thresholds["anomaly"])
+        else:
+            thresholds["unknown"] = float(entry.get("unknown_threshold", 0.0))
+            if not present:
+                fused = _write_fused(b, b.load_head(to), to)
+        versions_meta = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
+        return switch_version(b, {"labels": entry["labels"], "thresholds": thresholds,
+                                  "head": {"current": to, "versions": versions_meta},
+                                  "models": {**b.manifest["models"], "fused": fused}},
+                              add=[] if present else fused_files(fused), signer=signer, operation="rollback")
+
+
+def set_threshold(bundle: str | Path | Bundle, value: float, *, wait: float = 0.0, signer=None) -> Bundle:
+    """Set the current head version's decision threshold (a manifest switch; graphs untouched).
+
+    Classification and text: predictions under ``value`` confidence (0..1) answer "unknown"; 0
+    turns that off. Anomaly: an image scoring ``value`` (> 0) or more is a defect. Each head version
+    keeps its own threshold (a rollback brings back that version's).
+
+    Raises:
+        ConfigError: a value outside the range.  BundleBusy: another writer holds the bundle.
+    """
+    with for_update(bundle, operation="threshold", wait=wait) as b:
+        anomaly = b.task == "anomaly"
+        if not (isinstance(value, (int, float)) and math.isfinite(value)) or \
+                (anomaly and not value > 0) or (not anomaly and not 0.0 <= value <= 1.0):
+            raise ConfigError(f"threshold {value!r}: " + ("a defect score cut must be a number > 0" if anomaly
+                                                         else "give a confidence between 0 and 1 (0 turns 'unknown' off)"))
+        key, field = ("anomaly", "threshold") if anomaly else ("unknown", "unknown_threshold")
+        extra = {"threshold_policy": "set by user"} if anomaly else {}
+        versions = [dict(e, **{field: float(value)}, **extra) if e["version"] == b.head_version else e
+                    for e in b.manifest["head"]["versions"]]
+        return switch_version(b, {"head": {**b.manifest["head"], "versions": versions},
+                                  "thresholds": {**b.manifest.get("thresholds", {}), key: float(value)}},
+                              signer=signer, operation="threshold")
+
+
+def label_disagreements(head: Head, X: np.ndarray, labels: list[str], *, min_images: int = 5) -> list[dict]:
+    """Known classes whose new images the current head consistently calls another known class.
+
+    Drift lowers agreement too, but spreads the mistakes; a label error (two classes' folders
+    swapped, a mislabelled batch) sends most of one label's images to one other class. A label is
+    flagged when, by one-sided 95 % Wilson bounds, most of its images look like one other class and
+    fewer than half look like itself. Needs ``min_images`` of a label to say anything.
+    """
+    from .gate import wilson_interval
+
+    known = {l: i for i, l in enumerate(head.labels)}
+    lab = np.array(labels)
+    pred = head.predict(X) if len(X) else np.zeros(0, np.int64)
+    out = []
+    for name, idx in known.items():
+        rows = np.flatnonzero(lab == name)
+        if len(rows) < min_images:
+            continue
+        p = pred[rows]
+        agree = int(np.sum(p == idx))
+        others = np.bincount(p[p != idx], minlength=len(known)) if agree < len(rows) else np.zeros(len(known), int)
+        other = int(np.argmax(others))
+        share = int(others[other])
+        if wilson_interval(share, len(rows))[0] > 0.5 and wilson_interval(agree, len(rows))[1] < 0.5:
+            out.append({"label": name, "images": int(len(rows)), "agreement": round(agree / len(rows), 4),
+                        "looks_like": head.labels[other], "looks_like_count": share})
+    return out
 
 
 def history(bundle: str | Path | Bundle) -> list[dict]:

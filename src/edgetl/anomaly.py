@@ -48,9 +48,9 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .adapt import (KEEP_FUSED, check_writable, new_version_files, pruned_fused, rollback, switch_version,
-                    write_fused)
-from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, update_manifest, write_npz_durably
+from .adapt import (for_update, fused_files, fused_name, new_version_files, rollback, switch_version,
+                    with_new_version, write_fused)
+from .bundle import Bundle, BundleWriter, check_out_dir, load_bundle, write_npz_durably
 from .data import Sample, check_image, is_image_name
 from .errors import BundleError, ConfigError, DataError
 from .features import FeatureCache, extract_features, load_input, session_key
@@ -810,7 +810,7 @@ def _evaluate(head: AnomalyHead, F: np.ndarray, samples: list[Sample], masks: di
 
 
 def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = AnomalyOptions(),
-                force: bool = False) -> AnomalyFitResult:
+                force: bool = False, signer=None) -> AnomalyFitResult:
     """Good images in ``data`` -> a defect-detection bundle at ``out``.
 
     Backbone (patch features, converted for the target and calibrated on the good training images)
@@ -836,7 +836,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     from .targets import load_target
 
     out = Path(out)
-    check_out_dir(out, force=force)
+    check_out_dir(out, force=force, data=data)
     cfg = options.head
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -919,7 +919,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
     enforce(decision, model=f"{target.precision} model", target=target.name, allow=options.allow_drop,
             hint="try --calibration-size or --precision fp32")
 
-    with BundleWriter(out, force=force) as w:
+    with BundleWriter(out, force=force, data=data, signer=signer) as w:
         backbone_name = f"backbone{shipped.path.suffix}"
         for src in shipped.files():
             shutil.copyfile(src, w.dir / f"backbone{src.suffix}")
@@ -990,7 +990,7 @@ def fit_anomaly(data: str | Path, out: str | Path, *, options: AnomalyOptions = 
 def export_anomaly_bundle(run: str | Path, out: str | Path, *, target: str | None = None,
                           precision: str | None = None, runtime: str | None = None, data: str | Path | None = None,
                           allow_drop: bool = False, cache_dir: str | Path | None = None, force: bool = False,
-                          quiet: bool = False) -> AnomalyFitResult:
+                          quiet: bool = False, signer=None) -> AnomalyFitResult:
     """Re-make anomaly bundle ``run`` for another target / precision / runtime from its recorded
     recipe (data, head settings, seed); cached patch features make the FP32 side free.
 
@@ -1008,7 +1008,7 @@ def export_anomaly_bundle(run: str | Path, out: str | Path, *, target: str | Non
 
     opts, data_path = retargeted(opts, src.manifest["training"]["data"], target=target, precision=precision,
                                  runtime=runtime, data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet)
-    return fit_anomaly(data_path, out, options=opts, force=force)
+    return fit_anomaly(data_path, out, options=opts, force=force, signer=signer)
 
 
 def _model_files(path: Path) -> list[Path]:
@@ -1068,7 +1068,11 @@ class AnomalyPredictor:
         return self._head
 
     def maps(self, paths: Sequence[Path], *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (maps (N, S, S), scores (N,)) of image files."""
+        """Raw (maps (N, S, S), scores (N,)) of image files.
+
+        Raises:
+            DataError: an unreadable image.
+        """
         maps, scores = [], []
         for i in range(0, len(paths), batch_size):
             x = np.stack([load_input(Path(p), self.preprocess) for p in paths[i : i + batch_size]])
@@ -1085,14 +1089,27 @@ class AnomalyPredictor:
         return np.concatenate(maps), np.concatenate(scores).reshape(-1)
 
     def predict(self, paths: Sequence[str | Path], *, threshold: float | None = None,
-                heatmaps: str | Path | None = None) -> list[AnomalyPrediction]:
-        """Score image files (folders expanded); optionally write heat-map overlays to ``heatmaps``."""
-        from .data import list_images
+                heatmaps: str | Path | None = None, skipped: list | None = None) -> list[AnomalyPrediction]:
+        """Score image files (folders expanded); optionally write heat-map overlays to ``heatmaps``.
+
+        Unreadable files raise :class:`DataError`, or, with a ``skipped`` list, are recorded there
+        as ``(path, reason)`` and left out.
+        """
+        from .data import check_image, list_images
 
         files = list_images(list(paths))
         thr = self.threshold if threshold is None else float(threshold)
-        if thr <= 0:
-            raise ConfigError(f"threshold must be > 0, got {thr}")
+        if not (math.isfinite(thr) and thr > 0):
+            raise ConfigError(f"threshold {thr!r}: a defect score cut must be a finite number > 0")
+        if skipped is not None:
+            readable = []
+            for f in files:
+                try:
+                    check_image(f)
+                    readable.append(f)
+                except DataError as exc:
+                    skipped.append((f, str(exc).split(": ", 1)[-1]))
+            files = readable
         out: list[AnomalyPrediction] = []
         taken: set[str] = set()
         for i in range(0, len(files), 8):
@@ -1190,23 +1207,6 @@ def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: Preproces
 
 
 # ----- thresholds and on-device updates --------------------------------------------------------
-def set_threshold(bundle: Bundle | str | Path, threshold: float) -> Bundle:
-    """Change the current head version's decision threshold (a manifest switch; the graph is untouched).
-
-    Raises:
-        ConfigError: threshold <= 0.  BundleError: not an anomaly bundle or read-only.
-    """
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if b.task != "anomaly":
-        raise BundleError(f"{b.path}: not an anomaly bundle")
-    if not threshold > 0:
-        raise ConfigError(f"threshold must be > 0, got {threshold}")
-    versions = [dict(e, threshold=float(threshold), threshold_policy="set by user") if e["version"] == b.head_version
-                else e for e in b.manifest["head"]["versions"]]
-    return update_manifest(b, {"head": {**b.manifest["head"], "versions": versions},
-                               "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": float(threshold)}})
-
-
 @dataclass
 class AnomalyAdaptResult:
     """What :func:`adapt_anomaly` did."""
@@ -1238,7 +1238,8 @@ def write_fused_anomaly(b: Bundle, head: AnomalyHead, version: int, threshold: f
 
 
 def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: float | None = None,
-                  strict: bool = False, quiet: bool = True, dry_run: bool = False) -> AnomalyAdaptResult:
+                  strict: bool = False, quiet: bool = True, dry_run: bool = False, wait: float = 0.0,
+                  signer=None) -> AnomalyAdaptResult:
     """Teach a deployed anomaly bundle newly confirmed good images, on the device.
 
     The images go through the bundle's own backbone; the head learns them (patchcore: the bank
@@ -1250,13 +1251,17 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
 
     Raises:
         DataError: no good images under ``data``.  BundleError: not an anomaly bundle or read-only.
+        BundleBusy: another process is writing the bundle.
     """
+    with for_update(bundle, operation="adapt", dry_run=dry_run, wait=wait) as b:
+        return _adapt_anomaly(b, data, threshold=threshold, strict=strict, quiet=quiet, dry_run=dry_run,
+                              signer=signer)
+
+
+def _adapt_anomaly(b: Bundle, data, *, threshold, strict, quiet, dry_run, signer) -> AnomalyAdaptResult:
     t0 = time.perf_counter()
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     if b.task != "anomaly":
         raise BundleError(f"{b.path}: a {b.task!r} bundle; adapt_anomaly needs an anomaly bundle")
-    if not dry_run:
-        check_writable(b)
     root = Path(data)
     skipped: list = []
     folder = next((f for f in (root / "train" / "good", root / "good") if f.is_dir()), root)
@@ -1288,19 +1293,20 @@ def adapt_anomaly(bundle: Bundle | str | Path, data: str | Path, *, threshold: f
     version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
     head_file = f"heads/v{version}.npz"
     new_head.meta = dict(new_head.meta, parent_version=pred.version)
-    with new_version_files(b, [head_file]):
+    with new_version_files(b, [head_file, *fused_files(fused_name(b, version))]):
         new_head.save(b.path / head_file)
         fused = write_fused_anomaly(b, new_head, version, thr)
     entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fused": fused, "threshold": thr,
              "threshold_policy": "carried over" if threshold is None else "given", "images": new_head.meta.get("images"),
              "new_images": len(samples), "parent": pred.version}
-    versions = b.manifest["head"]["versions"] + [entry]
     # Fused models of older versions are pruned (a padim one is ~13 MB); rollback regenerates them.
-    drop = pruned_fused(b, {e["version"] for e in versions[-KEEP_FUSED:]})
+    versions, drop = with_new_version(b, entry)
     new = switch_version(b, {"head": {"current": version, "versions": versions},
                              "models": {**b.manifest["models"], "fused": fused},
-                             "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, drop)
+                             "thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}},
+                         add=[head_file, *fused_files(fused)], drop=drop, signer=signer, operation="adapt",
+                         new_version=entry)
     return AnomalyAdaptResult(new, version, len(samples), summary(before), summary(after), memory,
                               {"total": round(time.perf_counter() - t0, 3)})
 
@@ -1377,7 +1383,9 @@ def fit_text(result: AnomalyFitResult) -> str:
 
 
 def predict_text(preds: list[AnomalyPrediction]) -> str:
-    return "\n".join(f"{p.path}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t({p.normalised:.2f}x)"
+    from .cli import safe
+
+    return "\n".join(f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t({p.normalised:.2f}x)"
                      for p in preds)
 
 

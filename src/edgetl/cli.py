@@ -41,13 +41,40 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EdgetlError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was written", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; lower EDGETL_MAX_MEGAPIXELS or --batch sizes, or free memory", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            # The machine, not edgetl: a full disk, a file-size limit, a read-only or vanished folder.
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            click.echo(f"error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror}; "
+                       "nothing was changed", err=True)
+            sys.exit(2)
 
     return wrapper
+
+
+import errno as _errno
+
+_ENVIRONMENT_ERRNOS = {_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG, _errno.EROFS, _errno.EACCES, _errno.EPERM,
+                       _errno.EBUSY, _errno.ENOENT, _errno.EIO, _errno.ENAMETOOLONG}
+
+
+def _one_line(exc: Exception) -> str:
+    """Messages are one line: control characters (a newline in a file name) are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+
+
+def safe(text) -> str:
+    """A path or label for a line of text output: control characters escaped, so a file name with
+    a newline cannot forge a line."""
+    return _one_line(str(text))
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:
@@ -61,7 +88,7 @@ def emit(obj: dict, as_json: bool, text: str) -> None:
 def warn_skipped(skipped: list, *, quiet: bool) -> None:
     """One warning that counts and names the files that were skipped."""
     if skipped and not quiet:
-        names = ", ".join(f"{p} ({r})" for p, r in skipped[:5])
+        names = ", ".join(f"{safe(p)} ({safe(r)})" for p, r in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         click.echo(f"warning: skipped {len(skipped)} unreadable file(s): {names}{more} (--strict makes this fatal)", err=True)
 
@@ -72,7 +99,10 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="edgetl")
-def main() -> None:
+@click.option("--trust", type=click.Path(path_type=Path), envvar="EDGETL_TRUST",
+              help="Trust policy (TOML of public keys and what each may do): refuse bundles and head versions "
+                   "not signed accordingly.  [env: EDGETL_TRUST]")
+def main(trust) -> None:
     """Adapt a frozen pretrained backbone to your images and ship it to an edge device.
 
     \b
@@ -81,7 +111,15 @@ def main() -> None:
       edgetl fit data/ --out parts.bundle    # train a head, quantize, export, verify
       edgetl predict parts.bundle img.jpg    # on the device: no torch needed
       edgetl adapt parts.bundle new/         # on the device: learn from new labelled images
+
+    \b
+    Exit codes: 0 ok, 2 a usage or input problem (one line says which), 3 a gate refused,
+    4 another process is writing the bundle (--wait), 5 a signature check refused it.
     """
+    import os
+
+    if trust:
+        os.environ["EDGETL_TRUST"] = str(trust)  # library calls below read the policy from here
 
 
 # ----------------------------------------------------------------------------------------- fit
@@ -110,7 +148,9 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the head and calibration.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]")
 @click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out (atomically; only a bundle).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
+              help="Sign the bundle's release with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]")
 # --- text (issue 7) ---
 @click.option("--task", type=click.Choice(["classify", "text", "anomaly"]),
               help="classify (images), text, or anomaly (good images only: defect detection); default: text for "
@@ -122,8 +162,8 @@ def main() -> None:
 @quiet_option
 @handle_errors
 def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
-        group_by, augment, calibration_size, allow_drop, seed, cache_dir, strict, force, task, text_column, label_column,
-        as_json, quiet):
+        group_by, augment, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key, task, text_column,
+        label_column, as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
     DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, or a CSV with
@@ -134,12 +174,14 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
     _setup_logging(quiet)
     from .fit import FitOptions, fit as run_fit
     from .heads import HeadConfig
+    from .signing import signing_key_from
 
+    signer = signing_key_from(sign_key)
     # --- anomaly (issue 6): good-only data goes to edgetl.anomaly ---
     from . import anomaly
 
     if anomaly.wants_anomaly(data, task, head_kind):
-        result = anomaly.fit_anomaly(data, out, force=force, options=anomaly.AnomalyOptions(
+        result = anomaly.fit_anomaly(data, out, force=force, signer=signer, options=anomaly.AnomalyOptions(
             head=anomaly.AnomalyConfig(kind=head_kind or "patchcore", seed=seed), backbone=backbone,
             weights=str(weights) if weights else None, target=target, precision=precision, runtime=runtime,
             val_split=val_split, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
@@ -157,7 +199,7 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
             data, out, backbone=backbone, head=HeadConfig(kind=head_kind, l2=l2, hidden=hidden, epochs=epochs, seed=seed),
             target=target, precision=precision, runtime=runtime, val=val, val_split=val_split, seed=seed,
             cache_dir=cache_dir, strict=strict, calibration_size=calibration_size, allow_drop=allow_drop, force=force,
-            quiet=quiet or as_json, text_column=text_column, label_column=label_column)
+            quiet=quiet or as_json, text_column=text_column, label_column=label_column, signer=signer)
         warn_skipped([(s["row"], s["reason"]) for s in summary["skipped"]], quiet=quiet)
         return emit(summary, as_json, text)
     # --- end text ---
@@ -169,7 +211,7 @@ def fit(data, out, backbone, weights, head_kind, l2, hidden, epochs, target, pre
         group_by=group_by, augment=augment, seed=seed, cache_dir=str(cache_dir) if cache_dir else None, strict=strict,
         calibration_size=calibration_size, allow_drop=allow_drop, quiet=quiet or as_json,
     )
-    result = run_fit(data, out, options=opts, force=force)
+    result = run_fit(data, out, options=opts, force=force, signer=signer)
     warn_skipped(result.dataset.skipped, quiet=quiet)
     emit(_fit_summary(result), as_json, _fit_text(result))
 
@@ -263,10 +305,11 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
 # --- anomaly (issue 6) ---
 @click.option("--heatmaps", type=click.Path(path_type=Path), help="Anomaly bundles: write heat-map overlays (PNG) here.")
 # --- end anomaly ---
+@click.option("--strict", is_flag=True, help="Stop at the first unreadable image instead of skipping it.")
 @json_option
 @quiet_option
 @handle_errors
-def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, as_json, quiet):
+def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, strict, as_json, quiet):
     """Classify image files or folders with BUNDLE (runs without torch).
 
     For a text bundle, PATHS are the texts themselves; or give --file FILE (one text per line), or
@@ -289,16 +332,27 @@ def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, as_jso
     from . import anomaly
 
     if anomaly.is_anomaly_bundle_path(bundle):
-        preds = anomaly.AnomalyPredictor(bundle, device=device).predict(paths, threshold=threshold, heatmaps=heatmaps)
-        return emit({"predictions": [p.to_dict() for p in preds]}, as_json, anomaly.predict_text(preds))
+        skipped = None if strict else []
+        preds = anomaly.AnomalyPredictor(bundle, device=device).predict(paths, threshold=threshold, heatmaps=heatmaps,
+                                                                         skipped=skipped)
+        warn_skipped(skipped or [], quiet=quiet)
+        return emit({"predictions": [p.to_dict() for p in preds], "skipped": _skipped_json(skipped)}, as_json,
+                    anomaly.predict_text(preds))
     # --- end anomaly ---
 
-    preds = Predictor(bundle, device=device).predict(paths, top_k=top_k, threshold=threshold, quiet=quiet or as_json)
+    skipped = None if strict else []
+    preds = Predictor(bundle, device=device).predict(paths, top_k=top_k, threshold=threshold, quiet=quiet or as_json,
+                                                     skipped=skipped)
+    warn_skipped(skipped or [], quiet=quiet)
     lines = []
     for p in preds:
-        alts = "  ".join(f"{l} {q:.3f}" for l, q in p.top_k[1:])
-        lines.append(f"{p.path}\t{p.label}\t{p.confidence:.3f}" + (f"\t{alts}" if alts else ""))
-    emit({"predictions": [p.to_dict() for p in preds]}, as_json, "\n".join(lines))
+        alts = "  ".join(f"{safe(l)} {q:.3f}" for l, q in p.top_k[1:])
+        lines.append(f"{safe(p.path)}\t{safe(p.label)}\t{p.confidence:.3f}" + (f"\t{alts}" if alts else ""))
+    emit({"predictions": [p.to_dict() for p in preds], "skipped": _skipped_json(skipped)}, as_json, "\n".join(lines))
+
+
+def _skipped_json(skipped) -> list:
+    return [{"path": str(p), "reason": r} for p, r in (skipped or [])]
 
 
 # ------------------------------------------------------------------------------------- export
@@ -311,11 +365,13 @@ def predict(bundle, paths, top_k, threshold, device, text_file, heatmaps, as_jso
 @click.option("--data", type=click.Path(path_type=Path), help="Training data, if it moved since the run.")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than allowed.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out (atomically).")
+@click.option("--force", is_flag=True, help="Replace an existing bundle at --out (atomically; only a bundle).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
+              help="Sign the new bundle's release with this private key.  [env: EDGETL_SIGN_KEY]")
 @json_option
 @quiet_option
 @handle_errors
-def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, force, as_json, quiet):
+def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, force, sign_key, as_json, quiet):
     """Re-export an existing bundle RUN for another target, precision or runtime.
 
     Uses the run's recorded data, split, backbone and head settings (the chosen L2 included).
@@ -326,8 +382,10 @@ def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, fo
     from .bundle import read_manifest
 
     task = read_manifest(Path(run)).get("task")
+    from .signing import signing_key_from
+
     kw = dict(target=target, precision=precision, runtime=runtime, data=data, allow_drop=allow_drop,
-              cache_dir=cache_dir, force=force, quiet=quiet or as_json)
+              cache_dir=cache_dir, force=force, quiet=quiet or as_json, signer=signing_key_from(sign_key))
     # --- anomaly (issue 6) ---
     if task == "anomaly":
         from . import anomaly
@@ -391,10 +449,14 @@ def example(name, out, seed, force, as_json):
 @click.option("--dry-run", is_flag=True, help="Train and run the gate, but write nothing.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--strict", is_flag=True, help="Make unreadable image files fatal instead of skipped.")
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another process writing the bundle (default: refuse at once, exit 4).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
+              help="Sign the change with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]")
 @json_option
 @quiet_option
 @handle_errors
-def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_json, quiet):
+def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, wait, sign_key, as_json, quiet):
     """Retrain BUNDLE's head on the device from new labelled images in DATA (no torch).
 
     DATA is an image folder (DATA/<class>/*.jpg); new class names add classes. The new head is
@@ -407,7 +469,9 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
     """
     _setup_logging(quiet)
     from .bundle import read_manifest
+    from .signing import signing_key_from
 
+    signer = signing_key_from(sign_key)
     task = read_manifest(Path(bundle)).get("task", "classify")
     # --- anomaly (issue 6): DATA holds newly confirmed good images; no labels, so no gate ---
     if task == "anomaly":
@@ -415,7 +479,8 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
 
         if replace:
             raise EdgetlError(f"{bundle}: --replace is for classification bundles; an anomaly bundle only adds good images")
-        r = adapt_anomaly(bundle, data, strict=strict, quiet=quiet or as_json, dry_run=dry_run)
+        r = adapt_anomaly(bundle, data, strict=strict, quiet=quiet or as_json, dry_run=dry_run, wait=wait,
+                          signer=signer)
         b4, af = r.before, r.after
         mem = r.memory
         text = "\n".join([
@@ -433,12 +498,12 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
         from .text import adapt_text
 
         r = adapt_text(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
-                       dry_run=dry_run)
+                       dry_run=dry_run, wait=wait, signer=signer)
     else:
         from .adapt import adapt as run_adapt
 
         r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
-                      dry_run=dry_run, quiet=quiet or as_json)
+                      dry_run=dry_run, quiet=quiet or as_json, wait=wait, signer=signer)
     warn_skipped(r.skipped, quiet=quiet)
     g = r.gate
     fmt = lambda v: "n/a" if v is None else f"{v:.1%}"
@@ -456,15 +521,22 @@ def adapt(bundle, data, replace, tolerance, force, dry_run, seed, strict, as_jso
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=int, help="Version to make current (default: the previous one).")
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another process writing the bundle (default: refuse at once, exit 4).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
+              help="Sign the change with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]")
 @json_option
 @handle_errors
-def rollback(bundle, to, as_json):
-    """Make an earlier head version of BUNDLE current again."""
+def rollback(bundle, to, wait, sign_key, as_json):
+    """Make an earlier head version of BUNDLE current again (with that version's own thresholds)."""
     from .adapt import rollback as run_rollback
+    from .signing import signing_key_from
 
-    b = run_rollback(bundle, to=to)
-    emit({"bundle": str(b.path), "current": b.head_version, "labels": b.labels}, as_json,
-         f"head v{b.head_version} is now current in {b.path}")
+    b = run_rollback(bundle, to=to, wait=wait, signer=signing_key_from(sign_key))
+    thresholds = b.manifest.get("thresholds", {})
+    shown = ", ".join(f"{k} threshold {v:g}" for k, v in thresholds.items())
+    emit({"bundle": str(b.path), "current": b.head_version, "labels": b.labels, "thresholds": thresholds}, as_json,
+         f"head v{b.head_version} is now current in {b.path}" + (f" ({shown}, its own)" if shown else ""))
 
 
 @main.command()
@@ -493,10 +565,15 @@ def history(bundle, as_json):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("value", type=float)
+@click.option("--wait", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another process writing the bundle (default: refuse at once, exit 4).")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
+              help="Sign the change with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]")
 @json_option
 @handle_errors
-def threshold(bundle, value, as_json):
-    """Set BUNDLE's decision threshold (stored in the manifest, never baked into a graph).
+def threshold(bundle, value, wait, sign_key, as_json):
+    """Set the decision threshold of BUNDLE's current head version (kept in the manifest, never
+    baked into a graph; every version keeps its own, and a rollback brings back that version's).
 
     \b
     Classification and text bundles: below VALUE confidence (0..1), predict answers "unknown";
@@ -504,25 +581,39 @@ def threshold(bundle, value, as_json):
     Anomaly bundles: an image whose score reaches VALUE (> 0, in the units `predict` prints) is
       a defect.
     """
-    from .bundle import load_bundle, update_manifest
+    from .adapt import set_threshold
+    from .signing import signing_key_from
 
-    b = load_bundle(bundle)
-    # --- anomaly (issue 6) ---
+    b = set_threshold(bundle, value, wait=wait, signer=signing_key_from(sign_key))
+    v = b.head_version
     if b.task == "anomaly":
-        from .anomaly import set_threshold
+        return emit({"bundle": str(b.path), "head_version": v, "anomaly_threshold": value}, as_json,
+                    f"images scoring {value:.4g} or more are now 'defect' for head v{v} (the current version) in {b.path}")
+    emit({"bundle": str(b.path), "head_version": v, "unknown_threshold": value}, as_json,
+         f"predictions under {value:.2f} confidence are now 'unknown' for head v{v} (the current version) in {b.path}")
 
-        b = set_threshold(b, value)
-        return emit({"bundle": str(b.path), "anomaly_threshold": value}, as_json,
-                    f"images scoring {value:.4g} or more are now 'defect' in {b.path}")
-    # --- end anomaly ---
-    if not 0.0 <= value <= 1.0:
-        raise click.BadParameter(f"{value} is not in the range 0<=x<=1 (a confidence)", param_hint="'VALUE'")
-    versions = [dict(e, unknown_threshold=value) if e["version"] == b.head_version else e
-                for e in b.manifest["head"]["versions"]]
-    b = update_manifest(b, {"head": {**b.manifest["head"], "versions": versions},
-                            "thresholds": {**b.manifest.get("thresholds", {}), "unknown": value}})
-    emit({"bundle": str(b.path), "unknown_threshold": value}, as_json,
-         f"predictions under {value:.2f} confidence are now 'unknown' in {b.path}")
+
+@main.command()
+@click.argument("name")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
+@json_option
+@handle_errors
+def keygen(name, out, as_json):
+    """Make an Ed25519 key pair for signing bundles (NAME.key) and trusting them (NAME.pub).
+
+    Sign with `edgetl fit/export/adapt/rollback/threshold --sign NAME.key` (or EDGETL_SIGN_KEY);
+    on a device, list the .pub in a trust policy and run with `edgetl --trust POLICY.toml` (or
+    EDGETL_TRUST). Keep .key files only where bundles are made or adapted.
+    """
+    from .signing import generate_key, load_signing_key
+
+    priv, pub = generate_key(name, out)
+    kid = load_signing_key(priv).key_id
+    emit({"private_key": str(priv), "public_key": str(pub), "key_id": kid}, as_json,
+         f"wrote {priv} (private: keep it secret) and {pub} (public: key id {kid})\n"
+         f"trust it on a device with a policy file:\n  [[key]]\n  name = \"{name}\"\n"
+         f"  public_key = \"{pub.read_text().strip()}\"\n  may = [\"release\", \"adapt\", \"rollback\", \"threshold\"]")
 
 
 # -------------------------------------------------------------------------------------- bench
@@ -561,18 +652,30 @@ def info(bundle, as_json):
     """Show a bundle's manifest summary after verifying every file's hash."""
     from .bundle import load_bundle
 
+    from .signing import signature_summary
+
     b = load_bundle(bundle)
     m = b.manifest
+    sigs = signature_summary(m)
+    if b.signers:
+        signed = (f"checked against the trust policy: released by {b.signers['release']}, current state signed by "
+                  f"{b.signers['state']}")
+    elif sigs["signed"]:
+        signed = f"released by {sigs['release']}, state by {sigs['state']} (not checked: no --trust policy)"
+    else:
+        signed = "no (integrity only: every file's sha256 is in the manifest)"
     text = "\n".join([
-        f"bundle     {b.path} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
+        f"bundle     {safe(b.path)} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
         f"task       {b.task}",
-        f"backbone   {m['backbone']['name']} ({m['backbone']['num_features']}-d, {m['precision']} on {m['runtime']})",
+        f"backbone   {m['backbone']['name']} ({m['backbone'].get('num_features', '?')}-d, {m['precision']} on {m['runtime']})",
         f"target     {m['target']['name']}",
-        f"labels     {', '.join(b.labels)}",
+        f"labels     {', '.join(safe(l) for l in b.labels)}",
         f"head       v{b.head_version} of {len(m['head']['versions'])}",
         f"files      {len(m['files'])} verified",
+        f"signed     {signed}",
     ])
-    emit({"path": str(b.path), "verified": True, **m}, as_json, text)
+    emit({"path": str(b.path), "verified": True, "signature": {**sigs, "checked": bool(b.signers),
+                                                               "signers": b.signers}, **m}, as_json, text)
 
 
 if __name__ == "__main__":  # pragma: no cover

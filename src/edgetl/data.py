@@ -28,9 +28,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from .errors import DataError
+from .preprocess import decode
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 _VAL_DIRS = ("val", "valid", "validation")
@@ -103,11 +102,8 @@ def check_image(path: Path, checked: CheckedImages | None = None) -> str:
     digest = hashlib.sha256(blob).hexdigest()
     if checked is not None and digest in checked:
         return digest
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            im.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    with decode(io.BytesIO(blob), path):
+        pass
     if checked is not None:
         checked.add(digest)
     return digest
@@ -117,16 +113,27 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _files_under(folder: Path, broken: list | None = None) -> list[Path]:
+    """Regular files below ``folder`` (links to files followed); links that lead nowhere or into a
+    loop are collected in ``broken`` so they can be reported instead of silently dropped."""
+    out = []
+    for p in folder.rglob("*"):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            out.append(p)
+        elif p.is_symlink() and not p.exists() and broken is not None:
+            broken.append((p, "a symlink that leads nowhere (or into a loop)"))
+    return sorted(out)
 
 
-def _scan_folder(root: Path) -> list[tuple[Path, str, str]]:
+def _scan_folder(root: Path, broken: list) -> list[tuple[Path, str, str]]:
     """ImageFolder: (path, label, group) for every file below ``root/<class>/``; an image in a
-    sub-folder ``root/<class>/<group>/...`` belongs to that group (named ``<class>/<group>``)."""
+    sub-folder ``root/<class>/<group>/...`` belongs to that group (named ``<class>/<group>``).
+    Links that lead nowhere are added to ``broken``."""
     items = []
     for cdir in _class_dirs(root):
-        for p in _files_under(cdir):
+        for p in _files_under(cdir, broken):
             rel = p.relative_to(cdir).parts
             items.append((p, cdir.name, f"{cdir.name}/{rel[0]}" if len(rel) > 1 else ""))
     loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p)]
@@ -154,6 +161,10 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
         ip, il = header.index("path"), header.index("label")
         isplit = header.index("split") if "split" in header else None
         rows = rows[1:]
+    elif "path" in header or "label" in header:
+        missing = "label" if "path" in header else "path"
+        raise DataError(f"{csv_path}: the header has no {missing!r} column (columns: {', '.join(header)}); expected "
+                        "path,label[,split][,group]")
     else:
         ip, il, isplit = 0, 1, None
         header = []
@@ -162,7 +173,8 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
     if group_column and igroup is None:
         raise DataError(f"{csv_path}: no column {group_column!r} to group by; columns: {', '.join(header) or 'none'}")
     train, val = [], []
-    for lineno, row in enumerate(rows, start=2 if ip or il or isplit is not None else 1):
+    seen: dict[Path, tuple[int, str, str]] = {}
+    for lineno, row in enumerate(rows, start=2 if header else 1):
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) <= max(ip, il):
@@ -180,12 +192,21 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
         if split not in ("train", *_VAL_DIRS):
             raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train or val")
         group = row[igroup].strip() if igroup is not None and len(row) > igroup else ""
-        (val if split in _VAL_DIRS else train).append((path, label, group))
+        side = "val" if split in _VAL_DIRS else "train"
+        if path in seen:
+            first, first_label, first_side = seen[path]
+            what = (f"under two labels ({first_label!r} and {label!r})" if first_label != label else
+                    "in both train and val" if first_side != side else "twice")
+            raise DataError(f"{csv_path}:{lineno}: {rel!r} is listed {what} (first on line {first}); "
+                            "list each image once")
+        seen[path] = (lineno, label, side)
+        (val if side == "val" else train).append((path, label, group))
     return train, (val if isplit is not None else None)
 
 
-def _find_layout(root: Path, group_column: str | None = None):
-    """-> (layout name, train items, val items or None)."""
+def _find_layout(root: Path, group_column: str | None = None, broken: list | None = None):
+    """-> (layout name, train items, val items or None); broken links are added to ``broken``."""
+    broken = [] if broken is None else broken
     if not root.exists():
         raise DataError(f"{root}: no such file or folder; give an image folder or a CSV manifest")
     if root.is_file():
@@ -196,11 +217,11 @@ def _find_layout(root: Path, group_column: str | None = None):
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     val_dir = next((subdirs[n] for n in _VAL_DIRS if n in subdirs), None)
     if "train" in subdirs and val_dir is not None:
-        return "train+val", _scan_folder(subdirs["train"]), _scan_folder(val_dir)
+        return "train+val", _scan_folder(subdirs["train"], broken), _scan_folder(val_dir, broken)
     if not subdirs and (root / "labels.csv").is_file():
         train, val = _scan_csv(root / "labels.csv", group_column)
         return "csv", train, val
-    return "folder", _scan_folder(root), None
+    return "folder", _scan_folder(root, broken), None
 
 
 def _check_all(items, *, strict: bool, skipped: list, checked: CheckedImages | None = None) -> list[Sample]:
@@ -315,8 +336,8 @@ def scan_images(root: str | Path, *, strict: bool = False, checked: CheckedImage
     if column and not (root.is_file() or (root / "labels.csv").is_file()):
         raise DataError(f"--group-by {group_by!r}: a column name needs a CSV manifest; for folders use "
                         "--group-by folder (DATA/<class>/<group>/) or --group-by 'regex:PATTERN'")
-    layout, train_items, val_items = _find_layout(root, column)
     skipped: list[tuple[Path, str]] = []
+    layout, train_items, val_items = _find_layout(root, column, skipped)
     train = _check_all(train_items, strict=strict, skipped=skipped, checked=checked)
     val = _check_all(val_items, strict=strict, skipped=skipped, checked=checked) if val_items is not None else None
     return layout, train, val, skipped

@@ -26,6 +26,19 @@ class BundleError(EdgetlError):
     """A bundle is missing, tampered with, truncated, foreign or from another format version."""
 
 
+class BundleBusy(BundleError):
+    """Another process is writing the bundle (its writer lock is held); try again or ``--wait``."""
+
+    exit_code = 4
+
+
+class TrustError(BundleError):
+    """A bundle or head version is unsigned, wrongly signed, or signed by a key the trust policy
+    does not allow for what it did."""
+
+    exit_code = 5
+
+
 class GateError(EdgetlError):
     """An accuracy gate refused a result (quantization drop, or an on-device update)."""
 

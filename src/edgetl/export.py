@@ -40,7 +40,8 @@ def retargeted(opts, recorded_data: str, *, target: str | None, precision: str |
 
 def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None, precision: str | None = None,
                   runtime: str | None = None, data: str | Path | None = None, allow_drop: bool = False,
-                  cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False) -> FitResult:
+                  cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False,
+                  signer=None) -> FitResult:
     """Re-export bundle ``run`` to ``out`` for another target, precision or runtime.
 
     Raises:
@@ -60,4 +61,4 @@ def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None
     opts = FitOptions(**{k: v for k, v in recorded.items() if k in fields and k != "head"}, head=head_cfg)
     opts, data_path = retargeted(opts, training["data"], target=target, precision=precision, runtime=runtime,
                                  data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet)
-    return fit(data_path, out, options=opts, force=force)
+    return fit(data_path, out, options=opts, force=force, signer=signer)

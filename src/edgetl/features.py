@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from .bundle import sha256_file
+from .errors import DataError
 from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
 
 
@@ -163,6 +164,7 @@ def extract_features(
     batch_size: int = 32,
     quiet: bool = False,
     desc: str = "features",
+    skipped: list | None = None,
 ) -> np.ndarray:
     """Feature vectors for ``paths`` (rows in order), from the cache where possible.
 
@@ -175,22 +177,49 @@ def extract_features(
         view: 0 for the plain image, k > 0 for the k-th deterministic augmented view.
         batch_size: images per runtime call.
         quiet: no progress bar.
+        skipped: when a list is given, unreadable images are recorded in it as ``(path, reason)``
+            and left out of the result (rows follow the readable paths, in order) instead of
+            raising :class:`DataError`.
 
     Returns:
-        float32 array of shape (len(paths), num_features).
+        float32 array of shape (len(paths), num_features) (fewer rows if images were skipped).
     """
     paths = [Path(p) for p in paths]
-    digests = list(digests) if digests is not None else [file_digest(p) for p in paths]
-    out: list[np.ndarray | None] = [cache.get(d, view) if cache else None for d in digests]
-    todo = [i for i, v in enumerate(out) if v is None]
+    bad: dict[int, str] = {}
+    if digests is None:
+        digests = []
+        for i, p in enumerate(paths):
+            try:
+                digests.append(file_digest(p))
+            except OSError as exc:
+                if skipped is None:
+                    raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+                bad[i] = f"cannot read ({exc.strerror or exc})"
+                digests.append("")
+    digests = list(digests)
+    out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
+                                    for i, d in enumerate(digests)]
+    todo = [i for i, v in enumerate(out) if v is None and i not in bad]
+
+    def load(i: int):
+        try:
+            return load_input(paths[i], preprocess, digest=digests[i], view=view)
+        except DataError as exc:
+            if skipped is None:
+                raise
+            bad[i] = str(exc).split(": ", 1)[-1]
+            return None
     if todo:
         bar = _progress(len(todo), desc=desc, quiet=quiet)
         # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
         with ThreadPoolExecutor(max_workers=2) as pool:
             for start in range(0, len(todo), batch_size):
                 idx = todo[start : start + batch_size]
-                batch = np.stack(list(pool.map(
-                    lambda i: load_input(paths[i], preprocess, digest=digests[i], view=view), idx)))
+                loaded = list(pool.map(load, idx))
+                idx = [i for i, x in zip(idx, loaded) if x is not None]
+                if not idx:
+                    continue
+                batch = np.stack([x for x in loaded if x is not None])
                 feats = session(batch)
                 feats = feats.reshape(feats.shape[0], -1).astype(np.float32, copy=False)
                 for i, vec in zip(idx, feats):
@@ -199,6 +228,9 @@ def extract_features(
                         cache.put(digests[i], view, vec)
                 bar.update(len(idx))
         bar.close()
+    if bad and skipped is not None:
+        skipped.extend((paths[i], bad[i]) for i in sorted(bad))
+    out = [v for i, v in enumerate(out) if i not in bad]
     if not out:
         return np.zeros((0, 0), np.float32)
     return np.stack(out).astype(np.float32, copy=False)

@@ -307,14 +307,17 @@ def _compare_to_fp32(trained: _Trained, target: Target, ds: Dataset, exported: E
     return ref, ref_head, ref_cache.misses, decision
 
 
-def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False) -> FitResult:
+def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False,
+        signer=None) -> FitResult:
     """Adapt a pretrained backbone to the images in ``data`` and write a bundle to ``out``.
 
     Args:
         data: ImageFolder, ``train``/``val`` pair, or CSV manifest (see :func:`edgetl.data.load_dataset`).
         out: bundle directory to create (refused if non-empty unless ``force``).
         options: backbone, head, target, precision, split, cache ...
-        force: replace an existing bundle at ``out`` (atomically; the old one stays until the new one is whole).
+        force: replace an existing bundle at ``out`` (atomically; the old one stays until the new one is
+            whole). Only an edgetl bundle is ever replaced: never the data, nor a folder that is not a bundle.
+        signer: a :class:`edgetl.signing.SigningKey` that signs the release (``--sign``).
 
     Raises:
         DataError: bad dataset.  ConfigError: bad option or profile.
@@ -325,7 +328,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         >>> r.metrics["accuracy"]  # doctest: +SKIP
     """
     out = Path(out)
-    check_out_dir(out, force=force)  # fail before any work, not after minutes of it
+    check_out_dir(out, force=force, data=data)  # fail before any work, not after minutes of it
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -393,10 +396,13 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     if ds.split.get("classes_without_val"):
         log.warning("classes %s have too few groups to hold one out: the validation figure does not cover them",
                     ", ".join(ds.split["classes_without_val"]))
+    elif ds.val and val_metrics.get("classes_missing"):
+        log.warning("classes %s have no validation image (too few images to hold one out): the validation figure "
+                    "does not cover them", ", ".join(map(repr, val_metrics["classes_missing"])))
     backbone_runs = trained.backbone_runs + ref_runs
     enforce(decision, model=f"{target.precision} model", target=target.name, allow=options.allow_drop, after=after)
 
-    with BundleWriter(out, force=force) as w:
+    with BundleWriter(out, force=force, data=data, signer=signer) as w:
         ext = shipped.path.suffix
         backbone_name = f"backbone{ext}"
         for src in shipped.files():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +50,11 @@ class PreprocessConfig:
             raise ValueError(
                 f"interpolation {self.interpolation!r} is not one of {sorted(_INTERPOLATION)}"
             )
+        # Bounds that keep a hostile or mistyped manifest from allocating gigabytes or dividing by 0.
+        if not (8 <= self.input_size <= 4096 and 0.0 < self.crop_pct <= 1.0 and len(self.mean) == 3
+                and len(self.std) == 3 and all(s > 0 for s in self.std)):
+            raise ValueError(f"preprocessing out of range: input_size {self.input_size} (8..4096), crop_pct "
+                             f"{self.crop_pct} (0..1], std {self.std} (> 0)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +75,60 @@ class PreprocessConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+DEFAULT_MAX_MEGAPIXELS = 64.0
+
+
+def max_pixels() -> int:
+    """The pixel budget per image: ``EDGETL_MAX_MEGAPIXELS`` (default 64, i.e. 8000 x 8000). A
+    12000 x 12000 PNG of 420 KB decodes to 430 MB of RGB and needed 1.2 GB of memory; such an
+    image is refused before it is decoded."""
+    try:
+        mp = float(os.environ.get("EDGETL_MAX_MEGAPIXELS", DEFAULT_MAX_MEGAPIXELS))
+    except ValueError:
+        mp = DEFAULT_MAX_MEGAPIXELS
+    return int(max(mp, 0.01) * 1_000_000)
+
+
+def _reason(exc: Exception) -> str:
+    """Pillow's message without the in-memory file object it names (``<_io.BytesIO ...>``)."""
+    text = str(exc)
+    if "cannot identify image file" in text:
+        return "not an image file Pillow can read"
+    return text.split(" <_io.")[0]
+
+
+def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
+    """Open ``source`` (a path or a binary file object) as an image within the pixel budget, fully
+    decoded (``load``) so a truncated file fails here. The caller closes it.
+
+    Raises:
+        DataError: unreadable, truncated, not an image, or over the pixel budget.
+    """
+    budget = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns on stderr at 89 MP; edgetl's budget decides, in one line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+            w, h = im.size
+            if w * h > budget:
+                im.close()
+                raise DataError(f"{name}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
+                                f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
+            if load:
+                im.load()
+        return im
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+    except MemoryError:
+        raise DataError(f"{name}: not enough memory to decode this image; downscale it or lower "
+                        "EDGETL_MAX_MEGAPIXELS") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{name}: not a readable image ({_reason(exc)})") from None
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode any image file Pillow reads into an 8-bit RGB image, upright.
 
@@ -75,18 +136,14 @@ def load_rgb(path: str | Path) -> Image.Image:
     or float single-channel images (rescaled to 8 bits rather than clipped).
 
     Raises:
-        DataError: the file is missing, truncated or not an image.
+        DataError: the file is missing, truncated, not an image or over the pixel budget.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()  # force a full decode here so truncated files fail now, not later
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc})") from None
+    with decode(path, path) as im:
+        try:
+            return to_rgb(ImageOps.exif_transpose(im))
+        except MemoryError:
+            raise DataError(f"{path}: not enough memory to convert this image") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -34,7 +34,10 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
         "n": n,
         "accuracy": round(float(diag.sum() / n), 4) if n else None,
         "accuracy_interval": [round(lo, 4), round(hi, 4)] if n else None,
+        # over the classes with at least one item: a class absent from the data cannot count
         "balanced_accuracy": round(float(np.mean(present)), 4) if present else None,
+        "classes_present": len(present),
+        "classes_missing": [labels[i] for i in range(k) if not support[i]],
         "per_class_recall": recall,
         "per_class_precision": precision,
         "support": {labels[i]: int(support[i]) for i in range(k)},
@@ -55,7 +58,10 @@ def format_metrics(m: dict, *, title: str = "", items: str = "images") -> str:
     lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} {items}{interval})" if acc is not None
                  else f"accuracy  n/a (no {items})")
     if m.get("balanced_accuracy") is not None:
-        lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%")
+        missing = m.get("classes_missing") or []
+        note = (f"  (over {len(labels) - len(missing)} of {len(labels)} classes; no {items} of "
+                f"{', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''})") if missing else ""
+        lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%{note}")
     width = max(8, *(len(l) for l in labels))
     lines.append("")
     lines.append(f"{'class':<{width}}  recall   support")

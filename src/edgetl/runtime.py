@@ -68,6 +68,21 @@ def open_backbone(bundle: Bundle, *, device: str | None = None, threads: int | N
     return open_bundle_model(bundle, bundle.model_file("backbone"), device=device, threads=threads, exact=exact)
 
 
+def check_confidence(threshold: float | None) -> None:
+    """A confidence threshold is a number in [0, 1] (or None for the bundle's own).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    import math
+
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                      and 0.0 <= threshold <= 1.0):
+        from .errors import ConfigError
+
+        raise ConfigError(f"--threshold {threshold!r}: a confidence between 0 and 1 (0 turns 'unknown' off)")
+
+
 class Predictor:
     """A bundle ready to classify.
 
@@ -89,17 +104,32 @@ class Predictor:
     def labels(self) -> list[str]:
         return self.head.labels
 
-    def features(self, paths: Sequence[Path], *, quiet: bool = True) -> np.ndarray:
-        return extract_features(paths, session=self.session, preprocess=self.preprocess, quiet=quiet, desc="predict")
+    def features(self, paths: Sequence[Path], *, quiet: bool = True, skipped: list | None = None) -> np.ndarray:
+        return extract_features(paths, session=self.session, preprocess=self.preprocess, quiet=quiet, desc="predict",
+                                skipped=skipped)
 
     def proba(self, paths: Sequence[Path], *, quiet: bool = True) -> np.ndarray:
         return self.head.proba(self.features(paths, quiet=quiet))
 
     def predict(self, paths: Sequence[str | Path], *, top_k: int = 1, quiet: bool = True,
-                threshold: float | None = None) -> list[Prediction]:
-        """Classify image files (folders are expanded). Unreadable files raise :class:`DataError`."""
+                threshold: float | None = None, skipped: list | None = None) -> list[Prediction]:
+        """Classify image files (folders are expanded).
+
+        Unreadable files raise :class:`DataError`, or, when ``skipped`` is a list, are recorded
+        there as ``(path, reason)`` and left out.
+
+        Raises:
+            DataError: an unreadable file (without ``skipped``).  ConfigError: a threshold outside 0..1.
+        """
+        check_confidence(threshold)
         files = list_images(list(paths))
-        probs = self.proba(files, quiet=quiet)
+        bad: list = []
+        feats = self.features(files, quiet=quiet, skipped=bad if skipped is not None else None)
+        if skipped is not None:
+            skipped.extend(bad)
+            gone = {str(p) for p, _ in bad}
+            files = [f for f in files if str(f) not in gone]
+        probs = self.head.proba(feats) if len(files) else np.zeros((0, len(self.labels)))
         thr = self.threshold if threshold is None else threshold
         out = []
         k = max(1, min(top_k, len(self.labels)))

@@ -181,7 +181,7 @@ def _embed_split(encoder: TextEncoder, rows, cache, batch_size: int) -> np.ndarr
 
 
 def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = TextFitOptions(),
-             force: bool = False) -> TextFitResult:
+             force: bool = False, signer=None) -> TextFitResult:
     """Train a head on a frozen sentence encoder for the labelled texts in ``data``; write a bundle.
 
     Args:
@@ -206,7 +206,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
     from .text_export import export_text_backbone
 
     out = Path(out)
-    check_out_dir(out, force=force)
+    check_out_dir(out, force=force, data=data)
     timings: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -283,7 +283,7 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
 
     from .adapt import herding, save_exemplars
 
-    with BundleWriter(out, force=force) as w:
+    with BundleWriter(out, force=force, data=data, signer=signer) as w:
         backbone_name = f"backbone{shipped.path.suffix}"
         for src in shipped.files():
             shutil.copyfile(src, w.dir / f"backbone{src.suffix}")
@@ -346,7 +346,8 @@ def fit_text(data: str | Path, out: str | Path, *, options: TextFitOptions = Tex
 
 def export_text_bundle(run: str | Path, out: str | Path, *, target: str | None = None, precision: str | None = None,
                        runtime: str | None = None, data: str | Path | None = None, allow_drop: bool = False,
-                       cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False) -> TextFitResult:
+                       cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False,
+                       signer=None) -> TextFitResult:
     """Re-make text bundle ``run`` for another target, precision or runtime (the text twin of
     :func:`edgetl.export.export_bundle`): the recorded data, split, encoder and head settings (the
     chosen L2 included) are fitted again; the FP32 export and embeddings come from the cache.
@@ -370,7 +371,7 @@ def export_text_bundle(run: str | Path, out: str | Path, *, target: str | None =
 
     opts, data_path = retargeted(opts, training["data"], target=target, precision=precision, runtime=runtime,
                                  data=data, allow_drop=allow_drop, cache_dir=cache_dir, quiet=quiet, data_hint="FILE")
-    return fit_text(data_path, out, options=opts, force=force)
+    return fit_text(data_path, out, options=opts, force=force, signer=signer)
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -431,6 +432,9 @@ class TextPredictor:
         Raises:
             DataError: no texts, or an empty one.
         """
+        from .runtime import check_confidence
+
+        check_confidence(threshold)
         texts = list(texts)
         if not texts:
             raise DataError("no text to classify; pass text arguments, --file FILE, or pipe lines on stdin")
@@ -494,6 +498,8 @@ def adapt_text(
     seed: int = 0,
     strict: bool = False,
     dry_run: bool = False,
+    wait: float = 0.0,
+    signer=None,
 ):
     """Retrain a text bundle's head on new labelled rows in ``data`` (plus replayed exemplars).
 
@@ -504,7 +510,7 @@ def adapt_text(
     Args:
         bundle: text bundle directory (or a loaded Bundle).
         data: CSV / TSV / JSONL with text and label columns; new labels extend the label set.
-        replace, force, tolerance_pp, holdout, seed, dry_run: as for :func:`edgetl.adapt.adapt`.
+        replace, force, tolerance_pp, holdout, seed, dry_run, wait, signer: as for :func:`edgetl.adapt.adapt`.
         strict: make bad rows fatal instead of skipped.
 
     Returns:
@@ -519,27 +525,19 @@ def adapt_text(
     tolerance_pp = _adapt.DEFAULT_TOLERANCE_PP if tolerance_pp is None else tolerance_pp
     holdout = _adapt.HOLDOUT if holdout is None else holdout
     t0 = time.perf_counter()
-    b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    if not is_text_bundle(b):
-        raise BundleError(f"{b.path}: a {b.task!r} bundle; adapt it with edgetl adapt")
-    if not dry_run:
-        _adapt.check_writable(b)
-    cols = b.manifest.get("training", {}).get("columns", {})
-    train, val, skipped, _ = _scan_like_training(data, cols, strict)
-    rows = train + (val or [])
-    if not rows:
-        raise DataError(f"{data}: no usable labelled rows ({len(skipped)} skipped); expected text and label columns")
-    X_new = open_text_encoder(b).encode([s.text for s in rows], digests=[s.digest for s in rows])
-    timings = {"features": round(time.perf_counter() - t0, 3)}
-    return _update_head(b, X_new, [s.label for s in rows], data=data, n_items=len(rows), skipped=skipped,
-                        replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
-                        dry_run=dry_run, timings=timings, t0=t0)
-
-
-def _update_head(b: Bundle, X_new: np.ndarray, new_labels: list[str], **kw):
-    """Replay + gate + new head version from embeddings: the same code path as image ``adapt``."""
-    from .adapt import update_head
-
-    return update_head(b, X_new, new_labels, **kw)
+    _adapt.check_tolerance(tolerance_pp)
+    with _adapt.for_update(bundle, operation="adapt", dry_run=dry_run, wait=wait) as b:
+        if not is_text_bundle(b):
+            raise BundleError(f"{b.path}: a {b.task!r} bundle; adapt it with edgetl adapt")
+        cols = b.manifest.get("training", {}).get("columns", {})
+        train, val, skipped, _ = _scan_like_training(data, cols, strict)
+        rows = train + (val or [])
+        if not rows:
+            raise DataError(f"{data}: no usable labelled rows ({len(skipped)} skipped); expected text and label columns")
+        X_new = open_text_encoder(b).encode([s.text for s in rows], digests=[s.digest for s in rows])
+        timings = {"features": round(time.perf_counter() - t0, 3)}
+        return _adapt.update_head(b, X_new, [s.label for s in rows], data=data, n_items=len(rows), skipped=skipped,
+                                  replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
+                                  dry_run=dry_run, timings=timings, t0=t0, signer=signer)
 
 

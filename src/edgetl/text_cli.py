@@ -37,7 +37,8 @@ def is_text_bundle_path(bundle: str | Path) -> bool:
 
 
 def fit(data, out, *, backbone: str | None, head, target, precision, runtime, val, val_split, seed, cache_dir, strict,
-        calibration_size, allow_drop, force, quiet, text_column=None, label_column=None) -> tuple[dict, str]:
+        calibration_size, allow_drop, force, quiet, text_column=None, label_column=None,
+        signer=None) -> tuple[dict, str]:
     from .backbones import DEFAULT_BACKBONE
     from .text import TextFitOptions, fit_text
 
@@ -50,7 +51,7 @@ def fit(data, out, *, backbone: str | None, head, target, precision, runtime, va
         strict=strict, calibration_size=calibration_size, allow_drop=allow_drop, quiet=quiet,
         text_column=text_column, label_column=label_column,
     )
-    result = fit_text(data, out, options=opts, force=force)
+    result = fit_text(data, out, options=opts, force=force, signer=signer)
     r = result.report
     summary = {
         "bundle": str(result.bundle.path), "task": "text", "labels": result.bundle.labels,
@@ -112,6 +113,7 @@ def gather_texts(args: Sequence[str], file: str | Path | None, stdin=None) -> li
 
 
 def predict(bundle, args: Sequence[str], *, file, top_k: int, threshold, device) -> tuple[dict, str]:
+    from .cli import safe
     from .text import TextPredictor
 
     texts = gather_texts(args, file)
@@ -119,5 +121,5 @@ def predict(bundle, args: Sequence[str], *, file, top_k: int, threshold, device)
     lines = []
     for p in preds:
         alts = "  ".join(f"{l} {q:.3f}" for l, q in p.top_k[1:])
-        lines.append(f"{p.label}\t{p.confidence:.3f}\t{p.text}" + (f"\t{alts}" if alts else ""))
+        lines.append(f"{safe(p.label)}\t{p.confidence:.3f}\t{safe(p.text)}" + (f"\t{alts}" if alts else ""))
     return {"predictions": [p.to_dict() for p in preds]}, "\n".join(lines)

@@ -90,8 +90,10 @@ def test_info_verifies(fp32_bundle):
 @pytest.mark.parametrize("args, needle", [
     (["fit", "/nonexistent/data", "--out", "{tmp}/b"], "no such file or folder"),
     (["fit", "{single}", "--out", "{tmp}/b"], "at least 2"),
-    (["fit", "{tmp}", "--out", "{tmp}/b", "--target", "cpu-x68"], "unknown target"),
-    (["fit", "{tmp}", "--out", "{tmp}/b", "--backbone", "resnet5O"], "did you mean"),
+    (["fit", "{single}", "--out", "{tmp}/b", "--target", "cpu-x68"], "unknown target"),
+    (["fit", "{single}", "--out", "{tmp}/b", "--backbone", "resnet5O"], "did you mean"),
+    (["fit", "{tmp}", "--out", "{tmp}/b"], "inside the training data"),
+    (["fit", "{single}", "--out", "{single}", "--force"], "inside the training data"),
     (["predict", "{tmp}/nothing.bundle", "x.jpg"], "no such bundle"),
     (["eval", "{tmp}", "{tmp}"], "not an edgetl bundle"),
 ])

@@ -13,6 +13,7 @@ import pytest
 
 from edgetl.bundle import FORMAT_VERSION, BundleWriter, load_bundle
 from edgetl.errors import BundleError
+from tests.conftest import minimal_manifest
 
 
 def _write(out, payload=b"weights", force=False):
@@ -20,7 +21,7 @@ def _write(out, payload=b"weights", force=False):
         (w.dir / "backbone.onnx").write_bytes(payload)
         (w.dir / "heads").mkdir()
         (w.dir / "heads" / "v1.npz").write_bytes(b"head")
-        return w.commit({"task": "classify", "labels": ["a", "b"]})
+        return w.commit(minimal_manifest())
 
 
 def test_roundtrip_records_every_file(tmp_path):
@@ -58,7 +59,7 @@ def test_pickles_are_not_allowed(tmp_path):
     with pytest.raises(BundleError, match="pickle"):
         with BundleWriter(tmp_path / "b") as w:
             (w.dir / "head.pkl").write_bytes(b"x")
-            w.commit({})
+            w.commit(minimal_manifest())
     assert not (tmp_path / "b").exists()
 
 
@@ -73,12 +74,15 @@ def test_refuses_to_overwrite_without_force(tmp_path):
 _SLOW_WRITER = """
 import sys, time
 from edgetl.bundle import BundleWriter
+from tests.conftest import minimal_manifest
 with BundleWriter(sys.argv[1], force=True) as w:
+    (w.dir / "heads").mkdir()
+    (w.dir / "heads" / "v1.npz").write_bytes(b"head")
     with open(w.dir / "backbone.onnx", "wb") as f:
         for _ in range(2000):
             f.write(b"x" * 65536); f.flush()
             print("writing", flush=True); time.sleep(0.01)
-    w.commit({"task": "classify", "labels": ["a"]})
+    w.commit(minimal_manifest())
 """
 
 
