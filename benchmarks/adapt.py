@@ -76,9 +76,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.examples import make_surfaces
-    from edgetl.fit import FitOptions, fit
-    from edgetl.runtime import Predictor
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.pipeline.fit import FitOptions, fit
+    from edgetl.device.predict import load_predictor
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-adapt-"))
     clean = tmp / "clean"
@@ -88,7 +88,7 @@ def main() -> None:
     base = tmp / "base.bundle"
     fit(clean, base, options=FitOptions(target=args.target, cache_dir=str(tmp / "cache"), quiet=True,
                                         allow_drop=True, calibration_size=100))
-    p = Predictor(base)
+    p = load_predictor(base)
     before = {"drifted_val": p.evaluate(drifted / "val")["accuracy"], "clean_val": p.evaluate(clean / "val")["accuracy"]}
     _, rt_peak, _ = child_peak_mb(["predict", str(base), str(next((clean / "val").rglob("*.png")))])
 
@@ -102,7 +102,7 @@ def main() -> None:
         if r.returncode != 0:
             raise SystemExit(f"adapt failed: {r.stderr}")
         out = json.loads(r.stdout)
-        p = Predictor(b)
+        p = load_predictor(b)
         rows.append({
             "images": n, "wall_s": round(wall, 2),
             "features_s": out["timings_s"]["features"], "train_s": out["timings_s"]["train"],

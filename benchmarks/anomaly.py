@@ -62,8 +62,9 @@ def anomalib_rows(data: Path, site: str, seed: int, coreset: float) -> list[dict
     import torch
 
     from edgetl.anomaly import anomaly_preprocess, auroc, load_anomaly_data, load_mask
-    from edgetl.backbones import build_model, preprocess_config, resolve, weight_source
-    from edgetl.features import load_input
+    from edgetl.export import resolve
+    from edgetl.export.image import build_model, preprocess_config, weight_source
+    from edgetl.core.features import load_input
 
     try:
         from anomalib.models.image.padim.torch_model import PadimModel
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.examples import make_defects
+    from edgetl.datasets.images import make_defects
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-anomaly-"))
     cache = str(tmp / "cache")

@@ -511,7 +511,7 @@ def _guest_probe(openvino: bool) -> dict:
 
     info["onnxruntime"] = ort.__version__
     with contextlib.suppress(ImportError):
-        from edgetl.sessions import cpu_int8_saturates
+        from edgetl.core.sessions import cpu_int8_saturates
 
         info["edgetl_int8_saturates"] = bool(cpu_int8_saturates())
     if openvino:
@@ -644,8 +644,8 @@ def make_inputs(bundle: str | Path, images: list[Path], out: Path) -> Path:
     so that the feature comparisons see only the runtimes' differences."""
     import numpy as np
 
-    from edgetl.bundle import load_bundle
-    from edgetl.features import load_input
+    from edgetl.core.bundle import load_bundle
+    from edgetl.core.features import load_input
 
     pre = load_bundle(bundle).preprocess
     np.save(out, np.stack([load_input(Path(p), pre) for p in images]).astype(np.float32))
@@ -716,9 +716,9 @@ def feature_cosine(a, b) -> dict:
 
 def head_probs(bundle: str | Path, features):
     """The bundle's numpy head (the code ``predict`` runs) on ``features``, on this host."""
-    from edgetl.bundle import load_bundle
+    from edgetl import load_predictor
 
-    return load_bundle(bundle).load_head().proba(features)
+    return load_predictor(bundle).head.proba(features)
 
 
 # ------------------------------------------------------------------------------ the checks

@@ -30,13 +30,14 @@ def main() -> None:
 
     import torch
 
-    from edgetl.backbones import build_model, export_backbone, resolve, weight_source
-    from edgetl.data import load_dataset
-    from edgetl.examples import make_surfaces
-    from edgetl.features import extract_features, load_input
-    from edgetl.fit import FitOptions, fit
-    from edgetl.heads import HeadConfig, train_head
-    from edgetl.sessions import default_threads, open_session
+    from edgetl.export import export_backbone, resolve
+    from edgetl.export.image import build_model, weight_source
+    from edgetl.tasks.classify.data import load_dataset
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.core.features import extract_features, load_input
+    from edgetl.pipeline.fit import FitOptions, fit
+    from edgetl.heads.classification import HeadConfig, train_head
+    from edgetl.core.sessions import default_threads, open_session
 
     threads = default_threads()
     torch.set_num_threads(threads)

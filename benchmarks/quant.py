@@ -45,9 +45,9 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.examples import make_surfaces
-    from edgetl.fit import FitOptions, fit
-    from edgetl.runtime import open_backbone
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.pipeline.fit import FitOptions, fit
+    from edgetl.device.predict import open_backbone
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-quant-"))
     data = tmp / "surfaces"

@@ -46,12 +46,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.backbones import export_backbone
-    from edgetl.examples import make_surfaces
-    from edgetl.features import load_input
-    from edgetl.quantize import convert, feature_cosine
-    from edgetl.sessions import open_session
-    from edgetl.targets import load_target
+    from edgetl.export import export_backbone
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.core.features import load_input
+    from edgetl.pipeline.convert import convert, feature_cosine
+    from edgetl.core.sessions import open_session
+    from edgetl.core.targets import load_target
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-ablation-"))
     data = tmp / "surfaces"

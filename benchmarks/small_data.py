@@ -77,7 +77,8 @@ def user_script(data: Path, test: Path, work: Path) -> dict:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from edgetl.backbones import build_model, resolve, weight_source
+    from edgetl.export import resolve
+    from edgetl.export.image import build_model, weight_source
 
     t0 = time.perf_counter()
     torch.set_num_threads(2)
@@ -117,7 +118,7 @@ def main() -> None:
 
     from sklearn.datasets import load_digits
 
-    from edgetl.backbones import export_backbone
+    from edgetl.export import export_backbone
 
     digits = load_digits()
     work = Path(tempfile.mkdtemp(prefix="edgetl-small-data-"))

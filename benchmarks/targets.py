@@ -25,15 +25,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.benchmark import bench_bundle
-    from edgetl.examples import make_surfaces
-    from edgetl.fit import FitOptions, fit
-    from edgetl.targets import list_targets, load_target
+    from edgetl.device.bench import bench_bundle
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.pipeline.fit import FitOptions, fit
+    from edgetl.core.targets import list_targets, load_target
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-targets-"))
     data = tmp / "surfaces"
     make_surfaces(data, seed=0, per_class=args.per_class, val_per_class=8)
-    from edgetl.sessions import cpu_family
+    from edgetl.core.sessions import cpu_family
 
     rows = []
     runs = [(t.name, None) for t in list_targets()]

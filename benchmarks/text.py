@@ -40,13 +40,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.sessions import default_threads
-    from edgetl.targets import load_target
+    from edgetl.core.sessions import default_threads
+    from edgetl.core.targets import load_target
     from edgetl.text import TextFitOptions, _converted_text_model, fit_text
-    from edgetl.text_data import load_text_dataset
-    from edgetl.text_encoder import TextEncoder
-    from edgetl.text_example import make_tickets
-    from edgetl.text_export import export_text_backbone
+    from edgetl.tasks.text.data import load_text_dataset
+    from edgetl.tasks.text.encoder import TextEncoder
+    from edgetl.datasets.tickets import make_tickets
+    from edgetl.export.text import export_text_backbone
 
     target_name = "cpu-x86" if args.runtime == "onnxruntime" else "openvino-cpu"
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(cache_dir):
-    from edgetl.backbones import export_backbone
+    from edgetl.export import export_backbone
 
     return export_backbone("efficientnet_lite0", cache_dir=cache_dir)
 
@@ -31,7 +31,7 @@ def exported(cache_dir):
 @pytest.fixture(scope="session")
 def surfaces(tmp_path_factory) -> Path:
     """The built-in classification example, small enough for tests."""
-    from edgetl.examples import make_surfaces
+    from edgetl.datasets.images import make_surfaces
 
     out = tmp_path_factory.mktemp("data") / "surfaces"
     make_surfaces(out, seed=0, per_class=16, val_per_class=8)

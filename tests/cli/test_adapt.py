@@ -144,7 +144,7 @@ def test_full_disk_while_writing_keeps_the_old_head(base, tmp_path, no_torch_env
     import subprocess
     import sys
 
-    from edgetl.bundle import load_bundle
+    from edgetl.core.bundle import load_bundle
 
     bundle, new, _ = base
     b = _copy(bundle, tmp_path)

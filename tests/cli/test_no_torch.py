@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import run_cli
 
 # Every module a device imports. (fit/export/backbones/quantize are the laptop side.)
-DEVICE_MODULES = ["edgetl", "edgetl.cli", "edgetl.runtime", "edgetl.adapt", "edgetl.bundle", "edgetl.sessions",
-                  "edgetl.heads", "edgetl.features", "edgetl.data", "edgetl.preprocess", "edgetl.fuse",
-                  "edgetl.report", "edgetl.targets", "edgetl.errors"]
+DEVICE_MODULES = ["edgetl", "edgetl.cli", "edgetl.device.predict", "edgetl.device.adapt", "edgetl.core.bundle", "edgetl.core.sessions",
+                  "edgetl.heads", "edgetl.core.features", "edgetl.tasks.classify.data", "edgetl.core.preprocess", "edgetl.core.fuse",
+                  "edgetl.core.metrics", "edgetl.core.targets", "edgetl.errors"]
 
 
 def test_device_modules_import_without_torch(no_torch_env):
@@ -43,9 +43,9 @@ def int8_bundle(surfaces, cache_dir, tmp_path_factory):
 
 
 def test_predict_and_eval_without_torch_match_in_process(int8_bundle, surfaces, no_torch_env):
-    from edgetl.runtime import Predictor
+    from edgetl.device.predict import load_predictor
 
-    p = Predictor(int8_bundle)
+    p = load_predictor(int8_bundle)
     expected = [x.to_dict() for x in p.predict([surfaces / "val"], top_k=3)]
     r = run_cli("predict", int8_bundle, surfaces / "val", "--top-k", "3", "--json", env=no_torch_env)
     assert r.returncode == 0, r.stderr

@@ -14,7 +14,7 @@ from tests.conftest import run_cli
 def test_a_broken_conversion_is_refused_with_exit_3(surfaces, exported, cache_dir, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import edgetl.fit as fitmod
+    import edgetl.tasks.classify.task as fitmod
     from edgetl.cli import main
 
     # A cache of its own (with the FP32 export copied in): the corrupted INT8 model must never be

@@ -84,28 +84,28 @@ def test_eight_concurrent_adapts_with_wait_give_eight_versions(small, tmp_path):
     assert all(rc == 0 for rc, _, _ in results), [err for _, _, err in results]
     versions = sorted(json.loads(out)["version"] for _, out, _ in results)
     assert versions == list(range(2, 10)) and _versions(b) == list(range(1, 10))
-    from edgetl.bundle import load_bundle
+    from edgetl.core.bundle import load_bundle
 
     loaded = load_bundle(b)
     assert loaded.head_version in versions
     # each version's head and fused model are its own run's: the numpy head and the fused graph agree
-    from edgetl.runtime import Predictor
+    from edgetl.device.predict import load_predictor
 
     imgs = sorted((new / "wood").glob("*.png"))[:4]
     for v in (2, 9):
-        p = Predictor(b, head_version=v)
+        p = load_predictor(b, head_version=v)
         assert p.head.labels == loaded.head_entry(v)["labels"]
 
 
 _READER = """
 import sys, time
 from edgetl.errors import EdgetlError
-from edgetl.runtime import Predictor
+from edgetl.device.predict import load_predictor
 bundle, image, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 failures = 0
 for i in range(n):
     try:
-        Predictor(bundle).predict([image])
+        load_predictor(bundle).predict([image])
     except EdgetlError as exc:
         failures += 1
         print("FAIL", exc, file=sys.stderr)
@@ -142,7 +142,7 @@ def test_kill_9_at_random_points_of_adapt_leaves_one_whole_version_and_no_leftov
     bundle, new, _ = small
     b = _copy(bundle, tmp_path)
     rng = random.Random(0)
-    from edgetl.bundle import load_bundle
+    from edgetl.core.bundle import load_bundle
 
     for trial in range(6):
         before = _versions(b)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgetl.fit import FitOptions, fit
-from edgetl.heads import HEAD_KINDS, HeadConfig
+from edgetl.pipeline.fit import FitOptions, fit
+from edgetl.heads.classification import HEAD_KINDS, HeadConfig
 
 REFERENCE = json.loads((Path(__file__).with_name("reference.json")).read_text())
 

@@ -40,7 +40,7 @@ RTOL_OPENVINO_INT8 = 1e-4
 
 @pytest.fixture(scope="module")
 def defects(tmp_path_factory):
-    from edgetl.examples import make_defects
+    from edgetl.datasets.images import make_defects
 
     out = tmp_path_factory.mktemp("anomaly-data") / "defects"
     make_defects(out, seed=0)
@@ -50,11 +50,11 @@ def defects(tmp_path_factory):
 @pytest.fixture(scope="module")
 def padim_bundle(defects, cache_dir, tmp_path_factory):
     """Library fit, default target (OpenVINO INT8) with the FP32 ONNX Runtime reference."""
-    from edgetl.anomaly import AnomalyConfig, AnomalyOptions, fit_anomaly
+    from edgetl import AnomalyConfig, FitOptions, fit
 
     out = tmp_path_factory.mktemp("anomaly") / "padim.bundle"
-    return fit_anomaly(defects, out, options=AnomalyOptions(head=AnomalyConfig(kind="padim"), calibration_size=64,
-                                                            cache_dir=str(cache_dir), quiet=True))
+    return fit(defects, out, options=FitOptions(head=AnomalyConfig(kind="padim"), calibration_size=64,
+                                                cache_dir=str(cache_dir), quiet=True))
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +71,17 @@ def patchcore_bundle(defects, cache_dir, tmp_path_factory):
 def test_patch_backbone_export_matches_torch(defects, cache_dir):
     import torch
 
-    from edgetl.anomaly import anomaly_preprocess, feature_shape
-    from edgetl.backbones import build_model, export_backbone, patch_feature_model, resolve, weight_source
-    from edgetl.features import load_input
-    from edgetl.sessions import open_session
+    from edgetl import tasks
+    from edgetl.export import export_backbone, resolve
+    from edgetl.export.image import build_model, patch_feature_model, weight_source
+    from edgetl.core.features import load_input
+    from edgetl.core.sessions import open_session
 
-    exported = export_backbone("efficientnet_lite0", cache_dir=cache_dir, patch_reductions=(4, 8))
-    assert feature_shape(exported.path) == (64, 28, 28) and exported.num_features == 64
+    exported = export_backbone("efficientnet_lite0", kind="image-patch", cache_dir=cache_dir, patch_reductions=(4, 8))
+    assert exported.feature_shape == (64, 28, 28) and exported.num_features == 64
     spec = resolve("efficientnet_lite0")
     model = patch_feature_model(build_model(spec, weight_source(spec)), (4, 8))
-    pre = anomaly_preprocess(exported.preprocess)
+    pre = tasks.get("anomaly").backbone_view(exported).image_preprocess
     x = np.stack([load_input(p, pre) for p in sorted((defects / "test" / "crack").glob("*.png"))[:2]])
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
@@ -88,8 +89,8 @@ def test_patch_backbone_export_matches_torch(defects, cache_dir):
 
 
 def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
-    from edgetl.anomaly import AnomalyHead
-    from edgetl.bundle import load_bundle
+    from edgetl.core.bundle import load_bundle
+    from edgetl.heads.patch import AnomalyHead
 
     _, summary = patchcore_bundle
     for m, counts in ((padim_bundle.report["metrics"], padim_bundle.data.counts()), (summary["metrics"], summary["counts"])):
@@ -113,24 +114,27 @@ def test_int8_keeps_image_auroc(padim_bundle, patchcore_bundle):
     assert padim_bundle.report["gate"]["passed"] and patchcore_bundle[1]["gate"]["passed"]
 
 
-def test_fused_model_equals_numpy_reference(padim_bundle, patchcore_bundle, defects):
-    from edgetl.anomaly import AnomalyPredictor
+def predictor(bundle, **kw):
+    from edgetl.core.bundle import load_bundle
+    from edgetl.tasks.anomaly.task import AnomalyPredictor
 
+    return AnomalyPredictor(load_bundle(bundle), **kw)
+
+
+def test_fused_model_equals_numpy_reference(padim_bundle, patchcore_bundle, defects):
     paths = sorted((defects / "test").glob("*/*.png"))[::5]
     for bundle, rtol in ((patchcore_bundle[0], RTOL_ORT), (padim_bundle.bundle.path, RTOL_OPENVINO_INT8)):
-        fused_maps, fused = AnomalyPredictor(bundle).maps(paths)
-        ref_maps, ref = AnomalyPredictor(bundle, fused=False).maps(paths)
+        fused_maps, fused = predictor(bundle).maps(paths)
+        ref_maps, ref = predictor(bundle, fused=False).maps(paths)
         np.testing.assert_allclose(fused, ref, rtol=rtol)
         assert np.max(np.abs(fused_maps - ref_maps)) <= rtol * ref.max()
     assert patchcore_bundle[1]["fused_parity"]["max_rel_score_diff"] < RTOL_ORT
 
 
 def test_device_predict_and_eval_without_torch(patchcore_bundle, defects, no_torch_env, tmp_path):
-    from edgetl.anomaly import AnomalyPredictor
-
     bundle, summary = patchcore_bundle
     folder = defects / "test" / "spot"
-    expected = [p.to_dict() for p in AnomalyPredictor(bundle).predict([folder])]
+    expected = [p.to_dict() for p in predictor(bundle).predict([folder])]
     r = run_cli("predict", bundle, folder, "--json", "--heatmaps", tmp_path / "maps", env=no_torch_env)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["predictions"]
@@ -152,10 +156,11 @@ def test_device_predict_and_eval_without_torch(patchcore_bundle, defects, no_tor
 
 _ADAPT = """
 import json, sys
-from edgetl.anomaly import adapt_anomaly, AnomalyPredictor
-r = adapt_anomaly(sys.argv[1], sys.argv[2])
-p = AnomalyPredictor(sys.argv[1])
-print(json.dumps({"version": r.version, "before": r.before, "after": r.after, "memory": r.memory,
+from edgetl import adapt, load_predictor
+r = adapt(sys.argv[1], sys.argv[2])
+p = load_predictor(sys.argv[1])
+print(json.dumps({"version": r.version, "before": r.summary["new_images_before"],
+                  "after": r.summary["new_images_after"], "memory": r.summary["memory"],
                   "current": p.version, "threshold": p.threshold}))
 bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "nncf")]
 assert not bad, bad
@@ -166,9 +171,9 @@ assert not bad, bad
 def test_adapt_on_device_adds_good_images(which, patchcore_bundle, padim_bundle, no_torch_env, tmp_path):
     import os
 
-    from edgetl.anomaly import AnomalyHead
-    from edgetl.bundle import load_bundle
-    from edgetl.examples import make_defects
+    from edgetl.core.bundle import load_bundle
+    from edgetl.datasets.images import make_defects
+    from edgetl.heads.patch import AnomalyHead
 
     src = patchcore_bundle[0] if which == "patchcore" else padim_bundle.bundle.path
     bundle = tmp_path / "b"
@@ -191,23 +196,23 @@ def test_adapt_on_device_adds_good_images(which, patchcore_bundle, padim_bundle,
         assert int(head.arrays["count"]) == 66
     assert AnomalyHead.load(bundle / "heads" / "v1.npz").kind == which  # the old version stays for rollback
 
-    from edgetl.anomaly import AnomalyPredictor, adapt_anomaly, rollback_anomaly
+    from edgetl import adapt, rollback
 
     probe = sorted((new / "train" / "good").glob("*.png"))[:3]
-    original = AnomalyPredictor(src).maps(probe)[1]
+    original = predictor(src).maps(probe)[1]
     if which == "patchcore":  # more updates: old fused models are pruned, the manifest stays whole
         for _ in range(3):
-            adapt_anomaly(bundle, new / "train" / "good")
+            adapt(bundle, new / "train" / "good")
         b = load_bundle(bundle)
         assert b.head_version == 5 and not (bundle / "model.onnx").exists() and (bundle / "model-v5.onnx").exists()
-    b = rollback_anomaly(bundle, to=1)  # regenerates model.onnx where it was pruned
+    b = rollback(bundle, to=1)  # regenerates model.onnx where it was pruned
     assert b.head_version == 1 and load_bundle(bundle).head_entry()["threshold"] == pytest.approx(entry["threshold"])
-    np.testing.assert_allclose(AnomalyPredictor(bundle).maps(probe)[1], original, rtol=1e-6)
+    np.testing.assert_allclose(predictor(bundle).maps(probe)[1], original, rtol=1e-6)
 
 
 def test_cli_adapt_history_threshold_rollback(patchcore_bundle, no_torch_env, tmp_path):
     """The device workflow for an anomaly bundle through the same commands as classification."""
-    from edgetl.examples import make_defects
+    from edgetl.datasets.images import make_defects
 
     bundle = tmp_path / "b"
     shutil.copytree(patchcore_bundle[0], bundle)
@@ -253,12 +258,12 @@ def test_export_remakes_an_anomaly_bundle_for_another_precision(patchcore_bundle
 
 def test_patchcore_on_openvino_int8_scores_like_numpy(defects, cache_dir, tmp_path):
     """patchcore + OpenVINO INT8 (the default target): the fused model's scores are the numpy head's."""
-    from edgetl.anomaly import AnomalyConfig, AnomalyOptions, AnomalyPredictor, fit_anomaly
+    from edgetl import AnomalyConfig, FitOptions, fit
 
-    r = fit_anomaly(defects, tmp_path / "pc-ov.bundle", options=AnomalyOptions(
+    r = fit(defects, tmp_path / "pc-ov.bundle", options=FitOptions(
         head=AnomalyConfig(kind="patchcore"), calibration_size=64, cache_dir=str(cache_dir), quiet=True))
     assert r.report["runtime"] == "openvino" and r.report["fused_parity"]["max_rel_score_diff"] < RTOL_OPENVINO_INT8
     paths = sorted((defects / "test").glob("*/*.png"))[::7]
-    fused = AnomalyPredictor(r.bundle.path).maps(paths)[1]
-    np.testing.assert_allclose(fused, AnomalyPredictor(r.bundle.path, fused=False).maps(paths)[1], rtol=RTOL_OPENVINO_INT8)
+    fused = predictor(r.bundle.path).maps(paths)[1]
+    np.testing.assert_allclose(fused, predictor(r.bundle.path, fused=False).maps(paths)[1], rtol=RTOL_OPENVINO_INT8)
     assert r.metrics["image_auroc"] > MIN_IMAGE_AUROC

@@ -32,7 +32,7 @@ accuracy_control = {control}
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    from edgetl.examples import make_surfaces
+    from edgetl.datasets.images import make_surfaces
 
     out = tmp_path_factory.mktemp("ac") / "surfaces"
     make_surfaces(out, seed=1, per_class=6, val_per_class=3)

@@ -75,7 +75,7 @@ def emu():
 @pytest.fixture(scope="module")
 def fitted(surfaces, cache_dir, tmp_path_factory):
     """One bundle with full 8-bit weights (cpu-arm64) and one with 7-bit weights (cpu-x86)."""
-    from edgetl.fit import FitOptions, fit
+    from edgetl.pipeline.fit import FitOptions, fit
 
     root = tmp_path_factory.mktemp("emulated-bundles")
     out = {}

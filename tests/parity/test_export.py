@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.backbones import build_model, resolve, weight_source
-from edgetl.preprocess import preprocess_image
-from edgetl.sessions import open_session
+from edgetl.export import resolve
+from edgetl.export.image import build_model, weight_source
+from edgetl.core.preprocess import preprocess_image
+from edgetl.core.sessions import open_session
 
 torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")
@@ -20,7 +21,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def batch(exported):
     names = ["coffee", "chelsea", "astronaut", "rocket", "camera", "brick"]
-    return np.stack([preprocess_image(Image.fromarray(getattr(skdata, n)()), exported.preprocess) for n in names])
+    return np.stack([preprocess_image(Image.fromarray(getattr(skdata, n)()), exported.image_preprocess) for n in names])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_onnx_fp32_matches_torch(exported, batch, reference):
 
 def test_openvino_fp32_matches_torch(exported, batch, reference, tmp_path):
     ov = pytest.importorskip("openvino")
-    from edgetl.quantize import onnx_to_openvino
+    from edgetl.pipeline.convert import onnx_to_openvino
 
     ov.save_model(onnx_to_openvino(exported.path, batch=0), str(tmp_path / "b.xml"), compress_to_fp16=False)
     out = open_session(tmp_path / "b.xml", runtime="openvino")(batch)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.preprocess import PreprocessConfig, preprocess_image
+from edgetl.core.preprocess import PreprocessConfig, preprocess_image
 
 timm = pytest.importorskip("timm")
 skdata = pytest.importorskip("skimage.data")
@@ -37,5 +37,5 @@ def test_matches_timm_eval_transform(cfg, name):
 
 
 def test_backbone_config_comes_from_timm(exported):
-    assert exported.preprocess == PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic",
+    assert exported.image_preprocess == PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic",
                                                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgetl.bundle import load_bundle
-from edgetl.fit import FitOptions, fit
-from edgetl.targets import list_targets
+from edgetl.core.bundle import load_bundle
+from edgetl.pipeline.fit import FitOptions, fit
+from edgetl.core.targets import list_targets
 
 TARGETS = [t.name for t in list_targets()]
 
@@ -117,11 +117,11 @@ def test_tensorrt_profile_is_symmetric_int8(bundles):
 def test_device_path_computes_what_the_head_was_trained_on(bundles, surfaces, name):
     """predict/eval of every bundle reproduce fit's validation accuracy on this host: profiles whose
     head learned exact INT8 (ARM, Jetson, NPU) are emulated here when this CPU's INT8 saturates."""
-    from edgetl.runtime import Predictor
-    from edgetl.sessions import cpu_int8_saturates
+    from edgetl.device.predict import load_predictor
+    from edgetl.core.sessions import cpu_int8_saturates
 
     r = bundles[name]
-    p = Predictor(r.bundle.path)
+    p = load_predictor(r.bundle.path)
     simulated = r.bundle.manifest["target"]["fit_features"] == "simulated"
     assert p.session.emulated == (simulated and cpu_int8_saturates())
     assert p.evaluate(surfaces / "val")["accuracy"] == pytest.approx(r.metrics["accuracy"], abs=1e-9)
@@ -131,21 +131,21 @@ def test_device_path_computes_what_the_head_was_trained_on(bundles, surfaces, na
 def test_sessions_run_at_the_precision_the_bundle_records(bundles, name):
     """Every shipped profile asks for f32 float ops, and every session fit and the device open
     reads back f32 from the runtime (OpenVINO would pick bf16 by itself on a CPU with native bf16)."""
-    from edgetl.runtime import Predictor
+    from edgetl.device.predict import load_predictor
 
     r = bundles[name]
     assert r.bundle.float_precision == "f32"
     numerics = r.report["numerics"]
     assert numerics["target_float_precision"] == "f32"
     assert numerics["features"]["float_precision"] == numerics["fused"]["float_precision"] == "f32"
-    assert Predictor(r.bundle.path).session.float_precision == "f32"
+    assert load_predictor(r.bundle.path).session.float_precision == "f32"
 
 
 def test_bf16_bundle_runs_bf16_where_the_cpu_has_it(surfaces, cache_dir, tmp_path):
     import openvino as ov
 
-    from edgetl.benchmark import bench_bundle
-    from edgetl.runtime import Predictor
+    from edgetl.device.bench import bench_bundle
+    from edgetl.device.predict import load_predictor
 
     ran = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
     r = fit(surfaces, tmp_path / "bf16.bundle",
@@ -154,7 +154,7 @@ def test_bf16_bundle_runs_bf16_where_the_cpu_has_it(surfaces, cache_dir, tmp_pat
     assert (b.precision, b.float_precision) == ("bf16", "bf16")
     assert r.report["numerics"]["features"]["float_precision"] == ran
     assert any("accuracy_control" in note for note in r.report["target_adjusted"])
-    p = Predictor(b.path)
+    p = load_predictor(b.path)
     assert p.session.float_precision == ran
     assert p.evaluate(surfaces / "val")["accuracy"] == pytest.approx(r.metrics["accuracy"], abs=1e-9)
     assert r.report["fused_parity"]["top1_agreement"] == 1.0

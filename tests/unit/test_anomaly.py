@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.anomaly import (
-    AnomalyConfig, AnomalyHead, _blur_matrix, _interp_matrix, auroc, best_f1_threshold, detection_metrics,
-    dilate, fit_head, greedy_coreset, load_anomaly_data, map_operator, maps_from_patches, oas_shrink, overlay,
-    peak_in_mask, quantile_threshold, update_head, wants_anomaly,
-)
+from edgetl import tasks
+from edgetl.core.metrics import auroc, best_f1_threshold
+from edgetl.heads.patch import (AnomalyConfig, AnomalyHead, _blur_matrix, _interp_matrix, greedy_coreset, map_operator,
+                                maps_from_patches, oas_shrink, quantile_threshold)
+from edgetl.heads.patch import fit_patch_head as fit_head
+from edgetl.heads.patch import update_patch_head as update_head
+from edgetl.tasks.anomaly.data import load_anomaly_data
+from edgetl.tasks.anomaly.metrics import detection_metrics, dilate, peak_in_mask
+from edgetl.tasks.anomaly.render import overlay, save_overlay
 from edgetl.errors import BundleError, ConfigError, DataError
 
 # Fused graph vs numpy, both float32 on the same features: only summation order differs.
@@ -214,7 +218,7 @@ def test_config_validation():
 def test_scoring_graph_equals_numpy(kind, extra, opset):
     import onnxruntime as ort
 
-    from edgetl.anomaly_export import scoring_graph
+    from edgetl.heads.patch_graph import scoring_graph
 
     head = fit_head(_features(16, 0), AnomalyConfig(kind=kind, **extra), size=48)
     model = scoring_graph(head, opset=opset)
@@ -231,8 +235,8 @@ def test_scoring_graph_runs_in_openvino(tmp_path):
     pytest.importorskip("openvino")
     import onnx
 
-    from edgetl.anomaly_export import scoring_graph
-    from edgetl.sessions import open_session
+    from edgetl.heads.patch_graph import scoring_graph
+    from edgetl.core.sessions import open_session
 
     for kind in ("patchcore", "padim"):
         head = fit_head(_features(16, 0), AnomalyConfig(kind=kind), size=48)
@@ -265,7 +269,7 @@ def test_anomaly_layouts(tmp_path):
     assert d.layout == "mvtec" and len(d.train) == 4 and not d.val
     assert [s.label for s in d.test] == ["crack", "good"]
     assert d.masks[str(mv / "test" / "crack" / "000.png")].name == "000_mask.png"
-    assert wants_anomaly(mv, None, None)
+    assert tasks.for_data(mv).name == "anomaly"
 
     good = tmp_path / "g"
     for i in range(5):
@@ -281,15 +285,16 @@ def test_anomaly_layouts(tmp_path):
         load_anomaly_data(tmp_path / "mvtec" / "ground_truth")
 
 
-def test_wants_anomaly_rules(tmp_path):
+def test_task_detection_rules(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    assert not wants_anomaly(tmp_path, None, None)
-    assert wants_anomaly(tmp_path, "anomaly", None) and wants_anomaly(tmp_path, None, "padim")
-    with pytest.raises(ConfigError, match="classification head"):
-        wants_anomaly(tmp_path, "anomaly", "mlp")
-    with pytest.raises(ConfigError, match="anomaly head"):
-        wants_anomaly(tmp_path, "classify", "patchcore")
+    assert tasks.for_data(tmp_path).name == "classify"
+    assert tasks.for_data(tmp_path, task="anomaly").name == "anomaly"
+    assert tasks.for_data(tmp_path, head="padim").name == "anomaly"
+    with pytest.raises(ConfigError, match="--head mlp is for --task classify"):
+        tasks.for_data(tmp_path, task="anomaly", head="mlp")
+    with pytest.raises(ConfigError, match="--head patchcore is for --task anomaly"):
+        tasks.for_data(tmp_path, task="classify", head="patchcore")
 
 
 def test_overlay_colours():
@@ -302,8 +307,7 @@ def test_overlay_colours():
 
 
 def test_heatmap_names_unique_within_a_run_and_overwritten_across_runs(tmp_path):
-    from edgetl.anomaly import save_overlay
-    from edgetl.preprocess import PreprocessConfig
+    from edgetl.core.preprocess import PreprocessConfig
 
     pre = PreprocessConfig(input_size=32, crop_pct=1.0)
     srcs = []

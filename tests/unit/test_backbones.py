@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from edgetl.backbones import REGISTRY, build_model, preprocess_config, resolve, weight_source
+from edgetl.export import REGISTRY, resolve
+from edgetl.export.image import build_model, preprocess_config, weight_source
 from edgetl.errors import ConfigError
-from edgetl.preprocess import preprocess_image
+from edgetl.core.preprocess import preprocess_image
 
 torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")
@@ -65,4 +66,4 @@ def test_unknown_backbone_suggests_close_names():
 def test_registry_and_timm_names():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"} <= set(REGISTRY)
     assert resolve("tf_efficientnet_lite0").name == "efficientnet_lite0"
-    assert resolve("resnet18").timm_name == "resnet18"  # any timm architecture is accepted
+    assert resolve("resnet18").source == "resnet18"  # any timm architecture is accepted

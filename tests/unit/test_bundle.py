@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from edgetl.bundle import FORMAT_VERSION, BundleWriter, load_bundle
+from edgetl.core.bundle import FORMAT_VERSION, BundleWriter, load_bundle
 from edgetl.errors import BundleError
 from tests.conftest import minimal_manifest
 
@@ -73,7 +73,7 @@ def test_refuses_to_overwrite_without_force(tmp_path):
 
 _SLOW_WRITER = """
 import sys, time
-from edgetl.bundle import BundleWriter
+from edgetl.core.bundle import BundleWriter
 from tests.conftest import minimal_manifest
 with BundleWriter(sys.argv[1], force=True) as w:
     (w.dir / "heads").mkdir()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.data import list_images, load_dataset
+from edgetl.tasks.classify.data import list_images, load_dataset
 from edgetl.errors import DataError
-from edgetl.preprocess import PreprocessConfig, load_rgb, preprocess_file
+from edgetl.core.preprocess import PreprocessConfig, load_rgb, preprocess_file
 from tests.conftest import make_folder, write_image
 
 
@@ -138,7 +138,7 @@ def test_list_images_expands_folders_and_rejects_missing(tmp_path):
 
 
 def test_checked_images_skip_the_decode_of_known_content_only(tmp_path, monkeypatch):
-    from edgetl.data import CheckedImages, check_image
+    from edgetl.tasks.classify.data import CheckedImages, check_image
 
     good = write_image(tmp_path / "a.png")
     checked = CheckedImages(tmp_path / "cache")

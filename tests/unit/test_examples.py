@@ -12,7 +12,8 @@ from PIL import Image
 
 pytest.importorskip("skimage", reason="the example datasets are built from scikit-image's images")
 
-from edgetl import examples as ex  # noqa: E402
+from edgetl import datasets  # noqa: E402
+from edgetl.datasets import images as ex  # noqa: E402
 from edgetl.errors import ConfigError, DataError, MissingDependency  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def defects(tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------------- surfaces
 def test_surfaces_layout_counts_and_loader(surfaces):
     """conftest builds it with per_class=16, val_per_class=8 at the default size."""
-    from edgetl.data import load_dataset
+    from edgetl.tasks.classify.data import load_dataset
 
     doc = _manifest(surfaces)
     assert doc["classes"] == list(ex.SURFACE_CLASSES) and 6 <= len(doc["classes"]) <= 8
@@ -216,20 +217,20 @@ def test_every_defect_type_on_every_texture(texture):
 # ----------------------------------------------------------------------------------- entry point
 def test_make_example_names_and_options(tmp_path):
     with pytest.raises(ConfigError, match="defects, surfaces, tickets"):
-        ex.make_example("nope", tmp_path / "x")
+        datasets.make_example("nope", tmp_path / "x")
     with pytest.raises(ConfigError, match="texture"):
-        ex.make_example("defects", tmp_path / "x", texture="marble")
+        datasets.make_example("defects", tmp_path / "x", texture="marble")
     with pytest.raises(ConfigError, match="per_class"):
-        ex.make_example("surfaces", tmp_path / "x", bogus=1)
+        datasets.make_example("surfaces", tmp_path / "x", bogus=1)
     with pytest.raises(ConfigError, match="per_class"):
-        ex.make_example("surfaces", tmp_path / "x", per_class=0)
+        datasets.make_example("surfaces", tmp_path / "x", per_class=0)
     with pytest.raises(ConfigError, match="seed"):
-        ex.make_example("defects", tmp_path / "x", seed=-1)
+        datasets.make_example("defects", tmp_path / "x", seed=-1)
     assert not (tmp_path / "x").exists()
-    s = ex.make_example("surfaces", tmp_path / "s", seed=2, per_class=1, val_per_class=1, size=32)
+    s = datasets.make_example("surfaces", tmp_path / "s", seed=2, per_class=1, val_per_class=1, size=32)
     assert s["name"] == "surfaces" and s["seed"] == 2 and len(list((tmp_path / "s").rglob("*.png"))) == 16
-    assert set(ex.EXAMPLES) == {"surfaces", "defects", "tickets"}
-    t = ex.make_example("tickets", tmp_path / "t", per_class=4, val_per_class=2)
+    assert set(datasets.EXAMPLES) == {"surfaces", "defects", "tickets"}
+    t = datasets.make_example("tickets", tmp_path / "t", per_class=4, val_per_class=2)
     rows = (tmp_path / "t" / "tickets.csv").read_text().splitlines()
     assert rows[0] == "text,label,split" and len(rows) == 1 + 5 * (4 + 2) and t
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgetl.errors import GateError
-from edgetl.fuse import PARITY_TOLERANCE, check_parity, parity
+from edgetl.core.fuse import PARITY_TOLERANCE, check_parity, parity
 
 
 def test_parity_gate_passes_rounding_and_refuses_a_wrong_graph():

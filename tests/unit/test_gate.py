@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgetl.errors import GateError
-from edgetl.gate import (GateDecision, accuracy_gate, auroc_gate, delong, enforce, paired_difference_interval,
+from edgetl.core.gate import (GateDecision, accuracy_gate, auroc_gate, delong, enforce, paired_difference_interval,
                          wilson_interval)
 
 

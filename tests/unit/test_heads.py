@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgetl.errors import BundleError, ConfigError, DataError
-from edgetl.heads import (
+from edgetl.heads.classification import (
     HEAD_KINDS,
     L2_GRID,
     MLP_L2_GRID,

@@ -13,9 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgetl.errors import ConfigError
-from edgetl.features import numerics_tag
-from edgetl.sessions import cpu_family, open_session
-from edgetl.targets import load_target
+from edgetl.core.features import numerics_tag
+from edgetl.core.sessions import cpu_family, open_session
+from edgetl.core.targets import load_target
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_bf16_needs_openvino():
 
 
 def test_shipped_profiles_run_float_ops_in_f32():
-    from edgetl.targets import list_targets
+    from edgetl.core.targets import list_targets
 
     for t in list_targets():
         assert t.session_precision == "f32", t.name

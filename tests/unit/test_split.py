@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.data import Sample, group_split, load_dataset
-from edgetl.diagnostics import near_duplicates
+from edgetl.tasks.classify.data import Sample, group_split, load_dataset
+from edgetl.core.diagnostics import near_duplicates
 from edgetl.errors import DataError
 from tests.conftest import make_grouped_crops
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgetl.errors import ConfigError
-from edgetl.targets import list_targets, load_target
+from edgetl.core.targets import list_targets, load_target
 
 SHIPPED = {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu", "openvino-cpu-vnni"}
 

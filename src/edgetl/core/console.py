@@ -1,0 +1,51 @@
+"""What the user sees on the terminal while edgetl works: status lines, progress bars, and where
+the third-party libraries' own output goes. Everything here writes to stderr (stdout carries
+``--json``), and nothing at all with ``--quiet``, which reaches the library as the edgetl
+logger's level (the CLI sets ERROR) or as an explicit ``quiet``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+
+def quiet_requested(quiet: bool = False) -> bool:
+    return quiet or not logging.getLogger("edgetl").isEnabledFor(logging.WARNING)
+
+
+def status(message: str, *, quiet: bool = False) -> None:
+    """One line on stderr saying what a long step is doing."""
+    if not quiet_requested(quiet):
+        print(f"{message} ...", file=sys.stderr, flush=True)
+
+
+def progress(total: int, *, desc: str, quiet: bool):
+    """A tqdm bar on a terminal; nothing when piped, in CI, or with --quiet."""
+    from tqdm import tqdm
+
+    disable = quiet_requested(quiet) or not sys.stderr.isatty() or total == 0
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def quantizer_output(quiet: bool = False):
+    """Where NNCF's and Optimum's progress bars go: stderr (stdout carries ``--json``), or nowhere
+    with ``--quiet``."""
+    if quiet_requested(quiet):
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    else:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+
+
+def one_line(text) -> str:
+    """Text for one line of output: control characters (a newline in a file name or a label) are
+    escaped, so no input can forge or break a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+# A path or label printed in a table.
+safe = one_line

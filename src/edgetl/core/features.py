@@ -1,0 +1,246 @@
+"""Batched feature extraction through a runtime session, with an on-disk cache.
+
+The backbone is frozen, so each image goes through it once per (model, preprocessing, view). The
+cache key is the image's content hash plus the *model file's* hash (which pins architecture,
+weights and precision: an INT8 model calibrated differently is a different model) plus the
+preprocessing digest plus the augmentation view. A second ``fit`` with another head or
+hyper-parameters finds every vector here and never runs the backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+from ..errors import DataError
+from .bundle import sha256_file
+from .console import progress
+from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
+
+
+def default_cache_dir() -> Path:
+    """Where everything expensive is kept between runs: ``$EDGETL_CACHE``, else ``~/.cache/edgetl``."""
+    env = os.environ.get("EDGETL_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgetl"
+
+
+def file_digest(path: str | Path, *, length: int | None = None) -> str:
+    digest = sha256_file(Path(path))
+    return digest[:length] if length else digest
+
+
+def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
+    """Cache namespace of one model file + preprocessing (OpenVINO IR: the .bin holds the weights)."""
+    model_path = Path(model_path)
+    parts = [file_digest(model_path)]
+    weights = model_path.with_suffix(".bin")
+    if model_path.suffix == ".xml" and weights.is_file():
+        parts.append(file_digest(weights))
+    parts.append(preprocess.digest())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def numerics_tag(session) -> str:
+    """What decides a session's numbers beyond the model file: runtime, float precision, and the
+    INT8 path (exact emulation, or this CPU family's native kernels, which differ between AVX2
+    and VNNI machines). Part of every feature cache key, so features computed one way are never
+    served for another (a bf16 run for an f32 one, say)."""
+    from .sessions import cpu_family
+
+    path = "exact" if session.emulated else f"native-{cpu_family()['int8']}"
+    rows = "" if session.rows_independent else "-row-by-row"
+    return f"{session.runtime}-{session.float_precision}-{path}{rows}"
+
+
+def session_key(session, model_path: str | Path, preprocess: PreprocessConfig) -> str:
+    """Cache namespace of features computed by ``session`` on ``model_path`` (see :func:`numerics_tag`)."""
+    tag = hashlib.sha256(numerics_tag(session).encode()).hexdigest()[:8]
+    return f"{model_key(model_path, preprocess)}-{tag}"
+
+
+class FeatureCache:
+    """``root/<model_key>/v<view>/<ab>/<digest>.npy``: one small file per vector, written atomically."""
+
+    def __init__(self, root: str | Path, key: str):
+        self.dir = Path(root) / "features" / key
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, digest: str, view: int) -> Path:
+        return self.dir / f"v{view}" / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str, view: int) -> np.ndarray | None:
+        p = self._path(digest, view)
+        try:
+            vec = np.load(p, allow_pickle=False)
+        except (OSError, ValueError):  # absent, or a torn write from a killed process: recompute
+            self.misses += 1
+            return None
+        self.hits += 1
+        return vec
+
+    def put(self, digest: str, view: int, vec: np.ndarray) -> None:
+        p = self._path(digest, view)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(vec, dtype=np.float32), allow_pickle=False)
+        os.replace(tmp, p)
+
+
+def augment(im: Image.Image, *, seed: int) -> Image.Image:
+    """A mild, label-preserving random view: crop 60-100%, flip, small rotation, light/colour jitter.
+
+    Deterministic for a given seed so an augmented view can be cached like a plain one.
+    """
+    rng = random.Random(seed)
+    w, h = im.size
+    s = rng.uniform(0.6, 1.0) ** 0.5
+    cw, ch = max(8, int(w * s)), max(8, int(h * s))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    angle = rng.uniform(-10, 10)
+    im = im.rotate(angle, resample=Image.Resampling.BILINEAR, expand=False)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.75, 1.25))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.75, 1.25))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 0.2:
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+    return im
+
+
+def _seed_for(digest: str, view: int) -> int:
+    return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:12], 16)
+
+
+def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", view: int = 0) -> np.ndarray:
+    """Decode + (optionally augment) + preprocess one image into the backbone's CHW input."""
+    im = load_rgb(path)
+    if view:
+        im = augment(im, seed=_seed_for(digest or str(path), view))
+    return to_tensor(resize_crop(im, preprocess), preprocess)
+
+
+def extract_features(
+    paths: Sequence[Path],
+    *,
+    session,
+    preprocess: PreprocessConfig,
+    digests: Sequence[str] | None = None,
+    cache: FeatureCache | None = None,
+    view: int = 0,
+    batch_size: int = 32,
+    quiet: bool = False,
+    desc: str = "features",
+    skipped: list | None = None,
+) -> np.ndarray:
+    """Feature vectors for ``paths`` (rows in order), from the cache where possible.
+
+    Args:
+        paths: image files.
+        session: a :class:`edgetl.runtime.Session` whose first output is the feature vector.
+        preprocess: the backbone's preprocessing.
+        digests: content hashes of the files (computed when omitted); the cache key.
+        cache: where vectors are kept between runs; ``None`` disables caching.
+        view: 0 for the plain image, k > 0 for the k-th deterministic augmented view.
+        batch_size: images per runtime call.
+        quiet: no progress bar.
+        skipped: when a list is given, unreadable images are recorded in it as ``(path, reason)``
+            and left out of the result (rows follow the readable paths, in order) instead of
+            raising :class:`DataError`.
+
+    Returns:
+        float32 array of shape (len(paths), num_features) (fewer rows if images were skipped).
+    """
+    paths = [Path(p) for p in paths]
+    bad: dict[int, str] = {}
+    if digests is None:
+        digests = []
+        for i, p in enumerate(paths):
+            try:
+                digests.append(file_digest(p))
+            except OSError as exc:
+                if skipped is None:
+                    raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
+                bad[i] = f"cannot read ({exc.strerror or exc})"
+                digests.append("")
+    digests = list(digests)
+    out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
+                                    for i, d in enumerate(digests)]
+    todo = [i for i, v in enumerate(out) if v is None and i not in bad]
+
+    def load(i: int):
+        try:
+            return load_input(paths[i], preprocess, digest=digests[i], view=view)
+        except DataError as exc:
+            if skipped is None:
+                raise
+            bad[i] = str(exc).split(": ", 1)[-1]
+            return None
+    if todo:
+        bar = progress(len(todo), desc=desc, quiet=quiet)
+        # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(todo), batch_size):
+                idx = todo[start : start + batch_size]
+                loaded = list(pool.map(load, idx))
+                idx = [i for i, x in zip(idx, loaded) if x is not None]
+                if not idx:
+                    continue
+                batch = np.stack([x for x in loaded if x is not None])
+                feats = session(batch)
+                feats = feats.reshape(feats.shape[0], -1).astype(np.float32, copy=False)
+                for i, vec in zip(idx, feats):
+                    out[i] = vec
+                    if cache:
+                        cache.put(digests[i], view, vec)
+                bar.update(len(idx))
+        bar.close()
+    if bad and skipped is not None:
+        skipped.extend((paths[i], bad[i]) for i in sorted(bad))
+    out = [v for i, v in enumerate(out) if i not in bad]
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(out).astype(np.float32, copy=False)
+
+
+class ImageExtractor:
+    """Images -> feature rows through one session (the extractor every image task uses).
+
+    Items are labelled samples (with ``path`` and ``digest``) or plain paths; rows follow them.
+    """
+
+    def __init__(self, session, preprocess: PreprocessConfig, model_path: str | Path):
+        self.session = session
+        self.preprocess = preprocess
+        self.model_path = Path(model_path)
+        self._key: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        if self._key is None:
+            self._key = session_key(self.session, self.model_path, self.preprocess)
+        return self._key
+
+    def features(self, items: Sequence, *, cache: FeatureCache | None = None, view: int = 0, batch_size: int = 32,
+                 quiet: bool = True, desc: str = "features", skipped: list | None = None) -> np.ndarray:
+        paths = [getattr(i, "path", i) for i in items]
+        digests = [i.digest for i in items] if items and hasattr(items[0], "digest") else None
+        return extract_features(paths, session=self.session, preprocess=self.preprocess, digests=digests,
+                                cache=cache, view=view, batch_size=batch_size, quiet=quiet, desc=desc, skipped=skipped)
+
+    def inputs(self, items: Sequence) -> np.ndarray:
+        """The model's input batch for ``items`` (for running the fused model on them)."""
+        return np.stack([load_input(Path(getattr(i, "path", i)), self.preprocess) for i in items])

@@ -1,0 +1,313 @@
+"""The conversion gate: does the converted model lose more than the target allows? One decision
+for every task, taken on paired evidence and with its uncertainty stated.
+
+The FP32 reference and the converted model are scored on the *same* validation items, so the
+comparison is paired: for accuracy, only the items on which the two disagree carry information;
+for AUROC, DeLong's covariance of the two curves on the same images. From that the gate computes a
+one-sided 95 % confidence bound on the true drop (a two-sided 90 % interval, ``[lower, upper]``):
+
+* ``upper <= tolerance``: the drop is shown to be within tolerance -> **passed**;
+* ``lower > tolerance``: the drop is shown to exceed it -> **refused** (the only outcome that
+  fails ``fit``, exit code 3, and the only one that sends a profile to accuracy control);
+* otherwise the validation set is too small to tell -> **inconclusive**: ``fit`` succeeds, says
+  so in one warning line with about how many validation items would settle it, and records it.
+
+Why these methods. Accuracy: Newcombe's hybrid score interval for a difference of paired
+proportions (Newcombe 1998, method 10) combines the two Wilson intervals with the observed
+correlation; it keeps its coverage at the sample sizes edgetl sees (tens of images) where the
+Wald interval does not, and needs no iteration. AUROC: DeLong, DeLong & Clarke-Pearson (1988),
+computed from mid-ranks (Sun & Xu 2014), the standard paired test for two ROC curves. A point
+estimate compared with the tolerance (what each task did before) refuses good models for noise:
+on 40 validation images one image is 2.5 points.
+
+numpy only: the device's ``adapt`` could use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# One-sided 95 % bounds: the gate is a one-sided question ("is the drop above the tolerance?").
+CONFIDENCE = 0.95
+
+
+def _z(confidence: float) -> float:
+    """The standard normal quantile for a one-sided ``confidence`` (0.95 -> 1.645)."""
+    # Acklam-free: bisection on erf keeps this numpy-only and exact to 1e-10.
+    lo, hi = 0.0, 10.0
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < confidence:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def wilson_interval(k: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n, with one-sided ``confidence`` at each end.
+
+    Example:
+        >>> lo, hi = wilson_interval(38, 40)
+        >>> round(lo, 3), round(hi, 3)
+        (0.86, 0.983)
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    return _wilson(float(k), float(n), _z(confidence))
+
+
+def paired_difference_interval(ref_correct, new_correct, *, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(drop, lower, upper) of ``mean(ref) - mean(new)`` for paired 0/1 outcomes (Newcombe's method 10).
+
+    Example:
+        >>> ref = [1] * 40; new = [1] * 39 + [0]
+        >>> d, lo, hi = paired_difference_interval(ref, new)
+        >>> round(d, 3), lo < 0 < hi
+        (0.025, True)
+    """
+    r = np.asarray(ref_correct, bool)
+    s = np.asarray(new_correct, bool)
+    return _newcombe(*_cells(r, s), confidence=confidence)
+
+
+def _cells(r: np.ndarray, s: np.ndarray) -> tuple[float, float, float, float]:
+    """(both right, only the reference right, only the converted model right, both wrong)."""
+    a, b, c = float(np.sum(r & s)), float(np.sum(r & ~s)), float(np.sum(~r & s))
+    return a, b, c, float(len(r)) - a - b - c
+
+
+def _wilson(k: float, n: float, z: float) -> tuple[float, float]:
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _newcombe(a: float, b: float, c: float, d: float, *, confidence: float) -> tuple[float, float, float]:
+    """Newcombe's hybrid score interval from the four paired cells (which may be fractional: the
+    gate rescales them to ask how many items would settle a question)."""
+    n = a + b + c + d
+    if n <= 0:
+        return 0.0, -1.0, 1.0
+    z = _z(confidence)
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = _wilson(a + b, n, z)
+    l2, u2 = _wilson(a + c, n, z)
+    den = (a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / math.sqrt(den) if den > 0 else 0.0
+    drop = p1 - p2
+    lower = drop - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = drop + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return drop, lower, upper
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), np.float64)
+    i = 0
+    while i < len(x):
+        j = i
+        while j < len(x) and xs[j] == xs[i]:
+            j += 1
+        ranks[order[i:j]] = 0.5 * (i + j - 1) + 1
+        i = j
+    return ranks
+
+
+def delong(y, scores_a, scores_b) -> tuple[float, float, float]:
+    """(AUROC of a, AUROC of b, variance of their difference) on the same labelled items.
+
+    Raises:
+        ValueError: ``y`` lacks positives or negatives.
+    """
+    y = np.asarray(y).astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        raise ValueError("AUROC needs both positive and negative items")
+    v10, v01, aucs = [], [], []
+    for s in (np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)):
+        pos, neg = s[y], s[~y]
+        tz = _midranks(np.concatenate([pos, neg]))
+        tx, ty = _midranks(pos), _midranks(neg)
+        aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((tz[:m] - tx) / n)  # per positive: share of negatives it outscores
+        v01.append(1.0 - (tz[m:] - ty) / m)  # per negative: share of positives that outscore it
+    s10 = np.cov(np.stack(v10)) if m > 1 else np.zeros((2, 2))
+    s01 = np.cov(np.stack(v01)) if n > 1 else np.zeros((2, 2))
+    var = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / m + (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / n
+    return float(aucs[0]), float(aucs[1]), max(0.0, float(var))
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate decided and on which evidence. Points (pp) are percentage points of the metric.
+
+    Attributes:
+        metric: ``accuracy`` or ``image_auroc``.
+        reference / value: the FP32 and the converted model's figure (0..1).
+        drop_pp: reference minus value, in points; ``lower_pp`` / ``upper_pp`` its one-sided
+            ``confidence`` bounds.
+        verdict: ``passed``, ``inconclusive``, ``refused`` or ``not measured``.
+        needed_items: for an inconclusive verdict, about how many validation items (at the rates
+            observed) would settle it.
+    """
+
+    metric: str
+    tolerance_pp: float
+    n: int
+    reference: float | None = None
+    value: float | None = None
+    drop_pp: float | None = None
+    lower_pp: float | None = None
+    upper_pp: float | None = None
+    verdict: str = "not measured"
+    needed_items: int | None = None
+    method: str = ""
+    confidence: float = CONFIDENCE
+
+    @property
+    def passed(self) -> bool:
+        """Everything but a shown excess passes: the gate never refuses for noise."""
+        return self.verdict != "refused"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GateDecision":
+        """The decision recorded in a report (extra keys, e.g. accuracy control's, are ignored)."""
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def describe(self) -> str:
+        """One line for people: the drop, its interval, the tolerance and what was decided."""
+        if self.drop_pp is None:
+            return f"{self.metric}: not measured ({self.method or 'no reference'})"
+        text = (f"{self.metric} drop {self.drop_pp:.2f} pp vs FP32 on {self.n} items, "
+                f"{self.confidence:.0%} bounds [{self.lower_pp:.2f}, {self.upper_pp:.2f}] pp, "
+                f"tolerance {self.tolerance_pp:g} pp: {self.verdict}")
+        if self.verdict == "inconclusive":
+            more = f"about {self.needed_items}" if self.needed_items else "many more"
+            text += f" (too few validation items to tell; {more} would settle it)"
+        return text
+
+
+def _needed(n: int, interval_at, tol: float) -> int | None:
+    """The smallest item count at which the interval, with the rates observed so far, would no
+    longer straddle the tolerance. ``interval_at(m)`` gives (drop, lower, upper) at ``m`` items."""
+    def settled(m: float) -> bool:
+        _, lo, hi = interval_at(m)
+        return hi <= tol or lo > tol
+
+    hi = float(n)
+    while not settled(hi):
+        hi *= 2
+        if hi > 1e7:  # the observed drop sits on the tolerance: no sample size settles it
+            return None
+    lo = float(n)
+    while hi - lo > max(1.0, 0.01 * lo):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if settled(mid) else (mid, hi)
+    return int(math.ceil(hi))
+
+
+def _decide(metric: str, n: int, ref: float, value: float, tolerance_pp: float, method: str, confidence: float,
+            interval_at) -> GateDecision:
+    tol = tolerance_pp / 100.0
+    drop, lower, upper = interval_at(float(n))
+    if upper <= tol:
+        verdict = "passed"
+    elif lower > tol:
+        verdict = "refused"
+    else:
+        verdict = "inconclusive"
+    needed = _needed(n, interval_at, tol) if verdict == "inconclusive" else None
+    r = lambda v: round(100.0 * float(v), 3)  # noqa: E731
+    return GateDecision(metric, float(tolerance_pp), n, round(ref, 6), round(value, 6), r(drop), r(lower), r(upper),
+                        verdict, needed, method, confidence)
+
+
+def accuracy_gate(ref_correct, new_correct, *, tolerance_pp: float, confidence: float = CONFIDENCE) -> GateDecision:
+    """Gate a converted classifier on paired per-item correctness (1 = right) against FP32.
+
+    Example:
+        >>> g = accuracy_gate([1] * 40, [1] * 39 + [0], tolerance_pp=1.0)
+        >>> g.verdict, g.passed
+        ('inconclusive', True)
+    """
+    r = np.asarray(ref_correct, bool)
+    s = np.asarray(new_correct, bool)
+    if len(r) != len(s):
+        raise ValueError(f"paired outcomes differ in length: {len(r)} vs {len(s)}")
+    if len(r) == 0:
+        return GateDecision("accuracy", float(tolerance_pp), 0, method="no validation items")
+    cells = np.array(_cells(r, s))
+
+    def interval_at(m: float):
+        return _newcombe(*(cells * (m / len(r))), confidence=confidence)
+
+    return _decide("accuracy", len(r), float(r.mean()), float(s.mean()), tolerance_pp,
+                   "paired, Newcombe hybrid score interval", confidence, interval_at)
+
+
+def auroc_gate(y, ref_scores, new_scores, *, tolerance_pp: float, confidence: float = CONFIDENCE) -> GateDecision:
+    """Gate a converted one-class detector on paired image scores against FP32 (DeLong).
+
+    With no labelled anomalies there is no AUROC to compare; the decision is ``not measured``.
+    """
+    y = np.asarray(y).astype(bool)
+    if y.all() or not y.any():
+        return GateDecision("image_auroc", float(tolerance_pp), int(len(y)),
+                            method="no labelled anomalies to compare on")
+    a_ref, a_new, var = delong(y, ref_scores, new_scores)
+    drop, z, n = a_ref - a_new, _z(confidence), len(y)
+
+    def interval_at(m: float):  # DeLong's variance falls as 1 / items at fixed class balance
+        half = z * math.sqrt(var * n / m)
+        return drop, drop - half, drop + half
+
+    return _decide("image_auroc", int(n), a_ref, a_new, tolerance_pp, "paired, DeLong", confidence, interval_at)
+
+
+def enforce(decision: GateDecision, *, model: str, target: str, items: str = "images", allow: bool = False,
+            hint: str = "try --calibration-size, another --target or --precision", after: str = "") -> None:
+    """Act on a decision the same way for every task: a refusal raises (unless ``allow``), an
+    inconclusive one warns once on stderr; both messages give the drop and its interval.
+
+    Args:
+        model: what was converted, e.g. ``"int8 model"`` or ``"int8 encoder"``.
+        target: the profile's name.
+        items: what the validation items are (``images``, ``texts``).
+        after: extra words for the refusal (what accuracy control tried).
+
+    Raises:
+        GateError: the drop is shown to exceed the tolerance and ``allow`` is not set.
+    """
+    import logging
+
+    from ..errors import GateError
+
+    d = decision
+    if d.drop_pp is None:
+        return
+    bounds = f"{d.confidence:.0%} bounds [{d.lower_pp:.2f}, {d.upper_pp:.2f}] on {d.n} {items}"
+    if d.verdict == "refused" and not allow:
+        raise GateError(f"{model} loses {d.drop_pp:.2f} points of {d.metric.replace('_', ' ')} vs FP32 ({bounds}; "
+                        f"target {target} allows {d.tolerance_pp:g}){after}; {hint}, or accept it with --allow-drop")
+    if d.verdict == "inconclusive":
+        more = f"about {d.needed_items}" if d.needed_items else "many more"
+        logging.getLogger("edgetl").warning(
+            "%d validation %s are too few to tell whether the %s stays within %g pp of FP32 (%s drop %.2f pp, %s); "
+            "%s %s would settle it", d.n, items, model, d.tolerance_pp, d.metric.replace("_", " "), d.drop_pp,
+            bounds, more, items)

@@ -1,0 +1,135 @@
+"""Metrics every task reports, and their plain-text rendering (numpy only: used on the device too):
+classification accuracy with its interval, per-class recall and precision, the confusion matrix;
+AUROC and the best-F1 cut of a detector; the gate's decision as lines of a fit summary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
+    """Accuracy, per-class recall and precision, and the confusion matrix (rows = true class).
+
+    Example:
+        >>> m = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), ["a", "b"])
+        >>> m["accuracy"], m["per_class_recall"]["b"]
+        (0.6667, 0.5)
+    """
+    k = len(labels)
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    cm = np.zeros((k, k), dtype=np.int64)
+    if len(y_true):
+        np.add.at(cm, (y_true, y_pred), 1)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    diag = np.diag(cm)
+    recall = {labels[i]: (round(float(diag[i] / support[i]), 4) if support[i] else None) for i in range(k)}
+    precision = {labels[i]: (round(float(diag[i] / predicted[i]), 4) if predicted[i] else None) for i in range(k)}
+    n = int(support.sum())
+    present = [r for r in recall.values() if r is not None]
+    from .gate import wilson_interval
+
+    # Two-sided 95 %: what a figure on this many items could be (40 items: about +-8 points).
+    lo, hi = wilson_interval(int(diag.sum()), n, confidence=0.975) if n else (None, None)
+    return {
+        "n": n,
+        "accuracy": round(float(diag.sum() / n), 4) if n else None,
+        "accuracy_interval": [round(lo, 4), round(hi, 4)] if n else None,
+        # over the classes with at least one item: a class absent from the data cannot count
+        "balanced_accuracy": round(float(np.mean(present)), 4) if present else None,
+        "classes_present": len(present),
+        "classes_missing": [labels[i] for i in range(k) if not support[i]],
+        "per_class_recall": recall,
+        "per_class_precision": precision,
+        "support": {labels[i]: int(support[i]) for i in range(k)},
+        "confusion_matrix": cm.tolist(),
+        "labels": list(labels),
+    }
+
+
+def format_metrics(m: dict, *, title: str = "", items: str = "images") -> str:
+    """A human-readable block: accuracy (with its interval), per-class recall, confusion matrix."""
+    labels = m["labels"]
+    lines = []
+    if title:
+        lines.append(title)
+    acc = m["accuracy"]
+    ci = m.get("accuracy_interval")
+    interval = f"; 95% interval {ci[0] * 100:.1f}-{ci[1] * 100:.1f}%" if ci else ""
+    lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} {items}{interval})" if acc is not None
+                 else f"accuracy  n/a (no {items})")
+    if m.get("balanced_accuracy") is not None:
+        missing = m.get("classes_missing") or []
+        note = (f"  (over {len(labels) - len(missing)} of {len(labels)} classes; no {items} of "
+                f"{', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''})") if missing else ""
+        lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%{note}")
+    width = max(8, *(len(l) for l in labels))
+    lines.append("")
+    lines.append(f"{'class':<{width}}  recall   support")
+    for lbl in labels:
+        r = m["per_class_recall"][lbl]
+        lines.append(f"{lbl:<{width}}  {'  n/a ' if r is None else f'{r * 100:5.1f}%'}   {m['support'][lbl]:>7}")
+    lines.append("")
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    cw = max(5, *(len(str(v)) for row in m["confusion_matrix"] for v in row))
+    short = [l[:cw] for l in labels]
+    lines.append(" " * (width + 2) + " ".join(f"{s:>{cw}}" for s in short))
+    for lbl, row in zip(labels, m["confusion_matrix"]):
+        lines.append(f"{lbl:<{width}}  " + " ".join(f"{v:>{cw}}" for v in row))
+    return "\n".join(lines)
+
+
+def gate_lines(report: dict, cosine_name: str, cosine) -> list[str]:
+    """The FP32 comparison and the gate's decision (drop, interval, verdict), for every task's fit."""
+    from .gate import GateDecision
+
+    g = GateDecision.from_dict(report["gate"])
+    if g.drop_pp is None:
+        return [f"gate      {g.describe()}"]
+    cos = f", {cosine_name} {cosine:.4f}" if cosine is not None else ""
+    return [f"fp32      {g.reference * 100:.2f}% {g.metric.replace('_', ' ')} (converted {g.value * 100:.2f}%){cos}",
+            f"gate      {g.describe()}"]
+
+
+def auroc(y: np.ndarray, s: np.ndarray) -> float | None:
+    """Area under the ROC curve, rank-based (Mann-Whitney U, ties counted half). None with one class.
+
+    Example:
+        >>> auroc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+        0.75
+    """
+    y = np.asarray(y).astype(bool).ravel()
+    s = np.asarray(s, dtype=np.float64).ravel()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    avg_rank = ends - (counts - 1) / 2.0  # 1-based average rank of each distinct value
+    rank_sum = float(avg_rank[inverse][y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def best_f1_threshold(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """The cut ``score >= t -> positive`` with the best F1 on labelled scores; t is placed halfway
+    between the lowest score called positive and the highest score below it. Returns (t, F1)."""
+    y = np.asarray(y).astype(bool)
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    tp = np.cumsum(ys)
+    fp = np.cumsum(~ys)
+    last = np.r_[ss[1:] != ss[:-1], True]  # only cut between distinct scores
+    f1 = np.where(last, 2 * tp / (tp + fp + y.sum()), -1.0)
+    k = int(np.argmax(f1))
+    t = ss[k] if k + 1 >= len(ss) else 0.5 * (ss[k] + ss[k + 1])
+    return float(t), float(f1[k])
+
+
+def feature_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two feature matrices (the quantization quality measure)."""
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12
+    return num / den

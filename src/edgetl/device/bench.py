@@ -1,0 +1,90 @@
+"""``edgetl bench``: how fast and how big a bundle is on the machine it runs on (device side, no torch).
+
+It times the bundle's single-file model (backbone + head, what an app calls once per image) on
+this host's own kernels (never the exact-INT8 emulation predict may use), and says where it ran:
+an NPU or TensorRT profile timed on a machine without one runs on a fallback.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..core.bundle import load_bundle
+from ..core.sessions import bundle_session, cpu_family
+from ..errors import BundleError
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it (ru_maxrss survives exec, so
+    a process started by a big parent would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
+                 batches: tuple[int, ...] = (1, 4, 8, 16, 32)) -> dict:
+    """Time the bundle's single-file model on random input.
+
+    Returns latency p50/p90 at batch 1, the best throughput over ``batches`` (only the model's
+    static batch when it has one), the process's peak RSS and the sizes.
+
+    Raises:
+        BundleError: a text bundle (token ids, not images: see benchmarks/text.py).
+    """
+    b = load_bundle(path)
+    pre = b.manifest["backbone"]["preprocess"]
+    if pre.get("kind") == "text":
+        raise BundleError(f"{b.path}: bench times image models; for a text bundle see benchmarks/text.py")
+    session = bundle_session(b, b.model_file("fused"), device=device, exact=False)  # this host's own kernels
+    size = int(pre["input_size"])
+    rng = np.random.default_rng(0)
+
+    def once(n: int) -> float:
+        x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+        t0 = time.perf_counter()
+        session.run(x)
+        return time.perf_counter() - t0
+
+    for _ in range(5):
+        once(1)
+    lat = np.array([once(1) for _ in range(runs)]) * 1000
+    best = {"batch": 1, "images_per_s": 1000.0 / float(np.median(lat))}
+    for n in ([session.static_batch] if session.static_batch else batches):
+        once(n)
+        t = min(once(n) for _ in range(3))
+        if n / t > best["images_per_s"]:
+            best = {"batch": n, "images_per_s": n / t}
+    files = b.manifest["files"]
+    backbone = sum(v["bytes"] for k, v in files.items() if k.startswith("backbone"))
+    budget = float(b.manifest["target"].get("latency_budget_ms", 0) or 0)
+    p50 = float(np.percentile(lat, 50))
+
+    wanted = device or b.manifest["target"].get("device", "CPU")
+    # An NPU profile timed on a laptop without an NPU runs on the CPU plugin: the budget is the
+    # device's, so the figure says where it really ran.
+    fallback = b.runtime == "openvino" and session.device != wanted
+    providers = b.manifest["target"].get("providers") or []
+    if b.runtime == "onnxruntime" and providers and session.device != providers[0]:
+        fallback = True
+    return {
+        "bundle": str(b.path), "task": b.task, "precision": b.precision, "runtime": b.runtime, "device": session.device,
+        "target_device": wanted if b.runtime == "openvino" else (providers[0] if providers else "CPUExecutionProvider"),
+        "fallback": fallback, "float_precision": session.float_precision,
+        "requested_float_precision": session.requested_precision, "cpu": cpu_family(),
+        "latency_ms": {"p50": round(p50, 3), "p90": round(float(np.percentile(lat, 90)), 3)},
+        "throughput": {"batch": best["batch"], "images_per_s": round(best["images_per_s"], 1)},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "backbone_mb": round(backbone / 1e6, 3),
+        "bundle_mb": round(sum(v["bytes"] for v in files.values()) / 1e6, 3),
+        "latency_budget_ms": budget, "within_budget": bool(budget and p50 <= budget),
+    }

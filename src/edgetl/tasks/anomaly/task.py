@@ -1,0 +1,439 @@
+"""Defect detection from good images only: one-class patch heads, scored inside the exported model.
+
+The same frozen backbone as classification, cut after its stride-4 and stride-8 stages
+(``backbone_kind = "image-patch"``), converted for the target like any backbone (INT8 calibrated
+on the good training images, its pooling / resizing tail kept in float), and the heads of
+:mod:`edgetl.heads.patch` fitted on the features *that* model computes. The scoring, upsampling
+and smoothing are an ONNX graph fused with the backbone, so a device gets ``anomaly_map`` and
+``score`` from one model call on any target.
+
+Threshold: with labelled defects (``DATA/test/<defect>``), the best-F1 cut on that set; with good
+images only, the 0.99 quantile of held-out good scores x 1.05 (5 % headroom for drift). It lives in
+the manifest, never in the graph; ``predict`` reports ``score / threshold`` (1.0 = the threshold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ...core.features import ImageExtractor, load_input
+from ...core.fuse import score_parity
+from ...core.gate import auroc_gate
+from ...core.metrics import best_f1_threshold, feature_cosine
+from ...core.preprocess import PreprocessConfig
+from ...core.sessions import bundle_session
+from ...core.versions import add_version, next_version
+from ...errors import ConfigError, DataError
+from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
+                            quantile_threshold, update_patch_head)
+from ...heads.patch_graph import scoring_graph
+from ..base import AdaptResult, Task, Trained
+from ..classify.data import check_image, list_images
+from ..classify.task import image_calibration
+from .data import good_images, is_anomaly_layout, labelled_images, load_anomaly_data, load_mask
+from .metrics import detection_metrics
+from .render import save_overlay
+
+LABELS = ["good", "defect"]
+# Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): it ends in
+# averaging, resizing and concatenation, nothing INT8 speeds up, and left quantized, OpenVINO's
+# low-precision passes carry the last dequantization into the fused scoring graph and compute
+# wrong distances there (every score ~170 for a true 19-32).
+PATCH_FLOAT_TYPES = ("AveragePool", "AvgPool", "Resize", "Interpolate", "Concat")
+
+
+@dataclass
+class AnomalyPrediction:
+    """One image's answer: ``score`` is raw, ``normalised`` is score / threshold (>= 1 means defect)."""
+
+    path: str
+    label: str
+    score: float
+    threshold: float
+    normalised: float
+    peak: tuple[int, int] = (0, 0)  # (row, col) of the map maximum, in map pixels
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "label": self.label, "score": round(self.score, 6),
+                "threshold": round(self.threshold, 6), "normalised": round(self.normalised, 6),
+                "peak": list(self.peak)}
+
+
+class AnomalyPredictor:
+    """An anomaly bundle ready to score images: the fused model (backbone + scoring graph) or,
+    with ``fused=False``, the backbone + the numpy head (same numbers; what ``adapt`` uses).
+
+    Example:
+        >>> p = load_predictor("parts.bundle")  # doctest: +SKIP
+        >>> [(r.label, r.normalised) for r in p.predict(["a.png"])]  # doctest: +SKIP
+    """
+
+    def __init__(self, bundle, *, device: str | None = None, threads: int | None = None,
+                 head_version: int | None = None, fused: bool = True):
+        self.task, self.bundle = ANOMALY, bundle
+        self.preprocess = bundle.preprocess
+        entry = bundle.head_entry(head_version)
+        self.version = int(entry["version"])
+        self.threshold = float(entry.get("threshold", bundle.manifest.get("thresholds", {}).get("anomaly", 1.0)))
+        self.shape = tuple(bundle.manifest["backbone"]["feature_shape"])
+        self.fused = fused and bool(entry.get("fused"))
+        self._head: AnomalyHead | None = None
+        model = bundle.path / entry["fused"] if self.fused else bundle.model_file("backbone")
+        self.session = bundle_session(bundle, model, device=device, threads=threads)
+
+    @property
+    def head(self) -> AnomalyHead:
+        if self._head is None:
+            self._head = AnomalyHead.load(self.bundle.path / self.bundle.head_entry(self.version)["file"])
+        return self._head
+
+    def maps(self, paths: Sequence[Path], *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (maps (N, S, S), scores (N,)) of image files.
+
+        Raises:
+            DataError: an unreadable image.
+        """
+        maps, scores = [], []
+        for i in range(0, len(paths), batch_size):
+            x = np.stack([load_input(Path(p), self.preprocess) for p in paths[i : i + batch_size]])
+            if self.fused:
+                m, s = self.session.run(x)[:2]
+            else:
+                m, s = self.head.maps(self.session(x).reshape(len(x), *self.shape))
+            maps.append(m)
+            scores.append(s)
+        S = self.preprocess.input_size
+        if not maps:
+            return np.zeros((0, S, S), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(maps), np.concatenate(scores).reshape(-1)
+
+    def predict(self, paths: Sequence[str | Path], *, threshold: float | None = None,
+                heatmaps: str | Path | None = None, skipped: list | None = None, **_) -> list[AnomalyPrediction]:
+        """Score image files (folders expanded); optionally write heat-map overlays to ``heatmaps``.
+
+        Unreadable files raise :class:`DataError`, or, with a ``skipped`` list, are recorded there
+        as ``(path, reason)`` and left out.
+        """
+        files = list_images(list(paths))
+        thr = self.threshold if threshold is None else ANOMALY.check_threshold(threshold)
+        if skipped is not None:
+            readable = []
+            for f in files:
+                try:
+                    check_image(f)
+                    readable.append(f)
+                except DataError as exc:
+                    skipped.append((f, str(exc).split(": ", 1)[-1]))
+            files = readable
+        out: list[AnomalyPrediction] = []
+        taken: set[str] = set()
+        for i in range(0, len(files), 8):
+            chunk = files[i : i + 8]
+            maps, scores = self.maps(chunk)
+            for path, m, s in zip(chunk, maps, scores):
+                peak = np.unravel_index(int(np.argmax(m)), m.shape)
+                out.append(AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr,
+                                             float(s / thr), (int(peak[0]), int(peak[1]))))
+                if heatmaps is not None:
+                    save_overlay(path, m / thr, Path(heatmaps), self.preprocess, taken)
+        return out
+
+    def evaluate(self, data, *, threshold: float | None = None, strict: bool = False, **_) -> dict:
+        """Image/pixel AUROC and counts at the bundle's threshold on a labelled test set
+        (``test/good``, ``test/<defect>``, ``ground_truth``, or ``good`` / ``<defect>`` folders).
+
+        Raises:
+            DataError: no labelled images found.
+        """
+        samples, masks, skipped = labelled_images(data, strict=strict)
+        if not samples:
+            raise DataError(f"{data}: no labelled images; expected good/ and <defect>/ folders")
+        maps, scores = self.maps([s.path for s in samples])
+        thr = self.threshold if threshold is None else float(threshold)
+        y = np.array([s.label != "good" for s in samples], bool)
+        mk = [load_mask(masks.get(str(s.path)), self.preprocess) if y[i] else None for i, s in enumerate(samples)]
+        m = detection_metrics(y, scores, thr, maps=maps, masks=mk)
+        from ...core.metrics import auroc
+
+        per_kind = {}
+        for kind in sorted({s.label for s in samples} - {"good"}):
+            sel = np.array([s.label in ("good", kind) for s in samples])
+            v = auroc(y[sel], scores[sel])
+            per_kind[kind] = None if v is None else round(float(v), 4)
+        m.update(per_defect_auroc=per_kind, head_version=self.version,
+                 skipped=[{"path": str(p), "reason": r} for p, r in skipped])
+        return m
+
+
+class PatchExtractor(ImageExtractor):
+    """Images -> patch-feature maps (N, C, H, W) through a patch-feature backbone."""
+
+    def __init__(self, session, preprocess: PreprocessConfig, model_path, shape):
+        super().__init__(session, preprocess, model_path)
+        self.shape = tuple(int(d) for d in shape)
+
+    def patches(self, items: Sequence, *, cache=None, quiet: bool = True, desc: str = "patch features") -> np.ndarray:
+        flat = self.features(items, cache=cache, batch_size=16, quiet=quiet, desc=desc)
+        return flat.reshape(len(items), *self.shape) if len(items) else np.zeros((0, *self.shape), np.float32)
+
+
+def evaluate_head(head: AnomalyHead, F: np.ndarray, samples: list, masks: dict, pre: PreprocessConfig,
+                  threshold: float | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``head`` on labelled features; picks the threshold when none is given."""
+    maps, scores = head.maps(F)
+    y = np.array([s.label != "good" for s in samples], bool)
+    if threshold is None:
+        if y.any() and (~y).any():
+            threshold, _ = best_f1_threshold(y, scores)
+            policy = "best F1 on labelled test images"
+        else:
+            threshold = quantile_threshold(scores[~y], head.config)
+            policy = f"{head.config.quantile} quantile of held-out good scores x {head.config.margin}"
+    else:
+        policy = "given"
+    mk = [load_mask(masks.get(str(s.path)), pre) if s.label != "good" else None for s in samples]
+    m = detection_metrics(y, scores, threshold, maps=maps, masks=mk)
+    m["threshold_policy"] = policy
+    return m, maps, scores
+
+
+class AnomalyTask(Task):
+    """Good images in (``DATA/train/good``, ``DATA/good``, MVTec AD) -> is this part defective, and where?"""
+
+    name = "anomaly"
+    items = "images"
+    backbone_kind = "image-patch"
+    head_kinds = PATCH_KINDS
+    predict_options = frozenset({"threshold", "heatmaps", "strict"})
+    threshold_key, threshold_field = "anomaly", "threshold"
+
+    def claims(self, data: Path) -> bool:
+        return is_anomaly_layout(data)
+
+    def load_data(self, data: Path, options, cache_root: Path):
+        return load_anomaly_data(data, val_split=options.val_split, seed=options.seed, strict=options.strict)
+
+    def head_config(self, head) -> AnomalyConfig:
+        if isinstance(head, AnomalyConfig):
+            return head
+        if head is None or isinstance(head, str):
+            return AnomalyConfig(kind=head or "patchcore")
+        if isinstance(head, dict):
+            return AnomalyConfig.from_dict({"kind": "patchcore", **{k: v for k, v in head.items() if v is not None}})
+        raise ConfigError(f"head {head!r}: give an AnomalyConfig, a kind ({', '.join(PATCH_KINDS)}) or a dict")
+
+    def prepare_target(self, target):
+        q = target.quantization
+        q = dataclasses.replace(q, keep_float_types=tuple(dict.fromkeys(q.keep_float_types + PATCH_FLOAT_TYPES)))
+        return dataclasses.replace(target, quantization=q)
+
+    def backbone_view(self, exported):
+        # no centre crop: a defect at the border must stay in view
+        return exported.with_preprocess({**exported.preprocess, "crop_pct": 1.0})
+
+    def calibration(self, data, target, exported, seed: int):
+        return image_calibration(data.train, target, exported, seed)
+
+    def extractor(self, model: Path, exported, *, runtime, device, providers, simulate=False, float_precision="f32",
+                  threads=None) -> "PatchExtractor":
+        from ...core.sessions import open_session
+
+        session = open_session(model, runtime=runtime, device=device, providers=providers, simulate=simulate,
+                               float_precision=float_precision, threads=threads)
+        return PatchExtractor(session, PreprocessConfig.from_dict(exported.preprocess), model, exported.feature_shape)
+
+    def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
+        cfg = self.head_config(options.head)
+        pre = extractor.preprocess
+        desc = "fp32 reference" if like is not None else "patch features"
+        F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
+        F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
+        head = fit_patch_head(F_tr, cfg, size=pre.input_size)
+        metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre)
+        y = np.array([s.label != "good" for s in data.eval_set], bool)
+        return Trained(head, metrics, (y, scores), {}, cache.misses if cache else 0, extractor.session,
+                       {"F_ev": F_ev})
+
+    def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
+        m, r = trained.metrics, reference.metrics
+        cos = feature_cosine(patch_rows(reference.features["F_ev"]), patch_rows(trained.features["F_ev"])) \
+            if len(trained.features["F_ev"]) else np.ones(1)
+        ref = {"fp32_image_auroc": r["image_auroc"], "image_auroc": m["image_auroc"],
+               "fp32_pixel_auroc": r["pixel_auroc"], "pixel_auroc": m["pixel_auroc"], "fp32_f1": r["f1"], "f1": m["f1"],
+               "patch_feature_cosine_mean": round(float(cos.mean()), 5),
+               "patch_feature_cosine_p01": round(float(np.quantile(cos, 0.01)), 5)}
+        if r["image_auroc"] is not None and m["image_auroc"] is not None:
+            ref["image_auroc_drop_pp"] = round((r["image_auroc"] - m["image_auroc"]) * 100, 3)
+        y, scores = trained.outcome
+        return ref, auroc_gate(y, reference.outcome[1], scores, tolerance_pp=tolerance_pp)
+
+    def head_graph(self, head: AnomalyHead):
+        return lambda opset, ir_version: scoring_graph(head, opset=opset, ir_version=ir_version)
+
+    def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
+        head, m = trained.head, trained.metrics
+        (folder / "heads").mkdir()
+        head.save(folder / "heads" / "v1.npz")
+        threshold = m["threshold"]
+        return {
+            "entry": {"kind": head.kind, "labels": LABELS, "threshold": threshold,
+                      "threshold_policy": m["threshold_policy"], "images": head.meta.get("images"),
+                      "image_auroc": m["image_auroc"]},
+            "manifest": {"labels": LABELS, "thresholds": {"anomaly": threshold},
+                         "anomaly": {"map_size": head.size, "grid": list(head.grid), "sigma": head.config.sigma,
+                                     "normalised_score": "score / threshold (>= 1.0 means defect)",
+                                     "outputs": ["anomaly_map", "score"]},
+                         "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}}},
+            "report": {"head": head.kind, "eval_set": "test" if data.test else "held-out good", "metrics": m,
+                       "memory_patches": head.memory_size},
+            "fused_meta": {"head": head.kind, "threshold": threshold,
+                           "outputs": "anomaly_map (N, S, S), score (N,): raw; divide by the manifest threshold"},
+        }
+
+    def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
+        probe = (data.eval_set or data.train)[:8]
+        pre = PreprocessConfig.from_dict(exported.preprocess)
+        x = np.stack([load_input(s.path, pre) for s in probe])
+        maps_f, scores_f = fused_session.run(x)[:2]
+        F = trained.features["F_ev"][: len(probe)] if data.eval_set else None
+        if F is None or len(F) != len(probe):
+            raise DataError("no images to check the fused model on")
+        maps_r, scores_r = trained.head.maps(F)
+        par = score_parity(scores_f, scores_r, maps_f, maps_r)
+        return par, par["max_rel_score_diff"], "relative score difference"
+
+    # ---- device ------------------------------------------------------------------------------
+    def load_head(self, path: Path) -> AnomalyHead:
+        return AnomalyHead.load(path)
+
+    def predictor(self, bundle, *, device=None, threads=None, head_version=None) -> AnomalyPredictor:
+        return AnomalyPredictor(bundle, device=device, threads=threads, head_version=head_version)
+
+    def check_threshold(self, value) -> float:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"threshold {value!r}: a defect score cut must be a finite number > 0")
+        return float(value)
+
+    def fused_meta(self, b, head) -> dict:
+        return {**super().fused_meta(b, head), "head": head.kind}
+
+    def adapt(self, b, data, *, threshold: float | None = None, strict: bool = False, quiet: bool = True,
+              dry_run: bool = False, signer=None, replace: bool = False, **_) -> AdaptResult:
+        """Teach a deployed bundle newly confirmed good images: patchcore's bank grows by a
+        coreset of the new patches (never past ``max_memory``); padim's moments are merged
+        exactly. The threshold carries over (adding good images only moves good scores down, so the
+        old cut stays conservative) unless ``threshold`` is given."""
+        if replace:
+            raise ConfigError(f"{b.path}: --replace is for classification bundles; a defect bundle only adds good images")
+        t0 = time.perf_counter()
+        samples, skipped = good_images(data, strict=strict)
+        pred = AnomalyPredictor(b, fused=False)
+        head = pred.head
+        F = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape).patches(
+            samples, quiet=quiet, desc="adapt")
+        _, before = head.maps(F)
+        new_head = update_patch_head(head, F)
+        _, after = new_head.maps(F)
+        thr = pred.threshold if threshold is None else self.check_threshold(threshold)
+        summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
+                             "over_threshold": int(np.sum(s >= thr))}
+        memory = ({"patches": new_head.memory_size, "max_memory": new_head.config.max_memory}
+                  if new_head.kind == "patchcore" else {"images": image_count(new_head.arrays)})
+        info = {"images": len(samples), "new_images_before": summary(before), "new_images_after": summary(after),
+                "memory": memory}
+        if dry_run:
+            return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
+        version = next_version(b)
+        head_file = f"heads/v{version}.npz"
+        new_head.meta = dict(new_head.meta, parent_version=pred.version)
+        entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threshold": thr,
+                 "threshold_policy": "carried over" if threshold is None else "given",
+                 "images": new_head.meta.get("images"), "new_images": len(samples), "parent": pred.version}
+
+        def write_files():
+            new_head.save(b.path / head_file)
+            return [head_file]
+
+        new = add_version(b, entry, write_files=write_files, make_head=self.head_graph(new_head),
+                          meta={**self.fused_meta(b, new_head), "threshold": thr},
+                          changes={"thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, signer=signer)
+        return AdaptResult(new, version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped)
+
+    # ---- text for people ---------------------------------------------------------------------
+    def render_predictions(self, preds: list[AnomalyPrediction]) -> str:
+        from ...core.console import safe
+
+        return "\n".join(f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t"
+                         f"({p.normalised:.2f}x)" for p in preds)
+
+    cosine = ("patch-feature cosine", "patch_feature_cosine_mean")
+
+    def fit_figures(self, result) -> dict:
+        r = result.report
+        return {"head": r["head"], "eval_set": r["eval_set"], "metrics": r["metrics"]}
+
+    def fit_lines(self, result) -> list[str]:
+        r, m, c = result.report, result.report["metrics"], result.data.counts()
+        tests = ", ".join(f"{k[5:]} {v}" for k, v in c.items() if k.startswith("test_"))
+        return [f"head      {r['head']}",
+                f"data      {c['train_good']} good training images" + (f"; test: {tests}" if tests else
+                                                                           f"; {c['val_good']} good held out"),
+                f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"]
+
+    def model_line(self, result) -> str:
+        r = result.report
+        return (f"{r['size']['bundle_bytes'] / 1e6:.1f} MB bundle; fused model (backbone + scoring) batch-1 latency "
+                f"{r['fused_latency_batch1']['p50_ms']:.1f} ms (p50, this machine); score vs numpy rel. diff "
+                f"{r['fused_parity']['max_rel_score_diff']:.1e}")
+
+    def render_metrics(self, m: dict, title: str = "") -> str:
+        c = m["confusion"]
+        lines = [title] if title else []
+        peak = m.get("peak_in_mask")
+        lines += [f"image AUROC  {_fmt(m['image_auroc'])}  ({m['n_good']} good, {m['n_defect']} defect images)",
+                  f"pixel AUROC  {_fmt(m['pixel_auroc'])}" + (f"  (map peak inside the defect in {_fmt(peak, True)})"
+                                                              if peak is not None else ""),
+                  f"threshold    {m['threshold']:.4g}: precision {_fmt(m['precision'])}, recall {_fmt(m['recall'])}, "
+                  f"F1 {_fmt(m['f1'])}  (tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']})"]
+        for kind, v in m.get("per_defect_auroc", {}).items():
+            lines.append(f"  {kind:<14} AUROC {_fmt(v)}")
+        return "\n".join(lines)
+
+    def render_adapt(self, r: AdaptResult, dry_run: bool) -> str:
+        s = r.summary
+        b4, af, mem = s["new_images_before"], s["new_images_after"], s["memory"]
+        return "\n".join([
+            ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
+            f"learned       {s['images']} good images"
+            + (f"; memory bank {mem['patches']} of at most {mem['max_memory']} patches" if "patches" in mem
+               else f"; statistics of {mem['images']} images"),
+            f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
+            f"{af['over_threshold']}",
+            f"time          {r.timings['total']:.2f} s",
+        ])
+
+    def render_history(self, rows: list[dict]) -> str:
+        lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<8} {'images':>7}  {'threshold':>10}"]
+        for e in rows:
+            lines.append(f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<8} "
+                         f"{e.get('images') or 0:>7}  {e['threshold']:>10.4g}")
+        return "\n".join(lines)
+
+    def render_threshold(self, value: float, version: int, where: str) -> str:
+        return f"images scoring {value:.4g} or more are now 'defect' for head v{version} (the current version) in {where}"
+
+
+def _fmt(v, pct: bool = False) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if not pct else f"{v:.1%}")
+
+
+ANOMALY = AnomalyTask()

@@ -1,0 +1,273 @@
+"""The Task protocol: what differs between classifying images, classifying text and finding defects.
+
+One ``fit`` (:mod:`edgetl.pipeline.fit`), one retarget, one predictor loader, one ``adapt`` /
+``history`` / ``rollback`` / ``threshold`` (:mod:`edgetl.device`), one gate and one fuse writer
+serve every task. A task is a small package under :mod:`edgetl.tasks` whose :class:`Task` object
+supplies only what is its own:
+
+* **data**: which inputs it claims (:meth:`Task.claims`), how they are found, checked and split
+  (:meth:`Task.load_data`);
+* **backbone**: which export of the backbone it reads (:attr:`Task.backbone_kind`), how its
+  inputs become that model's inputs (:meth:`Task.extractor`), what calibrates INT8
+  (:meth:`Task.calibration`), profile adjustments (:meth:`Task.prepare_target`);
+* **head**: training and evaluation on features (:meth:`Task.train`), the gate's evidence
+  (:meth:`Task.gate`), the graph fused behind the backbone (:meth:`Task.head_graph`), and what a
+  bundle carries besides the backbone (:meth:`Task.write_release`);
+* **device**: the predictor (:meth:`Task.predictor`), the on-device update (:meth:`Task.adapt`),
+  its thresholds, and how results read as text (``render_*``).
+
+Tasks import the core and the heads, never the laptop side (:mod:`edgetl.pipeline`,
+:mod:`edgetl.export`): the device loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..core.bundle import Bundle
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibrates INT8: ``key`` (a content hash: the model cache's key), ``load()`` (the
+    inputs, only on a cache miss), ``info`` (for the report)."""
+
+    key: str
+    load: Callable[[], Any]
+    info: dict
+    count: int
+
+
+@dataclass
+class Trained:
+    """A head trained on one model's features, with what the rest of fit needs.
+
+    Attributes:
+        head: the trained head.
+        metrics: the task's figures on its evaluation items (validation, or the labelled test set).
+        outcome: the per-item evidence the gate pairs with the reference's (correctness, or
+            labels and scores).
+        train_metrics: figures on the training items.
+        backbone_runs: items that went through the backbone (cache misses).
+        session: the session the features came from (latency, parity).
+        features: task-specific arrays kept for the bundle (exemplars, leakage check).
+    """
+
+    head: Any
+    metrics: dict
+    outcome: Any
+    train_metrics: dict = field(default_factory=dict)
+    backbone_runs: int = 0
+    session: Any = None
+    features: dict = field(default_factory=dict)
+
+
+@dataclass
+class AdaptResult:
+    """What an on-device update did; ``accepted`` is False only for a dry run."""
+
+    bundle: Bundle
+    version: int
+    summary: dict
+    timings: dict
+    skipped: list
+    accepted: bool = True
+
+    def to_dict(self) -> dict:
+        return {"bundle": str(self.bundle.path), "task": self.bundle.task, "version": self.version, **self.summary,
+                "timings_s": self.timings, "accepted": self.accepted,
+                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped]}
+
+
+def stratified_subset(labels: Iterable[str], *, size: int, seed: int) -> list[int]:
+    """Indices of a class-stratified subset of at most ``size`` items.
+
+    Round-robin over classes (in a seeded order within each class) so a rare class still shapes
+    the activation ranges; with fewer items than ``size`` every item is used.
+    """
+    labels = list(labels)
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {}
+    for i, lbl in enumerate(labels):
+        by_class.setdefault(lbl, []).append(i)
+    queues = [list(rng.permutation(v)) for _, v in sorted(by_class.items())]
+    picked: list[int] = []
+    while len(picked) < min(size, len(labels)):
+        for qu in queues:
+            if qu and len(picked) < size:
+                picked.append(int(qu.pop()))
+    return sorted(picked)
+
+
+def digest_of(parts: Iterable[str]) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+class Task:
+    """The base every task extends; see the module docstring for what each part is for."""
+
+    name: str = ""
+    items: str = "images"  # what the task's inputs are called in messages
+    backbone_kind: str = "image"  # which export of the backbone: image | image-patch | text
+    default_target: str = "openvino-cpu"
+    head_kinds: tuple[str, ...] = ()
+    # predict options this task takes (the CLI refuses the others for its bundles)
+    predict_options: frozenset[str] = frozenset()
+    # the manifest's thresholds key and the version entry's field, with what they mean
+    threshold_key: str = ""
+    threshold_field: str = ""
+    accuracy_control: bool = False
+
+    # ---- data ----------------------------------------------------------------------------
+    def claims(self, data: Path) -> bool:
+        """Whether ``data`` looks like this task's (automatic task detection)."""
+        return False
+
+    def load_data(self, data: Path, options, cache_root: Path):
+        raise NotImplementedError
+
+    def head_config(self, head):
+        """A validated head configuration from a config object, a dict, a kind name or None."""
+        raise NotImplementedError
+
+    def recorded_head(self, bundle: Bundle, head: dict):
+        """The head settings a bundle records, as a re-export should train them again."""
+        return self.head_config(head)
+
+    # ---- backbone ------------------------------------------------------------------------
+    def prepare_target(self, target):
+        """The profile as this task uses it (e.g. a float tail the scoring graph needs)."""
+        return target
+
+    def backbone_view(self, exported):
+        """The exported backbone as this task feeds it (e.g. another preprocessing)."""
+        return exported
+
+    def extractor(self, model: Path, exported, *, runtime: str, device: str, providers, simulate: bool = False,
+                  float_precision: str = "f32", threads: int | None = None):
+        raise NotImplementedError
+
+    def calibration(self, data, target, exported, seed: int) -> Calibration:
+        raise NotImplementedError
+
+    # ---- heads ---------------------------------------------------------------------------
+    def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
+        """Features of every item through ``extractor`` (cached), then the head and its figures.
+        ``like``: train the FP32 reference with the settings ``like`` chose (its L2)."""
+        raise NotImplementedError
+
+    def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
+        """-> (the reference figures for the report, the :class:`GateDecision`)."""
+        raise NotImplementedError
+
+    def head_graph(self, head) -> Callable:
+        """``make_head(opset, ir_version) -> onnx.ModelProto`` for :func:`edgetl.core.fuse.fuse`."""
+        raise NotImplementedError
+
+    def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
+        """Write head v1 and the task's other files into a bundle being staged; returns
+        ``{"entry": ..., "manifest": ..., "report": ...}`` additions."""
+        raise NotImplementedError
+
+    def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
+        raise NotImplementedError
+
+    # ---- device --------------------------------------------------------------------------
+    def predictor(self, bundle: Bundle, *, device: str | None = None, threads: int | None = None,
+                  head_version: int | None = None):
+        raise NotImplementedError
+
+    def adapt(self, b: Bundle, data, **options) -> AdaptResult:
+        raise NotImplementedError
+
+    def check_threshold(self, value) -> float:
+        raise NotImplementedError
+
+    def fused_meta(self, b: Bundle, head) -> dict:
+        return {"backbone": b.manifest["backbone"]["name"], "preprocess": b.manifest["backbone"]["preprocess"],
+                "precision": b.precision, "task": self.name}
+
+    def load_head(self, path: Path):
+        raise NotImplementedError
+
+    def speed(self, shipped, reference, data) -> dict:
+        """Report figures of speed beyond the batch-1 latencies fit measures for image models."""
+        return {}
+
+    # ---- what fit prints -------------------------------------------------------------------
+    # The report's feature-agreement figure, as the fit summary names it.
+    cosine = ("feature cosine", "feature_cosine_mean")
+    skipped_key = "path"
+
+    def fit_summary(self, result) -> dict:
+        """The ``--json`` object of ``fit`` / ``export``: the bundle, data, figures, gate, speed."""
+        r = result.report
+        shared = ("target", "precision", "runtime", "conversion", "reference", "gate", "fused_parity",
+                  "latency_batch1", "fused_latency_batch1", "size")
+        return {"bundle": str(result.bundle.path), "task": self.name, "labels": result.bundle.labels,
+                "counts": result.data.counts(),
+                "skipped": [{self.skipped_key: str(p), "reason": why} for p, why in result.data.skipped],
+                **self.fit_figures(result), **{k: r[k] for k in shared if k in r}, "timings_s": result.timings}
+
+    def fit_figures(self, result) -> dict:
+        return {}
+
+    def render_fit(self, result) -> str:
+        """What ``fit`` prints for people: where the bundle is, the data, the gate, speed, time."""
+        from ..core.metrics import gate_lines
+
+        r = result.report
+        lines = [f"bundle    {result.bundle.path}  ({self.name}; {r['target']}: {r['precision']} on {r['runtime']})"]
+        lines += self.fit_lines(result)
+        lines += gate_lines(r, self.cosine[0], r["reference"].get(self.cosine[1]))
+        lines.append(f"model     {self.model_line(result)}")
+        runs = {k: v for k, v in result.timings.items() if k.startswith("backbone_")}
+        count = next(iter(runs.values()), 0)
+        lines.append(f"time      {sum(v for k, v in result.timings.items() if k not in runs):.1f} s "
+                     f"({count} {self.items} through a backbone)")
+        return "\n".join(lines + self.fit_tail(result))
+
+    def fit_lines(self, result) -> list[str]:
+        return []
+
+    def model_line(self, result) -> str:
+        r = result.report
+        return (f"{r['size']['backbone_bytes'] / 1e6:.1f} MB backbone, batch-1 latency "
+                f"{r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)")
+
+    def fit_tail(self, result) -> list[str]:
+        return []
+
+    # ---- text for people -------------------------------------------------------------------
+    def render_predictions(self, predictions) -> str:
+        raise NotImplementedError
+
+    def render_metrics(self, metrics: dict, title: str = "") -> str:
+        raise NotImplementedError
+
+    def render_adapt(self, result: AdaptResult, dry_run: bool) -> str:
+        raise NotImplementedError
+
+    def render_history(self, rows: list[dict]) -> str:
+        raise NotImplementedError
+
+    def render_threshold(self, value: float, version: int, where: str) -> str:
+        raise NotImplementedError
+
+    def gather_inputs(self, args: list, *, file=None) -> list:
+        """What ``predict`` was given to answer for: files and folders (text tasks read texts)."""
+        from ..errors import DataError
+
+        if not args:
+            raise DataError(f"give one or more {self.items[:-1]} files or folders")
+        return list(args)
+
+
+def option_error(task: Task, option: str) -> ConfigError:
+    return ConfigError(f"--{option.replace('_', '-')} does not apply to {task.name} bundles")

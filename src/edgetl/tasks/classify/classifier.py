@@ -1,0 +1,368 @@
+"""What every classification task shares, whatever its inputs (images or texts): the numpy heads,
+the paired accuracy gate, the replay memory, the probability graph, the predictor and the update.
+
+A modality (:class:`edgetl.tasks.classify.task.ImageClassifyTask`,
+:class:`edgetl.tasks.text.task.TextTask`) adds how its items are found, read and turned into
+features (:meth:`ClassifierTask.features`, :meth:`ClassifierTask.scan`,
+:meth:`ClassifierTask.predict_items`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ...core.gate import accuracy_gate
+from ...core.metrics import classification_metrics, feature_cosine, format_metrics
+from ...core.sessions import bundle_session
+from ...errors import ConfigError, DataError
+from ...heads.classification import HEAD_KINDS, Head, HeadConfig, probability_graph, train_head
+from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
+from ..base import AdaptResult, Task, Trained
+
+
+def check_confidence(threshold: float | None) -> None:
+    """A confidence threshold is a number in [0, 1] (or None for the bundle's own).
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                      and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"--threshold {threshold!r}: a confidence between 0 and 1 (0 turns 'unknown' off)")
+
+
+@dataclass
+class Prediction:
+    """One input's answer. ``label`` is ``"unknown"`` when confidence is under the threshold;
+    ``item`` is the image's path or the text, reported under ``key``."""
+
+    item: str
+    label: str
+    confidence: float
+    top_k: list[tuple[str, float]]
+    unknown: bool = False
+    key: str = "path"
+
+    @property
+    def path(self) -> str:
+        return self.item
+
+    def to_dict(self) -> dict:
+        return {self.key: self.item, "label": self.label, "confidence": round(self.confidence, 6),
+                "unknown": self.unknown, "top_k": [{"label": l, "p": round(p, 6)} for l, p in self.top_k]}
+
+
+class ClassifierPredictor:
+    """A classification bundle ready to answer (device side: numpy + the runtime).
+
+    Example:
+        >>> p = load_predictor("parts.bundle")  # doctest: +SKIP
+        >>> [r.label for r in p.predict(["a.jpg", "b.jpg"])]  # doctest: +SKIP
+    """
+
+    def __init__(self, task: "ClassifierTask", bundle, extractor, head: Head, version: int, threshold: float):
+        self.task, self.bundle, self.extractor, self.head = task, bundle, extractor, head
+        self.version, self.threshold = version, threshold
+        self.session = extractor.session
+
+    @property
+    def labels(self) -> list[str]:
+        return self.head.labels
+
+    def proba(self, items: Sequence, *, quiet: bool = True, skipped: list | None = None) -> np.ndarray:
+        X = self.task.features(self.extractor, items, quiet=quiet, desc="predict", skipped=skipped)
+        return self.head.proba(X) if len(X) else np.zeros((0, len(self.labels)), np.float32)
+
+    def predict(self, inputs: Sequence, *, top_k: int = 1, threshold: float | None = None, quiet: bool = True,
+                skipped: list | None = None) -> list[Prediction]:
+        """Classify images (files or folders) or texts, in order.
+
+        Unreadable inputs raise :class:`DataError`, or, with a ``skipped`` list, are recorded there
+        as ``(input, reason)`` and left out.
+
+        Raises:
+            DataError: no input, or an unreadable one (without ``skipped``).
+            ConfigError: a threshold outside 0..1.
+        """
+        check_confidence(threshold)
+        items = self.task.predict_items(inputs)
+        bad: list = []
+        probs = self.proba(items, quiet=quiet, skipped=bad if skipped is not None else None)
+        if skipped is not None and bad:
+            skipped.extend(bad)
+            gone = {str(p) for p, _ in bad}
+            items = [i for i in items if str(i) not in gone]
+        thr = self.threshold if threshold is None else threshold
+        k = max(1, min(top_k, len(self.labels)))
+        out = []
+        for item, p in zip(items, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            best = int(order[0])
+            unknown = bool(p[best] < thr)
+            out.append(Prediction(str(item), "unknown" if unknown else self.labels[best], float(p[best]),
+                                  [(self.labels[int(i)], float(p[int(i)])) for i in order], unknown,
+                                  self.task.item_key))
+        return out
+
+    def evaluate(self, data, *, quiet: bool = True, strict: bool = False) -> dict:
+        """Accuracy (with its interval), per-class recall and the confusion matrix on every
+        labelled item of ``data``.
+
+        Raises:
+            DataError: no usable items, or a class the bundle does not know.
+        """
+        items, skipped = self.task.scan(data, bundle=self.bundle, strict=strict)
+        if not items:
+            raise DataError(f"{data}: no usable labelled {self.task.items} to evaluate ({len(skipped)} skipped)")
+        unknown = sorted({s.label for s in items} - set(self.labels))
+        if unknown:
+            raise DataError(f"{data}: class {unknown[0]!r} is not in this bundle (knows: {', '.join(self.labels)}); "
+                            "teach it first with: edgetl adapt BUNDLE DATA")
+        index = {l: i for i, l in enumerate(self.labels)}
+        X = self.task.features(self.extractor, items, quiet=quiet, desc="eval")
+        y = np.array([index[s.label] for s in items], dtype=np.int64)
+        m = classification_metrics(y, self.head.predict(X), self.labels)
+        m["skipped"] = [{"path": str(p), "reason": r} for p, r in skipped]
+        m["head_version"] = self.version
+        return m
+
+
+class ClassifierTask(Task):
+    """Classification: a numpy head (linear / mlp / prototype) on frozen features."""
+
+    head_kinds = HEAD_KINDS
+    predict_options = frozenset({"top_k", "threshold", "strict"})
+    threshold_key, threshold_field = "unknown", "unknown_threshold"
+    item_key = "path"
+    exemplars_per_class = EXEMPLARS_PER_CLASS
+
+    # ---- what a modality provides ----------------------------------------------------------
+    def features(self, extractor, items: Sequence, *, cache=None, view: int = 0, quiet: bool = True,
+                 desc: str = "features", skipped: list | None = None, batch_size: int = 32) -> np.ndarray:
+        return extractor.features(items, cache=cache, view=view, quiet=quiet, desc=desc, skipped=skipped,
+                                  batch_size=batch_size)
+
+    def scan(self, data, *, bundle=None, strict: bool = False) -> tuple[list, list]:
+        """Labelled items of ``data`` for eval / adapt: (items, skipped)."""
+        raise NotImplementedError
+
+    def predict_items(self, inputs: Sequence) -> list:
+        raise NotImplementedError
+
+    def views(self, options) -> int:
+        """Augmented views per training item (images only)."""
+        return 0
+
+    # ---- fit -------------------------------------------------------------------------------
+    def head_config(self, head) -> HeadConfig:
+        if isinstance(head, HeadConfig):
+            return head
+        if head is None or isinstance(head, str):
+            return HeadConfig(kind=head or "linear")
+        if isinstance(head, dict):
+            return HeadConfig.from_dict({k: v for k, v in head.items() if v is not None})
+        raise ConfigError(f"head {head!r}: give a HeadConfig, a kind ({', '.join(HEAD_KINDS)}) or a dict")
+
+    def recorded_head(self, bundle, head: dict) -> HeadConfig:
+        """The recorded settings with the L2 the first fit chose, so a re-export need not search again."""
+        cfg = self.head_config(head)
+        chosen = bundle.head_entry(1).get("l2")
+        return HeadConfig.from_dict({**cfg.to_dict(), "l2": chosen}) if cfg.l2 is None and chosen is not None else cfg
+
+    def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
+        views = self.views(options)
+        index = {label: i for i, label in enumerate(data.classes)}
+
+        def split(items, n_views, desc):
+            blocks = [self.features(extractor, items, cache=cache, view=v, quiet=options.quiet,
+                                    desc=f"{desc} (view {v})" if v else desc, batch_size=options.batch_size)
+                      for v in range(n_views + 1)]
+            y = np.array([index[s.label] for s in items], dtype=np.int64)
+            return (np.concatenate(blocks) if items else np.zeros((0, 0), np.float32)), np.tile(y, n_views + 1)
+
+        desc = "fp32 reference" if like is not None else f"{self.items[:-1]} features"
+        X_tr, y_tr = split(data.train, views, desc)
+        X_va, y_va = split(data.val, 0, f"{desc} val")
+        cfg = self.head_config(options.head)
+        if like is not None:  # the reference trains with the settings the shipped head chose
+            cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": like.head.meta.get("l2", cfg.l2)})
+            head = train_head(X_tr, y_tr, data.classes, cfg=cfg)
+        else:
+            head = train_head(X_tr, y_tr, data.classes, cfg=cfg, X_val=X_va if len(X_va) else None,
+                              y_val=y_va if len(y_va) else None)
+        correct = head.predict(X_va) == y_va if len(X_va) else np.zeros(0, bool)
+        metrics = classification_metrics(y_va, head.predict(X_va), data.classes) if len(X_va) else {}
+        n = len(data.train)
+        train_metrics = classification_metrics(y_tr[:n], head.predict(X_tr[:n]), data.classes)
+        return Trained(head, metrics, correct, train_metrics, cache.misses if cache else 0, extractor.session,
+                       {"X_tr": X_tr, "y_tr": y_tr, "X_va": X_va, "n_train": n})
+
+    def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
+        X_va, R_va = trained.features["X_va"], reference.features["X_va"]
+        cos = feature_cosine(R_va, X_va) if len(R_va) else feature_cosine(reference.features["X_tr"],
+                                                                          trained.features["X_tr"])
+        ref_acc = float(np.mean(reference.outcome)) if len(reference.outcome) else None
+        ref = {"fp32_val_accuracy": ref_acc, "val_accuracy": trained.metrics.get("accuracy"),
+               "feature_cosine_mean": round(float(cos.mean()), 5), "feature_cosine_min": round(float(cos.min()), 5)}
+        if ref_acc is not None and trained.metrics:
+            ref["accuracy_drop_pp"] = round((ref_acc - trained.metrics["accuracy"]) * 100, 3)
+        return ref, accuracy_gate(reference.outcome, trained.outcome, tolerance_pp=tolerance_pp)
+
+    def accuracy_score(self, reference: Trained, data):
+        """What accuracy control maximises: the FP32-trained head's accuracy on the validation
+        items, from a converted model's outputs. -> (score(outputs), labels)."""
+        index = {label: i for i, label in enumerate(data.classes)}
+        labels = np.array([index[s.label] for s in data.val])
+
+        def score(features: np.ndarray) -> tuple[float, list[float]]:
+            hits = (reference.head.predict(features) == labels[: len(features)]).astype(float)
+            return float(hits.mean()), hits.tolist()
+
+        return score
+
+    def head_graph(self, head: Head):
+        return lambda opset, ir_version: probability_graph(head, opset=opset, ir_version=ir_version)
+
+    def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
+        head, f = trained.head, trained.features
+        (folder / "heads").mkdir()
+        head.save(folder / "heads" / "v1.npz")
+        per_class = options.exemplars_per_class or self.exemplars_per_class
+        plain, y = f["X_tr"][: f["n_train"]], f["y_tr"][: f["n_train"]]
+        ex = herding(plain, y, len(data.classes), per_class=per_class)
+        save_exemplars(folder / "exemplars.npz", plain[ex], y[ex], data.classes)
+        m = trained.metrics
+        return {
+            "entry": {"exemplars": "exemplars.npz", "kind": head.kind, "labels": data.classes,
+                      "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2")},
+            "manifest": {"labels": data.classes, "thresholds": {"unknown": 0.0},
+                         "exemplars": {"file": "exemplars.npz", "per_class": per_class, "selection": "herding"},
+                         "metrics": {"val": {k: m.get(k) for k in ("accuracy", "accuracy_interval", "balanced_accuracy",
+                                                                   "per_class_recall")},
+                                     "train_accuracy": trained.train_metrics["accuracy"]}},
+            "report": {"val": m, "train_accuracy": trained.train_metrics["accuracy"]},
+        }
+
+    def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
+        from ...core.fuse import parity
+
+        probe = (data.val or data.train)[:16]
+        # both sides computed in one batch the same way, so only the fusion can differ
+        features = self.fused_outputs(trained.session, probe, exported)
+        par = parity(self.fused_outputs(fused_session, probe, exported), trained.head.proba(features))
+        return par, par["max_abs_diff"], "max probability difference"
+
+    def fused_outputs(self, fused_session, items, exported) -> np.ndarray:
+        raise NotImplementedError
+
+    # ---- device ------------------------------------------------------------------------------
+    def load_head(self, path: Path) -> Head:
+        return Head.load(path)
+
+    def predictor(self, bundle, *, device=None, threads=None, head_version=None) -> ClassifierPredictor:
+        entry = bundle.head_entry(head_version)
+        session = bundle_session(bundle, bundle.model_file("backbone"), device=device, threads=threads)
+        extractor = self.extractor_for(session, bundle.model_file("backbone"), bundle.manifest["backbone"], bundle.path)
+        threshold = float(entry.get("unknown_threshold", bundle.manifest.get("thresholds", {}).get("unknown", 0.0)))
+        return ClassifierPredictor(self, bundle, extractor, self.load_head(bundle.path / entry["file"]),
+                                   int(entry["version"]), threshold)
+
+    def extractor_for(self, session, model_path: Path, backbone: dict, root: Path):
+        raise NotImplementedError
+
+    def extractor(self, model: Path, exported, *, runtime, device, providers, simulate=False, float_precision="f32",
+                  threads=None):
+        from ...core.sessions import open_session
+
+        session = open_session(model, runtime=runtime, device=device, providers=providers, simulate=simulate,
+                               float_precision=float_precision, threads=threads)
+        return self.extractor_for(session, model, exported.to_dict(), exported.path.parent)
+
+    def check_threshold(self, value) -> float:
+        check_confidence(value)
+        return float(value)
+
+    def adapt(self, b, data, *, replace: bool = False, force: bool = False, tolerance_pp: float = 5.0,
+              holdout: float = 0.25, seed: int = 0, strict: bool = False, dry_run: bool = False, quiet: bool = True,
+              signer=None, **_) -> AdaptResult:
+        from .update import update_head
+
+        t0 = time.perf_counter()
+        items, skipped = self.scan(data, bundle=b, strict=strict)
+        if not items:
+            raise DataError(f"{data}: no usable labelled {self.items} ({len(skipped)} skipped); expected "
+                            f"{self.layout_hint(data)}")
+        predictor = self.predictor(b)
+        X_new = self.features(predictor.extractor, items, quiet=quiet, desc="adapt features")
+        timings = {"features": round(time.perf_counter() - t0, 3)}
+        return update_head(self, b, predictor.head, X_new, [s.label for s in items], data=data, skipped=skipped,
+                           replace=replace, force=force, tolerance_pp=tolerance_pp, holdout=holdout, seed=seed,
+                           dry_run=dry_run, timings=timings, t0=t0, signer=signer)
+
+    def layout_hint(self, data) -> str:
+        return f"{data}/<class>/<image>"
+
+    # ---- text for people -------------------------------------------------------------------
+    def render_predictions(self, predictions: list[Prediction]) -> str:
+        from ...core.console import safe
+
+        lines = []
+        for p in predictions:
+            alts = "  ".join(f"{safe(l)} {q:.3f}" for l, q in p.top_k[1:])
+            lines.append(self.prediction_line(p, safe) + (f"\t{alts}" if alts else ""))
+        return "\n".join(lines)
+
+    def prediction_line(self, p: Prediction, safe) -> str:
+        return f"{safe(p.item)}\t{safe(p.label)}\t{p.confidence:.3f}"
+
+    def fit_figures(self, result) -> dict:
+        return {"val": result.metrics, "train_accuracy": result.report["train_accuracy"]}
+
+    def fit_lines(self, result) -> list[str]:
+        counts = result.data.counts().values()
+        return [f"data      {len(result.bundle.labels)} classes, {sum(c['train'] for c in counts)} train / "
+                f"{sum(c['val'] for c in counts)} val {self.items} ({self.split_words(result)})"]
+
+    def split_words(self, result) -> str:
+        split = result.report.get("split", {})
+        return {"grouped": f"grouped split, {split.get('val_groups')} of {split.get('groups')} groups held out",
+                "explicit": "your validation set", "stratified": "stratified random split"}.get(split.get("method"),
+                                                                                                  "no validation")
+
+    def fit_tail(self, result) -> list[str]:
+        return ["", self.render_metrics(result.metrics, title="validation")] if result.metrics else []
+
+    def render_metrics(self, metrics: dict, title: str = "") -> str:
+        return format_metrics(metrics, title=title, items=self.items)
+
+    def render_adapt(self, r: AdaptResult, dry_run: bool) -> str:
+        s, g = r.summary, r.summary["gate"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+        return "\n".join([
+            ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
+            f"labels        {', '.join(s['labels'])}" + (f"  (new: {', '.join(s['new_classes'])})" if s["new_classes"] else ""),
+            f"known classes {fmt(g['old_known_accuracy'])} -> {fmt(g['new_known_accuracy'])} on held-out data",
+            f"new {self.items:<9} {fmt(g['new_holdout_accuracy'])} held-out accuracy ({g['holdout_images']} {self.items})",
+            f"gate          {'passed' if g['passed'] else 'FAILED (forced)' if g['forced'] else 'FAILED'}",
+            f"time          {r.timings.get('features', 0):.2f} s features, {r.timings.get('train', 0):.2f} s training",
+        ])
+
+    def render_history(self, rows: list[dict]) -> str:
+        lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<14} {'classes':>7}  {'val/holdout acc':>15}"]
+        for e in rows:
+            acc = e.get("val_accuracy")
+            acc = (e.get("gate") or {}).get("new_holdout_accuracy") if acc is None else acc
+            lines.append(f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<14} "
+                         f"{len(e['labels']):>7}  {('%.1f%%' % (acc * 100)) if acc is not None else 'n/a':>15}")
+        return "\n".join(lines)
+
+    def render_threshold(self, value: float, version: int, where: str) -> str:
+        if value == 0:
+            return f"'unknown' is off for head v{version} (the current version) in {where}"
+        return f"predictions under {value:.2f} confidence are now 'unknown' for head v{version} (the current version) in {where}"
