@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/edgetl predict $(DEMO)/surfaces.bundle $(DEMO)/surfaces/val --top-k 2 | head -n 8
 
 test: $(STAMP)
+	bash tools/system-deps.sh
 	$(PY) -m pytest -q tests
 
 # Every benchmark script, one after another (the emulated-CPU one needs qemu-user-static).

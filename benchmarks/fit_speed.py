@@ -36,7 +36,8 @@ def main() -> None:
     from edgetl.datasets.images import make_surfaces
     from edgetl.core.features import extract_features, load_input
     from edgetl.pipeline.fit import FitOptions, fit
-    from edgetl.heads.classification import HeadConfig, train_head
+    from edgetl.heads.classification import HeadConfig
+    from edgetl.heads.training import train_head
     from edgetl.core.sessions import default_threads, open_session
 
     threads = default_threads()

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fleet"))
-import _digits  # noqa: E402
+import _digits
 
-from edgetl.fleet import _edgetl as et  # noqa: E402
-from edgetl.fleet.cli import split_dataset  # noqa: E402
-from edgetl.fleet.summaries import LocalData, Merger, run_local  # noqa: E402
+from edgetl.fleet import _edgetl as et
+from edgetl.fleet.cli import split_dataset
+from edgetl.fleet.summaries import LocalData, Merger, run_local
 
 NAMES = [f"d{i}" for i in range(10)]
 
@@ -68,7 +68,7 @@ def main() -> None:
         devs = [pool[p] for p in parts if len(p)]
         union = np.concatenate(devs)
         local = {f"cam{i}": LocalData.classify(X[d], [NAMES[c] for c in labels[d]]) for i, d in enumerate(devs)}
-        acc = lambda h: float(np.mean(h.predict(X[test]) == labels[test]))  # noqa: E731
+        acc = lambda h: float(np.mean(h.predict(X[test]) == labels[test]))
 
         def timed(name, fn):
             t = time.perf_counter()

@@ -480,7 +480,7 @@ def bench(bundle, runs, device, as_json):
         f"numerics    float ops in {r['float_precision']} (asked {r['requested_float_precision']}); "
         f"this CPU's INT8 accumulates in {r['cpu']['int8']}",
         f"latency     p50 {r['latency_ms']['p50']:.2f} ms, p90 {r['latency_ms']['p90']:.2f} ms (batch 1, {runs} runs)",
-        f"throughput  {r['throughput']['images_per_s']:.1f} images/s at batch {r['throughput']['batch']}",
+        f"throughput  {r['throughput'][r['items'] + '_per_s']:.1f} {r['items']}/s at batch {r['throughput']['batch']}",
         f"memory      {r['peak_rss_mb']:.0f} MB peak RSS",
         f"size        {r['backbone_mb']:.2f} MB backbone, {r['bundle_mb']:.2f} MB bundle",
         f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine"

@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 
 from edgetl.errors import BundleError, ConfigError, DataError
-from edgetl.heads.classification import (
-    HEAD_KINDS,
-    L2_GRID,
-    MLP_L2_GRID,
-    Head,
-    HeadConfig,
-    softmax,
-    train_head,
-)
+from edgetl.heads.classification import HEAD_KINDS, Head, HeadConfig, softmax
+from edgetl.heads.training import L2_GRID, MLP_L2_GRID, train_head
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_blas_thread():
@@ -393,42 +386,39 @@ def test_load_rejects_tampered_arrays_and_newer_versions(tmp_path, toy_heads):
 # ------------------------------------------------------------------------------- ONNX
 
 
-@pytest.mark.parametrize("opset", [17, 18])  # 17: the default; 18: what the fused bundle model uses
+@pytest.mark.parametrize("opset", [13, 18])  # 13: the oldest it supports; 18: what the fused bundle model uses
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-def test_onnx_graph_computes_the_logits(toy, toy_heads, kind, opset):
+def test_onnx_graph_computes_the_probabilities(toy, toy_heads, kind, opset):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     _, _, Xt, _ = toy
     head = toy_heads[kind]
-    model = head.to_onnx(opset=opset)
+    model = head.graph(opset)
     onnx.checker.check_model(model)
     assert model.opset_import[0].version == opset
-    assert [op.op_type for op in model.graph.node].count("Softmax") == 0
+    assert [op.op_type for op in model.graph.node].count("Softmax") == 1
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param == "batch" and dims[1].dim_value == 64
+    assert [o.name for o in model.graph.output] == ["probabilities"]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in (Xt[:1], Xt[3:10]):
-        (out,) = session.run(None, {"features": batch})
+        (out,) = session.run(None, {"head/features": batch})
         assert out.shape == (batch.shape[0], 4) and out.dtype == np.float32
-        np.testing.assert_allclose(out, head.logits(batch), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out, head.proba(batch), atol=1e-5, rtol=0)
 
 
-def test_onnx_names_and_opset_are_honoured(toy_heads):
-    onnx = pytest.importorskip("onnx")
+def test_onnx_graph_of_a_zero_row_and_bad_opsets(toy_heads):
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     head = toy_heads["prototype"]
-    model = head.to_onnx(input_name="emb", output_name="scores", opset=13)
-    assert model.opset_import[0].version == 13
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(head.graph(13).SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.zeros((2, 64), dtype=np.float32) + head.arrays["mean"]  # centred to exactly zero
-    (out,) = session.run(["scores"], {"emb": x})
-    np.testing.assert_allclose(out, head.logits(x), atol=1e-4, rtol=0)
+    (out,) = session.run(None, {"head/features": x})
+    np.testing.assert_allclose(out, head.proba(x), atol=1e-5, rtol=0)
     assert np.all(np.isfinite(out))
-    with pytest.raises(ConfigError, match="opset"):
-        head.to_onnx(opset=7)
-    with pytest.raises(ConfigError):
-        head.to_onnx(input_name="x", output_name="x")
-    assert onnx is not None
+    for bad in (7, 10_000, True):
+        with pytest.raises(ConfigError, match="opset"):
+            head.graph(bad)
 
 
 # ------------------------------------------------------------------------------- config & input checks

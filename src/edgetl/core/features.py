@@ -133,89 +133,6 @@ def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", vi
     return to_tensor(resize_crop(im, preprocess), preprocess)
 
 
-def extract_features(
-    paths: Sequence[Path],
-    *,
-    session,
-    preprocess: PreprocessConfig,
-    digests: Sequence[str] | None = None,
-    cache: FeatureCache | None = None,
-    view: int = 0,
-    batch_size: int = 32,
-    quiet: bool = False,
-    desc: str = "features",
-    skipped: list | None = None,
-) -> np.ndarray:
-    """Feature vectors for ``paths`` (rows in order), from the cache where possible.
-
-    Args:
-        paths: image files.
-        session: a :class:`edgetl.runtime.Session` whose first output is the feature vector.
-        preprocess: the backbone's preprocessing.
-        digests: content hashes of the files (computed when omitted); the cache key.
-        cache: where vectors are kept between runs; ``None`` disables caching.
-        view: 0 for the plain image, k > 0 for the k-th deterministic augmented view.
-        batch_size: images per runtime call.
-        quiet: no progress bar.
-        skipped: when a list is given, unreadable images are recorded in it as ``(path, reason)``
-            and left out of the result (rows follow the readable paths, in order) instead of
-            raising :class:`DataError`.
-
-    Returns:
-        float32 array of shape (len(paths), num_features) (fewer rows if images were skipped).
-    """
-    paths = [Path(p) for p in paths]
-    bad: dict[int, str] = {}
-    if digests is None:
-        digests = []
-        for i, p in enumerate(paths):
-            try:
-                digests.append(file_digest(p))
-            except OSError as exc:
-                if skipped is None:
-                    raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
-                bad[i] = f"cannot read ({exc.strerror or exc})"
-                digests.append("")
-    digests = list(digests)
-    out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
-                                    for i, d in enumerate(digests)]
-    todo = [i for i, v in enumerate(out) if v is None and i not in bad]
-
-    def load(i: int):
-        try:
-            return load_input(paths[i], preprocess, digest=digests[i], view=view)
-        except DataError as exc:
-            if skipped is None:
-                raise
-            bad[i] = str(exc).split(": ", 1)[-1]
-            return None
-    if todo:
-        bar = progress(len(todo), desc=desc, quiet=quiet)
-        # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for start in range(0, len(todo), batch_size):
-                idx = todo[start : start + batch_size]
-                loaded = list(pool.map(load, idx))
-                idx = [i for i, x in zip(idx, loaded) if x is not None]
-                if not idx:
-                    continue
-                batch = np.stack([x for x in loaded if x is not None])
-                feats = session(batch)
-                feats = feats.reshape(feats.shape[0], -1).astype(np.float32, copy=False)
-                for i, vec in zip(idx, feats):
-                    out[i] = vec
-                    if cache:
-                        cache.put(digests[i], view, vec)
-                bar.update(len(idx))
-        bar.close()
-    if bad and skipped is not None:
-        skipped.extend((paths[i], bad[i]) for i in sorted(bad))
-    out = [v for i, v in enumerate(out) if i not in bad]
-    if not out:
-        return np.zeros((0, 0), np.float32)
-    return np.stack(out).astype(np.float32, copy=False)
-
-
 class ImageExtractor:
     """Images -> feature rows through one session (the extractor every image task uses).
 
@@ -236,11 +153,66 @@ class ImageExtractor:
 
     def features(self, items: Sequence, *, cache: FeatureCache | None = None, view: int = 0, batch_size: int = 32,
                  quiet: bool = True, desc: str = "features", skipped: list | None = None) -> np.ndarray:
-        paths = [getattr(i, "path", i) for i in items]
-        digests = [i.digest for i in items] if items and hasattr(items[0], "digest") else None
-        return extract_features(paths, session=self.session, preprocess=self.preprocess, digests=digests,
-                                cache=cache, view=view, batch_size=batch_size, quiet=quiet, desc=desc, skipped=skipped)
+        """Feature vectors of ``items`` (rows in order), from the cache where possible.
+
+        Args:
+            cache: where vectors are kept between runs (keyed by the file's sha256 and ``view``).
+            view: 0 for the plain image, k > 0 for the k-th deterministic augmented view.
+            skipped: when a list is given, unreadable images are recorded in it as ``(path, reason)``
+                and left out (rows follow the readable items) instead of raising :class:`DataError`.
+        """
+        paths = [Path(getattr(i, "path", i)) for i in items]
+        bad: dict[int, str] = {}
+        digests = ([i.digest for i in items] if items and hasattr(items[0], "digest") else
+                   [_digest_or_reason(p, i, bad, skipped) for i, p in enumerate(paths)])
+        out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
+                                        for i, d in enumerate(digests)]
+        todo = [i for i, v in enumerate(out) if v is None and i not in bad]
+
+        def load(i: int):
+            try:
+                return load_input(paths[i], self.preprocess, digest=digests[i], view=view)
+            except DataError as exc:
+                if skipped is None:
+                    raise
+                bad[i] = str(exc).split(": ", 1)[-1]
+                return None
+
+        bar = progress(len(todo), desc=desc, quiet=quiet)
+        # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(todo), batch_size):
+                loaded = list(pool.map(load, todo[start : start + batch_size]))
+                idx = [i for i, x in zip(todo[start : start + batch_size], loaded) if x is not None]
+                if idx:
+                    feats = self.session(np.stack([x for x in loaded if x is not None]))
+                    for i, vec in zip(idx, feats.reshape(len(idx), -1).astype(np.float32, copy=False)):
+                        out[i] = vec
+                        if cache:
+                            cache.put(digests[i], view, vec)
+                    bar.update(len(idx))
+        bar.close()
+        if bad and skipped is not None:
+            skipped.extend((paths[i], bad[i]) for i in sorted(bad))
+        rows = [v for i, v in enumerate(out) if i not in bad]
+        return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, 0), np.float32)
 
     def inputs(self, items: Sequence) -> np.ndarray:
         """The model's input batch for ``items`` (for running the fused model on them)."""
         return np.stack([load_input(Path(getattr(i, "path", i)), self.preprocess) for i in items])
+
+
+def _digest_or_reason(path: Path, i: int, bad: dict, skipped) -> str:
+    """The file's sha256, or (with a ``skipped`` list) "" and the reason recorded in ``bad``."""
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        if skipped is None:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        bad[i] = f"cannot read ({exc.strerror or exc})"
+        return ""
+
+
+def extract_features(paths: Sequence[Path], *, session, preprocess: PreprocessConfig, cache=None, **kw) -> np.ndarray:
+    """Feature vectors of image files through ``session`` (see :meth:`ImageExtractor.features`)."""
+    return ImageExtractor(session, preprocess, "").features(list(paths), cache=cache, **kw)

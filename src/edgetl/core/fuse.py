@@ -1,7 +1,8 @@
 """The single-file model for apps: the backbone and a head graph fused into one model.
 
-One writer for every task: a head graph (ONNX, one input fed by the backbone's first output, its
-own outputs the fused model's outputs; internal names prefixed so nothing clashes) is merged
+One writer for every task: a head's graph (``head.graph(opset, ir_version)``: ONNX, one input
+fed by the backbone's first output, its own outputs the fused model's outputs; internal names
+prefixed so nothing clashes) is merged
 behind ``backbone.onnx``, or grafted onto ``backbone.xml`` for OpenVINO IR. Classification heads
 give ``probabilities``; defect heads ``anomaly_map`` and ``score``. Runs on the device too
 (``adapt`` regenerates the fused model for a new head), so it needs only ``onnx`` (ONNX bundles)
@@ -29,11 +30,11 @@ def set_metadata(model, meta: dict) -> None:
         entry.value = value if isinstance(value, str) else json.dumps(value)
 
 
-def _fuse_onnx(backbone_path: Path, make_head, out_path: Path, meta: dict) -> Path:
+def _fuse_onnx(backbone_path: Path, head, out_path: Path, meta: dict) -> Path:
     onnx = require("onnx", extra="base", purpose="building ONNX graphs")
     backbone = onnx.load(str(backbone_path))
     opset = next(o.version for o in backbone.opset_import if o.domain in ("", "ai.onnx"))
-    head = make_head(opset, backbone.ir_version)
+    head = head.graph(opset, backbone.ir_version)
     del head.opset_import[:]
     head.opset_import.extend(backbone.opset_import)  # a QDQ backbone may use extra domains
     outputs = [o.name for o in head.graph.output]
@@ -47,11 +48,11 @@ def _fuse_onnx(backbone_path: Path, make_head, out_path: Path, meta: dict) -> Pa
     return out_path
 
 
-def _fuse_openvino(backbone_xml: Path, make_head, out_xml: Path, meta: dict) -> Path:
+def _fuse_openvino(backbone_xml: Path, head, out_xml: Path, meta: dict) -> Path:
     ov = require("openvino", extra="openvino", purpose="building OpenVINO models")
     onnx = require("onnx", extra="base", purpose="building ONNX graphs")
     backbone = ov.Core().read_model(str(backbone_xml))
-    head_onnx = make_head(18, None)
+    head_onnx = head.graph(18, None)
     names = [o.name for o in head_onnx.graph.output]
     with tempfile.TemporaryDirectory() as tmp:
         hp = Path(tmp) / "head.onnx"
@@ -72,20 +73,20 @@ def _fuse_openvino(backbone_xml: Path, make_head, out_xml: Path, meta: dict) -> 
     return out_xml
 
 
-def fuse(backbone_path: Path, make_head, out_path: Path, *, meta: dict) -> Path:
+def fuse(backbone_path: Path, head, out_path: Path, *, meta: dict) -> Path:
     """Write backbone + head as one model at ``out_path`` with the backbone's kind of suffix
     (``.onnx``, or ``.xml`` + ``.bin``); returns its path.
 
     Args:
         backbone_path: the bundle's backbone model.
-        make_head: ``make_head(opset, ir_version) -> onnx.ModelProto``, the head graph for that
-            opset (``ir_version`` None: any).
+        head: a trained head; ``head.graph(opset, ir_version) -> onnx.ModelProto`` is its graph
+            for that opset (``ir_version`` None: any).
         out_path: where to write (the suffix is replaced by the backbone's).
         meta: key/values stored in the model (ONNX metadata, OpenVINO rt_info).
     """
     if Path(backbone_path).suffix == ".xml":
-        return _fuse_openvino(backbone_path, make_head, Path(out_path).with_suffix(".xml"), meta)
-    return _fuse_onnx(backbone_path, make_head, Path(out_path).with_suffix(".onnx"), meta)
+        return _fuse_openvino(backbone_path, head, Path(out_path).with_suffix(".xml"), meta)
+    return _fuse_onnx(backbone_path, head, Path(out_path).with_suffix(".onnx"), meta)
 
 
 def model_files(path: str | Path) -> list[Path]:

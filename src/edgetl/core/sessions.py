@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,18 @@ class OrtSession(Session):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._sess.run(None, feeds)
+
+
+def time_calls(call, *, runs: int = 20, warmup: int = 3) -> dict:
+    """Wall time of ``call()``: median and p90 in ms over ``runs`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
 
 
 def quantizes_at_run_time(path: Path) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from ..errors import BundleError
@@ -65,15 +66,15 @@ def new_version_files(b: Bundle, rels: list[str]):
                           f"v{b.head_version} stays current") from None
 
 
-def write_fused(b: Bundle, version: int, make_head, meta: dict) -> str:
-    """Write version ``version``'s single-file model (backbone + the head graph ``make_head``
-    builds) through a staging name and a rename: a crash leaves no half file under the final name.
-    Returns its name inside the bundle."""
+def write_fused(b: Bundle, version: int, head, meta: dict) -> str:
+    """Write version ``version``'s single-file model (backbone + ``head``'s graph) through a
+    staging name and a rename: a crash leaves no half file under the final name. Returns its name
+    inside the bundle."""
     name = fused_name(b, version)
     target = b.path / name
     staging = b.path / f".staging-{os.getpid()}{target.suffix}"
     try:
-        fuse(b.model_file("backbone"), make_head, staging, meta={**meta, "head_version": version})
+        fuse(b.model_file("backbone"), head, staging, meta={**meta, "head_version": version})
         if name.endswith(".xml"):
             os.replace(staging.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(staging, target)
@@ -95,27 +96,33 @@ def switch_version(b: Bundle, changes: dict, *, add: list[str] = (), drop: list[
     return new
 
 
-def add_version(b: Bundle, entry: dict, *, write_files, make_head, meta: dict, changes: dict, signer=None,
+def add_version(b: Bundle, head, entry: dict, *, meta: dict, changes: dict, files: dict | None = None, signer=None,
                 operation: str = "adapt") -> Bundle:
-    """Write head version ``entry["version"]`` and make it current.
+    """Write ``head`` as the next version and make it current.
 
     Args:
         b: the bundle, loaded under its writer lock.
-        entry: the version's manifest entry (``version``, ``file``, labels, provenance ...);
-            ``fused`` is filled in here.
-        write_files: ``write_files()`` writes the version's own files and returns their names.
-        make_head: the head graph builder for the fused model (see :func:`edgetl.core.fuse.fuse`).
+        head: the new head (``save(path)`` and ``graph(opset, ir_version)``), saved as
+            ``heads/vN.npz`` and fused behind the backbone.
+        entry: the version's manifest entry (labels, provenance, thresholds ...); ``version``,
+            ``file``, ``created`` and ``fused`` are filled in here.
         meta: what the fused model records about itself.
         changes: other manifest fields the switch sets (labels, thresholds ...).
+        files: the version's other files, ``{name in the bundle: write(path)}``.
 
     Raises:
         BundleError: a file cannot be written (nothing changes) or the bundle is read-only.
     """
-    version = entry["version"]
-    planned = [entry["file"], *[entry[k] for k in ("exemplars",) if entry.get(k)], *fused_files(fused_name(b, version))]
-    with new_version_files(b, planned):
-        written = list(write_files())
-        fused = write_fused(b, version, make_head, meta)
+    version = next_version(b)
+    entry = {"version": version, "file": f"heads/v{version}.npz",
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry}
+    files = {entry["file"]: head.save, **(files or {})}
+    with new_version_files(b, [*files, *fused_files(fused_name(b, version))]):
+        for rel, write in files.items():
+            (b.path / rel).parent.mkdir(exist_ok=True)
+            write(b.path / rel)
+        fused = write_fused(b, version, head, meta)
+    written = list(files)
     entry = dict(entry, fused=fused)
     versions = b.manifest["head"]["versions"] + [entry]
     keep = {e["version"] for e in versions[-KEEP_FUSED:]}

@@ -96,7 +96,7 @@ def rollback(bundle: str | Path | Bundle, *, to: int | None = None, wait: float 
         present = all(f in b.manifest["files"] for f in fused_files(fused))
         if not present:
             head = task.load_head(b.path / entry["file"])
-            fused = write_fused(b, to, task.head_graph(head), {**task.fused_meta(b, head), "labels": entry["labels"]})
+            fused = write_fused(b, to, head, {**task.fused_meta(b, head), "labels": entry["labels"]})
         versions = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
         return switch_version(b, {"labels": entry["labels"], "thresholds": thresholds,
                                   "head": {"current": to, "versions": versions},

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import tasks
 from ..core.bundle import load_bundle
 from ..core.sessions import bundle_session, cpu_family
-from ..errors import BundleError
 
 
 def _peak_rss_mb() -> float:
@@ -33,24 +33,18 @@ def _peak_rss_mb() -> float:
 
 def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
                  batches: tuple[int, ...] = (1, 4, 8, 16, 32)) -> dict:
-    """Time the bundle's single-file model on random input.
+    """Time the bundle's single-file model on inputs its task makes (random images, a typical text).
 
     Returns latency p50/p90 at batch 1, the best throughput over ``batches`` (only the model's
-    static batch when it has one), the process's peak RSS and the sizes.
-
-    Raises:
-        BundleError: a text bundle (token ids, not images: see benchmarks/text.py).
+    static batch when it has one; text runs one text per call, as predict does), the process's
+    peak RSS and the sizes.
     """
     b = load_bundle(path)
-    pre = b.manifest["backbone"]["preprocess"]
-    if pre.get("kind") == "text":
-        raise BundleError(f"{b.path}: bench times image models; for a text bundle see benchmarks/text.py")
+    task = tasks.for_bundle(b)
     session = bundle_session(b, b.model_file("fused"), device=device, exact=False)  # this host's own kernels
-    size = int(pre["input_size"])
-    rng = np.random.default_rng(0)
 
     def once(n: int) -> float:
-        x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+        x = task.bench_input(b, session, n)
         t0 = time.perf_counter()
         session.run(x)
         return time.perf_counter() - t0
@@ -58,12 +52,14 @@ def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
     for _ in range(5):
         once(1)
     lat = np.array([once(1) for _ in range(runs)]) * 1000
-    best = {"batch": 1, "images_per_s": 1000.0 / float(np.median(lat))}
+    if not session.rows_independent:
+        batches = ()
+    best = {"batch": 1, "items_per_s": 1000.0 / float(np.median(lat))}
     for n in ([session.static_batch] if session.static_batch else batches):
         once(n)
         t = min(once(n) for _ in range(3))
-        if n / t > best["images_per_s"]:
-            best = {"batch": n, "images_per_s": n / t}
+        if n / t > best["items_per_s"]:
+            best = {"batch": n, "items_per_s": n / t}
     files = b.manifest["files"]
     backbone = sum(v["bytes"] for k, v in files.items() if k.startswith("backbone"))
     budget = float(b.manifest["target"].get("latency_budget_ms", 0) or 0)
@@ -82,7 +78,7 @@ def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
         "fallback": fallback, "float_precision": session.float_precision,
         "requested_float_precision": session.requested_precision, "cpu": cpu_family(),
         "latency_ms": {"p50": round(p50, 3), "p90": round(float(np.percentile(lat, 90)), 3)},
-        "throughput": {"batch": best["batch"], "images_per_s": round(best["images_per_s"], 1)},
+        "throughput": {"batch": best["batch"], f"{task.items}_per_s": round(best["items_per_s"], 1)}, "items": task.items,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "backbone_mb": round(backbone / 1e6, 3),
         "bundle_mb": round(sum(v["bytes"] for v in files.values()) / 1e6, 3),

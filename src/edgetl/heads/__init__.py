@@ -1,3 +1,11 @@
-"""numpy heads trained on frozen backbone features: classification (:mod:`.classification`), the
-replay memory for on-device updates (:mod:`.exemplars`), and one-class patch heads for defect
-detection (:mod:`.patch`, with their ONNX scoring graph in :mod:`.patch_graph`). No torch."""
+"""numpy heads trained on frozen backbone features. No torch.
+
+* :mod:`.classification`: the classification head (linear, mlp, prototype), saved without
+  pickles, with its fused graph; :mod:`.training` trains it (L2 search, temperature) with the
+  optimisers of :mod:`.optimizers`;
+* :mod:`.exemplars`: the replay memory for on-device updates;
+* :mod:`.patch`: one-class patch heads for defect detection (patchcore, padim), with their ONNX
+  scoring graph in :mod:`.patch_graph`.
+
+Every head has ``save(path)``, ``load(path)`` and ``graph(opset, ir_version)``.
+"""

@@ -245,6 +245,12 @@ class AnomalyHead:
             raise DataError(f"anomaly head expects patch features of shape (N, {', '.join(map(str, want))}), got {F.shape}")
         return F
 
+    def graph(self, opset: int = 18, ir_version: int | None = None):
+        """The scoring graph fused behind the patch backbone (see :mod:`edgetl.heads.patch_graph`)."""
+        from .patch_graph import scoring_graph
+
+        return scoring_graph(self, opset=opset, ir_version=ir_version)
+
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """An uncompressed ``.npz`` (atomic write); settings travel as JSON bytes, never pickles."""

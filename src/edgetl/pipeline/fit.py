@@ -34,7 +34,7 @@ from ..core.diagnostics import leakage_message, near_duplicates
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.fuse import check_parity, fuse, model_files
 from ..core.gate import GateDecision, enforce
-from ..core.sessions import default_threads, open_session
+from ..core.sessions import default_threads, open_session, time_calls
 from ..core.targets import Target, load_target
 from .convert import ACCURACY_CONTROL_BUDGET_S, ConvertedModel, Restore, converted_model
 
@@ -108,10 +108,6 @@ class FitResult:
     timings: dict
     task: Any = None
 
-    @property
-    def dataset(self):
-        return self.data
-
 
 def resolve_target(options: FitOptions, task) -> Target:
     """The profile (the task's default when none is named) with the overrides applied."""
@@ -126,15 +122,7 @@ def resolve_target(options: FitOptions, task) -> Target:
 def measure_latency(session, shape: tuple[int, ...], *, runs: int = 20) -> dict:
     """Batch-1 latency of a session on random input: median and p90 in ms after a warm-up."""
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    for _ in range(3):
-        session(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
-            "float_precision": session.float_precision}
+    return {**time_calls(lambda: session(x), runs=runs), "float_precision": session.float_precision}
 
 
 def shipped_latency(model: Path, target: Target, shape: tuple[int, ...]) -> dict:
@@ -333,11 +321,13 @@ def _write(run: _Run, out: Path, *, force, data, signer, shipped, trained, extra
         backbone_name = f"backbone{shipped.path.suffix}"
         for src in shipped.files():
             shutil.copyfile(src, w.dir / f"backbone{src.suffix}")
+        (w.dir / "heads").mkdir()
+        trained.head.save(w.dir / "heads" / "v1.npz")
         release = task.write_release(w.dir, trained, run.data, options, exported)
         meta = {"edgetl_version": __version__, "task": task.name, "labels": release["manifest"]["labels"],
                 "preprocess": exported.preprocess, "backbone": exported.name, "precision": target.precision,
                 "target": target.name, "head_version": 1, **release.get("fused_meta", {})}
-        fused_path = fuse(w.dir / backbone_name, task.head_graph(trained.head), w.dir / "model", meta=meta)
+        fused_path = fuse(w.dir / backbone_name, trained.head, w.dir / "model", meta=meta)
         if target.tensorrt is not None:
             from ..core.tensorrt import write_build_scripts
 

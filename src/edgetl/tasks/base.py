@@ -11,8 +11,9 @@ supplies only what is its own:
   inputs become that model's inputs (:meth:`Task.extractor`), what calibrates INT8
   (:meth:`Task.calibration`), profile adjustments (:meth:`Task.prepare_target`);
 * **head**: training and evaluation on features (:meth:`Task.train`), the gate's evidence
-  (:meth:`Task.gate`), the graph fused behind the backbone (:meth:`Task.head_graph`), and what a
-  bundle carries besides the backbone (:meth:`Task.write_release`);
+  (:meth:`Task.gate`), and what a bundle carries besides the backbone and the head
+  (:meth:`Task.write_release`); a head saves itself and gives the graph fused behind the backbone
+  (``head.save(path)``, ``head.graph(opset, ir_version)``);
 * **device**: the predictor (:meth:`Task.predictor`), the on-device update (:meth:`Task.adapt`),
   its thresholds, and how results read as text (``render_*``).
 
@@ -30,7 +31,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..core.bundle import Bundle
-from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -166,12 +166,8 @@ class Task:
         """-> (the reference figures for the report, the :class:`GateDecision`)."""
         raise NotImplementedError
 
-    def head_graph(self, head) -> Callable:
-        """``make_head(opset, ir_version) -> onnx.ModelProto`` for :func:`edgetl.core.fuse.fuse`."""
-        raise NotImplementedError
-
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
-        """Write head v1 and the task's other files into a bundle being staged; returns
+        """Write the task's files beside head v1 into a bundle being staged; returns
         ``{"entry": ..., "manifest": ..., "report": ...}`` additions."""
         raise NotImplementedError
 
@@ -195,6 +191,11 @@ class Task:
 
     def load_head(self, path: Path):
         raise NotImplementedError
+
+    def bench_input(self, bundle: Bundle, session, n: int):
+        """A batch of ``n`` inputs for timing the bundle's single-file model (random images)."""
+        size = int(bundle.manifest["backbone"]["preprocess"]["input_size"])
+        return np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)
 
     def speed(self, shipped, reference, data) -> dict:
         """Report figures of speed beyond the batch-1 latencies fit measures for image models."""
@@ -269,5 +270,3 @@ class Task:
         return list(args)
 
 
-def option_error(task: Task, option: str) -> ConfigError:
-    return ConfigError(f"--{option.replace('_', '-')} does not apply to {task.name} bundles")

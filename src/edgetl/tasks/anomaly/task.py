@@ -29,11 +29,10 @@ from ...core.gate import auroc_gate
 from ...core.metrics import best_f1_threshold, feature_cosine
 from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
-from ...core.versions import add_version, next_version
+from ...core.versions import add_version
 from ...errors import ConfigError, DataError
 from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
                             quantile_threshold, update_patch_head)
-from ...heads.patch_graph import scoring_graph
 from ..base import AdaptResult, Task, Trained
 from ..classify.data import check_image, list_images
 from ..classify.task import image_calibration
@@ -274,13 +273,8 @@ class AnomalyTask(Task):
         y, scores = trained.outcome
         return ref, auroc_gate(y, reference.outcome[1], scores, tolerance_pp=tolerance_pp)
 
-    def head_graph(self, head: AnomalyHead):
-        return lambda opset, ir_version: scoring_graph(head, opset=opset, ir_version=ir_version)
-
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
         head, m = trained.head, trained.metrics
-        (folder / "heads").mkdir()
-        head.save(folder / "heads" / "v1.npz")
         threshold = m["threshold"]
         return {
             "entry": {"kind": head.kind, "labels": LABELS, "threshold": threshold,
@@ -350,22 +344,13 @@ class AnomalyTask(Task):
                 "memory": memory}
         if dry_run:
             return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
-        version = next_version(b)
-        head_file = f"heads/v{version}.npz"
         new_head.meta = dict(new_head.meta, parent_version=pred.version)
-        entry = {"version": version, "file": head_file, "kind": new_head.kind, "labels": LABELS, "source": "adapt",
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threshold": thr,
+        entry = {"kind": new_head.kind, "labels": LABELS, "source": "adapt", "threshold": thr,
                  "threshold_policy": "carried over" if threshold is None else "given",
                  "images": new_head.meta.get("images"), "new_images": len(samples), "parent": pred.version}
-
-        def write_files():
-            new_head.save(b.path / head_file)
-            return [head_file]
-
-        new = add_version(b, entry, write_files=write_files, make_head=self.head_graph(new_head),
-                          meta={**self.fused_meta(b, new_head), "threshold": thr},
+        new = add_version(b, new_head, entry, meta={**self.fused_meta(b, new_head), "threshold": thr},
                           changes={"thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, signer=signer)
-        return AdaptResult(new, version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped)
+        return AdaptResult(new, new.head_version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped)
 
     # ---- text for people ---------------------------------------------------------------------
     def render_predictions(self, preds: list[AnomalyPrediction]) -> str:

@@ -21,7 +21,8 @@ from ...core.gate import accuracy_gate
 from ...core.metrics import classification_metrics, feature_cosine, format_metrics
 from ...core.sessions import bundle_session
 from ...errors import ConfigError, DataError
-from ...heads.classification import HEAD_KINDS, Head, HeadConfig, probability_graph, train_head
+from ...heads.classification import HEAD_KINDS, Head, HeadConfig
+from ...heads.training import train_head
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
 from ..base import AdaptResult, Task, Trained
 
@@ -226,13 +227,8 @@ class ClassifierTask(Task):
 
         return score
 
-    def head_graph(self, head: Head):
-        return lambda opset, ir_version: probability_graph(head, opset=opset, ir_version=ir_version)
-
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
         head, f = trained.head, trained.features
-        (folder / "heads").mkdir()
-        head.save(folder / "heads" / "v1.npz")
         per_class = options.exemplars_per_class or self.exemplars_per_class
         plain, y = f["X_tr"][: f["n_train"]], f["y_tr"][: f["n_train"]]
         ex = herding(plain, y, len(data.classes), per_class=per_class)

@@ -25,13 +25,10 @@ import numpy as np
 
 from ...core.versions import add_version, next_version
 from ...errors import GateError
-from ...heads.classification import Head, HeadConfig, train_head
+from ...heads.classification import Head, HeadConfig
+from ...heads.training import train_head
 from ...heads.exemplars import herding, load_exemplars, save_exemplars
 from ..base import AdaptResult
-
-
-def _accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
-    return float(np.mean(head.predict(X) == y)) if len(y) else None
 
 
 def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -65,106 +62,97 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     t0 = time.perf_counter() if t0 is None else t0
     old_labels = list(old_head.labels)
     new_classes = sorted(set(new_labels) - set(old_labels))
-    labels = (sorted(set(new_labels)) if replace else old_labels + new_classes)
+    labels = sorted(set(new_labels)) if replace else old_labels + new_classes
     index = {l: i for i, l in enumerate(labels)}
     y_new = np.array([index[l] for l in new_labels], dtype=np.int64)
     t1 = time.perf_counter()
-
-    ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
-    X_ex, y_ex_old, ex_names = load_exemplars(b.path / ex_file)
-    keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
-    X_ex = X_ex[keep]
-    y_ex = np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
-
-    hold_new = _holdout_mask(y_new, holdout, seed)
-    hold_ex = _holdout_mask(y_ex, holdout, seed + 1)
-    X_tr = np.concatenate([X_new[~hold_new]] + ([] if replace else [X_ex[~hold_ex]]))
-    y_tr = np.concatenate([y_new[~hold_new]] + ([] if replace else [y_ex[~hold_ex]]))
-
+    X_ex, y_ex = _replay_memory(b, labels, index)
+    if replace:
+        X_ex, y_ex = X_ex[:0], y_ex[:0]
+    hold_new, hold_ex = _holdout_mask(y_new, holdout, seed), _holdout_mask(y_ex, holdout, seed + 1)
     cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
     if cfg.l2 is None and old_head.meta.get("l2") is not None:
         cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})  # no search on the device
-    head = train_head(X_tr, y_tr, labels, cfg=cfg)
+    head = train_head(np.concatenate([X_new[~hold_new], X_ex[~hold_ex]]),
+                      np.concatenate([y_new[~hold_new], y_ex[~hold_ex]]), labels, cfg=cfg)
     timings["train"] = round(time.perf_counter() - t1, 3)
+    gate = _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_ex, new_labels,
+                 tolerance_pp=tolerance_pp, force=force)
+    if gate["reasons"] and not force and not dry_run:
+        raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(gate["reasons"])
+                        + " (--force to accept)")
+    summary = {"labels": labels, "new_classes": new_classes, "gate": gate}
+    if dry_run:
+        return AdaptResult(b, b.head_version, summary, timings, skipped, accepted=False)
 
-    # ---- gate: compare heads on held-out data neither of them trained on.
-    # The old head trained on the exemplars, so its accuracy on them is optimistic; the fair
-    # baseline is a *control* head trained the same way on the same replay split without the new
-    # data. Where there is no replay memory (--replace), the old head on held-out new images of
-    # known classes is the baseline (it never saw those).
-    X_ev = np.concatenate([X_new[hold_new], X_ex[hold_ex]])
-    y_ev = np.concatenate([y_new[hold_new], y_ex[hold_ex]])
+    # the head that ships trains on everything, held-out rows included
+    t2 = time.perf_counter()
+    X_all, y_all = np.concatenate([X_new, X_ex]), np.concatenate([y_new, y_ex])
+    head = train_head(X_all, y_all, labels, cfg=cfg)
+    ex_idx = herding(X_all, y_all, len(labels), per_class=int(b.manifest.get("exemplars", {}).get("per_class", 20)))
+    ex_rel = f"exemplars/v{next_version(b)}.npz"
+    threshold = b.head_entry().get("unknown_threshold", 0.0)
+    entry = {"exemplars": ex_rel, "kind": head.kind, "labels": labels, "source": f"{source}-replace" if replace else source,
+             "data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else str(data),
+             task.items: int(len(new_labels)), "new_classes": new_classes, "gate": gate, "l2": head.meta.get("l2"),
+             "unknown_threshold": threshold}
+    new = add_version(b, head, entry, meta={**task.fused_meta(b, head), "labels": labels},
+                      files={ex_rel: lambda p: save_exemplars(p, X_all[ex_idx], y_all[ex_idx], labels)},
+                      changes={"labels": labels, "thresholds": {**b.manifest.get("thresholds", {}), "unknown": threshold}},
+                      signer=signer, operation="fleet" if source == "fleet" else "adapt")
+    timings["write"] = round(time.perf_counter() - t2, 3)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    return AdaptResult(new, new.head_version, summary, timings, skipped)
+
+
+def _replay_memory(b, labels: list[str], index: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The current version's exemplars of classes in ``labels``, as (features, new class indices)."""
+    ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
+    X_ex, y_ex_old, ex_names = load_exemplars(b.path / ex_file)
+    keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
+    return X_ex[keep], np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
+
+
+def _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_ex, new_labels, *,
+          tolerance_pp: float, force: bool) -> dict:
+    """Compare the heads on held-out data neither trained on; ``reasons`` lists what refuses it.
+
+    The old head trained on the exemplars, so its accuracy on them is optimistic; the fair
+    baseline is a *control* head trained the same way on the same replay split without the new
+    data. Where there is no replay memory (``--replace``), the old head on held-out new items of
+    known classes is the baseline (it never saw those).
+    """
+    old_labels = list(old_head.labels)
+    X_ev, y_ev = np.concatenate([X_new[hold_new], X_ex[hold_ex]]), np.concatenate([y_new[hold_new], y_ex[hold_ex]])
     known = np.isin(np.array(labels)[y_ev], old_labels) if len(y_ev) else np.zeros(0, bool)
-    if not replace and (~hold_ex).any() and hold_ex.any():
+    if (~hold_ex).any() and hold_ex.any():
         control = train_head(X_ex[~hold_ex], y_ex[~hold_ex], labels, cfg=cfg)
-        baseline = _accuracy(control, X_ev[known], y_ev[known])
-        baseline_kind = "replay-only control head"
+        baseline, baseline_kind = _accuracy(control, X_ev[known], y_ev[known]), "replay-only control head"
     else:
         old_index = {l: i for i, l in enumerate(old_labels)}
         sel = known[: int(hold_new.sum())]
         y_old = np.array([old_index[labels[i]] for i in y_new[hold_new][sel]], dtype=np.int64)
-        X_sel = X_new[hold_new][sel]
-        baseline = _accuracy(old_head, X_sel, y_old)
-        baseline_kind = "current head"
+        baseline, baseline_kind = _accuracy(old_head, X_new[hold_new][sel], y_old), "current head"
         known = np.zeros(len(y_ev), bool)
         known[: int(hold_new.sum())] = sel
     new_known = _accuracy(head, X_ev[known], y_ev[known])
     new_holdout = _accuracy(head, X_new[hold_new], y_new[hold_new])
     k_new = len(np.unique(y_new))
     floor = min(0.5, 2.0 / k_new) if k_new > 1 else 0.0
-    reasons = []
     swaps = label_disagreements(old_head, X_new, new_labels)
-    for w in swaps:
-        reasons.append(f"{w['looks_like_count']} of {w['images']} new images labelled {w['label']!r} look like "
-                       f"{w['looks_like']!r} to the current head (it agrees with the label on {w['agreement']:.0%}); "
-                       "are the labels swapped? If the parts really changed, pass --force")
+    reasons = [f"{w['looks_like_count']} of {w['images']} new images labelled {w['label']!r} look like "
+               f"{w['looks_like']!r} to the current head (it agrees with the label on {w['agreement']:.0%}); "
+               "are the labels swapped? If the parts really changed, pass --force" for w in swaps]
     if baseline is not None and new_known is not None and (baseline - new_known) * 100 > tolerance_pp:
         reasons.append(f"accuracy on known classes would fall from {baseline:.1%} to {new_known:.1%} "
                        f"(tolerance {tolerance_pp} pp)")
     if new_holdout is not None and k_new > 1 and new_holdout < floor:
         reasons.append(f"held-out accuracy on the new images is {new_holdout:.1%}, near chance "
                        f"(floor {floor:.0%}); are the labels right?")
-    gate = {"old_known_accuracy": baseline, "baseline": baseline_kind, "new_known_accuracy": new_known, "new_holdout_accuracy": new_holdout,
-            "holdout_images": int(hold_new.sum()), "holdout_exemplars": int(hold_ex.sum()),
-            "tolerance_pp": tolerance_pp, "passed": not reasons, "forced": bool(reasons and force),
-            "label_check": swaps, "reasons": reasons}
-    if reasons and not force and not dry_run:
-        raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(reasons) + " (--force to accept)")
-    summary = {"labels": labels, "new_classes": new_classes, "gate": gate}
-    if dry_run:
-        return AdaptResult(b, b.head_version, summary, timings, skipped, accepted=False)
-
-    # ---- final head on all data (held-out rows included), new exemplar memory, files, switch
-    t2 = time.perf_counter()
-    X_all = np.concatenate([X_new] + ([] if replace else [X_ex]))
-    y_all = np.concatenate([y_new] + ([] if replace else [y_ex]))
-    head = train_head(X_all, y_all, labels, cfg=cfg)
-    per_class = int(b.manifest.get("exemplars", {}).get("per_class", 20))
-    ex_idx = herding(X_all, y_all, len(labels), per_class=per_class)
-    version = next_version(b)
-    head_rel, ex_rel = f"heads/v{version}.npz", f"exemplars/v{version}.npz"
-
-    def write_files():
-        (b.path / "heads").mkdir(exist_ok=True)
-        (b.path / "exemplars").mkdir(exist_ok=True)
-        head.save(b.path / head_rel)
-        save_exemplars(b.path / ex_rel, X_all[ex_idx], y_all[ex_idx], labels)
-        return [head_rel, ex_rel]
-
-    threshold = b.head_entry().get("unknown_threshold", 0.0)
-    entry = {"version": version, "file": head_rel, "exemplars": ex_rel, "kind": head.kind, "labels": labels,
-             "source": f"{source}-replace" if replace else source,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else str(data),
-             task.items: int(len(new_labels)), "new_classes": new_classes, "gate": gate, "l2": head.meta.get("l2"),
-             "unknown_threshold": threshold}
-    new = add_version(b, entry, write_files=write_files, make_head=task.head_graph(head),
-                      meta={**task.fused_meta(b, head), "labels": labels},
-                      changes={"labels": labels, "thresholds": {**b.manifest.get("thresholds", {}), "unknown": threshold}},
-                      signer=signer, operation="fleet" if source == "fleet" else "adapt")
-    timings["write"] = round(time.perf_counter() - t2, 3)
-    timings["total"] = round(time.perf_counter() - t0, 3)
-    return AdaptResult(new, version, summary, timings, skipped)
+    return {"old_known_accuracy": baseline, "baseline": baseline_kind, "new_known_accuracy": new_known,
+            "new_holdout_accuracy": new_holdout, "holdout_images": int(hold_new.sum()),
+            "holdout_exemplars": int(hold_ex.sum()), "tolerance_pp": tolerance_pp, "passed": not reasons,
+            "forced": bool(reasons and force), "label_check": swaps, "reasons": reasons}
 
 
 def label_disagreements(head: Head, X: np.ndarray, labels: list[str], *, min_images: int = 5) -> list[dict]:

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ...core.sessions import time_calls
 from ...errors import DataError
 from ..base import Calibration, digest_of, stratified_subset
 from ..classify.classifier import ClassifierTask
@@ -101,7 +102,12 @@ class TextTask(ClassifierTask):
         speed = {"sentences_per_s": round(_throughput(shipped, texts), 1)}
         if reference is not None:
             speed["fp32_sentences_per_s"] = round(_throughput(reference, texts), 1)
-        return {"latency_batch1": _latency(shipped), "throughput": speed}
+        latency = time_calls(lambda: shipped.embed_batch([LATENCY_TEXT]))
+        return {"latency_batch1": {**latency, "float_precision": shipped.session.float_precision}, "throughput": speed}
+
+    def bench_input(self, bundle, session, n: int) -> dict:
+        """``n`` copies of a typical ticket, tokenized (one text per row, as predict runs it)."""
+        return self.extractor_for(session, None, bundle.manifest["backbone"], bundle.path).tokenize([LATENCY_TEXT] * n)
 
     def scan(self, data, *, bundle=None, strict: bool = False) -> tuple[list, list]:
         """Rows of ``data``, read with the training file's column names when the bundle records them."""
@@ -170,14 +176,3 @@ def _throughput(encoder: TextEncoder, texts: Sequence[str], *, batch_size: int =
         if time.perf_counter() - t0 >= min_seconds:
             return n / (time.perf_counter() - t0)
 
-
-def _latency(encoder: TextEncoder, *, runs: int = 20) -> dict:
-    for _ in range(3):
-        encoder.embed_batch([LATENCY_TEXT])
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        encoder.embed_batch([LATENCY_TEXT])
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3),
-            "float_precision": encoder.session.float_precision}
