@@ -156,8 +156,9 @@ def _head_kinds() -> list[str]:
 @click.option("--task", type=click.Choice(["classify", "text", "anomaly"]),
               help="classify (images), text, or anomaly (good images only: defect detection).  [default: text for "
                    "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good folder, else classify]")
-@click.option("--backbone", help="Image tasks: efficientnet_lite0/1/2 or any timm model name; text: a sentence "
-              "encoder (registry name, model folder or hub name).  [default: efficientnet_lite0; text: all-MiniLM-L6-v2]")
+@click.option("--backbone", help="Image tasks: efficientnet_lite0/1/2, any timm model name, or 'auto' (chosen by "
+              "`edgetl rank` on your training images); text: a sentence encoder (registry name, model folder or hub "
+              "name).  [default: efficientnet_lite0; text: all-MiniLM-L6-v2]")
 @click.option("--weights", type=click.Path(path_type=Path), help="Backbone weights (.safetensors or .pth state dict).")
 @click.option("--head", "head_kind", type=click.Choice(_head_kinds()),
               help="Head trained on the frozen features: linear (default), mlp, prototype; anomaly: patchcore "
@@ -218,12 +219,15 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
 @main.command("eval")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
+@click.option("--group-by", help="classify: accuracy per group too: a CSV column (camera, shift, supplier), 'folder' "
+              "(DATA/<class>/<group>/) or 'regex:PATTERN' on file names; the worst group and its gap are flagged "
+              "only beyond noise.")
 @device_option
 @strict_option
 @json_option
 @quiet_option
 @handle_errors
-def eval_cmd(bundle, data, device, strict, as_json, quiet):
+def eval_cmd(bundle, data, group_by, device, strict, as_json, quiet):
     """BUNDLE's figures on labelled DATA (runs without torch).
 
     \b
@@ -234,7 +238,7 @@ def eval_cmd(bundle, data, device, strict, as_json, quiet):
     from .device.predict import load_predictor
 
     p = load_predictor(bundle, device=device)
-    m = p.evaluate(data, quiet=quiet or as_json, strict=strict)
+    m = p.evaluate(data, quiet=quiet or as_json, strict=strict, **({"group_by": group_by} if group_by else {}))
     warn_skipped(_skipped_pairs(m["skipped"]), quiet=quiet)
     emit(m, as_json, p.task.render_metrics(m, title=f"{safe(bundle)} on {safe(data)} (head v{m['head_version']})"))
 
@@ -280,6 +284,73 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
          task.render_predictions(preds))
 
 
+# --------------------------------------------------------------------------------------- rank
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--backbones", help="Comma-separated backbones to compare (registry or timm names).  "
+              "[default: every built-in one: efficientnet_lite0,1,2]")
+@click.option("--target", "-t", help="Its latency budget bounds the choice (unless --budget-ms).")
+@click.option("--budget-ms", type=float, help="Batch-1 latency budget in ms for the choice.")
+@click.option("--by", type=click.Choice(["cv", "logme"]), default="cv", show_default=True,
+              help="The score that decides: cross-validated head accuracy, or LogME (no training).")
+@click.option("--val-split", type=float, default=0.2, show_default=True, help="Held out as fit would (not scored).")
+@click.option("--group-by", help="Keep groups in one fold (as fit's --group-by).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
+@json_option
+@quiet_option
+@handle_errors
+def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cache_dir, as_json, quiet):
+    """Score candidate backbones on the labelled images in DATA before fitting any of them.
+
+    Each backbone's features of the training split are extracted once (the cache makes the fit that
+    follows free) and scored by cross-validated head accuracy (grouped folds where the data have
+    groups) and LogME. The choice is the cheapest backbone within the budget that the best-scoring
+    one is not shown to beat (paired 95% interval): `fit --backbone auto` uses it.
+    """
+    _setup_logging(quiet)
+    from .pipeline.rank import format_rank, rank as run_rank
+
+    names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
+    r = run_rank(data, backbones=names, target=target, budget_ms=budget_ms, by=by, seed=seed, val_split=val_split,
+                 group_by=group_by, cache_dir=cache_dir, quiet=quiet or as_json)
+    emit(r, as_json, format_rank(r))
+
+
+# -------------------------------------------------------------------------------------- drift
+@main.command("drift")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="Significance level of the folder test (the false-alarm rate on undrifted data).")
+@click.option("--fail-on", type=click.Choice(["drift", "mild"]),
+              help="Exit 3 when the verdict is at least this (for scripts and cron jobs).")
+@json_option
+@quiet_option
+@handle_errors
+def drift_cmd(bundle, data, alpha, fail_on, as_json, quiet):
+    """Are the recent inputs in DATA still like BUNDLE's training data? (runs without torch)
+
+    DATA is a folder of images (labelled DATA/<class>/... adds a test per class) or, for a text
+    bundle, a CSV / TSV / JSONL or a file of lines. The verdict: none (adapt not needed), mild
+    (detectable but small: check with eval), drift (adapt advisable), severe (most inputs are unlike
+    anything trained on: label some, adapt or refit).
+    """
+    _setup_logging(quiet)
+    from .device.drift import drift
+
+    r = drift(bundle, data, alpha=alpha, quiet=quiet or as_json)
+    warn_skipped([(s["path"], s["reason"]) for s in r["skipped"]], quiet=quiet)
+    lines = [f"drift     {r['verdict']} (p {r['p_value']:.3g} at alpha {alpha:g}; {r['inputs']} {'labelled ' if r['labelled'] else ''}"
+             f"inputs; {r['ood_fraction']:.1%} of them out of distribution)", f"          {safe(r['message'])}"]
+    lines += [f"  {safe(c['label']):<14} p {c['p_adjusted']:.3g} (adjusted), {c['n']} inputs, {c['ood_fraction']:.0%} ood"
+              for c in r.get("per_class", [])]
+    emit(r, as_json, "\n".join(lines))
+    levels = {"none": 0, "mild": 1, "drift": 2, "severe": 3}
+    if fail_on and levels[r["verdict"]] >= levels[fail_on]:
+        sys.exit(3)
+
+
 # ------------------------------------------------------------------------------------- export
 @main.command()
 @click.argument("run", type=click.Path(path_type=Path))
@@ -320,10 +391,16 @@ def targets(as_json):
     """List the shipped target profiles (add your own with --target FILE.toml)."""
     from .core.targets import list_targets
 
+    from . import tasks
+
     ts = list_targets()
+    defaults: dict[str, list[str]] = {}
+    for task in tasks.TASKS.values():
+        defaults.setdefault(task.default_target, []).append(task.name)
     width = max(len(t.name) for t in ts)
-    emit({"targets": [t.to_dict() for t in ts]}, as_json,
-         "\n".join(f"{t.name:<{width}}  {t.description}" for t in ts))
+    mark = lambda t: f"  [default for {', '.join(sorted(defaults[t.name]))}]" if t.name in defaults else ""  # noqa: E731
+    emit({"targets": [{**t.to_dict(), "default_for": sorted(defaults.get(t.name, []))} for t in ts]}, as_json,
+         "\n".join(f"{t.name:<{width}}  {t.description}{mark(t)}" for t in ts))
 
 
 # ------------------------------------------------------------------------------------ example
@@ -497,8 +574,10 @@ def info(bundle, as_json):
     """Show a bundle's manifest summary after verifying every file's hash (and signatures, with --trust)."""
     from .core.bundle import load_bundle
     from .core.signing import signature_summary
+    from .device.predict import deployment
 
     b = load_bundle(bundle)
+    dep = deployment(b)
     m = b.manifest
     sigs = signature_summary(m)
     if b.signers:
@@ -509,7 +588,8 @@ def info(bundle, as_json):
     else:
         signed = "no (integrity only: every file's sha256 is in the manifest)"
     emit({"path": str(b.path), "verified": True, "signature": {**sigs, "checked": bool(b.signers),
-                                                               "signers": b.signers}, **m}, as_json, "\n".join([
+                                                               "signers": b.signers}, "deployment": dep, **m},
+         as_json, "\n".join([
         f"bundle     {safe(b.path)} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
         f"task       {b.task}",
         f"backbone   {m['backbone']['name']} ({m['backbone'].get('num_features', '?')}-d, {m['precision']} on "
@@ -519,6 +599,7 @@ def info(bundle, as_json):
         f"head       v{b.head_version} of {len(m['head']['versions'])}",
         f"files      {len(m['files'])} verified",
         f"signed     {signed}",
+        f"device     {dep['install']} (no torch); an app that only infers needs just {' + '.join(dep['app_files'])}",
     ]))
 
 

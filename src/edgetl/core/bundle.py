@@ -8,16 +8,20 @@
     backbone.*      the feature extractor the device runs (INT8 / FP16 / FP32; .onnx or .xml+.bin)
     model.*         backbone + current head + softmax fused, for apps that want one model file
     heads/vN.npz    head weights per version (np.load with allow_pickle=False)
-    exemplars.npz   a small replay set of features per class, for on-device adapt
+    exemplars.npz   a small replay set of features per class, for on-device adapt (later
+                    versions: exemplars/vN.npz)
+    drift.npz       what the training features looked like, for drift scores on the device
+                    (classification; later versions: drift/vN.npz)
+    tokenizer.json  text bundles: the tokenizer
     report.json     FP32 vs quantized accuracy, feature cosine, parity, sizes, latency
 
 Writing is atomic: a new bundle goes to a sibling temporary directory that is fsynced and renamed
 into place, so a crash leaves either no bundle or a whole one. Later updates (``adapt``,
-``rollback``, ``threshold``) hold the bundle's writer lock (:mod:`edgetl.lock`), add files first
+``rollback``, ``threshold``) hold the bundle's writer lock (:mod:`edgetl.core.lock`), add files first
 and then replace ``manifest.json`` in one rename: the manifest is the single commit point, and
 whatever it names is complete and hashed. Loading checks the manifest's schema, confines every
 path to the bundle (no ``..``, no symlinks, regular files only), verifies every file's sha256,
-and, where a trust policy is in force, the signatures (:mod:`edgetl.signing`). No pickles anywhere.
+and, where a trust policy is in force, the signatures (:mod:`edgetl.core.signing`). No pickles anywhere.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ _FORBIDDEN = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 # of a writer that was killed (cleaned by the next writer).
 _OWN_UNLISTED = re.compile(r"(\.edgetl\.lock|\..*\.tmp|\.staging-\d+.*|\.write-probe-\d+)")
 # Version files edgetl writes; one the manifest does not list is a killed writer's orphan.
-_VERSION_FILE = re.compile(r"(heads/v\d+\.npz|exemplars/v\d+\.npz|model-v\d+\.(onnx|xml|bin))")
+_VERSION_FILE = re.compile(r"(heads/v\d+\.npz|exemplars/v\d+\.npz|drift/v\d+\.npz|model-v\d+\.(onnx|xml|bin))")
 
 
 def sha256_file(path: Path) -> str:

@@ -194,8 +194,9 @@ class GateDecision:
         """One line for people: the drop, its interval, the tolerance and what was decided."""
         if self.drop_pp is None:
             return f"{self.metric}: not measured ({self.method or 'no reference'})"
-        text = (f"{self.metric} drop {self.drop_pp:.2f} pp vs FP32 on {self.n} items, "
-                f"{self.confidence:.0%} bounds [{self.lower_pp:.2f}, {self.upper_pp:.2f}] pp, "
+        pp = lambda v: f"{v + 0.0:.2f}".replace("-0.00", "0.00")  # noqa: E731 - no "-0.00" for people
+        text = (f"{self.metric.replace('_', ' ')} drop {pp(self.drop_pp)} pp vs FP32 on {self.n} items, "
+                f"{self.confidence:.0%} bounds [{pp(self.lower_pp)}, {pp(self.upper_pp)}] pp, "
                 f"tolerance {self.tolerance_pp:g} pp: {self.verdict}")
         if self.verdict == "inconclusive":
             more = f"about {self.needed_items}" if self.needed_items else "many more"

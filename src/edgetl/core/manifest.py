@@ -239,7 +239,7 @@ def _validate(m: dict) -> None:
             raise BundleError(f"manifest: head version {v} is listed twice")
         seen.add(v)
         listed(_get(e, "file", str, w), f"{w}file")
-        for key in ("exemplars", "fused"):
+        for key in ("exemplars", "fused", "drift"):
             if e.get(key) is not None:
                 listed(_get(e, key, str, w), f"{w}{key}")
         _strings(_get(e, "labels", (list, tuple), w), f"{w}labels", unique=True)

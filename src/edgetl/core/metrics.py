@@ -77,7 +77,26 @@ def format_metrics(m: dict, *, title: str = "", items: str = "images") -> str:
     lines.append(" " * (width + 2) + " ".join(f"{s:>{cw}}" for s in short))
     for lbl, row in zip(labels, m["confusion_matrix"]):
         lines.append(f"{lbl:<{width}}  " + " ".join(f"{v:>{cw}}" for v in row))
+    lines += _unknown_lines(m, items)
     return "\n".join(lines)
+
+
+def _unknown_lines(m: dict, items: str) -> list[str]:
+    """What the "unknown" threshold costs and buys on these items (eval's ``unknown`` and
+    ``coverage``), so a user can choose one; and how many items were wrong."""
+    u, rows = m.get("unknown"), m.get("coverage") or []
+    lines = []
+    if u:
+        pct = lambda v: "   n/a" if v is None else f"{v * 100:5.1f}%"  # noqa: E731
+        lines += ["", "unknown threshold  answered  accuracy on the answered  (below the threshold: 'unknown')"]
+        shown = [dict(u, current=True)] + [r for r in rows if r["threshold"] != u["threshold"]]
+        for r in sorted(shown, key=lambda r: r["threshold"]):
+            now = "  (this bundle's)" if r.get("current") else ""
+            lines.append(f"  {r['threshold']:>5.3f}            {pct(r['coverage'])}    {pct(r['accuracy'])}{now}")
+        lines.append("  set one with: edgetl threshold BUNDLE VALUE")
+    if m.get("misclassified") is not None:
+        lines.append(f"misclassified  {len(m['misclassified'])} {items} (eval --json lists them, most confident first)")
+    return lines
 
 
 def gate_lines(report: dict, cosine_name: str, cosine) -> list[str]:

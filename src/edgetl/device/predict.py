@@ -34,3 +34,21 @@ def load_predictor(bundle: Bundle | str | Path, *, device: str | None = None, th
     """
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     return tasks.for_bundle(b).predictor(b, device=device, threads=threads, head_version=head_version)
+
+
+def deployment(bundle: Bundle) -> dict:
+    """What a device needs for this bundle: the pip install line, and which files an app reads.
+
+    ``edgetl predict`` / ``adapt`` read ``backbone.*`` and the head files (an update retrains the
+    head on backbone features and fuses a new single-file model); an app that only infers can ship
+    the single-file model alone, which holds the backbone a second time.
+    """
+    m = bundle.manifest
+    extras = (["openvino"] if m["runtime"] == "openvino" else []) + \
+        (["text"] if m["backbone"].get("preprocess", {}).get("kind") == "text" else [])
+    pip = "pip install 'edgetl" + (f"[{','.join(extras)}]" if extras else "") + "'"
+    fused = m["models"]["fused"]
+    app = [fused] + ([str(Path(fused).with_suffix(".bin"))] if fused.endswith(".xml") else []) + \
+        ([m["models"]["tokenizer"]] if "tokenizer" in m["models"] else [])
+    return {"install": pip, "runtime": m["runtime"], "app_files": app,
+            "edgetl_files": "all (predict / eval / adapt / rollback use backbone.*, heads/ and the rest)"}

@@ -36,6 +36,7 @@ from ..core.fuse import check_parity, fuse, model_files
 from ..core.gate import GateDecision, enforce
 from ..core.sessions import default_threads, open_session, time_calls
 from ..core.targets import Target, load_target
+from ..errors import ConfigError
 from .convert import ACCURACY_CONTROL_BUDGET_S, ConvertedModel, Restore, converted_model
 
 log = logging.getLogger("edgetl")
@@ -218,8 +219,11 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head))
     target = resolve_target(options, task)
     kind = "text" if task.backbone_kind == "text" else "image"
-    resolve(options.backbone, kind)  # a typo in a name fails now, before the data is read
     cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
+    choice = None
+    if options.backbone == "auto":
+        options, choice = _auto_backbone(data, options, task, target, cache_root)
+    resolve(options.backbone, kind)  # a typo in a name fails now, before the data is read
     run = _Run(task, target, None, None, options, cache_root)
     run.data = task.load_data(Path(data), options, cache_root)
     t0 = run.lap("scan", t0)
@@ -247,16 +251,33 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
         extractor = new_extractor or extractor
         t0 = run.lap("accuracy_control", t0)
     leak = _check_split(run, trained)
+    check = task.transfer_check(trained, run.data, run.exported, cache_root)
+    if check and check["warn"]:
+        log.warning("%s", check["message"])
     enforce(decision, model=f"{target.precision} {'encoder' if kind == 'text' else 'model'}", target=target.name,
             items=task.items, allow=options.allow_drop, after=after)
 
     bundle, report = _write(run, out, force=force, data=data, signer=signer, shipped=shipped, trained=trained,
                             extractor=extractor, ref_extractor=ref_extractor,
                             report={"reference": ref, "gate": gate, "split": getattr(run.data, "split", {}),
-                                    "leakage": leak})
+                                    "leakage": leak, **({"backbone_choice": choice} if choice else {}),
+                                    **({"transfer_check": check} if check else {})})
     run.lap("bundle", t0)
     run.timings["backbone_images" if task.items == "images" else "backbone_texts"] = run.backbone_runs
     return FitResult(bundle, trained.metrics, report, run.data, run.timings, task)
+
+
+def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: Path):
+    """``--backbone auto``: the backbone :func:`edgetl.pipeline.rank.rank` chooses on the training
+    split (cheapest not shown worse than the best, within the target's latency budget)."""
+    from .rank import rank
+
+    if task.name != "classify":
+        raise ConfigError(f"--backbone auto ranks image classifiers on labelled images; for {task.name} data name a "
+                          "backbone")
+    choice = rank(data, budget_ms=target.latency_budget_ms or None, seed=options.seed, val_split=options.val_split,
+                  group_by=options.group_by, cache_dir=cache_root, quiet=options.quiet)
+    return dataclasses.replace(options, backbone=choice["choice"]), choice
 
 
 def _head_kind(head) -> str | None:

@@ -197,6 +197,11 @@ class Task:
         size = int(bundle.manifest["backbone"]["preprocess"]["input_size"])
         return np.random.default_rng(0).standard_normal((n, 3, size, size)).astype(np.float32)
 
+    def transfer_check(self, trained: Trained, data, exported, cache_root: Path) -> dict | None:
+        """Does the pretrained backbone beat a baseline with no pretraining on the same split?
+        (:mod:`edgetl.transfer.negative`); None where the task has no such baseline."""
+        return None
+
     def speed(self, shipped, reference, data) -> dict:
         """Report figures of speed beyond the batch-1 latencies fit measures for image models."""
         return {}
@@ -210,7 +215,7 @@ class Task:
         """The ``--json`` object of ``fit`` / ``export``: the bundle, data, figures, gate, speed."""
         r = result.report
         shared = ("target", "precision", "runtime", "conversion", "reference", "gate", "fused_parity",
-                  "latency_batch1", "fused_latency_batch1", "size")
+                  "latency_batch1", "fused_latency_batch1", "size", "backbone_choice", "transfer_check")
         return {"bundle": str(result.bundle.path), "task": self.name, "labels": result.bundle.labels,
                 "counts": result.data.counts(),
                 "skipped": [{self.skipped_key: str(p), "reason": why} for p, why in result.data.skipped],
@@ -225,6 +230,8 @@ class Task:
 
         r = result.report
         lines = [f"bundle    {result.bundle.path}  ({self.name}; {r['target']}: {r['precision']} on {r['runtime']})"]
+        if r.get("backbone_choice"):
+            lines.append(f"backbone  {r['backbone_choice']['reason']}")
         lines += self.fit_lines(result)
         lines += gate_lines(r, self.cosine[0], r["reference"].get(self.cosine[1]))
         lines.append(f"model     {self.model_line(result)}")

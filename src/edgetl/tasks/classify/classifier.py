@@ -20,11 +20,38 @@ import numpy as np
 from ...core.gate import accuracy_gate
 from ...core.metrics import classification_metrics, feature_cosine, format_metrics
 from ...core.sessions import bundle_session
-from ...errors import ConfigError, DataError
+from ...errors import BundleError, ConfigError, DataError
 from ...heads.classification import HEAD_KINDS, Head, HeadConfig
 from ...heads.training import train_head
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
+from ...transfer.drift import load_drift_reference, save_drift_reference
 from ..base import AdaptResult, Task, Trained
+
+
+# Per-image drift: an input whose conformal p-value against the training images' drift scores is
+# under this is "ood" (1 % of in-distribution inputs are flagged, by construction).
+OOD_ALPHA = 0.01
+
+
+def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=None):
+    """What the device compares new inputs with (:mod:`edgetl.transfer.drift`): the training
+    features' class means and within-class subspace, calibrated on held-out items (validation, or
+    a part of the training rows). None when there are too few items to describe (a note in the
+    log says so)."""
+    from ...transfer.drift import fit_drift_reference
+
+    try:
+        return fit_drift_reference(X, y, X_cal=X_cal, y_cal=y_cal, n_classes=k)
+    except ValueError as exc:
+        import logging
+
+        logging.getLogger("edgetl").info("no drift reference: %s", exc)
+        return None
+
+
+def drift_info(ref) -> dict:
+    return {"version": int(ref.arrays["version"]), "rank": ref.rank, "reference_items": ref.n_reference,
+            "image_alpha": OOD_ALPHA}
 
 
 def check_confidence(threshold: float | None) -> None:
@@ -49,14 +76,22 @@ class Prediction:
     top_k: list[tuple[str, float]]
     unknown: bool = False
     key: str = "path"
+    # Drift of the input against the training items (None without a drift reference): the
+    # conformal p-value, and ``ood`` when it is under the bundle's alpha. Distinct from
+    # ``unknown``, which is about the answer's confidence.
+    drift_p: float | None = None
+    ood: bool | None = None
 
     @property
     def path(self) -> str:
         return self.item
 
     def to_dict(self) -> dict:
-        return {self.key: self.item, "label": self.label, "confidence": round(self.confidence, 6),
-                "unknown": self.unknown, "top_k": [{"label": l, "p": round(p, 6)} for l, p in self.top_k]}
+        d = {self.key: self.item, "label": self.label, "confidence": round(self.confidence, 6),
+             "unknown": self.unknown, "top_k": [{"label": l, "p": round(p, 6)} for l, p in self.top_k]}
+        if self.drift_p is not None:
+            d.update(drift_p=round(self.drift_p, 6), ood=self.ood)
+        return d
 
 
 class ClassifierPredictor:
@@ -67,9 +102,10 @@ class ClassifierPredictor:
         >>> [r.label for r in p.predict(["a.jpg", "b.jpg"])]  # doctest: +SKIP
     """
 
-    def __init__(self, task: "ClassifierTask", bundle, extractor, head: Head, version: int, threshold: float):
+    def __init__(self, task: "ClassifierTask", bundle, extractor, head: Head, version: int, threshold: float,
+                 drift=None):
         self.task, self.bundle, self.extractor, self.head = task, bundle, extractor, head
-        self.version, self.threshold = version, threshold
+        self.version, self.threshold, self.drift = version, threshold, drift
         self.session = extractor.session
 
     @property
@@ -94,41 +130,101 @@ class ClassifierPredictor:
         check_confidence(threshold)
         items = self.task.predict_items(inputs)
         bad: list = []
-        probs = self.proba(items, quiet=quiet, skipped=bad if skipped is not None else None)
+        X = self.task.features(self.extractor, items, quiet=quiet, desc="predict",
+                               skipped=bad if skipped is not None else None)
         if skipped is not None and bad:
             skipped.extend(bad)
             gone = {str(p) for p, _ in bad}
             items = [i for i in items if str(i) not in gone]
+        probs = self.head.proba(X) if len(X) else np.zeros((0, len(self.labels)), np.float32)
+        drift = self.drift.score(X, image_alpha=OOD_ALPHA) if self.drift is not None and len(X) else None
         thr = self.threshold if threshold is None else threshold
         k = max(1, min(top_k, len(self.labels)))
         out = []
-        for item, p in zip(items, probs):
+        for i, (item, p) in enumerate(zip(items, probs)):
             order = np.argsort(-p, kind="stable")[:k]
             best = int(order[0])
             unknown = bool(p[best] < thr)
             out.append(Prediction(str(item), "unknown" if unknown else self.labels[best], float(p[best]),
-                                  [(self.labels[int(i)], float(p[int(i)])) for i in order], unknown,
-                                  self.task.item_key))
+                                  [(self.labels[int(j)], float(p[int(j)])) for j in order], unknown,
+                                  self.task.item_key, *(() if drift is None else
+                                                        (float(drift.p_value[i]), bool(drift.ood[i])))))
         return out
 
-    def evaluate(self, data, *, quiet: bool = True, strict: bool = False) -> dict:
+    def evaluate(self, data, *, quiet: bool = True, strict: bool = False, group_by: str | None = None,
+                 threshold: float | None = None, details: bool = False) -> dict:
         """Accuracy (with its interval), per-class recall and the confusion matrix on every
-        labelled item of ``data``.
+        labelled item of ``data``; with ``group_by`` (a CSV column, ``folder`` or ``regex:PATTERN``)
+        also accuracy per group, the worst group and its gap (``groups``).
+
+        Also what the "unknown" threshold does, so one can be chosen: ``unknown`` at the bundle's
+        threshold (or ``threshold``): the share of items it rejects, the coverage, and the accuracy
+        on the items it still answers; ``coverage``, the same at the thresholds that would reject
+        the least confident 0, 5, 10, 20, 30 and 50 % of these items; and
+        ``misclassified``: every wrong item with its true and predicted class, confidence and
+        top 2, most confident first. With ``details``, ``items`` lists every item that way.
+        ``data`` may also be labelled items already found (``path`` / ``text`` and ``label``).
 
         Raises:
             DataError: no usable items, or a class the bundle does not know.
+            ConfigError: a threshold outside 0..1.
         """
-        items, skipped = self.task.scan(data, bundle=self.bundle, strict=strict)
+        check_confidence(threshold)
+        if isinstance(data, (list, tuple)):
+            items, skipped, where = list(data), [], f"the {len(data)} given {self.task.items}"
+        else:
+            items, skipped = self.task.scan(data, bundle=self.bundle, strict=strict, group_by=group_by)
+            where = data
         if not items:
-            raise DataError(f"{data}: no usable labelled {self.task.items} to evaluate ({len(skipped)} skipped)")
+            raise DataError(f"{where}: no usable labelled {self.task.items} to evaluate ({len(skipped)} skipped)")
         unknown = sorted({s.label for s in items} - set(self.labels))
         if unknown:
-            raise DataError(f"{data}: class {unknown[0]!r} is not in this bundle (knows: {', '.join(self.labels)}); "
+            raise DataError(f"{where}: class {unknown[0]!r} is not in this bundle (knows: {', '.join(self.labels)}); "
                             "teach it first with: edgetl adapt BUNDLE DATA")
         index = {l: i for i, l in enumerate(self.labels)}
         X = self.task.features(self.extractor, items, quiet=quiet, desc="eval")
         y = np.array([index[s.label] for s in items], dtype=np.int64)
-        m = classification_metrics(y, self.head.predict(X), self.labels)
+        pred = self.head.predict(X)
+        m = classification_metrics(y, pred, self.labels)
+        if group_by:
+            from ...transfer.groups import group_accuracy
+
+            m["groups"] = group_accuracy(y, pred, [s.group or "(no group)" for s in items]).to_dict()
+        # The answer's confidence decides "unknown" exactly as predict does (answered iff >= threshold).
+        P = self.head.proba(X)
+        conf = P[np.arange(len(y)), pred]
+        right = pred == y
+
+        def answered_at(t: float) -> dict:
+            keep = conf >= t
+            k = int(keep.sum())
+            return {"threshold": round(float(t), 4), "coverage": round(k / len(y), 4),
+                    "reject_rate": round(1 - k / len(y), 4),
+                    "accuracy": round(float(right[keep].mean()), 4) if k else None,
+                    "rejected_wrong": int(np.sum(~keep & ~right)), "rejected_right": int(np.sum(~keep & right))}
+
+        m["unknown"] = answered_at(self.threshold if threshold is None else float(threshold))
+        # Thresholds read off these items' confidences: the one that answers "unknown" for the
+        # least confident 5 %, 10 % ... (rounded down, so it keeps the item it was read from).
+        ranked = np.sort(conf)
+        cuts = sorted({math.floor(float(ranked[int(r * len(y))]) * 1e3) / 1e3 if r else 0.0
+                       for r in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)})
+        m["coverage"] = [answered_at(t) for t in cuts]
+        top2 = np.argsort(-P, axis=1, kind="stable")[:, :2]
+        key = self.task.item_key
+
+        def record(i: int) -> dict:
+            s = items[i]
+            r = {key: str(getattr(s, key, getattr(s, "path", s))), "label": s.label,
+                 "predicted": self.labels[int(pred[i])], "confidence": round(float(conf[i]), 6),
+                 "top_k": [{"label": self.labels[int(j)], "p": round(float(P[i, j]), 6)} for j in top2[i]]}
+            if getattr(s, "where", None) and key != "path":
+                r["where"] = s.where
+            return r
+
+        m["misclassified"] = [record(int(i)) for i in sorted(np.flatnonzero(~right), key=lambda i: -conf[i])]
+        if details:
+            m["items"] = [dict(record(i), correct=bool(right[i])) for i in range(len(y))]
         m["skipped"] = [{"path": str(p), "reason": r} for p, r in skipped]
         m["head_version"] = self.version
         return m
@@ -149,7 +245,7 @@ class ClassifierTask(Task):
         return extractor.features(items, cache=cache, view=view, quiet=quiet, desc=desc, skipped=skipped,
                                   batch_size=batch_size)
 
-    def scan(self, data, *, bundle=None, strict: bool = False) -> tuple[list, list]:
+    def scan(self, data, *, bundle=None, strict: bool = False, group_by: str | None = None) -> tuple[list, list]:
         """Labelled items of ``data`` for eval / adapt: (items, skipped)."""
         raise NotImplementedError
 
@@ -215,6 +311,24 @@ class ClassifierTask(Task):
             ref["accuracy_drop_pp"] = round((ref_acc - trained.metrics["accuracy"]) * 100, 3)
         return ref, accuracy_gate(reference.outcome, trained.outcome, tolerance_pp=tolerance_pp)
 
+    def transfer_check(self, trained: Trained, data, exported, cache_root: Path) -> dict | None:
+        """The shipped head against a linear head on :meth:`baseline_features` (no pretraining),
+        paired on the same validation items."""
+        from ...core.features import FeatureCache
+        from ...transfer.negative import baseline_check
+
+        if not data.val or not len(trained.outcome):
+            return None
+        cache = FeatureCache(cache_root, self.baseline_key)
+        B_tr, B_va = (self.baseline_features(items, cache) for items in (data.train, data.val))
+        check = baseline_check(trained.outcome, B_tr, [s.label for s in data.train], B_va, [s.label for s in data.val],
+                               backbone=exported.name, baseline=self.baseline_name, items=self.items)
+        return check.to_dict()
+
+    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
+        """A no-pretraining description of each item (cached per item digest)."""
+        raise NotImplementedError
+
     def accuracy_score(self, reference: Trained, data):
         """What accuracy control maximises: the FP32-trained head's accuracy on the validation
         items, from a converted model's outputs. -> (score(outputs), labels)."""
@@ -233,12 +347,19 @@ class ClassifierTask(Task):
         plain, y = f["X_tr"][: f["n_train"]], f["y_tr"][: f["n_train"]]
         ex = herding(plain, y, len(data.classes), per_class=per_class)
         save_exemplars(folder / "exemplars.npz", plain[ex], y[ex], data.classes)
+        X_va = f["X_va"]
+        drift = drift_reference(plain, y, len(data.classes), X_cal=X_va if len(X_va) else None,
+                                y_cal=np.array([data.classes.index(s.label) for s in data.val]) if len(X_va) else None)
+        if drift is not None:
+            save_drift_reference(drift, folder / "drift.npz")
         m = trained.metrics
         return {
-            "entry": {"exemplars": "exemplars.npz", "kind": head.kind, "labels": data.classes,
+            "entry": {"exemplars": "exemplars.npz", **({"drift": "drift.npz"} if drift else {}), "kind": head.kind,
+                      "labels": data.classes,
                       "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2")},
             "manifest": {"labels": data.classes, "thresholds": {"unknown": 0.0},
                          "exemplars": {"file": "exemplars.npz", "per_class": per_class, "selection": "herding"},
+                         **({"drift": drift_info(drift)} if drift else {}),
                          "metrics": {"val": {k: m.get(k) for k in ("accuracy", "accuracy_interval", "balanced_accuracy",
                                                                    "per_class_recall")},
                                      "train_accuracy": trained.train_metrics["accuracy"]}},
@@ -267,7 +388,20 @@ class ClassifierTask(Task):
         extractor = self.extractor_for(session, bundle.model_file("backbone"), bundle.manifest["backbone"], bundle.path)
         threshold = float(entry.get("unknown_threshold", bundle.manifest.get("thresholds", {}).get("unknown", 0.0)))
         return ClassifierPredictor(self, bundle, extractor, self.load_head(bundle.path / entry["file"]),
-                                   int(entry["version"]), threshold)
+                                   int(entry["version"]), threshold, self.load_drift(bundle, entry))
+
+    def load_drift(self, bundle, entry: dict):
+        """The head version's drift reference (None for bundles made without one).
+
+        Raises:
+            BundleError: a damaged one (its hash was checked on load, so this is a bug or a foreign file).
+        """
+        if not entry.get("drift"):
+            return None
+        try:
+            return load_drift_reference(bundle.file(entry["drift"]))
+        except ValueError as exc:
+            raise BundleError(f"{bundle.path}: {exc}") from None
 
     def extractor_for(self, session, model_path: Path, backbone: dict, root: Path):
         raise NotImplementedError
@@ -311,7 +445,8 @@ class ClassifierTask(Task):
         lines = []
         for p in predictions:
             alts = "  ".join(f"{safe(l)} {q:.3f}" for l, q in p.top_k[1:])
-            lines.append(self.prediction_line(p, safe) + (f"\t{alts}" if alts else ""))
+            ood = f"\tOOD (drift p {p.drift_p:.3g}: unlike the training {self.items})" if p.ood else ""
+            lines.append(self.prediction_line(p, safe) + (f"\t{alts}" if alts else "") + ood)
         return "\n".join(lines)
 
     def prediction_line(self, p: Prediction, safe) -> str:
@@ -335,7 +470,14 @@ class ClassifierTask(Task):
         return ["", self.render_metrics(result.metrics, title="validation")] if result.metrics else []
 
     def render_metrics(self, metrics: dict, title: str = "") -> str:
-        return format_metrics(metrics, title=title, items=self.items)
+        text = format_metrics(metrics, title=title, items=self.items)
+        g = metrics.get("groups")
+        if not g:
+            return text
+        lines = ["", f"{'group':<24} {'accuracy':>9}  {'95% interval':>13}  n"]
+        lines += [f"{r['group'][:24]:<24} {r['accuracy']:>9.1%}  {r['lower']:>6.1%}-{r['upper']:<6.1%}  {r['n']}"
+                  for r in g["groups"]]
+        return text + "\n".join(lines + [g["message"]])
 
     def render_adapt(self, r: AdaptResult, dry_run: bool) -> str:
         s, g = r.summary, r.summary["gate"]

@@ -301,7 +301,7 @@ def group_split(samples: list[Sample], *, fraction: float, seed: int) -> tuple[l
     return sorted(train, key=key), sorted(val, key=key), info
 
 
-def _regroup(samples: list[Sample], group_by: str | None, layout: str) -> tuple[list[Sample], str]:
+def regroup(samples: list[Sample], group_by: str | None, layout: str) -> tuple[list[Sample], str]:
     """Apply ``group_by`` to scanned samples -> (samples, where their groups come from)."""
     import dataclasses
 
@@ -380,7 +380,7 @@ def load_dataset(
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     root = Path(root)
     layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked, group_by=group_by)
-    train, grouping = _regroup(train, group_by, layout)
+    train, grouping = regroup(train, group_by, layout)
     if val is not None:
         vlayout, vtrain, vval, vskipped = scan_images(val, strict=strict, checked=checked)
         explicit_val = vtrain + (vval or [])

@@ -12,7 +12,7 @@ from ...core.preprocess import PreprocessConfig
 from ...errors import ConfigError
 from ..base import Calibration, digest_of, stratified_subset
 from .classifier import ClassifierTask
-from .data import CheckedImages, list_images, load_dataset, scan_images
+from .data import CheckedImages, list_images, load_dataset, regroup, scan_images
 
 # Augmented views of a training image used to fill the calibration set when there are fewer
 # training images than it asks for (activation ranges see more variety; the report says how many
@@ -50,9 +50,28 @@ class ImageClassifyTask(ClassifierTask):
         pre = PreprocessConfig.from_dict(exported.preprocess)
         return fused_session(np.stack([load_input(s.path, pre) for s in items]))
 
-    def scan(self, data, *, bundle=None, strict: bool = False) -> tuple[list, list]:
-        _, samples, val, skipped = scan_images(data, strict=strict)
-        return samples + (val or []), skipped
+    baseline_key = "pixel-baseline-1"
+
+    @property
+    def baseline_name(self) -> str:
+        from ...transfer.negative import BASELINE_NAME
+
+        return BASELINE_NAME
+
+    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
+        from ...core.preprocess import load_rgb
+        from ...transfer.negative import pixel_baseline_features
+
+        rows = [cache.get(s.digest, 0) for s in items]
+        for i in [i for i, r in enumerate(rows) if r is None]:
+            rows[i] = pixel_baseline_features([load_rgb(items[i].path)])[0]
+            cache.put(items[i].digest, 0, rows[i])
+        return np.stack(rows)
+
+    def scan(self, data, *, bundle=None, strict: bool = False, group_by: str | None = None) -> tuple[list, list]:
+        layout, samples, val, skipped = scan_images(data, strict=strict, group_by=group_by)
+        items, _ = regroup(samples + (val or []), group_by, layout)
+        return items, skipped
 
     def predict_items(self, inputs: Sequence) -> list:
         return list_images(list(inputs))

@@ -28,7 +28,9 @@ from ...errors import GateError
 from ...heads.classification import Head, HeadConfig
 from ...heads.training import train_head
 from ...heads.exemplars import herding, load_exemplars, save_exemplars
+from ...transfer.drift import save_drift_reference
 from ..base import AdaptResult
+from .classifier import drift_reference
 
 
 def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -90,14 +92,20 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     X_all, y_all = np.concatenate([X_new, X_ex]), np.concatenate([y_new, y_ex])
     head = train_head(X_all, y_all, labels, cfg=cfg)
     ex_idx = herding(X_all, y_all, len(labels), per_class=int(b.manifest.get("exemplars", {}).get("per_class", 20)))
-    ex_rel = f"exemplars/v{next_version(b)}.npz"
+    version = next_version(b)
+    ex_rel, drift_rel = f"exemplars/v{version}.npz", f"drift/v{version}.npz"
+    files = {ex_rel: lambda p: save_exemplars(p, X_all[ex_idx], y_all[ex_idx], labels)}
+    # the drift reference follows the classes: a new class must not read as drift
+    drift = drift_reference(X_all, y_all, len(labels)) if b.head_entry().get("drift") else None
+    if drift is not None:
+        files[drift_rel] = lambda p: save_drift_reference(drift, p)
     threshold = b.head_entry().get("unknown_threshold", 0.0)
-    entry = {"exemplars": ex_rel, "kind": head.kind, "labels": labels, "source": f"{source}-replace" if replace else source,
+    entry = {"exemplars": ex_rel, **({"drift": drift_rel} if drift else {}), "kind": head.kind, "labels": labels, "source": f"{source}-replace" if replace else source,
              "data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else str(data),
              task.items: int(len(new_labels)), "new_classes": new_classes, "gate": gate, "l2": head.meta.get("l2"),
              "unknown_threshold": threshold}
     new = add_version(b, head, entry, meta={**task.fused_meta(b, head), "labels": labels},
-                      files={ex_rel: lambda p: save_exemplars(p, X_all[ex_idx], y_all[ex_idx], labels)},
+                      files=files,
                       changes={"labels": labels, "thresholds": {**b.manifest.get("thresholds", {}), "unknown": threshold}},
                       signer=signer, operation="fleet" if source == "fleet" else "adapt")
     timings["write"] = round(time.perf_counter() - t2, 3)

@@ -109,8 +109,26 @@ class TextTask(ClassifierTask):
         """``n`` copies of a typical ticket, tokenized (one text per row, as predict runs it)."""
         return self.extractor_for(session, None, bundle.manifest["backbone"], bundle.path).tokenize([LATENCY_TEXT] * n)
 
-    def scan(self, data, *, bundle=None, strict: bool = False) -> tuple[list, list]:
+    baseline_key = "bag-of-words-1"
+
+    @property
+    def baseline_name(self) -> str:
+        from ...transfer.negative import TEXT_BASELINE_NAME
+
+        return TEXT_BASELINE_NAME
+
+    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
+        from ...transfer.negative import bag_of_words_features
+
+        return bag_of_words_features(s.text for s in items)
+
+    def scan(self, data, *, bundle=None, strict: bool = False, group_by: str | None = None) -> tuple[list, list]:
         """Rows of ``data``, read with the training file's column names when the bundle records them."""
+        if group_by:
+            from ...errors import ConfigError
+
+            raise ConfigError("--group-by is for image data (a CSV column, folder or regex:PATTERN); text rows have "
+                              "no groups yet")
         cols = (bundle.manifest.get("training", {}).get("columns", {}) if bundle is not None else {})
         try:
             train, val, skipped, _ = scan_texts(data, strict=strict, text_column=cols.get("text"),

@@ -1,0 +1,152 @@
+"""The package layout is the architecture: imports only go down the layers, the device side never
+reaches the laptop side, no module borrows another package's private names, and only the export
+and pipeline layers may import torch and its friends (docs/ARCHITECTURE.md).
+
+Read from the source with ``ast`` (function-level imports included), so a lazy import inside a
+function counts as much as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "edgetl"
+
+# What each top-level part of the package may import from edgetl (itself always).
+ALLOWED = {
+    "errors": set(),
+    "core": {"errors"},
+    "heads": {"errors", "core"},
+    "transfer": {"errors", "core", "heads"},
+    "tasks": {"errors", "core", "heads", "transfer"},
+    "device": {"errors", "core", "heads", "transfer", "tasks"},
+    "export": {"errors", "core"},
+    "datasets": {"errors"},
+    "pipeline": {"errors", "core", "heads", "transfer", "tasks", "export", "device"},
+    "fleet": {"errors", "core", "heads", "transfer", "tasks", "device"},
+    "report": {"errors", "core", "heads", "transfer", "tasks", "device"},
+    "serve": {"errors", "core", "heads", "transfer", "tasks", "device"},
+    "cli": {"errors", "core", "heads", "transfer", "tasks", "device", "export", "pipeline", "datasets", "fleet",
+            "report", "serve"},
+    "__init__": set(),
+}
+# Libraries that pull in torch (or are the training stack): allowed only where training happens.
+HEAVY = {"torch", "torchvision", "timm", "transformers", "optimum", "sentence_transformers", "nncf"}
+HEAVY_ALLOWED = {"export", "pipeline"}
+
+
+def _part(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, *, top_level: bool = False):
+    """(imported module, [names], line) for every import in the file (``top_level``: only those that
+    run at import time), relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _module(path) if path.name == "__init__.py" else _module(path).rsplit(".", 1)[0]
+    for node in (tree.body if top_level else ast.walk(tree)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, [], node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            yield name, [a.name for a in node.names], node.lineno
+
+
+FILES = sorted(SRC.rglob("*.py"))
+
+
+def _edgetl_target(name: str, names: list[str]) -> list[str]:
+    """The edgetl modules an import statement reaches (``from edgetl import tasks`` reaches edgetl.tasks)."""
+    if name == "edgetl":
+        return [f"edgetl.{n}" for n in names]
+    return [name] if name.startswith("edgetl.") else []
+
+
+def test_there_is_something_to_check():
+    parts = {_part(p) for p in FILES}
+    assert {"core", "heads", "tasks", "device", "export", "pipeline", "cli"} <= parts
+    assert len(FILES) > 40
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_go_down_the_layers(path):
+    part = _part(path)
+    assert part in ALLOWED, f"{part}: a new top-level part of edgetl; give it a layer in this test and in docs/ARCHITECTURE.md"
+    bad = []
+    for name, names, line in _imports(path):
+        for target in _edgetl_target(name, names):
+            other = target.split(".")[1]
+            if other == "__version__" or other == part:
+                continue
+            if other not in ALLOWED[part]:
+                bad.append(f"line {line}: {part} imports {target}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_private_names_from_another_package(path):
+    mine = _module(path).split(".")[:2]
+    bad = []
+    for name, names, line in _imports(path):
+        if not name.startswith("edgetl"):
+            continue
+        target = name.split(".")
+        private = [n for n in names if n.startswith("_") and n != "__version__"]
+        private_module = any(seg.startswith("_") and seg != "__init__" for seg in target[2:])
+        if (private or private_module) and target[:2] != mine:
+            bad.append(f"line {line}: from {name} import {', '.join(names)}")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_torch_only_where_training_happens(path):
+    if _part(path) in HEAVY_ALLOWED:
+        return
+    bad = [f"line {line}: import {name}" for name, _, line in _imports(path) if name.split(".")[0] in HEAVY]
+    assert not bad, bad
+
+
+def test_no_import_cycle_between_modules():
+    """Imports that run at import time (the top of a module) form no cycle."""
+    modules = {_module(p) for p in FILES}
+
+    def resolve(target: str) -> str | None:
+        while target and target not in modules:
+            target = target.rsplit(".", 1)[0] if "." in target else ""
+        return target or None
+
+    edges: dict[str, set[str]] = {}
+    for path in FILES:
+        mod = _module(path)
+        targets = [t for name, names, _ in _imports(path, top_level=True) for t in
+                   (_edgetl_target(name, names) or ([name] if name.startswith("edgetl") else []))]
+        edges[mod] = {r for t in targets if (r := resolve(t)) and r != mod and not mod.startswith(r + ".")}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges.get(m, ())):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(stack[stack.index(n):] + [n])
+            if n not in state:
+                visit(n, stack + [n])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
