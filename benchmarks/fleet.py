@@ -13,7 +13,7 @@ split between them). Heads (accuracy on the test set):
 * device alone: each device's own edgetl linear head (mean and best of the 8);
 * plain FedAvg: the 8 device heads' arrays averaged, weighted by rows.
 
-Merges run in process (edgetl.fleet.summaries); Flower moves the same summaries and does not
+Merges run in process (edgetl.fleet.merger); Flower moves the same summaries and does not
 change the numbers. Usage: .venv/bin/python benchmarks/fleet.py [--seeds 0 1 2 3 4]
 """
 
@@ -34,7 +34,8 @@ import _digits
 
 from edgetl.fleet import _edgetl as et
 from edgetl.fleet.cli import split_dataset
-from edgetl.fleet.summaries import LocalData, Merger, run_local
+from edgetl.fleet.merger import Merger, run_local
+from edgetl.fleet.summaries import LocalData
 
 NAMES = [f"d{i}" for i in range(10)]
 

@@ -603,5 +603,17 @@ def info(bundle, as_json):
     ]))
 
 
+# ----------------------------------------------------------------- groups built on the device API
+def _attach() -> None:
+    # Each group lives beside its library package; imported here so `edgetl --help` lists them,
+    # while their optional dependencies (Flower) load only when they run.
+    from .fleet.cli import fleet
+
+    for command in (fleet,):
+        main.add_command(command)
+
+
+_attach()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

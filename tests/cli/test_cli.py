@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import make_folder, run_cli
 
-COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench", "threshold"]
+COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench",
+            "threshold", "rank", "drift", "keygen", "fleet"]
 
 
 def test_every_help_runs():

@@ -258,6 +258,22 @@ class Head:
         write_npz_durably(path, **payload)
 
     @classmethod
+    def from_arrays(cls, kind: str, labels: list[str], arrays: dict, meta: dict | None = None) -> "Head":
+        """A head from float arrays made elsewhere (a fleet round's merge), checked the way
+        :meth:`load` checks a file: a known kind, the arrays it needs with shapes that fit, finite.
+
+        Raises:
+            DataError: the arrays do not make a ``kind`` head over ``labels``.
+        """
+        if kind not in HEAD_KINDS:
+            raise DataError(f"head kind {kind!r} is not one of {', '.join(HEAD_KINDS)}")
+        arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
+        problem = _check_arrays(kind, arrays, len(labels))
+        if problem:
+            raise DataError(problem)
+        return cls(kind=kind, labels=list(labels), arrays=arrays, meta=dict(meta or {}))
+
+    @classmethod
     def load(cls, path) -> "Head":
         """Read a head written by :meth:`save` (never unpickles anything).
 

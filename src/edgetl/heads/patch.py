@@ -361,14 +361,14 @@ def greedy_coreset(X: np.ndarray, n: int, *, seed: int = 0, projection: int = 12
     return np.asarray(chosen, np.int64)
 
 
-def _coreset_size(n_patches: int, cfg: AnomalyConfig) -> int:
+def coreset_size(n_patches: int, cfg: AnomalyConfig) -> int:
     return max(1, min(cfg.max_memory, int(math.ceil(cfg.coreset_ratio * n_patches))))
 
 
 def fit_patchcore(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> AnomalyHead:
     """A PatchCore memory bank from good images' patch features (N, C, H, W)."""
     X = patch_rows(F)
-    idx = greedy_coreset(X, _coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)
+    idx = greedy_coreset(X, coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)
     return AnomalyHead("patchcore", cfg, tuple(F.shape[2:]), int(F.shape[1]), size,
                        {"memory": X[idx]}, {"images": int(len(F)), "patches_seen": int(len(X))})
 
@@ -402,7 +402,7 @@ def _channel_subset(C: int, cfg: AnomalyConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(cfg.seed).choice(C, cfg.padim_dims, replace=False)).astype(np.int64)
 
 
-def _moments(F: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def padim_moments(F: np.ndarray, channels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Per position: mean (P, d) and scatter sum (P, d, d) of (N, C, H, W) features, float64."""
     N, _, H, W = F.shape
     X = F[:, channels].reshape(N, len(channels), H * W).transpose(2, 0, 1).astype(np.float64)  # (P, N, d)
@@ -424,7 +424,7 @@ def merge_moments(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 def fit_padim(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> AnomalyHead:
     """PaDiM statistics from good images' patch features (N, C, H, W)."""
     channels = _channel_subset(int(F.shape[1]), cfg)
-    mean, m2, n = _moments(F, channels)
+    mean, m2, n = padim_moments(F, channels)
     arrays = {"channels": channels, "mean": mean.astype(np.float32), "m2": m2.astype(np.float32),
               "count": np.asarray(n, np.int64)}
     return AnomalyHead("padim", cfg, tuple(F.shape[2:]), int(F.shape[1]), size, arrays, {"images": int(n)})
@@ -438,7 +438,7 @@ def image_count(arrays: dict) -> int:
 def _update_padim(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
     """New good images merged into the stored moments: same result as fitting on all images."""
     a = head.arrays
-    mean_b, m2_b, n_b = _moments(F, a["channels"].astype(np.int64))
+    mean_b, m2_b, n_b = padim_moments(F, a["channels"].astype(np.int64))
     mean, m2, n = merge_moments(a["mean"].astype(np.float64), a["m2"].astype(np.float64), image_count(a), mean_b, m2_b, n_b)
     arrays = {"channels": a["channels"], "mean": mean.astype(np.float32), "m2": m2.astype(np.float32),
               "count": np.asarray(n, np.int64)}

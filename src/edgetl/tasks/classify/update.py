@@ -33,7 +33,7 @@ from ..base import AdaptResult
 from .classifier import drift_reference
 
 
-def _holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Stratified held-out mask: ~fraction per class, none from a class with a single row."""
     rng = np.random.default_rng(seed)
     mask = np.zeros(len(y), dtype=bool)
@@ -71,7 +71,7 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     X_ex, y_ex = _replay_memory(b, labels, index)
     if replace:
         X_ex, y_ex = X_ex[:0], y_ex[:0]
-    hold_new, hold_ex = _holdout_mask(y_new, holdout, seed), _holdout_mask(y_ex, holdout, seed + 1)
+    hold_new, hold_ex = holdout_mask(y_new, holdout, seed), holdout_mask(y_ex, holdout, seed + 1)
     cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
     if cfg.l2 is None and old_head.meta.get("l2") is not None:
         cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})  # no search on the device

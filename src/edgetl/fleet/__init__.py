@@ -1,0 +1,31 @@
+"""Fleet learning: one head that knows what every device learned, without moving images.
+
+Engine-free core (numpy only): :mod:`edgetl.fleet.summaries` (what a device sends for each head
+kind, how the server checks and merges it), :mod:`edgetl.fleet.ridge` (a closed-form ridge head
+that produces edgetl's ``linear`` arrays), :mod:`edgetl.fleet.device` (a device's summaries and the
+gate that accepts or refuses a global head as a new version) and :mod:`edgetl.fleet.server` (a
+round for a server bundle, and its new version). :mod:`edgetl.fleet.flower` runs rounds on Flower
+(``pip install 'edgetl[fleet]'``; simulation: ``'edgetl[fleet-sim]'``), :mod:`edgetl.fleet.cli` is
+the ``edgetl fleet`` command group. Every call into the rest of edgetl goes through
+:mod:`edgetl.fleet._edgetl`.
+"""
+
+from ._edgetl import FleetError
+from .device import Device
+from .server import FleetRound, run_round
+from .merger import Merger, run_local
+from .summaries import KINDS, LocalData, Summary, check_summary, respond
+
+__all__ = [
+           "KINDS",
+           "Device",
+           "FleetError",
+           "FleetRound",
+           "LocalData",
+           "Merger",
+           "Summary",
+           "check_summary",
+           "respond",
+           "run_local",
+           "run_round",
+]

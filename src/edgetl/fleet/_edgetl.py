@@ -1,0 +1,254 @@
+"""The one door between ``edgetl.fleet`` and the rest of edgetl.
+
+Every other module of the fleet package imports edgetl *only* from here: one place that names the
+edgetl pieces the fleet uses, each with at most the glue it needs. Nothing here knows about Flower.
+
+What the fleet uses, by purpose:
+
+* errors: :class:`FleetError` (a :class:`edgetl.errors.EdgetlError`, exit code 2) plus edgetl's own
+  ``BundleError`` / ``DataError`` / ``GateError`` / ``BundleBusy`` / ``TrustError``;
+* bundles: :func:`load_bundle`, :func:`for_update` (the writer lock), :func:`current_head`;
+* heads: :func:`head_from_arrays` (a ``Head`` from plain arrays, checked the way loading a head
+  file checks it), :func:`train_head` (central and device-alone baselines);
+* data and features: :func:`labelled_images`, :func:`good_images`, :func:`image_features`,
+  :func:`patch_features` (always through the bundle's own backbone);
+* anomaly maths: :func:`merge_moments` (Chan's merge), :func:`greedy_coreset`, :func:`patch_rows`,
+  :func:`coreset_size`, :func:`fit_anomaly_head`, :func:`auroc`;
+* replay memory: :func:`load_exemplars`, :func:`herding`, :func:`holdout_mask`;
+* writing a new head version: :func:`write_head_version` (the same
+  :func:`edgetl.core.versions.add_version` every ``adapt`` uses), :func:`history`, :func:`rollback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .. import tasks
+from ..core import bundle as _bundle
+from ..core.features import ImageExtractor
+from ..core.metrics import auroc as _auroc
+from ..core.sessions import bundle_session
+from ..core.signing import signing_key_from
+from ..core.versions import add_version
+from ..core.versions import for_update as _for_update
+from ..device import adapt as _adapt
+from ..errors import BundleBusy, BundleError, ConfigError, DataError, EdgetlError, GateError, MissingDependency, TrustError
+from ..heads import exemplars as _exemplars
+from ..heads import patch as _patch
+from ..heads.classification import HEAD_KINDS, Head, HeadConfig
+from ..heads.training import train_head as _train_head
+from ..tasks.anomaly.data import good_images as _good_images
+from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
+from ..tasks.classify.data import scan_images
+from ..tasks.classify.update import holdout_mask as _holdout_mask
+
+__all__ = ["BundleBusy", "BundleError", "ConfigError", "DataError", "EdgetlError", "GateError", "MissingDependency",
+           "TrustError", "FleetError"]
+
+
+class FleetError(EdgetlError):
+    """A fleet summary, round or option is unusable: one line saying which device sent what, and
+    what was expected. Exit code 2 like every edgetl user error."""
+
+
+# ------------------------------------------------------------------------------------ bundles
+def load_bundle(path, *, trust=None):
+    """edgetl's verified bundle load (hashes, schema, trust policy from ``EDGETL_TRUST``)."""
+    return _bundle.load_bundle(path, trust=trust)
+
+
+def for_update(path, *, operation: str = "adapt", wait: float = 0.0):
+    """edgetl's writer lock around a read-modify-write of the bundle."""
+    return _for_update(path, operation=operation, wait=wait)
+
+
+def bundle_task(b) -> str:
+    return b.task
+
+
+def current_head(b):
+    """The bundle's current head: a ``Head`` (classify / text) or an ``AnomalyHead``."""
+    return tasks.for_bundle(b).load_head(b.path / b.head_entry()["file"])
+
+
+def head_entry(b) -> dict:
+    return dict(b.head_entry())
+
+
+def signing_key(option):
+    """A signing key from a path (or ``EDGETL_SIGN_KEY``), or None."""
+    return signing_key_from(option)
+
+
+# ------------------------------------------------------------------------------------ heads
+def head_kinds() -> tuple[str, ...]:
+    return tuple(HEAD_KINDS)
+
+
+def head_from_arrays(kind: str, labels: list[str], arrays: dict, meta: dict | None = None):
+    """A classification ``Head`` from float arrays, checked like loading a head file.
+
+    Raises:
+        FleetError: the arrays do not make a ``kind`` head over ``labels``.
+    """
+    try:
+        return Head.from_arrays(kind, labels, arrays, meta)
+    except DataError as exc:
+        raise FleetError(f"global head refused: {exc}") from None
+
+
+def head_config(**kw):
+    return HeadConfig(**kw)
+
+
+def train_head(X, y, labels, **kw):
+    """edgetl's numpy head trainer: the central and device-alone baselines."""
+    cfg = kw.pop("cfg", None)
+    if cfg is None:
+        cfg = head_config(kind=kw.pop("kind", "linear"),
+                          **{k: kw.pop(k) for k in list(kw) if k in ("l2", "seed", "hidden", "epochs")})
+    return _train_head(X, y, labels, cfg=cfg, **kw)
+
+
+def anomaly_head_like(template, arrays: dict, meta: dict | None = None):
+    """An ``AnomalyHead`` with ``template``'s settings (kind, config, grid, size) and new arrays."""
+    return dataclasses.replace(template, arrays=dict(arrays), meta=dict(meta or template.meta), _cache={})
+
+
+def merge_moments(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """The exact parallel-moments merge (Chan et al.) PaDiM updates use."""
+    return _patch.merge_moments(mean_a, m2_a, n_a, mean_b, m2_b, n_b)
+
+
+def greedy_coreset(X, n, *, seed=0, projection=128, centres=None):
+    return _patch.greedy_coreset(X, n, seed=seed, projection=projection, centres=centres)
+
+
+def patch_rows(F):
+    """(N, C, H, W) patch features -> (N*H*W, C) rows, as PatchCore stores them."""
+    return _patch.patch_rows(np.asarray(F, np.float32))
+
+
+def coreset_size(n_patches: int, cfg) -> int:
+    return _patch.coreset_size(n_patches, cfg)
+
+
+def padim_moments(F, channels):
+    """Per-position mean (P, d) and scatter (P, d, d) in float64, and the image count."""
+    return _patch.padim_moments(np.asarray(F, np.float32), np.asarray(channels, np.int64))
+
+
+def fit_anomaly_head(F, cfg, *, size: int):
+    return _patch.fit_patch_head(F, cfg, size=size)
+
+
+def anomaly_config(**kw):
+    return _patch.AnomalyConfig(**kw)
+
+
+def auroc(y, s):
+    return _auroc(np.asarray(y), np.asarray(s))
+
+
+# ------------------------------------------------------------------------------------ data
+def labelled_images(data, *, strict: bool = False) -> tuple[list[Path], list[str], list[str], list]:
+    """(paths, labels, sha256 digests, skipped) of an edgetl image folder / CSV; an explicit
+    validation split is folded in, as ``adapt`` does."""
+    _, samples, val, skipped = scan_images(data, strict=strict)
+    samples = list(samples) + list(val or [])
+    return [s.path for s in samples], [s.label for s in samples], [s.digest for s in samples], skipped
+
+
+def good_images(data, *, strict: bool = False) -> list[Path]:
+    """Good images of an anomaly layout (``DATA/train/good``, ``DATA/good`` or the folder itself)."""
+    samples, _ = _good_images(data, strict=strict)
+    return [s.path for s in samples]
+
+
+def image_features(b, paths, *, digests=None, quiet: bool = True) -> np.ndarray:
+    """Feature vectors through the bundle's own backbone, exactly what ``adapt`` computes."""
+    session = bundle_session(b, b.model_file("backbone"))
+    ext = ImageExtractor(session, b.preprocess, b.model_file("backbone"))
+    items = [Path(p) for p in paths]
+    if digests is not None:
+        items = [_Item(p, d) for p, d in zip(items, digests)]
+    return ext.features(items, quiet=quiet, desc="fleet features")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+    path: Path
+    digest: str
+
+
+def patch_features(b, paths, *, quiet: bool = True) -> np.ndarray:
+    """Patch features (N, C, H, W) through an anomaly bundle's backbone (as ``adapt`` does)."""
+    pred = AnomalyPredictor(b, fused=False)
+    ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
+    return ext.patches([Path(p) for p in paths], quiet=quiet, desc="fleet features")
+
+
+def anomaly_scores(b, head, F) -> np.ndarray:
+    """Image scores of patch features under ``head`` (the numpy reference of the fused graph)."""
+    return head.maps(F)[1]
+
+
+# ------------------------------------------------------------------------------------ replay memory
+def load_exemplars(b) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The current version's replay memory: (features, label indices, label names)."""
+    rel = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
+    return _exemplars.load_exemplars(b.path / rel)
+
+
+def herding(X, y, n_classes: int, *, per_class: int) -> np.ndarray:
+    return _exemplars.herding(X, y, n_classes, per_class=per_class)
+
+
+def holdout_mask(y, fraction: float, seed: int) -> np.ndarray:
+    """``adapt``'s stratified held-out mask (none from a class with a single row)."""
+    return _holdout_mask(np.asarray(y), fraction, seed)
+
+
+# ------------------------------------------------------------------------------------ new versions
+def write_head_version(b, head, *, entry: dict, exemplars=None, signer=None):
+    """Write ``head`` as a new version of bundle ``b`` and make it current, as ``adapt`` does
+    (:func:`edgetl.core.versions.add_version`: files beside the old ones, one atomic manifest
+    switch). The caller holds the writer lock. ``exemplars`` = (X, y, labels) writes a new replay
+    memory (classification); None keeps pointing at the current version's. ``entry`` holds the
+    provenance fields of the version entry (``source``, ``fleet`` ...). Returns (bundle, version).
+    """
+    task = tasks.for_bundle(b)
+    cur = b.head_entry()
+    thresholds = dict(b.manifest.get("thresholds", {}))
+    version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
+    files = {}
+    if task.name == "anomaly":
+        threshold = float(entry.get("threshold", cur.get("threshold", thresholds.get("anomaly", 1.0))))
+        full = {"kind": head.kind, "labels": ["good", "defect"], **entry, "threshold": threshold}
+        thresholds["anomaly"] = threshold
+        changes = {"thresholds": thresholds}
+        meta = {**task.fused_meta(b, head), "threshold": threshold}
+    else:
+        ex_rel = cur.get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
+        if exemplars is not None:
+            ex_rel = f"exemplars/v{version}.npz"
+            X, y, labels = exemplars
+            files[ex_rel] = lambda p: _exemplars.save_exemplars(p, X, y, labels)
+        full = {"kind": head.kind, "labels": list(head.labels), "exemplars": ex_rel,
+                "unknown_threshold": float(cur.get("unknown_threshold", 0.0)), **entry}
+        thresholds["unknown"] = full["unknown_threshold"]
+        changes = {"thresholds": thresholds, "labels": list(head.labels)}
+        meta = {**task.fused_meta(b, head), "labels": list(head.labels)}
+    new = add_version(b, head, full, meta=meta, changes=changes, files=files, signer=signer, operation="adapt")
+    return new, new.head_version
+
+
+def history(path) -> list[dict]:
+    return _adapt.history(path)
+
+
+def rollback(path, *, to=None, wait: float = 0.0, signer=None):
+    return _adapt.rollback(path, to=to, wait=wait, signer=signer)
