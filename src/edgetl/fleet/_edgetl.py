@@ -65,10 +65,6 @@ def for_update(path, *, operation: str = "adapt", wait: float = 0.0):
     return _for_update(path, operation=operation, wait=wait)
 
 
-def bundle_task(b) -> str:
-    return b.task
-
-
 def current_head(b):
     """The bundle's current head: a ``Head`` (classify / text) or an ``AnomalyHead``."""
     return tasks.for_bundle(b).load_head(b.path / b.head_entry()["file"])

@@ -182,11 +182,6 @@ def fit_ridge_head_arrays(X: np.ndarray, y: np.ndarray, k: int, *, l2: float | N
     return linear_arrays(fit, T), {"l2": fit["l2"], "temperature": T}
 
 
-def ridge_logits(X: np.ndarray, fit: dict) -> np.ndarray:
-    Xs = ((np.asarray(X, np.float32) - fit["mean"]) / fit["scale"]).astype(np.float64)
-    return Xs @ fit["W"] + fit["b"]
-
-
 def ridge_loo_logits(X: np.ndarray, y: np.ndarray, fit: dict) -> np.ndarray:
     """Leave-one-out logits of the rows ``X`` (labels ``y``) for a ridge fit over data they belong
     to: ``(z - h Y) / (1 - h)`` with the hat value ``h = x_c^T M x_c + 1/N``. In-sample ridge logits

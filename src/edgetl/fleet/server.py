@@ -17,7 +17,6 @@ process, for tests and ``simulate --engine none``.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from . import _edgetl as et
 from .device import answer, base_participant
@@ -139,6 +138,3 @@ def run_round(fleet: FleetRound, devices: dict, *, write: bool = True, deliver: 
         report["deliveries"] = out
     return report
 
-
-def is_bundle_dir(path) -> bool:
-    return (Path(path) / "manifest.json").is_file()

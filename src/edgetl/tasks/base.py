@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..core.bundle import Bundle
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,18 @@ def stratified_subset(labels: Iterable[str], *, size: int, seed: int) -> list[in
             if qu and len(picked) < size:
                 picked.append(int(qu.pop()))
     return sorted(picked)
+
+
+def coerce_head_config(head, config_cls, default_kind: str, kinds: Iterable[str]):
+    """What a caller gave for ``head`` (a config, a kind name, a dict of settings or None) as a
+    ``config_cls``; a dict's ``None`` values mean "the default", as unset CLI options do."""
+    if isinstance(head, config_cls):
+        return head
+    if head is None or isinstance(head, str):
+        return config_cls(kind=head or default_kind)
+    if isinstance(head, dict):
+        return config_cls.from_dict({"kind": default_kind, **{k: v for k, v in head.items() if v is not None}})
+    raise ConfigError(f"head {head!r}: give a {config_cls.__name__}, a kind ({', '.join(kinds)}) or a dict")
 
 
 def digest_of(parts: Iterable[str]) -> str:

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 
 import numpy as np
-
-
-def z_one_sided(confidence: float) -> float:
-    """Standard normal quantile for a one-sided ``confidence`` (0.95 -> 1.645)."""
-    return NormalDist().inv_cdf(confidence)
 
 
 def kendall_tau_b(a, b) -> float:

@@ -25,7 +25,7 @@ from ...heads.classification import HEAD_KINDS, Head, HeadConfig
 from ...heads.training import train_head
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
 from ...transfer.drift import load_drift_reference, save_drift_reference
-from ..base import AdaptResult, Task, Trained
+from ..base import AdaptResult, Task, Trained, coerce_head_config
 
 
 # Per-image drift: an input whose conformal p-value against the training images' drift scores is
@@ -258,13 +258,7 @@ class ClassifierTask(Task):
 
     # ---- fit -------------------------------------------------------------------------------
     def head_config(self, head) -> HeadConfig:
-        if isinstance(head, HeadConfig):
-            return head
-        if head is None or isinstance(head, str):
-            return HeadConfig(kind=head or "linear")
-        if isinstance(head, dict):
-            return HeadConfig.from_dict({k: v for k, v in head.items() if v is not None})
-        raise ConfigError(f"head {head!r}: give a HeadConfig, a kind ({', '.join(HEAD_KINDS)}) or a dict")
+        return coerce_head_config(head, HeadConfig, "linear", HEAD_KINDS)
 
     def recorded_head(self, bundle, head: dict) -> HeadConfig:
         """The recorded settings with the L2 the first fit chose, so a re-export need not search again."""
