@@ -6,8 +6,8 @@ logger's level (the CLI sets ERROR) or as an explicit ``quiet``."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
 import sys
 
 
@@ -29,12 +29,27 @@ def progress(total: int, *, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr)
 
 
+class _Discard(io.TextIOBase):
+    """A stream that drops what it is given and is never closed: a logging handler a library
+    creates while its output is silenced keeps this stream, and a closed devnull file there made
+    every later log line of a second in-process fit raise "I/O operation on closed file"."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_DISCARD = _Discard()
+
+
 @contextlib.contextmanager
 def quantizer_output(quiet: bool = False):
     """Where NNCF's and Optimum's progress bars go: stderr (stdout carries ``--json``), or nowhere
     with ``--quiet``."""
     if quiet_requested(quiet):
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with contextlib.redirect_stdout(_DISCARD), contextlib.redirect_stderr(_DISCARD):
             yield
     else:
         with contextlib.redirect_stdout(sys.stderr):

@@ -303,6 +303,9 @@ class ClassifierTask(Task):
                "feature_cosine_mean": round(float(cos.mean()), 5), "feature_cosine_min": round(float(cos.min()), 5)}
         if ref_acc is not None and trained.metrics:
             ref["accuracy_drop_pp"] = round((ref_acc - trained.metrics["accuracy"]) * 100, 3)
+            # What conversion costs each class, not only on average: a class can lose points while
+            # the overall accuracy holds (the report draws the two side by side).
+            ref["fp32_per_class_recall"] = reference.metrics.get("per_class_recall")
         return ref, accuracy_gate(reference.outcome, trained.outcome, tolerance_pp=tolerance_pp)
 
     def transfer_check(self, trained: Trained, data, exported, cache_root: Path) -> dict | None:
