@@ -28,6 +28,7 @@ _EXPORTS = {
     "export_bundle": "edgetl.pipeline.retarget",
     "HeadConfig": "edgetl.heads.classification",
     "AnomalyConfig": "edgetl.heads.patch",
+    "DefectConfig": "edgetl.heads.defect",
     "load_target": "edgetl.core.targets",
     "list_targets": "edgetl.core.targets",
     "load_bundle": "edgetl.core.bundle",

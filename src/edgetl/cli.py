@@ -9,8 +9,6 @@ exits non-zero; with ``--json`` stdout carries exactly one JSON object, and mess
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import logging
 import sys
@@ -19,15 +17,12 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .core.console import one_line, safe
-from .errors import ConfigError, EdgetlError
+from .core.commands import handle_errors
+from .core.console import safe
+from .errors import ConfigError
 
 log = logging.getLogger("edgetl")
 
-# OS errors that are the machine's, not edgetl's: a full disk, a file-size limit, a read-only or
-# vanished folder. They get one line too; anything else is a bug and keeps its traceback.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                       errno.EBUSY, errno.ENOENT, errno.EIO, errno.ENAMETOOLONG}
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -39,32 +34,6 @@ def _setup_logging(quiet: bool) -> None:
     # NNCF and OpenVINO log INFO lines and progress bars of their own; keep the terminal readable.
     for noisy in ("nncf", "openvino"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
-def handle_errors(fn):
-    """Turn EdgetlError into ``error: message`` + its exit code; Ctrl-C into exit 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except EdgetlError as exc:
-            click.echo(f"error: {one_line(exc)}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
-            sys.exit(130)
-        except MemoryError:
-            click.echo("error: out of memory; lower EDGETL_MAX_MEGAPIXELS or --batch sizes, or free memory", err=True)
-            sys.exit(2)
-        except OSError as exc:
-            if exc.errno not in _ENVIRONMENT_ERRNOS:
-                raise
-            where = f"{one_line(exc.filename)}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror}; nothing was changed", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:
@@ -145,9 +114,10 @@ def main(trust) -> None:
 # ----------------------------------------------------------------------------------------- fit
 def _head_kinds() -> list[str]:
     from .heads.classification import HEAD_KINDS
+    from .heads.defect import DEFECT_KINDS
     from .heads.patch import PATCH_KINDS
 
-    return [*HEAD_KINDS, *PATCH_KINDS]
+    return [*HEAD_KINDS, *DEFECT_KINDS, *PATCH_KINDS]
 
 
 @main.command()
@@ -161,8 +131,10 @@ def _head_kinds() -> list[str]:
               "name).  [default: efficientnet_lite0; text: all-MiniLM-L6-v2]")
 @click.option("--weights", type=click.Path(path_type=Path), help="Backbone weights (.safetensors or .pth state dict).")
 @click.option("--head", "head_kind", type=click.Choice(_head_kinds()),
-              help="Head trained on the frozen features: linear (default), mlp, prototype; anomaly: patchcore "
-                   "(default) or padim.")
+              help="Head trained on the frozen features: linear (default), mlp, prototype; anomaly: combined "
+                   "(default: patchcore for local defects + knn on whole images for the wrong part, each scored "
+                   "against held-out good images), patchcore or padim alone (heat map, local defects), knn or "
+                   "gaussian alone (whole images, no heat map).")
 @click.option("--l2", type=float, help="Classifier heads: L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, help="mlp head: hidden units.  [default: 256]")
 @click.option("--epochs", type=int, help="linear / mlp heads: optimizer iterations.  [default: 300]")

@@ -61,7 +61,8 @@ def padim_bundle(defects, cache_dir, tmp_path_factory):
 def patchcore_bundle(defects, cache_dir, tmp_path_factory):
     """CLI fit (auto-detected anomaly task), ONNX Runtime INT8 (cpu-x86) -> the ONNX fusion path."""
     out = tmp_path_factory.mktemp("anomaly") / "patchcore.bundle"
-    r = run_cli("fit", defects, "--out", out, "--target", "cpu-x86", "--calibration-size", "64", "--json")
+    r = run_cli("fit", defects, "--out", out, "--head", "patchcore", "--target", "cpu-x86", "--calibration-size", "64",
+                "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["task"] == "anomaly" and summary["head"] == "patchcore"

@@ -93,7 +93,8 @@ def resolve(name: str | None, kind: str = "image") -> BackboneSpec:
 
 def export_backbone(name: str | None = None, *, kind: str = "image", weights: str | Path | None = None,
                     cache_dir: str | Path | None = None, opset: int = ONNX_OPSET,
-                    patch_reductions: tuple[int, ...] | None = None, exporter: str = "auto") -> ExportedBackbone:
+                    patch_reductions: tuple[int, ...] | None = None, exporter: str = "auto",
+                    patch_pooled: bool = False) -> ExportedBackbone:
     """A backbone's FP32 ONNX model, exported once and then served from the cache.
 
     Args:
@@ -103,6 +104,8 @@ def export_backbone(name: str | None = None, *, kind: str = "image", weights: st
             for defect heads) or ``text``.
         weights: an explicit weights file (images: .safetensors or a .pth state dict).
         patch_reductions: image-patch: the backbone strides whose stages are read.
+        patch_pooled: image-patch: also the pooled features (one flat output per image), for
+            image-level one-class heads.
         exporter: text: ``optimum``, ``torch`` or ``auto``.
 
     Raises:
@@ -122,4 +125,4 @@ def export_backbone(name: str | None = None, *, kind: str = "image", weights: st
 
     patches = (tuple(patch_reductions or PATCH_REDUCTIONS)) if kind == "image-patch" else None
     return export_image_backbone(resolve(name, "image"), weights=weights, cache_dir=cache_dir, opset=opset,
-                                 patch_reductions=patches)
+                                 patch_reductions=patches, patch_pooled=patch_pooled)

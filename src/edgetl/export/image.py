@@ -186,8 +186,12 @@ PATCH_REDUCTIONS = (4, 8)
 PATCH_GRID_STRIDE = 8
 
 
-def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
+def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS, *, pooled: bool = False):
     """Wrap a frozen timm backbone so it outputs one patch-feature map (PatchCore-style).
+
+    With ``pooled`` the whole network runs and the output is one flat row per image: the patch map
+    flattened, then the backbone's pooled features (what image-level one-class heads read). One
+    output keeps the rest of the pipeline (conversion, feature cache, fusing) as for any backbone.
 
     The stages whose stride is in ``reductions`` are each averaged over a 3x3 neighbourhood
     (stride 1, zero padding counted as in PatchCore: not counting it made border patches the most
@@ -216,7 +220,10 @@ def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
 
         def forward(self, x):
             F = torch.nn.functional
-            maps = self.body.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+            if pooled:
+                last, maps = self.body.forward_intermediates(x, indices=indices, intermediates_only=False)
+            else:
+                maps = self.body.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
             maps = [F.avg_pool2d(m, 3, stride=1, padding=1) for m in maps]
             size = -(-x.shape[-1] // PATCH_GRID_STRIDE)
             out = []
@@ -227,7 +234,10 @@ def patch_feature_model(model, reductions: tuple[int, ...] = PATCH_REDUCTIONS):
                 if m.shape[-1] != size:
                     m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
                 out.append(m)
-            return torch.cat(out, dim=1)
+            patches = torch.cat(out, dim=1)
+            if pooled:
+                return torch.cat([patches.flatten(1), self.body.forward_head(last, pre_logits=True)], dim=1)
+            return patches
 
     return PatchFeatures().eval()
 
@@ -239,6 +249,7 @@ def export_image_backbone(
     cache_dir: str | Path | None = None,
     opset: int = ONNX_OPSET,
     patch_reductions: tuple[int, ...] | None = None,
+    patch_pooled: bool = False,
 ) -> ExportedBackbone:
     """The backbone's FP32 ONNX feature extractor, exported once and then served from the cache.
 
@@ -252,6 +263,8 @@ def export_image_backbone(
     """
     source = weight_source(spec, weights)
     variant = f"|patch:{','.join(map(str, patch_reductions))}:avg3:grid{PATCH_GRID_STRIDE}" if patch_reductions else ""
+    pooled = bool(patch_reductions) and patch_pooled
+    variant += "|pooled" if pooled else ""
     key = hashlib.sha256(f"{spec.source}|{source.digest}|{opset}{variant}".encode()).hexdigest()[:20]
     folder = Path(cache_dir or default_cache_dir()) / "backbones" / f"{spec.name}-{key}{'-patch' if variant else ''}"
     meta_path = folder / "backbone.json"
@@ -259,13 +272,16 @@ def export_image_backbone(
         model = build_model(spec, source)
         pre = preprocess_config(model)
         if patch_reductions:
-            model = patch_feature_model(model, patch_reductions)
+            model = patch_feature_model(model, patch_reductions, pooled=pooled)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         export_onnx(model, tmp / "backbone.onnx", input_size=pre.input_size, opset=opset)
         meta = {"name": spec.name, "num_features": int(model.num_features), "weights_sha256": source.digest,
                 "opset": opset, "preprocess": pre.to_dict()}
+        if pooled:  # the flat output does not carry the patch map's shape: record it
+            meta["pooled_features"] = int(model.body.num_features)
+            meta["feature_shape"] = list(_output_shape_of(model, pre.input_size))
         (tmp / "backbone.json").write_text(json.dumps(meta, indent=2))
         import shutil
 
@@ -274,11 +290,22 @@ def export_image_backbone(
         else:
             os.replace(tmp, folder)
     meta = json.loads(meta_path.read_text())
-    shape = _output_shape(folder / "backbone.onnx") if patch_reductions else None
+    if "pooled_features" in meta:
+        shape = tuple(int(d) for d in meta["feature_shape"])
+    else:
+        shape = _output_shape(folder / "backbone.onnx") if patch_reductions else None
     info = {"patch_reductions": list(patch_reductions)} if patch_reductions else {}
+    if "pooled_features" in meta:
+        info["pooled_features"] = int(meta["pooled_features"])
     return ExportedBackbone(spec.name, "image-patch" if patch_reductions else "image", folder / "backbone.onnx",
                             int(meta["num_features"]), source.digest, opset, dict(meta["preprocess"]),
                             feature_shape=shape, info=info)
+
+
+def _output_shape_of(model, input_size: int) -> tuple[int, int, int]:
+    """(C, H, W) of a pooled patch model's patch map: its stages' channels on the stride-8 grid."""
+    side = -(-int(input_size) // PATCH_GRID_STRIDE)
+    return int(model.num_features), side, side
 
 
 def _output_shape(path: Path) -> tuple[int, int, int]:

@@ -5,7 +5,9 @@
   optimisers of :mod:`.optimizers`;
 * :mod:`.exemplars`: the replay memory for on-device updates;
 * :mod:`.patch`: one-class patch heads for defect detection (patchcore, padim), with their ONNX
-  scoring graph in :mod:`.patch_graph`.
+  scoring graph in :mod:`.patch_graph`;
+* :mod:`.oneclass`: image-level one-class heads on pooled features (knn, gaussian) for the wrong
+  part; :mod:`.defect`: the detector that scores a patch head and an image head together.
 
 Every head has ``save(path)``, ``load(path)`` and ``graph(opset, ir_version)``.
 """

@@ -367,10 +367,17 @@ def coreset_size(n_patches: int, cfg: AnomalyConfig) -> int:
 
 def fit_patchcore(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> AnomalyHead:
     """A PatchCore memory bank from good images' patch features (N, C, H, W)."""
+    return patchcore_with_sources(F, cfg, size=size)[0]
+
+
+def patchcore_with_sources(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> tuple[AnomalyHead, np.ndarray]:
+    """:func:`fit_patchcore` and, per memory row, the index of the image it came from (what
+    leave-one-image-out scoring of the training images needs)."""
     X = patch_rows(F)
     idx = greedy_coreset(X, coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)
-    return AnomalyHead("patchcore", cfg, tuple(F.shape[2:]), int(F.shape[1]), size,
+    head = AnomalyHead("patchcore", cfg, tuple(F.shape[2:]), int(F.shape[1]), size,
                        {"memory": X[idx]}, {"images": int(len(F)), "patches_seen": int(len(X))})
+    return head, idx // (F.shape[2] * F.shape[3])
 
 
 def _update_patchcore(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:

@@ -13,7 +13,8 @@ distance expansion in INT8 would lose the small differences it exists to find):
 
 Only standard ONNX ops (Gather, Reshape, Transpose, Sub, Mul, Add, MatMul, Reduce*, Max, Sqrt), so
 every runtime and converter reads it. No torch; runs on the device (``adapt`` regenerates it).
-:func:`edgetl.core.fuse.fuse` puts it behind the backbone.
+:func:`edgetl.core.fuse.fuse` puts it behind the backbone. :class:`GraphBuilder` and
+:func:`patch_scores_nodes` are shared with the combined detector's graph (:mod:`.defect`).
 """
 
 from __future__ import annotations
@@ -27,42 +28,56 @@ INPUT = PREFIX + "features"
 OUTPUTS = ("anomaly_map", "score")
 
 
-def scoring_graph(head, *, opset: int = 18, ir_version: int | None = None):
-    """The head's ONNX model: input ``anomaly/features`` (N, C, H, W) -> ``anomaly_map`` (N, S, S),
-    ``score`` (N,). Raw scores: the threshold stays in the manifest."""
-    onnx = require("onnx", extra="base", purpose="building ONNX graphs")
-    helper, TP = onnx.helper, onnx.TensorProto
-    nodes, inits = [], []
-    counter = [0]
+class GraphBuilder:
+    """Nodes and constants of one head graph, every internal name prefixed so nothing clashes with
+    the backbone it is fused behind."""
 
-    def name(tag: str) -> str:
-        counter[0] += 1
-        return f"{PREFIX}{tag}_{counter[0]}"
+    def __init__(self, opset: int, prefix: str = PREFIX):
+        self.onnx = require("onnx", extra="base", purpose="building ONNX graphs")
+        self.opset, self.prefix = opset, prefix
+        self.nodes, self.inits = [], []
+        self._n = 0
 
-    def const(tag: str, value) -> str:
-        arr = np.asarray(value)
-        n = name(tag)
-        inits.append(onnx.numpy_helper.from_array(arr, n))
+    def name(self, tag: str) -> str:
+        self._n += 1
+        return f"{self.prefix}{tag}_{self._n}"
+
+    def const(self, tag: str, value) -> str:
+        n = self.name(tag)
+        self.inits.append(self.onnx.numpy_helper.from_array(np.asarray(value), n))
         return n
 
-    def op(kind: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        out = out or name(kind.lower())
-        nodes.append(helper.make_node(kind, inputs, [out], name=name(kind), **attrs))
+    def op(self, kind: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.name(kind.lower())
+        self.nodes.append(self.onnx.helper.make_node(kind, inputs, [out], name=self.name(kind), **attrs))
         return out
 
-    def reduce(kind: str, x: str, axes: list[int], keepdims: int, out: str | None = None) -> str:
-        # ReduceSum takes axes as an input from opset 13, ReduceMin/Max only from 18.
-        if kind == "ReduceSum" or opset >= 18:
-            return op(kind, [x, const("axes", np.array(axes, np.int64))], out, keepdims=keepdims)
-        return op(kind, [x], out, axes=axes, keepdims=keepdims)
+    def reduce(self, kind: str, x: str, axes: list[int], keepdims: int, out: str | None = None) -> str:
+        # ReduceSum takes axes as an input from opset 13, ReduceMin/Max/Mean only from 18.
+        if kind == "ReduceSum" or self.opset >= 18:
+            return self.op(kind, [x, self.const("axes", np.array(axes, np.int64))], out, keepdims=keepdims)
+        return self.op(kind, [x], out, axes=axes, keepdims=keepdims)
 
+    def model(self, graph_name: str, inputs: list, outputs: list, ir_version: int | None):
+        helper = self.onnx.helper
+        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="edgetl")
+        if ir_version is not None:
+            model.ir_version = ir_version
+        return model
+
+
+def patch_scores_nodes(b: GraphBuilder, head, x: str) -> tuple[str, str]:
+    """Nodes scoring patch features ``x`` (N, C, H, W) with ``head``: (map (N, S, S), score (N,))
+    names, in the order and precision of :meth:`AnomalyHead.maps`."""
     C = head.channels_in
     H, W = head.grid
     P = H * W
+    op, const, reduce = b.op, b.const, b.reduce
     zero = const("zero", np.array(0.0, np.float32))
     if head.kind == "patchcore":
         mt2, mm = head.knn_constants()
-        x = op("Reshape", [INPUT, const("shape", np.array([0, C, P], np.int64))])
+        x = op("Reshape", [x, const("shape", np.array([0, C, P], np.int64))])
         x = op("Transpose", [x], perm=[0, 2, 1])  # (N, P, C)
         xx = reduce("ReduceSum", op("Mul", [x, x]), [-1], 1)
         xm = op("MatMul", [x, const("memory_t_x_minus2", mt2)])  # (N, P, K)
@@ -71,7 +86,6 @@ def scoring_graph(head, *, opset: int = 18, ir_version: int | None = None):
     else:
         mean, inv = head.padim_params()
         ch = head.arrays["channels"].astype(np.int64)
-        x = INPUT
         if len(ch) != C or np.any(ch != np.arange(C)):
             x = op("Gather", [x, const("channels", ch)], axis=1)
         x = op("Reshape", [x, const("shape", np.array([0, len(ch), P], np.int64))])  # (N, d, P)
@@ -88,17 +102,20 @@ def scoring_graph(head, *, opset: int = 18, ir_version: int | None = None):
     s = op("Reshape", [s, const("grid", np.array([-1, H, W], np.int64))])
     A = head.operator
     m = op("MatMul", [const("upsample_blur", A), s])  # (N, S, W)
-    m = op("MatMul", [m, const("upsample_blur_t", np.ascontiguousarray(A.T))], OUTPUTS[0])  # (N, S, S)
-    reduce("ReduceMax", m, [1, 2], 0, OUTPUTS[1])
-    S = head.size
-    graph = helper.make_graph(
-        nodes, f"edgetl_anomaly_{head.kind}",
-        [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", C, H, W])],
-        [helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", S, S]),
-         helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgetl")
-    if ir_version is not None:
-        model.ir_version = ir_version
-    return model
+    m = op("MatMul", [m, const("upsample_blur_t", np.ascontiguousarray(A.T))])  # (N, S, S)
+    return m, reduce("ReduceMax", m, [1, 2], 0)
+
+
+def scoring_graph(head, *, opset: int = 18, ir_version: int | None = None):
+    """The head's ONNX model: input ``anomaly/features`` (N, C, H, W) -> ``anomaly_map`` (N, S, S),
+    ``score`` (N,). Raw scores: the threshold stays in the manifest."""
+    b = GraphBuilder(opset)
+    TP, helper = b.onnx.TensorProto, b.onnx.helper
+    m, s = patch_scores_nodes(b, head, INPUT)
+    b.op("Identity", [m], OUTPUTS[0])
+    b.op("Identity", [s], OUTPUTS[1])
+    C, (H, W), S = head.channels_in, head.grid, head.size
+    return b.model(f"edgetl_anomaly_{head.kind}",
+                   [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", C, H, W])],
+                   [helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", S, S]),
+                    helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"])], ir_version)

@@ -230,7 +230,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     patch = getattr(options.head, "reductions", None) if task.backbone_kind == "image-patch" else None
     run.exported = task.backbone_view(export_backbone(options.backbone, kind=task.backbone_kind, weights=options.weights,
                                                       cache_dir=cache_root, opset=target.opset,
-                                                      patch_reductions=patch, exporter=options.exporter))
+                                                      patch_reductions=patch, exporter=options.exporter,
+                                                      patch_pooled=bool(getattr(options.head, "pooled", False))))
     t0 = run.lap("export", t0)
     calibration = task.calibration(run.data, target, run.exported, options.seed) if target.precision == "int8" else None
     shipped = converted_model(run.exported, target, cache_root, calibration, quiet=options.quiet,

@@ -31,6 +31,7 @@ from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
 from ...core.versions import add_version
 from ...errors import ConfigError, DataError
+from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
 from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
                             quantile_threshold, update_patch_head)
 from ..base import AdaptResult, Task, Trained
@@ -39,6 +40,7 @@ from ..classify.task import image_calibration
 from .data import good_images, is_anomaly_layout, labelled_images, load_anomaly_data, load_mask
 from .metrics import detection_metrics
 from .render import save_overlay
+from .select import choose
 
 LABELS = ["good", "defect"]
 # Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): it ends in
@@ -57,12 +59,12 @@ class AnomalyPrediction:
     score: float
     threshold: float
     normalised: float
-    peak: tuple[int, int] = (0, 0)  # (row, col) of the map maximum, in map pixels
+    peak: tuple[int, int] | None = (0, 0)  # (row, col) of the map maximum, in map pixels; None: no map
 
     def to_dict(self) -> dict:
         return {"path": self.path, "label": self.label, "score": round(self.score, 6),
                 "threshold": round(self.threshold, 6), "normalised": round(self.normalised, 6),
-                "peak": list(self.peak)}
+                "peak": list(self.peak) if self.peak is not None else None}
 
 
 class AnomalyPredictor:
@@ -83,18 +85,22 @@ class AnomalyPredictor:
         self.threshold = float(entry.get("threshold", bundle.manifest.get("thresholds", {}).get("anomaly", 1.0)))
         self.shape = tuple(bundle.manifest["backbone"]["feature_shape"])
         self.fused = fused and bool(entry.get("fused"))
-        self._head: AnomalyHead | None = None
+        self._head: AnomalyHead | DefectHead | None = None
         model = bundle.path / entry["fused"] if self.fused else bundle.model_file("backbone")
         self.session = bundle_session(bundle, model, device=device, threads=threads)
 
     @property
-    def head(self) -> AnomalyHead:
+    def head(self) -> AnomalyHead | DefectHead:
         if self._head is None:
-            self._head = AnomalyHead.load(self.bundle.path / self.bundle.head_entry(self.version)["file"])
+            self._head = load_any_head(self.bundle.path / self.bundle.head_entry(self.version)["file"])
         return self._head
 
-    def maps(self, paths: Sequence[Path], *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Raw (maps (N, S, S), scores (N,)) of image files.
+    @property
+    def has_map(self) -> bool:
+        return self.bundle.head_entry(self.version).get("heat_map", True) is not False
+
+    def maps(self, paths: Sequence[Path], *, batch_size: int = 8) -> tuple[np.ndarray | None, np.ndarray]:
+        """Raw (maps (N, S, S), or None for an image-level head, scores (N,)) of image files.
 
         Raises:
             DataError: an unreadable image.
@@ -103,15 +109,16 @@ class AnomalyPredictor:
         for i in range(0, len(paths), batch_size):
             x = np.stack([load_input(Path(p), self.preprocess) for p in paths[i : i + batch_size]])
             if self.fused:
-                m, s = self.session.run(x)[:2]
+                outs = self.session.run(x)
+                m, s = (outs[0], outs[1]) if self.has_map else (None, outs[0])
             else:
-                m, s = self.head.maps(self.session(x).reshape(len(x), *self.shape))
+                m, s = score_rows(self.head, self.session(x).reshape(len(x), -1))
             maps.append(m)
             scores.append(s)
         S = self.preprocess.input_size
-        if not maps:
-            return np.zeros((0, S, S), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(maps), np.concatenate(scores).reshape(-1)
+        if not scores:
+            return (np.zeros((0, S, S), np.float32) if self.has_map else None), np.zeros(0, np.float32)
+        return (np.concatenate(maps) if self.has_map else None), np.concatenate(scores).reshape(-1)
 
     def predict(self, paths: Sequence[str | Path], *, threshold: float | None = None,
                 heatmaps: str | Path | None = None, skipped: list | None = None, **_) -> list[AnomalyPrediction]:
@@ -120,6 +127,9 @@ class AnomalyPredictor:
         Unreadable files raise :class:`DataError`, or, with a ``skipped`` list, are recorded there
         as ``(path, reason)`` and left out.
         """
+        if heatmaps is not None and not self.has_map:
+            raise ConfigError(f"--heatmaps: this bundle's {self.bundle.head_entry(self.version).get('kind')} head "
+                              "scores whole images and has no heat map; fit with --head combined for one")
         files = list_images(list(paths))
         thr = self.threshold if threshold is None else ANOMALY.check_threshold(threshold)
         if skipped is not None:
@@ -133,15 +143,20 @@ class AnomalyPredictor:
             files = readable
         out: list[AnomalyPrediction] = []
         taken: set[str] = set()
+        # 1.0 on an overlay is the threshold; a combined head's map is only its patch part.
+        map_cut = getattr(self.head, "map_cut", lambda t: t)(thr) if heatmaps is not None else thr
         for i in range(0, len(files), 8):
             chunk = files[i : i + 8]
             maps, scores = self.maps(chunk)
-            for path, m, s in zip(chunk, maps, scores):
-                peak = np.unravel_index(int(np.argmax(m)), m.shape)
+            for j, (path, s) in enumerate(zip(chunk, scores)):
+                peak = None
+                if maps is not None:
+                    i, k = np.unravel_index(int(np.argmax(maps[j])), maps[j].shape)
+                    peak = (int(i), int(k))
                 out.append(AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr,
-                                             float(s / thr), (int(peak[0]), int(peak[1]))))
+                                             float(s / thr), peak))
                 if heatmaps is not None:
-                    save_overlay(path, m / thr, Path(heatmaps), self.preprocess, taken)
+                    save_overlay(path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken)
         return out
 
     def evaluate(self, data, *, threshold: float | None = None, strict: bool = False, **_) -> dict:
@@ -179,14 +194,30 @@ class PatchExtractor(ImageExtractor):
         self.shape = tuple(int(d) for d in shape)
 
     def patches(self, items: Sequence, *, cache=None, quiet: bool = True, desc: str = "patch features") -> np.ndarray:
+        """Feature rows (N, L): the patch map flattened (then the pooled features, for a backbone
+        exported with them)."""
         flat = self.features(items, cache=cache, batch_size=16, quiet=quiet, desc=desc)
-        return flat.reshape(len(items), *self.shape) if len(items) else np.zeros((0, *self.shape), np.float32)
+        return flat.reshape(len(items), -1) if len(items) else np.zeros((0, int(np.prod(self.shape))), np.float32)
 
 
-def evaluate_head(head: AnomalyHead, F: np.ndarray, samples: list, masks: dict, pre: PreprocessConfig,
-                  threshold: float | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``head`` on labelled features; picks the threshold when none is given."""
-    maps, scores = head.maps(F)
+def score_rows(head, X: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(maps or None, scores) of feature rows (N, L) under a patch-only or a defect head."""
+    if isinstance(head, DefectHead):
+        return head.maps(X)
+    return head.maps(X.reshape(len(X), head.channels_in, *head.grid))
+
+
+def patch_part(head, X: np.ndarray) -> np.ndarray:
+    """The patch features (N, C, H, W) of feature rows."""
+    if isinstance(head, DefectHead):
+        return head.split(X)[0]
+    return X.reshape(len(X), head.channels_in, *head.grid)
+
+
+def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: PreprocessConfig,
+                  threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """Metrics of ``head`` on labelled feature rows; picks the threshold when none is given."""
+    maps, scores = score_rows(head, F)
     y = np.array([s.label != "good" for s in samples], bool)
     if threshold is None:
         if y.any() and (~y).any():
@@ -197,10 +228,22 @@ def evaluate_head(head: AnomalyHead, F: np.ndarray, samples: list, masks: dict, 
             policy = f"{head.config.quantile} quantile of held-out good scores x {head.config.margin}"
     else:
         policy = "given"
-    mk = [load_mask(masks.get(str(s.path)), pre) if s.label != "good" else None for s in samples]
+    mk = [load_mask(masks.get(str(s.path)), pre) if s.label != "good" else None for s in samples] \
+        if maps is not None else None
     m = detection_metrics(y, scores, threshold, maps=maps, masks=mk)
     m["threshold_policy"] = policy
     return m, maps, scores
+
+
+def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list) -> tuple[DefectHead, dict]:
+    """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`)."""
+    y = np.array([s.label != "good" for s in samples], bool)
+    if head.kind != "combined" or not (y.any() and (~y).any()):
+        return head, {"chosen": head.kind, "reason": "no labelled anomalies: the default" if head.kind == "combined"
+                      else "asked for"}
+    kinds = ("combined", "patch", head.image.kind)
+    choice = choose(y, {k: head.as_kind(k).maps(F_ev)[1] for k in kinds})
+    return head.as_kind(choice["chosen"]), choice
 
 
 class AnomalyTask(Task):
@@ -209,7 +252,7 @@ class AnomalyTask(Task):
     name = "anomaly"
     items = "images"
     backbone_kind = "image-patch"
-    head_kinds = PATCH_KINDS
+    head_kinds = (*DEFECT_KINDS, *PATCH_KINDS)
     predict_options = frozenset({"threshold", "heatmaps", "strict"})
     threshold_key, threshold_field = "anomaly", "threshold"
 
@@ -220,13 +263,17 @@ class AnomalyTask(Task):
         return load_anomaly_data(data, val_split=options.val_split, seed=options.seed, strict=options.strict)
 
     def head_config(self, head) -> AnomalyConfig:
-        if isinstance(head, AnomalyConfig):
+        if isinstance(head, (AnomalyConfig, DefectConfig)):
             return head
         if head is None or isinstance(head, str):
-            return AnomalyConfig(kind=head or "patchcore")
+            head = {"kind": head or "combined"}
         if isinstance(head, dict):
-            return AnomalyConfig.from_dict({"kind": "patchcore", **{k: v for k, v in head.items() if v is not None}})
-        raise ConfigError(f"head {head!r}: give an AnomalyConfig, a kind ({', '.join(PATCH_KINDS)}) or a dict")
+            d = {k: v for k, v in head.items() if v is not None}
+            if d.get("kind", "combined") in DEFECT_KINDS:
+                return DefectConfig.from_dict(d)
+            return AnomalyConfig.from_dict(d)
+        raise ConfigError(f"head {head!r}: give an AnomalyConfig / DefectConfig, a kind "
+                          f"({', '.join(self.head_kinds)}) or a dict")
 
     def prepare_target(self, target):
         q = target.quantization
@@ -254,15 +301,25 @@ class AnomalyTask(Task):
         desc = "fp32 reference" if like is not None else "patch features"
         F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
         F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
-        head = fit_patch_head(F_tr, cfg, size=pre.input_size)
+        shape = extractor.shape
+        if isinstance(cfg, DefectConfig):
+            head = fit_defect_head(F_tr, cfg, patch_shape=shape, size=pre.input_size)
+            if like is not None:  # the FP32 reference scores as the shipped head does
+                head, choice = head.as_kind(like.head.kind), like.features.get("choice")
+            else:
+                head, choice = select_kind(head, F_ev, data.eval_set)
+        else:
+            head, choice = fit_patch_head(F_tr.reshape(len(F_tr), *shape), cfg, size=pre.input_size), None
         metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre)
         y = np.array([s.label != "good" for s in data.eval_set], bool)
         return Trained(head, metrics, (y, scores), {}, cache.misses if cache else 0, extractor.session,
-                       {"F_ev": F_ev})
+                       {"F_ev": F_ev, "choice": choice})
 
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
         m, r = trained.metrics, reference.metrics
-        cos = feature_cosine(patch_rows(reference.features["F_ev"]), patch_rows(trained.features["F_ev"])) \
+        h = trained.head
+        cos = feature_cosine(patch_rows(patch_part(h, reference.features["F_ev"])),
+                             patch_rows(patch_part(h, trained.features["F_ev"]))) \
             if len(trained.features["F_ev"]) else np.ones(1)
         ref = {"fp32_image_auroc": r["image_auroc"], "image_auroc": m["image_auroc"],
                "fp32_pixel_auroc": r["pixel_auroc"], "pixel_auroc": m["pixel_auroc"], "fp32_f1": r["f1"], "f1": m["f1"],
@@ -276,17 +333,25 @@ class AnomalyTask(Task):
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
         head, m = trained.head, trained.metrics
         threshold = m["threshold"]
+        has_map = not isinstance(head, DefectHead) or head.has_map
+        label = head.label if isinstance(head, DefectHead) else head.kind
+        heat = ("none: an image-level head scores the whole image" if not has_map else
+                "anomaly_map (N, S, S): the patch part on the score's scale (points at local defects; a wrong "
+                "part shows in the score, not the map)" if getattr(head, "kind", "") == "combined" else
+                "anomaly_map (N, S, S), same units as score")
         return {
             "entry": {"kind": head.kind, "labels": LABELS, "threshold": threshold,
                       "threshold_policy": m["threshold_policy"], "images": head.meta.get("images"),
-                      "image_auroc": m["image_auroc"]},
+                      "image_auroc": m["image_auroc"], "heat_map": has_map, "scoring": label},
             "manifest": {"labels": LABELS, "thresholds": {"anomaly": threshold},
                          "anomaly": {"map_size": head.size, "grid": list(head.grid), "sigma": head.config.sigma,
                                      "normalised_score": "score / threshold (>= 1.0 means defect)",
-                                     "outputs": ["anomaly_map", "score"]},
+                                     "outputs": ["anomaly_map", "score"] if has_map else ["score"],
+                                     "heat_map": heat, "scoring": label},
                          "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}}},
-            "report": {"head": head.kind, "eval_set": "test" if data.test else "held-out good", "metrics": m,
-                       "memory_patches": head.memory_size},
+            "report": {"head": label, "eval_set": "test" if data.test else "held-out good", "metrics": m,
+                       "memory_patches": head.memory_size, "heat_map": heat,
+                       "selection": trained.features.get("choice")},
             "fused_meta": {"head": head.kind, "threshold": threshold,
                            "outputs": "anomaly_map (N, S, S), score (N,): raw; divide by the manifest threshold"},
         }
@@ -295,17 +360,18 @@ class AnomalyTask(Task):
         probe = (data.eval_set or data.train)[:8]
         pre = PreprocessConfig.from_dict(exported.preprocess)
         x = np.stack([load_input(s.path, pre) for s in probe])
-        maps_f, scores_f = fused_session.run(x)[:2]
+        outs = fused_session.run(x)
         F = trained.features["F_ev"][: len(probe)] if data.eval_set else None
         if F is None or len(F) != len(probe):
             raise DataError("no images to check the fused model on")
-        maps_r, scores_r = trained.head.maps(F)
+        maps_r, scores_r = score_rows(trained.head, F)
+        maps_f, scores_f = (outs[0], outs[1]) if maps_r is not None else (None, outs[0])
         par = score_parity(scores_f, scores_r, maps_f, maps_r)
         return par, par["max_rel_score_diff"], "relative score difference"
 
     # ---- device ------------------------------------------------------------------------------
-    def load_head(self, path: Path) -> AnomalyHead:
-        return AnomalyHead.load(path)
+    def load_head(self, path: Path) -> AnomalyHead | DefectHead:
+        return load_any_head(path)
 
     def predictor(self, bundle, *, device=None, threads=None, head_version=None) -> AnomalyPredictor:
         return AnomalyPredictor(bundle, device=device, threads=threads, head_version=head_version)
@@ -332,20 +398,21 @@ class AnomalyTask(Task):
         head = pred.head
         F = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape).patches(
             samples, quiet=quiet, desc="adapt")
-        _, before = head.maps(F)
-        new_head = update_patch_head(head, F)
-        _, after = new_head.maps(F)
+        _, before = score_rows(head, F)
+        new_head = update_defect_head(head, F) if isinstance(head, DefectHead) else \
+            update_patch_head(head, patch_part(head, F))
+        _, after = score_rows(new_head, F)
         thr = pred.threshold if threshold is None else self.check_threshold(threshold)
         summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
                              "over_threshold": int(np.sum(s >= thr))}
-        memory = ({"patches": new_head.memory_size, "max_memory": new_head.config.max_memory}
-                  if new_head.kind == "patchcore" else {"images": image_count(new_head.arrays)})
+        memory = _memory(new_head)
         info = {"images": len(samples), "new_images_before": summary(before), "new_images_after": summary(after),
                 "memory": memory}
         if dry_run:
             return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
         new_head.meta = dict(new_head.meta, parent_version=pred.version)
         entry = {"kind": new_head.kind, "labels": LABELS, "source": "adapt", "threshold": thr,
+                 **({"heat_map": new_head.has_map, "scoring": new_head.label} if isinstance(new_head, DefectHead) else {}),
                  "threshold_policy": "carried over" if threshold is None else "given",
                  "images": new_head.meta.get("images"), "new_images": len(samples), "parent": pred.version}
         new = add_version(b, new_head, entry, meta={**self.fused_meta(b, new_head), "threshold": thr},
@@ -356,14 +423,18 @@ class AnomalyTask(Task):
     def render_predictions(self, preds: list[AnomalyPrediction]) -> str:
         from ...core.console import safe
 
-        return "\n".join(f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t"
-                         f"({p.normalised:.2f}x)" for p in preds)
+        lines = [f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t"
+                 f"({p.normalised:.2f}x)" for p in preds]
+        if preds and all(p.peak is None for p in preds):
+            lines.append("(no heat map: this bundle's head scores whole images)")
+        return "\n".join(lines)
 
     cosine = ("patch-feature cosine", "patch_feature_cosine_mean")
 
     def fit_figures(self, result) -> dict:
         r = result.report
-        return {"head": r["head"], "eval_set": r["eval_set"], "metrics": r["metrics"]}
+        return {"head": r["head"], "eval_set": r["eval_set"], "metrics": r["metrics"], "heat_map": r.get("heat_map"),
+                "selection": r.get("selection")}
 
     def fit_lines(self, result) -> list[str]:
         r, m, c = result.report, result.report["metrics"], result.data.counts()
@@ -372,7 +443,7 @@ class AnomalyTask(Task):
                 f"data      {c['train_good']} good training images" + (f"; test: {tests}" if tests else
                                                                            f"; {c['val_good']} good held out"),
                 f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
-                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"]
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _choice_lines(r)
 
     def model_line(self, result) -> str:
         r = result.report
@@ -400,7 +471,9 @@ class AnomalyTask(Task):
             ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
             f"learned       {s['images']} good images"
             + (f"; memory bank {mem['patches']} of at most {mem['max_memory']} patches" if "patches" in mem
-               else f"; statistics of {mem['images']} images"),
+               else f"; statistics of {mem['images']} images" if "images" in mem else "")
+            + (f"; image memory {mem['image_memory']} of at most {mem['max_images']} images" if "image_memory" in mem
+               else f"; image statistics of {mem['image_images']} images" if "image_images" in mem else ""),
             f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
             f"{af['over_threshold']}",
             f"time          {r.timings['total']:.2f} s",
@@ -415,6 +488,32 @@ class AnomalyTask(Task):
 
     def render_threshold(self, value: float, version: int, where: str) -> str:
         return f"images scoring {value:.4g} or more are now 'defect' for head v{version} (the current version) in {where}"
+
+
+def _choice_lines(r: dict) -> list[str]:
+    """The heat-map line (always said), and how patch / image / combined was chosen."""
+    lines = [f"heat map  {r.get('heat_map') or 'anomaly_map'}"]
+    c = r.get("selection") or {}
+    if c.get("candidates"):
+        alts = "; ".join(f"{k} {v['auroc']:.3f} ({v['diff']:+.3f}, interval [{v['interval'][0]:+.3f}, "
+                         f"{v['interval'][1]:+.3f}])" for k, v in c["candidates"].items())
+        lines.append(f"chosen    {c['chosen']}: combined AUROC {c['default_auroc']:.3f}, {alts} at "
+                     f"{c['confidence']:.1%}; {c['reason']}")
+    elif c.get("reason"):
+        lines.append(f"chosen    {c['chosen']} ({c['reason']})")
+    return lines
+
+
+def _memory(head) -> dict:
+    """What a head remembers, for the adapt summary."""
+    if isinstance(head, DefectHead):
+        out = _memory(head.patch) if head.patch is not None and head.kind != head.image.kind else {}
+        if head.image.kind == "knn":
+            return {**out, "image_memory": head.image.memory_size, "max_images": head.image.config.max_images}
+        return {**out, "image_images": head.image.images}
+    if head.kind == "patchcore":
+        return {"patches": head.memory_size, "max_memory": head.config.max_memory}
+    return {"images": image_count(head.arrays)}
 
 
 def _fmt(v, pct: bool = False) -> str:

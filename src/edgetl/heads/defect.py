@@ -1,0 +1,378 @@
+"""Both kinds of anomaly in one detector: a patch head (local defects) and an image-level head
+(the wrong part altogether) on one backbone, scored together.
+
+The backbone is the patch-feature export with its pooled features appended (one flat row per
+image: the patch map, then the pooled vector). Kinds:
+
+``combined`` (default)
+    patch head + image head. Each part's raw score is divided by the spread (standard
+    deviation) of its scores on held-out good images (training images scored by heads that never
+    saw them: leave-one-image-out for patchcore and knn, 5-fold refits for padim and gaussian),
+    and the score is their mean: ``0.5 * (s_patch / sd_patch + s_image / sd_image)``. That is the
+    mean of the two z-scores plus a constant (their held-out means over their spreads), so it
+    ranks images exactly as the z-scores do while staying positive, like every other head's
+    score (the threshold convention needs it). Neither part dominates by its units; an image far
+    off in either stands out. The anomaly map is the patch part on the score's scale
+    (``0.5 * map / sd_patch``; the score is its maximum plus the image part): it points at local
+    defects, and is the patch head's map times one constant, so its pixel AUROC is the patch head's.
+``knn`` / ``gaussian``
+    the image head alone (:mod:`edgetl.heads.oneclass`): raw distance, no heat map.
+
+The normalisation constants are fitted once and carried over by ``adapt`` (new good images only
+lower good scores, so the old cut stays conservative). numpy only; :meth:`DefectHead.graph` is the
+exported scoring graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.bundle import write_npz_durably
+from ..errors import BundleError, ConfigError, DataError
+from .oneclass import (IMAGE_KINDS, ImageConfig, ImageHead, fit_image_head, held_out_scores, image_scores_nodes,
+                       update_image_head)
+from .patch import AnomalyConfig, AnomalyHead, fit_padim, maps_from_patches, patchcore_with_sources, update_patch_head
+
+DEFECT_KINDS = ("combined", *IMAGE_KINDS)
+_FORMAT = "edgetl-defect-head"
+_FORMAT_VERSION = 1
+_HEADER_KEY = "__header__"
+# Held-out scoring of patchcore costs one pass over the bank per training image: a random subset
+# this large pins the normalisation well enough (its standard error ~ 1/sqrt(2n) of the spread).
+MAX_NORM_IMAGES = 80
+
+
+@dataclass(frozen=True)
+class DefectConfig:
+    """A detector with an image-level part. ``patch``: the patch head's settings (its ``kind``:
+    patchcore or padim); ``image``: the image head's. ``quantile`` / ``margin``: good-only threshold
+    (as for patch heads, on this detector's score)."""
+
+    kind: str = "combined"
+    patch: AnomalyConfig = AnomalyConfig()
+    image: ImageConfig = ImageConfig()
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEFECT_KINDS:
+            raise ConfigError(f"defect head {self.kind!r} is not one of {', '.join(DEFECT_KINDS)}")
+
+    pooled = True  # the backbone export these heads read (``export_backbone(patch_pooled=True)``)
+
+    @property
+    def reductions(self) -> tuple[int, ...]:
+        return self.patch.reductions
+
+    @property
+    def quantile(self) -> float:
+        return self.patch.quantile
+
+    @property
+    def margin(self) -> float:
+        return self.patch.margin
+
+    @property
+    def sigma(self) -> float:
+        return self.patch.sigma
+
+    @property
+    def seed(self) -> int:
+        return self.patch.seed
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "patch": self.patch.to_dict(), "image": self.image.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DefectConfig":
+        """From ``to_dict`` output, or flat options: ``kind``, ``seed``, ``patch_kind`` and any
+        patch- or image-head field (``coreset_ratio``, ``k``, ...)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"defect head config must be a mapping, got {type(d).__name__}")
+        d = dict(d)
+        kind = d.pop("kind", "combined")
+        patch, image = dict(d.pop("patch", {})), dict(d.pop("image", {}))
+        if "patch_kind" in d:
+            patch["kind"] = d.pop("patch_kind")
+        if "seed" in d:
+            seed = d.pop("seed")
+            patch.setdefault("seed", seed)
+            image.setdefault("seed", seed)
+        image_fields = {f.name for f in dataclasses.fields(ImageConfig)} - {"kind"}
+        for key in list(d):
+            (image if key in image_fields else patch)[key] = d.pop(key)
+        if kind in IMAGE_KINDS:
+            image["kind"] = kind
+        return cls(kind, AnomalyConfig.from_dict(patch), ImageConfig.from_dict(image))
+
+
+@dataclass
+class DefectHead:
+    """A fitted detector: ``patch`` (None for an image-only kind), ``image``, and ``norm``: per
+    part, (mean, std) of held-out good scores (the std scales the part; the mean is kept as a
+    record of where good images score)."""
+
+    kind: str
+    config: DefectConfig
+    patch: AnomalyHead | None
+    image: ImageHead
+    patch_shape: tuple[int, int, int]  # (C, H, W) of the patch part of a feature row
+    size: int
+    norm: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def has_map(self) -> bool:
+        return self.patch is not None and self.kind not in IMAGE_KINDS
+
+    def as_kind(self, kind: str) -> "DefectHead":
+        """The same fitted parts scoring as ``kind``: ``combined``, ``patch`` (the patch part
+        alone) or the image kind (the image part alone)."""
+        if kind not in ("combined", "patch", self.image.kind) or (kind != self.image.kind and self.patch is None):
+            raise ConfigError(f"a {self.kind} defect head cannot score as {kind!r}")
+        return dataclasses.replace(self, kind=kind)
+
+    @property
+    def label(self) -> str:
+        """What scores, for people: ``patchcore + knn``, ``knn``, ``padim``."""
+        if self.kind == "combined":
+            return f"{self.patch.kind} + {self.image.kind}"
+        return self.patch.kind if self.kind == "patch" else self.image.kind
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.patch_shape[1:])  # type: ignore[return-value]
+
+    @property
+    def memory_size(self) -> int:
+        return self.patch.memory_size if self.patch is not None else 0
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.patch_shape)) + self.image.dims
+
+    def split(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, L) feature rows -> (patch features (N, C, H, W), pooled features (N, D))."""
+        X = np.asarray(X, np.float32)
+        if X.ndim != 2 or X.shape[1] != self.width:
+            raise DataError(f"defect head expects feature rows of shape (N, {self.width}), got {X.shape}")
+        n = int(np.prod(self.patch_shape))
+        return X[:, :n].reshape(len(X), *self.patch_shape), X[:, n:]
+
+    def scale(self, part: str) -> np.float32:
+        """0.5 / (std of a part's held-out good scores), float32."""
+        return np.float32(0.5 / self.norm[part][1])
+
+    def map_cut(self, threshold: float) -> float:
+        """The map value that is "at the threshold", for drawing: the combined score is the map's
+        peak plus the image part, so a map divided by the threshold itself fades even on a caught
+        defect. With the image part at a typical good image's value (its held-out mean), the
+        patch part reaches the threshold at ``threshold - 0.5 * mean / sd``."""
+        if self.kind != "combined" or "image" not in self.norm:
+            return float(threshold)
+        mean, sd = self.norm["image"]
+        cut = float(threshold) - 0.5 * mean / sd
+        return cut if cut > 0 else float(threshold)
+
+    def maps(self, X: np.ndarray, *, chunk: int = 8) -> tuple[np.ndarray | None, np.ndarray]:
+        """(N, L) feature rows -> (maps (N, S, S) or None, scores (N,)), float32, as the graph computes them."""
+        F, Z = self.split(X)
+        si = self.image.scores(Z)
+        if self.patch is None or self.kind in IMAGE_KINDS:
+            return None, si
+        S = self.patch.patch_scores(F, chunk=chunk)
+        m, sp = maps_from_patches(S, self.patch.operator)
+        if self.kind == "patch":
+            return m, sp
+        ap, ai = self.scale("patch"), self.scale("image")
+        return m * ap, (sp * ap) + (si * ai)
+
+    def part_scores(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw patch and image scores of feature rows (the patch part only where there is one)."""
+        F, Z = self.split(X)
+        out = {"image": self.image.scores(Z)}
+        if self.patch is not None:
+            out["patch"] = self.patch.maps(F)[1]
+        return out
+
+    def graph(self, opset: int = 18, ir_version: int | None = None):
+        """Feature rows ``anomaly/features`` (N, L) -> ``anomaly_map`` (N, S, S) and ``score`` (N,)
+        (combined), or ``score`` alone (image-only kinds)."""
+        from .patch_graph import INPUT, OUTPUTS, GraphBuilder, patch_scores_nodes
+
+        b = GraphBuilder(opset)
+        TP, helper = b.onnx.TensorProto, b.onnx.helper
+        n = int(np.prod(self.patch_shape))
+        axis = b.const("axis", np.array([1], np.int64))
+
+        def pooled() -> str:
+            return b.op("Slice", [INPUT, b.const("start", np.array([n], np.int64)),
+                                  b.const("end", np.array([self.width], np.int64)), axis])
+
+        outs = []
+        if not self.has_map:
+            b.op("Identity", [image_scores_nodes(b, self.image, pooled())], OUTPUTS[1])
+        elif self.kind == "patch":
+            x = b.op("Slice", [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)),
+                               axis])
+            x = b.op("Reshape", [x, b.const("shape", np.array([0, *self.patch_shape], np.int64))])
+            m, sp = patch_scores_nodes(b, self.patch, x)
+            b.op("Identity", [m], OUTPUTS[0])
+            b.op("Identity", [sp], OUTPUTS[1])
+            outs.append(helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", self.size, self.size]))
+        else:
+            si = image_scores_nodes(b, self.image, pooled())
+            x = b.op("Slice", [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)),
+                               axis])
+            x = b.op("Reshape", [x, b.const("shape", np.array([0, *self.patch_shape], np.int64))])
+            m, sp = patch_scores_nodes(b, self.patch, x)
+            ap = b.const("patch_scale", self.scale("patch"))
+            zi = b.op("Mul", [si, b.const("image_scale", self.scale("image"))])
+            b.op("Mul", [m, ap], OUTPUTS[0])
+            b.op("Add", [b.op("Mul", [sp, ap]), zi], OUTPUTS[1])
+            outs.append(helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", self.size, self.size]))
+        outs.append(helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"]))
+        return b.model(f"edgetl_defect_{self.kind}", [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", self.width])],
+                       outs, ir_version)
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """An uncompressed ``.npz`` (atomic write): arrays of both parts, settings as JSON bytes."""
+        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": self.kind, "config": self.config.to_dict(),
+                  "patch_shape": list(self.patch_shape), "size": self.size, "dims": self.image.dims,
+                  "norm": {k: [float(v) for v in vs] for k, vs in self.norm.items()}, "meta": self.meta,
+                  "image_meta": self.image.meta, "patch_meta": self.patch.meta if self.patch is not None else None}
+        payload = {f"image.{k}": np.asarray(v, order="C") for k, v in self.image.arrays.items()}
+        if self.patch is not None:
+            payload.update({f"patch.{k}": np.asarray(v, order="C") for k, v in self.patch.arrays.items()})
+        payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        write_npz_durably(Path(path), **payload)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DefectHead":
+        """Read a head written by :meth:`save` (``allow_pickle=False``).
+
+        Raises:
+            BundleError: missing, unreadable, or not a defect head.
+        """
+        path = Path(path)
+        raw, header = read_head_file(path)
+        if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
+            raise BundleError(f"{path}: not an edgetl defect head (format {header.get('format')!r} "
+                              f"v{header.get('version')}; this edgetl reads {_FORMAT} v{_FORMAT_VERSION})")
+        try:
+            cfg = DefectConfig.from_dict(header["config"])
+            part = lambda p: {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(p + ".")}  # noqa: E731
+            image = ImageHead(cfg.image, int(header["dims"]), part("image"), header.get("image_meta") or {})
+            need = {"knn": {"memory"}, "gaussian": {"mean", "m2", "count"}}[cfg.image.kind]
+            shape = tuple(int(d) for d in header["patch_shape"])
+            patch = None
+            if header["kind"] in ("combined", "patch"):
+                need_p = {"patchcore": {"memory"}, "padim": {"channels", "mean", "m2", "count"}}[cfg.patch.kind]
+                if not need_p <= set(part("patch")):
+                    raise KeyError("patch arrays")
+                patch = AnomalyHead(cfg.patch.kind, cfg.patch, shape[1:], shape[0], int(header["size"]), part("patch"),
+                                    header.get("patch_meta") or {})
+            if not need <= set(image.arrays):
+                raise KeyError("image arrays")
+            norm = {k: (float(v[0]), float(v[1])) for k, v in header.get("norm", {}).items()}
+            return cls(header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
+
+
+def read_head_file(path: Path) -> tuple[dict, dict]:
+    """(arrays, JSON header) of a head ``.npz``; its header is ``{}`` when it has none.
+
+    Raises:
+        BundleError: missing or unreadable.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such head file") from None
+    except Exception as exc:  # zip errors, pickle refusal, truncation
+        raise BundleError(f"{path}: cannot read head ({type(exc).__name__}: {exc})") from None
+    blob = raw.pop(_HEADER_KEY, None)
+    try:
+        header = json.loads(blob.tobytes().decode()) if blob is not None else {}
+    except (UnicodeDecodeError, ValueError):
+        header = {}
+    return raw, header if isinstance(header, dict) else {}
+
+
+def load_any_head(path: str | Path):
+    """A defect bundle's head file: a :class:`DefectHead`, or a patch-only :class:`AnomalyHead`."""
+    path = Path(path)
+    _, header = read_head_file(path)
+    return DefectHead.load(path) if header.get("format") == _FORMAT else AnomalyHead.load(path)
+
+
+# ----- fitting ----------------------------------------------------------------------------------
+def _norm(scores: np.ndarray) -> tuple[float, float]:
+    s = np.asarray(scores, np.float64)
+    sd = float(s.std(ddof=1)) if len(s) > 1 else 0.0
+    return float(s.mean()), max(sd, 1e-6 * abs(float(s.mean())), 1e-12)
+
+
+def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
+    """(the patch head on all of F, indices of the images scored, their held-out image scores).
+
+    patchcore: the full bank without the rows that came from the image scored (leave one image
+    out, at most :data:`MAX_NORM_IMAGES` images); padim: 5-fold refits.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(F))[:MAX_NORM_IMAGES])
+    if cfg.kind == "patchcore":
+        head, src = patchcore_with_sources(F, cfg, size=size)
+        M = head.arrays["memory"].astype(np.float32)
+        mm = np.sum(M * M, axis=1)[None, :]
+        C, (H, W) = head.channels_in, head.grid
+        S = np.zeros((len(chosen), H, W), np.float32)
+        for j, i in enumerate(chosen):
+            X = F[i].reshape(C, H * W).T
+            d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
+            d2[:, src == i] = np.inf
+            S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
+        return head, chosen, maps_from_patches(S, head.operator)[1]
+    head = fit_padim(F, cfg, size=size)
+    scores = np.zeros(len(F), np.float32)
+    order = rng.permutation(len(F))
+    for f in range(min(5, len(F))):
+        held = order[f::5]
+        rest = np.setdiff1d(order, held)
+        scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
+    return head, np.arange(len(F)), scores
+
+
+def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int) -> DefectHead:
+    """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation.
+
+    Raises:
+        DataError: fewer than 3 good images (a held-out spread needs them).
+    """
+    X = np.asarray(X, np.float32)
+    if X.ndim != 2 or len(X) < 3:
+        raise DataError(f"defect heads with an image part need >= 3 good training images, got {len(X)}")
+    n = int(np.prod(patch_shape))
+    F, Z = X[:, :n].reshape(len(X), *patch_shape), X[:, n:]
+    image = fit_image_head(Z, cfg.image)
+    norm = {"image": _norm(held_out_scores(Z, cfg.image, seed=cfg.seed))}
+    patch = None
+    if cfg.kind == "combined":
+        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed)
+        norm["patch"] = _norm(held)
+    return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm,
+                      {"images": int(len(X))})
+
+
+def update_defect_head(head: DefectHead, X: np.ndarray) -> DefectHead:
+    """``head`` after also learning good feature rows ``X``; the normalisation carries over."""
+    F, Z = head.split(X)
+    patch = update_patch_head(head.patch, F) if head.patch is not None else None
+    return dataclasses.replace(head, patch=patch, image=update_image_head(head.image, Z),
+                               meta=dict(head.meta, images=int(head.meta.get("images", 0)) + len(X)))
