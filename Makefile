@@ -9,7 +9,7 @@ DEMO   ?= demo-out
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,test,text-train,fleet,fleet-sim]'
+	$(PY) -m pip install -q -e '.[train,test,text-train,fleet,fleet-sim,report]'
 	touch $(STAMP)
 
 install: $(STAMP)

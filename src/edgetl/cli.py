@@ -156,12 +156,15 @@ def _head_kinds() -> list[str]:
 @sign_option("the bundle's release")
 @click.option("--text-column", help="Text datasets: the text column (default: text, sentence, content, ...).")
 @click.option("--label-column", help="Text datasets: the label column (default: label, class, category, ...).")
+@click.option("--report", "with_report", is_flag=True,
+              help="Also write the HTML report beside the bundle (parts.bundle -> parts-report.html), evaluated on "
+                   "the validation split (defects: the test set); needs edgetl[report]. Elsewhere: `edgetl report`.")
 @json_option
 @quiet_option
 @handle_errors
 def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
         group_by, augment, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key, text_column,
-        label_column, as_json, quiet):
+        label_column, with_report, as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
     DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, a CSV with
@@ -174,6 +177,11 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
     from . import tasks
     from .pipeline.fit import FitOptions, fit as run_fit
 
+    if with_report:  # before minutes of training, not after
+        from .report import check_dependencies, check_out, default_out
+
+        check_dependencies()
+        check_out(default_out(out), out, folder_must_exist=False)
     head = {k: v for k, v in {"kind": head_kind, "l2": l2, "hidden": hidden, "epochs": epochs}.items() if v is not None}
     chosen = tasks.for_data(data, task=task, head=head_kind)
     head = chosen.head_config({**head, "seed": seed})
@@ -184,7 +192,13 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
                       allow_drop=allow_drop, quiet=quiet or as_json, text_column=text_column, label_column=label_column)
     result = run_fit(data, out, options=opts, force=force, signer=_signer(sign_key))
     warn_skipped(result.data.skipped, quiet=quiet)
-    emit(chosen.fit_summary(result), as_json, chosen.render_fit(result))
+    summary, text = chosen.fit_summary(result), chosen.render_fit(result)
+    if with_report:
+        from .report import report_for_fit
+
+        page = report_for_fit(result, default_out(out)).path
+        summary["report"], text = str(page), f"{text}\nreport    {safe(page)}"
+    emit(summary, as_json, text)
 
 
 # ---------------------------------------------------------------------------------------- eval
@@ -578,10 +592,11 @@ def info(bundle, as_json):
 # ----------------------------------------------------------------- groups built on the device API
 def _attach() -> None:
     # Each group lives beside its library package; imported here so `edgetl --help` lists them,
-    # while their optional dependencies (Flower) load only when they run.
+    # while their optional dependencies (Flower, matplotlib) load only when they run.
     from .fleet.cli import fleet
+    from .report.cli import report
 
-    for command in (fleet,):
+    for command in (fleet, report):
         main.add_command(command)
 
 

@@ -233,3 +233,9 @@ def test_bundle_predict_adapt_and_rollback(small_defects, cache_dir, tmp_path, k
     assert after != first
     rollback(out, to=1)
     np.testing.assert_allclose([s.score for s in load_predictor(out).predict(files)], first, rtol=1e-5)
+    if kind == "knn":  # the report of a head without a map: the images alone, and it says why
+        pytest.importorskip("matplotlib")
+        page = tmp_path / "knn-report.html"
+        r = run_cli("report", out, small_defects / "test", "--out", page, env=no_torch_env)
+        assert r.returncode == 0, r.stderr
+        assert "No heat map: this head scores the whole image" in page.read_text()
