@@ -9,7 +9,7 @@ DEMO   ?= demo-out
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[train,test,text-train,fleet,fleet-sim,report]'
+	$(PY) -m pip install -q -e '.[train,test,text-train,fleet,fleet-sim,report,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -592,11 +592,12 @@ def info(bundle, as_json):
 # ----------------------------------------------------------------- groups built on the device API
 def _attach() -> None:
     # Each group lives beside its library package; imported here so `edgetl --help` lists them,
-    # while their optional dependencies (Flower, matplotlib) load only when they run.
+    # while their optional dependencies (Flower, matplotlib, Starlette) load only when they run.
     from .fleet.cli import fleet
     from .report.cli import report
+    from .serve.cli import serve
 
-    for command in (fleet, report):
+    for command in (fleet, report, serve):
         main.add_command(command)
 
 

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import make_folder, run_cli
 
 COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench",
-            "threshold", "rank", "drift", "keygen", "fleet", "report"]
+            "threshold", "rank", "drift", "keygen", "fleet", "report", "serve"]
 
 
 def test_every_help_runs():

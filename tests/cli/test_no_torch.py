@@ -12,8 +12,8 @@ from tests.conftest import run_cli
 
 # Every module of the device side: the layers below the laptop side (docs/ARCHITECTURE.md), found
 # by walking the packages, so a new module is covered the day it is added.
-# The report and fleet rounds run on the device side too (with their extras).
-DEVICE_PACKAGES = ["edgetl.core", "edgetl.heads", "edgetl.tasks", "edgetl.device", "edgetl.report",
+# The report, the service and fleet rounds run on the device side too (with their extras).
+DEVICE_PACKAGES = ["edgetl.core", "edgetl.heads", "edgetl.tasks", "edgetl.device", "edgetl.report", "edgetl.serve",
                    "edgetl.fleet"]
 
 

@@ -1,0 +1,95 @@
+"""Uploaded images: checked before anything decodes them, kept as the review store needs them,
+and drawn small for the operator page (with the defect heat map over them)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import warnings
+
+from ..core.preprocess import max_pixels
+from ..errors import DataError, EdgetlError
+from .engine import MAP_RANGE
+from .review import SUFFIXES
+
+
+class TooLarge(EdgetlError):
+    """A request body or image over the service's limits."""
+
+
+def check_image(data: bytes) -> str:
+    """The suffix an uploaded image is stored under; refuses what is not an image or over the
+    pixel budget before anything decodes it.
+
+    Raises:
+        DataError: not an image Pillow reads.  TooLarge: over the pixel budget.
+    """
+    from PIL import Image
+
+    if not data:
+        raise DataError("upload: the body is empty; send the image file's bytes")
+    budget = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                fmt = im.format
+    except Image.DecompressionBombError:
+        raise TooLarge("upload: the image is over the pixel budget; downscale it or raise EDGETL_MAX_MEGAPIXELS") \
+            from None
+    except (OSError, ValueError, SyntaxError):
+        raise DataError("upload: not an image file Pillow can read (send PNG, JPEG, BMP, TIFF or WebP bytes)") from None
+    if w * h > budget:
+        raise TooLarge(f"upload: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
+                       f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
+    return SUFFIXES.get(fmt, "")
+
+
+def stored_form(data: bytes, suffix: str) -> tuple[bytes, str]:
+    """An image as the review store keeps it: its own bytes, or, for a format the dataset readers
+    do not list (GIF, MPO ...), the RGB image edgetl decoded from it as PNG (the same pixels, so an
+    update sees what the prediction saw)."""
+    if suffix:
+        return data, suffix
+    from PIL import ImageOps
+
+    from ..core.preprocess import decode, to_rgb
+
+    with decode(io.BytesIO(data), "upload") as im:
+        out = io.BytesIO()
+        to_rgb(ImageOps.exif_transpose(im)).save(out, "PNG")
+    return out.getvalue(), ".png"
+
+
+def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
+    """A small JPEG of an image as the model saw it; for defects with the heat map over it."""
+    from PIL import ImageOps
+
+    from ..core.preprocess import decode, resize_crop, to_rgb
+
+    with decode(io.BytesIO(data), "upload") as im:
+        rgb = to_rgb(ImageOps.exif_transpose(im))
+    if map_u8 is not None:
+        from ..tasks.anomaly.render import overlay
+
+        seen = resize_crop(rgb, pre)
+        rgb = overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE) if seen.size == map_u8.shape[::-1] else seen
+    rgb.thumbnail((size, size))
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=82)
+    return out.getvalue()
+
+
+def heatmap_png(data: bytes, pre, map_u8) -> str:
+    from PIL import ImageOps
+
+    from ..core.preprocess import decode, resize_crop, to_rgb
+    from ..tasks.anomaly.render import overlay
+
+    with decode(io.BytesIO(data), "upload") as im:
+        seen = resize_crop(to_rgb(ImageOps.exif_transpose(im)), pre)
+    out = io.BytesIO()
+    overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
