@@ -36,12 +36,12 @@ from ..core.bundle import write_npz_durably
 from ..errors import BundleError, ConfigError, DataError
 from .oneclass import (IMAGE_KINDS, ImageConfig, ImageHead, fit_image_head, held_out_scores, image_scores_nodes,
                        update_image_head)
-from .patch import AnomalyConfig, AnomalyHead, fit_padim, maps_from_patches, patchcore_with_sources, update_patch_head
+from .patch import (HEADER_KEY, AnomalyConfig, AnomalyHead, fit_padim, maps_from_patches, patchcore_with_sources,
+                    read_head_file, update_patch_head)
 
 DEFECT_KINDS = ("combined", *IMAGE_KINDS)
 _FORMAT = "edgetl-defect-head"
 _FORMAT_VERSION = 1
-_HEADER_KEY = "__header__"
 # Held-out scoring of patchcore costs one pass over the bank per training image: a random subset
 # this large pins the normalisation well enough (its standard error ~ 1/sqrt(2n) of the spread).
 MAX_NORM_IMAGES = 80
@@ -248,7 +248,7 @@ class DefectHead:
         payload = {f"image.{k}": np.asarray(v, order="C") for k, v in self.image.arrays.items()}
         if self.patch is not None:
             payload.update({f"patch.{k}": np.asarray(v, order="C") for k, v in self.patch.arrays.items()})
-        payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        payload[HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         write_npz_durably(Path(path), **payload)
 
     @classmethod
@@ -282,27 +282,6 @@ class DefectHead:
             return cls(header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
-
-
-def read_head_file(path: Path) -> tuple[dict, dict]:
-    """(arrays, JSON header) of a head ``.npz``; its header is ``{}`` when it has none.
-
-    Raises:
-        BundleError: missing or unreadable.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            raw = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise BundleError(f"{path}: no such head file") from None
-    except Exception as exc:  # zip errors, pickle refusal, truncation
-        raise BundleError(f"{path}: cannot read head ({type(exc).__name__}: {exc})") from None
-    blob = raw.pop(_HEADER_KEY, None)
-    try:
-        header = json.loads(blob.tobytes().decode()) if blob is not None else {}
-    except (UnicodeDecodeError, ValueError):
-        header = {}
-    return raw, header if isinstance(header, dict) else {}
 
 
 def load_any_head(path: str | Path):

@@ -40,7 +40,8 @@ PATCH_KINDS = ("patchcore", "padim")
 COVARIANCES = ("position", "shared")
 _FORMAT = "edgetl-anomaly-head"
 _FORMAT_VERSION = 1
-_HEADER_KEY = "__header__"
+# The JSON header of a head .npz: its format, kind and settings (no pickles).
+HEADER_KEY = "__header__"
 
 
 # =============================================================================== configuration
@@ -262,7 +263,7 @@ class AnomalyHead:
             m2 = payload.pop("m2")
             rows, cols = np.triu_indices(m2.shape[-1])
             payload["m2_triu"] = m2[:, rows, cols]
-        payload[_HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        payload[HEADER_KEY] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         write_npz_durably(path, **payload)
 
     @classmethod
@@ -273,14 +274,7 @@ class AnomalyHead:
             BundleError: missing, unreadable or not an anomaly head.
         """
         path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                raw = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise BundleError(f"{path}: no such head file") from None
-        except Exception as exc:  # zip errors, pickle refusal, truncation
-            raise BundleError(f"{path}: cannot read anomaly head ({type(exc).__name__}: {exc})") from None
-        blob = raw.pop(_HEADER_KEY, None)
+        raw, header = read_head_file(path)
         if "m2_triu" in raw:
             packed = raw.pop("m2_triu")
             d = int(round((math.sqrt(8 * packed.shape[-1] + 1) - 1) / 2))
@@ -289,11 +283,7 @@ class AnomalyHead:
             m2[:, iu[0], iu[1]] = packed
             m2[:, iu[1], iu[0]] = packed
             raw["m2"] = m2
-        try:
-            header = json.loads(blob.tobytes().decode()) if blob is not None else None
-        except (UnicodeDecodeError, ValueError):
-            header = None
-        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        if header.get("format") != _FORMAT:
             raise BundleError(f"{path}: not an edgetl anomaly head")
         if header.get("version") != _FORMAT_VERSION:
             raise BundleError(f"{path}: anomaly head format {header.get('version')}; this edgetl reads {_FORMAT_VERSION}")
@@ -303,6 +293,27 @@ class AnomalyHead:
             raise BundleError(f"{path}: anomaly head of kind {header.get('kind')!r} lacks arrays {missing}")
         return cls(header["kind"], AnomalyConfig.from_dict(header["config"]), tuple(header["grid"]),
                    int(header["channels_in"]), int(header["size"]), raw, header.get("meta", {}))
+
+
+def read_head_file(path: Path) -> tuple[dict, dict]:
+    """(arrays, JSON header) of a head ``.npz``; its header is ``{}`` when it has none.
+
+    Raises:
+        BundleError: missing or unreadable.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no such head file") from None
+    except Exception as exc:  # zip errors, pickle refusal, truncation
+        raise BundleError(f"{path}: cannot read head ({type(exc).__name__}: {exc})") from None
+    blob = raw.pop(HEADER_KEY, None)
+    try:
+        header = json.loads(blob.tobytes().decode()) if blob is not None else {}
+    except (UnicodeDecodeError, ValueError):
+        header = {}
+    return raw, header if isinstance(header, dict) else {}
 
 
 def maps_from_patches(S: np.ndarray, A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

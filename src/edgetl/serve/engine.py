@@ -282,6 +282,8 @@ class Engine:
                 except DataError as exc:
                     per.append(DataError(f"upload: {str(exc).split(': ', 1)[-1]}"))
         thr = float(p.threshold)
+        # 1.0 on the drawn map is the threshold; a combined head's map is only its patch part.
+        cut = getattr(p.head, "map_cut", lambda t: t)(thr)
         out: list = []
         for x in per:
             if isinstance(x, DataError):
@@ -290,7 +292,7 @@ class Engine:
             m, s = np.asarray(x[0], np.float32), float(x[1])
             peak = np.unravel_index(int(np.argmax(m)), m.shape)
             verdict = "defect" if s >= thr else "good"
-            norm = m / thr
+            norm = m / cut
             u8 = np.round(np.clip(norm / MAP_RANGE, 0, 1) * 255).astype(np.uint8)
             out.append(Answer({"label": verdict, "verdict": verdict, "score": round(s, 6), "threshold": round(thr, 6),
                                "normalised": round(s / thr, 6), "peak": [int(peak[0]), int(peak[1])]},
