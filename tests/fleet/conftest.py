@@ -60,5 +60,5 @@ def defects(cache_dir, tmp_path_factory):
     """The built-in defects example and a PatchCore bundle fitted on its good images."""
     root = tmp_path_factory.mktemp("defects")
     run_edgetl("example", "defects", root / "data")
-    run_edgetl("fit", root / "data", "--out", root / "parts.bundle", *FIT_FP32)
+    run_edgetl("fit", root / "data", "--out", root / "parts.bundle", "--head", "patchcore", *FIT_FP32)
     return root / "data", root / "parts.bundle"

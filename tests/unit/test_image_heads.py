@@ -217,6 +217,11 @@ def test_bundle_predict_adapt_and_rollback(small_defects, cache_dir, tmp_path, k
         cut = p1.head.map_cut(p1.threshold)
         assert 0 < cut < p1.threshold
         assert np.median(maps.reshape(len(maps), -1).max(axis=1)) < cut  # good images stay below it
+        from edgetl.fleet.server import FleetRound
+        from edgetl.errors import EdgetlError
+
+        with pytest.raises(EdgetlError, match="cannot be merged by a fleet round yet.*--head patchcore"):
+            FleetRound(out)
     if kind == "knn":
         from edgetl.errors import ConfigError
 

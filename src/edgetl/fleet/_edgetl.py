@@ -66,8 +66,18 @@ def for_update(path, *, operation: str = "adapt", wait: float = 0.0):
 
 
 def current_head(b):
-    """The bundle's current head: a ``Head`` (classify / text) or an ``AnomalyHead``."""
-    return tasks.for_bundle(b).load_head(b.path / b.head_entry()["file"])
+    """The bundle's current head: a ``Head`` (classify / text) or an ``AnomalyHead``.
+
+    Raises:
+        FleetError: a defect head with an image-level part (combined, knn, gaussian): its merges
+            (and the normalisation of its two parts across devices) are not built yet.
+    """
+    head = tasks.for_bundle(b).load_head(b.path / b.head_entry()["file"])
+    if b.task == "anomaly" and not isinstance(head, _patch.AnomalyHead):
+        raise FleetError(f"{b.path}: its {getattr(head, 'label', head.kind)} defect head cannot be merged by a "
+                         "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
+                         "or --head padim")
+    return head
 
 
 def head_entry(b) -> dict:
@@ -184,7 +194,8 @@ def patch_features(b, paths, *, quiet: bool = True) -> np.ndarray:
     """Patch features (N, C, H, W) through an anomaly bundle's backbone (as ``adapt`` does)."""
     pred = AnomalyPredictor(b, fused=False)
     ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
-    return ext.patches([Path(p) for p in paths], quiet=quiet, desc="fleet features")
+    rows = ext.patches([Path(p) for p in paths], quiet=quiet, desc="fleet features")  # (N, C*H*W)
+    return rows.reshape(len(rows), *ext.shape)
 
 
 def anomaly_scores(b, head, F) -> np.ndarray:
