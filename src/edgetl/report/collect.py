@@ -198,9 +198,7 @@ def _evaluate_defects(predictor, data, *, strict: bool) -> dict:
     """What ``edgetl eval`` reports on ``data`` (the same functions, so the same numbers), plus the
     score of every image for the histograms and ROC curves and the heat maps of the galleries,
     from one pass of the model over the images."""
-    from ..core.metrics import auroc
-    from ..tasks.anomaly.data import labelled_images, load_mask
-    from ..tasks.anomaly.metrics import detection_metrics
+    from ..tasks.anomaly.data import labelled_images
 
     if isinstance(data, (list, tuple)):  # items a fit found: held-out good images, no masks
         samples, mask_files, skipped = [_Sample(Path(getattr(s, "path", s)), getattr(s, "label", "good"))
@@ -217,18 +215,8 @@ def _evaluate_defects(predictor, data, *, strict: bool) -> dict:
     if not samples:
         raise DataError(f"{where}: no labelled images; expected good/ and <defect>/ folders")
     pre = predictor.preprocess
-    maps, scores = predictor.maps([s.path for s in samples])
     thr = float(predictor.threshold)
-    y = np.array([s.label != "good" for s in samples], bool)
-    masks = [load_mask(mask_files.get(str(s.path)), pre) if y[i] else None for i, s in enumerate(samples)]
-    m = detection_metrics(y, scores, thr, maps=maps, masks=masks)
-    per_kind = {}
-    for kind in sorted({s.label for s in samples} - {"good"}):
-        sel = np.array([s.label in ("good", kind) for s in samples])
-        v = auroc(y[sel], scores[sel])
-        per_kind[kind] = None if v is None else round(float(v), 4)
-    m.update(per_defect_auroc=per_kind, head_version=predictor.version,
-             skipped=[{"path": str(p), "reason": r} for p, r in skipped])
+    m, maps, scores, y, masks = predictor.score_samples(samples, mask_files, skipped)
     norm = scores / thr
     m["scores"] = [{"path": str(s.path), "label": s.label, "normalised": round(float(v), 6)}
                    for s, v in zip(samples, norm)]

@@ -169,13 +169,18 @@ class AnomalyPredictor:
         samples, masks, skipped = labelled_images(data, strict=strict)
         if not samples:
             raise DataError(f"{data}: no labelled images; expected good/ and <defect>/ folders")
+        return self.score_samples(samples, masks, skipped, threshold=threshold)[0]
+
+    def score_samples(self, samples: list, mask_files: dict, skipped: list, *, threshold: float | None = None):
+        """(metrics as :meth:`evaluate` reports them, maps or None, scores, is-defect, masks) of
+        labelled samples, from one pass of the model (the report draws from the same pass)."""
+        from ...core.metrics import auroc
+
         maps, scores = self.maps([s.path for s in samples])
         thr = self.threshold if threshold is None else float(threshold)
         y = np.array([s.label != "good" for s in samples], bool)
-        mk = [load_mask(masks.get(str(s.path)), self.preprocess) if y[i] else None for i, s in enumerate(samples)]
+        mk = [load_mask(mask_files.get(str(s.path)), self.preprocess) if y[i] else None for i, s in enumerate(samples)]
         m = detection_metrics(y, scores, thr, maps=maps, masks=mk)
-        from ...core.metrics import auroc
-
         per_kind = {}
         for kind in sorted({s.label for s in samples} - {"good"}):
             sel = np.array([s.label in ("good", kind) for s in samples])
@@ -183,7 +188,7 @@ class AnomalyPredictor:
             per_kind[kind] = None if v is None else round(float(v), 4)
         m.update(per_defect_auroc=per_kind, head_version=self.version,
                  skipped=[{"path": str(p), "reason": r} for p, r in skipped])
-        return m
+        return m, maps, scores, y, mk
 
 
 class PatchExtractor(ImageExtractor):
