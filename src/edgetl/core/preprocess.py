@@ -130,8 +130,9 @@ def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
         raise DataError(f"{name}: not a readable image ({_reason(exc)})") from None
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image file Pillow reads into an 8-bit RGB image, upright.
+def load_rgb(path, name: str | Path | None = None) -> Image.Image:
+    """Decode any image file Pillow reads into an 8-bit RGB image, upright. ``path`` may also be an
+    open binary stream (an upload), named ``name`` in messages.
 
     Handles EXIF orientation, grayscale, palette, RGBA/LA (composited on grey), CMYK, and 16-bit
     or float single-channel images (rescaled to 8 bits rather than clipped).
@@ -139,12 +140,13 @@ def load_rgb(path: str | Path) -> Image.Image:
     Raises:
         DataError: the file is missing, truncated, not an image or over the pixel budget.
     """
-    path = Path(path)
-    with decode(path, path) as im:
+    source = Path(path) if isinstance(path, (str, Path)) else path
+    name = name if name is not None else source
+    with decode(source, name) as im:
         try:
             return to_rgb(ImageOps.exif_transpose(im))
         except MemoryError:
-            raise DataError(f"{path}: not enough memory to convert this image") from None
+            raise DataError(f"{name}: not enough memory to convert this image") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

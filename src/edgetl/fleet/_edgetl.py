@@ -38,7 +38,7 @@ from ..device import adapt as _adapt
 from ..errors import BundleBusy, BundleError, ConfigError, DataError, EdgetlError, GateError, MissingDependency, TrustError
 from ..heads import exemplars as _exemplars
 from ..heads import patch as _patch
-from ..heads.classification import HEAD_KINDS, Head, HeadConfig
+from ..heads.classification import Head, HeadConfig
 from ..heads.training import train_head as _train_head
 from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
@@ -80,20 +80,12 @@ def current_head(b):
     return head
 
 
-def head_entry(b) -> dict:
-    return dict(b.head_entry())
-
-
 def signing_key(option):
     """A signing key from a path (or ``EDGETL_SIGN_KEY``), or None."""
     return signing_key_from(option)
 
 
 # ------------------------------------------------------------------------------------ heads
-def head_kinds() -> tuple[str, ...]:
-    return tuple(HEAD_KINDS)
-
-
 def head_from_arrays(kind: str, labels: list[str], arrays: dict, meta: dict | None = None):
     """A classification ``Head`` from float arrays, checked like loading a head file.
 
@@ -106,16 +98,12 @@ def head_from_arrays(kind: str, labels: list[str], arrays: dict, meta: dict | No
         raise FleetError(f"global head refused: {exc}") from None
 
 
-def head_config(**kw):
-    return HeadConfig(**kw)
-
-
 def train_head(X, y, labels, **kw):
     """edgetl's numpy head trainer: the central and device-alone baselines."""
     cfg = kw.pop("cfg", None)
     if cfg is None:
-        cfg = head_config(kind=kw.pop("kind", "linear"),
-                          **{k: kw.pop(k) for k in list(kw) if k in ("l2", "seed", "hidden", "epochs")})
+        cfg = HeadConfig(kind=kw.pop("kind", "linear"),
+                         **{k: kw.pop(k) for k in list(kw) if k in ("l2", "seed", "hidden", "epochs")})
     return _train_head(X, y, labels, cfg=cfg, **kw)
 
 

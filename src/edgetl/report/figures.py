@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import require
+from ..errors import DataError, require
 
 # Okabe & Ito (2008), "Color Universal Design".
 BLUE, ORANGE, GREEN, VERMILLION, SKY, PURPLE, YELLOW, BLACK = (
@@ -408,11 +408,11 @@ def thumbnail(path: str, *, size: int = 112) -> str | None:
     from PIL import Image as PILImage
     from PIL import ImageOps
 
-    try:
-        with PILImage.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im = ImageOps.fit(im, (size, size), PILImage.Resampling.BILINEAR)
-    except (OSError, ValueError):
+    from ..core.preprocess import load_rgb
+
+    try:  # the model's own decoder: pixel budget, EXIF orientation, 16-bit and CMYK handled alike
+        im = ImageOps.fit(load_rgb(path), (size, size), PILImage.Resampling.BILINEAR)
+    except DataError:
         return None
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=82)

@@ -52,24 +52,18 @@ def stored_form(data: bytes, suffix: str) -> tuple[bytes, str]:
     update sees what the prediction saw)."""
     if suffix:
         return data, suffix
-    from PIL import ImageOps
+    from ..core.preprocess import load_rgb
 
-    from ..core.preprocess import decode, to_rgb
-
-    with decode(io.BytesIO(data), "upload") as im:
-        out = io.BytesIO()
-        to_rgb(ImageOps.exif_transpose(im)).save(out, "PNG")
+    out = io.BytesIO()
+    load_rgb(io.BytesIO(data), "upload").save(out, "PNG")
     return out.getvalue(), ".png"
 
 
 def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
     """A small JPEG of an image as the model saw it; for defects with the heat map over it."""
-    from PIL import ImageOps
+    from ..core.preprocess import load_rgb, resize_crop
 
-    from ..core.preprocess import decode, resize_crop, to_rgb
-
-    with decode(io.BytesIO(data), "upload") as im:
-        rgb = to_rgb(ImageOps.exif_transpose(im))
+    rgb = load_rgb(io.BytesIO(data), "upload")
     if map_u8 is not None:
         from ..tasks.anomaly.render import overlay
 
@@ -82,13 +76,10 @@ def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
 
 
 def heatmap_png(data: bytes, pre, map_u8) -> str:
-    from PIL import ImageOps
-
-    from ..core.preprocess import decode, resize_crop, to_rgb
+    from ..core.preprocess import load_rgb, resize_crop
     from ..tasks.anomaly.render import overlay
 
-    with decode(io.BytesIO(data), "upload") as im:
-        seen = resize_crop(to_rgb(ImageOps.exif_transpose(im)), pre)
+    seen = resize_crop(load_rgb(io.BytesIO(data), "upload"), pre)
     out = io.BytesIO()
     overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
