@@ -38,6 +38,16 @@ def surfaces(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def int8_bundle(surfaces, cache_dir, tmp_path_factory) -> Path:
+    """An INT8 bundle of the example for the default target, fitted once through the CLI; tests that
+    change it work on a copy."""
+    out = tmp_path_factory.mktemp("nt") / "int8.bundle"
+    r = run_cli("fit", surfaces, "--out", out, "--calibration-size", "64", "--allow-drop", "--json")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def write_image(path: Path, *, mode: str = "RGB", size=(64, 48), seed: int = 0) -> Path:
     """A small random-texture image of the given Pillow mode."""
     rng = np.random.default_rng(seed)

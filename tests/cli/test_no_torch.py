@@ -50,14 +50,6 @@ def test_blocker_really_blocks(no_torch_env):
     assert r.returncode != 0 and "blocked" in r.stderr
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(surfaces, cache_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("nt") / "int8.bundle"
-    r = run_cli("fit", surfaces, "--out", out, "--calibration-size", "64", "--allow-drop", "--json")
-    assert r.returncode == 0, r.stderr
-    return out
-
-
 def test_predict_and_eval_without_torch_match_in_process(int8_bundle, surfaces, no_torch_env):
     from edgetl.device.predict import load_predictor
 

@@ -31,11 +31,11 @@ import hashlib
 import json
 import os
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, TrustError, require
+from .compat import tomllib
 
 PREFIX = "edgetl-ed25519"
 OPERATIONS = ("release", "adapt", "fleet", "rollback", "threshold")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .compat import tomllib
 
 # bf16: FP32 weights computed in bfloat16, on OpenVINO where the CPU has native bf16 (AVX-512 BF16,
 # AMX); on other CPUs OpenVINO keeps f32 and the report says so.
