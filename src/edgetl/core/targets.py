@@ -51,6 +51,9 @@ class Quantization:
     overflow_fix: str = "first_layer"  # enable | first_layer | disable
     channel_alignment: bool = False  # NNCF cross-layer equalisation (depthwise-separable nets)
     accuracy_control: bool = False  # on a missed tolerance, retry with NNCF accuracy control (OpenVINO)
+    # Accuracy control re-validates the model once per reverted layer: on a slow or busy CPU that can
+    # run for many minutes, so fit stops it after this many seconds and keeps plain INT8 (said).
+    accuracy_control_budget_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ def _check_rules(t: Target, where: str) -> None:
         raise ConfigError(f"{where}: opset = {t.opset}; edgetl exports opset 17 to 21 (18 recommended)")
     if t.accuracy_tolerance < 0:
         raise ConfigError(f"{where}: accuracy_tolerance must be >= 0 (percentage points)")
+    if not 0 < q.accuracy_control_budget_s < float("inf"):
+        raise ConfigError(f"{where}: quantization.accuracy_control_budget_s must be a positive number of seconds")
     if not 1 <= q.calibration_size <= 100_000:
         raise ConfigError(f"{where}: quantization.calibration_size must be between 1 and 100000")
     if t.device.upper().startswith("NPU") and not t.static:

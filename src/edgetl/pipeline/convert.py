@@ -309,7 +309,6 @@ def _convert(fp32_onnx: Path, *, target: Target, out_dir: Path, calibration=None
 # then reverts the worst one per iteration. Both are bounded: at most this many iterations, and a
 # wall-clock budget after which it stops and the plain INT8 model stands (the gate then refuses).
 ACCURACY_CONTROL_MAX_ITERATIONS = 12
-ACCURACY_CONTROL_BUDGET_S = 120.0
 
 
 class _OutOfTime(Exception):
@@ -344,7 +343,7 @@ def convert_with_accuracy_control(
     score,
     max_drop: float,
     stem: str = "backbone",
-    budget_s: float = ACCURACY_CONTROL_BUDGET_S,
+    budget_s: float | None = None,
     quiet: bool = False,
 ) -> ConvertedModel:
     """INT8 through NNCF's accuracy-controlled quantization (OpenVINO IR only).
@@ -356,7 +355,7 @@ def convert_with_accuracy_control(
     "accuracy" means what the gate means. The layers left in float are in
     ``info["accuracy_control"]["float_layers"]``. After ``budget_s`` seconds it stops: then no
     model file is written and ``info["accuracy_control"]["stopped"]`` says why (the caller keeps
-    the plain INT8 model).
+    the plain INT8 model); None: the profile's ``quantization.accuracy_control_budget_s``.
 
     Raises:
         ConfigError: the target's runtime is not OpenVINO.
@@ -366,6 +365,8 @@ def convert_with_accuracy_control(
     ov = _ov_core()
     nncf = load_nncf()
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    budget_s = target.quantization.accuracy_control_budget_s if budget_s is None else budget_s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

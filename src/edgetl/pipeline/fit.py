@@ -37,7 +37,7 @@ from ..core.gate import GateDecision, enforce
 from ..core.sessions import default_threads, open_session, time_calls
 from ..core.targets import Target, load_target
 from ..errors import ConfigError
-from .convert import ACCURACY_CONTROL_BUDGET_S, ConvertedModel, Restore, converted_model
+from .convert import ConvertedModel, Restore, converted_model
 
 log = logging.getLogger("edgetl")
 
@@ -293,7 +293,7 @@ def _accuracy_control(run: _Run, shipped, trained, reference, ref, decision):
     Only a shown excess gets here: an inconclusive drop could not be changed."""
     task, target, options = run.task, run.target, run.options
     log.warning("%s: %s; trying accuracy-controlled quantization (at most %d s)", target.name, decision.describe(),
-                ACCURACY_CONTROL_BUDGET_S)
+                target.quantization.accuracy_control_budget_s)
     key = hashlib.sha256("|".join([s.digest for s in run.data.train] + ["val"] + [s.digest for s in run.data.val]
                                   + [json.dumps(options.to_dict()["head"], sort_keys=True),
                                      str(options.augment)]).encode()).hexdigest()
