@@ -10,6 +10,7 @@ hyper-parameters finds every vector here and never runs the backbone.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from ..errors import DataError
 from .bundle import sha256_file
 from .console import progress
-from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
+from .preprocess import DECODE_VERSION, PreprocessConfig, load_rgb, resize_crop, resize_side, to_tensor
 
 
 def default_cache_dir() -> Path:
@@ -47,6 +48,8 @@ def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
     if model_path.suffix == ".xml" and weights.is_file():
         parts.append(file_digest(weights))
     parts.append(preprocess.digest())
+    if DECODE_VERSION > 1:  # the first decoder's vectors keep their keys
+        parts.append(f"decode-{DECODE_VERSION}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -125,9 +128,16 @@ def _seed_for(digest: str, view: int) -> int:
     return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:12], 16)
 
 
+# An augmented view keeps as little as this share of the side (the 60 % area crop of
+# :func:`augment`), so its decode keeps proportionally more pixels.
+_AUGMENT_MIN_SIDE = 0.6 ** 0.5
+
+
 def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", view: int = 0) -> np.ndarray:
-    """Decode + (optionally augment) + preprocess one image into the backbone's CHW input."""
-    im = load_rgb(path)
+    """Decode (sized for the model, region of interest cut out) + (optionally augment) + preprocess
+    one image into the backbone's CHW input."""
+    need = resize_side(preprocess)
+    im = load_rgb(path, cfg=preprocess, need=math.ceil(need / _AUGMENT_MIN_SIDE) if view else need)
     if view:
         im = augment(im, seed=_seed_for(digest or str(path), view))
     return to_tensor(resize_crop(im, preprocess), preprocess)

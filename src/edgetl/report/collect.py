@@ -269,7 +269,7 @@ def seen_image(path, pre) -> np.ndarray:
     """The image as the model saw it (resize and centre crop), RGB uint8."""
     from ..core.preprocess import load_rgb, resize_crop
 
-    return np.asarray(resize_crop(load_rgb(path), pre).convert("RGB"))
+    return np.asarray(resize_crop(load_rgb(path, cfg=pre), pre).convert("RGB"))
 
 
 def roc_curve(y: np.ndarray, s: np.ndarray, *, points: int | None = None) -> dict:

@@ -63,7 +63,7 @@ def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
     """A small JPEG of an image as the model saw it; for defects with the heat map over it."""
     from ..core.preprocess import load_rgb, resize_crop
 
-    rgb = load_rgb(io.BytesIO(data), "upload")
+    rgb = load_rgb(io.BytesIO(data), "upload", cfg=pre, need=size if map_u8 is None else None)
     if map_u8 is not None:
         from ..tasks.anomaly.render import overlay
 
@@ -79,7 +79,7 @@ def heatmap_png(data: bytes, pre, map_u8) -> str:
     from ..core.preprocess import load_rgb, resize_crop
     from ..tasks.anomaly.render import overlay
 
-    seen = resize_crop(load_rgb(io.BytesIO(data), "upload"), pre)
+    seen = resize_crop(load_rgb(io.BytesIO(data), "upload", cfg=pre), pre)
     out = io.BytesIO()
     overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
