@@ -124,3 +124,68 @@ def test_roi_parse_refuses_what_is_not_a_region(bad):
 def test_default_config_digest_is_unchanged_by_the_roi_field():
     # Cache keys of bundles and features without a region stay what they were.
     assert "roi" not in CFG.to_dict()
+
+
+def test_decoded_keeps_order_and_raises_at_the_items_turn():
+    import time
+
+    from edgetl.core.features import decoded
+
+    def slow(k):
+        time.sleep(0.002 * (k % 3))  # later items often finish first
+        if k == 7:
+            raise DataError(f"item {k}: unreadable")
+        return k * k
+
+    got, started = [], []
+    with pytest.raises(DataError, match="item 7"):
+        for item, result, _more in decoded(slow, range(20), depth=4, threads=3):
+            got.append((item, result))
+            started.append(item)
+    assert got == [(k, k * k) for k in range(7)]  # in order, up to the failing item
+
+
+def test_decoded_runs_at_most_depth_items_ahead():
+    import threading
+
+    from edgetl.core.features import decoded
+
+    done = []
+    lock = threading.Lock()
+
+    def work(k):
+        with lock:
+            done.append(k)
+        return k
+
+    ahead = []
+    for item, _, _ in decoded(work, range(50), depth=5, threads=2):
+        with lock:
+            ahead.append(max(done) - item)
+    assert max(ahead) <= 5
+
+
+@pytest.mark.parametrize("roi, ok", [
+    ({"x": 10, "y": 20, "w": 100, "h": 50, "unit": "px"}, True),
+    ({"x": 0.1, "y": 0, "w": 0.9, "h": 1, "unit": "fraction"}, True),
+    ({"x": -1, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
+    ({"x": 0.5, "y": 0, "w": 0.6, "h": 1, "unit": "fraction"}, False),
+    ({"x": 1.5, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
+    ({"x": 0, "y": 0, "w": float("nan"), "h": 10}, False),
+    ({"x": 0, "y": 0, "w": 10, "h": 10, "unit": "mm"}, False),
+    ([0, 0, 10, 10], False),
+])
+def test_manifest_region_of_interest_is_checked_on_load(roi, ok):
+    from edgetl.core.manifest import validate
+    from edgetl.errors import BundleError
+    from tests.conftest import minimal_manifest
+
+    entry = {"sha256": "0" * 64, "bytes": 1}
+    m = minimal_manifest(files={"backbone.onnx": entry, "heads/v1.npz": entry})
+    m["backbone"]["preprocess"]["roi"] = roi
+    if ok:
+        validate(m)
+        assert PreprocessConfig.from_dict(m["backbone"]["preprocess"]).roi is not None
+    else:
+        with pytest.raises(BundleError, match="backbone.preprocess.roi"):
+            validate(m)
