@@ -13,7 +13,9 @@ import hashlib
 import json
 import math
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,16 +176,107 @@ class PreprocessConfig:
 
 DEFAULT_MAX_MEGAPIXELS = 64.0
 
+# Bytes of memory one pixel of the budget stands for: Pillow keeps an RGB pixel in 4 bytes, and
+# an image kept at full size may need an upright copy and an RGB conversion (4 + 4 + 4), so an RGB
+# image at the pixel budget passes however it is decoded.
+_BUDGET_BYTES_PER_PIXEL = 12
+
+
+class OverBudget(DataError):
+    """An image whose decode would take more memory than the pixel budget allows."""
+
 
 def max_pixels() -> int:
-    """The pixel budget per image: ``EDGETL_MAX_MEGAPIXELS`` (default 64, i.e. 8000 x 8000). A
+    """The pixel budget per image: ``EDGETL_MAX_MEGAPIXELS`` (default 64, i.e. 8000 x 8000 RGB). A
     12000 x 12000 PNG of 420 KB decodes to 430 MB of RGB and needed 1.2 GB of memory; such an
-    image is refused before it is decoded."""
+    image is refused before it is decoded. A value that is not a positive finite number means the
+    default."""
     try:
         mp = float(os.environ.get("EDGETL_MAX_MEGAPIXELS", DEFAULT_MAX_MEGAPIXELS))
     except ValueError:
         mp = DEFAULT_MAX_MEGAPIXELS
-    return int(max(mp, 0.01) * 1_000_000)
+    if not math.isfinite(mp) or mp <= 0:
+        mp = DEFAULT_MAX_MEGAPIXELS
+    return int(min(max(mp, 0.01), 1e6) * 1_000_000)
+
+
+def budget_bytes() -> int:
+    """The memory one image's decode may take: the pixel budget's RGB pixels, decoded, turned
+    upright and converted. Besides its source pixels, an image is charged for its bytes per pixel and the copies
+    its conversion makes (:func:`decode_cost`)."""
+    return max_pixels() * _BUDGET_BYTES_PER_PIXEL
+
+
+def _stored_bytes(mode: str) -> int:
+    """Bytes per pixel Pillow keeps for ``mode`` (multi-band images take 4 bytes a pixel)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def _work_bytes(mode: str) -> int:
+    """Bytes per pixel of the copies :func:`to_rgb` and the orientation fix make of an image in ``mode``."""
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return 4 + 1 + 4  # float32 rescale, 8-bit result, RGB
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La", "P"):
+        return 4 * 3  # RGBA, the grey background, the composite
+    return 4 + _stored_bytes(mode)  # an upright copy, the RGB conversion
+
+
+def decode_cost(im: Image.Image, reduce_by: int = 1) -> int:
+    """Peak bytes of decoding ``im`` (as opened: a JPEG at its draft scale) and bringing it to RGB,
+    reduced by ``reduce_by``: what the budget counts, so a 16-bit or float image is charged for its
+    bytes per pixel and a JPEG decoded at 1/8 scale for what it really decodes."""
+    w, h = im.size
+    px = w * h
+    cost = px * _stored_bytes(im.mode)
+    if reduce_by >= 2 and (im.mode.startswith("I;16") or im.mode not in _REDUCIBLE):
+        cost += px * 4  # widened to 32-bit integers, or converted to RGB, before the box filter
+    out = math.ceil(w / reduce_by) * math.ceil(h / reduce_by)
+    return cost + out * _work_bytes(im.mode)
+
+
+def check_cost(im: Image.Image, name, reduce_by: int = 1) -> int:
+    """The decode's cost in bytes, within the budget.
+
+    Raises:
+        OverBudget: over :func:`budget_bytes`.
+    """
+    cost, budget = decode_cost(im, reduce_by), budget_bytes()
+    if cost > budget:
+        w, h = im.size
+        raise OverBudget(f"{name}: {w} x {h} {im.mode} image would take {cost / 1e6:.0f} MB to decode, over the pixel "
+                         f"budget's {budget / 1e6:.0f} MB ({max_pixels() / 1e6:g} megapixels of RGB); downscale it or "
+                         "raise EDGETL_MAX_MEGAPIXELS")
+    return cost
+
+
+class _MemoryGate:
+    """Decodes running at once hold at most one budget of memory between them (beyond one at a
+    time): the threads decoding ahead of the model never multiply the peak of a large image."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._used = 0
+
+    @contextmanager
+    def hold(self, cost: int):
+        limit = budget_bytes()
+        with self._cond:
+            while self._used and self._used + cost > limit:
+                self._cond.wait()
+            self._used += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= cost
+                self._cond.notify_all()
+
+
+_GATE = _MemoryGate()
 
 
 def _reason(exc: Exception) -> str:
@@ -195,25 +288,35 @@ def _reason(exc: Exception) -> str:
 
 
 def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
-    """Open ``source`` (a path or a binary file object) as an image within the pixel budget, fully
-    decoded (``load``) so a truncated file fails here. The caller closes it.
+    """Open ``source`` (a path or a binary file object) as an image within the pixel budget. With
+    ``load``, its decode's memory is checked too (:func:`check_cost`) and it is decoded so a
+    truncated file fails here (a JPEG at 1/8 scale: its whole
+    entropy-coded stream is still read); without, the caller sizes, checks and decodes it (as
+    :func:`load_rgb` does). The caller closes it.
 
     Raises:
-        DataError: unreadable, truncated, not an image, or over the pixel budget.
+        DataError: unreadable, truncated, not an image.  OverBudget: over the budget.
     """
-    budget = max_pixels()
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns on stderr at 89 MP; edgetl's budget decides, in one line.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(source)
-            w, h = im.size
-            if w * h > budget:
+        w, h = im.size
+        budget = max_pixels()
+        if w * h > budget:  # decoding time grows with the source's pixels, whatever is kept of them
+            im.close()
+            raise OverBudget(f"{name}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
+                             f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
+        if load:
+            try:
+                if im.format == "JPEG":
+                    im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                with _GATE.hold(check_cost(im, name)):
+                    im.load()
+            except BaseException:
                 im.close()
-                raise DataError(f"{name}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
-                                f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
-            if load:
-                im.load()
+                raise
         return im
     except DataError:
         raise
@@ -222,7 +325,9 @@ def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
     except MemoryError:
         raise DataError(f"{name}: not enough memory to decode this image; downscale it or lower "
                         "EDGETL_MAX_MEGAPIXELS") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise OverBudget(f"{name}: over Pillow's decompression-bomb limit ({_reason(exc)}); downscale it") from None
+    except (OSError, ValueError, SyntaxError, OverflowError) as exc:
         raise DataError(f"{name}: not a readable image ({_reason(exc)})") from None
 
 
@@ -284,7 +389,7 @@ def load_rgb(path, name: str | Path | None = None, *, cfg: "PreprocessConfig | N
             return _decode_sized(im, name, int(need), roi)
         except MemoryError:
             raise DataError(f"{name}: not enough memory to convert this image") from None
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (OSError, ValueError, SyntaxError, OverflowError) as exc:
             raise DataError(f"{name}: not a readable image ({_reason(exc)})") from None
 
 
@@ -309,12 +414,17 @@ def _decode_sized(im: Image.Image, name, need: int, roi: "Roi | None") -> Image.
             # Asking for (w // s, h // s) makes Pillow pick exactly scale s (it takes the largest
             # scale whose ceil-divided size still covers the request).
             im.draft(im.mode, (im.size[0] // scale, im.size[1] // scale))
-    im.load()
-    w, h = _upright_size(im)
+    w, h = _upright_size(im)  # as it will decode (a drafted JPEG's size is already the scaled one)
     # A box filter alone aliases (measured on a 5 MP PNG: mean error 0.03 against a full decode when
     # reduced to just above the need, 0.002 when twice the need is kept); libjpeg's scaled inverse
     # DCT does not (0.003 at just above the need), so the JPEG scale may go down to the need itself.
     rest = max(1, min(box[2] - box[0], box[3] - box[1]) * w // full_w // (_BOX_GAP * need)) if need > 0 else 1
+    with _GATE.hold(check_cost(im, name, rest)):
+        return _reduce_convert(im, rest, full_w, full_h, box if roi is not None else None)
+
+
+def _reduce_convert(im: Image.Image, rest: int, full_w: int, full_h: int, box) -> Image.Image:
+    im.load()
     if rest >= 2:
         if im.mode.startswith("I;16"):
             im = im.convert("I")
@@ -323,7 +433,7 @@ def _decode_sized(im: Image.Image, name, need: int, roi: "Roi | None") -> Image.
         im = im.reduce(rest)
     im = ImageOps.exif_transpose(im)
     w, h = im.size
-    if roi is not None:
+    if box is not None:
         fx, fy = full_w / w, full_h / h
         im = im.crop((round(box[0] / fx), round(box[1] / fy), max(round(box[2] / fx), round(box[0] / fx) + 1),
                       max(round(box[3] / fy), round(box[1] / fy) + 1)))
@@ -333,13 +443,20 @@ def _decode_sized(im: Image.Image, name, need: int, roi: "Roi | None") -> Image.
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert a decoded Pillow image of any mode to 8-bit RGB."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        if im.mode == "I" and arr.max() <= 255:
+        # float32, in place: one 4-byte copy of the image, where float64 temporaries took ~4 x 8 bytes.
+        arr = np.array(im, dtype=np.float32)
+        peak = float(arr.max()) if arr.size else 0.0
+        top = 65535.0 if im.mode.startswith("I;16") else max(peak, 1.0)
+        if im.mode == "I" and peak <= 255:
             top = 255.0
-        if im.mode == "F" and arr.max() <= 1.0:
+        if im.mode == "F" and peak <= 1.0:
             top = 1.0
-        arr8 = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        np.divide(arr, np.float32(top), out=arr)
+        np.multiply(arr, np.float32(255.0), out=arr)
+        np.rint(arr, out=arr)
+        np.clip(arr, 0, 255, out=arr)
+        arr8 = arr.astype(np.uint8)
+        del arr
         return Image.fromarray(arr8, mode="L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -350,6 +467,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode != "RGB":
         return im.convert("RGB")
     return im
+
+
+# Above this many times the crop's pixels (an aspect ratio beyond ~50:1 at the usual crop), the
+# resize computes the crop alone (see resize_crop); below it, the full resize keeps the pixels
+# identical to timm's transform, and costs at most this many crops of memory (13 MB at 224 px).
+_FULL_RESIZE_LIMIT = 64
 
 
 def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
@@ -365,10 +488,19 @@ def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> Image.Image:
         new_w, new_h = scale, int(scale * h / w)
     else:
         new_w, new_h = int(scale * w / h), scale
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
     left = int(round((new_w - size) / 2.0))
     top = int(round((new_h - size) / 2.0))
+    if new_w * new_h > _FULL_RESIZE_LIMIT * size * size:
+        # An extreme aspect ratio (a 1 x 10000 strip resizes to 256 x 2,560,000, 2.6 GB): resample
+        # only the crop's source box. The same filter centres and support as the full resize, but
+        # Pillow's vertical pass then differs by a few levels (measured: up to 9 of 255), so only
+        # strips too long to resize whole take this path.
+        sx, sy = w / new_w, h / new_h
+        resample = _INTERPOLATION[cfg.interpolation]
+        box = (left * sx, top * sy, min(w, (left + size) * sx), min(h, (top + size) * sy))
+        return im.resize((size, size), resample, box=box)
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), _INTERPOLATION[cfg.interpolation])
     return im.crop((left, top, left + size, top + size))
 
 
