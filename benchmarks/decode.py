@@ -17,7 +17,11 @@ Two measurements, both on images made here from scikit-image's shipped photograp
   from parts of each photograph no training crop touches), written once as JPEG (DCT-scaled by
   the sized decode) and once as PNG (box-reduced); FP32 backbone features of every image decoded
   both ways, edgetl's linear head trained on the training split of each, accuracy on the
-  validation split. Reported per seed and as the paired difference (sized - full) with its range.
+  validation split. Reported per seed and as the paired difference (sized - full) with its range;
+* with ``--serve``: ``edgetl serve`` throughput with 4 clients uploading the 5 MP JPEGs, and the
+  256 px ones (requests per second, p50 / p99 latency);
+* with ``--memory``: peak resident memory of ``edgetl predict`` (one process per file) on crafted
+  files under the default budget: strips (1 x 10000 ... 1 x 63 M), 64 MP 16-bit, float and RGBA.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def accuracy(work: Path, seeds) -> dict:
     for seed in seeds:
         root = work / f"acc-{seed}"
         if not (root / "example.json").exists():
-            make_surfaces(root, seed=seed, per_class=24, val_per_class=8, size=1600)
+            make_surfaces(root, seed=seed, per_class=16, val_per_class=8, size=1600)
         res = {"seed": seed}
         for fmt in ("jpg", "png"):
             feats = {}
@@ -176,6 +180,71 @@ def accuracy(work: Path, seeds) -> dict:
     return out
 
 
+_PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+         "(r.stderr.strip().splitlines() or [''])[-1][:160], sep='|')")
+
+
+def crafted(work: Path) -> dict[str, Path]:
+    """Files that cost far more than their size or pixel count suggests, under the default budget."""
+    d = work / "crafted"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    made = {}
+
+    def once(name, make):
+        p = d / name
+        if not p.exists():
+            make(p)
+        made[name] = p
+
+    once("tiny.png", lambda p: Image.new("RGB", (64, 48), (90, 120, 30)).save(p))
+    once("strip-1x10000.png", lambda p: Image.new("L", (1, 10_000), 77).save(p))
+    once("strip-1x40000.png", lambda p: Image.new("L", (40_000, 1), 77).save(p))
+    once("strip-1x63M.png", lambda p: Image.new("L", (63_000_000, 1), 77).save(p))
+    once("strip-3x21M-rgb.png", lambda p: Image.new("RGB", (21_000_000, 3), (9, 99, 199)).save(p))
+    once("16bit-8000.png", lambda p: Image.fromarray(rng.integers(0, 65535, (8000, 8000), dtype=np.uint16))
+         .save(p, compress_level=1))
+    once("float-8000.tiff", lambda p: Image.fromarray(rng.random((8000, 8000), dtype=np.float32), mode="F").save(p))
+    once("rgba-8000.png", lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 4), dtype=np.uint8), "RGBA")
+         .save(p, compress_level=1))
+    once("jpeg-8000.jpg", lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 3), dtype=np.uint8))
+         .save(p, quality=90))
+    return made
+
+
+def memory(work: Path) -> dict:
+    """Peak resident memory of ``edgetl predict BUNDLE FILE --json`` per crafted file (a process each)."""
+    b = bundle(work)
+    out = {}
+    for name, path in crafted(work).items():
+        r = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "edgetl.cli", "predict", str(b),
+                            str(path), "--json"], capture_output=True, text=True)
+        rc, peak, last = r.stdout.strip().split("|", 2)
+        out[name] = {"exit": int(rc), "peak_mb": round(int(peak) / 1e6), "bytes_on_disk": path.stat().st_size,
+                     "message": last if int(rc) or "warning" in last else ""}
+    return out
+
+
+def serve_throughput(work: Path, repeats: int, clients: int = 4, requests: int = 40) -> dict:
+    """``edgetl serve`` (batching on, its default) answering ``clients`` clients that upload the 5 MP
+    JPEGs, then the 256 px ones: requests per second, median and range over ``repeats``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serve import Service, load_run, summary
+
+    big, small = frames(work)
+    svc = Service(bundle(work), work / f"review-{time.time_ns()}", "--max-batch", "8")
+    try:
+        out = {"clients": clients}
+        for name, folder in (("5mp_jpeg", big), ("256px_jpeg", small)):
+            payloads = [p.read_bytes() for p in sorted(folder.glob("*.jpg"))]
+            load_run(svc, payloads, 8, 1)  # warm-up
+            out[name] = summary([load_run(svc, payloads, requests, clients) for _ in range(repeats)])
+        return out
+    finally:
+        svc.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/decode-bench"))
@@ -183,6 +252,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-frames", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="also: peak memory of predict on crafted files")
+    ap.add_argument("--serve", action="store_true", help="also: edgetl serve's throughput on 5 MP uploads")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -193,6 +264,10 @@ def main() -> None:
         result["frame_cost"] = frame_cost(a.work, a.repeats)
     if not a.skip_accuracy:
         result["accuracy"] = accuracy(a.work, a.seeds)
+    if a.serve:
+        result["serve"] = serve_throughput(a.work, a.repeats)
+    if a.memory:
+        result["predict_peak_memory"] = memory(a.work)
     if a.json:
         print(json.dumps(result))
         return
