@@ -139,7 +139,7 @@ def test_decoded_keeps_order_and_raises_at_the_items_turn():
 
     got, started = [], []
     with pytest.raises(DataError, match="item 7"):
-        for item, result, _more in decoded(slow, range(20), depth=4, threads=3):
+        for item, result in decoded(slow, range(20), depth=4, threads=3):
             got.append((item, result))
             started.append(item)
     assert got == [(k, k * k) for k in range(7)]  # in order, up to the failing item
@@ -159,7 +159,7 @@ def test_decoded_runs_at_most_depth_items_ahead():
         return k
 
     ahead = []
-    for item, _, _ in decoded(work, range(50), depth=5, threads=2):
+    for item, _ in decoded(work, range(50), depth=5, threads=2):
         with lock:
             ahead.append(max(done) - item)
     assert max(ahead) <= 5

@@ -106,10 +106,11 @@ class AnomalyPredictor:
             DataError: an unreadable image.
         """
         maps, scores, ready = [], [], []
-        # Decoding runs ahead on a few threads while the model scores what is ready (see decoded).
-        for _, one, more in decoded(lambda p: load_input(Path(p), self.preprocess), paths, depth=2 * batch_size):
+        # Decoding runs ahead on a few threads while the model scores the batch before (see decoded).
+        for k, (_, one) in enumerate(decoded(lambda p: load_input(Path(p), self.preprocess), paths,
+                                             depth=2 * batch_size)):
             ready.append(one)
-            if len(ready) < batch_size and more:
+            if len(ready) < batch_size and k + 1 < len(paths):
                 continue
             x = np.stack(ready)
             ready = []
