@@ -147,6 +147,8 @@ def _head_kinds() -> list[str]:
 @click.option("--group-by", help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
               "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]")
 @click.option("--augment", type=int, default=0, show_default=True, help="Images: augmented views cached per training image.")
+@click.option("--roi", help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
+                            "or as fractions of the frame (0.1,0.05,0.8,0.9); kept in the bundle, applied everywhere.")
 @click.option("--calibration-size", type=int, help="INT8 calibration items (default: the target's, 128).")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the head and calibration.")
@@ -163,7 +165,7 @@ def _head_kinds() -> list[str]:
 @quiet_option
 @handle_errors
 def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
-        group_by, augment, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key, text_column,
+        group_by, augment, roi, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key, text_column,
         label_column, with_report, as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
@@ -187,7 +189,7 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
     head = chosen.head_config({**head, "seed": seed})
     opts = FitOptions(task=chosen.name, backbone=backbone, weights=str(weights) if weights else None, head=head,
                       target=target, precision=precision, runtime=runtime, val=str(val) if val else None,
-                      val_split=val_split, group_by=group_by, augment=augment, seed=seed,
+                      val_split=val_split, group_by=group_by, augment=augment, seed=seed, roi=roi,
                       cache_dir=str(cache_dir) if cache_dir else None, strict=strict, calibration_size=calibration_size,
                       allow_drop=allow_drop, quiet=quiet or as_json, text_column=text_column, label_column=label_column)
     result = run_fit(data, out, options=opts, force=force, signer=_signer(sign_key))

@@ -10,11 +10,13 @@ hyper-parameters finds every vector here and never runs the backbone.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -22,7 +24,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from ..errors import DataError
 from .bundle import sha256_file
 from .console import progress
-from .preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
+from .preprocess import DECODE_VERSION, PreprocessConfig, load_rgb, resize_crop, resize_side, to_tensor
 
 
 def default_cache_dir() -> Path:
@@ -47,6 +49,8 @@ def model_key(model_path: str | Path, preprocess: PreprocessConfig) -> str:
     if model_path.suffix == ".xml" and weights.is_file():
         parts.append(file_digest(weights))
     parts.append(preprocess.digest())
+    if DECODE_VERSION > 1:  # the first decoder's vectors keep their keys
+        parts.append(f"decode-{DECODE_VERSION}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -125,12 +129,57 @@ def _seed_for(digest: str, view: int) -> int:
     return int(hashlib.sha256(f"{digest}:{view}".encode()).hexdigest()[:12], 16)
 
 
+# An augmented view keeps as little as this share of the side (the 60 % area crop of
+# :func:`augment`), so its decode keeps proportionally more pixels.
+_AUGMENT_MIN_SIDE = 0.6 ** 0.5
+
+
 def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", view: int = 0) -> np.ndarray:
-    """Decode + (optionally augment) + preprocess one image into the backbone's CHW input."""
-    im = load_rgb(path)
-    if view:
-        im = augment(im, seed=_seed_for(digest or str(path), view))
-    return to_tensor(resize_crop(im, preprocess), preprocess)
+    """Decode (sized for the model, region of interest cut out) + (optionally augment) + preprocess
+    one image into the backbone's CHW input."""
+    need = resize_side(preprocess)
+    im = load_rgb(path, cfg=preprocess, need=math.ceil(need / _AUGMENT_MIN_SIDE) if view else need)
+    try:
+        if view:
+            im = augment(im, seed=_seed_for(digest or str(path), view))
+        return to_tensor(resize_crop(im, preprocess), preprocess)
+    except (OSError, ValueError, OverflowError, MemoryError) as exc:  # one bad image, never the folder
+        raise DataError(f"{path}: cannot be brought to the model's input ({exc})") from None
+
+
+def decode_threads() -> int:
+    """Threads that decode images ahead of the model: ``EDGETL_DECODE_THREADS``, else the CPU count
+    up to 4 (decoding a 5 MP JPEG sized for the model takes about 10 ms on one core)."""
+    try:
+        n = int(os.environ.get("EDGETL_DECODE_THREADS", "0"))
+    except ValueError:
+        n = 0
+    return max(1, min(n, 64)) if n > 0 else max(1, min(4, os.cpu_count() or 1))
+
+
+def decoded(fn: Callable, items: Sequence, *, depth: int = 16, threads: int | None = None) -> Iterator[tuple]:
+    """``(item, fn(item))`` for each item in order, ``fn`` running on a pool of threads at most
+    ``depth`` items ahead of the consumer (memory stays bounded by ``depth`` decoded inputs).
+    An exception from ``fn`` is raised at its item's turn.
+    """
+    items = list(items)
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=min(threads or decode_threads(), len(items)))
+    try:
+        futures: deque = deque()
+        nxt = 0
+        while nxt < len(items) and len(futures) < max(1, depth):
+            futures.append(pool.submit(fn, items[nxt]))
+            nxt += 1
+        for k, item in enumerate(items):
+            result = futures.popleft().result()
+            if nxt < len(items):
+                futures.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            yield item, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ImageExtractor:
@@ -163,8 +212,15 @@ class ImageExtractor:
         """
         paths = [Path(getattr(i, "path", i)) for i in items]
         bad: dict[int, str] = {}
-        digests = ([i.digest for i in items] if items and hasattr(items[0], "digest") else
-                   [_digest_or_reason(p, i, bad, skipped) for i, p in enumerate(paths)])
+        if items and hasattr(items[0], "digest"):
+            digests = [i.digest for i in items]
+        elif cache is None and not view:
+            # Nothing is looked up or seeded by content: reading every file once more only to hash
+            # it cost ~2 ms a 5 MP frame, before any decoding could start. A missing file fails
+            # in its decode, with the same one-line reason.
+            digests = [""] * len(paths)
+        else:
+            digests = [_digest_or_reason(p, i, bad, skipped) for i, p in enumerate(paths)]
         out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
                                         for i, d in enumerate(digests)]
         todo = [i for i, v in enumerate(out) if v is None and i not in bad]
@@ -179,18 +235,34 @@ class ImageExtractor:
                 return None
 
         bar = progress(len(todo), desc=desc, quiet=quiet)
-        # Decoding and resizing (Pillow releases the GIL) overlaps with the runtime's own threads.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for start in range(0, len(todo), batch_size):
-                loaded = list(pool.map(load, todo[start : start + batch_size]))
-                idx = [i for i, x in zip(todo[start : start + batch_size], loaded) if x is not None]
-                if idx:
-                    feats = self.session(np.stack([x for x in loaded if x is not None]))
-                    for i, vec in zip(idx, feats.reshape(len(idx), -1).astype(np.float32, copy=False)):
-                        out[i] = vec
-                        if cache:
-                            cache.put(digests[i], view, vec)
-                    bar.update(len(idx))
+        idx: list[int] = []
+        ready: list[np.ndarray] = []
+
+        def run() -> None:
+            feats = self.session(np.stack(ready))
+            for i, vec in zip(idx, feats.reshape(len(idx), -1).astype(np.float32, copy=False)):
+                out[i] = vec
+                if cache:
+                    cache.put(digests[i], view, vec)
+            bar.update(len(idx))
+            idx.clear()
+            ready.clear()
+
+        # Decoding runs up to two batches ahead on a few threads (Pillow releases the GIL) while the
+        # runtime works on the batch before. Batches stay full-sized: handing the model whatever was
+        # decoded (batches of 1, 3, 7 ...) made OpenVINO re-plan for every new shape (measured:
+        # 35 ms an image against 12-19 at a fixed batch). A graph that quantizes activations at run
+        # time gets one image per call, so its rows do not depend on their neighbours.
+        if not getattr(self.session, "rows_independent", True):
+            batch_size = 1
+        for i, x in decoded(load, todo, depth=2 * batch_size):
+            if x is not None:
+                idx.append(i)
+                ready.append(x)
+            if len(ready) >= batch_size:
+                run()
+        if ready:
+            run()
         bar.close()
         if bad and skipped is not None:
             skipped.extend((paths[i], bad[i]) for i in sorted(bad))
@@ -199,7 +271,8 @@ class ImageExtractor:
 
     def inputs(self, items: Sequence) -> np.ndarray:
         """The model's input batch for ``items`` (for running the fused model on them)."""
-        return np.stack([load_input(Path(getattr(i, "path", i)), self.preprocess) for i in items])
+        paths = [Path(getattr(i, "path", i)) for i in items]
+        return np.stack([x for _, x in decoded(lambda p: load_input(p, self.preprocess), paths)])
 
 
 def _digest_or_reason(path: Path, i: int, bad: dict, skipped) -> str:

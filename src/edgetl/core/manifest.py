@@ -172,6 +172,24 @@ def _preprocess(pre: dict) -> None:
             raise BundleError(f"manifest: {where}{key} should be 3 finite numbers")
         if key == "std" and not all(x > 1e-6 for x in v):
             raise BundleError(f"manifest: {where}std must be positive")
+    if pre.get("roi") is not None:
+        _roi(pre["roi"], where + "roi")
+
+
+def _roi(roi, where: str) -> None:
+    """A region of interest as :class:`edgetl.core.preprocess.Roi` stores it (checked here without
+    numpy): four finite numbers, inside the frame when fractions, whole pixels otherwise."""
+    if not isinstance(roi, dict) or set(roi) - {"x", "y", "w", "h", "unit"} or roi.get("unit", "px") not in ("px", "fraction"):
+        raise BundleError(f"manifest: {where} should be {{x, y, w, h, unit: px | fraction}}")
+    vals = [roi.get(k) for k in ("x", "y", "w", "h")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+        raise BundleError(f"manifest: {where} should hold four finite numbers x, y, w, h")
+    x, y, w, h = vals
+    frac = roi.get("unit") == "fraction"
+    if min(x, y) < 0 or min(w, h) <= 0 or (frac and (x + w > 1 + 1e-9 or y + h > 1 + 1e-9)) or \
+            (not frac and (not all(float(v).is_integer() for v in vals) or max(x + w, y + h) > 1_000_000)):
+        raise BundleError(f"manifest: {where} {vals} is not a region of a frame (x, y >= 0, w, h > 0; fractions "
+                          "within 0..1, or whole pixels)")
 
 
 def validate(m: dict, *, where: str = "") -> None:

@@ -34,6 +34,7 @@ from ..core.diagnostics import leakage_message, near_duplicates
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.fuse import check_parity, fuse, model_files
 from ..core.gate import GateDecision, enforce
+from ..core.preprocess import Roi
 from ..core.sessions import default_threads, open_session, time_calls
 from ..core.targets import Target, load_target
 from ..errors import ConfigError
@@ -60,6 +61,8 @@ class FitOptions:
         reference: measure the FP32 reference (the gate needs it).
         exemplars_per_class: the replay memory's size (default: the task's).
         text_column, label_column, quantization, exporter: text datasets and encoders.
+        roi: image tasks: the region of interest, ``"x,y,w,h"`` in pixels or fractions of the
+            frame (:meth:`Roi.parse`); stored in the bundle's preprocessing, cut out everywhere.
     """
 
     task: str | None = None
@@ -86,6 +89,7 @@ class FitOptions:
     label_column: str | None = None
     quantization: str = "auto"
     exporter: str = "auto"
+    roi: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self) if not hasattr(self.head, "to_dict") else {**asdict(dataclasses.replace(self, head=None)),
@@ -188,6 +192,14 @@ class _Run:
                           like=trained)
 
 
+def _roi(text: str | None, task) -> Roi | None:
+    if not text:
+        return None
+    if task.backbone_kind == "text":
+        raise ConfigError(f"--roi {text}: a region of interest is for images; the {task.name} task reads texts")
+    return Roi.parse(text)
+
+
 def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions(), force: bool = False,
         signer=None) -> FitResult:
     """Adapt a pretrained backbone to the labelled data in ``data`` and write a bundle to ``out``.
@@ -216,6 +228,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     check_out_dir(out, force=force, data=data)  # fail before any work, not after minutes of it
     t0 = time.perf_counter()
     task = tasks.for_data(data, task=options.task, head=_head_kind(options.head))
+    roi = _roi(options.roi, task)  # a malformed region fails before any work
     options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head))
     target = resolve_target(options, task)
     kind = "text" if task.backbone_kind == "text" else "image"
@@ -232,6 +245,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
                                                       cache_dir=cache_root, opset=target.opset,
                                                       patch_reductions=patch, exporter=options.exporter,
                                                       patch_pooled=bool(getattr(options.head, "pooled", False))))
+    if roi is not None:
+        run.exported = run.exported.with_preprocess({**run.exported.preprocess, "roi": roi.to_dict()})
     t0 = run.lap("export", t0)
     calibration = task.calibration(run.data, target, run.exported, options.seed) if target.precision == "int8" else None
     shipped = converted_model(run.exported, target, cache_root, calibration, quiet=options.quiet,

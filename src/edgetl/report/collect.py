@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import tasks
 from ..core.bundle import Bundle, load_bundle
+from ..core.preprocess import Roi
 from ..errors import BundleError, DataError, EdgetlError
 
 log = logging.getLogger("edgetl")
@@ -74,6 +75,7 @@ def summary(r: ReportData) -> dict:
         "labels": b.labels, "head_version": b.head_version, "versions": len(m["head"]["versions"]),
         "backbone": backbone.get("name"), "num_features": backbone.get("num_features"),
         "input": pre.get("input_size") or pre.get("max_length"),
+        "roi": str(Roi.from_dict(pre["roi"])) if pre.get("roi") else None,
         "target": m.get("target", {}).get("name"), "target_device": m.get("target", {}).get("device"),
         "latency_budget_ms": m.get("target", {}).get("latency_budget_ms"),
         "precision": b.precision, "runtime": b.runtime,
@@ -269,7 +271,7 @@ def seen_image(path, pre) -> np.ndarray:
     """The image as the model saw it (resize and centre crop), RGB uint8."""
     from ..core.preprocess import load_rgb, resize_crop
 
-    return np.asarray(resize_crop(load_rgb(path), pre).convert("RGB"))
+    return np.asarray(resize_crop(load_rgb(path, cfg=pre), pre).convert("RGB"))
 
 
 def roc_curve(y: np.ndarray, s: np.ndarray, *, points: int | None = None) -> dict:

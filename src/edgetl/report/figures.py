@@ -411,7 +411,7 @@ def thumbnail(path: str, *, size: int = 112) -> str | None:
     from ..core.preprocess import load_rgb
 
     try:  # the model's own decoder: pixel budget, EXIF orientation, 16-bit and CMYK handled alike
-        im = ImageOps.fit(load_rgb(path), (size, size), PILImage.Resampling.BILINEAR)
+        im = ImageOps.fit(load_rgb(path, need=size), (size, size), PILImage.Resampling.BILINEAR)
     except DataError:
         return None
     buf = io.BytesIO()

@@ -139,7 +139,8 @@ def _summary(r: ReportData, s: dict) -> str:
     cards = [
         card("task", key("task", r.name), f"{len(s['labels'])} labels" if r.name != "anomaly" else "good / defect"),
         card("backbone", f'<span class="{"long" if len(str(s["backbone"])) > 14 else ""}">{e(s["backbone"])}</span>', f"{s['num_features']}-d features, "
-             + (f"up to {s['input']} tokens" if r.name == "text" else f"{s['input']} px input")),
+             + (f"up to {s['input']} tokens" if r.name == "text" else f"{s['input']} px input")
+             + (e(f", region of interest {s['roi']}") if s.get("roi") else "")),
         card("target", key("target", s["target"] or "n/a"), e(f"{s['runtime']} · {s['target_device'] or 'CPU'}")),
         card("precision", key("precision", s["precision"].upper()),
              e(f"float ops in {s['float_precision']}") if s["float_precision"] else ""),

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
-import warnings
 
-from ..core.preprocess import max_pixels
+from ..core.preprocess import OverBudget, check_cost, decode
 from ..errors import DataError, EdgetlError
 from .engine import MAP_RANGE
 from .review import SUFFIXES
@@ -19,30 +18,21 @@ class TooLarge(EdgetlError):
 
 def check_image(data: bytes) -> str:
     """The suffix an uploaded image is stored under; refuses what is not an image or over the
-    pixel budget before anything decodes it.
+    budget before anything decodes it (the decoder's own cost check, at full resolution).
 
     Raises:
-        DataError: not an image Pillow reads.  TooLarge: over the pixel budget.
+        DataError: not an image Pillow reads.  TooLarge: over the budget.
     """
-    from PIL import Image
-
     if not data:
         raise DataError("upload: the body is empty; send the image file's bytes")
-    budget = max_pixels()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                fmt = im.format
-    except Image.DecompressionBombError:
-        raise TooLarge("upload: the image is over the pixel budget; downscale it or raise EDGETL_MAX_MEGAPIXELS") \
-            from None
-    except (OSError, ValueError, SyntaxError):
+        with decode(io.BytesIO(data), "upload", load=False) as im:
+            check_cost(im, "upload")
+            fmt = im.format
+    except OverBudget as exc:
+        raise TooLarge(str(exc)) from None
+    except DataError:
         raise DataError("upload: not an image file Pillow can read (send PNG, JPEG, BMP, TIFF or WebP bytes)") from None
-    if w * h > budget:
-        raise TooLarge(f"upload: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
-                       f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
     return SUFFIXES.get(fmt, "")
 
 
@@ -63,7 +53,7 @@ def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
     """A small JPEG of an image as the model saw it; for defects with the heat map over it."""
     from ..core.preprocess import load_rgb, resize_crop
 
-    rgb = load_rgb(io.BytesIO(data), "upload")
+    rgb = load_rgb(io.BytesIO(data), "upload", cfg=pre, need=size if map_u8 is None else None)
     if map_u8 is not None:
         from ..tasks.anomaly.render import overlay
 
@@ -79,7 +69,7 @@ def heatmap_png(data: bytes, pre, map_u8) -> str:
     from ..core.preprocess import load_rgb, resize_crop
     from ..tasks.anomaly.render import overlay
 
-    seen = resize_crop(load_rgb(io.BytesIO(data), "upload"), pre)
+    seen = resize_crop(load_rgb(io.BytesIO(data), "upload", cfg=pre), pre)
     out = io.BytesIO()
     overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()

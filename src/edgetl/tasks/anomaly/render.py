@@ -38,7 +38,7 @@ def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: Preproces
     another folder) gets ``<stem>_1_heatmap.png``; a file left by an earlier run is overwritten.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen = resize_crop(load_rgb(path), pre)
+    seen = resize_crop(load_rgb(path, cfg=pre), pre)
     taken = set() if taken is None else taken
     name, k = f"{Path(path).stem}_heatmap.png", 1
     while name in taken:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...core.features import ImageExtractor, load_input
+from ...core.features import ImageExtractor, decoded, load_input
 from ...core.fuse import score_parity
 from ...core.gate import auroc_gate
 from ...core.metrics import best_f1_threshold, feature_cosine
@@ -105,9 +105,15 @@ class AnomalyPredictor:
         Raises:
             DataError: an unreadable image.
         """
-        maps, scores = [], []
-        for i in range(0, len(paths), batch_size):
-            x = np.stack([load_input(Path(p), self.preprocess) for p in paths[i : i + batch_size]])
+        maps, scores, ready = [], [], []
+        # Decoding runs ahead on a few threads while the model scores the batch before (see decoded).
+        for k, (_, one) in enumerate(decoded(lambda p: load_input(Path(p), self.preprocess), paths,
+                                             depth=2 * batch_size)):
+            ready.append(one)
+            if len(ready) < batch_size and k + 1 < len(paths):
+                continue
+            x = np.stack(ready)
+            ready = []
             if self.fused:
                 outs = self.session.run(x)
                 m, s = (outs[0], outs[1]) if self.has_map else (None, outs[0])

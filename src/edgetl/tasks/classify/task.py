@@ -92,7 +92,9 @@ def image_calibration(train: list, target, exported, seed: int) -> Calibration:
         view += 1
     pre = PreprocessConfig.from_dict(exported.preprocess)
     info = {"images": len(chosen), "augmented_views": len(plan) - len(chosen), "requested": size}
-    return Calibration(digest_of(f"{s.digest}:{v}" for s, v in plan), lambda: calibration_inputs(plan, pre),
+    # A region of interest changes the pixels the plan decodes, so it keys the INT8 model too.
+    keys = [f"{s.digest}:{v}" for s, v in plan] + ([f"roi:{pre.roi.to_dict()}"] if pre.roi is not None else [])
+    return Calibration(digest_of(keys), lambda: calibration_inputs(plan, pre),
                        info, len(plan))
 
 
