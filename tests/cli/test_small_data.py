@@ -61,18 +61,21 @@ def test_random_split_of_near_copies_is_flagged(near_copies, cache_dir, tmp_path
     assert r.returncode == 0, r.stderr
     assert "near-copy in training" in r.stderr and "--group-by" in r.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["split"]["method"] == "stratified"
-    assert report["leakage"]["warn"] and report["leakage"]["fraction"] >= 0.5
+    assert report["split"]["method"] == "out-of-fold" and report["crossfit"]["method"] == "stratified 5-fold"
+    assert report["leakage"]["warn"] and report["leakage"]["fraction"] >= 0.5 and report["leakage"]["folds"]
 
 
-def test_grouped_split_holds_out_whole_parts(near_copies, cache_dir, tmp_path):
+def test_grouped_folds_hold_out_whole_parts(near_copies, cache_dir, tmp_path):
     r = run_cli("fit", near_copies, "--out", tmp_path / "b", "--target", "cpu-x86", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["split"]["method"] == "grouped" and report["split"]["val_groups"] >= 5
-    assert report["leakage"]["fraction"] < 0.25  # whole parts held out: few near-copies left
+    assert report["split"]["method"] == "out-of-fold" and report["crossfit"]["method"].startswith("grouped")
+    assert report["leakage"]["fraction"] < 0.25  # whole parts held out of each fold: few near-copies left
     assert not report["leakage"]["warn"] and "near-copy" not in r.stderr
-    assert json.loads(r.stdout)["val"]["n"] == 5 * 6  # one whole part (6 frames) per class held out
+    # every frame is scored out of fold (its whole part held out with it), not a fifth of them
+    summary = json.loads(r.stdout)
+    assert summary["val"]["n"] == sum(c["train"] for c in summary["counts"].values())
+    assert summary["val"]["estimate"] == "out-of-fold"
 
 
 def test_quiet_means_quiet_even_while_converting(surfaces, exported, cache_dir, tmp_path):

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__, tasks
 from ..core.bundle import Bundle, BundleWriter, check_out_dir
-from ..core.diagnostics import leakage_message, near_duplicates
+from ..core.diagnostics import leakage_message, near_duplicates, near_duplicates_across_folds
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.fuse import check_parity, fuse, model_files
 from ..core.gate import GateDecision, enforce
@@ -53,7 +53,9 @@ class FitOptions:
         head: the head: a kind name, a :class:`HeadConfig` / :class:`AnomalyConfig`, or a dict of
             its settings; None: the task's default.
         target, precision, runtime: the profile, and overrides that compose with it.
-        val, val_split, group_by: the validation set: a folder / file, or a (grouped) split.
+        val, val_split, group_by: an explicit validation set (a folder / file, or a held-out
+            fraction; by default none: every item is scored out of fold) and where groups come from.
+        head_auto: choose the head kind by out-of-fold accuracy (set when ``head`` names no kind).
         augment: augmented views cached per training image (images).
         calibration_size: INT8 calibration items (default: the profile's).
         allow_drop: write the bundle even when the gate refuses.
@@ -70,7 +72,7 @@ class FitOptions:
     precision: str | None = None
     runtime: str | None = None
     val: str | None = None
-    val_split: float = 0.2
+    val_split: float | None = None
     group_by: str | None = None
     augment: int = 0
     seed: int = 0
@@ -86,6 +88,7 @@ class FitOptions:
     label_column: str | None = None
     quantization: str = "auto"
     exporter: str = "auto"
+    head_auto: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self) if not hasattr(self.head, "to_dict") else {**asdict(dataclasses.replace(self, head=None)),
@@ -216,7 +219,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     check_out_dir(out, force=force, data=data)  # fail before any work, not after minutes of it
     t0 = time.perf_counter()
     task = tasks.for_data(data, task=options.task, head=_head_kind(options.head))
-    options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head))
+    options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head),
+                                  head_auto=options.head_auto or _head_kind(options.head) is None)
     target = resolve_target(options, task)
     kind = "text" if task.backbone_kind == "text" else "image"
     cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
@@ -321,10 +325,19 @@ def _check_split(run: _Run, trained) -> dict:
     f, data = trained.features, run.data
     if "X_va" not in f:
         return {}
-    leak = near_duplicates(f["X_tr"][: f["n_train"]], f["X_va"], names_train=[s.path for s in data.train],
-                           names_val=[s.path for s in data.val])
-    if leak["warn"]:
-        log.warning("%s", leakage_message(leak, grouped=data.split.get("method") == "grouped", items=run.task.items))
+    names = [getattr(s, "path", None) or getattr(s, "where", "") for s in data.train]
+    grouped = data.split.get("method") == "grouped" or "grouped" in getattr(f.get("plan"), "method", "")
+    leak = {}
+    if f.get("plan") is not None and f["plan"].folds:
+        leak = near_duplicates_across_folds(f["X_tr"][: f["n_train"]], f["plan"].fold, names=names)
+        if leak["warn"]:
+            log.warning("%s", leakage_message(leak, grouped=grouped, items=run.task.items))
+    if len(f["X_va"]):
+        leak = {**near_duplicates(f["X_tr"][: f["n_train"]], f["X_va"], names_train=names,
+                                  names_val=[getattr(s, "path", None) or getattr(s, "where", "") for s in data.val]),
+                **({"out_of_fold": leak} if leak else {})}
+        if leak["warn"]:
+            log.warning("%s", leakage_message(leak, grouped=grouped, items=run.task.items))
     if data.split.get("classes_without_val"):
         log.warning("classes %s have too few groups to hold one out: the validation figure does not cover them",
                     ", ".join(data.split["classes_without_val"]))

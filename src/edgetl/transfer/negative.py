@@ -31,7 +31,7 @@ from PIL import Image
 from ..core.gate import paired_difference_interval as paired_difference
 from ._stats import train_linear_head
 
-__all__ = ["TransferCheck", "pixel_baseline_features", "transfer_check", "compare_to_baseline",
+__all__ = ["TransferCheck", "pixel_baseline_features", "transfer_check", "compare_to_baseline", "baseline_outcome_check",
            "BASELINE_NAME"]
 
 CONFIDENCE = 0.95
@@ -222,3 +222,11 @@ def baseline_check(shipped_correct, baseline_train, y_train, baseline_val, y_val
     return transfer_check(shipped_correct, head.predict(np.asarray(baseline_val, np.float32)) == yv,
                           confidence=confidence, backbone=backbone, baseline=baseline, items=items,
                           advice=_ADVICE if items == "images" else TEXT_ADVICE)
+
+
+def baseline_outcome_check(shipped_correct, baseline_correct, *, backbone: str, baseline: str,
+                           items: str = "images", confidence: float = CONFIDENCE) -> TransferCheck:
+    """:func:`baseline_check` for a baseline already scored on the same items (``fit`` scores
+    both out of fold, on the same folds)."""
+    return transfer_check(shipped_correct, baseline_correct, confidence=confidence, backbone=backbone,
+                          baseline=baseline, items=items, advice=_ADVICE if items == "images" else TEXT_ADVICE)

@@ -265,7 +265,7 @@ class AnomalyTask(Task):
         return is_anomaly_layout(data)
 
     def load_data(self, data: Path, options, cache_root: Path):
-        return load_anomaly_data(data, val_split=options.val_split, seed=options.seed, strict=options.strict)
+        return load_anomaly_data(data, val_split=options.val_split or 0.2, seed=options.seed, strict=options.strict)
 
     def head_config(self, head) -> AnomalyConfig:
         if isinstance(head, (AnomalyConfig, DefectConfig)):

@@ -349,7 +349,7 @@ def load_dataset(
     root: str | Path,
     *,
     val: str | Path | None = None,
-    val_split: float = 0.2,
+    val_split: float | None = 0.2,
     seed: int = 0,
     strict: bool = False,
     min_classes: int = 2,
@@ -361,7 +361,8 @@ def load_dataset(
     Args:
         root: an ImageFolder, a ``train``/``val`` pair, or a CSV manifest.
         val: a separate validation folder or CSV (overrides any split in ``root``).
-        val_split: fraction held out per class when no validation set is given.
+        val_split: fraction held out per class when no validation set is given; None: none held
+            out (``fit`` scores every item out of fold instead).
         seed: seeds the split.
         strict: make unreadable files fatal instead of skipped.
         min_classes: 2 for classification.
@@ -376,7 +377,7 @@ def load_dataset(
         >>> ds = load_dataset("parts/", val_split=0.2, seed=0)  # doctest: +SKIP
         >>> ds.classes, len(ds.train), len(ds.val)  # doctest: +SKIP
     """
-    if not 0.0 < val_split < 1.0:
+    if val_split is not None and not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     root = Path(root)
     layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked, group_by=group_by)
@@ -413,6 +414,9 @@ def load_dataset(
                 "every validation class must also appear in training"
             )
         return Dataset(root, layout, classes, train, explicit_val, skipped, {"method": "explicit"})
+    if val_split is None:
+        return Dataset(root, layout, classes, sorted(train, key=lambda s: str(s.path)), [], skipped,
+                       {"method": "out-of-fold", **({"groups_from": grouping} if grouping != "none" else {})})
     if grouping != "none":
         tr, va, info = group_split(train, fraction=val_split, seed=seed)
         return Dataset(root, layout, classes, tr, va, skipped, {"method": "grouped", "groups_from": grouping, **info})
