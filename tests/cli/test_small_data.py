@@ -88,3 +88,16 @@ def test_quiet_means_quiet_even_while_converting(surfaces, exported, cache_dir, 
     loud = run_cli("fit", surfaces, "--out", tmp_path / "b2", "--cache", tmp_path / "cache2")
     assert loud.returncode == 0, loud.stderr
     assert "converting the backbone to int8 for openvino-cpu" in loud.stderr
+
+
+def test_train_and_test_folders_fit_as_training_and_holdout(surfaces, cache_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(surfaces / "train", data / "train")
+    shutil.copytree(surfaces / "val", data / "test")
+    r = run_cli("fit", data, "--out", tmp_path / "b", "--target", "cpu-x86", "--precision", "fp32", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert "train" not in summary["labels"] and "test" not in summary["labels"]
+    assert sorted(summary["labels"]) == sorted(p.name for p in (surfaces / "train").iterdir() if p.is_dir())
+    assert summary["val"]["estimate"] == "holdout" and summary["val"]["oof"]["estimate"] == "out-of-fold"
+    assert summary["val"]["n"] == sum(c["val"] for c in summary["counts"].values()) > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import random
 import re
 from collections import Counter, defaultdict
@@ -32,7 +33,11 @@ from ...errors import DataError
 from ...core.preprocess import decode
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-_VAL_DIRS = ("val", "valid", "validation")
+# Holdout folders beside train/ (and split values of a CSV), in order of preference: a test/
+# folder is a holdout like val/ (reported as such; nothing is chosen on it).
+log = logging.getLogger("edgetl")
+
+_VAL_DIRS = ("val", "valid", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
             )
         split = row[isplit].strip().lower() if isplit is not None and len(row) > isplit else "train"
         if split not in ("train", *_VAL_DIRS):
-            raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train or val")
+            raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train, val or test")
         group = row[igroup].strip() if igroup is not None and len(row) > igroup else ""
         side = "val" if split in _VAL_DIRS else "train"
         if path in seen:
@@ -219,7 +224,19 @@ def _find_layout(root: Path, group_column: str | None = None, broken: list | Non
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     val_dir = next((subdirs[n] for n in _VAL_DIRS if n in subdirs), None)
     if "train" in subdirs and val_dir is not None:
+        others = sorted(n for n in _VAL_DIRS if n in subdirs and subdirs[n] != val_dir)
+        if others:
+            log.warning("%s: %s/ is the holdout; %s left out (score it with: edgetl eval BUNDLE %s)", root,
+                        val_dir.name, ", ".join(f"{n}/" for n in others), subdirs[others[0]])
         return "train+val", _scan_folder(subdirs["train"], broken), _scan_folder(val_dir, broken)
+    if set(subdirs) == {"train"}:  # train/ alone: its images, scored out of fold
+        return "train+val", _scan_folder(subdirs["train"], broken), None
+    split_like = sorted(n for n in ("train", *_VAL_DIRS) if n in subdirs)
+    if split_like:
+        # never silently a class named "train" or "test"
+        raise DataError(f"{root}: a {'/ '.join(split_like)}/ folder beside {len(subdirs) - len(split_like)} other "
+                        "folder(s) is not a layout edgetl knows: use train/<class>/ with val/<class>/ (or valid/, "
+                        "validation/, test/) as the holdout, or DATA/<class>/ without split folders")
     if not subdirs and (root / "labels.csv").is_file():
         train, val = _scan_csv(root / "labels.csv", group_column)
         return "csv", train, val

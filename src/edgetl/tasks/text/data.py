@@ -29,7 +29,7 @@ TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 # Checked in this order; the first column whose name matches is used.
 TEXT_COLUMNS = ("text", "sentence", "content", "message", "description", "body", "utterance", "ticket")
 LABEL_COLUMNS = ("label", "class", "category", "intent", "target", "tag")
-_VAL_NAMES = ("val", "valid", "validation")
+_VAL_NAMES = ("val", "valid", "validation", "test")  # a test split is a holdout like val
 
 
 def text_digest(text: str) -> str:
@@ -210,7 +210,7 @@ def scan_texts(
             continue
         split = str(rec.get(cols["split"]) or "train").strip().lower() if cols.get("split") else "train"
         if split not in ("train", *_VAL_NAMES):
-            bad(lineno, f"split {split!r} is not train or val")
+            bad(lineno, f"split {split!r} is not train, val or test")
             continue
         sample = TextSample(text, label, text_digest(text), f"{path}:{lineno}")
         (val if split in _VAL_NAMES else train).append(sample)
