@@ -205,8 +205,9 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
     Args:
         X, y, labels: features, class indices, class names (as :func:`train_head`).
         cfg: the head settings; ``l2`` None searches it on the OOF predictions.
-        kinds: the head kinds to choose from by OOF accuracy, the preferred first (it wins ties,
-            and with no fold to score on); default ``cfg.kind`` only.
+        kinds: the candidates to choose from by OOF accuracy, each a kind name or a dict of
+            :class:`HeadConfig` settings, the preferred first (it wins ties, and with no fold to
+            score on); default ``cfg`` alone.
         plan: the folds (default: :func:`fold_plan` of ``y`` and ``groups``); pass the shipped
             model's plan to the reference so the two are paired item by item.
         scored: rows whose OOF logits count (augmented views are trained on, never scored);
@@ -214,6 +215,18 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
         sample_weight: per-row weights (as :func:`train_head`).
         calibrate: fit the temperature on the OOF logits.
     """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl is a base dependency
+        return _cross_fit(X, y, labels, cfg=cfg, kinds=kinds, plan=plan, groups=groups, scored=scored,
+                          sample_weight=sample_weight, calibrate=calibrate)
+    # single-threaded BLAS, as train_head: small matrices, and spinning threads on busy cores cost 5x
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _cross_fit(X, y, labels, cfg=cfg, kinds=kinds, plan=plan, groups=groups, scored=scored,
+                          sample_weight=sample_weight, calibrate=calibrate)
+
+
+def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight, calibrate) -> CrossFit:
     from .training import _fit, _weighted_score
 
     y = np.asarray(y, np.int64)
@@ -221,9 +234,9 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
     if plan is None:
         plan = fold_plan(y, k, groups=groups, seed=cfg.seed)
     tries = []
-    for kind in (kinds or (cfg.kind,)):
-        kcfg = dataclasses.replace(cfg, kind=kind)
-        if kind == "prototype":
+    for cand in (kinds or (cfg.kind,)):
+        kcfg = dataclasses.replace(cfg, **(cand if isinstance(cand, dict) else {"kind": cand}))
+        if kcfg.kind == "prototype":
             kcfg = dataclasses.replace(kcfg, l2=None)
         # a plan without folds still goes in: the L2 then takes its default (nothing to choose on)
         head, oof = _fit(X, y, labels, cfg=kcfg, sample_weight=sample_weight, fold=plan.fold)
@@ -238,7 +251,8 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
     best = max(range(len(tries)), key=lambda i: (-1.0 if tries[i][2] is None else tries[i][2], -i))
     head, oof, _ = tries[best]
     ok = ~np.isnan(oof[:, 0])
-    candidates = [{"kind": t[0].kind, "l2": t[0].meta.get("l2"), "oof_score": t[2], "chosen": i == best}
+    candidates = [{"kind": t[0].kind, "l2": t[0].meta.get("l2"), "oof_score": t[2], "chosen": i == best,
+                   **({"scaling": t[0].meta["config"]["scaling"]} if t[0].kind != "prototype" else {})}
                   for i, t in enumerate(tries)]
     calibration: dict = {"method": "none", "items": int(ok.sum())}
     if calibrate and ok.sum() >= MIN_CALIBRATION_ITEMS and len(np.unique(y[ok])) >= 2:

@@ -29,10 +29,16 @@ cross-fitting), so both terms weigh about 1 on data like the training data. Cost
 matrix product per image.
 
 **Calibration.** The reference images are training-distribution images the description was *not*
-fitted on (``fit``'s validation split, or a held-out part of the training rows). An image's
-``p_value`` is its conformal p-value, ``(1 + #{reference scores >= its score}) / (m + 1)``: on
-images from the training distribution it is uniform, so ``ood = p_value < image_alpha`` flags
-exactly ``image_alpha`` of them in expectation (1 % by default). ``ood`` is about the *input*; the
+fitted on: ``fit`` scores every training image out of fold (a description fitted without its
+fold), or a validation set / held-out part when given. An image's ``p_value`` is its conformal
+p-value, ``(1 + #{reference scores >= its score}) / (m + 1)``: on images from the training
+distribution it is uniform, so ``ood = p_value < image_alpha`` flags ``image_alpha`` of them in
+expectation (1 % by default). That p-value cannot go under ``1 / (m + 1)``: past the largest
+reference score, a log-normal fitted to the reference scores extrapolates the tail (capped by
+the conformal value), so a far-off input is flagged even with m = 30; there the level is
+approximate (the fit's), and an in-distribution input reaches that region with probability
+``1 / (m + 1)`` only. The score is the distance to the nearest class in units of the
+within-class spread, so "far from every class" is what it measures. ``ood`` is about the *input*; the
 head's confidence-based "unknown" is about the *answer*: a blurred image of a known class can be
 confidently classified and still ood, and an ambiguous in-distribution image can be unknown yet not ood.
 
@@ -389,7 +395,8 @@ def _out_of_fold_references(model: DriftReference, X, y, k: int, rank: int, fold
             continue
         means, P, lam = _fit_subspace(X[tr], y[tr], k, rank)
         arrays = dict(model.arrays, class_means=means.astype(np.float32), components=P.astype(np.float32),
-                      eigenvalues=lam.astype(np.float32))
+                      eigenvalues=lam.astype(np.float32), ref_scores=np.zeros(1, np.float32),
+                      ref_coords=np.zeros((1, P.shape[1]), np.float32), ref_labels=np.full(1, -1, np.int32))
         s, c, _ = DriftReference(arrays)._terms(X[te])
         R = X[te] - means[c].astype(np.float32)
         S.append(s)

@@ -64,7 +64,8 @@ def drift_info(ref) -> dict:
 
 
 def _candidate_words(c: dict) -> str:
-    l2 = "" if c["l2"] is None else f" (l2 {c['l2']:g})"
+    how = ([f"{c['scaling']} scale"] if c.get("scaling") else []) + ([f"l2 {c['l2']:g}"] if c["l2"] is not None else [])
+    l2 = f" ({', '.join(how)})" if how else ""
     score = "n/a" if c["oof_score"] is None else f"{c['oof_score']:.1%}"
     return f"{c['kind']}{l2} {score}" + (" <- chosen" if c["chosen"] else "")
 
@@ -281,21 +282,23 @@ class ClassifierTask(Task):
         cfg = self.head_config(head)
         entry = bundle.head_entry(1)
         chosen = entry.get("l2")
-        d = {**cfg.to_dict(), "kind": entry.get("kind", cfg.kind)}
+        d = {**cfg.to_dict(), "kind": entry.get("kind", cfg.kind), "scaling": entry.get("scaling", cfg.scaling)}
         if cfg.l2 is None and chosen is not None:
             d["l2"] = chosen
         return HeadConfig.from_dict(d)
 
-    def head_candidates(self, y: np.ndarray, k: int, options) -> tuple[str, ...] | None:
-        """The head kinds ``fit`` chooses from by out-of-fold accuracy when none was named: the
-        linear head, and the prototype (nearest class mean), which wins on a few items a class.
-        The one listed first wins ties and stands alone when no item can be held out: the
-        prototype up to :data:`FEW_SHOT` items a class, the linear head above."""
+    def head_candidates(self, cfg: HeadConfig, y: np.ndarray, k: int, options) -> list | None:
+        """The heads ``fit`` chooses from by out-of-fold accuracy. When no kind was named: the
+        linear head on the features' own geometry (one scale) and standardised, and the prototype
+        (nearest class mean), which wins on a few items a class. The one listed first wins ties and
+        stands alone when no item can be held out: the prototype up to :data:`FEW_SHOT` items a
+        class, the linear head above. A named linear head still has its scaling chosen."""
+        linear = [{"kind": "linear", "scaling": "global"}, {"kind": "linear", "scaling": "feature"}]
         if not getattr(options, "head_auto", False):
-            return None
+            return linear if cfg.kind == "linear" else None
         counts = np.bincount(y, minlength=k)
         few = float(np.median(counts[counts > 0])) <= FEW_SHOT
-        return ("prototype", "linear") if few else ("linear", "prototype")
+        return [{"kind": "prototype"}, *linear] if few else [*linear, {"kind": "prototype"}]
 
     def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
         """The shipped head on every training item, and out-of-fold figures for all of them (and
@@ -319,11 +322,12 @@ class ClassifierTask(Task):
         cfg = dataclasses.replace(self.head_config(options.head), calibrate=True)
         if like is not None:  # the reference trains with the settings the shipped head chose, on its folds
             plan, kinds = like.features["plan"], None
-            cfg = dataclasses.replace(cfg, kind=like.head.kind, l2=like.head.meta.get("l2", cfg.l2))
+            cfg = HeadConfig.from_dict({**like.head.meta.get("config", cfg.to_dict()), "kind": like.head.kind,
+                                        "l2": like.head.meta.get("l2", cfg.l2), "calibrate": True})
         else:
             groups = [getattr(s, "group", "") for s in data.train]
             plan = fold_plan(y_tr[:n], k, groups=groups if any(groups) else None, seed=options.seed)
-            kinds = self.head_candidates(y_tr[:n], k, options)
+            kinds = self.head_candidates(cfg, y_tr[:n], k, options)
         # augmented views of an item share its fold (never trained on while it is held out), never scored
         tiled = FoldPlan(np.tile(plan.fold, views + 1), plan.method, plan.folds)
         cf = cross_fit(X_tr, y_tr, data.classes, cfg=cfg, kinds=kinds, plan=tiled,
@@ -434,7 +438,8 @@ class ClassifierTask(Task):
         return {
             "entry": {"exemplars": "exemplars.npz", **({"drift": "drift.npz"} if drift else {}), "kind": head.kind,
                       "labels": data.classes,
-                      "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2")},
+                      "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2"),
+                      "scaling": head.meta.get("config", {}).get("scaling", "feature")},
             "manifest": {"labels": data.classes, "thresholds": {"unknown": 0.0},
                          "exemplars": {"file": "exemplars.npz", "per_class": per_class, "selection": "herding"},
                          **({"drift": drift_info(drift)} if drift else {}),
