@@ -101,3 +101,18 @@ def test_train_and_test_folders_fit_as_training_and_holdout(surfaces, cache_dir,
     assert sorted(summary["labels"]) == sorted(p.name for p in (surfaces / "train").iterdir() if p.is_dir())
     assert summary["val"]["estimate"] == "holdout" and summary["val"]["oof"]["estimate"] == "out-of-fold"
     assert summary["val"]["n"] == sum(c["val"] for c in summary["counts"].values()) > 0
+
+
+def test_one_image_a_class_fits_and_says_nothing_measures_it(surfaces, cache_dir, tmp_path):
+    data = tmp_path / "one"
+    for cls in sorted(p for p in (surfaces / "train").iterdir() if p.is_dir()):
+        (data / cls.name).mkdir(parents=True)
+        first = sorted(cls.iterdir())[0]
+        shutil.copyfile(first, data / cls.name / first.name)
+    r = run_cli("fit", data, "--out", tmp_path / "b", "--target", "cpu-x86", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "no item can be held out" in r.stdout and "nothing measures this head" in r.stdout
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["head"]["versions"][0]["kind"] == "prototype"  # a class mean is all one image gives
+    r = run_cli("predict", tmp_path / "b", surfaces / "val", "--json")
+    assert r.returncode == 0, r.stderr

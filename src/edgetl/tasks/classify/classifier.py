@@ -404,7 +404,8 @@ class ClassifierTask(Task):
         if len(baseline) != len(trained.outcome):
             return None
         check = baseline_outcome_check(trained.outcome, baseline, backbone=exported.name,
-                                       baseline=self.baseline_name, items=self.items)
+                                       baseline=self.baseline_name, items=self.items,
+                                       scored="out-of-fold" + (" and holdout" if data.val else ""))
         return check.to_dict()
 
     def baseline_features(self, items: Sequence, cache) -> np.ndarray:
