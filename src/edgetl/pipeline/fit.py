@@ -250,7 +250,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     t0 = run.lap("reference", t0)
     gate, after = decision.to_dict(), ""
     if decision.verdict == "refused" and task.accuracy_control and target.quantization.accuracy_control \
-            and target.precision == "int8" and reference is not None and run.data.val:
+            and target.precision == "int8" and reference is not None and (run.data.val or run.data.train):
         shipped, trained, new_extractor, ref, decision, gate, after = _accuracy_control(run, shipped, trained,
                                                                                         reference, ref, decision)
         extractor = new_extractor or extractor
@@ -302,7 +302,8 @@ def _accuracy_control(run: _Run, shipped, trained, reference, ref, decision):
                                   + [json.dumps(options.to_dict()["head"], sort_keys=True),
                                      str(options.augment)]).encode()).hexdigest()
     ext = task.extractor(run.exported.path, run.exported, runtime="onnxruntime", device="CPU", providers=None)
-    restore = Restore(lambda: ext.inputs(run.data.val), task.accuracy_score(reference, run.data),
+    scored = run.data.val or run.data.train  # see the task's accuracy_score
+    restore = Restore(lambda: ext.inputs(scored), task.accuracy_score(reference, run.data),
                       target.accuracy_tolerance / 100.0, key)
     calibration = task.calibration(run.data, target, run.exported, options.seed)
     restored = converted_model(run.exported, target, run.cache_root, calibration, restore=restore, quiet=options.quiet)

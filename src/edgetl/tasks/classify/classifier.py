@@ -413,10 +413,12 @@ class ClassifierTask(Task):
         raise NotImplementedError
 
     def accuracy_score(self, reference: Trained, data):
-        """What accuracy control maximises: the FP32-trained head's accuracy on the validation
-        items, from a converted model's outputs. -> (score(outputs), labels)."""
+        """What accuracy control maximises: the FP32-trained head's accuracy on the holdout items
+        (without one, on the training items: the head has seen them, so the figure is optimistic,
+        but what it ranks is how much each layer kept in float restores of the FP32 answers),
+        from a converted model's outputs. -> (score(outputs), labels)."""
         index = {label: i for i, label in enumerate(data.classes)}
-        labels = np.array([index[s.label] for s in data.val])
+        labels = np.array([index[s.label] for s in (data.val or data.train)])
 
         def score(features: np.ndarray) -> tuple[float, list[float]]:
             hits = (reference.head.predict(features) == labels[: len(features)]).astype(float)
