@@ -172,6 +172,31 @@ def scale_logits(head: Head, s: float) -> Head:
     return Head(head.kind, list(head.labels), a, dict(head.meta))
 
 
+def _choose(tries: list, y: np.ndarray) -> tuple[int, list]:
+    """The candidate that ships: the preferred one (listed first) unless another's OOF score leads
+    it by more than one standard error of the paired per-item difference (the one-standard-error
+    rule: a lead of an item or two among 200 is noise, and acting on it trades a known-good
+    default for a coin flip); among those that lead by more, the best score. Returns (index,
+    each candidate's lead over the preferred in standard errors, None where not scored)."""
+    ref = tries[0][1]
+    if tries[0][2] is None:
+        return 0, [None] * len(tries)
+    ok = ~np.isnan(ref[:, 0])
+    base = np.argmax(ref[ok], axis=1) == y[ok]
+    best, best_score, leads = 0, tries[0][2], [0.0]
+    for i, (_, oof, score) in enumerate(tries[1:], start=1):
+        if score is None:
+            leads.append(None)
+            continue
+        diff = (np.argmax(oof[ok], axis=1) == y[ok]).astype(float) - base
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
+        lead = score - tries[0][2]
+        leads.append(round(lead / se, 3) if se > 0 else (0.0 if lead == 0 else float("inf")))
+        if lead > 0 and lead > se and score > best_score:
+            best, best_score = i, score
+    return best, leads
+
+
 @dataclass
 class CrossFit:
     """A head trained on all items and the out-of-fold evidence behind it.
@@ -206,8 +231,8 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
         X, y, labels: features, class indices, class names (as :func:`train_head`).
         cfg: the head settings; ``l2`` None searches it on the OOF predictions.
         kinds: the candidates to choose from by OOF accuracy, each a kind name or a dict of
-            :class:`HeadConfig` settings, the preferred first (it wins ties, and with no fold to
-            score on); default ``cfg`` alone.
+            :class:`HeadConfig` settings, the preferred first: another replaces it only with a
+            lead beyond one standard error (:func:`_choose`); default ``cfg`` alone.
         plan: the folds (default: :func:`fold_plan` of ``y`` and ``groups``); pass the shipped
             model's plan to the reference so the two are paired item by item.
         scored: rows whose OOF logits count (augmented views are trained on, never scored);
@@ -247,11 +272,11 @@ def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight,
         ok = ~np.isnan(oof[:, 0])
         score = _weighted_score(y[ok], np.argmax(oof[ok], axis=1), k, cfg.balance, None) if ok.any() else None
         tries.append((head, oof, score))
-    # Highest OOF score wins; a tie keeps the earlier kind (the caller lists its preference first).
-    best = max(range(len(tries)), key=lambda i: (-1.0 if tries[i][2] is None else tries[i][2], -i))
+    best, lead_se = _choose(tries, y)
     head, oof, _ = tries[best]
     ok = ~np.isnan(oof[:, 0])
     candidates = [{"kind": t[0].kind, "l2": t[0].meta.get("l2"), "oof_score": t[2], "chosen": i == best,
+                   "lead_se": lead_se[i],
                    **({"scaling": t[0].meta["config"]["scaling"]} if t[0].kind != "prototype" else {})}
                   for i, t in enumerate(tries)]
     calibration: dict = {"method": "none", "items": int(ok.sum())}
