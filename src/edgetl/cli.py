@@ -143,7 +143,8 @@ def _head_kinds() -> list[str]:
 @click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or file.")
-@click.option("--val-split", type=float, default=0.2, show_default=True, help="Fraction held out per class when no --val.")
+@click.option("--val-split", type=float, default=None,
+              help="Also hold out this fraction per class (default: none; every item is scored out of fold).")
 @click.option("--group-by", help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
               "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]")
 @click.option("--augment", type=int, default=0, show_default=True, help="Images: augmented views cached per training image.")
@@ -191,7 +192,8 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
                       target=target, precision=precision, runtime=runtime, val=str(val) if val else None,
                       val_split=val_split, group_by=group_by, augment=augment, seed=seed, roi=roi,
                       cache_dir=str(cache_dir) if cache_dir else None, strict=strict, calibration_size=calibration_size,
-                      allow_drop=allow_drop, quiet=quiet or as_json, text_column=text_column, label_column=label_column)
+                      allow_drop=allow_drop, quiet=quiet or as_json, text_column=text_column, label_column=label_column,
+                      head_auto=head_kind is None)
     result = run_fit(data, out, options=opts, force=force, signer=_signer(sign_key))
     warn_skipped(result.data.skipped, quiet=quiet)
     summary, text = chosen.fit_summary(result), chosen.render_fit(result)

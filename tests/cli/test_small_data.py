@@ -61,18 +61,21 @@ def test_random_split_of_near_copies_is_flagged(near_copies, cache_dir, tmp_path
     assert r.returncode == 0, r.stderr
     assert "near-copy in training" in r.stderr and "--group-by" in r.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["split"]["method"] == "stratified"
-    assert report["leakage"]["warn"] and report["leakage"]["fraction"] >= 0.5
+    assert report["split"]["method"] == "out-of-fold" and report["crossfit"]["method"] == "stratified 5-fold"
+    assert report["leakage"]["warn"] and report["leakage"]["fraction"] >= 0.5 and report["leakage"]["folds"]
 
 
-def test_grouped_split_holds_out_whole_parts(near_copies, cache_dir, tmp_path):
+def test_grouped_folds_hold_out_whole_parts(near_copies, cache_dir, tmp_path):
     r = run_cli("fit", near_copies, "--out", tmp_path / "b", "--target", "cpu-x86", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert report["split"]["method"] == "grouped" and report["split"]["val_groups"] >= 5
-    assert report["leakage"]["fraction"] < 0.25  # whole parts held out: few near-copies left
+    assert report["split"]["method"] == "out-of-fold" and report["crossfit"]["method"].startswith("grouped")
+    assert report["leakage"]["fraction"] < 0.25  # whole parts held out of each fold: few near-copies left
     assert not report["leakage"]["warn"] and "near-copy" not in r.stderr
-    assert json.loads(r.stdout)["val"]["n"] == 5 * 6  # one whole part (6 frames) per class held out
+    # every frame is scored out of fold (its whole part held out with it), not a fifth of them
+    summary = json.loads(r.stdout)
+    assert summary["val"]["n"] == sum(c["train"] for c in summary["counts"].values())
+    assert summary["val"]["estimate"] == "out-of-fold"
 
 
 def test_quiet_means_quiet_even_while_converting(surfaces, exported, cache_dir, tmp_path):
@@ -85,3 +88,31 @@ def test_quiet_means_quiet_even_while_converting(surfaces, exported, cache_dir, 
     loud = run_cli("fit", surfaces, "--out", tmp_path / "b2", "--cache", tmp_path / "cache2")
     assert loud.returncode == 0, loud.stderr
     assert "converting the backbone to int8 for openvino-cpu" in loud.stderr
+
+
+def test_train_and_test_folders_fit_as_training_and_holdout(surfaces, cache_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(surfaces / "train", data / "train")
+    shutil.copytree(surfaces / "val", data / "test")
+    r = run_cli("fit", data, "--out", tmp_path / "b", "--target", "cpu-x86", "--precision", "fp32", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert "train" not in summary["labels"] and "test" not in summary["labels"]
+    assert sorted(summary["labels"]) == sorted(p.name for p in (surfaces / "train").iterdir() if p.is_dir())
+    assert summary["val"]["estimate"] == "holdout" and summary["val"]["oof"]["estimate"] == "out-of-fold"
+    assert summary["val"]["n"] == sum(c["val"] for c in summary["counts"].values()) > 0
+
+
+def test_one_image_a_class_fits_and_says_nothing_measures_it(surfaces, cache_dir, tmp_path):
+    data = tmp_path / "one"
+    for cls in sorted(p for p in (surfaces / "train").iterdir() if p.is_dir()):
+        (data / cls.name).mkdir(parents=True)
+        first = sorted(cls.iterdir())[0]
+        shutil.copyfile(first, data / cls.name / first.name)
+    r = run_cli("fit", data, "--out", tmp_path / "b", "--target", "cpu-x86", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "no item can be held out" in r.stdout and "nothing measures this head" in r.stdout
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["head"]["versions"][0]["kind"] == "prototype"  # a class mean is all one image gives
+    r = run_cli("predict", tmp_path / "b", surfaces / "val", "--json")
+    assert r.returncode == 0, r.stderr

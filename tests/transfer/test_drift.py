@@ -182,3 +182,32 @@ def test_no_torch_anywhere_in_the_package(no_torch_env, tmp_path, world):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["severe", "a", "a", "helps"]
+
+
+def test_out_of_fold_reference_uses_every_item_and_stays_calibrated():
+    """Every training item a reference image, scored by a description fitted without its fold:
+    the p-value floor is 1 / (n + 1), and in-distribution inputs are flagged at about the level."""
+    from edgetl.heads.crossfit import fold_plan
+
+    mix = Mixture(seed=3)
+    X, y = mix.draw(200, seed=1)
+    ref = fit_drift_reference(X, y, n_classes=K, oof_folds=fold_plan(y, K).fold)
+    assert ref.n_reference == 200
+    X_new, _ = mix.draw(4000, seed=2)
+    rate = ref.score(X_new, image_alpha=0.01).ood.mean()
+    # 1 % expected; the reference's own 200 draws move the realised rate (Beta(2, 199)-like spread,
+    # sd about 0.7 points): 4 sd of room, and the tail rule may add at most 1 / 201 on top
+    assert rate < 0.01 + 4 * 0.007 + 1 / 201, rate
+
+
+def test_far_inputs_are_flagged_even_with_few_references():
+    """40 references: the conformal p-value alone stops at 1/41 (nothing could be flagged at 1 %);
+    past the largest reference the fitted tail takes over."""
+    from edgetl.heads.crossfit import fold_plan
+
+    mix = Mixture(seed=4)
+    X, y = mix.draw(40, seed=1)
+    ref = fit_drift_reference(X, y, n_classes=K, oof_folds=fold_plan(y, K).fold)
+    assert ref.n_reference == 40 and 1 / 41 > 0.01
+    far = mix.draw(50, seed=5)[0] + 25.0 * np.random.default_rng(6).normal(size=(50, D)).astype(np.float32)
+    assert ref.score(far, image_alpha=0.01).ood.mean() >= 0.9

@@ -279,10 +279,15 @@ def test_anomaly_layouts(tmp_path):
         _img(good / "good" / f"{i}.png", i)
     d = load_anomaly_data(good, val_split=0.2)
     assert d.layout == "good" and len(d.train) == 4 and len(d.val) == 1 and d.eval_set == d.val
+    d = load_anomaly_data(good)  # by default none held out: fit scores every good image out of fold
+    assert len(d.train) == 5 and not d.val and not d.eval_set
 
     flat = tmp_path / "flat"
     _img(flat / "a.png")
     with pytest.raises(DataError, match="need >= 2"):
+        load_anomaly_data(flat, val_split=0.2)
+    _img(flat / "b.png", 1)
+    with pytest.raises(DataError, match="need >= 3"):
         load_anomaly_data(flat)
     with pytest.raises(DataError, match="no good training images"):
         load_anomaly_data(tmp_path / "mvtec" / "ground_truth")

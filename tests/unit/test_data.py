@@ -32,6 +32,45 @@ def test_train_val_layout(tmp_path):
     assert ds.layout == "train+val" and len(ds.train) == 6 and len(ds.val) == 4
 
 
+@pytest.mark.parametrize("holdout", ["test", "validation", "valid", "Val"])
+def test_train_with_any_holdout_folder_is_a_split_never_two_classes(tmp_path, holdout):
+    make_folder(tmp_path / "train", per_class=3)
+    make_folder(tmp_path / holdout, per_class=2)
+    ds = load_dataset(tmp_path, val_split=None)
+    assert ds.layout == "train+val" and len(ds.train) == 6 and len(ds.val) == 4
+    assert "train" not in ds.classes and holdout not in ds.classes and ds.split["method"] == "explicit"
+
+
+def test_val_is_the_holdout_when_test_is_there_too(tmp_path, caplog):
+    make_folder(tmp_path / "train", per_class=3)
+    make_folder(tmp_path / "val", per_class=2)
+    make_folder(tmp_path / "test", per_class=1)
+    ds = load_dataset(tmp_path)
+    assert len(ds.val) == 4 and not any(s.path.relative_to(tmp_path).parts[0] == "test" for s in ds.train + ds.val)
+    assert "test/ left out" in caplog.text, caplog.text
+
+
+def test_train_folder_alone_is_its_classes(tmp_path):
+    make_folder(tmp_path / "train", per_class=3)
+    ds = load_dataset(tmp_path, val_split=None)
+    assert ds.classes == ["a", "b"] and len(ds.train) == 6 and not ds.val
+
+
+@pytest.mark.parametrize("folders", [("test", "bolt"), ("train", "nut"), ("val",)])
+def test_split_folders_without_a_known_layout_are_refused_in_one_line(tmp_path, folders):
+    for f in folders:
+        make_folder(tmp_path / f, per_class=2)
+    with pytest.raises(DataError) as e:
+        load_dataset(tmp_path)
+    assert "not a layout edgetl knows" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_val_split_keeps_every_item_for_training(tmp_path):
+    make_folder(tmp_path, classes=("bolt", "nut"), per_class=5)
+    ds = load_dataset(tmp_path, val_split=None)
+    assert len(ds.train) == 10 and not ds.val and ds.split["method"] == "out-of-fold"
+
+
 def test_csv_manifest_with_split(tmp_path):
     make_folder(tmp_path / "img", per_class=3)
     rows = ["path,label,split"] + [f"img/a/a{i}.png,a,{'val' if i == 0 else 'train'}" for i in range(3)] + [

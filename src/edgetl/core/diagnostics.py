@@ -67,10 +67,42 @@ def near_duplicates(X_train: np.ndarray, X_val: np.ndarray, *, names_train=None,
     }
 
 
+def near_duplicates_across_folds(X: np.ndarray, fold: np.ndarray, *, names=None, threshold: float = NEAR_COPY_COSINE,
+                                 examples: int = 3) -> dict:
+    """:func:`near_duplicates` for out-of-fold scoring: how many held-out rows (``fold >= 0``)
+    have a near-copy among the rows their fold's head trained on (every other fold, and the rows
+    never held out, ``fold == -1``). Same keys, plus ``"folds": True``."""
+    X = np.asarray(X, np.float32)
+    fold = np.asarray(fold)
+    held = np.flatnonzero(fold >= 0)
+    if not len(held) or len(X) < 2:
+        return {"checked": int(len(held)), "near_copies": 0, "fraction": 0.0, "threshold": threshold,
+                "warn": False, "examples": [], "folds": True}
+    U = _unit(X - X.mean(axis=0, keepdims=True))
+    nn_sim = np.full(len(held), -np.inf, np.float32)
+    nn_idx = np.zeros(len(held), np.int64)
+    for start in range(0, len(held), 512):
+        rows = held[start : start + 512]
+        S = U[rows] @ U.T
+        S[fold[rows][:, None] == fold[None, :]] = -np.inf  # the same fold (itself included) is not trained on
+        nn_idx[start : start + 512] = S.argmax(axis=1)
+        nn_sim[start : start + 512] = S.max(axis=1)
+    hits = nn_sim >= threshold
+    order = np.argsort(-nn_sim)[: min(examples, int(hits.sum()))]
+    name = lambda i: str(names[i]) if names is not None else int(i)  # noqa: E731
+    return {
+        "checked": int(len(held)), "near_copies": int(hits.sum()), "fraction": round(float(hits.mean()), 4),
+        "threshold": threshold, "warn": bool(hits.mean() >= LEAK_WARN_FRACTION), "folds": True,
+        "examples": [{"val": name(held[i]), "train": name(nn_idx[i]), "cosine": round(float(nn_sim[i]), 4)}
+                     for i in order],
+    }
+
+
 def leakage_message(leak: dict, *, grouped: bool, items: str = "images") -> str:
     """The one-line warning for a split whose validation items have near-copies in training."""
-    head = (f"{leak['near_copies']} of {leak['checked']} validation {items} have a near-copy in training "
-            f"(centred feature cosine >= {leak['threshold']:.2f}), so the validation figure may measure memorisation")
+    what = "out-of-fold" if leak.get("folds") else "validation"
+    head = (f"{leak['near_copies']} of {leak['checked']} {what} {items} have a near-copy in training "
+            f"(centred feature cosine >= {leak['threshold']:.2f}), so the {what} figure may measure memorisation")
     if grouped:
         return head + " even with the grouped split; check that each group holds one part / session / source"
     return head + ("; split by group: put each part or session in its own folder DATA/<class>/<group>/, "

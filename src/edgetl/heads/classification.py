@@ -82,6 +82,10 @@ class HeadConfig:
         balance: Weight each row by ``n / (k * n_c)`` so every class counts equally (``k``
             counting the classes that have rows). The prototype head's class means are per class
             anyway; there it only weighs the temperature fit.
+        scaling: ``feature`` (each feature standardised) or ``global`` (centred, one scale for all:
+            the features' own geometry); linear and mlp heads.
+        calibrate: Fit a temperature on out-of-fold logits and fold it into the head
+            (:mod:`edgetl.heads.crossfit`), so a retrained head (``adapt``) stays calibrated.
 
     Raises:
         ConfigError: on an unknown kind or an out-of-range value.
@@ -94,6 +98,8 @@ class HeadConfig:
     lr: float = 0.01
     seed: int = 0
     balance: bool = True
+    calibrate: bool = False
+    scaling: str = "feature"
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
@@ -120,6 +126,11 @@ class HeadConfig:
         if not isinstance(self.balance, (bool, np.bool_)):
             raise ConfigError(f"balance must be true or false, got {self.balance!r}")
         object.__setattr__(self, "balance", bool(self.balance))
+        if self.scaling not in ("feature", "global"):
+            raise ConfigError(f"scaling must be 'feature' or 'global', got {self.scaling!r}")
+        if not isinstance(self.calibrate, (bool, np.bool_)):
+            raise ConfigError(f"calibrate must be true or false, got {self.calibrate!r}")
+        object.__setattr__(self, "calibrate", bool(self.calibrate))
 
     def to_dict(self) -> dict:
         """Return the options as a JSON-serialisable dict (the inverse of :meth:`from_dict`)."""

@@ -182,14 +182,20 @@ def _absent_bias(train_logits: np.ndarray) -> float:
 class _Trainer:
     """Fits one kind (linear / mlp) in the shared basis; used by the L2 search and the final fit."""
 
-    def __init__(self, cfg: HeadConfig, basis: _Basis, y: np.ndarray, w: np.ndarray, k: int, d: int):
+    def __init__(self, cfg: HeadConfig, basis: _Basis, y: np.ndarray, w: np.ndarray, k: int, d: int,
+                 sample_weight: np.ndarray | None = None):
         self.cfg, self.basis, self.y, self.w, self.k, self.d = cfg, basis, y, w, k, d
+        self.sample_weight = sample_weight
 
     def fit(self, rows: np.ndarray | None, l2: float, init=None, gtol: float = _FINAL_GTOL) -> dict:
         """Fit on ``rows`` (None: all); returns a dict with basis-space params and class map."""
         Z = self.basis.Z if rows is None else self.basis.Z[rows]
         y = self.y if rows is None else self.y[rows]
-        w = self.w if rows is None else self.w[rows]
+        # Balancing weighs a fold's rows by the fold's own class counts: with the counts of all
+        # rows a class missing its held-out row would weigh less than the others, which biases
+        # every held-out prediction against its own class (leave-one-out falls below chance).
+        w = self.w if rows is None else _class_weights(y, self.k, self.cfg.balance, self.sample_weight[rows]
+                                                       if self.sample_weight is not None else None)
         present = np.flatnonzero(np.bincount(y, minlength=self.k) > 0)
         remap = np.full(self.k, -1, dtype=np.int64)
         remap[present] = np.arange(present.shape[0])
@@ -221,8 +227,26 @@ class _Trainer:
     def predict(self, fit: dict, Z: np.ndarray) -> np.ndarray:
         return fit["present"][np.argmax(self.present_logits(fit, Z), axis=1)]
 
+    def full_logits(self, fit: dict, Z: np.ndarray) -> np.ndarray:
+        """Logits over all ``k`` classes; a class this fit never saw sits far below the others
+        (it cannot be predicted, as in the shipped head)."""
+        present = self.present_logits(fit, Z)
+        out = np.empty((Z.shape[0], self.k))
+        out[:] = (present.min() if present.size else 0.0) - _ABSENT_MARGIN
+        out[:, fit["present"]] = present
+        return out
 
-def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val=None):
+    def out_of_fold(self, fold: np.ndarray, l2: float, gtol: float = _SEARCH_GTOL) -> np.ndarray:
+        """Logits of every held-out row from a fit without its fold (NaN where never held out)."""
+        oof = np.full((self.y.shape[0], self.k), np.nan)
+        for f in np.unique(fold[fold >= 0]):
+            val_rows = np.flatnonzero(fold == f)
+            fit = self.fit(np.flatnonzero(fold != f), l2, gtol=gtol)
+            oof[val_rows] = self.full_logits(fit, self.basis.Z[val_rows])
+        return oof
+
+
+def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val=None, fold=None):
     """Pick the L2 from the grid and fit the final head with it; returns ``(l2, record, fit)``.
 
     With validation rows each candidate is trained on all training rows and scored on them.
@@ -234,6 +258,9 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
     from the previous one with a loose tolerance; the shipped fit is then polished to the final
     tolerance starting from the winner (validation) or from the mean of the winner's fold
     solutions (cross-validation) -- the folds share the basis, so their weights are comparable.
+
+    ``fold`` (fold index per row, -1: never held out) replaces the 3-fold plan; the returned
+    fourth value is then the winner's out-of-fold logits (n, k), else None.
     """
     grid = _grid(cfg)
     metric = "balanced_accuracy" if cfg.balance else "accuracy"
@@ -241,6 +268,7 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
     loose = _SEARCH_GTOL if cfg.kind == "linear" else _FINAL_GTOL
     scores: dict[float, float] = {}
     fits: dict[float, list[dict]] = {l2: [] for l2 in order}
+    oof_logits = None
     if Z_val is not None:
         prev = None
         for l2 in order:
@@ -250,7 +278,9 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
         method = "validation"
     else:
         n = y.shape[0]
-        if n < _MIN_ROWS_FOR_CV or np.count_nonzero(np.bincount(y, minlength=k)) < 2:
+        usable = fold is not None and np.count_nonzero(np.unique(fold) >= 0) >= 2
+        if not usable and (fold is not None or n < _MIN_ROWS_FOR_CV
+                           or np.count_nonzero(np.bincount(y, minlength=k)) < 2):
             record = {
                 "method": "default",
                 "reason": f"fewer than {_MIN_ROWS_FOR_CV} rows or 2 classes: no {_CV_FOLDS}-fold search",
@@ -259,20 +289,26 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
                 "scores": None,
                 "chosen": _DEFAULT_L2,
             }
-            return _DEFAULT_L2, record, trainer.fit(None, _DEFAULT_L2)
-        fold = _stratified_folds(y, _CV_FOLDS, cfg.seed)
-        oof = {l2: np.empty(n, dtype=np.int64) for l2 in order}
-        for f in range(_CV_FOLDS):
+            if fold is not None:
+                record["reason"] = "no fold to hold out"
+            return _DEFAULT_L2, record, trainer.fit(None, _DEFAULT_L2), None
+        external = fold is not None
+        if not external:
+            fold = _stratified_folds(y, _CV_FOLDS, cfg.seed)
+        logits = {l2: np.full((n, k), np.nan) for l2 in order}
+        for f in np.unique(fold[fold >= 0]):
             train_rows, val_rows = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             Z_fold_val = trainer.basis.Z[val_rows]
             prev = None
             for l2 in order:
                 prev = trainer.fit(train_rows, l2, init=_warm(prev, cfg, k), gtol=loose)
-                oof[l2][val_rows] = trainer.predict(prev, Z_fold_val)
+                logits[l2][val_rows] = trainer.full_logits(prev, Z_fold_val)
                 fits[l2].append(prev)
+        scored = ~np.isnan(logits[order[0]][:, 0])
+        sw = None if sample_weight is None else sample_weight[scored]
         for l2 in order:
-            scores[l2] = _weighted_score(y, oof[l2], k, cfg.balance, sample_weight)
-        method = f"{_CV_FOLDS}-fold"
+            scores[l2] = _weighted_score(y[scored], np.argmax(logits[l2][scored], axis=1), k, cfg.balance, sw)
+        method = "out-of-fold" if external else f"{_CV_FOLDS}-fold"
     best = max(scores.values())
     chosen = max(l2 for l2, s in scores.items() if s >= best - 1e-12)
     record = {
@@ -282,12 +318,14 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
         "scores": [scores[l2] for l2 in grid],
         "chosen": chosen,
     }
+    if method != "validation":
+        oof_logits = logits[chosen]
     if cfg.kind != "linear":
         # An MLP fit depends only on (rows, l2, seed): the validation winner *is* the final fit.
         final = fits[chosen][0] if method == "validation" else trainer.fit(None, chosen)
     else:
         final = trainer.fit(None, chosen, init=_mean_start(fits[chosen], trainer.k))
-    return chosen, record, final
+    return chosen, record, final, oof_logits
 
 
 def _grid(cfg: HeadConfig) -> tuple[float, ...]:
@@ -325,9 +363,19 @@ def train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_va
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a base dependency
-        return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+        return _train_calibrated(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
     with threadpool_limits(limits=1, user_api="blas"):
-        return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+        return _train_calibrated(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+
+
+def _train_calibrated(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight=None) -> Head:
+    """A ``calibrate`` head (without validation rows) is cross-fitted: L2 and temperature from
+    out-of-fold logits (:func:`edgetl.heads.crossfit.cross_fit`)."""
+    if cfg.calibrate and X_val is None:
+        from .crossfit import cross_fit
+
+        return cross_fit(X, y, labels, cfg=cfg, sample_weight=sample_weight).head
+    return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
 
 
 def _train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_val=None, sample_weight=None) -> Head:
@@ -352,6 +400,12 @@ def _train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_v
         DataError: on malformed features, labels, targets or weights.
         ConfigError: if ``cfg`` is not a :class:`HeadConfig`.
     """
+    return _fit(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)[0]
+
+
+def _fit(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight=None, fold=None):
+    """:func:`_train_head`, and with ``fold`` (fold index per row, -1: never held out) also the
+    out-of-fold logits (n, k) of the chosen settings (NaN rows: never held out) -> (head, logits)."""
     X, y, labels, X_val, y_val, sample_weight = _checked(X, y, labels, cfg, X_val, y_val, sample_weight)
     k, (n, d) = len(labels), X.shape
     counts = np.bincount(y, minlength=k)
@@ -360,15 +414,33 @@ def _train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_v
                   "class_counts": counts.tolist(), "absent_classes": [labels[c] for c in np.flatnonzero(counts == 0)]}
     mean64 = X.mean(axis=0, dtype=np.float64)
     mean = mean64.astype(np.float32)
+    oof = None
     if cfg.kind == "prototype":
         arrays = _train_prototype(X, y, w, sample_weight, k, mean, meta)
+        if fold is not None:
+            oof = _prototype_out_of_fold(X, y, sample_weight, k, fold, cfg.balance)
     else:
-        arrays = _train_weights(X, y, w, cfg, mean64, meta, X_val, y_val, sample_weight)
+        arrays, oof = _train_weights(X, y, w, cfg, mean64, meta, X_val, y_val, sample_weight, fold)
     head = Head(kind=cfg.kind, labels=labels, arrays=arrays, meta=meta)
     meta["train_accuracy"] = float(np.mean(head.predict(X) == y))
     if X_val is not None:
         meta["val_accuracy"] = float(np.mean(head.predict(X_val) == y_val))
-    return head
+    return head, oof
+
+
+def _prototype_out_of_fold(X, y, sample_weight, k, fold, balance: bool) -> np.ndarray:
+    """Prototype logits of each held-out row from class means (and temperature) without its fold."""
+    from .classification import _prototype_logits
+
+    oof = np.full((X.shape[0], k), np.nan)
+    for f in np.unique(fold[fold >= 0]):
+        tr, va = fold != f, fold == f
+        if np.count_nonzero(np.bincount(y[tr], minlength=k)) < 2:
+            continue
+        sw = None if sample_weight is None else sample_weight[tr]
+        a = _train_prototype(X[tr], y[tr], _class_weights(y[tr], k, balance, sw), sw, k, X[tr].mean(axis=0), {})
+        oof[va] = _prototype_logits(X[va], a["mean"], a["prototypes"], a["logit_scale"], a["b"])
+    return oof
 
 
 def _checked(X, y, labels, cfg, X_val, y_val, sample_weight):
@@ -398,7 +470,7 @@ def _checked(X, y, labels, cfg, X_val, y_val, sample_weight):
     return X, y, labels, X_val, y_val, sample_weight
 
 
-def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, sample_weight) -> dict:
+def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, sample_weight, fold=None):
     """A linear or MLP head's arrays: standardise, fit in the row-space basis (choosing L2 unless
     it is given), expand back to feature space."""
     k, d = meta["n_classes"], meta["n_features"]
@@ -408,23 +480,31 @@ def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, s
     # so it centres to ~0 instead of being blown up into unit-variance rounding noise.
     varies = (std > 1e-6 * np.abs(mean64)) & (std > 1e-12)
     scale = np.where(varies, std, 1.0).astype(np.float32)
+    if cfg.scaling == "global":
+        # one scale for every feature (their root-mean-square spread): the backbone's own geometry,
+        # where a weak feature is not blown up to the weight of a strong one (on frozen ImageNet
+        # features this often generalises better than per-feature standardisation)
+        rms = float(np.sqrt(np.mean(std[varies] ** 2))) if varies.any() else 1.0
+        scale = np.full(d, rms if rms > 0 else 1.0, dtype=np.float32)
     basis = _Basis((X - mean) / scale)
     meta["basis_rank"] = basis.rank
-    trainer = _Trainer(cfg, basis, y, w, k, d)
-    fit = None
+    trainer = _Trainer(cfg, basis, y, w, k, d, sample_weight)
+    fit = oof = None
     if cfg.l2 is None:
         Z_val = None if X_val is None else ((X_val - mean) / scale) @ basis.proj
-        l2, meta["l2_search"], fit = _search_l2(trainer, y=y, k=k, cfg=cfg, sample_weight=sample_weight, Z_val=Z_val,
-                                                y_val=y_val)
+        l2, meta["l2_search"], fit, oof = _search_l2(trainer, y=y, k=k, cfg=cfg, sample_weight=sample_weight,
+                                                     Z_val=Z_val, y_val=y_val, fold=fold)
     else:
         l2 = cfg.l2
         meta["l2_search"] = {"method": "fixed", "metric": None, "grid": None, "scores": None, "chosen": l2}
+        if fold is not None:
+            oof = trainer.out_of_fold(fold, l2)
     if fit is None:
         fit = trainer.fit(None, l2)
     meta["l2"] = l2
     meta["optimizer"] = ({"name": "lbfgs", "iterations": fit["iterations"], "converged": fit["converged"]}
                          if cfg.kind == "linear" else {"name": "adam", "steps": cfg.epochs, "lr": cfg.lr})
-    return _expand(cfg.kind, fit, trainer, basis, k, mean, scale, cfg.hidden)
+    return _expand(cfg.kind, fit, trainer, basis, k, mean, scale, cfg.hidden), oof
 
 
 def _expand(kind, fit, trainer: _Trainer, basis: _Basis, k, mean, scale, hidden) -> dict:
@@ -502,7 +582,8 @@ def _train_prototype(X, y, w, sample_weight, k, mean, meta) -> dict:
     }
 
 
-def _fit_temperature(C: np.ndarray, target: np.ndarray, w: np.ndarray) -> float:
+def _fit_temperature(C: np.ndarray, target: np.ndarray, w: np.ndarray, lo: float = _PROTO_SCALE_MIN,
+                     hi: float = _PROTO_SCALE_MAX) -> float:
     """Scale ``s`` minimising ``sum w_i CE(s * C_i, target_i)``, by bisection on the derivative.
 
     The loss is convex in ``s`` (cross-entropy of logits linear in ``s``), so its derivative
@@ -514,12 +595,11 @@ def _fit_temperature(C: np.ndarray, target: np.ndarray, w: np.ndarray) -> float:
         p = softmax(s * C)
         return float(w @ (np.sum(p * C, axis=1) - C[rows, target]))
 
-    lo, hi = _PROTO_SCALE_MIN, _PROTO_SCALE_MAX
     if slope(lo) >= 0:
         return lo
     if slope(hi) <= 0:
         return hi
-    for _ in range(40):  # 29 / 2^40: far below float32 resolution
+    for _ in range(40):  # (hi - lo) / 2^40: far below float32 resolution
         mid = 0.5 * (lo + hi)
         if slope(mid) < 0:
             lo = mid

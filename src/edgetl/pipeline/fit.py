@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import __version__, tasks
 from ..core.bundle import Bundle, BundleWriter, check_out_dir
-from ..core.diagnostics import leakage_message, near_duplicates
+from ..core.diagnostics import leakage_message, near_duplicates, near_duplicates_across_folds
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.fuse import check_parity, fuse, model_files
 from ..core.gate import GateDecision, enforce
@@ -54,7 +54,9 @@ class FitOptions:
         head: the head: a kind name, a :class:`HeadConfig` / :class:`AnomalyConfig`, or a dict of
             its settings; None: the task's default.
         target, precision, runtime: the profile, and overrides that compose with it.
-        val, val_split, group_by: the validation set: a folder / file, or a (grouped) split.
+        val, val_split, group_by: an explicit validation set (a folder / file, or a held-out
+            fraction; by default none: every item is scored out of fold) and where groups come from.
+        head_auto: choose the head kind by out-of-fold accuracy (set when ``head`` names no kind).
         augment: augmented views cached per training image (images).
         calibration_size: INT8 calibration items (default: the profile's).
         allow_drop: write the bundle even when the gate refuses.
@@ -73,7 +75,7 @@ class FitOptions:
     precision: str | None = None
     runtime: str | None = None
     val: str | None = None
-    val_split: float = 0.2
+    val_split: float | None = None
     group_by: str | None = None
     augment: int = 0
     seed: int = 0
@@ -90,6 +92,7 @@ class FitOptions:
     quantization: str = "auto"
     exporter: str = "auto"
     roi: str | None = None
+    head_auto: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self) if not hasattr(self.head, "to_dict") else {**asdict(dataclasses.replace(self, head=None)),
@@ -229,7 +232,8 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     t0 = time.perf_counter()
     task = tasks.for_data(data, task=options.task, head=_head_kind(options.head))
     roi = _roi(options.roi, task)  # a malformed region fails before any work
-    options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head))
+    options = dataclasses.replace(options, task=task.name, head=task.head_config(options.head),
+                                  head_auto=options.head_auto or _head_kind(options.head) is None)
     target = resolve_target(options, task)
     kind = "text" if task.backbone_kind == "text" else "image"
     cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
@@ -261,7 +265,7 @@ def fit(data: str | Path, out: str | Path, *, options: FitOptions = FitOptions()
     t0 = run.lap("reference", t0)
     gate, after = decision.to_dict(), ""
     if decision.verdict == "refused" and task.accuracy_control and target.quantization.accuracy_control \
-            and target.precision == "int8" and reference is not None and run.data.val:
+            and target.precision == "int8" and reference is not None and (run.data.val or run.data.train):
         shipped, trained, new_extractor, ref, decision, gate, after = _accuracy_control(run, shipped, trained,
                                                                                         reference, ref, decision)
         extractor = new_extractor or extractor
@@ -313,7 +317,8 @@ def _accuracy_control(run: _Run, shipped, trained, reference, ref, decision):
                                   + [json.dumps(options.to_dict()["head"], sort_keys=True),
                                      str(options.augment)]).encode()).hexdigest()
     ext = task.extractor(run.exported.path, run.exported, runtime="onnxruntime", device="CPU", providers=None)
-    restore = Restore(lambda: ext.inputs(run.data.val), task.accuracy_score(reference, run.data),
+    scored = run.data.val or run.data.train  # see the task's accuracy_score
+    restore = Restore(lambda: ext.inputs(scored), task.accuracy_score(reference, run.data),
                       target.accuracy_tolerance / 100.0, key)
     calibration = task.calibration(run.data, target, run.exported, options.seed)
     restored = converted_model(run.exported, target, run.cache_root, calibration, restore=restore, quiet=options.quiet)
@@ -336,10 +341,19 @@ def _check_split(run: _Run, trained) -> dict:
     f, data = trained.features, run.data
     if "X_va" not in f:
         return {}
-    leak = near_duplicates(f["X_tr"][: f["n_train"]], f["X_va"], names_train=[s.path for s in data.train],
-                           names_val=[s.path for s in data.val])
-    if leak["warn"]:
-        log.warning("%s", leakage_message(leak, grouped=data.split.get("method") == "grouped", items=run.task.items))
+    names = [getattr(s, "path", None) or getattr(s, "where", "") for s in data.train]
+    grouped = data.split.get("method") == "grouped" or "grouped" in getattr(f.get("plan"), "method", "")
+    leak = {}
+    if f.get("plan") is not None and f["plan"].folds:
+        leak = near_duplicates_across_folds(f["X_tr"][: f["n_train"]], f["plan"].fold, names=names)
+        if leak["warn"]:
+            log.warning("%s", leakage_message(leak, grouped=grouped, items=run.task.items))
+    if len(f["X_va"]):
+        leak = {**near_duplicates(f["X_tr"][: f["n_train"]], f["X_va"], names_train=names,
+                                  names_val=[getattr(s, "path", None) or getattr(s, "where", "") for s in data.val]),
+                **({"out_of_fold": leak} if leak else {})}
+        if leak["warn"]:
+            log.warning("%s", leakage_message(leak, grouped=grouped, items=run.task.items))
     if data.split.get("classes_without_val"):
         log.warning("classes %s have too few groups to hold one out: the validation figure does not cover them",
                     ", ".join(data.split["classes_without_val"]))

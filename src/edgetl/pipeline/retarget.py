@@ -36,7 +36,8 @@ def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None
     if "head" not in recorded or "data" not in training:
         raise BundleError(f"{run}: this bundle does not record how it was fitted; run edgetl fit instead")
     task = tasks.for_bundle(src)
-    options = FitOptions.from_dict({**recorded, "task": task.name,
+    # the kind the first fit chose is recorded: no second choice (head_auto off)
+    options = FitOptions.from_dict({**recorded, "task": task.name, "head_auto": False,
                                     "head": task.recorded_head(src, recorded["head"])})
     data_path = Path(data) if data else Path(training["data"])
     if not data_path.exists():

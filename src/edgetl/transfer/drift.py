@@ -29,10 +29,16 @@ cross-fitting), so both terms weigh about 1 on data like the training data. Cost
 matrix product per image.
 
 **Calibration.** The reference images are training-distribution images the description was *not*
-fitted on (``fit``'s validation split, or a held-out part of the training rows). An image's
-``p_value`` is its conformal p-value, ``(1 + #{reference scores >= its score}) / (m + 1)``: on
-images from the training distribution it is uniform, so ``ood = p_value < image_alpha`` flags
-exactly ``image_alpha`` of them in expectation (1 % by default). ``ood`` is about the *input*; the
+fitted on: ``fit`` scores every training image out of fold (a description fitted without its
+fold), or a validation set / held-out part when given. An image's ``p_value`` is its conformal
+p-value, ``(1 + #{reference scores >= its score}) / (m + 1)``: on images from the training
+distribution it is uniform, so ``ood = p_value < image_alpha`` flags ``image_alpha`` of them in
+expectation (1 % by default). That p-value cannot go under ``1 / (m + 1)``: past the largest
+reference score, a log-normal fitted to the reference scores extrapolates the tail (capped by
+the conformal value), so a far-off input is flagged even with m = 30; there the level is
+approximate (the fit's), and an in-distribution input reaches that region with probability
+``1 / (m + 1)`` only. The score is the distance to the nearest class in units of the
+within-class spread, so "far from every class" is what it measures. ``ood`` is about the *input*; the
 head's confidence-based "unknown" is about the *answer*: a blurred image of a known class can be
 confidently classified and still ood, and an ambiguous in-distribution image can be unknown yet not ood.
 
@@ -61,6 +67,7 @@ drift costs in accuracy can only be measured with labels (``edgetl eval``).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,6 +146,10 @@ class DriftReference:
         self._isl = (1.0 / np.sqrt(np.maximum(self.arrays["eigenvalues"], _EIG_FLOOR))).astype(np.float32)
         self._inv_scale = (1.0 / self.arrays["scale"]).astype(np.float32)
         self._sorted = np.sort(self.arrays["ref_scores"].astype(np.float64))
+        logs = np.log(self._sorted[self._sorted > 0])
+        # the log-normal tail beyond the largest reference score (see _scores); a few references
+        # cannot describe a spread
+        self._tail = (float(logs.mean()), float(logs.std(ddof=1))) if len(logs) >= 5 and logs.std() > 0 else None
 
     # ----- shape facts
     @property
@@ -189,6 +200,16 @@ class DriftReference:
         m = self.n_reference
         below = np.searchsorted(self._sorted, s, side="left")  # reference scores < s
         p = (1.0 + (m - below)) / (m + 1.0)
+        beyond = below >= m
+        if beyond.any() and self._tail is not None:
+            # Past every reference score the conformal p-value stops at 1 / (m + 1) (0.024 with
+            # 40 references: nothing could ever be flagged at 1 %). There the log-normal fitted
+            # to the reference scores extrapolates the tail, capped by the conformal value: an
+            # in-distribution input gets here with probability 1 / (m + 1) and is then flagged
+            # only where that fit puts it beyond the 1 - image_alpha quantile.
+            mu, sigma = self._tail
+            z = (np.log(np.maximum(s[beyond], 1e-300)) - mu) / (sigma * math.sqrt(2.0))
+            p[beyond] = np.minimum(p[beyond], [0.5 * math.erfc(v) for v in z])
         return DriftScores(s, p, 100.0 * below / max(m, 1), c, p < image_alpha, image_alpha)
 
     def coordinates(self, X) -> tuple[np.ndarray, np.ndarray]:
@@ -270,7 +291,7 @@ def _split(y: np.ndarray, fraction: float, rng) -> np.ndarray:
 
 def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | None = None, rank: int = 32,
                         cal_fraction: float = 0.3, max_reference: int = 500, folds: int = 5,
-                        seed: int = 0) -> DriftReference:
+                        seed: int = 0, oof_folds=None) -> DriftReference:
     """Describe training features for drift scoring on the device.
 
     Args:
@@ -282,6 +303,10 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
         rank: principal directions kept (fewer when the data have fewer).
         max_reference: at most this many reference images are stored (a seeded subsample).
         folds: cross-fitting folds for the two normalisers.
+        oof_folds: fold index per row of ``X`` (-1: never held out), used when there is no
+            ``X_cal``: the description is fitted on every row, and every held-out row is a
+            reference image scored by a description fitted without its fold (out of fold), so
+            the p-value floor is ``1 / (n + 1)`` over all n rows instead of a held-out part.
 
     Raises:
         ValueError: malformed arrays, a class without rows, or too few rows.
@@ -292,7 +317,14 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
         raise ValueError(f"need at least 4 training rows (n, d), got {X.shape}")
     labelled = y is not None
     y, k = _class_index(y, X.shape[0], n_classes)
-    if X_cal is None:
+    oof = None
+    if X_cal is None and oof_folds is not None:
+        oof = np.asarray(oof_folds, np.int64)
+        if oof.shape != (X.shape[0],) or not np.any(oof >= 0):
+            oof = None
+    if oof is not None:
+        pass
+    elif X_cal is None:
         hold = _split(y, cal_fraction, rng)
         if not hold.any():
             raise ValueError("too few rows to hold any out for calibration; pass X_cal")
@@ -330,6 +362,17 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
                "ref_scores": np.zeros(1, np.float32), "ref_coords": np.zeros((1, P.shape[1]), np.float32),
                "ref_labels": np.full(1, -1, np.int32)}
     model = DriftReference(partial)
+    if oof is not None:
+        refs = _out_of_fold_references(model, X, y, k, rank, oof)
+        if refs is not None:
+            s, W, yr = refs
+            if len(s) > max_reference:
+                keep = np.sort(rng.choice(len(s), max_reference, replace=False))
+                s, W, yr = s[keep], W[keep], yr[keep]
+            partial.update(ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
+                           ref_labels=(yr if labelled else np.full(len(s), -1)).astype(np.int32))
+            return DriftReference(partial)
+        X_cal, y_cal = X, (y if labelled else None)  # no fold could be fitted: in-sample (optimistic)
     if X_cal.shape[0] > max_reference:
         keep = np.sort(rng.choice(X_cal.shape[0], max_reference, replace=False))
         X_cal = X_cal[keep]
@@ -338,6 +381,30 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
     partial.update(ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
                    ref_labels=(np.full(len(s), -1) if y_cal is None else y_cal).astype(np.int32))
     return DriftReference(partial)
+
+
+def _out_of_fold_references(model: DriftReference, X, y, k: int, rank: int, fold: np.ndarray):
+    """(scores, whitened coordinates, labels) of every held-out row, each scored by a description
+    fitted without its fold (with the final normalisers); the coordinates are its residual from
+    that fold's nearest class mean in the final description's whitened subspace, so the folder
+    test compares like with like. None when no fold leaves every class a row."""
+    S, W, Y = [], [], []
+    for f in np.unique(fold[fold >= 0]):
+        tr, te = fold != f, fold == f
+        if len(np.unique(y[tr])) < k:
+            continue
+        means, P, lam = _fit_subspace(X[tr], y[tr], k, rank)
+        arrays = dict(model.arrays, class_means=means.astype(np.float32), components=P.astype(np.float32),
+                      eigenvalues=lam.astype(np.float32), ref_scores=np.zeros(1, np.float32),
+                      ref_coords=np.zeros((1, P.shape[1]), np.float32), ref_labels=np.full(1, -1, np.int32))
+        s, c, _ = DriftReference(arrays)._terms(X[te])
+        R = X[te] - means[c].astype(np.float32)
+        S.append(s)
+        W.append((R @ model._P) * model._isl)
+        Y.append(y[te])
+    if not S:
+        return None
+    return np.concatenate(S), np.concatenate(W), np.concatenate(Y)
 
 
 # ----- storage -------------------------------------------------------------------------------------

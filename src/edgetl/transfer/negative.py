@@ -31,7 +31,7 @@ from PIL import Image
 from ..core.gate import paired_difference_interval as paired_difference
 from ._stats import train_linear_head
 
-__all__ = ["TransferCheck", "pixel_baseline_features", "transfer_check", "compare_to_baseline",
+__all__ = ["TransferCheck", "pixel_baseline_features", "transfer_check", "compare_to_baseline", "baseline_outcome_check",
            "BASELINE_NAME"]
 
 CONFIDENCE = 0.95
@@ -133,7 +133,7 @@ class TransferCheck:
 
 def transfer_check(transfer_correct, baseline_correct, *, margin_pp: float = 0.0, confidence: float = CONFIDENCE,
                    backbone: str = "the pretrained backbone", baseline: str = BASELINE_NAME, items: str = "images",
-                   advice: str = _ADVICE) -> TransferCheck:
+                   advice: str = _ADVICE, scored: str = "validation") -> TransferCheck:
     """Decide from paired per-item correctness (1 = right) whether transfer clearly beats the baseline.
 
     Example:
@@ -149,7 +149,7 @@ def transfer_check(transfer_correct, baseline_correct, *, margin_pp: float = 0.0
     d, lo, hi = paired_difference(t, b, confidence=confidence)
     at, ab = float(t.mean()), float(b.mean())
     pts = lambda v: round(100.0 * float(v), 2)
-    evidence = (f"{backbone} {at:.1%} vs {baseline} {ab:.1%} on the same {len(t)} validation {items} "
+    evidence = (f"{backbone} {at:.1%} vs {baseline} {ab:.1%} on the same {len(t)} {scored} {items} "
                 f"(difference {100 * d:+.1f} pp, one-sided {confidence:.0%} bounds [{100 * lo:+.1f}, {100 * hi:+.1f}])")
     if 100 * lo > margin_pp:
         verdict, message = "helps", ""
@@ -222,3 +222,13 @@ def baseline_check(shipped_correct, baseline_train, y_train, baseline_val, y_val
     return transfer_check(shipped_correct, head.predict(np.asarray(baseline_val, np.float32)) == yv,
                           confidence=confidence, backbone=backbone, baseline=baseline, items=items,
                           advice=_ADVICE if items == "images" else TEXT_ADVICE)
+
+
+def baseline_outcome_check(shipped_correct, baseline_correct, *, backbone: str, baseline: str,
+                           items: str = "images", confidence: float = CONFIDENCE,
+                           scored: str = "out-of-fold") -> TransferCheck:
+    """:func:`baseline_check` for a baseline already scored on the same items (``fit`` scores
+    both out of fold, on the same folds)."""
+    return transfer_check(shipped_correct, baseline_correct, confidence=confidence, backbone=backbone,
+                          baseline=baseline, items=items, advice=_ADVICE if items == "images" else TEXT_ADVICE,
+                          scored=scored)

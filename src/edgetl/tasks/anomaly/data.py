@@ -2,7 +2,8 @@
 
 Layouts: MVTec AD (``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>/
 <name>_mask.png``), ``DATA/good/``, or a folder of images. Without a ``test`` folder,
-``val_split`` of the good images is held out to set the threshold.
+every good image is scored out of fold (by a model of the others) to set the threshold, and the
+model keeps them all (``val_split`` holds a part out instead).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ class AnomalyData:
     """Good training images, good held-out images, and a labelled test set when one exists.
 
     Layouts: MVTec AD (``train/good``, ``test/good``, ``test/<defect>``, ``ground_truth/<defect>/
-    <name>_mask.png``), ``DATA/good/``, or a folder of images. Without a ``test`` folder,
-    ``val_split`` of the good images is held out to set the threshold.
+    <name>_mask.png``), ``DATA/good/``, or a folder of images. Without a ``test`` folder, every
+    good image is scored out of fold to set the threshold (or ``val_split`` of them held out).
     """
 
     root: Path
@@ -65,8 +66,11 @@ def images_in(folder: Path, label: str, skipped: list, *, strict: bool) -> list[
     return out
 
 
-def load_anomaly_data(root: str | Path, *, val_split: float = 0.2, seed: int = 0, strict: bool = False) -> AnomalyData:
-    """Find good training images (and a labelled test set) under ``root``.
+def load_anomaly_data(root: str | Path, *, val_split: float | None = None, seed: int = 0,
+                      strict: bool = False) -> AnomalyData:
+    """Find good training images (and a labelled test set) under ``root``. Without a test set,
+    ``val_split`` of the good images is held out; None (the default) holds none out: ``fit``
+    then scores every good image out of fold to set the threshold.
 
     Raises:
         DataError: no good images, or too few to hold any out when there is no test set.
@@ -92,7 +96,10 @@ def load_anomaly_data(root: str | Path, *, val_split: float = 0.2, seed: int = 0
             test += samples
             masks.update(find_masks(root, kind_dir.name, samples))
     val: list[Sample] = []
-    if not any(s.label == "good" for s in test):
+    if val_split is None and not any(s.label == "good" for s in test) and len(train) < 3:
+        raise DataError(f"{root}: {len(train)} good image(s); need >= 3 (each is scored by a model of the others "
+                        "to set the threshold) or a test/good folder")
+    if val_split is not None and not any(s.label == "good" for s in test):
         if len(train) < 2:
             raise DataError(f"{root}: {len(train)} good image; need >= 2 (some are held out to set the threshold) "
                             "or a test/good folder")

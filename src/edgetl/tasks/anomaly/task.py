@@ -8,7 +8,8 @@ and smoothing are an ONNX graph fused with the backbone, so a device gets ``anom
 ``score`` from one model call on any target.
 
 Threshold: with labelled defects (``DATA/test/<defect>``), the best-F1 cut on that set; with good
-images only, the 0.99 quantile of held-out good scores x 1.05 (5 % headroom for drift). It lives in
+images only, the 0.99 quantile of good scores x 1.05 (5 % headroom for drift), each good image
+scored by a model of the others (out of fold, the model itself keeping them all). It lives in
 the manifest, never in the graph; ``predict`` reports ``score / threshold`` (1.0 = the threshold).
 """
 
@@ -246,6 +247,25 @@ def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: Preproce
     return m, maps, scores
 
 
+def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int) -> np.ndarray:
+    """Scores of good training images by heads that never saw them, as ``head`` combines its parts
+    (the same held-out scores its part scaling comes from): every image for an image part, at
+    most :data:`edgetl.heads.defect.MAX_NORM_IMAGES` (a seeded choice) where a patch part scores."""
+    from ...heads.defect import held_out_patch_scores
+    from ...heads.oneclass import held_out_scores
+
+    if isinstance(head, AnomalyHead):
+        return held_out_patch_scores(F.reshape(len(F), *shape), head.config, size=size, seed=head.config.seed)[2]
+    P, Z = head.split(F)
+    si = held_out_scores(Z, head.config.image, seed=head.config.seed)
+    if head.patch is None or head.kind == head.image.kind:
+        return si
+    _, rows, sp = held_out_patch_scores(P, head.config.patch, size=size, seed=head.config.seed)
+    if head.kind == "patch":
+        return sp
+    return sp * head.scale("patch") + si[rows] * head.scale("image")
+
+
 def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list) -> tuple[DefectHead, dict]:
     """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`)."""
     y = np.array([s.label != "good" for s in samples], bool)
@@ -321,6 +341,15 @@ class AnomalyTask(Task):
                 head, choice = select_kind(head, F_ev, data.eval_set)
         else:
             head, choice = fit_patch_head(F_tr.reshape(len(F_tr), *shape), cfg, size=pre.input_size), None
+        if not data.eval_set:  # good images only, none held out: the threshold from all of them, out of fold
+            scores = out_of_fold_good_scores(head, F_tr, shape, pre.input_size)
+            threshold = quantile_threshold(scores, head.config)
+            metrics = detection_metrics(np.zeros(len(scores), bool), scores, threshold)
+            metrics["threshold_policy"] = (f"{head.config.quantile} quantile of {len(scores)} good scores out of fold "
+                                           f"x {head.config.margin}")
+            # the training rows stand in as the evaluation rows (the gate's feature agreement, parity)
+            return Trained(head, metrics, (np.zeros(len(scores), bool), scores), {},
+                           cache.misses if cache else 0, extractor.session, {"F_ev": F_tr, "choice": choice})
         metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre)
         y = np.array([s.label != "good" for s in data.eval_set], bool)
         return Trained(head, metrics, (y, scores), {}, cache.misses if cache else 0, extractor.session,
@@ -360,7 +389,7 @@ class AnomalyTask(Task):
                                      "outputs": ["anomaly_map", "score"] if has_map else ["score"],
                                      "heat_map": heat, "scoring": label},
                          "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}}},
-            "report": {"head": label, "eval_set": "test" if data.test else "held-out good", "metrics": m,
+            "report": {"head": label, "eval_set": "test" if data.test else "held-out good" if data.val else "out-of-fold good", "metrics": m,
                        "memory_patches": head.memory_size, "heat_map": heat,
                        "selection": trained.features.get("choice")},
             "fused_meta": {"head": head.kind, "threshold": threshold,
@@ -372,7 +401,7 @@ class AnomalyTask(Task):
         pre = PreprocessConfig.from_dict(exported.preprocess)
         x = np.stack([load_input(s.path, pre) for s in probe])
         outs = fused_session.run(x)
-        F = trained.features["F_ev"][: len(probe)] if data.eval_set else None
+        F = trained.features["F_ev"][: len(probe)]
         if F is None or len(F) != len(probe):
             raise DataError("no images to check the fused model on")
         maps_r, scores_r = score_rows(trained.head, F)

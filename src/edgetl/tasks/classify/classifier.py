@@ -9,6 +9,7 @@ features (:meth:`ClassifierTask.features`, :meth:`ClassifierTask.scan`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -21,27 +22,35 @@ from ...core.gate import accuracy_gate
 from ...core.metrics import classification_metrics, feature_cosine, format_metrics
 from ...core.sessions import bundle_session
 from ...errors import BundleError, ConfigError, DataError
-from ...heads.classification import HEAD_KINDS, Head, HeadConfig
+from ...heads.classification import HEAD_KINDS, Head, HeadConfig, softmax
+from ...heads.crossfit import FoldPlan, cross_fit, expected_calibration_error, fold_plan
 from ...heads.training import train_head
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
 from ...transfer.drift import load_drift_reference, save_drift_reference
 from ..base import AdaptResult, Task, Trained, coerce_head_config
 
 
+# Up to this many items a class (median) the prototype head is preferred: it wins ties of
+# out-of-fold accuracy, and stands alone at one item a class where nothing can be held out.
+FEW_SHOT = 10
+
 # Per-image drift: an input whose conformal p-value against the training images' drift scores is
 # under this is "ood" (1 % of in-distribution inputs are flagged, by construction).
 OOD_ALPHA = 0.01
 
 
-def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=None):
+def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=None, folds=None):
     """What the device compares new inputs with (:mod:`edgetl.transfer.drift`): the training
-    features' class means and within-class subspace, calibrated on held-out items (validation, or
-    a part of the training rows). None when there are too few items to describe (a note in the
-    log says so)."""
+    features' class means and within-class subspace, calibrated on held-out items: the validation
+    set when given, else every training item scored out of fold (``folds``, or the head's own
+    plan :func:`edgetl.heads.crossfit.fold_plan`). None when there are too few items to describe
+    (a note in the log says so)."""
     from ...transfer.drift import fit_drift_reference
 
+    if X_cal is None and folds is None:
+        folds = fold_plan(y, k).fold
     try:
-        return fit_drift_reference(X, y, X_cal=X_cal, y_cal=y_cal, n_classes=k)
+        return fit_drift_reference(X, y, X_cal=X_cal, y_cal=y_cal, n_classes=k, oof_folds=folds)
     except ValueError as exc:
         import logging
 
@@ -52,6 +61,13 @@ def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=N
 def drift_info(ref) -> dict:
     return {"version": int(ref.arrays["version"]), "rank": ref.rank, "reference_items": ref.n_reference,
             "image_alpha": OOD_ALPHA}
+
+
+def _candidate_words(c: dict) -> str:
+    how = ([f"{c['scaling']} scale"] if c.get("scaling") else []) + ([f"l2 {c['l2']:g}"] if c["l2"] is not None else [])
+    l2 = f" ({', '.join(how)})" if how else ""
+    score = "n/a" if c["oof_score"] is None else f"{c['oof_score']:.1%}"
+    return f"{c['kind']}{l2} {score}" + (" <- chosen" if c["chosen"] else "")
 
 
 def check_confidence(threshold: float | None) -> None:
@@ -261,14 +277,36 @@ class ClassifierTask(Task):
         return coerce_head_config(head, HeadConfig, "linear", HEAD_KINDS)
 
     def recorded_head(self, bundle, head: dict) -> HeadConfig:
-        """The recorded settings with the L2 the first fit chose, so a re-export need not search again."""
+        """The recorded settings with the kind and L2 the first fit chose, so a re-export need not
+        search again (and trains the kind that shipped, not the default)."""
         cfg = self.head_config(head)
-        chosen = bundle.head_entry(1).get("l2")
-        return HeadConfig.from_dict({**cfg.to_dict(), "l2": chosen}) if cfg.l2 is None and chosen is not None else cfg
+        entry = bundle.head_entry(1)
+        chosen = entry.get("l2")
+        d = {**cfg.to_dict(), "kind": entry.get("kind", cfg.kind), "scaling": entry.get("scaling", cfg.scaling)}
+        if cfg.l2 is None and chosen is not None:
+            d["l2"] = chosen
+        return HeadConfig.from_dict(d)
+
+    def head_candidates(self, cfg: HeadConfig, y: np.ndarray, k: int, options) -> list | None:
+        """The heads ``fit`` chooses from by out-of-fold accuracy. When no kind was named: the
+        linear head on the features' own geometry (one scale) and standardised, and the prototype
+        (nearest class mean), which wins on a few items a class. The one listed first wins ties and
+        stands alone when no item can be held out: the prototype up to :data:`FEW_SHOT` items a
+        class, the linear head above. A named linear head still has its scaling chosen."""
+        linear = [{"kind": "linear", "scaling": "global"}, {"kind": "linear", "scaling": "feature"}]
+        if not getattr(options, "head_auto", False):
+            return linear if cfg.kind == "linear" else None
+        counts = np.bincount(y, minlength=k)
+        few = float(np.median(counts[counts > 0])) <= FEW_SHOT
+        return [{"kind": "prototype"}, *linear] if few else [*linear, {"kind": "prototype"}]
 
     def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
+        """The shipped head on every training item, and out-of-fold figures for all of them (and
+        holdout figures on an explicit validation set); ``like``: the FP32 reference, trained with
+        the shipped head's kind, L2 and folds so the gate pairs the two item by item."""
         views = self.views(options)
         index = {label: i for i, label in enumerate(data.classes)}
+        k = len(data.classes)
 
         def split(items, n_views, desc):
             blocks = [self.features(extractor, items, cache=cache, view=v, quiet=options.quiet,
@@ -280,46 +318,94 @@ class ClassifierTask(Task):
         desc = "fp32 reference" if like is not None else f"{self.items[:-1]} features"
         X_tr, y_tr = split(data.train, views, desc)
         X_va, y_va = split(data.val, 0, f"{desc} val")
-        cfg = self.head_config(options.head)
-        if like is not None:  # the reference trains with the settings the shipped head chose
-            cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": like.head.meta.get("l2", cfg.l2)})
-            head = train_head(X_tr, y_tr, data.classes, cfg=cfg)
-        else:
-            head = train_head(X_tr, y_tr, data.classes, cfg=cfg, X_val=X_va if len(X_va) else None,
-                              y_val=y_va if len(y_va) else None)
-        correct = head.predict(X_va) == y_va if len(X_va) else np.zeros(0, bool)
-        metrics = classification_metrics(y_va, head.predict(X_va), data.classes) if len(X_va) else {}
         n = len(data.train)
+        cfg = dataclasses.replace(self.head_config(options.head), calibrate=True)
+        if like is not None:  # the reference trains with the settings the shipped head chose, on its folds
+            plan, kinds = like.features["plan"], None
+            cfg = HeadConfig.from_dict({**like.head.meta.get("config", cfg.to_dict()), "kind": like.head.kind,
+                                        "l2": like.head.meta.get("l2", cfg.l2), "calibrate": True})
+        else:
+            groups = [getattr(s, "group", "") for s in data.train]
+            plan = fold_plan(y_tr[:n], k, groups=groups if any(groups) else None, seed=options.seed)
+            kinds = self.head_candidates(cfg, y_tr[:n], k, options)
+        # augmented views of an item share its fold (never trained on while it is held out), never scored
+        tiled = FoldPlan(np.tile(plan.fold, views + 1), plan.method, plan.folds)
+        cf = cross_fit(X_tr, y_tr, data.classes, cfg=cfg, kinds=kinds, plan=tiled,
+                       scored=np.arange(len(y_tr)) < n)
+        head = cf.head
+        ok = cf.scored[:n]
+        oof_pred = np.argmax(cf.logits[:n][ok], axis=1)
+        oof = classification_metrics(y_tr[:n][ok], oof_pred, data.classes) if ok.any() else {}
+        if oof:
+            oof.update(estimate="out-of-fold", folds=plan.method,
+                       ece=round(expected_calibration_error(softmax(cf.logits[:n][ok]), y_tr[:n][ok]), 4))
+        evidence = [oof_pred == y_tr[:n][ok]]
+        if len(X_va):
+            pred_va = head.predict(X_va)
+            metrics = {**classification_metrics(y_va, pred_va, data.classes), "estimate": "holdout",
+                       "ece": round(expected_calibration_error(head.proba(X_va), y_va), 4)}
+            if oof:
+                metrics["oof"] = oof
+            evidence.append(pred_va == y_va)
+        else:
+            metrics = oof
         train_metrics = classification_metrics(y_tr[:n], head.predict(X_tr[:n]), data.classes)
-        return Trained(head, metrics, correct, train_metrics, cache.misses if cache else 0, extractor.session,
-                       {"X_tr": X_tr, "y_tr": y_tr, "X_va": X_va, "n_train": n})
+        return Trained(head, metrics, np.concatenate(evidence), train_metrics, cache.misses if cache else 0,
+                       extractor.session, {"X_tr": X_tr, "y_tr": y_tr, "X_va": X_va, "n_train": n, "plan": plan,
+                                           "oof_logits": cf.logits[:n], "crossfit": cf.summary()})
 
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
+        """The shipped model's per-item correctness paired with the FP32 reference's, over every
+        item: out of fold on the training items (same folds, same head settings), plus any holdout."""
         X_va, R_va = trained.features["X_va"], reference.features["X_va"]
         cos = feature_cosine(R_va, X_va) if len(R_va) else feature_cosine(reference.features["X_tr"],
                                                                           trained.features["X_tr"])
         ref_acc = float(np.mean(reference.outcome)) if len(reference.outcome) else None
-        ref = {"fp32_val_accuracy": ref_acc, "val_accuracy": trained.metrics.get("accuracy"),
+        acc = float(np.mean(trained.outcome)) if len(trained.outcome) else None
+        ref = {"fp32_val_accuracy": ref_acc, "val_accuracy": acc, "evidence": self.evidence_words(trained),
                "feature_cosine_mean": round(float(cos.mean()), 5), "feature_cosine_min": round(float(cos.min()), 5)}
-        if ref_acc is not None and trained.metrics:
-            ref["accuracy_drop_pp"] = round((ref_acc - trained.metrics["accuracy"]) * 100, 3)
+        if ref_acc is not None and acc is not None:
+            ref["accuracy_drop_pp"] = round((ref_acc - acc) * 100, 3)
             # What conversion costs each class, not only on average: a class can lose points while
             # the overall accuracy holds (the report draws the two side by side).
-            ref["fp32_per_class_recall"] = reference.metrics.get("per_class_recall")
+            ref["fp32_per_class_recall"] = (reference.metrics.get("oof") or reference.metrics).get("per_class_recall")
         return ref, accuracy_gate(reference.outcome, trained.outcome, tolerance_pp=tolerance_pp)
+
+    def evidence_words(self, trained: Trained) -> str:
+        """What the gate's items are: "200 images out of fold", "+ 40 holdout"."""
+        n_oof = int(np.count_nonzero(~np.isnan(trained.features["oof_logits"][:, 0]))) \
+            if len(trained.features.get("oof_logits", [])) else 0
+        n_val = len(trained.features["X_va"])
+        parts = ([f"{n_oof} {self.items} out of fold"] if n_oof else []) + ([f"{n_val} holdout"] if n_val else [])
+        return " + ".join(parts) or "none"
 
     def transfer_check(self, trained: Trained, data, exported, cache_root: Path) -> dict | None:
         """The shipped head against a linear head on :meth:`baseline_features` (no pretraining),
-        paired on the same validation items."""
+        paired on the same items: out of fold on the training items (the shipped head's folds),
+        and on the holdout."""
         from ...core.features import FeatureCache
-        from ...transfer.negative import baseline_check
+        from ...transfer.negative import baseline_outcome_check
 
-        if not data.val or not len(trained.outcome):
+        if not len(trained.outcome):
             return None
         cache = FeatureCache(cache_root, self.baseline_key)
-        B_tr, B_va = (self.baseline_features(items, cache) for items in (data.train, data.val))
-        check = baseline_check(trained.outcome, B_tr, [s.label for s in data.train], B_va, [s.label for s in data.val],
-                               backbone=exported.name, baseline=self.baseline_name, items=self.items)
+        index = {label: i for i, label in enumerate(data.classes)}
+        y_tr = np.array([index[s.label] for s in data.train], np.int64)
+        B_tr = self.baseline_features(data.train, cache)
+        f = trained.features
+        ok = ~np.isnan(f["oof_logits"][:, 0])
+        cfg = HeadConfig(kind="linear", seed=0)
+        cf = cross_fit(B_tr, y_tr, data.classes, cfg=cfg, plan=f["plan"], calibrate=False)
+        evidence = [np.argmax(cf.logits[ok], axis=1) == y_tr[ok]]
+        if data.val:
+            y_va = np.array([index[s.label] for s in data.val], np.int64)
+            evidence.append(cf.head.predict(self.baseline_features(data.val, cache)) == y_va)
+        baseline = np.concatenate(evidence)
+        if len(baseline) != len(trained.outcome):
+            return None
+        check = baseline_outcome_check(trained.outcome, baseline, backbone=exported.name,
+                                       baseline=self.baseline_name, items=self.items,
+                                       scored="out-of-fold" + (" and holdout" if data.val else ""))
         return check.to_dict()
 
     def baseline_features(self, items: Sequence, cache) -> np.ndarray:
@@ -327,10 +413,12 @@ class ClassifierTask(Task):
         raise NotImplementedError
 
     def accuracy_score(self, reference: Trained, data):
-        """What accuracy control maximises: the FP32-trained head's accuracy on the validation
-        items, from a converted model's outputs. -> (score(outputs), labels)."""
+        """What accuracy control maximises: the FP32-trained head's accuracy on the holdout items
+        (without one, on the training items: the head has seen them, so the figure is optimistic,
+        but what it ranks is how much each layer kept in float restores of the FP32 answers),
+        from a converted model's outputs. -> (score(outputs), labels)."""
         index = {label: i for i, label in enumerate(data.classes)}
-        labels = np.array([index[s.label] for s in data.val])
+        labels = np.array([index[s.label] for s in (data.val or data.train)])
 
         def score(features: np.ndarray) -> tuple[float, list[float]]:
             hits = (reference.head.predict(features) == labels[: len(features)]).astype(float)
@@ -344,23 +432,26 @@ class ClassifierTask(Task):
         plain, y = f["X_tr"][: f["n_train"]], f["y_tr"][: f["n_train"]]
         ex = herding(plain, y, len(data.classes), per_class=per_class)
         save_exemplars(folder / "exemplars.npz", plain[ex], y[ex], data.classes)
-        X_va = f["X_va"]
-        drift = drift_reference(plain, y, len(data.classes), X_cal=X_va if len(X_va) else None,
-                                y_cal=np.array([data.classes.index(s.label) for s in data.val]) if len(X_va) else None)
+        # the reference is every training item scored out of fold (on the head's folds): a holdout
+        # of a few dozen could never give a p-value under 1 %
+        drift = drift_reference(plain, y, len(data.classes), folds=f["plan"].fold)
         if drift is not None:
             save_drift_reference(drift, folder / "drift.npz")
         m = trained.metrics
         return {
             "entry": {"exemplars": "exemplars.npz", **({"drift": "drift.npz"} if drift else {}), "kind": head.kind,
                       "labels": data.classes,
-                      "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2")},
+                      "val_accuracy": m.get("accuracy"), "unknown_threshold": 0.0, "l2": head.meta.get("l2"),
+                      "scaling": head.meta.get("config", {}).get("scaling", "feature")},
             "manifest": {"labels": data.classes, "thresholds": {"unknown": 0.0},
                          "exemplars": {"file": "exemplars.npz", "per_class": per_class, "selection": "herding"},
                          **({"drift": drift_info(drift)} if drift else {}),
                          "metrics": {"val": {k: m.get(k) for k in ("accuracy", "accuracy_interval", "balanced_accuracy",
-                                                                   "per_class_recall")},
+                                                                   "per_class_recall", "estimate", "n", "ece")},
+                                     "calibration": head.meta.get("calibration"),
+                                     "head_choice": head.meta.get("oof", {}).get("candidates"),
                                      "train_accuracy": trained.train_metrics["accuracy"]}},
-            "report": {"val": m, "train_accuracy": trained.train_metrics["accuracy"]},
+            "report": {"val": m, "train_accuracy": trained.train_metrics["accuracy"], "crossfit": f.get("crossfit")},
         }
 
     def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
@@ -454,17 +545,49 @@ class ClassifierTask(Task):
 
     def fit_lines(self, result) -> list[str]:
         counts = result.data.counts().values()
-        return [f"data      {len(result.bundle.labels)} classes, {sum(c['train'] for c in counts)} train / "
-                f"{sum(c['val'] for c in counts)} val {self.items} ({self.split_words(result)})"]
+        n_val = sum(c["val"] for c in counts)
+        lines = [f"data      {len(result.bundle.labels)} classes, {sum(c['train'] for c in counts)} train"
+                 + (f" / {n_val} holdout" if n_val else "") + f" {self.items} ({self.split_words(result)})"]
+        cf = result.report.get("crossfit") or {}
+        head = result.bundle.manifest.get("metrics", {})
+        choice = head.get("head_choice") or []
+        if len(choice) > 1:
+            lines.append("head      " + ", ".join(_candidate_words(c) for c in choice)
+                         + " out of fold (class-balanced)")
+        if cf and not cf.get("folds"):
+            lines.append(f"estimate  none: {cf.get('method')}; no {self.items[:-1]} can be held out, so nothing "
+                         "measures this head (add a second item to each class)")
+        cal = head.get("calibration") or {}
+        if cal.get("method") == "temperature":
+            lines.append(f"calibrated temperature {cal['temperature']:.3g} on {cal['items']} out-of-fold "
+                         f"{self.items} (calibration error {cal['ece_before']:.3f} -> {cal['ece_after']:.3f})")
+        return lines
 
     def split_words(self, result) -> str:
         split = result.report.get("split", {})
-        return {"grouped": f"grouped split, {split.get('val_groups')} of {split.get('groups')} groups held out",
-                "explicit": "your validation set", "stratified": "stratified random split"}.get(split.get("method"),
-                                                                                                  "no validation")
+        cf = result.report.get("crossfit") or {}
+        oof = (f"every item scored out of fold: {cf.get('method')}" if cf.get("folds")
+               else "no item can be held out")
+        return {"grouped": f"grouped split, {split.get('val_groups')} of {split.get('groups')} groups held out; "
+                           f"training items {oof}",
+                "explicit": f"your validation set, a true holdout; training items {oof}",
+                "stratified": f"stratified random holdout; training items {oof}",
+                "out-of-fold": oof}.get(split.get("method"), oof)
 
     def fit_tail(self, result) -> list[str]:
-        return ["", self.render_metrics(result.metrics, title="validation")] if result.metrics else []
+        m = result.metrics
+        if not m:
+            return []
+        title = ("holdout (your validation set)" if m.get("estimate") == "holdout"
+                 else f"out of fold ({(result.report.get('crossfit') or {}).get('method')}; each {self.items[:-1]} "
+                      "scored by a head trained without it)")
+        out = ["", self.render_metrics(m, title=title)]
+        if m.get("oof"):
+            o = m["oof"]
+            lo, hi = o["accuracy_interval"]
+            out.append(f"out of fold on the {o['n']} training {self.items}: {o['accuracy']:.2%} "
+                       f"(95% interval {lo:.1%}-{hi:.1%})")
+        return out
 
     def render_metrics(self, metrics: dict, title: str = "") -> str:
         text = format_metrics(metrics, title=title, items=self.items)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import random
 import re
 from collections import Counter, defaultdict
@@ -32,7 +33,11 @@ from ...errors import DataError
 from ...core.preprocess import decode
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-_VAL_DIRS = ("val", "valid", "validation")
+# Holdout folders beside train/ (and split values of a CSV), in order of preference: a test/
+# folder is a holdout like val/ (reported as such; nothing is chosen on it).
+log = logging.getLogger("edgetl")
+
+_VAL_DIRS = ("val", "valid", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
             )
         split = row[isplit].strip().lower() if isplit is not None and len(row) > isplit else "train"
         if split not in ("train", *_VAL_DIRS):
-            raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train or val")
+            raise DataError(f"{csv_path}:{lineno}: split {split!r} is not train, val or test")
         group = row[igroup].strip() if igroup is not None and len(row) > igroup else ""
         side = "val" if split in _VAL_DIRS else "train"
         if path in seen:
@@ -219,7 +224,19 @@ def _find_layout(root: Path, group_column: str | None = None, broken: list | Non
     subdirs = {p.name.lower(): p for p in _class_dirs(root)}
     val_dir = next((subdirs[n] for n in _VAL_DIRS if n in subdirs), None)
     if "train" in subdirs and val_dir is not None:
+        others = sorted(n for n in _VAL_DIRS if n in subdirs and subdirs[n] != val_dir)
+        if others:
+            log.warning("%s: %s/ is the holdout; %s left out (score it with: edgetl eval BUNDLE %s)", root,
+                        val_dir.name, ", ".join(f"{n}/" for n in others), subdirs[others[0]])
         return "train+val", _scan_folder(subdirs["train"], broken), _scan_folder(val_dir, broken)
+    if set(subdirs) == {"train"}:  # train/ alone: its images, scored out of fold
+        return "train+val", _scan_folder(subdirs["train"], broken), None
+    split_like = sorted(n for n in ("train", *_VAL_DIRS) if n in subdirs)
+    if split_like:
+        # never silently a class named "train" or "test"
+        raise DataError(f"{root}: a {'/ '.join(split_like)}/ folder beside {len(subdirs) - len(split_like)} other "
+                        "folder(s) is not a layout edgetl knows: use train/<class>/ with val/<class>/ (or valid/, "
+                        "validation/, test/) as the holdout, or DATA/<class>/ without split folders")
     if not subdirs and (root / "labels.csv").is_file():
         train, val = _scan_csv(root / "labels.csv", group_column)
         return "csv", train, val
@@ -349,7 +366,7 @@ def load_dataset(
     root: str | Path,
     *,
     val: str | Path | None = None,
-    val_split: float = 0.2,
+    val_split: float | None = 0.2,
     seed: int = 0,
     strict: bool = False,
     min_classes: int = 2,
@@ -361,7 +378,8 @@ def load_dataset(
     Args:
         root: an ImageFolder, a ``train``/``val`` pair, or a CSV manifest.
         val: a separate validation folder or CSV (overrides any split in ``root``).
-        val_split: fraction held out per class when no validation set is given.
+        val_split: fraction held out per class when no validation set is given; None: none held
+            out (``fit`` scores every item out of fold instead).
         seed: seeds the split.
         strict: make unreadable files fatal instead of skipped.
         min_classes: 2 for classification.
@@ -376,7 +394,7 @@ def load_dataset(
         >>> ds = load_dataset("parts/", val_split=0.2, seed=0)  # doctest: +SKIP
         >>> ds.classes, len(ds.train), len(ds.val)  # doctest: +SKIP
     """
-    if not 0.0 < val_split < 1.0:
+    if val_split is not None and not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     root = Path(root)
     layout, train, explicit_val, skipped = scan_images(root, strict=strict, checked=checked, group_by=group_by)
@@ -413,6 +431,9 @@ def load_dataset(
                 "every validation class must also appear in training"
             )
         return Dataset(root, layout, classes, train, explicit_val, skipped, {"method": "explicit"})
+    if val_split is None:
+        return Dataset(root, layout, classes, sorted(train, key=lambda s: str(s.path)), [], skipped,
+                       {"method": "out-of-fold", **({"groups_from": grouping} if grouping != "none" else {})})
     if grouping != "none":
         tr, va, info = group_split(train, fraction=val_split, seed=seed)
         return Dataset(root, layout, classes, tr, va, skipped, {"method": "grouped", "groups_from": grouping, **info})

@@ -29,7 +29,7 @@ TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 # Checked in this order; the first column whose name matches is used.
 TEXT_COLUMNS = ("text", "sentence", "content", "message", "description", "body", "utterance", "ticket")
 LABEL_COLUMNS = ("label", "class", "category", "intent", "target", "tag")
-_VAL_NAMES = ("val", "valid", "validation")
+_VAL_NAMES = ("val", "valid", "validation", "test")  # a test split is a holdout like val
 
 
 def text_digest(text: str) -> str:
@@ -210,7 +210,7 @@ def scan_texts(
             continue
         split = str(rec.get(cols["split"]) or "train").strip().lower() if cols.get("split") else "train"
         if split not in ("train", *_VAL_NAMES):
-            bad(lineno, f"split {split!r} is not train or val")
+            bad(lineno, f"split {split!r} is not train, val or test")
             continue
         sample = TextSample(text, label, text_digest(text), f"{path}:{lineno}")
         (val if split in _VAL_NAMES else train).append(sample)
@@ -221,7 +221,7 @@ def load_text_dataset(
     path: str | Path,
     *,
     val: str | Path | None = None,
-    val_split: float = 0.2,
+    val_split: float | None = 0.2,
     seed: int = 0,
     strict: bool = False,
     text_column: str | None = None,
@@ -232,7 +232,8 @@ def load_text_dataset(
     Args:
         path: CSV / TSV / JSONL with text and label columns (and optionally ``split``).
         val: a separate validation file (overrides any ``split`` column).
-        val_split: fraction held out per class when there is no validation set.
+        val_split: fraction held out per class when there is no validation set; None: none held
+            out (``fit`` scores every row out of fold instead).
         seed: seeds the split.
         strict: make bad rows fatal instead of skipped.
 
@@ -240,7 +241,7 @@ def load_text_dataset(
         DataError: unreadable file, no usable rows, fewer than 2 classes, or a validation class
             with no training rows.
     """
-    if not 0.0 < val_split < 1.0:
+    if val_split is not None and not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     path = Path(path)
     kw = dict(strict=strict, text_column=text_column, label_column=label_column)
@@ -260,6 +261,8 @@ def load_text_dataset(
             raise DataError(f"{val or path}: validation class {unknown[0]!r} has no training rows; "
                             "every validation class must also appear in training")
         return Dataset(path, "text-split", classes, train, explicit_val, skipped, {"method": "explicit"}, cols)
+    if val_split is None:
+        return Dataset(path, "text", classes, train, [], skipped, {"method": "out-of-fold"}, cols)
     tr, va = stratified_split(train, fraction=val_split, seed=seed)
     return Dataset(path, "text", classes, tr, va, skipped, {"method": "stratified"}, cols)
 
