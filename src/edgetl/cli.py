@@ -59,7 +59,7 @@ def _bundle_task(bundle: Path):
     from . import tasks
     from .core.bundle import read_manifest
 
-    return tasks.for_bundle(read_manifest(Path(bundle)))
+    return tasks.for_bundle(read_manifest(Path(bundle)), where=Path(bundle) / "manifest.json")
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")

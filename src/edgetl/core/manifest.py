@@ -1,8 +1,15 @@
 """What a bundle's manifest may say, checked before anything acts on it.
 
 A manifest comes from a file anyone may have edited, so every field a device acts on is checked
-here with a one-line error that names the field: types, ranges (an input size of 100,000 would
-allocate gigabytes; a crop of 0 divides by zero), and every path. Paths are *confined*: relative,
+here with a one-line error that names the field: types, ranges, and every path. A range comes from
+what the value *does*, not from its type: a crop fraction sets how large an image is resized before
+the centre crop (``input_size / crop_pct`` on the short side), so a crop of 0.001 inside (0, 1]
+would resize to 224,000 pixels; it is bounded so the resized image holds at most
+:data:`MAX_RESIZE_FACTOR` times the input's pixels. Mean and std are pixel statistics on a 0..1
+scale, so values far outside it only turn answers into NaN or noise. The input size itself is
+checked against the model's own input when the model is opened
+(:func:`edgetl.core.sessions.bundle_session`), and the task against the bundle's contents
+(:func:`edgetl.tasks.for_bundle`). Paths are *confined*: relative,
 normalised (no ``..``, no ``.``, no empty or absolute parts), inside the bundle, listed in the
 manifest's ``files`` with their sha256, and on disk a regular file reached through no symlink.
 JSON read from a bundle is size-limited and its nesting depth bounded before it is parsed.
@@ -25,6 +32,14 @@ MAX_MANIFEST_BYTES = 8 << 20  # a manifest of thousands of head versions is stil
 MAX_JSON_BYTES = 64 << 20  # report.json and other JSON a bundle carries
 MAX_JSON_DEPTH = 64
 MAX_PATH_CHARS = 512
+# How many times the input's pixels an image may be resized to before its centre crop; crop_pct
+# >= 1 / sqrt(4) = 0.5 (timm's pretrained configs use 0.75 .. 1.0).
+MAX_RESIZE_FACTOR = 4.0
+MIN_CROP_PCT = 1.0 / math.sqrt(MAX_RESIZE_FACTOR)
+# Normalisation on the 0..1 pixel scale: a mean outside [-1, 2] or a std outside [1e-3, 10] is
+# not a statistic of pixels (ImageNet's and CLIP's are near 0.45 and 0.25).
+MEAN_RANGE = (-1.0, 2.0)
+STD_RANGE = (1e-3, 10.0)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
@@ -162,7 +177,12 @@ def _preprocess(pre: dict) -> None:
         _number(pre, "max_length", where, lo=1, hi=65536, integer=True)
         return
     _number(pre, "input_size", where, lo=8, hi=4096, integer=True)
-    _number(pre, "crop_pct", where, lo=1e-3, hi=1.0)
+    crop = _number(pre, "crop_pct", where, lo=0.0, hi=1.0)
+    if crop < MIN_CROP_PCT:
+        factor = 1 / crop ** 2 if crop > 0 else math.inf
+        raise BundleError(f"manifest: {where}crop_pct = {crop!r} would resize an image to "
+                          f"{factor:.3g} times the model input's pixels before cropping; it must be at "
+                          f"least {MIN_CROP_PCT:g} (at most {MAX_RESIZE_FACTOR:g} times)")
     interp = _get(pre, "interpolation", str, where)
     if interp not in _INTERPOLATIONS:
         raise BundleError(f"manifest: {where}interpolation {interp!r} is not one of {', '.join(_INTERPOLATIONS)}")
@@ -170,8 +190,10 @@ def _preprocess(pre: dict) -> None:
         v = _get(pre, key, (list, tuple), where)
         if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
             raise BundleError(f"manifest: {where}{key} should be 3 finite numbers")
-        if key == "std" and not all(x > 1e-6 for x in v):
-            raise BundleError(f"manifest: {where}std must be positive")
+        lo, hi = MEAN_RANGE if key == "mean" else STD_RANGE
+        if not all(lo <= x <= hi for x in v):
+            raise BundleError(f"manifest: {where}{key} = {list(v)!r} is not a pixel statistic on the 0..1 scale "
+                              f"(each in [{lo:g}, {hi:g}])")
 
 
 def validate(m: dict, *, where: str = "") -> None:

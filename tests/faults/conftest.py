@@ -1,0 +1,28 @@
+"""The fault suite's shared bundle: fitted once per session (tiny FP32, ONNX Runtime)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="session")
+def small(surfaces, cache_dir, tmp_path_factory):
+    """A 3-class FP32 bundle and a folder of new labelled images (known classes and a new one)."""
+    root = tmp_path_factory.mktemp("faults")
+    data = root / "data"
+    for split in ("train", "val"):
+        for c in ("brick", "grass", "gravel"):
+            shutil.copytree(surfaces / split / c, data / split / c)
+    bundle = root / "base.bundle"
+    r = run_cli("fit", data, "--out", bundle, "--precision", "fp32", "--runtime", "onnxruntime", "--json")
+    assert r.returncode == 0, r.stderr
+    new = root / "new"
+    for c in ("brick", "grass", "gravel", "wood"):
+        shutil.copytree(surfaces / "train" / c, new / c)
+    return bundle, new, data
+
+
