@@ -22,6 +22,11 @@ and then replace ``manifest.json`` in one rename: the manifest is the single com
 whatever it names is complete and hashed. Loading checks the manifest's schema, confines every
 path to the bundle (no ``..``, no symlinks, regular files only), verifies every file's sha256,
 and, where a trust policy is in force, the signatures (:mod:`edgetl.core.signing`). No pickles anywhere.
+
+What is verified is what runs: a model or head file is read once into memory
+(:meth:`Bundle.read_verified`), its sha256 checked on those bytes, and those same bytes handed to
+ONNX Runtime, OpenVINO or ``np.load``. A file renamed into place after the check is never opened
+by the runtime; it fails the check instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -133,6 +139,41 @@ def file_entries(root: Path) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
+class VerifiedFile(io.BytesIO):
+    """The bytes of one bundle file, checked against the manifest's sha256 on exactly these bytes;
+    readable like the file (``np.load`` takes it), and printed as its path in messages."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = Path(path)
+        self.name = str(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def read_verified(root: Path, rel: str, entry: dict) -> bytes:
+    """The bytes of ``root/rel`` if they are the ones ``entry`` (its manifest ``files`` entry)
+    records: one open (no symlink, a regular file), one read, the hash over what was read.
+
+    Raises:
+        BundleError: missing, not a regular file, another size or another sha256.
+    """
+    p = regular_file(root, rel)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BundleError(f"{p}: cannot open it ({exc.strerror or exc}); copy the bundle again") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped for a FIFO or device after the check
+            raise BundleError(f"{p}: is not a regular file")
+        data = f.read(int(entry["bytes"]) + 1)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{p}: sha256 does not match the manifest (modified or replaced since it was checked); "
+                          "copy the bundle again")
+    return data
+
+
 @dataclass
 class Bundle:
     """A loaded, verified bundle. Paths inside are resolved against ``path``; ``signers`` says
@@ -179,6 +220,34 @@ class Bundle:
 
     def model_file(self, role: str = "backbone") -> Path:
         return self.path / self.manifest["models"][role]
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` (inside the bundle) as the manifest names it."""
+        path = Path(path)
+        try:
+            return path.relative_to(self.path).as_posix()
+        except ValueError:
+            pass
+        if path.is_absolute():
+            raise BundleError(f"{path}: is not inside the bundle {self.path}")
+        return path.as_posix()  # already relative to the bundle
+
+    def read_verified(self, path: str | Path) -> bytes:
+        """The bytes of one listed file, hashed as read: what a runtime or loader is handed, so
+        nothing swapped in after :func:`load_bundle`'s check is ever run (see the module docstring).
+
+        Raises:
+            BundleError: not a file the manifest lists, or not the bytes it lists.
+        """
+        rel = self.relative(path)
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise BundleError(f"{self.path / rel}: not among the bundle's hashed files")
+        return read_verified(self.path, rel, entry)
+
+    def open_verified(self, path: str | Path) -> VerifiedFile:
+        """:meth:`read_verified` as a readable file object (for ``np.load`` and the head loaders)."""
+        return VerifiedFile(self.read_verified(path), self.path / self.relative(path))
 
     def head_entry(self, version: int | None = None) -> dict:
         version = self.head_version if version is None else version

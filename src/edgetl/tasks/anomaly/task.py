@@ -92,7 +92,7 @@ class AnomalyPredictor:
     @property
     def head(self) -> AnomalyHead | DefectHead:
         if self._head is None:
-            self._head = load_any_head(self.bundle.path / self.bundle.head_entry(self.version)["file"])
+            self._head = load_any_head(self.bundle.open_verified(self.bundle.head_entry(self.version)["file"]))
         return self._head
 
     @property
@@ -258,6 +258,7 @@ class AnomalyTask(Task):
     items = "images"
     backbone_kind = "image-patch"
     head_kinds = (*DEFECT_KINDS, *PATCH_KINDS)
+    backbone_fields = ("feature_shape",)
     predict_options = frozenset({"threshold", "heatmaps", "strict"})
     threshold_key, threshold_field = "anomaly", "threshold"
 

@@ -116,7 +116,7 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
 def _replay_memory(b, labels: list[str], index: dict) -> tuple[np.ndarray, np.ndarray]:
     """The current version's exemplars of classes in ``labels``, as (features, new class indices)."""
     ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
-    X_ex, y_ex_old, ex_names = load_exemplars(b.path / ex_file)
+    X_ex, y_ex_old, ex_names = load_exemplars(b.open_verified(ex_file))
     keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
     return X_ex[keep], np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
 
