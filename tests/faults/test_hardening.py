@@ -76,3 +76,111 @@ def test_a_model_or_head_swapped_after_the_check_is_never_run(small, tmp_path):
     shutil.copy(bundle / "heads" / "v1.npz", b / "heads" / "v1.npz")
     again = tasks.for_bundle(loaded).predictor(loaded).predict([image])
     assert again[0].label == honest[0].label
+
+
+# ---------------------------------------------------------------- signatures: scopes, freshness
+@pytest.fixture(scope="module")
+def _signed(small, tmp_path_factory):
+    """A signed bundle with a second version, a policy (factory: everything; thr: thresholds only)
+    and a freshness record of this test's own."""
+    _, new, data = small
+    tmp_path = tmp_path_factory.mktemp("signed")
+    keys = tmp_path / "keys"
+    for name in ("factory", "thr"):
+        assert run_cli("keygen", name, "--out", keys).returncode == 0
+    policy = tmp_path / "trust.toml"
+    policy.write_text(f'''
+[[key]]
+name = "factory"
+public_key = "{(keys / "factory.pub").read_text().strip()}"
+may = ["release", "adapt", "rollback", "threshold"]
+[[key]]
+name = "thr"
+public_key = "{(keys / "thr.pub").read_text().strip()}"
+may = ["threshold"]
+''')
+    env = {"EDGETL_FRESHNESS": str(tmp_path / "fit-machine.json")}
+    b = tmp_path / "signed.bundle"
+    r = run_cli("fit", data, "--out", b, "--precision", "fp32", "--runtime", "onnxruntime", "--sign",
+                keys / "factory.key", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("--trust", policy, "adapt", b, new, "--sign", keys / "factory.key", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    return b, keys, ["--trust", str(policy)]
+
+
+@pytest.fixture
+def signed(_signed, tmp_path):
+    """A copy of it, and a device record of this test's own."""
+    b, keys, trust = _signed
+    dst = tmp_path / "signed.bundle"
+    shutil.copytree(b, dst)
+    return dst, keys, trust, {"EDGETL_FRESHNESS": str(tmp_path / "device-state" / "freshness.json")}
+
+
+
+
+def test_a_threshold_only_key_cannot_roll_back_or_replace_the_app_model(signed, tmp_path):
+    b, keys, trust, env = signed
+    assert run_cli(*trust, "info", b, env=env).returncode == 0
+    r = run_cli(*trust, "rollback", b, "--sign", keys / "thr.key", env=env)
+    _one_line_error(r, 5, "may only threshold")
+    # the attack: edit what is current by hand, then let a writer without a policy re-sign it with
+    # the threshold key (as a threshold change)
+    for edit in (lambda m: m["head"].__setitem__("current", 1),
+                 lambda m: m["models"].__setitem__("fused", "evil.onnx")):
+        t = tmp_path / f"attack{id(edit)}.bundle"
+        shutil.copytree(b, t)
+        if (t / "model-v2.onnx").exists():
+            shutil.copy(t / "model-v2.onnx", t / "evil.onnx")  # any model, listed and hashed
+        m = json.loads((t / "manifest.json").read_text())
+        import hashlib
+
+        blob = (t / "evil.onnx").read_bytes()
+        m["files"]["evil.onnx"] = {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+        edit(m)
+        (t / "manifest.json").write_text(json.dumps(m))
+        r = run_cli("threshold", t, "0.2", "--sign", keys / "thr.key", env={**env, "EDGETL_TRUST": ""})
+        assert r.returncode == 0, r.stderr  # a writer that checks nothing signs what it is given ...
+        r = run_cli(*trust, "info", t, env=env)
+        _one_line_error(r, 5, "which version and models are current")  # ... and the device refuses it
+    # what the threshold key may do, it does
+    r = run_cli(*trust, "threshold", b, "0.3", "--sign", keys / "thr.key", env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*trust, "info", b, "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["signature"]["signers"]["thresholds"] == "thr"
+
+
+def test_a_replayed_older_signed_state_is_refused_unless_the_owner_signs_a_rollback(signed, tmp_path):
+    b, keys, trust, env = signed
+    old = (b / "manifest.json").read_bytes()  # yesterday's signed state (v2 current, serial 2)
+    r = run_cli(*trust, "threshold", b, "0.4", "--sign", keys / "factory.key", env=env)
+    assert r.returncode == 0, r.stderr
+    assert run_cli(*trust, "info", b, env=env).returncode == 0  # the device has seen serial 3
+    (b / "manifest.json").write_bytes(old)
+    r = run_cli(*trust, "info", b, env=env)
+    _one_line_error(r, 5, "older than one this device already accepted")
+    r = run_cli(*trust, "predict", b, b / "report.json", env=env)
+    assert r.returncode == 5 and "Traceback" not in r.stderr
+    # a device without the record (another device) still accepts it: freshness is per device
+    owner = {"EDGETL_FRESHNESS": str(tmp_path / "owner-machine.json")}
+    assert run_cli(*trust, "info", b, env=owner).returncode == 0
+    # a deliberate rollback signed by the owner is a newer state (serial 3, selection 3): accepted
+    r = run_cli(*trust, "rollback", b, "--sign", keys / "factory.key", env=owner)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*trust, "info", b, "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["head"]["current"] == 1, r.stderr
+
+
+def test_a_replayed_older_release_is_refused(signed, tmp_path, small):
+    b, keys, trust, env = signed
+    older = tmp_path / "older.bundle"
+    shutil.copytree(b, older)
+    _, _, data = small
+    r = run_cli("fit", data, "--out", b, "--force", "--precision", "fp32", "--runtime", "onnxruntime", "--sign",
+                keys / "factory.key", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    assert run_cli(*trust, "info", b, env=env).returncode == 0
+    shutil.rmtree(b)
+    shutil.copytree(older, b)
+    _one_line_error(run_cli(*trust, "info", b, env=env), 5, "release is not newer")

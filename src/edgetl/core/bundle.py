@@ -302,7 +302,11 @@ def verify(path: Path, manifest: dict) -> None:
         p = regular_file(path, rel)
         if p.stat().st_size != entry["bytes"]:
             raise BundleError(f"{p}: size {p.stat().st_size} != {entry['bytes']} in the manifest (truncated?); copy the bundle again")
-        if sha256_file(p) != entry["sha256"]:
+        try:
+            actual = sha256_file(p)
+        except OSError as exc:  # removed or replaced since the check above (a writer pruning it)
+            raise BundleError(f"{p}: cannot read it ({exc.strerror or exc}); copy the bundle again") from None
+        if actual != entry["sha256"]:
             raise BundleError(f"{p}: sha256 does not match the manifest (modified or corrupted); copy the bundle again")
 
 
@@ -322,22 +326,28 @@ def load_bundle(path: str | Path, *, verify_files: bool = True, trust=None) -> B
         >>> b = load_bundle("parts.bundle")  # doctest: +SKIP
         >>> b.labels, b.precision  # doctest: +SKIP
     """
+    from .freshness import check_and_record
     from .signing import policy_from_env, verify_trust
 
     path = Path(path)
-    for attempt in (0, 1):
+    policy = trust if trust is not None else policy_from_env()
+    for attempt in (0, 1, 2):
         stamp = _manifest_stamp(path)
         manifest = read_manifest(path)
         try:
             if verify_files:
                 verify(path, manifest)
+            signers = {}
+            if policy is not None:
+                signers = verify_trust(manifest, policy, str(path))
+                # A newer state may have been accepted (by another reader) since this one was read:
+                # the retry below then reads that newer one instead of refusing.
+                check_and_record(path, manifest)
             break
         except BundleError:
-            if attempt == 0 and _manifest_stamp(path) != stamp:
+            if attempt < 2 and _manifest_stamp(path) != stamp:
                 continue  # a writer switched versions while we read: check what is current now
             raise
-    policy = trust if trust is not None else policy_from_env()
-    signers = verify_trust(manifest, policy, str(path)) if policy is not None else {}
     return Bundle(path, manifest, signers)
 
 
@@ -562,22 +572,27 @@ def update_manifest(bundle: Bundle, changes: dict, *, add: list[str] = (), drop:
         BundleError: the bundle directory is read-only or the disk is full; the old manifest stays.
         TrustError: a trust policy is in force and there is no key to sign the change with.
     """
-    from .signing import policy_from_env, sign_update
+    from .signing import next_state, policy_from_env, sign_update, verify_trust
 
     manifest = dict(bundle.manifest)
     manifest.update(changes)
+    manifest["state"] = next_state(bundle.manifest, operation)  # every write moves the serial on
     try:
         files = {k: v for k, v in manifest["files"].items() if k not in set(drop)}
         for rel in add:
             files[rel] = file_entry(regular_file(bundle.path, rel))
         manifest["files"] = dict(sorted(files.items()))
+        policy = policy_from_env()
         if signer is not None:
             manifest = sign_update(manifest, signer, operation, new_version)
+            if policy is not None:  # never write a state this device itself would refuse
+                verify_trust(manifest, policy, str(bundle.path))
         elif manifest.get("signatures"):
-            if policy_from_env() is not None:
+            if policy is not None:
                 raise TrustError(f"{bundle.path}: this device checks signatures, so {operation} needs a key to sign "
                                  "with: --sign KEY or EDGETL_SIGN_KEY")
-            manifest["signatures"] = {k: v for k, v in manifest["signatures"].items() if k != "state"}
+            manifest["signatures"] = {k: v for k, v in manifest["signatures"].items()
+                                      if k not in ("state", "selection", "thresholds")}
         validate(manifest, where=str(bundle.path / MANIFEST))
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:

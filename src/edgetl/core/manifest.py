@@ -273,6 +273,10 @@ def _validate(m: dict) -> None:
     for key, value in thresholds.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise BundleError(f"manifest: thresholds.{key} should be a finite number")
+    state = _get(m, "state", dict, "", required=False)
+    if state is not None:
+        serial = _number(state, "serial", "state.", lo=0, hi=1 << 62, integer=True)
+        _number(state, "selection_serial", "state.", lo=0, hi=serial, integer=True)
     ex = _get(m, "exemplars", dict, "", required=False)
     if ex and ex.get("file") is not None and ex["file"] in files:
         listed(ex["file"], "exemplars.file")
