@@ -184,3 +184,79 @@ def test_a_replayed_older_release_is_refused(signed, tmp_path, small):
     shutil.rmtree(b)
     shutil.copytree(older, b)
     _one_line_error(run_cli(*trust, "info", b, env=env), 5, "release is not newer")
+
+
+# ------------------------------------------------------------------ the lock outlives fit --force
+_REPLACER = """
+import os, shutil, sys, time
+from edgetl.core.lock import writer_lock
+bundle, fresh, flag = sys.argv[1:4]
+with writer_lock(bundle, operation="replace (test)"):
+    open(flag, "w").close()
+    time.sleep(3)  # a writer queues behind this lock meanwhile
+    os.replace(bundle, bundle + ".aside")  # what fit --force does under the lock
+    shutil.copytree(fresh, bundle)
+"""
+
+
+def test_a_writer_queued_across_a_replacement_and_a_new_writer_do_not_both_write(small, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tests.faults.test_faults import CLI, _env, _versions
+
+    bundle, new, _ = small
+    b = _copy(bundle, tmp_path)
+    flag = tmp_path / "locked"
+    replacer = subprocess.Popen([sys.executable, "-c", _REPLACER, str(b), str(bundle), str(flag)], env=_env())
+    while not flag.exists():
+        assert replacer.poll() is None
+        time.sleep(0.05)
+    adapt = [*CLI, "adapt", str(b), str(new), "--json", "-q", "--wait", "300"]
+    queued = subprocess.Popen(adapt, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    assert replacer.wait(timeout=120) == 0
+    arriving = subprocess.Popen(adapt, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    results = [(p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for p in (queued, arriving)]
+    assert all(rc == 0 for rc, _, _ in results), results
+    assert sorted(json.loads(out)["version"] for _, out, _ in results) == [2, 3]
+    assert _versions(b) == [1, 2, 3]  # no lost update
+    assert run_cli("info", b).returncode == 0
+
+
+def test_fit_force_on_a_fifo_manifest_does_not_hang(small, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, data = small
+    b = tmp_path / "fifo.bundle"
+    b.mkdir()
+    os.mkfifo(b / "manifest.json")
+    r = subprocess.run([sys.executable, "-m", "edgetl.cli", "fit", str(data), "--out", str(b), "--force",
+                        "--precision", "fp32", "--runtime", "onnxruntime", "-q"], capture_output=True, text=True,
+                       timeout=300)
+    _one_line_error(r, 2, "not an edgetl bundle")
+    assert (b / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("plant", ["symlink to a folder", "empty folder", "temp file in a user folder"])
+def test_fit_force_never_removes_what_the_user_put_in_a_bundle(small, tmp_path, plant):
+    bundle, _, data = small
+    b = _copy(bundle, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    planted = {"symlink to a folder": b / "photos",
+               "empty folder": b / "notes",
+               "temp file in a user folder": b / "mine" / ".draft.tmp"}[plant]
+    if plant == "symlink to a folder":
+        planted.symlink_to(outside, target_is_directory=True)
+    elif plant == "empty folder":
+        planted.mkdir()
+    else:
+        planted.parent.mkdir()
+        planted.write_text("draft")
+    r = run_cli("fit", data, "--out", b, "--force", "--precision", "fp32", "--runtime", "onnxruntime", "-q")
+    _one_line_error(r, 2, "holds files that are not part of the bundle")
+    assert planted.exists() or planted.is_symlink()
+    assert (outside / "keep.txt").read_text() == "mine"

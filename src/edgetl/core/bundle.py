@@ -391,12 +391,25 @@ def check_out_dir(out: Path, *, force: bool, data: str | Path | None = None) -> 
     if not is_bundle(out):
         raise BundleError(f"{out}: is not an edgetl bundle (no readable {MANIFEST}); --force only replaces bundles; {fix}")
     listed = set(read_json(out / MANIFEST, limit=MAX_MANIFEST_BYTES).get("files", {}))
+    # Folders edgetl writes: those of listed files, and the version folders. Anything in another
+    # folder, any other folder (empty too) and any symlink is the user's, and stops the replace.
+    own_dirs = {"", "heads", "exemplars", "drift"} | {str(Path(rel).parent.as_posix()) for rel in listed}
+    own_dirs = {"" if d == "." else d for d in own_dirs}
     foreign = []
-    for dirpath, _, filenames in os.walk(out):
+    for dirpath, dirnames, filenames in os.walk(out):
+        here = Path(dirpath).relative_to(out).as_posix()
+        here = "" if here == "." else here
+        for name in dirnames:
+            rel = f"{here}/{name}" if here else name
+            if (Path(dirpath) / name).is_symlink() or rel not in own_dirs:
+                foreign.append(rel + "/")
+        dirnames[:] = [d for d in dirnames if (f"{here}/{d}" if here else d) in own_dirs
+                       and not (Path(dirpath) / d).is_symlink()]
         for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(out).as_posix()
-            if rel != MANIFEST and rel not in listed and not _OWN_UNLISTED.fullmatch(name) \
-                    and not _VERSION_FILE.fullmatch(rel):
+            p = Path(dirpath) / name
+            rel = p.relative_to(out).as_posix()
+            if p.is_symlink() or (rel != MANIFEST and rel not in listed and not _OWN_UNLISTED.fullmatch(name)
+                                  and not _VERSION_FILE.fullmatch(rel)):
                 foreign.append(rel)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -504,16 +517,18 @@ class BundleWriter:
                 fsync_dir(d)
             # Readable as the user's umask says (the staging folder was private while incomplete).
             os.chmod(self.dir, 0o777 & ~_umask())
-            if self.out.exists():
-                # Replace under the old bundle's writer lock, so no adapt is half-way through it.
-                with writer_lock(self.out, operation="replace (fit --force)"):
+            # Under the bundle's writer lock, which lives beside it and so outlives the
+            # replacement: no adapt is half-way through the old bundle, and one queued behind this
+            # replace then updates the new bundle under the same lock as any later writer.
+            old = None
+            with writer_lock(self.out, operation="replace (fit --force)"):
+                if self.out.exists():
                     check_out_dir(self.out, force=self.force)  # still only a bundle of ours
                     old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
                     os.replace(self.out, old)  # one complete bundle at ``out`` or aside, never a mixture
-                    os.replace(self.dir, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
                 os.replace(self.dir, self.out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             fsync_dir(self.out.parent)
         except OSError as exc:
             raise write_error(self.out, exc, "the previous bundle, if any, is still in place") from None

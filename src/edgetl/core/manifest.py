@@ -75,7 +75,9 @@ def read_json(path: Path, *, limit: int = MAX_JSON_BYTES, what: str = "JSON file
         BundleError: anything else, in one line.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO planted as the manifest must not wait for a writer forever
+        # (it is refused below as not a regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing {what}") from None
     except OSError as exc:
