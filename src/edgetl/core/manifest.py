@@ -44,7 +44,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
-def _depth_ok(text: str) -> bool:
+def _depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON text nests no deeper than :data:`MAX_JSON_DEPTH` (counted outside strings), so
     ``json.loads`` cannot hit Python's recursion limit on a hostile file."""
     depth, in_str, escape = 0, False, False
@@ -60,11 +60,32 @@ def _depth_ok(text: str) -> bool:
             in_str = True
         elif ch in "[{":
             depth += 1
-            if depth > MAX_JSON_DEPTH:
+            if depth > max_depth:
                 return False
         elif ch in "]}":
             depth -= 1
     return True
+
+
+def loads_bounded(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` for text from outside (a bundle, a request body) after checking it nests no
+    deeper than ``max_depth``: a body of 100,000 ``[`` then fails in one line, not with
+    ``RecursionError`` (which ``json`` raises past Python's recursion limit).
+
+    Raises:
+        ValueError: not UTF-8, not JSON, or nested too deep (the message says which).
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+    if not _depth_ok(text, max_depth):
+        raise ValueError(f"nests deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError(f"nests deeper than {max_depth} levels") from None
 
 
 def read_json(path: Path, *, limit: int = MAX_JSON_BYTES, what: str = "JSON file"):
