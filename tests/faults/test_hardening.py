@@ -260,3 +260,31 @@ def test_fit_force_never_removes_what_the_user_put_in_a_bundle(small, tmp_path, 
     _one_line_error(r, 2, "holds files that are not part of the bundle")
     assert planted.exists() or planted.is_symlink()
     assert (outside / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------- CLI inputs: one line each
+def test_odd_environment_and_policy_inputs_get_one_line_errors(small, tmp_path):
+    bundle, new, _ = small
+    image = sorted((new / "brick").glob("*.png"))[0]
+    for name, value in (("EDGETL_THREADS", "abc"), ("EDGETL_THREADS", "0"), ("EDGETL_MAX_MEGAPIXELS", "nan"),
+                        ("EDGETL_MAX_MEGAPIXELS", "inf"), ("EDGETL_MAX_MEGAPIXELS", "-1")):
+        _one_line_error(run_cli("predict", bundle, image, env={name: value}), 2, name)
+    policies = {"key = [1]": "key = [1]\n", "may not a list": '[[key]]\nname = "a"\npublic_key = "x"\nmay = "adapt"\n',
+                "public_key a number": '[[key]]\nname = "a"\npublic_key = 5\nmay = ["adapt"]\n'}
+    for case, text in policies.items():
+        p = tmp_path / f"{len(case)}.toml"
+        p.write_text(text)
+        _one_line_error(run_cli("--trust", p, "info", bundle), 2, str(p))
+    folder = tmp_path / "policy-folder"
+    folder.mkdir()
+    _one_line_error(run_cli("--trust", folder, "info", bundle), 2, "cannot read the trust policy")
+
+
+def test_a_folder_where_adapt_writes_its_head_is_one_line_and_changes_nothing(small, tmp_path):
+    bundle, new, _ = small
+    b = _copy(bundle, tmp_path)
+    (b / "heads" / "v2.npz").mkdir()
+    before = (b / "manifest.json").read_bytes()
+    r = run_cli("adapt", b, new, "-q")
+    _one_line_error(r, 2, "v2.npz")
+    assert (b / "manifest.json").read_bytes() == before

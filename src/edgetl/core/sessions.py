@@ -38,9 +38,11 @@ _OV_TYPE_NAMES = {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "b
 
 def default_threads() -> int:
     """Intra-op threads: EDGETL_THREADS, else every core the process may use."""
-    env = os.environ.get("EDGETL_THREADS")
-    if env:
-        return max(1, int(env))
+    from .environment import env_number
+
+    threads = env_number("EDGETL_THREADS", 0, lo=1, hi=4096, integer=True)
+    if threads:
+        return int(threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux

@@ -202,20 +202,28 @@ def load_trust(path: str | Path) -> TrustPolicy:
         raise ConfigError(f"{path}: no such trust policy file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    except OSError as exc:  # a folder, a permission: not a policy edgetl can read
+        raise ConfigError(f"{path}: cannot read the trust policy ({exc.strerror or exc}); give a TOML file") from None
     extra = set(data) - {"key"}
     if extra:
         raise ConfigError(f"{path}: unknown key {sorted(extra)[0]!r}; a trust policy holds [[key]] tables")
     keys = []
-    for i, entry in enumerate(data.get("key", [])):
+    entries = data.get("key", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: key = {str(entries)[:40]}; a trust policy holds [[key]] tables "
+                          "(name, public_key, may)")
+    for i, entry in enumerate(entries):
         where = f"{path} [[key]] #{i + 1}"
         unknown = set(entry) - {"name", "public_key", "may"}
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; valid keys: name, public_key, may")
         may = entry.get("may", [])
-        bad = [m for m in may if m not in OPERATIONS]
+        bad = [m for m in may if m not in OPERATIONS] if isinstance(may, list) else [may]
         if not isinstance(may, list) or bad or not may:
             raise ConfigError(f"{where}: may = {may!r}; list some of {', '.join(OPERATIONS)}")
         public = entry.get("public_key", "")
+        if not isinstance(public, str):
+            raise ConfigError(f"{where}: public_key should be the text edgetl keygen printed (or a .pub file name)")
         if Path(str(public)).suffix == ".pub" and (path.parent / public).is_file():
             public = (path.parent / public).read_text()
         keys.append(TrustedKey(str(entry.get("name", f"key{i + 1}")), parse_public(str(public), where), frozenset(may)))
