@@ -21,7 +21,7 @@ from __future__ import annotations
 from . import _edgetl as et
 from .device import answer, base_participant
 from .merger import FleetResult, Merger
-from .summaries import ANOMALY_KINDS, KINDS, FleetError, Step
+from .summaries import ANOMALY_KINDS, DEFAULT_BASE, KINDS, FleetError, Step
 
 # the fleet merge for each edgetl head kind
 DEFAULT_KIND = {"linear": "ridge", "prototype": "prototype", "mlp": "mlp", "padim": "padim", "patchcore": "patchcore"}
@@ -31,7 +31,7 @@ MAX_DEVICES_LISTED = 500  # provenance lists devices one by one up to this many
 class FleetRound:
     """One fleet round for the bundle at ``bundle`` (see the module docstring)."""
 
-    def __init__(self, bundle, *, kind: str | None = None, base: str = "current", min_devices: int = 1,
+    def __init__(self, bundle, *, kind: str | None = None, base: str = DEFAULT_BASE, min_devices: int = 1,
                  allow_new_classes: bool = True, rounds: int = 30, local_steps: int = 1, l2: float | None = None,
                  seed: int = 0, max_rows: int | None = None):
         b = et.load_bundle(bundle)
