@@ -131,3 +131,40 @@ def test_simulate_and_serve_share_one_default_base_and_refusals_print_whole():
         assert len(out) <= max(limit, 1) and (out == reason or (out.endswith("…") and reason.startswith(out[:-1])))
         if out != reason and len(out) > limit // 2 + 1:
             assert reason[len(out) - 1] in " ,;:'[", (limit, out)  # cut where a word ends
+
+
+def test_a_merged_head_is_accepted_under_a_trust_policy_only_when_the_fleet_server_signed_it(tmp_path):
+    from edgetl.core.signing import generate_key, load_signing_key, load_trust, sign_delivery, verify_delivery
+    from edgetl.errors import TrustError
+
+    (X, y), _ = _split(3)
+    parts, _ = _two_class_devices(X, y, devices=8, seed=3)
+    res = run_local(Merger("ridge", labels=NAMES), parts)
+    arrays = {k: np.asarray(v) for k, v in res.head.arrays.items()}
+    doc = {"kind": res.head.kind, "labels": list(res.head.labels), "meta": {}, "provenance": {"devices": 8}}
+    for name in ("server", "device"):
+        generate_key(name, tmp_path)
+    policy_file = tmp_path / "trust.toml"
+    policy_file.write_text(f'''
+[[key]]
+name = "server"
+public_key = "{(tmp_path / "server.pub").read_text().strip()}"
+may = ["fleet"]
+[[key]]
+name = "device"
+public_key = "{(tmp_path / "device.pub").read_text().strip()}"
+may = ["adapt", "threshold"]
+''')
+    policy = load_trust(policy_file)
+    with pytest.raises(TrustError, match="not signed"):
+        verify_delivery(policy, doc, arrays, "cam1")
+    signed = {**doc, "signature": sign_delivery(load_signing_key(tmp_path / "server.key"), doc, arrays)}
+    assert verify_delivery(policy, signed, arrays, "cam1") == "server"
+    tampered = {**arrays, "W": arrays["W"] * -1}
+    with pytest.raises(TrustError, match="does not match"):
+        verify_delivery(policy, signed, tampered, "cam1")
+    with pytest.raises(TrustError, match="does not match"):
+        verify_delivery(policy, {**signed, "labels": list(reversed(signed["labels"]))}, arrays, "cam1")
+    by_device = {**doc, "signature": sign_delivery(load_signing_key(tmp_path / "device.key"), doc, arrays)}
+    with pytest.raises(TrustError, match="may only"):
+        verify_delivery(policy, by_device, arrays, "cam1")

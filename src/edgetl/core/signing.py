@@ -396,6 +396,31 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
     return who
 
 
+def delivery_statement(doc: dict, arrays: dict) -> dict:
+    """What a fleet server signs when it delivers a merged head: the head's kind, labels, metadata
+    and provenance (``doc``, JSON as sent) and every array by dtype, shape and sha256 of its bytes."""
+    return {"head": {k: doc.get(k) for k in ("kind", "labels", "meta", "provenance")},
+            "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape),
+                              "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+                       for name, a in sorted(arrays.items())}}
+
+
+def sign_delivery(key: SigningKey, doc: dict, arrays: dict) -> dict:
+    """The server's signature of a merged head it delivers (operation ``fleet``)."""
+    return key.sign(delivery_statement(doc, arrays), "fleet")
+
+
+def verify_delivery(policy: TrustPolicy, doc: dict, arrays: dict, where: str) -> str:
+    """Check a delivered merged head against this device's trust policy; the signer's name.
+
+    Raises:
+        TrustError: unsigned, signed by a key the policy does not trust for ``fleet``, or not the
+            head that was signed.
+    """
+    return _check(policy, doc.get("signature"), delivery_statement(doc, arrays), ("fleet",),
+                  "the fleet server's merged head", where).name
+
+
 def signature_summary(manifest: dict) -> dict:
     """Who signed what, as the manifest says (unverified: for ``info`` on a device without a policy)."""
     sigs = manifest.get("signatures") or {}

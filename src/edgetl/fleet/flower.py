@@ -203,7 +203,12 @@ class FleetStrategy(F["Strategy"]):
         if server_round != self.fleet.n_steps or self.report is None:
             return []
         kind, labels, head_arrays, meta, short = self.fleet.delivery()
-        head = json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short}, default=_jsonable)
+        # JSON-normalised first, so the signed statement is what a device decodes
+        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
+                                    default=_jsonable))
+        if self.signer is not None:
+            doc["signature"] = et.sign_delivery(self.signer, doc, head_arrays)
+        head = json.dumps(doc)
         out = []
         for node in self.nodes:
             content = RecordDict({"arrays": to_array_record(head_arrays), "config": ConfigRecord({"json": head})})
@@ -344,7 +349,8 @@ def client_deliver(msg, context, spec: dict):
                                     provenance=head.get("provenance") if isinstance(head.get("provenance"), dict) else {},
                                     tolerance_pp=float(spec.get("tolerance", DEFAULT_TOLERANCE_PP)),
                                     force=bool(spec.get("force", False)), dry_run=bool(spec.get("dry-run", False)),
-                                    wait=float(spec.get("lock-wait", 0)), signer=signer)
+                                    wait=float(spec.get("lock-wait", 0)), signer=signer,
+                                    signature=head.get("signature"))
         except et.GateError as exc:
             decision = {"accepted": False, "device": dev.name, "reason": str(exc), "exit_code": exc.exit_code}
     except et.EdgetlError as exc:

@@ -127,14 +127,19 @@ def run_round(fleet: FleetRound, devices: dict, *, write: bool = True, deliver: 
         fleet.absorb(step, replies)
     report = fleet.finish(write=write, engine="in-process")
     if deliver:
+        import json
+
         kind, labels, arrays, meta, short = fleet.delivery()
+        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
+                                    default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        signature = et.sign_delivery(signer, doc, arrays) if signer is not None else None
         out = {}
         for name, dev in devices.items():
             try:
-                out[name] = dev.consider(kind, labels, arrays, meta, provenance=short, tolerance_pp=tolerance_pp,
-                                         signer=signer)
-            except et.GateError as exc:
-                out[name] = {"accepted": False, "device": name, "reason": str(exc)}
+                out[name] = dev.consider(kind, labels, arrays, doc["meta"], provenance=doc["provenance"],
+                                         tolerance_pp=tolerance_pp, signer=signer, signature=signature)
+            except (et.GateError, et.TrustError) as exc:
+                out[name] = {"accepted": False, "device": name, "reason": str(exc), "exit_code": exc.exit_code}
         report["deliveries"] = out
     return report
 
