@@ -446,6 +446,8 @@ def adapt(bundle, data, replace, tolerance, threshold, force, dry_run, seed, str
     r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
                   dry_run=dry_run, quiet=quiet or as_json, wait=wait, signer=_signer(sign_key), threshold=threshold)
     warn_skipped(r.skipped, quiet=quiet)
+    for w in (r.summary.get("gate") or {}).get("warnings", []) if not quiet else []:
+        click.echo(f"warning: {safe(w)}", err=True)
     emit(r.to_dict(), as_json, task.render_adapt(r, dry_run))
 
 

@@ -26,3 +26,17 @@ def small(surfaces, cache_dir, tmp_path_factory):
     return bundle, new, data
 
 
+
+
+@pytest.fixture(scope="session")
+def defect_bundle(cache_dir, tmp_path_factory):
+    """A small FP32 defect detector (the built-in parts example) and its data."""
+    from edgetl.datasets.images import make_defects
+
+    root = tmp_path_factory.mktemp("faults-defects")
+    make_defects(root / "data", seed=0, n_train_good=16, n_test_good=6, n_test_defect=5, size=128)
+    out = root / "parts.bundle"
+    r = run_cli("fit", root / "data", "--out", out, "--precision", "fp32", "--runtime", "onnxruntime", "--json",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out, root / "data"

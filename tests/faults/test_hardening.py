@@ -39,7 +39,7 @@ def test_a_task_that_does_not_match_the_bundle_is_refused_in_one_line(small, tmp
     b = _copy(bundle, tmp_path)
     _edit(b, lambda m: m.__setitem__("task", "anomaly"))
     image = sorted((new / "brick").glob("*.png"))[0]
-    _one_line_error(run_cli("predict", b, image), 2, "task 'anomaly' needs")
+    _one_line_error(run_cli("predict", b, image), 2, "task 'anomaly' needs an image-patch backbone")
     _edit(b, lambda m: (m.__setitem__("task", "classify"), m["head"]["versions"][0].__setitem__("kind", "padim")))
     _one_line_error(run_cli("predict", b, image), 2, "'padim' head")
 
@@ -288,3 +288,47 @@ def test_a_folder_where_adapt_writes_its_head_is_one_line_and_changes_nothing(sm
     r = run_cli("adapt", b, new, "-q")
     _one_line_error(r, 2, "v2.npz")
     assert (b / "manifest.json").read_bytes() == before
+
+
+# ----------------------------------------------------------------------- gates on update paths
+def test_defect_adapt_refuses_good_images_of_another_product(defect_bundle, small, tmp_path):
+    bundle, data = defect_bundle
+    b = _copy(bundle, tmp_path)
+    before = (b / "manifest.json").read_bytes()
+    _, new, _ = small
+    other = tmp_path / "other" / "good"  # twelve images of another product, offered as good
+    other.mkdir(parents=True)
+    for p in sorted((new / "brick").glob("*.png"))[:6] + sorted((new / "wood").glob("*.png"))[:6]:
+        shutil.copy(p, other / f"{p.parent.name}-{p.name}")
+    r = run_cli("adapt", b, other.parent, "--json")
+    _one_line_error(r, 3, "score as defects under the current model")
+    assert (b / "manifest.json").read_bytes() == before
+    r = run_cli("adapt", b, other.parent, "--force", "--json", "-q")  # the operator insists: learned
+    assert r.returncode == 0 and json.loads(r.stdout)["gate"]["forced"], r.stderr
+    # honest new good images of this product pass the gate
+    b2 = _copy(bundle, tmp_path / "honest")
+    honest = tmp_path / "honest-good" / "good"
+    shutil.copytree(next(p for p in (data / "test" / "good", data / "val" / "good") if p.is_dir()), honest)
+    r = run_cli("adapt", b2, honest.parent, "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["gate"]["reasons"] == []
+
+
+def test_classifier_adapt_needs_evidence_for_a_new_class_and_warns_on_a_duplicate(small, tmp_path):
+    bundle, new, _ = small
+    b = _copy(bundle, tmp_path)
+    one = tmp_path / "one"
+    (one / "wood").mkdir(parents=True)
+    shutil.copy(sorted((new / "wood").glob("*.png"))[0], one / "wood")
+    shutil.copytree(new / "brick", one / "brick")
+    r = run_cli("adapt", b, one)
+    _one_line_error(r, 3, "new class 'wood' has 1 image(s)")
+    dup = tmp_path / "dup"
+    shutil.copytree(new / "brick", dup / "bricks")  # the same parts under a new name
+    shutil.copytree(new / "grass", dup / "grass")
+    r = run_cli("adapt", b, dup, "--json")  # refused (known-class accuracy falls), and the refusal says why
+    _one_line_error(r, 3, "look like the known class 'brick'")
+    r = run_cli("adapt", b, dup, "--json", "--force")
+    assert r.returncode == 0, r.stderr
+    assert "warning: new class 'bricks'" in r.stderr and "look like the known class 'brick'" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["gate"]["new_classes"]["bricks"]["looks_like"] == "brick"

@@ -208,10 +208,11 @@ class Task:
         and head kinds must be this task's, and the backbone fields the task reads present."""
         backbone = manifest.get("backbone", {})
         want = "text" if self.backbone_kind == "text" else "image"
-        kind = backbone.get("kind", want)
+        kind = backbone.get("kind", self.backbone_kind)
         pre_kind = "text" if backbone.get("preprocess", {}).get("kind") == "text" else "image"
-        if kind != want or pre_kind != want:
-            return f"task {self.name!r} needs a {want} backbone, and this bundle's is a {kind} one ({pre_kind} inputs)"
+        if kind != self.backbone_kind or pre_kind != want:
+            return (f"task {self.name!r} needs an {self.backbone_kind} backbone, and this bundle's is an {kind} one "
+                    f"({pre_kind} inputs)")
         for key in self.backbone_fields:
             if key not in backbone:
                 return f"task {self.name!r} needs backbone.{key}, which this bundle lacks"

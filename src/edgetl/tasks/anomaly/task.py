@@ -25,12 +25,12 @@ import numpy as np
 
 from ...core.features import ImageExtractor, load_input
 from ...core.fuse import score_parity
-from ...core.gate import auroc_gate
+from ...core.gate import auroc_gate, new_good_gate
 from ...core.metrics import best_f1_threshold, feature_cosine
 from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
 from ...core.versions import add_version
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, GateError
 from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
 from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
                             quantile_threshold, update_patch_head)
@@ -391,7 +391,7 @@ class AnomalyTask(Task):
         return {**super().fused_meta(b, head), "head": head.kind}
 
     def adapt(self, b, data, *, threshold: float | None = None, strict: bool = False, quiet: bool = True,
-              dry_run: bool = False, signer=None, replace: bool = False, **_) -> AdaptResult:
+              dry_run: bool = False, signer=None, replace: bool = False, force: bool = False, **_) -> AdaptResult:
         """Teach a deployed bundle newly confirmed good images: patchcore's bank grows by a
         coreset of the new patches (never past ``max_memory``); padim's moments are merged
         exactly. The threshold carries over (adding good images only moves good scores down, so the
@@ -405,6 +405,9 @@ class AnomalyTask(Task):
         F = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape).patches(
             samples, quiet=quiet, desc="adapt")
         _, before = score_rows(head, F)
+        gate = new_good_gate(before, pred.threshold, [s.path.name for s in samples])
+        if gate["reasons"] and not force and not dry_run:
+            raise GateError(f"update refused, v{pred.version} stays current: " + "; ".join(gate["reasons"]))
         new_head = update_defect_head(head, F) if isinstance(head, DefectHead) else \
             update_patch_head(head, patch_part(head, F))
         _, after = score_rows(new_head, F)
@@ -413,7 +416,7 @@ class AnomalyTask(Task):
                              "over_threshold": int(np.sum(s >= thr))}
         memory = _memory(new_head)
         info = {"images": len(samples), "new_images_before": summary(before), "new_images_after": summary(after),
-                "memory": memory}
+                "memory": memory, "gate": {**gate, "forced": bool(gate["reasons"] and force)}}
         if dry_run:
             return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
         new_head.meta = dict(new_head.meta, parent_version=pred.version)
