@@ -305,13 +305,28 @@ def test_defect_adapt_refuses_good_images_of_another_product(defect_bundle, smal
     assert (b / "manifest.json").read_bytes() == before
     r = run_cli("adapt", b, other.parent, "--force", "--json", "-q")  # the operator insists: learned
     assert r.returncode == 0 and json.loads(r.stdout)["gate"]["forced"], r.stderr
-    # honest new good images of this product pass the gate
+    # honest new good images of this product pass, and the labelled images kept beside them
+    # (DATA/test: good and defective, never learned) show image AUROC not falling beyond noise
+    (tmp_path / "honest").mkdir()
     b2 = _copy(bundle, tmp_path / "honest")
-    honest = tmp_path / "honest-good" / "good"
-    shutil.copytree(next(p for p in (data / "test" / "good", data / "val" / "good") if p.is_dir()), honest)
-    r = run_cli("adapt", b2, honest.parent, "--json", "-q")
+    update = tmp_path / "update"
+    shutil.copytree(data / "train" / "good", update / "train" / "good")
+    shutil.copytree(data / "test", update / "test")
+    r = run_cli("adapt", b2, update, "--json", "-q")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["gate"]["reasons"] == []
+    gate = json.loads(r.stdout)["gate"]
+    assert gate["reasons"] == [] and gate["image_auroc"]["verdict"] in ("passed", "inconclusive"), gate
+    assert gate["image_auroc"]["n"] == len(list((data / "test").rglob("*.png")))
+
+
+def test_the_new_good_gate_acts_on_evidence_not_on_one_false_alarm():
+    from edgetl.core.gate import new_good_gate
+
+    names = [f"img{i}" for i in range(12)]
+    assert new_good_gate([2.0] * 12, 1.0, names)["reasons"]  # all twelve score as defects
+    assert not new_good_gate([0.5] * 10 + [1.5, 1.2], 1.0, names)["reasons"]  # two false alarms in twelve
+    g = new_good_gate([0.5] * 7 + [1.5] * 5, 1.0, names)
+    assert g["reasons"] and g["p_value"] < 0.01 and "img7" in g["reasons"][0]
 
 
 def test_classifier_adapt_needs_evidence_for_a_new_class_and_warns_on_a_duplicate(small, tmp_path):
