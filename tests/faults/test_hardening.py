@@ -76,6 +76,14 @@ def test_a_model_or_head_swapped_after_the_check_is_never_run(small, tmp_path):
     shutil.copy(bundle / "heads" / "v1.npz", b / "heads" / "v1.npz")
     again = tasks.for_bundle(loaded).predictor(loaded).predict([image])
     assert again[0].label == honest[0].label
+    # a writer fuses the backbone it checked, never one swapped in after (it would sign the result)
+    from edgetl.core.versions import write_fused
+
+    shutil.copy(b / "model.onnx", evil)
+    os.replace(evil, b / "backbone.onnx")
+    with pytest.raises(BundleError, match="sha256 does not match"):
+        write_fused(loaded, 2, head, {})
+    assert not list(b.glob("model-v2*")) and not list(b.glob(".staging-*"))
 
 
 # ---------------------------------------------------------------- signatures: scopes, freshness
