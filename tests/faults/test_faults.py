@@ -390,7 +390,8 @@ may = ["adapt", "rollback", "threshold"]
     assert r.returncode == 5 and "not the file the release signed" in r.stderr, r.stderr
     # a head version swapped and re-hashed, and a state edited by hand: refused too
     for rel, edit, needle in (("heads/v2.npz", None, "head version 2's signature"),
-                              (None, lambda m: m["thresholds"].__setitem__("unknown", 0.99), "current state")):
+                              # thresholds are their own signed statement (a threshold key may sign them)
+                              (None, lambda m: m["thresholds"].__setitem__("unknown", 0.99), "thresholds statement")):
         t = tmp_path / f"tampered-{needle[:4]}.bundle"
         shutil.copytree(b, t)
         if rel:

@@ -388,9 +388,9 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
         raise TrustError(f"{where}: the current state was signed by an older edgetl whose state signature does not "
                          "say what it may change; re-sign it with a newer edgetl (rollback or threshold --sign KEY)")
     who["selection"] = _check(policy, sigs.get("selection"), selection_statement(manifest), SELECTION_OPERATIONS,
-                              "the current state (which version and models are current)", where).name
+                              "the selection statement (which version and models are current)", where).name
     who["thresholds"] = _check(policy, sigs.get("thresholds"), thresholds_statement(manifest), OPERATIONS,
-                               "the current thresholds", where).name
+                               "the thresholds statement", where).name
     who["state"] = who["selection"] if who["selection"] == who["thresholds"] else \
         f"{who['selection']} (thresholds: {who['thresholds']})"
     return who
