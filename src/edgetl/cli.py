@@ -59,7 +59,7 @@ def _bundle_task(bundle: Path):
     from . import tasks
     from .core.bundle import read_manifest
 
-    return tasks.for_bundle(read_manifest(Path(bundle)))
+    return tasks.for_bundle(read_manifest(Path(bundle)), where=Path(bundle) / "manifest.json")
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
@@ -450,6 +450,8 @@ def adapt(bundle, data, replace, tolerance, threshold, force, dry_run, seed, str
     r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
                   dry_run=dry_run, quiet=quiet or as_json, wait=wait, signer=_signer(sign_key), threshold=threshold)
     warn_skipped(r.skipped, quiet=quiet)
+    for w in (r.summary.get("gate") or {}).get("warnings", []) if not quiet else []:
+        click.echo(f"warning: {safe(w)}", err=True)
     emit(r.to_dict(), as_json, task.render_adapt(r, dry_run))
 
 

@@ -30,23 +30,6 @@ def _env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
 
 
-@pytest.fixture(scope="module")
-def small(surfaces, cache_dir, tmp_path_factory):
-    """A 3-class FP32 bundle and a folder of new labelled images (known classes and a new one)."""
-    root = tmp_path_factory.mktemp("faults")
-    data = root / "data"
-    for split in ("train", "val"):
-        for c in ("brick", "grass", "gravel"):
-            shutil.copytree(surfaces / split / c, data / split / c)
-    bundle = root / "base.bundle"
-    r = run_cli("fit", data, "--out", bundle, "--precision", "fp32", "--runtime", "onnxruntime", "--json")
-    assert r.returncode == 0, r.stderr
-    new = root / "new"
-    for c in ("brick", "grass", "gravel", "wood"):
-        shutil.copytree(surfaces / "train" / c, new / c)
-    return bundle, new, data
-
-
 def _copy(bundle: Path, where: Path) -> Path:
     dst = where / "b.bundle"
     shutil.copytree(bundle, dst)
@@ -174,10 +157,12 @@ def test_kill_9_of_fit_force_keeps_the_old_bundle_and_the_next_fit_clears_the_de
         p.wait()
         run = run_cli("info", b, "--json")
         assert run.returncode == 0, run.stderr  # a whole bundle is there: the old or the new one
-    debris = [q for q in tmp_path.iterdir() if q.name.startswith(".b.bundle.")]
+    # the writer lock lives beside the bundle (it must outlive the replacement): not debris
+    debris = [q for q in tmp_path.iterdir() if q.name.startswith(".b.bundle.") and q.name != ".b.bundle.edgetl.lock"]
     r = run_cli("fit", data, "--out", b, "--force", "--precision", "fp32", "--runtime", "onnxruntime", "-q")
     assert r.returncode == 0, r.stderr
-    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".b.bundle.")], debris
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".b.bundle.")
+                and q.name != ".b.bundle.edgetl.lock"], debris
     assert json.loads((b / "manifest.json").read_text())["files"].keys() == old.keys()
 
 
@@ -205,7 +190,11 @@ HOSTILE = {
     "missing labels": (lambda m: m.pop("labels"), "labels is missing"),
     "crop_pct 0": (lambda m: m["backbone"]["preprocess"].__setitem__("crop_pct", 0), "crop_pct"),
     "input_size 100000": (lambda m: m["backbone"]["preprocess"].__setitem__("input_size", 100000), "input_size"),
-    "std 0": (lambda m: m["backbone"]["preprocess"].__setitem__("std", [0.0, 0.5, 0.5]), "std must be positive"),
+    "std 0": (lambda m: m["backbone"]["preprocess"].__setitem__("std", [0.0, 0.5, 0.5]), "std"),
+    # inside the old type-level ranges, but ruinous in what they do: a 224,000-pixel resize, NaN answers
+    "crop_pct 0.001": (lambda m: m["backbone"]["preprocess"].__setitem__("crop_pct", 0.001), "times the model input"),
+    "mean 1e308": (lambda m: m["backbone"]["preprocess"].__setitem__("mean", [1e308, 0.5, 0.5]), "pixel statistic"),
+    "std 1e-5": (lambda m: m["backbone"]["preprocess"].__setitem__("std", [1e-5, 0.5, 0.5]), "pixel statistic"),
     "current not a version": (lambda m: m["head"].__setitem__("current", 7), "not one of the listed versions"),
     "threshold 7": (lambda m: m["head"]["versions"][0].__setitem__("unknown_threshold", 7), "unknown_threshold"),
     "bytes negative": (lambda m: m["files"]["report.json"].__setitem__("bytes", -1), "bytes"),
@@ -401,7 +390,8 @@ may = ["adapt", "rollback", "threshold"]
     assert r.returncode == 5 and "not the file the release signed" in r.stderr, r.stderr
     # a head version swapped and re-hashed, and a state edited by hand: refused too
     for rel, edit, needle in (("heads/v2.npz", None, "head version 2's signature"),
-                              (None, lambda m: m["thresholds"].__setitem__("unknown", 0.99), "current state")):
+                              # thresholds are their own signed statement (a threshold key may sign them)
+                              (None, lambda m: m["thresholds"].__setitem__("unknown", 0.99), "thresholds statement")):
         t = tmp_path / f"tampered-{needle[:4]}.bundle"
         shutil.copytree(b, t)
         if rel:

@@ -22,6 +22,11 @@ and then replace ``manifest.json`` in one rename: the manifest is the single com
 whatever it names is complete and hashed. Loading checks the manifest's schema, confines every
 path to the bundle (no ``..``, no symlinks, regular files only), verifies every file's sha256,
 and, where a trust policy is in force, the signatures (:mod:`edgetl.core.signing`). No pickles anywhere.
+
+What is verified is what runs: a model or head file is read once into memory
+(:meth:`Bundle.read_verified`), its sha256 checked on those bytes, and those same bytes handed to
+ONNX Runtime, OpenVINO or ``np.load``. A file renamed into place after the check is never opened
+by the runtime; it fails the check instead.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -133,6 +139,41 @@ def file_entries(root: Path) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
+class VerifiedFile(io.BytesIO):
+    """The bytes of one bundle file, checked against the manifest's sha256 on exactly these bytes;
+    readable like the file (``np.load`` takes it), and printed as its path in messages."""
+
+    def __init__(self, data: bytes, path: Path):
+        super().__init__(data)
+        self.path = Path(path)
+        self.name = str(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def read_verified(root: Path, rel: str, entry: dict) -> bytes:
+    """The bytes of ``root/rel`` if they are the ones ``entry`` (its manifest ``files`` entry)
+    records: one open (no symlink, a regular file), one read, the hash over what was read.
+
+    Raises:
+        BundleError: missing, not a regular file, another size or another sha256.
+    """
+    p = regular_file(root, rel)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BundleError(f"{p}: cannot open it ({exc.strerror or exc}); copy the bundle again") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # swapped for a FIFO or device after the check
+            raise BundleError(f"{p}: is not a regular file")
+        data = f.read(int(entry["bytes"]) + 1)
+    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{p}: sha256 does not match the manifest (modified or replaced since it was checked); "
+                          "copy the bundle again")
+    return data
+
+
 @dataclass
 class Bundle:
     """A loaded, verified bundle. Paths inside are resolved against ``path``; ``signers`` says
@@ -179,6 +220,34 @@ class Bundle:
 
     def model_file(self, role: str = "backbone") -> Path:
         return self.path / self.manifest["models"][role]
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` (inside the bundle) as the manifest names it."""
+        path = Path(path)
+        try:
+            return path.relative_to(self.path).as_posix()
+        except ValueError:
+            pass
+        if path.is_absolute():
+            raise BundleError(f"{path}: is not inside the bundle {self.path}")
+        return path.as_posix()  # already relative to the bundle
+
+    def read_verified(self, path: str | Path) -> bytes:
+        """The bytes of one listed file, hashed as read: what a runtime or loader is handed, so
+        nothing swapped in after :func:`load_bundle`'s check is ever run (see the module docstring).
+
+        Raises:
+            BundleError: not a file the manifest lists, or not the bytes it lists.
+        """
+        rel = self.relative(path)
+        entry = self.manifest["files"].get(rel)
+        if entry is None:
+            raise BundleError(f"{self.path / rel}: not among the bundle's hashed files")
+        return read_verified(self.path, rel, entry)
+
+    def open_verified(self, path: str | Path) -> VerifiedFile:
+        """:meth:`read_verified` as a readable file object (for ``np.load`` and the head loaders)."""
+        return VerifiedFile(self.read_verified(path), self.path / self.relative(path))
 
     def head_entry(self, version: int | None = None) -> dict:
         version = self.head_version if version is None else version
@@ -233,7 +302,11 @@ def verify(path: Path, manifest: dict) -> None:
         p = regular_file(path, rel)
         if p.stat().st_size != entry["bytes"]:
             raise BundleError(f"{p}: size {p.stat().st_size} != {entry['bytes']} in the manifest (truncated?); copy the bundle again")
-        if sha256_file(p) != entry["sha256"]:
+        try:
+            actual = sha256_file(p)
+        except OSError as exc:  # removed or replaced since the check above (a writer pruning it)
+            raise BundleError(f"{p}: cannot read it ({exc.strerror or exc}); copy the bundle again") from None
+        if actual != entry["sha256"]:
             raise BundleError(f"{p}: sha256 does not match the manifest (modified or corrupted); copy the bundle again")
 
 
@@ -253,22 +326,28 @@ def load_bundle(path: str | Path, *, verify_files: bool = True, trust=None) -> B
         >>> b = load_bundle("parts.bundle")  # doctest: +SKIP
         >>> b.labels, b.precision  # doctest: +SKIP
     """
+    from .freshness import check_and_record
     from .signing import policy_from_env, verify_trust
 
     path = Path(path)
-    for attempt in (0, 1):
+    policy = trust if trust is not None else policy_from_env()
+    for attempt in (0, 1, 2):
         stamp = _manifest_stamp(path)
         manifest = read_manifest(path)
         try:
             if verify_files:
                 verify(path, manifest)
+            signers = {}
+            if policy is not None:
+                signers = verify_trust(manifest, policy, str(path))
+                # A newer state may have been accepted (by another reader) since this one was read:
+                # the retry below then reads that newer one instead of refusing.
+                check_and_record(path, manifest)
             break
         except BundleError:
-            if attempt == 0 and _manifest_stamp(path) != stamp:
+            if attempt < 2 and _manifest_stamp(path) != stamp:
                 continue  # a writer switched versions while we read: check what is current now
             raise
-    policy = trust if trust is not None else policy_from_env()
-    signers = verify_trust(manifest, policy, str(path)) if policy is not None else {}
     return Bundle(path, manifest, signers)
 
 
@@ -312,12 +391,25 @@ def check_out_dir(out: Path, *, force: bool, data: str | Path | None = None) -> 
     if not is_bundle(out):
         raise BundleError(f"{out}: is not an edgetl bundle (no readable {MANIFEST}); --force only replaces bundles; {fix}")
     listed = set(read_json(out / MANIFEST, limit=MAX_MANIFEST_BYTES).get("files", {}))
+    # Folders edgetl writes: those of listed files, and the version folders. Anything in another
+    # folder, any other folder (empty too) and any symlink is the user's, and stops the replace.
+    own_dirs = {"", "heads", "exemplars", "drift"} | {str(Path(rel).parent.as_posix()) for rel in listed}
+    own_dirs = {"" if d == "." else d for d in own_dirs}
     foreign = []
-    for dirpath, _, filenames in os.walk(out):
+    for dirpath, dirnames, filenames in os.walk(out):
+        here = Path(dirpath).relative_to(out).as_posix()
+        here = "" if here == "." else here
+        for name in dirnames:
+            rel = f"{here}/{name}" if here else name
+            if (Path(dirpath) / name).is_symlink() or rel not in own_dirs:
+                foreign.append(rel + "/")
+        dirnames[:] = [d for d in dirnames if (f"{here}/{d}" if here else d) in own_dirs
+                       and not (Path(dirpath) / d).is_symlink()]
         for name in filenames:
-            rel = (Path(dirpath) / name).relative_to(out).as_posix()
-            if rel != MANIFEST and rel not in listed and not _OWN_UNLISTED.fullmatch(name) \
-                    and not _VERSION_FILE.fullmatch(rel):
+            p = Path(dirpath) / name
+            rel = p.relative_to(out).as_posix()
+            if p.is_symlink() or (rel != MANIFEST and rel not in listed and not _OWN_UNLISTED.fullmatch(name)
+                                  and not _VERSION_FILE.fullmatch(rel)):
                 foreign.append(rel)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -425,16 +517,18 @@ class BundleWriter:
                 fsync_dir(d)
             # Readable as the user's umask says (the staging folder was private while incomplete).
             os.chmod(self.dir, 0o777 & ~_umask())
-            if self.out.exists():
-                # Replace under the old bundle's writer lock, so no adapt is half-way through it.
-                with writer_lock(self.out, operation="replace (fit --force)"):
+            # Under the bundle's writer lock, which lives beside it and so outlives the
+            # replacement: no adapt is half-way through the old bundle, and one queued behind this
+            # replace then updates the new bundle under the same lock as any later writer.
+            old = None
+            with writer_lock(self.out, operation="replace (fit --force)"):
+                if self.out.exists():
                     check_out_dir(self.out, force=self.force)  # still only a bundle of ours
                     old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
                     os.replace(self.out, old)  # one complete bundle at ``out`` or aside, never a mixture
-                    os.replace(self.dir, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
                 os.replace(self.dir, self.out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             fsync_dir(self.out.parent)
         except OSError as exc:
             raise write_error(self.out, exc, "the previous bundle, if any, is still in place") from None
@@ -493,22 +587,27 @@ def update_manifest(bundle: Bundle, changes: dict, *, add: list[str] = (), drop:
         BundleError: the bundle directory is read-only or the disk is full; the old manifest stays.
         TrustError: a trust policy is in force and there is no key to sign the change with.
     """
-    from .signing import policy_from_env, sign_update
+    from .signing import next_state, policy_from_env, sign_update, verify_trust
 
     manifest = dict(bundle.manifest)
     manifest.update(changes)
+    manifest["state"] = next_state(bundle.manifest, operation)  # every write moves the serial on
     try:
         files = {k: v for k, v in manifest["files"].items() if k not in set(drop)}
         for rel in add:
             files[rel] = file_entry(regular_file(bundle.path, rel))
         manifest["files"] = dict(sorted(files.items()))
+        policy = policy_from_env()
         if signer is not None:
             manifest = sign_update(manifest, signer, operation, new_version)
+            if policy is not None:  # never write a state this device itself would refuse
+                verify_trust(manifest, policy, str(bundle.path))
         elif manifest.get("signatures"):
-            if policy_from_env() is not None:
+            if policy is not None:
                 raise TrustError(f"{bundle.path}: this device checks signatures, so {operation} needs a key to sign "
                                  "with: --sign KEY or EDGETL_SIGN_KEY")
-            manifest["signatures"] = {k: v for k, v in manifest["signatures"].items() if k != "state"}
+            manifest["signatures"] = {k: v for k, v in manifest["signatures"].items()
+                                      if k not in ("state", "selection", "thresholds")}
         validate(manifest, where=str(bundle.path / MANIFEST))
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:

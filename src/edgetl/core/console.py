@@ -62,5 +62,16 @@ def one_line(text) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+def clip(text, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters: cut at a word boundary with an ellipsis,
+    so a shortened message never ends mid-word."""
+    text = one_line(text)
+    if len(text) <= limit:
+        return text
+    cut = text[: max(1, limit - 1)]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "…"
+
+
 # A path or label printed in a table.
 safe = one_line

@@ -312,3 +312,75 @@ def enforce(decision: GateDecision, *, model: str, target: str, items: str = "im
             "%d validation %s are too few to tell whether the %s stays within %g pp of FP32 (%s drop %.2f pp, %s); "
             "%s %s would settle it", d.n, items, model, d.tolerance_pp, d.metric.replace("_", " "), d.drop_pp,
             bounds, more, items)
+
+
+# ------------------------------------------------------------------------ on-device update gates
+# The share of truly good images a deployed defect threshold may call defects, at most: a cut
+# that flags more than one good image in ten would be unusable on a line, so it bounds what an
+# honest batch of new "good" images can show.
+GOOD_FALSE_ALARM_MAX = 0.10
+# A batch whose defect count is this improbable under that rate is not a batch of good images.
+NEW_GOOD_ALPHA = 0.01
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exactly (n is a batch of images: small)."""
+    if k <= 0:
+        return 1.0
+    return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
+
+
+def new_good_gate(scores, threshold: float, names=None, *, false_alarm: float = GOOD_FALSE_ALARM_MAX,
+                  alpha: float = NEW_GOOD_ALPHA) -> dict:
+    """Are images offered as *good* for a defect detector's update really this product's good images?
+
+    The current model scores them before they are learned. Good images score as defects at most
+    ``false_alarm`` of the time, so ``k`` of ``n`` over the threshold is evidence against the batch
+    when P(X >= k | n, false_alarm) < ``alpha``: twelve images of another product that all score as
+    defects have p ~ 1e-12, while one or two honest false alarms in a dozen pass. Learning such a
+    batch would teach the detector that those parts are good (image AUROC 0.96 -> 0.73 in the case
+    that motivated this). Returns ``reasons`` (empty when the batch passes) and the figures.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    n, over = int(len(s)), np.flatnonzero(s >= threshold)
+    p = binomial_tail(len(over), n, false_alarm)
+    shown = [str(names[i]) for i in over[:3]] if names is not None else []
+    reasons = []
+    if n and p < alpha:
+        reasons.append(f"{len(over)} of {n} new 'good' images score as defects under the current model (a good image "
+                       f"does at most {false_alarm:.0%} of the time: p = {p:.1g}), e.g. {', '.join(shown)}; are they "
+                       "this product? Pass --force to learn them anyway")
+    return {"images": n, "over_threshold": int(len(over)), "p_value": p, "false_alarm_bound": false_alarm,
+            "alpha": alpha, "max_normalised": round(float(s.max() / threshold), 4) if n and threshold > 0 else None,
+            "reasons": reasons}
+
+
+# Fewer images than this of a new class cannot show the class is learnable (a held-out split of
+# them is 1 image) nor that it differs from the known ones.
+MIN_NEW_CLASS_IMAGES = 5
+
+
+def new_class_gate(predicted, new_labels, known: list[str], *, min_images: int = MIN_NEW_CLASS_IMAGES) -> dict:
+    """A classifier update's evidence for each class it adds.
+
+    ``predicted`` are the current head's predictions (label names) for the new images. A new class
+    with fewer than ``min_images`` images is refused (``reasons``); one whose images the current
+    head sends mostly to one known class (one-sided 95 % Wilson bound above one half) is warned
+    about (``warnings``): the same parts under a new name become a duplicate class that splits
+    that class's answers.
+    """
+    predicted, lab = np.asarray(predicted, dtype=object), np.asarray(new_labels, dtype=object)
+    reasons, warnings, per = [], [], {}
+    for name in sorted(set(new_labels) - set(known)):
+        rows = np.flatnonzero(lab == name)
+        per[name] = {"images": int(len(rows))}
+        if len(rows) < min_images:
+            reasons.append(f"new class {name!r} has {len(rows)} image(s); give at least {min_images} to add a class")
+            continue
+        values, counts = np.unique(predicted[rows], return_counts=True)
+        top = int(np.argmax(counts))
+        if wilson_interval(int(counts[top]), len(rows))[0] > 0.5:
+            per[name]["looks_like"] = str(values[top])
+            warnings.append(f"new class {name!r}: {int(counts[top])} of {len(rows)} of its images look like the known "
+                            f"class {values[top]!r} to the current head; the same parts under a new name?")
+    return {"classes": per, "reasons": reasons, "warnings": warnings}

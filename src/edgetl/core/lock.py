@@ -2,7 +2,11 @@
 
 Every command that changes a bundle (``adapt``, ``rollback``, ``threshold``, a ``fit --force`` or
 ``export --force`` replacing it, a fleet round writing a merged head) holds an exclusive
-``flock`` on ``BUNDLE/.edgetl.lock`` for the whole read-modify-write: it re-reads the manifest
+``flock`` on ``.NAME.edgetl.lock`` *beside* the bundle ``NAME`` for the whole read-modify-write.
+Beside, not inside: ``fit --force`` replaces the bundle folder, and a lock inside it would be
+replaced too, so a writer queued on the old lock file and one arriving on the new one would both
+write. The lock file beside the folder keeps one identity across the replacement. Each writer
+re-reads the manifest
 after taking the lock, writes its new files, switches the manifest, and only then lets go. Two
 ``adapt`` runs therefore give two versions (or, without ``--wait``, one version and one clear
 refusal), never a lost update or a head file and a fused model from different runs.
@@ -29,7 +33,14 @@ from pathlib import Path
 
 from ..errors import BundleBusy, BundleError
 
-LOCK_NAME = ".edgetl.lock"
+LOCK_NAME = ".edgetl.lock"  # inside a bundle: where earlier versions locked (cleaned, never used)
+
+
+def lock_path(bundle: str | Path) -> Path:
+    """The writer lock of ``bundle``: ``.NAME.edgetl.lock`` in the folder that holds it (the
+    resolved path, so a symlink to the bundle shares its lock)."""
+    p = Path(bundle).resolve()
+    return p.parent / f".{p.name}{LOCK_NAME}"
 
 
 def _holder(fd: int) -> str:
@@ -57,14 +68,14 @@ def writer_lock(bundle: str | Path, *, operation: str, wait: float = 0.0):
     """
     import fcntl
 
-    path = Path(bundle) / LOCK_NAME
+    path = lock_path(bundle)
     try:
         # O_NOFOLLOW: a lock file that is a symlink (to somewhere outside the bundle) is refused.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise BundleError(f"{bundle}: bundle is not writable ({exc.strerror}); copy it somewhere writable "
-                              "or fix its permissions") from None
+            raise BundleError(f"{bundle}: bundle is not writable: its lock {path.name} cannot be created beside it "
+                              f"({exc.strerror}); copy it somewhere writable or fix the permissions") from None
         if exc.errno == errno.ELOOP:
             raise BundleError(f"{path}: is a symlink; a bundle's files must be regular files inside it") from None
         raise BundleError(f"{bundle}: cannot open its lock file ({exc.strerror or exc})") from None

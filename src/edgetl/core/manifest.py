@@ -1,8 +1,15 @@
 """What a bundle's manifest may say, checked before anything acts on it.
 
 A manifest comes from a file anyone may have edited, so every field a device acts on is checked
-here with a one-line error that names the field: types, ranges (an input size of 100,000 would
-allocate gigabytes; a crop of 0 divides by zero), and every path. Paths are *confined*: relative,
+here with a one-line error that names the field: types, ranges, and every path. A range comes from
+what the value *does*, not from its type: a crop fraction sets how large an image is resized before
+the centre crop (``input_size / crop_pct`` on the short side), so a crop of 0.001 inside (0, 1]
+would resize to 224,000 pixels; it is bounded so the resized image holds at most
+:data:`MAX_RESIZE_FACTOR` times the input's pixels. Mean and std are pixel statistics on a 0..1
+scale, so values far outside it only turn answers into NaN or noise. The input size itself is
+checked against the model's own input when the model is opened
+(:func:`edgetl.core.sessions.bundle_session`), and the task against the bundle's contents
+(:func:`edgetl.tasks.for_bundle`). Paths are *confined*: relative,
 normalised (no ``..``, no ``.``, no empty or absolute parts), inside the bundle, listed in the
 manifest's ``files`` with their sha256, and on disk a regular file reached through no symlink.
 JSON read from a bundle is size-limited and its nesting depth bounded before it is parsed.
@@ -25,11 +32,19 @@ MAX_MANIFEST_BYTES = 8 << 20  # a manifest of thousands of head versions is stil
 MAX_JSON_BYTES = 64 << 20  # report.json and other JSON a bundle carries
 MAX_JSON_DEPTH = 64
 MAX_PATH_CHARS = 512
+# How many times the input's pixels an image may be resized to before its centre crop; crop_pct
+# >= 1 / sqrt(4) = 0.5 (timm's pretrained configs use 0.75 .. 1.0).
+MAX_RESIZE_FACTOR = 4.0
+MIN_CROP_PCT = 1.0 / math.sqrt(MAX_RESIZE_FACTOR)
+# Normalisation on the 0..1 pixel scale: a mean outside [-1, 2] or a std outside [1e-3, 10] is
+# not a statistic of pixels (ImageNet's and CLIP's are near 0.45 and 0.25).
+MEAN_RANGE = (-1.0, 2.0)
+STD_RANGE = (1e-3, 10.0)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
-def _depth_ok(text: str) -> bool:
+def _depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     """Whether JSON text nests no deeper than :data:`MAX_JSON_DEPTH` (counted outside strings), so
     ``json.loads`` cannot hit Python's recursion limit on a hostile file."""
     depth, in_str, escape = 0, False, False
@@ -45,11 +60,32 @@ def _depth_ok(text: str) -> bool:
             in_str = True
         elif ch in "[{":
             depth += 1
-            if depth > MAX_JSON_DEPTH:
+            if depth > max_depth:
                 return False
         elif ch in "]}":
             depth -= 1
     return True
+
+
+def loads_bounded(text: str | bytes, *, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` for text from outside (a bundle, a request body) after checking it nests no
+    deeper than ``max_depth``: a body of 100,000 ``[`` then fails in one line, not with
+    ``RecursionError`` (which ``json`` raises past Python's recursion limit).
+
+    Raises:
+        ValueError: not UTF-8, not JSON, or nested too deep (the message says which).
+    """
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("not UTF-8 text") from None
+    if not _depth_ok(text, max_depth):
+        raise ValueError(f"nests deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except RecursionError:  # pragma: no cover - the depth check comes first
+        raise ValueError(f"nests deeper than {max_depth} levels") from None
 
 
 def read_json(path: Path, *, limit: int = MAX_JSON_BYTES, what: str = "JSON file"):
@@ -60,7 +96,9 @@ def read_json(path: Path, *, limit: int = MAX_JSON_BYTES, what: str = "JSON file
         BundleError: anything else, in one line.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO planted as the manifest must not wait for a writer forever
+        # (it is refused below as not a regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BundleError(f"{path}: missing {what}") from None
     except OSError as exc:
@@ -162,7 +200,12 @@ def _preprocess(pre: dict) -> None:
         _number(pre, "max_length", where, lo=1, hi=65536, integer=True)
         return
     _number(pre, "input_size", where, lo=8, hi=4096, integer=True)
-    _number(pre, "crop_pct", where, lo=1e-3, hi=1.0)
+    crop = _number(pre, "crop_pct", where, lo=0.0, hi=1.0)
+    if crop < MIN_CROP_PCT:
+        factor = 1 / crop ** 2 if crop > 0 else math.inf
+        raise BundleError(f"manifest: {where}crop_pct = {crop!r} would resize an image to "
+                          f"{factor:.3g} times the model input's pixels before cropping; it must be at "
+                          f"least {MIN_CROP_PCT:g} (at most {MAX_RESIZE_FACTOR:g} times)")
     interp = _get(pre, "interpolation", str, where)
     if interp not in _INTERPOLATIONS:
         raise BundleError(f"manifest: {where}interpolation {interp!r} is not one of {', '.join(_INTERPOLATIONS)}")
@@ -170,8 +213,10 @@ def _preprocess(pre: dict) -> None:
         v = _get(pre, key, (list, tuple), where)
         if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
             raise BundleError(f"manifest: {where}{key} should be 3 finite numbers")
-        if key == "std" and not all(x > 1e-6 for x in v):
-            raise BundleError(f"manifest: {where}std must be positive")
+        lo, hi = MEAN_RANGE if key == "mean" else STD_RANGE
+        if not all(lo <= x <= hi for x in v):
+            raise BundleError(f"manifest: {where}{key} = {list(v)!r} is not a pixel statistic on the 0..1 scale "
+                              f"(each in [{lo:g}, {hi:g}])")
     if pre.get("roi") is not None:
         _roi(pre["roi"], where + "roi")
 
@@ -269,6 +314,10 @@ def _validate(m: dict) -> None:
     for key, value in thresholds.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise BundleError(f"manifest: thresholds.{key} should be a finite number")
+    state = _get(m, "state", dict, "", required=False)
+    if state is not None:
+        serial = _number(state, "serial", "state.", lo=0, hi=1 << 62, integer=True)
+        _number(state, "selection_serial", "state.", lo=0, hi=serial, integer=True)
     ex = _get(m, "exemplars", dict, "", required=False)
     if ex and ex.get("file") is not None and ex["file"] in files:
         listed(ex["file"], "exemplars.file")

@@ -189,15 +189,11 @@ class OverBudget(DataError):
 def max_pixels() -> int:
     """The pixel budget per image: ``EDGETL_MAX_MEGAPIXELS`` (default 64, i.e. 8000 x 8000 RGB). A
     12000 x 12000 PNG of 420 KB decodes to 430 MB of RGB and needed 1.2 GB of memory; such an
-    image is refused before it is decoded. A value that is not a positive finite number means the
-    default."""
-    try:
-        mp = float(os.environ.get("EDGETL_MAX_MEGAPIXELS", DEFAULT_MAX_MEGAPIXELS))
-    except ValueError:
-        mp = DEFAULT_MAX_MEGAPIXELS
-    if not math.isfinite(mp) or mp <= 0:
-        mp = DEFAULT_MAX_MEGAPIXELS
-    return int(min(max(mp, 0.01), 1e6) * 1_000_000)
+    image is refused before it is decoded."""
+    from .environment import env_number
+
+    mp = env_number("EDGETL_MAX_MEGAPIXELS", DEFAULT_MAX_MEGAPIXELS, lo=0.01, hi=1e6)  # nan / inf refused
+    return int(mp * 1_000_000)
 
 
 def budget_bytes() -> int:

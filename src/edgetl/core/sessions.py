@@ -38,9 +38,11 @@ _OV_TYPE_NAMES = {"f32": "f32", "float32": "f32", "bf16": "bf16", "bfloat16": "b
 
 def default_threads() -> int:
     """Intra-op threads: EDGETL_THREADS, else every core the process may use."""
-    env = os.environ.get("EDGETL_THREADS")
-    if env:
-        return max(1, int(env))
+    from .environment import env_number
+
+    threads = env_number("EDGETL_THREADS", 0, lo=1, hi=4096, integer=True)
+    if threads:
+        return int(threads)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
@@ -123,6 +125,7 @@ class Session:
     input_names: list[str]
     output_names: list[str]
     static_batch: int | None = None
+    input_shape: tuple = ()  # the first input's dimensions, None where dynamic
     # False for a graph that quantizes activations at run time with one scale per tensor
     # (ONNX Runtime's dynamic INT8): there a row's result depends on the other rows of its batch,
     # padding included, so callers that want one answer per input run it one input at a time.
@@ -168,7 +171,8 @@ class OrtSession(Session):
     runtime = "onnxruntime"
 
     def __init__(self, path: Path, *, providers: list[str] | None = None, threads: int | None = None,
-                 simulate: bool = False, exact: bool = False, float_precision: str = "f32"):
+                 simulate: bool = False, exact: bool = False, float_precision: str = "f32",
+                 model_bytes: bytes | None = None):
         ort = require("onnxruntime", extra="base", purpose="running ONNX models")
         self.requested_precision = _check_precision(float_precision)
         available = ort.get_available_providers()
@@ -188,7 +192,8 @@ class OrtSession(Session):
         # The CPU provider's only implicit down-cast is this ARM64 opt-in; pinned off so f32 is f32.
         opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "0")
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+            self._sess = ort.InferenceSession(model_bytes if model_bytes is not None else str(path),
+                                              sess_options=opts, providers=wanted)
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise ConfigError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
         self.device = self._sess.get_providers()[0]
@@ -199,7 +204,8 @@ class OrtSession(Session):
         self.input_name = self.input_names[0]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self.static_batch = inputs[0].shape[0] if isinstance(inputs[0].shape[0], int) else None
-        self.rows_independent = not quantizes_at_run_time(path)
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in inputs[0].shape)
+        self.rows_independent = not quantizes_at_run_time(model_bytes if model_bytes is not None else path)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._sess.run(None, feeds)
@@ -217,11 +223,13 @@ def time_calls(call, *, runs: int = 20, warmup: int = 3) -> dict:
     return {"p50_ms": round(float(np.median(times)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
 
 
-def quantizes_at_run_time(path: Path) -> bool:
-    """Whether an ONNX graph has DynamicQuantizeLinear (scales computed per batch at run time)."""
+def quantizes_at_run_time(path: Path | bytes) -> bool:
+    """Whether an ONNX graph (a file, or its bytes) has DynamicQuantizeLinear (scales computed per
+    batch at run time)."""
     onnx = require("onnx", extra="base", purpose="reading ONNX graphs")
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        graph = (onnx.load_from_string(path) if isinstance(path, bytes)
+                 else onnx.load(str(path), load_external_data=False)).graph
     except Exception:  # ORT loaded it, so this is only an exotic encoding: assume the common case
         return False
     return any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
@@ -231,7 +239,8 @@ class OpenVinoSession(Session):
     runtime = "openvino"
 
     def __init__(self, path: Path, *, device: str = "CPU", threads: int | None = None, simulate: bool = False,
-                 exact: bool = False, float_precision: str = "f32"):
+                 exact: bool = False, float_precision: str = "f32", model_bytes: bytes | None = None,
+                 weights_bytes: bytes | None = None):
         ov = require("openvino", extra="openvino", purpose="running OpenVINO models")
         self.requested_precision = _check_precision(float_precision)
         core = ov.Core()
@@ -256,7 +265,12 @@ class OpenVinoSession(Session):
         if simulate:
             config["LP_TRANSFORMS_MODE"] = False
         try:
-            model = core.read_model(str(path))
+            if model_bytes is None:
+                model = core.read_model(str(path))
+            else:
+                # The weights tensor views the verified bytes; keep them alive with the session.
+                self._weights = weights_bytes if weights_bytes is not None else b""
+                model = core.read_model(model_bytes, ov.Tensor(np.frombuffer(self._weights, np.uint8)))
             self._compiled = core.compile_model(model, chosen, config)
         except Exception as exc:
             raise ConfigError(f"{path}: OpenVINO cannot compile this model for {chosen} ({str(exc).splitlines()[0]})") from None
@@ -268,6 +282,7 @@ class OpenVinoSession(Session):
         self.output_names = [o.get_any_name() for o in self._compiled.outputs]
         ps = self._compiled.inputs[0].get_partial_shape()
         self.static_batch = ps[0].get_length() if ps[0].is_static else None
+        self.input_shape = tuple(d.get_length() if d.is_static else None for d in ps) if ps.rank.is_static else ()
 
     def _read_precision(self) -> str:
         """What the compiled model really runs float ops in. A CPU without native bf16 keeps f32
@@ -294,6 +309,8 @@ def open_session(
     simulate: bool = False,
     exact: bool = False,
     float_precision: str = "f32",
+    model_bytes: bytes | None = None,
+    weights_bytes: bytes | None = None,
 ) -> Session:
     """Load a model for inference.
 
@@ -310,6 +327,8 @@ def open_session(
             whose INT8 kernels saturate (:func:`cpu_int8_saturates`), run natively otherwise.
         float_precision: what non-quantized ops compute in (``f32`` unless the bundle's profile
             opts into ``bf16`` / ``f16``); the session's :attr:`Session.float_precision` says what ran.
+        model_bytes, weights_bytes: the model (and an OpenVINO IR's ``.bin``) already read and
+            verified; the runtime is handed these and never opens ``path`` (which names it in messages).
 
     Raises:
         ConfigError: unknown runtime or precision, or a model the runtime cannot load.
@@ -325,10 +344,10 @@ def open_session(
         runtime = "openvino" if path.suffix == ".xml" else "onnxruntime"
     if runtime == "onnxruntime":
         return OrtSession(path, providers=providers, threads=threads, simulate=simulate, exact=exact,
-                          float_precision=float_precision)
+                          float_precision=float_precision, model_bytes=model_bytes)
     if runtime == "openvino":
         return OpenVinoSession(path, device=device or "CPU", threads=threads, simulate=simulate, exact=exact,
-                               float_precision=float_precision)
+                               float_precision=float_precision, model_bytes=model_bytes, weights_bytes=weights_bytes)
     if runtime == "tensorrt":
         raise MissingDependency(
             "runtime 'tensorrt' runs through ONNX Runtime's TensorRT provider on the device; "
@@ -346,9 +365,30 @@ def bundle_session(bundle, path: str | Path, *, device: str | None = None, threa
     (``fit_features = "simulated"``: ARM, Jetson, NPU and VNNI profiles) computes those same
     numbers on a CPU whose own INT8 kernels would saturate, by emulation: slower, but the
     predictions are the device's. ``exact=False`` measures this host's native kernels (``bench``).
+
+    The runtime gets the bytes that were hashed (:meth:`edgetl.core.bundle.Bundle.read_verified`),
+    and an image model's input must be the size the manifest's preprocessing makes.
+
+    Raises:
+        BundleError: the file is not the one the manifest lists, or its input size is not the
+            manifest's ``input_size``.
     """
+    from ..errors import BundleError
+
     target = bundle.manifest.get("target", {})
-    return open_session(path, runtime=bundle.runtime, device=device or target.get("device"),
-                        providers=target.get("providers"), threads=threads,
-                        exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
-                        float_precision=bundle.float_precision)
+    path = Path(path)
+    model = bundle.read_verified(path)
+    weights = bundle.read_verified(path.with_suffix(".bin")) if path.suffix == ".xml" else None
+    session = open_session(path, runtime=bundle.runtime, device=device or target.get("device"),
+                           providers=target.get("providers"), threads=threads,
+                           exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
+                           float_precision=bundle.float_precision, model_bytes=model, weights_bytes=weights)
+    pre = bundle.manifest["backbone"]["preprocess"]
+    if pre.get("kind") != "text":
+        size = int(pre["input_size"])
+        hw = list(session.input_shape[2:4]) if len(session.input_shape) == 4 else None
+        if hw is None or any(d is not None and d != size for d in hw):
+            raise BundleError(f"{bundle.path / 'manifest.json'}: backbone.preprocess.input_size = {size} but "
+                              f"{path.name} takes {session.input_shape} (N, C, H, W); the manifest does not describe "
+                              "this model, copy the bundle again")
+    return session

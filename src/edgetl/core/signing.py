@@ -1,7 +1,9 @@
 """Signed bundles: who made a bundle, who added each head version, and a device that checks both.
 
 A manifest lists every file with its sha256, so signing the manifest's statements covers every
-file. Three kinds of statement are signed, with Ed25519 (the ``cryptography`` package):
+file. Four kinds of statement are signed, with Ed25519 (the ``cryptography`` package). Each names
+the operation that made it and covers exactly the fields that operation may change, so a key
+allowed one operation cannot sign another's fields (docs/SECURITY.md has the whole threat model):
 
 * **release** (``fit``, ``export``): the manifest's ``release`` block, written once and never
   changed: backbone, preprocessing, target, precision, runtime, the recipe, the hashes of the
@@ -9,8 +11,17 @@ file. Three kinds of statement are signed, with Ed25519 (the ``cryptography`` pa
   head version 1 itself. Later writers can add to a bundle, never rewrite its release.
 * **version** (``adapt``, a fleet round): each later head version's entry with the hashes of its
   head and replay-memory files, bound to the release it extends.
-* **state**: what is current now (head version, labels, thresholds, fused-model names, the full
-  file list), re-signed by every writer (``rollback`` and ``threshold`` too).
+* **selection** (``fit``, ``adapt``, a fleet round, ``rollback``): which version is current, the
+  labels, the model names, each version's fused model and those files' hashes, and the selection's
+  serial. A ``threshold`` key cannot sign it, so it can neither roll back nor swap the app model.
+* **thresholds** (every writer, ``threshold`` included): the decision thresholds, bound to one
+  selection (its digest) and carrying the state's serial.
+
+**Freshness.** Every write increments the state's ``serial`` (and a selection change sets
+``selection_serial`` to it); both are signed. A device with a trust policy records, outside the
+bundle (:mod:`edgetl.core.freshness`), the highest serials and the newest release it has accepted
+for each bundle path, and refuses an older signed state or release replayed into place (exit 5).
+A deliberate rollback is a new state: ``rollback --sign`` writes it with a higher serial.
 
 A device's **trust policy** (``edgetl --trust FILE``, or ``EDGETL_TRUST``) names public keys and
 what each may do: ``release``, ``adapt``, ``fleet``, ``rollback``, ``threshold``. With a policy in
@@ -39,9 +50,12 @@ from .compat import tomllib
 
 PREFIX = "edgetl-ed25519"
 OPERATIONS = ("release", "adapt", "fleet", "rollback", "threshold")
-# Fields of a version entry that a later writer may change (thresholds, a regenerated fused model):
-# covered by the state signature, not the version's.
-MUTABLE_ENTRY_FIELDS = ("unknown_threshold", "threshold", "threshold_policy", "fused", "signature")
+# The operations that may choose what is current (and so which fused model an app runs).
+SELECTION_OPERATIONS = ("release", "adapt", "fleet", "rollback")
+# Fields of a version entry that a later writer may change: thresholds (the thresholds statement)
+# and a regenerated fused model (the selection statement); never covered by the version's own.
+THRESHOLD_ENTRY_FIELDS = ("unknown_threshold", "threshold", "threshold_policy")
+MUTABLE_ENTRY_FIELDS = (*THRESHOLD_ENTRY_FIELDS, "fused", "signature")
 # Manifest fields fixed at release.
 RELEASE_FIELDS = ("task", "backbone", "target", "precision", "runtime", "exemplars", "anomaly", "training")
 
@@ -188,20 +202,28 @@ def load_trust(path: str | Path) -> TrustPolicy:
         raise ConfigError(f"{path}: no such trust policy file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    except OSError as exc:  # a folder, a permission: not a policy edgetl can read
+        raise ConfigError(f"{path}: cannot read the trust policy ({exc.strerror or exc}); give a TOML file") from None
     extra = set(data) - {"key"}
     if extra:
         raise ConfigError(f"{path}: unknown key {sorted(extra)[0]!r}; a trust policy holds [[key]] tables")
     keys = []
-    for i, entry in enumerate(data.get("key", [])):
+    entries = data.get("key", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{path}: key = {str(entries)[:40]}; a trust policy holds [[key]] tables "
+                          "(name, public_key, may)")
+    for i, entry in enumerate(entries):
         where = f"{path} [[key]] #{i + 1}"
         unknown = set(entry) - {"name", "public_key", "may"}
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; valid keys: name, public_key, may")
         may = entry.get("may", [])
-        bad = [m for m in may if m not in OPERATIONS]
+        bad = [m for m in may if m not in OPERATIONS] if isinstance(may, list) else [may]
         if not isinstance(may, list) or bad or not may:
             raise ConfigError(f"{where}: may = {may!r}; list some of {', '.join(OPERATIONS)}")
         public = entry.get("public_key", "")
+        if not isinstance(public, str):
+            raise ConfigError(f"{where}: public_key should be the text edgetl keygen printed (or a .pub file name)")
         if Path(str(public)).suffix == ".pub" and (path.parent / public).is_file():
             public = (path.parent / public).read_text()
         keys.append(TrustedKey(str(entry.get("name", f"key{i + 1}")), parse_public(str(public), where), frozenset(may)))
@@ -227,8 +249,7 @@ def version_files(entry: dict) -> list[str]:
 def release_block(manifest: dict) -> dict:
     """What ``fit`` / ``export`` fixes for the bundle's life (see the module docstring)."""
     v1 = next(e for e in manifest["head"]["versions"] if e["version"] == 1)
-    fused = {e.get("fused") for e in manifest["head"]["versions"]} - {None}
-    fused |= {str(Path(f).with_suffix(".bin")) for f in fused if f.endswith(".xml")}
+    fused = set(_fused_files(manifest))
     return {
         "fields": {k: manifest[k] for k in RELEASE_FIELDS if k in manifest},
         "models": {k: v for k, v in manifest.get("models", {}).items() if k != "fused"},
@@ -242,26 +263,63 @@ def version_statement(manifest: dict, entry: dict) -> dict:
             "files": {rel: manifest["files"][rel]["sha256"] for rel in version_files(entry)}}
 
 
-def state_statement(manifest: dict) -> dict:
-    return {"release": digest(manifest["release"]), "current": manifest["head"]["current"],
-            "labels": manifest["labels"], "thresholds": manifest.get("thresholds", {}),
+def state_serials(manifest: dict) -> tuple[int, int]:
+    """(serial, selection_serial) of a manifest's state; 0 for bundles written before serials."""
+    st = manifest.get("state") or {}
+    return int(st.get("serial", 0)), int(st.get("selection_serial", 0))
+
+
+def next_state(manifest: dict, operation: str) -> dict:
+    """The ``state`` block after one more write by ``operation``: the serial always moves on, the
+    selection serial only when the operation may choose what is current."""
+    serial, selection = state_serials(manifest)
+    serial += 1
+    return {"serial": serial, "selection_serial": serial if operation in SELECTION_OPERATIONS else selection}
+
+
+def _fused_files(manifest: dict) -> list[str]:
+    fused = {e.get("fused") for e in manifest["head"]["versions"]} | {manifest.get("models", {}).get("fused")}
+    fused.discard(None)
+    fused |= {str(Path(f).with_suffix(".bin")) for f in fused if f.endswith(".xml")}
+    return sorted(fused)
+
+
+def selection_statement(manifest: dict) -> dict:
+    """What ``fit`` / ``adapt`` / a fleet round / ``rollback`` decide: see the module docstring."""
+    return {"release": digest(manifest["release"]), "selection_serial": state_serials(manifest)[1],
+            "current": manifest["head"]["current"], "labels": manifest["labels"],
             "models": manifest.get("models", {}),
-            "mutable": {str(e["version"]): {k: e.get(k) for k in MUTABLE_ENTRY_FIELDS if k != "signature"}
-                        for e in manifest["head"]["versions"]},
-            "files": {rel: e["sha256"] for rel, e in manifest["files"].items()}}
+            "fused": {str(e["version"]): e.get("fused") for e in manifest["head"]["versions"]},
+            "files": {rel: manifest["files"][rel]["sha256"] for rel in _fused_files(manifest)
+                      if rel in manifest["files"]}}
+
+
+def thresholds_statement(manifest: dict) -> dict:
+    """What ``threshold`` (and every other writer) sets, bound to one selection and serial."""
+    return {"release": digest(manifest["release"]), "selection": digest(selection_statement(manifest)),
+            "serial": state_serials(manifest)[0], "thresholds": manifest.get("thresholds", {}),
+            "versions": {str(e["version"]): {k: e.get(k) for k in THRESHOLD_ENTRY_FIELDS}
+                         for e in manifest["head"]["versions"]}}
 
 
 def sign_release(manifest: dict, key: SigningKey) -> dict:
-    """A new bundle's manifest with its release block and the release and state signatures."""
+    """A new bundle's manifest with its release block and the release, selection and thresholds
+    signatures (state serial 1)."""
     m = dict(manifest)
+    m["state"] = {"serial": 1, "selection_serial": 1}
     m["release"] = release_block(m)
-    m["signatures"] = {"release": key.sign(m["release"], "release")}
-    m["signatures"]["state"] = key.sign(state_statement(m), "release")
+    # When it was issued, so a device can tell a replayed older release of the same bundle path.
+    m["release"]["issued_ns"] = time.time_ns()
+    m["signatures"] = {"release": key.sign(m["release"], "release"),
+                       "selection": key.sign(selection_statement(m), "release"),
+                       "thresholds": key.sign(thresholds_statement(m), "release")}
     return m
 
 
 def sign_update(manifest: dict, key: SigningKey, operation: str, new_version: dict | None = None) -> dict:
-    """An updated manifest (new version, rollback, threshold) signed by the writer's key."""
+    """An updated manifest (new version, rollback, threshold) signed by the writer's key: the new
+    version's statement, the selection where ``operation`` may change it, and the thresholds.
+    The caller has already moved the state's serials on (:func:`next_state`)."""
     if "release" not in manifest:
         raise TrustError("this bundle was released unsigned, so updates to it cannot be signed; re-export it "
                          "with --sign KEY from the machine that holds the release key")
@@ -270,7 +328,11 @@ def sign_update(manifest: dict, key: SigningKey, operation: str, new_version: di
         versions = [dict(e, signature=key.sign(version_statement(m, e), operation))
                     if e["version"] == new_version["version"] else e for e in m["head"]["versions"]]
         m["head"] = {**m["head"], "versions": versions}
-    m["signatures"] = {**m.get("signatures", {}), "state": key.sign(state_statement(m), operation)}
+    sigs = {k: v for k, v in m.get("signatures", {}).items() if k != "state"}
+    if operation in SELECTION_OPERATIONS:
+        sigs["selection"] = key.sign(selection_statement(m), operation)
+    sigs["thresholds"] = key.sign(thresholds_statement(m), operation)
+    m["signatures"] = sigs
     return m
 
 
@@ -322,9 +384,41 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
         allowed = ("fleet",) if e.get("source") == "fleet" else ("adapt",)
         who["versions"][e["version"]] = _check(policy, e.get("signature"), version_statement(manifest, e), allowed,
                                                f"head version {e['version']}", where).name
-    who["state"] = _check(policy, sigs.get("state"), state_statement(manifest), OPERATIONS, "the current state",
-                          where).name
+    if "state" in sigs and "selection" not in sigs:
+        raise TrustError(f"{where}: the current state was signed by an older edgetl whose state signature does not "
+                         "say what it may change; re-sign it with a newer edgetl (rollback or threshold --sign KEY)")
+    who["selection"] = _check(policy, sigs.get("selection"), selection_statement(manifest), SELECTION_OPERATIONS,
+                              "the selection statement (which version and models are current)", where).name
+    who["thresholds"] = _check(policy, sigs.get("thresholds"), thresholds_statement(manifest), OPERATIONS,
+                               "the thresholds statement", where).name
+    who["state"] = who["selection"] if who["selection"] == who["thresholds"] else \
+        f"{who['selection']} (thresholds: {who['thresholds']})"
     return who
+
+
+def delivery_statement(doc: dict, arrays: dict) -> dict:
+    """What a fleet server signs when it delivers a merged head: the head's kind, labels, metadata
+    and provenance (``doc``, JSON as sent) and every array by dtype, shape and sha256 of its bytes."""
+    return {"head": {k: doc.get(k) for k in ("kind", "labels", "meta", "provenance")},
+            "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape),
+                              "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+                       for name, a in sorted(arrays.items())}}
+
+
+def sign_delivery(key: SigningKey, doc: dict, arrays: dict) -> dict:
+    """The server's signature of a merged head it delivers (operation ``fleet``)."""
+    return key.sign(delivery_statement(doc, arrays), "fleet")
+
+
+def verify_delivery(policy: TrustPolicy, doc: dict, arrays: dict, where: str) -> str:
+    """Check a delivered merged head against this device's trust policy; the signer's name.
+
+    Raises:
+        TrustError: unsigned, signed by a key the policy does not trust for ``fleet``, or not the
+            head that was signed.
+    """
+    return _check(policy, doc.get("signature"), delivery_statement(doc, arrays), ("fleet",),
+                  "the fleet server's merged head", where).name
 
 
 def signature_summary(manifest: dict) -> dict:
@@ -333,6 +427,7 @@ def signature_summary(manifest: dict) -> dict:
     if not sigs:
         return {"signed": False}
     name = lambda s: f"{s.get('key_name')} ({s.get('key_id')})" if isinstance(s, dict) else None  # noqa: E731
-    return {"signed": True, "release": name(sigs.get("release")), "state": name(sigs.get("state")),
+    return {"signed": True, "release": name(sigs.get("release")),
+            "state": name(sigs.get("selection") or sigs.get("state")), "thresholds": name(sigs.get("thresholds")),
             "versions": {e["version"]: name(e.get("signature")) for e in manifest["head"]["versions"]
                          if e["version"] != 1}}

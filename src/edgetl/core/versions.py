@@ -73,13 +73,22 @@ def write_fused(b: Bundle, version: int, head, meta: dict) -> str:
     name = fused_name(b, version)
     target = b.path / name
     staging = b.path / f".staging-{os.getpid()}{target.suffix}"
+    # The backbone is fused from the bytes whose hash the release lists (a private copy), never
+    # from its path: a backbone swapped in after the check would otherwise end up inside a fused
+    # model that this writer then hashes and signs.
+    backbone = b.model_file("backbone")
+    source = b.path / f".staging-{os.getpid()}-backbone{backbone.suffix}"
+    copies = [source] + ([source.with_suffix(".bin")] if backbone.suffix == ".xml" else [])
     try:
-        fuse(b.model_file("backbone"), head, staging, meta={**meta, "head_version": version})
+        source.write_bytes(b.read_verified(backbone))
+        if backbone.suffix == ".xml":
+            source.with_suffix(".bin").write_bytes(b.read_verified(backbone.with_suffix(".bin")))
+        fuse(source, head, staging, meta={**meta, "head_version": version})
         if name.endswith(".xml"):
             os.replace(staging.with_suffix(".bin"), target.with_suffix(".bin"))
         os.replace(staging, target)
     finally:
-        for p in (staging, staging.with_suffix(".bin")):
+        for p in (staging, staging.with_suffix(".bin"), *copies):
             p.unlink(missing_ok=True)
     return name
 

@@ -95,7 +95,7 @@ def rollback(bundle: str | Path | Bundle, *, to: int | None = None, wait: float 
         fused = entry.get("fused") or fused_name(b, to)
         present = all(f in b.manifest["files"] for f in fused_files(fused))
         if not present:
-            head = task.load_head(b.path / entry["file"])
+            head = task.load_head(b.open_verified(entry["file"]))
             fused = write_fused(b, to, head, {**task.fused_meta(b, head), "labels": entry["labels"]})
         versions = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
         return switch_version(b, {"labels": entry["labels"], "thresholds": thresholds,

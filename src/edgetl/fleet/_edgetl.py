@@ -31,7 +31,7 @@ from ..core import bundle as _bundle
 from ..core.features import ImageExtractor
 from ..core.metrics import auroc as _auroc
 from ..core.sessions import bundle_session
-from ..core.signing import signing_key_from
+from ..core.signing import policy_from_env, sign_delivery, signing_key_from, verify_delivery
 from ..core.versions import add_version
 from ..core.versions import for_update as _for_update
 from ..device import adapt as _adapt
@@ -72,7 +72,7 @@ def current_head(b):
         FleetError: a defect head with an image-level part (combined, knn, gaussian): its merges
             (and the normalisation of its two parts across devices) are not built yet.
     """
-    head = tasks.for_bundle(b).load_head(b.path / b.head_entry()["file"])
+    head = tasks.for_bundle(b).load_head(b.open_verified(b.head_entry()["file"]))
     if b.task == "anomaly" and not isinstance(head, _patch.AnomalyHead):
         raise FleetError(f"{b.path}: its {getattr(head, 'label', head.kind)} defect head cannot be merged by a "
                          "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
@@ -195,7 +195,7 @@ def anomaly_scores(b, head, F) -> np.ndarray:
 def load_exemplars(b) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The current version's replay memory: (features, label indices, label names)."""
     rel = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
-    return _exemplars.load_exemplars(b.path / rel)
+    return _exemplars.load_exemplars(b.open_verified(rel))
 
 
 def herding(X, y, n_classes: int, *, per_class: int) -> np.ndarray:

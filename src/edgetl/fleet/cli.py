@@ -17,7 +17,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..core.console import clip
 from . import _edgetl as et
+from .summaries import DEFAULT_BASE
 
 _SPLITS = ("class", "dirichlet")
 
@@ -91,7 +93,7 @@ def fleet() -> None:
               help="host:port the SuperLink listens on (Flower's Fleet, Control and Runtime APIs share it).")
 @click.option("--kind", type=click.Choice(["ridge", "prototype", "linear", "mlp", "padim", "patchcore"]),
               help="Merge to run  [default: ridge for linear bundles, else the bundle's head kind]")
-@click.option("--base", type=click.Choice(["current", "none"]), default="current", show_default=True,
+@click.option("--base", type=click.Choice(["current", "none"]), default=DEFAULT_BASE, show_default=True,
               help="Also merge what the bundle already knows (its replay exemplars / anomaly statistics).")
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True,
               help="FedAvg rounds after the first step (linear and mlp merges only).")
@@ -249,7 +251,8 @@ def split_dataset(labels: list[str], devices: int, *, split: str, classes_per_de
 @click.option("--engine", type=click.Choice(["flower", "none"]), default="flower", show_default=True,
               help="flower: Flower's simulation engine (Ray, the fleet-sim extra); none: in process.")
 @click.option("--kind", type=click.Choice(["ridge", "prototype", "linear", "mlp"]), help="Merge to run  [default: as serve]")
-@click.option("--base", type=click.Choice(["current", "none"]), default="none", show_default=True)
+@click.option("--base", type=click.Choice(["current", "none"]), default=DEFAULT_BASE, show_default=True,
+              help="current: the bundle's own training data takes part (as fleet serve does); none: devices only.")
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -297,7 +300,7 @@ def simulate(data, bundle, out, devices, split, classes_per_device, alpha, engin
         b, a = d.get("accuracy_before"), d.get("accuracy_after")
         fmt = lambda v: "-" if v is None else f"{v:.1%}"
         lines.append(f"  {who:<40} {d.get('heldout_images', '-')!s:>8} {fmt(b):>8} {fmt(a):>8}  "
-                     + ("accepted" if d.get("accepted") else f"refused: {d.get('reason', '')[:80]}"))
+                     + ("accepted" if d.get("accepted") else f"refused: {clip(d.get('reason', ''), 160)}"))
     _echo(report, as_json, "\n".join(lines))
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import _edgetl as et
 from .device import DEFAULT_TOLERANCE_PP, HOLDOUT
-from .summaries import FleetError
+from ..core.console import clip
+from .summaries import DEFAULT_BASE, FleetError
 
 # ============================================================================================ deployment
 APP_PYPROJECT = """\
@@ -217,7 +218,7 @@ def wait_for_port(address: str, timeout: float = 30.0, proc: FlowerProcess | Non
 
 
 # ============================================================================================ serve / join
-def serve(bundle, *, address: str = "127.0.0.1:9092", devices: int = 2, kind=None, base: str = "current",
+def serve(bundle, *, address: str = "127.0.0.1:9092", devices: int = 2, kind=None, base: str = DEFAULT_BASE,
           rounds: int = 30, l2=None, allow_new_classes: bool = True, wait: float = 120.0, timeout: float = 600.0,
           tls: dict | None = None, auth_keys: list | None = None, sign_key=None, workdir=None,
           lock_wait: float = 0.0, log_dir=None) -> dict:
@@ -325,4 +326,4 @@ def _supernode_failure(node: FlowerProcess) -> str:
         return ("the SuperLink refused this device: with node authentication on, its public key must be "
                 "registered (serve --auth-key DEVICE.pub) and join given the matching --auth-key")
     bad = [l.strip() for l in text.splitlines() if "ERROR" in l or "Failed" in l or "Error" in l]
-    return "flower-supernode exited before the round ended" + (f": {bad[-1][:300]}" if bad else "")
+    return "flower-supernode exited before the round ended" + (f": {clip(bad[-1], 300)}" if bad else "")

@@ -109,8 +109,12 @@ class Device:
     # ------------------------------------------------------------------ the gate
     def consider(self, kind: str, labels: list[str], arrays: dict, meta: dict | None = None, *,
                  provenance: dict | None = None, tolerance_pp: float = DEFAULT_TOLERANCE_PP, force: bool = False,
-                 dry_run: bool = False, wait: float = 0.0, signer=None) -> dict:
+                 dry_run: bool = False, wait: float = 0.0, signer=None, signature: dict | None = None) -> dict:
         """Gate a global head on the held-out data; accept it as a new version or refuse it.
+
+        Where this device has a trust policy (``EDGETL_TRUST``), the head must carry the fleet
+        server's ``signature`` by a key the policy trusts for ``fleet``; otherwise it is refused
+        before anything else (exit 5).
 
         Returns the decision (``accepted``, ``version``, the held-out figures, ``reasons``).
 
@@ -119,6 +123,11 @@ class Device:
             FleetError: the arrays do not make a head for this bundle.
             BundleBusy / BundleError: as ``edgetl adapt``.
         """
+        policy = et.policy_from_env()
+        if policy is not None:
+            doc = {"kind": kind, "labels": list(labels), "meta": meta or {}, "provenance": provenance or {},
+                   "signature": signature}
+            et.verify_delivery(policy, doc, arrays, str(self.bundle))
         if not (isinstance(tolerance_pp, (int, float)) and 0 <= tolerance_pp <= 100):
             raise et.ConfigError(f"tolerance {tolerance_pp!r}: give percentage points between 0 and 100")
         ctx = et.for_update(self.bundle, operation="adapt (fleet)", wait=wait) if not dry_run else None

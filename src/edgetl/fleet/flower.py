@@ -42,7 +42,8 @@ import numpy as np
 from . import _edgetl as et
 from .device import DEFAULT_TOLERANCE_PP, HOLDOUT, Device
 from .server import FleetRound
-from .summaries import FleetError, Summary, step_from_wire, step_to_wire
+from ..core.console import clip
+from .summaries import DEFAULT_BASE, FleetError, Summary, step_from_wire, step_to_wire
 
 
 def _flwr():
@@ -173,7 +174,7 @@ class FleetStrategy(F["Strategy"]):
                 c = msg.content
                 meta = json.loads(_json_of(c, "meta", who=who)) if "meta" in c else {}
                 if isinstance(meta, dict) and meta.get("error"):
-                    raise FleetError(f"{who}: {str(meta['error'])[:500]}")
+                    raise FleetError(f"{who}: {clip(meta['error'], 500)}")
                 arrays = from_array_record(c["summary"], who=who) if "summary" in c else {}
                 s = Summary.from_wire(arrays, _json_of(c, "meta", who=who), who=who)
                 name = s.meta.pop("device", None)
@@ -202,7 +203,12 @@ class FleetStrategy(F["Strategy"]):
         if server_round != self.fleet.n_steps or self.report is None:
             return []
         kind, labels, head_arrays, meta, short = self.fleet.delivery()
-        head = json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short}, default=_jsonable)
+        # JSON-normalised first, so the signed statement is what a device decodes
+        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
+                                    default=_jsonable))
+        if self.signer is not None:
+            doc["signature"] = et.sign_delivery(self.signer, doc, head_arrays)
+        head = json.dumps(doc)
         out = []
         for node in self.nodes:
             content = RecordDict({"arrays": to_array_record(head_arrays), "config": ConfigRecord({"json": head})})
@@ -238,7 +244,7 @@ def _jsonable(o):
 
 
 # ============================================================================================ server app
-def run_server(grid, *, bundle, kind=None, base="current", min_devices=2, wait=120.0, timeout=600.0, rounds=30,
+def run_server(grid, *, bundle, kind=None, base=DEFAULT_BASE, min_devices=2, wait=120.0, timeout=600.0, rounds=30,
                l2=None, allow_new_classes=True, signer=None, write=True, lock_wait=0.0) -> dict:
     """Run one fleet round on ``grid`` (inside a ServerApp); returns the report."""
     fleet = FleetRound(bundle, kind=kind, base=base, min_devices=min_devices, rounds=rounds, l2=l2,
@@ -343,7 +349,8 @@ def client_deliver(msg, context, spec: dict):
                                     provenance=head.get("provenance") if isinstance(head.get("provenance"), dict) else {},
                                     tolerance_pp=float(spec.get("tolerance", DEFAULT_TOLERANCE_PP)),
                                     force=bool(spec.get("force", False)), dry_run=bool(spec.get("dry-run", False)),
-                                    wait=float(spec.get("lock-wait", 0)), signer=signer)
+                                    wait=float(spec.get("lock-wait", 0)), signer=signer,
+                                    signature=head.get("signature"))
         except et.GateError as exc:
             decision = {"accepted": False, "device": dev.name, "reason": str(exc), "exit_code": exc.exit_code}
     except et.EdgetlError as exc:
@@ -387,7 +394,7 @@ def make_sim_client_app(specs: list[dict]):
     return app
 
 
-def simulate(bundle, specs: list[dict], *, kind=None, base="none", rounds=30, l2=None, write=True,
+def simulate(bundle, specs: list[dict], *, kind=None, base=DEFAULT_BASE, rounds=30, l2=None, write=True,
              cpus_per_device: float = 1.0, verbose: bool = False) -> dict:
     """One fleet round with Flower's simulation engine (Ray): the server bundle ``bundle`` and one
     virtual device per entry of ``specs`` (``{"bundle", "data", "name"?, "tolerance"?, ...}``)."""

@@ -14,6 +14,80 @@ from . import ridge as _ridge
 from ._edgetl import FleetError
 from .summaries import (ABSENT_MARGIN, ANOMALY_KINDS, CLASSIFY_KINDS, KINDS, MAX_ROWS, PROTO_NORM_EPS, PROTO_T_BOUNDS, PROTO_T_DEFAULT, Step, Summary, TEMPERATURE_POINTS, check_summary, respond)
 
+# ================================================================ leave-one-device-out labels
+# A device is left out when the class means of fewer than this share of its rows are nearest to
+# their own class among the other devices' class means.
+MIN_AGREEMENT = 0.5
+
+
+def label_agreement(ok: dict, second: str) -> tuple[dict, dict]:
+    """(per device: the share of its rows whose class mean is nearest, among the *other* devices'
+    class means, to its own class; the devices to leave out, with their reasons).
+
+    A summary with wrong labels (swapped classes, another product under a known name) is
+    self-consistent, so :func:`edgetl.fleet.summaries.check_summary` cannot see it; what gives it
+    away is that the others' data says its "class a" looks like their class b. Class means of tens
+    of rows sit far closer to their class's centre than classes sit to each other (their noise
+    shrinks as 1/sqrt(rows)), so an honest device scores near 1 and a device with swapped labels
+    near 0; the cut at 0.5 is far from both. Devices are left out one at a time, the worst first,
+    and the rest re-scored without it (a poisoned device also skews its partners' references);
+    at most a minority is ever left out, and only with at least two devices left to compare
+    against. Classes no other device holds carry no evidence and are not scored. Features are
+    standardised with the round's own mean and spread (which do not depend on labels).
+    """
+    if len(ok) < 3:
+        return {}, {}
+    labels = sorted({l for s in ok.values() for l in s.meta["labels"]})
+    pos = {l: i for i, l in enumerate(labels)}
+    k, d = len(labels), next(iter(ok.values())).arrays["sum"].shape[1]
+    per, n, total, sq = {}, 0, np.zeros(d), np.zeros(d)
+    for who, s in ok.items():
+        c, S = np.zeros(k), np.zeros((k, d))
+        idx = np.array([pos[l] for l in s.meta["labels"]], np.int64)
+        c[idx] = np.asarray(s.arrays["count"], np.float64)
+        S[idx] = np.asarray(s.arrays["sum"], np.float64)
+        per[who] = (c, S)
+        n += c.sum()
+        total += S.sum(axis=0)
+        sec = np.asarray(s.arrays[second], np.float64)
+        sq += np.diag(sec) if sec.ndim == 2 else sec
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0))
+    scale = np.where(std > 1e-12, std, 1.0)
+    active, out, scores = set(ok), {}, {}
+    while len(active) >= 3 and len(out) < (len(ok) - 1) // 2:
+        C_all = sum(per[w][0] for w in active)
+        S_all = sum(per[w][1] for w in active)
+        scores = {}
+        for who in sorted(active):
+            c, S = per[who]
+            C, Sx = C_all - c, S_all - S
+            have = np.flatnonzero(C > 0)
+            if len(have) < 2:
+                continue
+            cent = (Sx[have] / C[have, None] - mean) / scale
+            rows = agree = 0.0
+            for j in np.flatnonzero((c > 0) & (C > 0)):
+                m = (S[j] / c[j] - mean) / scale
+                nearest = have[int(np.argmin(((cent - m) ** 2).sum(axis=1)))]
+                rows += c[j]
+                agree += c[j] * (nearest == j)
+            if rows:
+                scores[who] = (agree / rows, int(rows))
+        if not scores:
+            break
+        worst = min(scores, key=lambda w: scores[w][0])
+        share, rows = scores[worst]
+        if share >= MIN_AGREEMENT:
+            break
+        out[worst] = (f"{worst}: summary refused: its class means agree with the other devices' data for only "
+                      f"{share:.0%} of its {rows} rows of shared classes (leave-one-device-out check; labels "
+                      "swapped, or images of another product?)")
+        active.discard(worst)
+    agreement = {w: round(v[0], 4) for w, v in scores.items()}
+    return agreement, out
+
+
 # ============================================================================================ server
 @dataclass
 class Refusal:
@@ -173,6 +247,14 @@ class Merger:
             del ok[who]
         if len(ok) < self.min_devices:
             raise FleetError(f"step moments: {len(ok)} devices agree on the feature width, {self.min_devices} needed")
+        agreement, outliers = label_agreement(ok, "gram" if self.kind == "ridge" else "sumsq")
+        self.state["agreement"] = agreement
+        for who, reason in outliers.items():
+            self.refused.append(Refusal(who, step.name, reason))
+            del ok[who]
+        if len(ok) < self.min_devices:
+            raise FleetError(f"step moments: {len(ok)} devices left after the label check, {self.min_devices} needed "
+                             f"(refused: {next(iter(outliers.values()))})")
         new = sorted({l for s in ok.values() for l in s.meta["labels"]} - set(self.base_labels))
         labels = self.base_labels + new
         pos = {l: i for i, l in enumerate(labels)}
@@ -305,7 +387,8 @@ class Merger:
             raise FleetError(f"the round stopped after {len(self.steps_done)} of {self.n_steps} steps")
         st = self.state
         prov = {"kind": self.kind, "steps": list(self._names), "devices": self.devices,
-                "refused": [r.__dict__ for r in self.refused]}
+                "refused": [r.__dict__ for r in self.refused],
+                **({"label_agreement": self.state["agreement"]} if self.state.get("agreement") else {})}
         if self.kind in ANOMALY_KINDS:
             return self._anomaly_result(prov)
         labels = st["labels"]

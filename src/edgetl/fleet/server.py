@@ -21,7 +21,7 @@ from __future__ import annotations
 from . import _edgetl as et
 from .device import answer, base_participant
 from .merger import FleetResult, Merger
-from .summaries import ANOMALY_KINDS, KINDS, FleetError, Step
+from .summaries import ANOMALY_KINDS, DEFAULT_BASE, KINDS, FleetError, Step
 
 # the fleet merge for each edgetl head kind
 DEFAULT_KIND = {"linear": "ridge", "prototype": "prototype", "mlp": "mlp", "padim": "padim", "patchcore": "patchcore"}
@@ -31,7 +31,7 @@ MAX_DEVICES_LISTED = 500  # provenance lists devices one by one up to this many
 class FleetRound:
     """One fleet round for the bundle at ``bundle`` (see the module docstring)."""
 
-    def __init__(self, bundle, *, kind: str | None = None, base: str = "current", min_devices: int = 1,
+    def __init__(self, bundle, *, kind: str | None = None, base: str = DEFAULT_BASE, min_devices: int = 1,
                  allow_new_classes: bool = True, rounds: int = 30, local_steps: int = 1, l2: float | None = None,
                  seed: int = 0, max_rows: int | None = None):
         b = et.load_bundle(bundle)
@@ -127,14 +127,19 @@ def run_round(fleet: FleetRound, devices: dict, *, write: bool = True, deliver: 
         fleet.absorb(step, replies)
     report = fleet.finish(write=write, engine="in-process")
     if deliver:
+        import json
+
         kind, labels, arrays, meta, short = fleet.delivery()
+        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
+                                    default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        signature = et.sign_delivery(signer, doc, arrays) if signer is not None else None
         out = {}
         for name, dev in devices.items():
             try:
-                out[name] = dev.consider(kind, labels, arrays, meta, provenance=short, tolerance_pp=tolerance_pp,
-                                         signer=signer)
-            except et.GateError as exc:
-                out[name] = {"accepted": False, "device": name, "reason": str(exc)}
+                out[name] = dev.consider(kind, labels, arrays, doc["meta"], provenance=doc["provenance"],
+                                         tolerance_pp=tolerance_pp, signer=signer, signature=signature)
+            except (et.GateError, et.TrustError) as exc:
+                out[name] = {"accepted": False, "device": name, "reason": str(exc), "exit_code": exc.exit_code}
         report["deliveries"] = out
     return report
 

@@ -59,17 +59,27 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ridge as _ridge
+from ..core.manifest import loads_bounded
 from ._edgetl import FleetError
 
 CLASSIFY_KINDS = ("ridge", "prototype", "linear", "mlp")
 ANOMALY_KINDS = ("padim", "patchcore")
 KINDS = CLASSIFY_KINDS + ANOMALY_KINDS
 
+# What a round merges besides the devices: "current" makes the bundle's own training data (its
+# replay exemplars, or its anomaly head's statistics) a participant, so classes no device holds
+# are kept. One default for fleet serve, fleet simulate and the library; "none" is the opt-in.
+DEFAULT_BASE = "current"
 MAX_ROWS = 10_000_000  # rows (or images) one device may claim; more is refused as implausible
 MAX_LABELS = 10_000
 MAX_LABEL_CHARS = 200
 MAX_FEATURES = 65_536
 MAX_META_BYTES = 1 << 20
+MAX_META_DEPTH = 16  # metadata is a flat object of labels and counts
+# A feature's magnitude per row: pooled backbone features are O(1..100); a sum or Gram matrix
+# implying rows beyond this (for the n the device declares) is not from a backbone, and would
+# overflow the merge's float64 sums.
+MAX_FEATURE_ABS = 1e6
 TEMPERATURE_POINTS = 33
 # edgetl's prototype head: cosines floor and temperature bounds (kept equal to edgetl.heads)
 PROTO_NORM_EPS = 1e-6
@@ -108,9 +118,9 @@ class Summary:
         if not isinstance(meta_json, str) or len(meta_json) > MAX_META_BYTES:
             raise FleetError(f"{who}: summary metadata missing or larger than {MAX_META_BYTES} bytes")
         try:
-            meta = json.loads(meta_json)
-        except ValueError:
-            raise FleetError(f"{who}: summary metadata is not JSON") from None
+            meta = loads_bounded(meta_json, max_depth=MAX_META_DEPTH)
+        except ValueError as exc:
+            raise FleetError(f"{who}: summary metadata is not usable JSON ({exc})") from None
         if not isinstance(meta, dict):
             raise FleetError(f"{who}: summary metadata is not an object")
         kind, step = meta.pop("kind", None), meta.pop("step", None)
@@ -127,9 +137,9 @@ def step_from_wire(arrays: dict, meta_json: str) -> Step:
     if not isinstance(meta_json, str) or len(meta_json) > 16 * MAX_META_BYTES:
         raise FleetError("server step metadata missing or too large")
     try:
-        m = json.loads(meta_json)
-    except ValueError:
-        raise FleetError("server step metadata is not JSON") from None
+        m = loads_bounded(meta_json)
+    except ValueError as exc:
+        raise FleetError(f"server step metadata is not usable JSON ({exc})") from None
     if not isinstance(m, dict) or m.get("kind") not in KINDS or not isinstance(m.get("name"), str):
         raise FleetError(f"server step of unknown kind {m.get('kind') if isinstance(m, dict) else None!r}")
     if not isinstance(m.get("config"), dict):
@@ -245,13 +255,16 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
         k = len(lab)
         n = _count(s.meta, "n", who, max_rows)
         counts = _arr(s, "count", who, shape=(k,), integer=True)
-        if np.any(counts < 0) or int(counts.sum()) != n:
+        # each count bounded first: k counts near 2**63 would wrap their int64 sum around to n
+        if np.any(counts < 0) or np.any(counts > n) or int(counts.sum()) != n:
             _fail(who, f"class counts {counts.tolist()[:10]} are negative or do not add up to n = {n}")
         sums = _arr(s, "sum", who, ndim=2)
         if sums.shape[0] != k or (d is not None and sums.shape[1] != d) or not 0 < sums.shape[1] <= MAX_FEATURES:
             _fail(who, f"array 'sum' has shape {sums.shape}, expected ({k}, {d if d is not None else 'd'})"
                        + (" (another backbone?)" if d is not None and sums.shape[1] != d else ""))
         width = sums.shape[1]
+        if np.abs(sums).max() > MAX_FEATURE_ABS * n:
+            _fail(who, f"feature sums over {MAX_FEATURE_ABS:g} per row for n = {n} rows: not a backbone's features")
         if "gram" in s.arrays:
             g = _arr(s, "gram", who, shape=(width, width))
             diag = np.diag(g)
@@ -259,6 +272,8 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
                 _fail(who, "Gram matrix is not symmetric")
         else:
             diag = _arr(s, "sumsq", who, shape=(width,))
+        if np.abs(diag).max() > MAX_FEATURE_ABS ** 2 * n:
+            _fail(who, f"sums of squares over {MAX_FEATURE_ABS:g}^2 per row for n = {n} rows: not a backbone's features")
         total = sums.sum(axis=0)
         # sum of squares >= (sum)^2 / n for every feature (Cauchy-Schwarz); a lie about n breaks it
         slack = 1e-6 * np.maximum(diag, 1.0)
@@ -268,7 +283,7 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
     if step.name == "unit-sums":
         k = len(labels)
         counts = _arr(s, "count", who, shape=(k,), integer=True)
-        if np.any(counts < 0) or counts.sum() > max_rows:
+        if np.any(counts < 0) or np.any(counts > max_rows) or counts.sum() > max_rows:
             _fail(who, "class counts are negative or implausibly large")
         sums = _arr(s, "sum", who, shape=(k, d))
         if np.any(np.linalg.norm(sums, axis=1) > counts + 1e-3 * np.maximum(counts, 1)):

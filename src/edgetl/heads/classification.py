@@ -292,9 +292,10 @@ class Head:
             BundleError: if the file is missing, unreadable, truncated, not an edgetl head, from a
                 newer format version, or its arrays do not fit together.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise BundleError(f"{path}: no such head file")
+        if not hasattr(path, "read"):  # a path; a bundle hands the bytes it verified (VerifiedFile)
+            path = Path(path)
+            if not path.is_file():
+                raise BundleError(f"{path}: no such head file")
         try:
             z = np.load(path, allow_pickle=False)
             if not isinstance(z, np.lib.npyio.NpzFile):

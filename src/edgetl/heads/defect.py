@@ -258,7 +258,7 @@ class DefectHead:
         Raises:
             BundleError: missing, unreadable, or not a defect head.
         """
-        path = Path(path)
+        path = path if hasattr(path, "read") else Path(path)  # a path, or a bundle's verified bytes
         raw, header = read_head_file(path)
         if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
             raise BundleError(f"{path}: not an edgetl defect head (format {header.get('format')!r} "
@@ -286,7 +286,7 @@ class DefectHead:
 
 def load_any_head(path: str | Path):
     """A defect bundle's head file: a :class:`DefectHead`, or a patch-only :class:`AnomalyHead`."""
-    path = Path(path)
+    path = path if hasattr(path, "read") else Path(path)
     _, header = read_head_file(path)
     return DefectHead.load(path) if header.get("format") == _FORMAT else AnomalyHead.load(path)
 

@@ -273,7 +273,7 @@ class AnomalyHead:
         Raises:
             BundleError: missing, unreadable or not an anomaly head.
         """
-        path = Path(path)
+        path = path if hasattr(path, "read") else Path(path)  # a path, or a bundle's verified bytes
         raw, header = read_head_file(path)
         if "m2_triu" in raw:
             packed = raw.pop("m2_triu")
@@ -301,6 +301,8 @@ def read_head_file(path: Path) -> tuple[dict, dict]:
     Raises:
         BundleError: missing or unreadable.
     """
+    if hasattr(path, "seek"):  # verified bytes: read from the start, however often
+        path.seek(0)
     try:
         with np.load(path, allow_pickle=False) as z:
             raw = {k: z[k] for k in z.files}

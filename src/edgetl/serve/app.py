@@ -22,7 +22,6 @@ thumbnails and review items are looked up by id in memory, page assets are read 
 
 from __future__ import annotations
 
-import json
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .metrics import CONTENT_TYPE
 from .page import Page
 from .security import Access
 from .service import ServeOptions, Service
-from .web import NotFound, Observe, error, guarded, jsonr, read_body, read_json
+from .web import NotFound, Observe, error, guarded, jsonr, parse_json, read_body, read_json
 
 __all__ = ["create_app", "ServeOptions", "Service"]
 
@@ -70,10 +69,7 @@ class Api:
 
     def texts_of(self, body: bytes, ctype: str) -> tuple[list, bool]:
         if ctype == "application/json":
-            try:
-                obj = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise DataError("the body is not JSON; send {\"text\": ...} or {\"texts\": [...]}") from None
+            obj = parse_json(body)
             several = isinstance(obj, dict) and "texts" in obj
             texts = obj.get("texts") if several else [obj.get("text")] if isinstance(obj, dict) else None
         else:
@@ -329,4 +325,5 @@ def create_app(bundle: str | Path, options: ServeOptions) -> tuple[Observe, Serv
                      str(getattr(exc, "detail", "error")))
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route})
+    app.state.body_timeout_s = options.body_timeout_s  # read_body's deadline
     return Observe(app, svc, templates), svc

@@ -58,12 +58,15 @@ def _token(token, token_file) -> str:
               help="Adapt gate: allowed accuracy drop on known classes, in percentage points.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
               help="Sign the head versions adapt and rollback write with this private key.  [env: EDGETL_SIGN_KEY]")
+@click.option("--body-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (slower: 408); idle connections close after 5 s.")
 @click.option("--no-access-log", is_flag=True, help="No JSON access line per request on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout once listening (url, port, "
               "model, head version, login URL if the token was generated).")
 @handle_errors
 def serve(bundle, host, port, token, token_file, review, review_max_items, review_max_mb, name, max_batch,
-          batch_wait_ms, max_upload_mb, threads, device, wait, tolerance, sign_key, no_access_log, as_json):
+          batch_wait_ms, max_upload_mb, threads, device, wait, tolerance, sign_key, body_timeout, no_access_log,
+          as_json):
     """Run BUNDLE as a local HTTP service with an operator page (needs edgetl[serve]; no torch).
 
     \b
@@ -85,6 +88,8 @@ def serve(bundle, host, port, token, token_file, review, review_max_items, revie
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: give 0 to 65535")
+    if not 0 < body_timeout <= 3600:  # also refuses nan
+        raise ConfigError(f"--body-timeout {body_timeout}: give seconds between 0 and 3600")
     if max_batch < 1 or batch_wait_ms < 0 or max_upload_mb <= 0 or review_max_items < 1 or review_max_mb <= 0:
         raise ConfigError("--max-batch, --review-max-items must be >= 1; --max-upload-mb, --review-max-mb > 0; "
                           "--batch-wait-ms >= 0")
@@ -92,7 +97,8 @@ def serve(bundle, host, port, token, token_file, review, review_max_items, revie
                            batch_wait_ms=batch_wait_ms, max_upload_mb=max_upload_mb,
                            review_max_items=review_max_items, review_max_mb=review_max_mb, threads=threads,
                            device=device, signer=signing_key_from(sign_key), wait=wait,
-                           tolerance_pp=check_tolerance(tolerance), access_log=not no_access_log)
+                           tolerance_pp=check_tolerance(tolerance), access_log=not no_access_log,
+                           body_timeout_s=body_timeout)
     configure_logging(not no_access_log)
 
     def started(s) -> None:

@@ -27,6 +27,7 @@ import struct
 import numpy as np
 
 from ..errors import DataError
+from .web import as_object, parse_json
 
 HEADER = "inference-header-content-length"
 # Numpy dtypes of the protocol's datatypes (BYTES is handled on its own).
@@ -77,9 +78,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     else:
         head, rest = body, b""
     try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
-        raise DataError("the request is not KServe v2 JSON (an object with 'inputs')") from None
+        req = parse_json(head, "the body")
+    except DataError as exc:
+        raise DataError(f"the request is not KServe v2 JSON (an object with 'inputs'): {exc}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise DataError("the request is not KServe v2 JSON (an object with 'inputs')")
     return req, rest
@@ -127,7 +128,7 @@ def read_inputs(req: dict, binary: bytes, task: str) -> list:
     count = shape[0]
     if not 1 <= count <= MAX_ITEMS:
         raise DataError(f"input {want!r} holds {count} items; send 1 to {MAX_ITEMS} per request")
-    params = spec.get("parameters") or {}
+    params = as_object(spec.get("parameters"), f"input {want!r}'s parameters")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if not isinstance(size, int) or size < 0 or size > len(binary):
@@ -162,16 +163,19 @@ def read_inputs(req: dict, binary: bytes, task: str) -> list:
 def requested_outputs(req: dict, task: str) -> list[tuple[str, bool]]:
     """(name, binary?) of the outputs to send: those asked for, or every default one."""
     names = output_names(task)
-    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = bool(as_object(req.get("parameters"), "the request's parameters").get("binary_data_output", False))
     asked = req.get("outputs")
+    if asked is not None and not isinstance(asked, list):
+        raise DataError(f"outputs must be a list of {{\"name\": ...}} objects, got {type(asked).__name__}")
     if not asked:
         return [(n, default_binary) for n in names if n not in DEFAULT_EXCLUDED]
     out = []
     for o in asked:
         name = o.get("name") if isinstance(o, dict) else None
-        if name not in names:
-            raise DataError(f"output {name!r}: this model has {', '.join(names)}")
-        out.append((name, bool((o.get("parameters") or {}).get("binary_data", default_binary))))
+        if not isinstance(name, str) or name not in names:
+            raise DataError(f"output {str(name)[:40]!r}: this model has {', '.join(names)}")
+        params = as_object(o.get("parameters"), f"output {name!r}'s parameters")
+        out.append((name, bool(params.get("binary_data", default_binary))))
     return out
 
 

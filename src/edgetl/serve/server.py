@@ -102,7 +102,8 @@ def serve(bundle: str | Path, options: ServeOptions, *, port: int = 8080, on_sta
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{real_port}/"
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=30, limit_concurrency=1024)
+                            timeout_graceful_shutdown=30, limit_concurrency=1024,
+                            timeout_keep_alive=max(1, int(options.idle_timeout_s)))
     server = uvicorn.Server(config)
     if on_start is not None:
         on_start(Started(url, real_port, svc.name, svc.task, svc.loaded.version, generated,

@@ -48,6 +48,8 @@ class ServeOptions:
         review_max_items / review_max_mb: the review store's bounds.
         signer: signs the versions an update or rollback writes (a trust policy may ask for it).
         wait: seconds an update waits for another writer of the bundle.
+        body_timeout_s / idle_timeout_s: a whole request body must arrive within the first, and an
+            idle kept-alive connection is closed after the second.
     """
 
     host: str = "127.0.0.1"
@@ -70,6 +72,8 @@ class ServeOptions:
     access_log: bool = True
     secure_cookie: bool = False
     max_text_chars: int = 20_000
+    body_timeout_s: float = 30.0  # a request body slower than this is cut off (408)
+    idle_timeout_s: float = 5.0  # a kept-alive connection idle this long is closed
 
 # ------------------------------------------------------------------------------ recent answers
 @dataclass

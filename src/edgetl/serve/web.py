@@ -3,6 +3,7 @@ front of each endpoint, and the ASGI layer that logs each request and times it."
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
@@ -13,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..core.console import one_line
+from ..core.manifest import loads_bounded
 from ..errors import BundleBusy, BundleError, ConfigError, DataError, EdgetlError, GateError, TrustError
 from .engine import Busy
 from .images import TooLarge
@@ -26,9 +28,42 @@ class NotFound(Exception):
     """No such model, version, prediction or review item (404)."""
 
 
+class SlowBody(DataError):
+    """The request body did not arrive within the body timeout (408)."""
+
+
+# How deep a request's JSON may nest: every request edgetl takes is 2 to 4 levels deep.
+MAX_BODY_DEPTH = 32
+# Seconds a whole request body may take to arrive: a client that sends a few bytes and then
+# stalls holds a connection and a buffer; it is cut off with a 408 instead.
+BODY_TIMEOUT_S = 30.0
+
+
+def parse_json(body: bytes, what: str = "the body"):
+    """A request's JSON, nested at most :data:`MAX_BODY_DEPTH` deep.
+
+    Raises:
+        DataError: not UTF-8 JSON, or nested too deep, in one line.
+    """
+    try:
+        return loads_bounded(body, max_depth=MAX_BODY_DEPTH)
+    except ValueError as exc:
+        reason = str(exc) if "nests deeper" in str(exc) or "UTF-8" in str(exc) else "not JSON"
+        raise DataError(f"{what} is not usable JSON ({reason})") from None
+
+
+def as_object(value, what: str) -> dict:
+    """``value`` if it is a JSON object (``None``: an empty one), else one DataError line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 # Whose problem an error is: 4xx the caller's (409: the bundle's state or another writer), 503
 # busy, 507 the review store or the disk full, 500 anything else edgetl can name.
-STATUS = [(Busy, 503), (StoreFull, 507), (TooLarge, 413), (BundleBusy, 409), (GateError, 409), (TrustError, 409),
+STATUS = [(Busy, 503), (StoreFull, 507), (TooLarge, 413), (SlowBody, 408), (BundleBusy, 409), (GateError, 409), (TrustError, 409),
           (BundleError, 409), (DataError, 422), (ConfigError, 400), (EdgetlError, 500)]
 
 
@@ -55,8 +90,19 @@ async def read_body(request: Request, limit: int) -> bytes:
                                "(--max-upload-mb)")
         except ValueError:
             raise DataError("Content-Length is not a number") from None
+
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
+    timeout = float(getattr(request.app.state, "body_timeout_s", BODY_TIMEOUT_S))
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise SlowBody(f"the request body did not arrive within {timeout:g} s; send it at once") from None
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"the request is over the limit of {limit / 1e6:g} MB (--max-upload-mb)")
@@ -68,10 +114,7 @@ async def read_json(request: Request, limit: int = 1 << 20) -> dict:
     body = await read_body(request, limit)
     if not body.strip():
         return {}
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise DataError("the body is not JSON; send a JSON object") from None
+    obj = parse_json(body)
     if not isinstance(obj, dict):
         raise DataError("the body must be a JSON object")
     return obj

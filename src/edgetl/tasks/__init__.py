@@ -54,7 +54,7 @@ def for_data(data: str | Path, *, task: str | None = None, head: str | None = No
     return next((t for t in TASKS.values() if t.claims(Path(data))), TASKS["classify"])
 
 
-def for_bundle(bundle) -> Task:
+def for_bundle(bundle, where: str | Path | None = None) -> Task:
     """The task a bundle (or its manifest) was made by.
 
     Raises:
@@ -64,4 +64,9 @@ def for_bundle(bundle) -> Task:
     name = manifest.get("task", "classify")
     if name not in TASKS:
         raise BundleError(f"bundle task {name!r} is not one this edgetl knows ({', '.join(TASKS)}); upgrade edgetl")
+    # The manifest's task decides which code reads the bundle, so it must match what the bundle holds.
+    problem = TASKS[name].manifest_problem(manifest)
+    if problem:
+        where = where or (Path(bundle.path) / "manifest.json" if hasattr(bundle, "path") else "manifest")
+        raise BundleError(f"{where}: {problem}; the manifest does not describe this bundle, copy it again")
     return TASKS[name]

@@ -130,6 +130,7 @@ class Task:
     backbone_kind: str = "image"  # which export of the backbone: image | image-patch | text
     default_target: str = "openvino-cpu"
     head_kinds: tuple[str, ...] = ()
+    backbone_fields: tuple[str, ...] = ()  # manifest backbone fields this task's device code reads
     # predict options this task takes (the CLI refuses the others for its bundles)
     predict_options: frozenset[str] = frozenset()
     # the manifest's thresholds key and the version entry's field, with what they mean
@@ -201,6 +202,25 @@ class Task:
     def fused_meta(self, b: Bundle, head) -> dict:
         return {"backbone": b.manifest["backbone"]["name"], "preprocess": b.manifest["backbone"]["preprocess"],
                 "precision": b.precision, "task": self.name}
+
+    def manifest_problem(self, manifest: dict) -> str | None:
+        """Why a (schema-checked) manifest cannot be a bundle of this task, or None: its backbone
+        and head kinds must be this task's, and the backbone fields the task reads present."""
+        backbone = manifest.get("backbone", {})
+        want = "text" if self.backbone_kind == "text" else "image"
+        kind = backbone.get("kind", self.backbone_kind)
+        pre_kind = "text" if backbone.get("preprocess", {}).get("kind") == "text" else "image"
+        if kind != self.backbone_kind or pre_kind != want:
+            return (f"task {self.name!r} needs an {self.backbone_kind} backbone, and this bundle's is an {kind} one "
+                    f"({pre_kind} inputs)")
+        for key in self.backbone_fields:
+            if key not in backbone:
+                return f"task {self.name!r} needs backbone.{key}, which this bundle lacks"
+        for e in manifest.get("head", {}).get("versions", []):
+            if self.head_kinds and e.get("kind") is not None and e["kind"] not in self.head_kinds:
+                return (f"head version {e.get('version')} is a {e['kind']!r} head, not one of task {self.name!r}'s "
+                        f"({', '.join(self.head_kinds)})")
+        return None
 
     def load_head(self, path: Path):
         raise NotImplementedError

@@ -428,9 +428,14 @@ def load_drift_reference(path: str | Path) -> DriftReference:
     Raises:
         ValueError: not a drift reference, an array missing or of the wrong shape, or too large.
     """
-    path = Path(path)
-    if path.stat().st_size > _MAX_NPZ_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is too large for a drift reference")
+    if hasattr(path, "getbuffer"):  # a bundle's verified bytes
+        size = path.seek(0, 2)
+        path.seek(0)
+    else:
+        path = Path(path)
+        size = path.stat().st_size
+    if size > _MAX_NPZ_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too large for a drift reference")
     with np.load(path, allow_pickle=False) as z:
         missing = [n for n in DRIFT_ARRAYS if n not in z.files]
         if missing:

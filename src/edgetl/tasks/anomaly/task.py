@@ -26,12 +26,12 @@ import numpy as np
 
 from ...core.features import ImageExtractor, decoded, load_input
 from ...core.fuse import score_parity
-from ...core.gate import auroc_gate
+from ...core.gate import auroc_gate, new_good_gate
 from ...core.metrics import best_f1_threshold, feature_cosine
 from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
 from ...core.versions import add_version
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, GateError
 from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
 from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
                             quantile_threshold, update_patch_head)
@@ -93,7 +93,7 @@ class AnomalyPredictor:
     @property
     def head(self) -> AnomalyHead | DefectHead:
         if self._head is None:
-            self._head = load_any_head(self.bundle.path / self.bundle.head_entry(self.version)["file"])
+            self._head = load_any_head(self.bundle.open_verified(self.bundle.head_entry(self.version)["file"]))
         return self._head
 
     @property
@@ -212,6 +212,24 @@ class PatchExtractor(ImageExtractor):
         return flat.reshape(len(items), -1) if len(items) else np.zeros((0, int(np.prod(self.shape))), np.float32)
 
 
+def labelled_check(pred, head, new_head, data, *, tolerance_pp: float, quiet: bool = True) -> dict | None:
+    """An update's effect on labelled images the operator keeps beside the new good ones
+    (``DATA/test/good`` and ``DATA/test/<defect>``, never learned): image AUROC of the current and
+    the updated head on the same images, gated like a conversion (paired DeLong, refused only when
+    the drop is shown to exceed ``tolerance_pp``). None without such a folder."""
+    test = Path(data) / "test"
+    if not test.is_dir():
+        return None
+    samples, _, _ = labelled_images(test)
+    y = np.array([s.label != "good" for s in samples])
+    if not samples or y.all() or not y.any():
+        return None
+    F = PatchExtractor(pred.session, pred.preprocess, pred.bundle.model_file("backbone"), pred.shape).patches(
+        samples, quiet=quiet, desc="adapt check")
+    decision = auroc_gate(y, score_rows(head, F)[1], score_rows(new_head, F)[1], tolerance_pp=tolerance_pp)
+    return {**decision.to_dict(), "line": decision.describe().replace(" vs FP32", " vs the current head")}
+
+
 def score_rows(head, X: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
     """(maps or None, scores) of feature rows (N, L) under a patch-only or a defect head."""
     if isinstance(head, DefectHead):
@@ -284,6 +302,7 @@ class AnomalyTask(Task):
     items = "images"
     backbone_kind = "image-patch"
     head_kinds = (*DEFECT_KINDS, *PATCH_KINDS)
+    backbone_fields = ("feature_shape",)
     predict_options = frozenset({"threshold", "heatmaps", "strict"})
     threshold_key, threshold_field = "anomaly", "threshold"
 
@@ -425,7 +444,8 @@ class AnomalyTask(Task):
         return {**super().fused_meta(b, head), "head": head.kind}
 
     def adapt(self, b, data, *, threshold: float | None = None, strict: bool = False, quiet: bool = True,
-              dry_run: bool = False, signer=None, replace: bool = False, **_) -> AdaptResult:
+              dry_run: bool = False, signer=None, replace: bool = False, force: bool = False,
+              tolerance_pp: float = 5.0, **_) -> AdaptResult:
         """Teach a deployed bundle newly confirmed good images: patchcore's bank grows by a
         coreset of the new patches (never past ``max_memory``); padim's moments are merged
         exactly. The threshold carries over (adding good images only moves good scores down, so the
@@ -439,15 +459,24 @@ class AnomalyTask(Task):
         F = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape).patches(
             samples, quiet=quiet, desc="adapt")
         _, before = score_rows(head, F)
+        gate = new_good_gate(before, pred.threshold, [s.path.name for s in samples])
+        if gate["reasons"] and not force and not dry_run:
+            raise GateError(f"update refused, v{pred.version} stays current: " + "; ".join(gate["reasons"]))
         new_head = update_defect_head(head, F) if isinstance(head, DefectHead) else \
             update_patch_head(head, patch_part(head, F))
         _, after = score_rows(new_head, F)
+        labelled = labelled_check(pred, head, new_head, data, tolerance_pp=tolerance_pp, quiet=quiet)
+        if labelled is not None:
+            gate["image_auroc"] = labelled
+            if not labelled["passed"] and not force and not dry_run:
+                raise GateError(f"update refused, v{pred.version} stays current: on the labelled images in {data}/test, "
+                                f"{labelled['line']} (--force to accept)")
         thr = pred.threshold if threshold is None else self.check_threshold(threshold)
         summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
                              "over_threshold": int(np.sum(s >= thr))}
         memory = _memory(new_head)
         info = {"images": len(samples), "new_images_before": summary(before), "new_images_after": summary(after),
-                "memory": memory}
+                "memory": memory, "gate": {**gate, "forced": bool(gate["reasons"] and force)}}
         if dry_run:
             return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
         new_head.meta = dict(new_head.meta, parent_version=pred.version)

@@ -475,7 +475,7 @@ class ClassifierTask(Task):
         session = bundle_session(bundle, bundle.model_file("backbone"), device=device, threads=threads)
         extractor = self.extractor_for(session, bundle.model_file("backbone"), bundle.manifest["backbone"], bundle.path)
         threshold = float(entry.get("unknown_threshold", bundle.manifest.get("thresholds", {}).get("unknown", 0.0)))
-        return ClassifierPredictor(self, bundle, extractor, self.load_head(bundle.path / entry["file"]),
+        return ClassifierPredictor(self, bundle, extractor, self.load_head(bundle.open_verified(entry["file"])),
                                    int(entry["version"]), threshold, self.load_drift(bundle, entry))
 
     def load_drift(self, bundle, entry: dict):
@@ -487,7 +487,7 @@ class ClassifierTask(Task):
         if not entry.get("drift"):
             return None
         try:
-            return load_drift_reference(bundle.file(entry["drift"]))
+            return load_drift_reference(bundle.open_verified(entry["drift"]))
         except ValueError as exc:
             raise BundleError(f"{bundle.path}: {exc}") from None
 

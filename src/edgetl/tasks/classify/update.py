@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...core.versions import add_version, next_version
+from ...core.gate import new_class_gate
 from ...errors import GateError
 from ...heads.classification import Head, HeadConfig
 from ...heads.training import train_head
@@ -80,8 +81,14 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     timings["train"] = round(time.perf_counter() - t1, 3)
     gate = _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_ex, new_labels,
                  tolerance_pp=tolerance_pp, force=force)
+    evidence = new_class_gate([old_labels[i] for i in old_head.predict(X_new)] if len(X_new) else [], new_labels,
+                              old_labels)
+    gate = {**gate, "new_classes": evidence["classes"], "warnings": evidence["warnings"],
+            "reasons": evidence["reasons"] + gate["reasons"]}
+    gate["passed"], gate["forced"] = not gate["reasons"], bool(gate["reasons"] and force)
     if gate["reasons"] and not force and not dry_run:
-        raise GateError(f"update refused, v{b.head_version} stays current: " + "; ".join(gate["reasons"])
+        raise GateError(f"update refused, v{b.head_version} stays current: "
+                        + "; ".join(gate["reasons"] + gate["warnings"])
                         + " (--force to accept)")
     summary = {"labels": labels, "new_classes": new_classes, "gate": gate}
     if dry_run:
@@ -116,7 +123,7 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
 def _replay_memory(b, labels: list[str], index: dict) -> tuple[np.ndarray, np.ndarray]:
     """The current version's exemplars of classes in ``labels``, as (features, new class indices)."""
     ex_file = b.head_entry().get("exemplars", b.manifest.get("exemplars", {}).get("file", "exemplars.npz"))
-    X_ex, y_ex_old, ex_names = load_exemplars(b.path / ex_file)
+    X_ex, y_ex_old, ex_names = load_exemplars(b.open_verified(ex_file))
     keep = np.isin(np.array(ex_names)[y_ex_old], labels) if len(y_ex_old) else np.zeros(0, bool)
     return X_ex[keep], np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
 
