@@ -16,7 +16,7 @@ from PIL import Image
 
 from edgetl.core.features import load_input
 from edgetl.core.preprocess import OverBudget, PreprocessConfig, budget_bytes, resize_crop
-from edgetl.errors import DataError
+from edgetl.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ import json, resource, sys
 import numpy as np
 from edgetl.core.features import load_input
 from edgetl.core.preprocess import PreprocessConfig, budget_bytes
-from edgetl.errors import DataError
+from edgetl.errors import ConfigError, DataError
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     x = load_input(sys.argv[1], PreprocessConfig())
@@ -106,9 +106,10 @@ def test_deep_images_at_the_pixel_budget_stay_within_its_bytes(tmp_path, kind):
 def test_budget_is_in_bytes_of_rgb_at_the_pixel_budget(monkeypatch):
     monkeypatch.setenv("EDGETL_MAX_MEGAPIXELS", "64")
     assert budget_bytes() == 64_000_000 * 12
-    for bad in ("nan", "inf", "-3", "abc"):  # not a budget: the default, never a traceback
+    for bad in ("nan", "inf", "-3", "abc"):  # not a budget: one line naming the variable, never a traceback
         monkeypatch.setenv("EDGETL_MAX_MEGAPIXELS", bad)
-        assert budget_bytes() == 64_000_000 * 12
+        with pytest.raises(ConfigError, match="EDGETL_MAX_MEGAPIXELS"):
+            budget_bytes()
 
 
 def test_extreme_aspect_resize_computes_only_the_centre_crop():

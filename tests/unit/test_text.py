@@ -389,4 +389,10 @@ def test_export_text_bundle_remakes_it_at_fp32_from_the_cache(text_bundle, tmp_p
     assert r.bundle.precision == "fp32" and r.bundle.task == "text"
     assert r.timings["backbone_texts"] == 0  # every FP32 embedding was cached by the INT8 fit's reference
     assert r.bundle.head_entry()["l2"] == text_bundle.bundle.head_entry()["l2"]
-    assert r.metrics["accuracy"] == pytest.approx(text_bundle.report["reference"]["fp32_val_accuracy"], abs=0.021)
+    # The INT8 fit's reference scored every item on FP32 features: out of fold on the training texts
+    # plus the holdout. The FP32 re-export trains the same head on the same features and folds, so
+    # its evidence is the same up to a near-tie item.
+    m = r.metrics
+    n_oof, n_val = m["oof"]["n"], m["n"]
+    combined = (m["oof"]["accuracy"] * n_oof + m["accuracy"] * n_val) / (n_oof + n_val)
+    assert combined == pytest.approx(text_bundle.report["reference"]["fp32_val_accuracy"], abs=1.5 / (n_oof + n_val))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import threading
 import warnings
 from contextlib import contextmanager
