@@ -83,6 +83,10 @@ class DefectConfig:
     def seed(self) -> int:
         return self.patch.seed
 
+    @property
+    def defect_size(self) -> float | None:
+        return self.patch.defect_size
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "patch": self.patch.to_dict(), "image": self.image.to_dict()}
 
@@ -298,13 +302,16 @@ def _norm(scores: np.ndarray) -> tuple[float, float]:
     return float(s.mean()), max(sd, 1e-6 * abs(float(s.mean())), 1e-12)
 
 
-def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
+def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0,
+                          groups: np.ndarray | None = None) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
     """(the patch head on all of F, indices of the images scored, their held-out image scores).
 
     patchcore: the full bank without the rows that came from the image scored (leave one image
-    out, at most :data:`MAX_NORM_IMAGES` images); padim: 5-fold refits.
+    out, at most :data:`MAX_NORM_IMAGES` images); padim: 5-fold refits. ``groups``: per row of F,
+    the frame it was cut from (tiles of one frame overlap, so all of them are left out together).
     """
     rng = np.random.default_rng(seed)
+    groups = np.arange(len(F)) if groups is None else np.asarray(groups).reshape(-1)
     chosen = np.sort(rng.permutation(len(F))[:MAX_NORM_IMAGES])
     if cfg.kind == "patchcore":
         head, src = patchcore_with_sources(F, cfg, size=size)
@@ -315,21 +322,29 @@ def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed:
         for j, i in enumerate(chosen):
             X = F[i].reshape(C, H * W).T
             d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
-            d2[:, src == i] = np.inf
+            d2[:, groups[src] == groups[i]] = np.inf
             S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
         return head, chosen, maps_from_patches(S, head.operator)[1]
     head = fit_padim(F, cfg, size=size)
     scores = np.zeros(len(F), np.float32)
     order = rng.permutation(len(F))
+    fold = np.empty(len(F), np.int64)
+    fold[order] = np.arange(len(F)) % 5
+    if len(np.unique(groups)) < len(F):  # tiles: whole frames per fold
+        g = np.unique(groups, return_inverse=True)[1]
+        fold = rng.permutation(g.max() + 1)[g] % 5
     for f in range(min(5, len(F))):
-        held = order[f::5]
-        rest = np.setdiff1d(order, held)
-        scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
+        held = np.nonzero(fold == f)[0]
+        rest = np.nonzero(fold != f)[0]
+        if len(held) and len(rest):
+            scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
     return head, np.arange(len(F)), scores
 
 
-def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int) -> DefectHead:
-    """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation.
+def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int,
+                    groups: np.ndarray | None = None) -> DefectHead:
+    """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation (``groups``:
+    the frame each row was cut from, when rows are tiles).
 
     Raises:
         DataError: fewer than 3 good images (a held-out spread needs them).
@@ -343,7 +358,7 @@ def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int,
     norm = {"image": _norm(held_out_scores(Z, cfg.image, seed=cfg.seed))}
     patch = None
     if cfg.kind == "combined":
-        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed)
+        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups)
         norm["patch"] = _norm(held)
     return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm,
                       {"images": int(len(X))})

@@ -7,6 +7,10 @@ on the good training images, its pooling / resizing tail kept in float), and the
 and smoothing are an ONNX graph fused with the backbone, so a device gets ``anomaly_map`` and
 ``score`` from one model call on any target.
 
+Frames much larger than the backbone's input are scored as tiles (:mod:`.tiles`): the plan is
+chosen at fit from the frame size and the smallest defect of interest, kept in the manifest, and
+applied by every predictor; scores and thresholds are per frame (the maximum over its tiles).
+
 Threshold: with labelled defects (``DATA/test/<defect>``), the best-F1 cut on that set; with good
 images only, the 0.99 quantile of held-out good scores x 1.05 (5 % headroom for drift). It lives in
 the manifest, never in the graph; ``predict`` reports ``score / threshold`` (1.0 = the threshold).
@@ -41,6 +45,7 @@ from .data import good_images, is_anomaly_layout, labelled_images, load_anomaly_
 from .metrics import detection_metrics
 from .render import save_overlay
 from .select import choose
+from .tiles import TilePlan, frame_size, load_mask_tiled, plan_tiles
 
 LABELS = ["good", "defect"]
 # Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): it ends in
@@ -84,6 +89,8 @@ class AnomalyPredictor:
         self.version = int(entry["version"])
         self.threshold = float(entry.get("threshold", bundle.manifest.get("thresholds", {}).get("anomaly", 1.0)))
         self.shape = tuple(bundle.manifest["backbone"]["feature_shape"])
+        tiles = bundle.manifest.get("anomaly", {}).get("tiles")
+        self.plan: TilePlan | None = TilePlan.from_dict(tiles) if tiles else None
         self.fused = fused and bool(entry.get("fused"))
         self._head: AnomalyHead | DefectHead | None = None
         model = bundle.path / entry["fused"] if self.fused else bundle.model_file("backbone")
@@ -106,18 +113,24 @@ class AnomalyPredictor:
             DataError: an unreadable image.
         """
         maps, scores = [], []
-        for i in range(0, len(paths), batch_size):
-            x = np.stack([load_input(Path(p), self.preprocess) for p in paths[i : i + batch_size]])
+        plan = self.plan
+        step = 1 if plan is not None else batch_size  # a tiled frame is a batch of its own
+        for i in range(0, len(paths), step):
+            chunk = paths[i : i + step]
+            x = plan.inputs(Path(chunk[0]), self.preprocess) if plan is not None else \
+                np.stack([load_input(Path(p), self.preprocess) for p in chunk])
             if self.fused:
                 outs = self.session.run(x)
                 m, s = (outs[0], outs[1]) if self.has_map else (None, outs[0])
             else:
                 m, s = score_rows(self.head, self.session(x).reshape(len(x), -1))
+            if plan is not None:
+                m, s = plan.frames(m, s)
             maps.append(m)
             scores.append(s)
-        S = self.preprocess.input_size
+        W, H = plan.work if plan is not None else (self.preprocess.input_size,) * 2
         if not scores:
-            return (np.zeros((0, S, S), np.float32) if self.has_map else None), np.zeros(0, np.float32)
+            return (np.zeros((0, H, W), np.float32) if self.has_map else None), np.zeros(0, np.float32)
         return (np.concatenate(maps) if self.has_map else None), np.concatenate(scores).reshape(-1)
 
     def predict(self, paths: Sequence[str | Path], *, threshold: float | None = None,
@@ -156,7 +169,8 @@ class AnomalyPredictor:
                 out.append(AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr,
                                              float(s / thr), peak))
                 if heatmaps is not None:
-                    save_overlay(path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken)
+                    save_overlay(path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken,
+                                 frame=self.plan is not None)
         return out
 
     def evaluate(self, data, *, threshold: float | None = None, strict: bool = False, **_) -> dict:
@@ -179,7 +193,8 @@ class AnomalyPredictor:
         maps, scores = self.maps([s.path for s in samples])
         thr = self.threshold if threshold is None else float(threshold)
         y = np.array([s.label != "good" for s in samples], bool)
-        mk = [load_mask(mask_files.get(str(s.path)), self.preprocess) if y[i] else None for i, s in enumerate(samples)]
+        mk = [_mask(mask_files.get(str(s.path)), self.preprocess, self.plan) if y[i] else None
+              for i, s in enumerate(samples)]
         m = detection_metrics(y, scores, thr, maps=maps, masks=mk)
         per_kind = {}
         for kind in sorted({s.label for s in samples} - {"good"}):
@@ -204,12 +219,40 @@ class PatchExtractor(ImageExtractor):
         flat = self.features(items, cache=cache, batch_size=16, quiet=quiet, desc=desc)
         return flat.reshape(len(items), -1) if len(items) else np.zeros((0, int(np.prod(self.shape))), np.float32)
 
+    def tiles(self, items: Sequence, plan: TilePlan, *, cache=None) -> np.ndarray:
+        """Feature rows of every tile of every frame (N * plan.count, L), frame-major, cached per
+        frame under the plan (decoding overlaps the model, as in :meth:`features`)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-def score_rows(head, X: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(maps or None, scores) of feature rows (N, L) under a patch-only or a defect head."""
+        from ...core.features import FeatureCache, file_digest
+
+        tc = FeatureCache(cache.dir.parent.parent, f"{self.cache_key}-tiles-{plan.digest()}") if cache else None
+        paths = [Path(getattr(i, "path", i)) for i in items]
+        digests = [getattr(i, "digest", None) or file_digest(p) for i, p in zip(items, paths)]
+        out: list = [tc.get(d, 0) if tc else None for d in digests]
+        todo = [i for i, v in enumerate(out) if v is None]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for i, x in zip(todo, pool.map(lambda i: plan.inputs(paths[i], self.preprocess), todo)):
+                out[i] = np.asarray(self.session(x), np.float32).reshape(-1)
+                if tc:
+                    tc.put(digests[i], 0, out[i])
+                    cache.misses += 1
+        n = plan.count
+        return np.concatenate([v.reshape(n, -1) for v in out]) if out else np.zeros((0, 0), np.float32)
+
+
+def score_rows(head, X: np.ndarray, plan: TilePlan | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(maps or None, scores) of feature rows (N, L) under a patch-only or a defect head; with a
+    tile ``plan``, rows are tiles and the answer is per frame (maps at the working size)."""
     if isinstance(head, DefectHead):
-        return head.maps(X)
-    return head.maps(X.reshape(len(X), head.channels_in, *head.grid))
+        m, s = head.maps(X)
+    else:
+        m, s = head.maps(X.reshape(len(X), head.channels_in, *head.grid))
+    return plan.frames(m, s) if plan is not None else (m, s)
+
+
+def _mask(path, pre: PreprocessConfig, plan: TilePlan | None):
+    return load_mask_tiled(path, plan) if plan is not None else load_mask(path, pre)
 
 
 def patch_part(head, X: np.ndarray) -> np.ndarray:
@@ -220,9 +263,9 @@ def patch_part(head, X: np.ndarray) -> np.ndarray:
 
 
 def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: PreprocessConfig,
-                  threshold: float | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
-    """Metrics of ``head`` on labelled feature rows; picks the threshold when none is given."""
-    maps, scores = score_rows(head, F)
+                  threshold: float | None = None, plan: TilePlan | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """Metrics of ``head`` on labelled feature rows (per frame when tiled); picks the threshold when none is given."""
+    maps, scores = score_rows(head, F, plan)
     y = np.array([s.label != "good" for s in samples], bool)
     if threshold is None:
         if y.any() and (~y).any():
@@ -233,21 +276,21 @@ def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: Preproce
             policy = f"{head.config.quantile} quantile of held-out good scores x {head.config.margin}"
     else:
         policy = "given"
-    mk = [load_mask(masks.get(str(s.path)), pre) if s.label != "good" else None for s in samples] \
+    mk = [_mask(masks.get(str(s.path)), pre, plan) if s.label != "good" else None for s in samples] \
         if maps is not None else None
     m = detection_metrics(y, scores, threshold, maps=maps, masks=mk)
     m["threshold_policy"] = policy
     return m, maps, scores
 
 
-def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list) -> tuple[DefectHead, dict]:
+def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None) -> tuple[DefectHead, dict]:
     """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`)."""
     y = np.array([s.label != "good" for s in samples], bool)
     if head.kind != "combined" or not (y.any() and (~y).any()):
         return head, {"chosen": head.kind, "reason": "no labelled anomalies: the default" if head.kind == "combined"
                       else "asked for"}
     kinds = ("combined", "patch", head.image.kind)
-    choice = choose(y, {k: head.as_kind(k).maps(F_ev)[1] for k in kinds})
+    choice = choose(y, {k: score_rows(head.as_kind(k), F_ev, plan)[1] for k in kinds})
     return head.as_kind(choice["chosen"]), choice
 
 
@@ -304,21 +347,28 @@ class AnomalyTask(Task):
         cfg = self.head_config(options.head)
         pre = extractor.preprocess
         desc = "fp32 reference" if like is not None else "patch features"
-        F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
-        F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
+        plan = like.features.get("plan") if like is not None else tile_plan(data, cfg, pre)
+        groups = None
+        if plan is not None:
+            F_tr = extractor.tiles(data.train, plan, cache=cache)
+            F_ev = extractor.tiles(data.eval_set, plan, cache=cache)
+            groups = np.repeat(np.arange(len(data.train)), plan.count)
+        else:
+            F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
+            F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
         shape = extractor.shape
         if isinstance(cfg, DefectConfig):
-            head = fit_defect_head(F_tr, cfg, patch_shape=shape, size=pre.input_size)
+            head = fit_defect_head(F_tr, cfg, patch_shape=shape, size=pre.input_size, groups=groups)
             if like is not None:  # the FP32 reference scores as the shipped head does
                 head, choice = head.as_kind(like.head.kind), like.features.get("choice")
             else:
-                head, choice = select_kind(head, F_ev, data.eval_set)
+                head, choice = select_kind(head, F_ev, data.eval_set, plan)
         else:
             head, choice = fit_patch_head(F_tr.reshape(len(F_tr), *shape), cfg, size=pre.input_size), None
-        metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre)
+        metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre, plan=plan)
         y = np.array([s.label != "good" for s in data.eval_set], bool)
         return Trained(head, metrics, (y, scores), {}, cache.misses if cache else 0, extractor.session,
-                       {"F_ev": F_ev, "choice": choice})
+                       {"F_ev": F_ev, "choice": choice, "plan": plan})
 
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
         m, r = trained.metrics, reference.metrics
@@ -338,6 +388,7 @@ class AnomalyTask(Task):
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
         head, m = trained.head, trained.metrics
         threshold = m["threshold"]
+        plan = trained.features.get("plan")
         has_map = not isinstance(head, DefectHead) or head.has_map
         label = head.label if isinstance(head, DefectHead) else head.kind
         heat = ("none: an image-level head scores the whole image" if not has_map else
@@ -352,11 +403,14 @@ class AnomalyTask(Task):
                          "anomaly": {"map_size": head.size, "grid": list(head.grid), "sigma": head.config.sigma,
                                      "normalised_score": "score / threshold (>= 1.0 means defect)",
                                      "outputs": ["anomaly_map", "score"] if has_map else ["score"],
-                                     "heat_map": heat, "scoring": label},
+                                     "heat_map": heat, "scoring": label,
+                                     "tiles": plan.to_dict() if plan is not None else None},
                          "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}}},
             "report": {"head": label, "eval_set": "test" if data.test else "held-out good", "metrics": m,
                        "memory_patches": head.memory_size, "heat_map": heat,
-                       "selection": trained.features.get("choice")},
+                       "selection": trained.features.get("choice"),
+                       "tiling": ({**plan.to_dict(), "plan": plan.describe()} if plan is not None else
+                                  {"count": 1, "plan": "one view: the frame resized to the input size"})},
             "fused_meta": {"head": head.kind, "threshold": threshold,
                            "outputs": "anomaly_map (N, S, S), score (N,): raw; divide by the manifest threshold"},
         }
@@ -364,7 +418,12 @@ class AnomalyTask(Task):
     def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
         probe = (data.eval_set or data.train)[:8]
         pre = PreprocessConfig.from_dict(exported.preprocess)
-        x = np.stack([load_input(s.path, pre) for s in probe])
+        plan = trained.features.get("plan")
+        if plan is not None and data.eval_set:  # the first frame's tiles, the rows they gave
+            probe = probe[:1] * min(8, plan.count)
+            x = plan.inputs(Path(probe[0].path), pre)[: len(probe)]
+        else:
+            x = np.stack([load_input(s.path, pre) for s in probe])
         outs = fused_session.run(x)
         F = trained.features["F_ev"][: len(probe)] if data.eval_set else None
         if F is None or len(F) != len(probe):
@@ -401,12 +460,12 @@ class AnomalyTask(Task):
         samples, skipped = good_images(data, strict=strict)
         pred = AnomalyPredictor(b, fused=False)
         head = pred.head
-        F = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape).patches(
-            samples, quiet=quiet, desc="adapt")
-        _, before = score_rows(head, F)
+        ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
+        F = ext.tiles(samples, pred.plan) if pred.plan is not None else ext.patches(samples, quiet=quiet, desc="adapt")
+        _, before = score_rows(head, F, pred.plan)
         new_head = update_defect_head(head, F) if isinstance(head, DefectHead) else \
             update_patch_head(head, patch_part(head, F))
-        _, after = score_rows(new_head, F)
+        _, after = score_rows(new_head, F, pred.plan)
         thr = pred.threshold if threshold is None else self.check_threshold(threshold)
         summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
                              "over_threshold": int(np.sum(s >= thr))}
@@ -439,7 +498,7 @@ class AnomalyTask(Task):
     def fit_figures(self, result) -> dict:
         r = result.report
         return {"head": r["head"], "eval_set": r["eval_set"], "metrics": r["metrics"], "heat_map": r.get("heat_map"),
-                "selection": r.get("selection")}
+                "selection": r.get("selection"), "tiling": r.get("tiling")}
 
     def fit_lines(self, result) -> list[str]:
         r, m, c = result.report, result.report["metrics"], result.data.counts()
@@ -448,7 +507,8 @@ class AnomalyTask(Task):
                 f"data      {c['train_good']} good training images" + (f"; test: {tests}" if tests else
                                                                            f"; {c['val_good']} good held out"),
                 f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
-                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _choice_lines(r)
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _choice_lines(r) \
+            + _tiling_lines(r)
 
     def model_line(self, result) -> str:
         r = result.report
@@ -507,6 +567,23 @@ def _choice_lines(r: dict) -> list[str]:
     elif c.get("reason"):
         lines.append(f"chosen    {c['chosen']} ({c['reason']})")
     return lines
+
+
+def _tiling_lines(r: dict) -> list[str]:
+    """The tiling and what it costs a frame (the fused tile model's batch-1 latency x tiles)."""
+    t = r.get("tiling")
+    if not t or t.get("count", 1) == 1:
+        return []
+    ms = (r.get("fused_latency_batch1") or {}).get("p50_ms")
+    cost = f"; about {t['count'] * ms:.0f} ms of model a frame ({t['count']} x {ms:.1f} ms, this machine)" if ms else ""
+    return [f"tiles     {t['plan']}{cost}"]
+
+
+def tile_plan(data, cfg, pre: PreprocessConfig) -> TilePlan | None:
+    """The tiling for this data's frames (the first training frame's size) and ``cfg.defect_size``."""
+    if not data.train:
+        return None
+    return plan_tiles(frame_size(Path(data.train[0].path)), pre.input_size, getattr(cfg, "defect_size", None))
 
 
 def _memory(head) -> dict:
