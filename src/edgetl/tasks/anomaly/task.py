@@ -195,7 +195,8 @@ class AnomalyPredictor:
         y = np.array([s.label != "good" for s in samples], bool)
         mk = [_mask(mask_files.get(str(s.path)), self.preprocess, self.plan) if y[i] else None
               for i, s in enumerate(samples)]
-        m = detection_metrics(y, scores, thr, maps=maps, masks=mk)
+        m = detection_metrics(y, scores, thr, maps=maps, masks=mk, kinds=[s.label for s in samples],
+                              map_threshold=getattr(self.head, "map_cut", lambda t: t)(thr))
         per_kind = {}
         for kind in sorted({s.label for s in samples} - {"good"}):
             sel = np.array([s.label in ("good", kind) for s in samples])
@@ -278,7 +279,8 @@ def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: Preproce
         policy = "given"
     mk = [_mask(masks.get(str(s.path)), pre, plan) if s.label != "good" else None for s in samples] \
         if maps is not None else None
-    m = detection_metrics(y, scores, threshold, maps=maps, masks=mk)
+    m = detection_metrics(y, scores, threshold, maps=maps, masks=mk, kinds=[s.label for s in samples],
+                          map_threshold=getattr(head, "map_cut", lambda t: t)(threshold))
     m["threshold_policy"] = policy
     return m, maps, scores
 
@@ -350,6 +352,7 @@ class AnomalyTask(Task):
         plan = like.features.get("plan") if like is not None else tile_plan(data, cfg, pre)
         groups = None
         if plan is not None:
+            cfg = tiled_config(cfg, plan)
             F_tr = extractor.tiles(data.train, plan, cache=cache)
             F_ev = extractor.tiles(data.eval_set, plan, cache=cache)
             groups = np.repeat(np.arange(len(data.train)), plan.count)
@@ -507,7 +510,8 @@ class AnomalyTask(Task):
                 f"data      {c['train_good']} good training images" + (f"; test: {tests}" if tests else
                                                                            f"; {c['val_good']} good held out"),
                 f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
-                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _choice_lines(r) \
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _rates(m) \
+            + _choice_lines(r) \
             + _tiling_lines(r)
 
     def model_line(self, result) -> str:
@@ -525,8 +529,12 @@ class AnomalyTask(Task):
                                                               if peak is not None else ""),
                   f"threshold    {m['threshold']:.4g}: precision {_fmt(m['precision'])}, recall {_fmt(m['recall'])}, "
                   f"F1 {_fmt(m['f1'])}  (tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']})"]
+        lines += _rates(m)
         for kind, v in m.get("per_defect_auroc", {}).items():
-            lines.append(f"  {kind:<14} AUROC {_fmt(v)}")
+            rec = (m.get("recall_per_kind") or {}).get(kind)
+            reg = (m.get("regions_per_kind") or {}).get(kind) or {}
+            lines.append(f"  {kind:<14} AUROC {_fmt(v)}" + (f", flagged {_fmt(rec, True)}" if rec is not None else "")
+                         + (f", regions found {_fmt(reg['recall'], True)} of {reg['n']}" if reg.get("n") else ""))
         return "\n".join(lines)
 
     def render_adapt(self, r: AdaptResult, dry_run: bool) -> str:
@@ -569,6 +577,20 @@ def _choice_lines(r: dict) -> list[str]:
     return lines
 
 
+def _rates(m: dict) -> list[str]:
+    """Detection rates that a mostly-good pixel count cannot hide (see :mod:`.metrics`)."""
+    out = []
+    reg = m.get("regions") or {}
+    if reg.get("n"):
+        out.append(f"{'regions':<9} {_fmt(reg['recall'], True)} of {reg['n']} defect regions reach the threshold on the "
+                   f"map (mean overlap {_fmt(reg['overlap'], True)}); pixel AUROC alone hides missed small defects")
+    rk = m.get("recall_per_kind") or {}
+    if rk:
+        out.append(f"{'flagged':<9} " + ", ".join(f"{k} {_fmt(v, True)}" for k, v in rk.items())
+                   + " of defective images at the threshold")
+    return out
+
+
 def _tiling_lines(r: dict) -> list[str]:
     """The tiling and what it costs a frame (the fused tile model's batch-1 latency x tiles)."""
     t = r.get("tiling")
@@ -577,6 +599,22 @@ def _tiling_lines(r: dict) -> list[str]:
     ms = (r.get("fused_latency_batch1") or {}).get("p50_ms")
     cost = f"; about {t['count'] * ms:.0f} ms of model a frame ({t['count']} x {ms:.1f} ms, this machine)" if ms else ""
     return [f"tiles     {t['plan']}{cost}"]
+
+
+# A tiled frame runs the patch head once per tile: its memory is cut so that a frame costs at most
+# this many single views' worth of nearest-neighbour distances (a 4 x 4 plan: 10,000 / 4 = 2,500
+# patches, as many as the coreset of ~3 frames at 10 %; the textures tried needed no more).
+TILED_MEMORY_VIEWS = 4
+
+
+def tiled_config(cfg, plan: TilePlan):
+    """``cfg`` with the patchcore memory bounded for ``plan`` (see :data:`TILED_MEMORY_VIEWS`)."""
+    patch = cfg.patch if isinstance(cfg, DefectConfig) else cfg
+    cap = max(1000, patch.max_memory * TILED_MEMORY_VIEWS // plan.count)
+    if patch.kind != "patchcore" or patch.max_memory <= cap:
+        return cfg
+    patch = dataclasses.replace(patch, max_memory=cap)
+    return dataclasses.replace(cfg, patch=patch) if isinstance(cfg, DefectConfig) else patch
 
 
 def tile_plan(data, cfg, pre: PreprocessConfig) -> TilePlan | None:
