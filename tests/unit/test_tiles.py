@@ -146,6 +146,11 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     res = run_cli("predict", out, tmp_path / "cut.png", env=no_torch_env)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "cut.png: a 300 x 448 frame; this bundle was fitted on 448 x 448 frames" in res.stderr
+    # the report draws the frame-sized maps over the frames
+    if __import__("importlib").util.find_spec("matplotlib"):
+        res = run_cli("report", out, root / "test", "--out", tmp_path / "r.html", env=no_torch_env)
+        assert res.returncode == 0, res.stderr
+        assert "regions" in json.loads((out / "report.json").read_text())["metrics"]
     # adapt on the device learns tiles of new good frames
     new = tmp_path / "new"
     new.mkdir()
