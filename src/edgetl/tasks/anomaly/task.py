@@ -286,13 +286,20 @@ def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: Preproce
 
 
 def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None) -> tuple[DefectHead, dict]:
-    """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`)."""
+    """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`).
+
+    Tiled frames default to the patch part: a tile's pooled features see a piece of the part, and
+    the maximum over tiles of that image part mostly adds its noise (measured on 1 MP frames:
+    image part alone 0.52 / 0.79 image AUROC, combined 0.72 / 0.94, patch part 0.83 / 0.93)."""
     y = np.array([s.label != "good" for s in samples], bool)
+    default = "patch" if plan is not None and head.kind == "combined" else "combined"
     if head.kind != "combined" or not (y.any() and (~y).any()):
-        return head, {"chosen": head.kind, "reason": "no labelled anomalies: the default" if head.kind == "combined"
-                      else "asked for"}
-    kinds = ("combined", "patch", head.image.kind)
-    choice = choose(y, {k: score_rows(head.as_kind(k), F_ev, plan)[1] for k in kinds})
+        why = ("asked for" if head.kind != "combined" else "no labelled anomalies: the default" if default == "combined"
+               else "tiled frames: the patch part (the default there)")
+        return head.as_kind(default) if head.kind == "combined" else head, {"chosen": default if head.kind == "combined"
+                                                                             else head.kind, "reason": why}
+    kinds = (default, *(k for k in ("combined", "patch", head.image.kind) if k != default))
+    choice = choose(y, {k: score_rows(head.as_kind(k), F_ev, plan)[1] for k in kinds}, default=default)
     return head.as_kind(choice["chosen"]), choice
 
 
@@ -570,7 +577,7 @@ def _choice_lines(r: dict) -> list[str]:
     if c.get("candidates"):
         alts = "; ".join(f"{k} {v['auroc']:.3f} ({v['diff']:+.3f}, interval [{v['interval'][0]:+.3f}, "
                          f"{v['interval'][1]:+.3f}])" for k, v in c["candidates"].items())
-        lines.append(f"chosen    {c['chosen']}: combined AUROC {c['default_auroc']:.3f}, {alts} at "
+        lines.append(f"chosen    {c['chosen']}: {c.get('default', 'combined')} AUROC {c['default_auroc']:.3f}, {alts} at "
                      f"{c['confidence']:.1%}; {c['reason']}")
     elif c.get("reason"):
         lines.append(f"chosen    {c['chosen']} ({c['reason']})")
