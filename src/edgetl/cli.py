@@ -135,6 +135,8 @@ def _head_kinds() -> list[str]:
                    "(default: patchcore for local defects + knn on whole images for the wrong part, each scored "
                    "against held-out good images), patchcore or padim alone (heat map, local defects), knn or "
                    "gaussian alone (whole images, no heat map).")
+@click.option("--defect-size", type=float, help="anomaly: the smallest defect to find, in frame pixels (a scratch's "
+              "width); frames too large to keep it visible in one view are scored as tiles.  [default: 3]")
 @click.option("--l2", type=float, help="Classifier heads: L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, help="mlp head: hidden units.  [default: 256]")
 @click.option("--epochs", type=int, help="linear / mlp heads: optimizer iterations.  [default: 300]")
@@ -165,9 +167,9 @@ def _head_kinds() -> list[str]:
 @json_option
 @quiet_option
 @handle_errors
-def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, target, precision, runtime, val, val_split,
-        group_by, augment, roi, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key, text_column,
-        label_column, with_report, as_json, quiet):
+def fit(data, out, task, backbone, weights, head_kind, defect_size, l2, hidden, epochs, target, precision, runtime, val,
+        val_split, group_by, augment, roi, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key,
+        text_column, label_column, with_report, as_json, quiet):
     """Train a head on DATA and write a deployable bundle to --out.
 
     DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, a CSV with
@@ -185,7 +187,8 @@ def fit(data, out, task, backbone, weights, head_kind, l2, hidden, epochs, targe
 
         check_dependencies()
         check_out(default_out(out), out, folder_must_exist=False)
-    head = {k: v for k, v in {"kind": head_kind, "l2": l2, "hidden": hidden, "epochs": epochs}.items() if v is not None}
+    head = {k: v for k, v in {"kind": head_kind, "l2": l2, "hidden": hidden, "epochs": epochs,
+                              "defect_size": defect_size}.items() if v is not None}
     chosen = tasks.for_data(data, task=task, head=head_kind)
     head = chosen.head_config({**head, "seed": seed})
     opts = FitOptions(task=chosen.name, backbone=backbone, weights=str(weights) if weights else None, head=head,

@@ -329,3 +329,32 @@ def test_heatmap_names_unique_within_a_run_and_overwritten_across_runs(tmp_path)
         names = [save_overlay(p, np.ones((32, 32), np.float32), out, pre, taken).name for p in srcs]
         assert names == ["000_heatmap.png", "000_1_heatmap.png"]
     assert sorted(p.name for p in out.iterdir()) == ["000_1_heatmap.png", "000_heatmap.png"]
+
+
+def test_regions_match_scipy_labelling():
+    from scipy import ndimage
+
+    from edgetl.tasks.anomaly.metrics import regions
+
+    rng = np.random.default_rng(3)
+    mask = rng.uniform(size=(60, 70)) > 0.8
+    ours = regions(mask)
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    assert len(ours) == n
+    theirs = sorted(tuple(sorted(zip(*np.nonzero(lab == k)))) for k in range(1, n + 1))
+    assert sorted(tuple(sorted(zip(r.tolist(), c.tolist()))) for r, c in ours) == theirs
+
+
+def test_small_missed_defects_show_in_region_and_kind_rates():
+    # two defect images: a large region the map covers, and a 2 x 2 one it misses
+    maps = np.zeros((3, 40, 40), np.float32)
+    masks = [None, np.zeros((40, 40), bool), np.zeros((40, 40), bool)]
+    masks[1][5:25, 5:25] = True
+    maps[1][5:25, 5:15] = 2.0  # half the big region above the cut
+    masks[2][30:32, 30:32] = True
+    masks[2][2:4, 2:4] = True  # a second region on the same image, also missed
+    m = detection_metrics(np.array([0, 1, 1]), np.array([0.1, 2.0, 0.5]), 1.0, maps=maps, masks=masks,
+                          kinds=["good", "stain", "crack"], map_threshold=1.5)
+    assert m["regions"] == {"n": 3, "recall": round(1 / 3, 4), "overlap": round(0.5 / 3, 4)}
+    assert m["regions_per_kind"]["crack"]["recall"] == 0.0 and m["regions_per_kind"]["stain"]["recall"] == 1.0
+    assert m["recall_per_kind"] == {"crack": 0.0, "stain": 1.0}

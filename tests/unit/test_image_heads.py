@@ -10,6 +10,9 @@ a small defects example and go through adapt, history and rollback.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -79,8 +82,11 @@ def _reference(head: DefectHead, X: np.ndarray) -> np.ndarray:
     sp = (A @ S @ A.T).reshape(len(X), -1).max(1)
     if head.kind == "patch":
         return sp
-    (_, sdp), (_, sdi) = head.norm["patch"], head.norm["image"]
-    return 0.5 * (sp / sdp + si / sdi)
+    (mp, sdp), (mi, sdi) = head.norm["patch"], head.norm["image"]
+    if head.rule == "mean":
+        return 0.5 * (sp / sdp + si / sdi)
+    # the soft maximum of the z-scores, shifted so that no term can go below zero
+    return np.logaddexp((sp - mp) / sdp, (si - mi) / sdi) + max(mp / sdp, mi / sdi)
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +95,17 @@ def train_rows():
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("kind,image", [("combined", "knn"), ("knn", "knn"), ("gaussian", "gaussian"),
-                                        ("combined", "gaussian"), ("patch", "knn")])
-def test_fused_graph_equals_numpy_reference(tmp_path, train_rows, runtime, kind, image):
+@pytest.mark.parametrize("kind,image,rule", [("combined", "knn", "softmax"), ("knn", "knn", "softmax"),
+                                             ("gaussian", "gaussian", "softmax"), ("combined", "gaussian", "softmax"),
+                                             ("patch", "knn", "softmax"), ("combined", "knn", "mean")])
+def test_fused_graph_equals_numpy_reference(tmp_path, train_rows, runtime, kind, image, rule):
     from edgetl.core.fuse import fuse
     from edgetl.core.sessions import open_session
 
     cfg = DefectConfig.from_dict({"kind": "combined" if kind == "patch" else kind, "image": {"kind": image},
                                   "coreset_ratio": 0.25})
     head = fit_defect_head(train_rows, cfg, patch_shape=SHAPE, size=SIZE).as_kind(kind)  # patch: what selection may pick
+    head = dataclasses.replace(head, rule=rule)  # mean: a head saved before the softmax rule
     W, b = _feature_model(tmp_path / "rows.onnx")
     backbone = tmp_path / "rows.onnx"
     if runtime == "openvino":
@@ -119,7 +127,7 @@ def test_fused_graph_equals_numpy_reference(tmp_path, train_rows, runtime, kind,
     if head.has_map:
         assert outs[0].shape == (6, SIZE, SIZE)
         np.testing.assert_allclose(outs[0].reshape(6, -1).max(1) + (scores - maps.reshape(6, -1).max(1)),
-                                   fused_scores, atol=1e-3 * scale)  # score = map maximum + image part
+                                   fused_scores, atol=1e-3 * scale)  # the map and the score agree across runtimes
         assert np.max(np.abs(outs[0] - maps)) <= 1e-3 * (float(np.ptp(maps)) + 1.0)
 
 
@@ -136,6 +144,36 @@ def test_both_kinds_of_anomaly_are_caught(train_rows):
     # each part alone misses the other kind
     assert auroc(y, head.as_kind("patch").maps(np.concatenate([good, wrong]))[1]) < 0.8
     assert auroc(y, head.as_kind("knn").maps(np.concatenate([good, local]))[1]) < 0.8
+
+
+def test_combined_score_is_never_below_its_better_part_and_old_heads_keep_their_rule(tmp_path, train_rows):
+    from edgetl.heads.patch import HEADER_KEY
+
+    head = fit_defect_head(train_rows, DefectConfig(), patch_shape=SHAPE, size=SIZE)
+    good = _rows(40, 7)
+    y = np.r_[np.zeros(40), np.ones(40)].astype(bool)
+    drops = []
+    for bad in (_rows(40, 8, patch_shift=2.0), _rows(40, 9, image_shift=1.0)):  # each seen by one part only
+        X = np.concatenate([good, bad])
+        a = {k: auroc(y, head.as_kind(k).maps(X)[1]) for k in ("combined", "patch", "knn")}
+        mean = auroc(y, dataclasses.replace(head, rule="mean").maps(X)[1])
+        drops.append(max(a["patch"], a["knn"]) - mean)
+        # within noise of the better part (40 + 40 images: AUROC's sd ~ 0.03), where the mean falls below it
+        assert a["combined"] >= max(a["patch"], a["knn"]) - 0.06, a
+    # a head file without a recorded rule was written when the rule was the mean: read back as such
+    head.save(tmp_path / "h.npz")
+    with np.load(tmp_path / "h.npz") as z:
+        arrays = dict(z)
+    header = json.loads(bytes(arrays[HEADER_KEY]).decode())
+    assert max(drops) > 0.06  # the old mean rule does fall below its better part here
+    assert header["rule"] == "softmax"
+    del header["rule"]
+    arrays[HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    old = load_any_head(tmp_path / "old.npz")
+    assert old.rule == "mean"
+    X = _rows(5, 3)
+    np.testing.assert_allclose(old.maps(X)[1], _reference(old, X), rtol=1e-4)
 
 
 def test_held_out_normalisation_matches_new_good_images(train_rows):

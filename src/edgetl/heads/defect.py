@@ -5,16 +5,20 @@ The backbone is the patch-feature export with its pooled features appended (one 
 image: the patch map, then the pooled vector). Kinds:
 
 ``combined`` (default)
-    patch head + image head. Each part's raw score is divided by the spread (standard
-    deviation) of its scores on held-out good images (training images scored by heads that never
-    saw them: leave-one-image-out for patchcore and knn, 5-fold refits for padim and gaussian),
-    and the score is their mean: ``0.5 * (s_patch / sd_patch + s_image / sd_image)``. That is the
-    mean of the two z-scores plus a constant (their held-out means over their spreads), so it
-    ranks images exactly as the z-scores do while staying positive, like every other head's
-    score (the threshold convention needs it). Neither part dominates by its units; an image far
-    off in either stands out. The anomaly map is the patch part on the score's scale
-    (``0.5 * map / sd_patch``; the score is its maximum plus the image part): it points at local
-    defects, and is the patch head's map times one constant, so its pixel AUROC is the patch head's.
+    patch head + image head. Each part's raw score becomes a z-score against its scores on
+    held-out good images (training images scored by heads that never saw them:
+    leave-one-image-out for patchcore and knn, 5-fold refits for padim and gaussian), and the
+    score is their soft maximum, shifted by one constant so that it stays positive like every
+    other head's score (the threshold convention needs it):
+    ``log(exp z_patch + exp z_image) + c``, ``c = max(mean_patch / sd_patch, mean_image / sd_image)``.
+    A soft maximum follows whichever part sees the anomaly (a wrong part is as far off as its image
+    part says, a small defect as far as its patch part says; a part that sees nothing adds at most
+    log 2 to good and bad images alike), and when both parts see it, it adds up to log 2 more. The
+    mean of the two z-scores (the rule of heads saved before) halves a part's evidence whenever the
+    other part sees nothing, and fell below the better part alone on wrong parts; the plain
+    maximum gives up what the parts add together (``benchmarks/combine.py``). The anomaly map is the
+    patch part on the score's scale (``map / sd_patch + c - mean_patch / sd_patch``): the score is
+    never below its maximum; its pixel AUROC is the patch head's.
 ``knn`` / ``gaussian``
     the image head alone (:mod:`edgetl.heads.oneclass`): raw distance, no heat map.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +47,9 @@ from .patch import (HEADER_KEY, AnomalyConfig, AnomalyHead, fit_padim, maps_from
 DEFECT_KINDS = ("combined", *IMAGE_KINDS)
 _FORMAT = "edgetl-defect-head"
 _FORMAT_VERSION = 1
+# How a combined head joins its parts: "softmax" of the z-scores (fitted now), or the "mean" of
+# heads saved before (read back as such, so their thresholds keep meaning what they meant).
+RULES = ("softmax", "mean")
 # Held-out scoring of patchcore costs one pass over the bank per training image: a random subset
 # this large pins the normalisation well enough (its standard error ~ 1/sqrt(2n) of the spread).
 MAX_NORM_IMAGES = 80
@@ -83,6 +91,10 @@ class DefectConfig:
     def seed(self) -> int:
         return self.patch.seed
 
+    @property
+    def defect_size(self) -> float | None:
+        return self.patch.defect_size
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "patch": self.patch.to_dict(), "image": self.image.to_dict()}
 
@@ -123,6 +135,7 @@ class DefectHead:
     size: int
     norm: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    rule: str = "softmax"
 
     @property
     def has_map(self) -> bool:
@@ -163,8 +176,17 @@ class DefectHead:
         return X[:, :n].reshape(len(X), *self.patch_shape), X[:, n:]
 
     def scale(self, part: str) -> np.float32:
-        """0.5 / (std of a part's held-out good scores), float32."""
-        return np.float32(0.5 / self.norm[part][1])
+        """A part's factor in the combined score, float32: 1 / (std of its held-out good scores)
+        (``mean`` rule: 0.5 / std)."""
+        return np.float32((0.5 if self.rule == "mean" else 1.0) / self.norm[part][1])
+
+    def offset(self, part: str) -> np.float32:
+        """A part's shift in the combined score (``softmax`` rule; 0 for ``mean``): every term is >= 0."""
+        if self.rule == "mean":
+            return np.float32(0.0)
+        c = max(m / sd for m, sd in self.norm.values())
+        m, sd = self.norm[part]
+        return np.float32(c - m / sd)
 
     def map_cut(self, threshold: float) -> float:
         """The map value that is "at the threshold", for drawing: the combined score is the map's
@@ -173,6 +195,9 @@ class DefectHead:
         patch part reaches the threshold at ``threshold - 0.5 * mean / sd``."""
         if self.kind != "combined" or "image" not in self.norm:
             return float(threshold)
+        if self.rule == "softmax":  # the patch term t with log(exp t + exp c) = threshold, c: a typical image term
+            c = float(self.offset("image")) + self.norm["image"][0] / self.norm["image"][1]
+            return float(threshold) + math.log1p(-math.exp(c - float(threshold))) if threshold > c else float(threshold)
         mean, sd = self.norm["image"]
         cut = float(threshold) - 0.5 * mean / sd
         return cut if cut > 0 else float(threshold)
@@ -187,8 +212,15 @@ class DefectHead:
         m, sp = maps_from_patches(S, self.patch.operator)
         if self.kind == "patch":
             return m, sp
+        return m * self.scale("patch") + self.offset("patch"), self.combine(sp, si)
+
+    def combine(self, sp: np.ndarray, si: np.ndarray) -> np.ndarray:
+        """The combined score of raw patch-part and image-part scores, by the head's rule (as the
+        graph computes it)."""
         ap, ai = self.scale("patch"), self.scale("image")
-        return m * ap, (sp * ap) + (si * ai)
+        if self.rule == "mean":
+            return (sp * ap) + (si * ai)
+        return softmax2(sp * ap + self.offset("patch"), si * ai + self.offset("image"))
 
     def part_scores(self, X: np.ndarray) -> dict[str, np.ndarray]:
         """Raw patch and image scores of feature rows (the patch part only where there is one)."""
@@ -231,8 +263,17 @@ class DefectHead:
             m, sp = patch_scores_nodes(b, self.patch, x)
             ap = b.const("patch_scale", self.scale("patch"))
             zi = b.op("Mul", [si, b.const("image_scale", self.scale("image"))])
-            b.op("Mul", [m, ap], OUTPUTS[0])
-            b.op("Add", [b.op("Mul", [sp, ap]), zi], OUTPUTS[1])
+            if self.rule == "mean":
+                b.op("Mul", [m, ap], OUTPUTS[0])
+                b.op("Add", [b.op("Mul", [sp, ap]), zi], OUTPUTS[1])
+            else:  # max(a, b) + log(1 + exp(-|a - b|)): no overflow however far off a part is
+                bp = b.const("patch_offset", self.offset("patch"))
+                b.op("Add", [b.op("Mul", [m, ap]), bp], OUTPUTS[0])
+                ta = b.op("Add", [b.op("Mul", [sp, ap]), bp])
+                tb = b.op("Add", [zi, b.const("image_offset", self.offset("image"))])
+                gap = b.op("Neg", [b.op("Abs", [b.op("Sub", [ta, tb])])])
+                soft = b.op("Log", [b.op("Add", [b.const("one", np.array(1.0, np.float32)), b.op("Exp", [gap])])])
+                b.op("Add", [b.op("Max", [ta, tb]), soft], OUTPUTS[1])
             outs.append(helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", self.size, self.size]))
         outs.append(helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"]))
         return b.model(f"edgetl_defect_{self.kind}", [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", self.width])],
@@ -244,6 +285,7 @@ class DefectHead:
         header = {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": self.kind, "config": self.config.to_dict(),
                   "patch_shape": list(self.patch_shape), "size": self.size, "dims": self.image.dims,
                   "norm": {k: [float(v) for v in vs] for k, vs in self.norm.items()}, "meta": self.meta,
+                  "rule": self.rule,
                   "image_meta": self.image.meta, "patch_meta": self.patch.meta if self.patch is not None else None}
         payload = {f"image.{k}": np.asarray(v, order="C") for k, v in self.image.arrays.items()}
         if self.patch is not None:
@@ -279,9 +321,18 @@ class DefectHead:
             if not need <= set(image.arrays):
                 raise KeyError("image arrays")
             norm = {k: (float(v[0]), float(v[1])) for k, v in header.get("norm", {}).items()}
-            return cls(header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}))
+            rule = header.get("rule", "mean")  # heads saved before the rule was recorded averaged
+            if rule not in RULES:
+                raise ValueError(f"combination rule {rule!r}")
+            return cls(header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}), rule)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
+
+
+def softmax2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """log(exp a + exp b), float32, computed as the graph does (no overflow)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return (np.maximum(a, b) + np.log(np.float32(1.0) + np.exp(-np.abs(a - b)))).astype(np.float32)
 
 
 def load_any_head(path: str | Path):
@@ -298,14 +349,19 @@ def _norm(scores: np.ndarray) -> tuple[float, float]:
     return float(s.mean()), max(sd, 1e-6 * abs(float(s.mean())), 1e-12)
 
 
-def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
+def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0,
+                          groups: np.ndarray | None = None,
+                          rows: np.ndarray | None = None) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
     """(the patch head on all of F, indices of the images scored, their held-out image scores).
 
     patchcore: the full bank without the rows that came from the image scored (leave one image
-    out, at most :data:`MAX_NORM_IMAGES` images); padim: 5-fold refits.
+    out, at most :data:`MAX_NORM_IMAGES` images); padim: 5-fold refits. ``groups``: per row of F,
+    the frame it was cut from (tiles of one frame overlap, so all of them are left out together).
+    ``rows``: the rows patchcore scores (every tile of a frame, where a frame's score is wanted).
     """
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(F))[:MAX_NORM_IMAGES])
+    groups = np.arange(len(F)) if groups is None else np.asarray(groups).reshape(-1)
+    chosen = np.sort(rng.permutation(len(F))[:MAX_NORM_IMAGES]) if rows is None else np.asarray(rows)
     if cfg.kind == "patchcore":
         head, src = patchcore_with_sources(F, cfg, size=size)
         M = head.arrays["memory"].astype(np.float32)
@@ -315,21 +371,29 @@ def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed:
         for j, i in enumerate(chosen):
             X = F[i].reshape(C, H * W).T
             d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
-            d2[:, src == i] = np.inf
+            d2[:, groups[src] == groups[i]] = np.inf
             S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
         return head, chosen, maps_from_patches(S, head.operator)[1]
     head = fit_padim(F, cfg, size=size)
     scores = np.zeros(len(F), np.float32)
     order = rng.permutation(len(F))
+    fold = np.empty(len(F), np.int64)
+    fold[order] = np.arange(len(F)) % 5
+    if len(np.unique(groups)) < len(F):  # tiles: whole frames per fold
+        g = np.unique(groups, return_inverse=True)[1]
+        fold = rng.permutation(g.max() + 1)[g] % 5
     for f in range(min(5, len(F))):
-        held = order[f::5]
-        rest = np.setdiff1d(order, held)
-        scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
+        held = np.nonzero(fold == f)[0]
+        rest = np.nonzero(fold != f)[0]
+        if len(held) and len(rest):
+            scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
     return head, np.arange(len(F)), scores
 
 
-def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int) -> DefectHead:
-    """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation.
+def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int,
+                    groups: np.ndarray | None = None) -> DefectHead:
+    """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation (``groups``:
+    the frame each row was cut from, when rows are tiles).
 
     Raises:
         DataError: fewer than 3 good images (a held-out spread needs them).
@@ -343,7 +407,7 @@ def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int,
     norm = {"image": _norm(held_out_scores(Z, cfg.image, seed=cfg.seed))}
     patch = None
     if cfg.kind == "combined":
-        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed)
+        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups)
         norm["patch"] = _norm(held)
     return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm,
                       {"images": int(len(X))})

@@ -40,6 +40,10 @@ PATCH_KINDS = ("patchcore", "padim")
 COVARIANCES = ("position", "shared")
 _FORMAT = "edgetl-anomaly-head"
 _FORMAT_VERSION = 1
+# Greedy coreset selection costs one pass over its candidates per chosen row: above this many
+# patches (60 images of 28 x 28 patches are 47,040; tiled megapixel frames give millions) it chooses
+# from a seeded random subset of this size. The bank's worst-case gap then holds for the subset only.
+MAX_CORESET_ROWS = 150_000
 # The JSON header of a head .npz: its format, kind and settings (no pickles).
 HEADER_KEY = "__header__"
 
@@ -64,6 +68,9 @@ class AnomalyConfig:
         quantile: good-only threshold: this quantile of held-out good image scores ...
         margin: ... times this factor.
         seed: seeds the channel subset, the coreset start and the projection.
+        defect_size: the smallest defect to find, in frame pixels (None: the task's default); with
+            the frame size it decides whether and how large frames are tiled
+            (:mod:`edgetl.tasks.anomaly.tiles`).
     """
 
     kind: str = "patchcore"
@@ -78,8 +85,12 @@ class AnomalyConfig:
     quantile: float = 0.99
     margin: float = 1.05
     seed: int = 0
+    defect_size: float | None = None
 
     def __post_init__(self) -> None:
+        if self.defect_size is not None and not (isinstance(self.defect_size, (int, float)) and
+                                                 0 < self.defect_size < 10_000):
+            raise ConfigError(f"defect_size {self.defect_size!r}: give the smallest defect's size in pixels (> 0)")
         if self.kind not in PATCH_KINDS:
             raise ConfigError(f"anomaly head {self.kind!r} is not one of {', '.join(PATCH_KINDS)}")
         if self.covariance not in COVARIANCES:
@@ -387,7 +398,10 @@ def patchcore_with_sources(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> t
     """:func:`fit_patchcore` and, per memory row, the index of the image it came from (what
     leave-one-image-out scoring of the training images needs)."""
     X = patch_rows(F)
-    idx = greedy_coreset(X, coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)
+    pool = np.arange(len(X))
+    if len(X) > MAX_CORESET_ROWS:  # tiled megapixel frames: a seeded subset, or greedy selection takes minutes
+        pool = np.sort(np.random.default_rng(cfg.seed).choice(len(X), MAX_CORESET_ROWS, replace=False))
+    idx = pool[greedy_coreset(X[pool], coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)]
     head = AnomalyHead("patchcore", cfg, tuple(F.shape[2:]), int(F.shape[1]), size,
                        {"memory": X[idx]}, {"images": int(len(F)), "patches_seen": int(len(X))})
     return head, idx // (F.shape[2] * F.shape[3])

@@ -264,13 +264,17 @@ class _Sample:
 
 def _tile(sample, norm_map: np.ndarray, score: float, mask, pre) -> dict:
     return {"path": str(sample.path), "label": sample.label, "normalised": round(float(score), 4),
-            "map": None if norm_map is None else norm_map.astype(np.float32), "mask": mask, "image": seen_image(sample.path, pre)}
+            "map": None if norm_map is None else norm_map.astype(np.float32), "mask": mask,
+            "image": seen_image(sample.path, pre, None if norm_map is None else norm_map.shape)}
 
 
-def seen_image(path, pre) -> np.ndarray:
-    """The image as the model saw it (resize and centre crop), RGB uint8."""
+def seen_image(path, pre, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The image as the model saw it (resize and centre crop), RGB uint8; a tiled bundle's map
+    covers the whole frame (``shape`` (H, W), its working size): then the whole frame at that size."""
     from ..core.preprocess import load_rgb, resize_crop
 
+    if shape is not None and tuple(shape) != (pre.input_size, pre.input_size):
+        return np.asarray(load_rgb(path, cfg=pre, need=min(shape)).resize((shape[1], shape[0])).convert("RGB"))
     return np.asarray(resize_crop(load_rgb(path, cfg=pre), pre).convert("RGB"))
 
 

@@ -1,0 +1,170 @@
+"""Small defects on large frames: the frame is scored as overlapping tiles at the backbone's own
+input size, through the one fused tile model, and put back together.
+
+Why tiles (and not a larger input for the backbone, or coarse-to-fine): the exported model stays
+the one every target already runs (one static input shape: NPUs and TensorRT need nothing new, the
+INT8 calibration and parity checks are unchanged), memory on the device is one tile batch, and a
+defect is seen at the resolution the backbone was trained on. A larger input would need a second
+export per frame size and shape-dependent pooling in the graph; coarse-to-fine misses what the
+coarse pass cannot see, which is exactly the thin crack.
+
+The plan is fitted once, from the training frames' size and the smallest defect the user cares
+about (``defect_size`` px): the frame is scaled by ``min(1, MIN_INPUT_PX / defect_size)`` so that
+such a defect still covers ``MIN_INPUT_PX`` pixels of the backbone's input (its finest features
+have stride 4 and are 3x3-averaged, so a 2 px line still moves them), then covered by the fewest
+tiles of the input size, spaced evenly (they overlap wherever the frame does not divide evenly).
+When the whole frame shrunk to the input size already keeps the defect that large, there is one
+view and no tiling, as before.
+
+The device loop (numpy + Pillow, no torch): decode, scale to the working size, cut the tiles,
+one model call on the (n_tiles, 3, S, S) batch (a static-batch target pads / splits it as for any
+batch), then the frame's score is the maximum of its tiles' scores and its map the maximum of the
+tile maps where they overlap, at the working size. Thresholds are set on these frame scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ...core.preprocess import PreprocessConfig, load_rgb, to_tensor
+from ...errors import DataError
+from .data import _MASK_LEVEL
+
+# The smallest defect is scaled to cover this many input pixels (see the module docstring).
+MIN_INPUT_PX = 2.0
+# What `fit` assumes when not told: a thin scratch or crack, a few pixels wide.
+DEFAULT_DEFECT_SIZE = 3.0
+# Tiling only pays when the working frame is clearly larger than one view.
+MIN_GAIN = 1.15
+# Frames whose aspect ratio differs from the fitted one by more than this are refused.
+ASPECT_TOLERANCE = 0.02
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a frame is cut: ``frame`` (w, h) fitted on, ``work`` (w, h) after scaling, tile side,
+    and the tiles' left / top edges in the working frame."""
+
+    frame: tuple[int, int]
+    work: tuple[int, int]
+    tile: int
+    xs: tuple[int, ...]
+    ys: tuple[int, ...]
+    defect_size: float
+
+    @property
+    def count(self) -> int:
+        return len(self.xs) * len(self.ys)
+
+    @property
+    def scale(self) -> float:
+        return self.work[0] / self.frame[0]
+
+    @property
+    def boxes(self) -> list[tuple[int, int]]:
+        """(left, top) of each tile, row-major: the order of the model's batch."""
+        return [(x, y) for y in self.ys for x in self.xs]
+
+    def to_dict(self) -> dict:
+        return {"frame": list(self.frame), "work": list(self.work), "tile": self.tile, "xs": list(self.xs),
+                "ys": list(self.ys), "defect_size": self.defect_size, "count": self.count,
+                "scale": round(self.scale, 5)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TilePlan":
+        return cls(tuple(int(v) for v in d["frame"]), tuple(int(v) for v in d["work"]), int(d["tile"]),  # type: ignore[arg-type]
+                   tuple(int(v) for v in d["xs"]), tuple(int(v) for v in d["ys"]), float(d["defect_size"]))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def describe(self) -> str:
+        fw, fh = self.frame
+        return (f"{len(self.xs)} x {len(self.ys)} tiles of {self.tile} px over {fw} x {fh} frames scaled by "
+                f"{self.scale:.2f} (smallest defect {self.defect_size:g} px -> {self.defect_size * self.scale:.1f} "
+                "input px)")
+
+    # ---- device side ----------------------------------------------------------------------
+    def working_frame(self, path: Path, pre: PreprocessConfig | None = None) -> Image.Image:
+        """The frame (its region of interest, where ``pre`` has one) decoded no larger than the
+        working size needs (the one decoder: same numbers at fit and on the device), then scaled
+        to it.
+
+        Raises:
+            DataError: unreadable, or not the shape of the frames this plan was fitted on.
+        """
+        im = load_rgb(path, cfg=pre, need=min(self.work))
+        w, h = im.size
+        if abs((w / h) / (self.frame[0] / self.frame[1]) - 1) > ASPECT_TOLERANCE:
+            raise DataError(f"{path}: a {w} x {h} frame; this bundle was fitted on {self.frame[0]} x {self.frame[1]} "
+                            "frames (tiled for small defects): give frames of that shape or fit again on these")
+        if (w, h) != self.work:
+            im = im.resize(self.work, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return im
+
+    def inputs(self, path: Path, pre: PreprocessConfig) -> np.ndarray:
+        """(count, 3, S, S) model inputs of one frame file, in :attr:`boxes` order."""
+        arr = to_tensor(self.working_frame(path, pre), pre)
+        S = self.tile
+        return np.stack([arr[:, y : y + S, x : x + S] for x, y in self.boxes])
+
+    def stitch(self, maps: np.ndarray) -> np.ndarray:
+        """(count, S, S) tile maps -> (H, W) frame map at the working size, maximum where tiles overlap."""
+        W, H = self.work
+        out = np.full((H, W), -np.inf, np.float32)
+        S = self.tile
+        for m, (x, y) in zip(maps, self.boxes):
+            np.maximum(out[y : y + S, x : x + S], m, out=out[y : y + S, x : x + S])
+        return out
+
+    def frames(self, tile_maps: np.ndarray | None, tile_scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Per-tile (maps (N*n, S, S) or None, scores (N*n,)) -> per-frame (maps (N, H, W) or None, scores (N,))."""
+        n = self.count
+        scores = np.asarray(tile_scores, np.float32).reshape(-1, n).max(axis=1)
+        if tile_maps is None:
+            return None, scores
+        tm = np.asarray(tile_maps, np.float32).reshape(-1, n, self.tile, self.tile)
+        return np.stack([self.stitch(m) for m in tm]) if len(tm) else \
+            np.zeros((0, self.work[1], self.work[0]), np.float32), scores
+
+
+def _edges(length: int, tile: int) -> tuple[int, ...]:
+    """The fewest tile edges that cover ``length``, spaced evenly (first at 0, last at the end)."""
+    if length <= tile:
+        return (0,)
+    n = math.ceil(length / tile)
+    return tuple(int(round(i * (length - tile) / (n - 1))) for i in range(n))
+
+
+def plan_tiles(frame: tuple[int, int], input_size: int, defect_size: float | None) -> TilePlan | None:
+    """The tiling for frames of ``frame`` (w, h) px whose smallest defect of interest is
+    ``defect_size`` px (None: :data:`DEFAULT_DEFECT_SIZE`), or None when one view keeps it visible."""
+    d = float(defect_size or DEFAULT_DEFECT_SIZE)
+    w, h = int(frame[0]), int(frame[1])
+    one_view = input_size / min(w, h)  # the single view's scale (shorter side to the input size)
+    scale = min(1.0, MIN_INPUT_PX / d)
+    if scale <= one_view * MIN_GAIN:
+        return None
+    work = (max(input_size, round(w * scale)), max(input_size, round(h * scale)))
+    return TilePlan((w, h), work, input_size, _edges(work[0], input_size), _edges(work[1], input_size), d)
+
+
+def frame_size(path: Path, pre: PreprocessConfig | None = None) -> tuple[int, int]:
+    """(w, h) of a frame, upright (its region of interest, where ``pre`` has one)."""
+    return load_rgb(path, cfg=pre, need=0).size
+
+
+def load_mask_tiled(path: Path | None, plan: TilePlan) -> np.ndarray | None:
+    """A defect mask at the working frame's pixels (nearest neighbour)."""
+    if path is None:
+        return None
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("L").resize(plan.work, Image.Resampling.NEAREST))
+    return arr > _MASK_LEVEL

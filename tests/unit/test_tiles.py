@@ -1,0 +1,162 @@
+"""Tiled scoring of frames larger than the backbone's input: the plan, the stitching, and a real
+tiled bundle (real backbone, FP32) through predict, heat maps, eval, adapt and the error for a frame
+of the wrong shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgetl.core.preprocess import PreprocessConfig
+from edgetl.errors import DataError
+from edgetl.tasks.anomaly.tiles import DEFAULT_DEFECT_SIZE, MIN_INPUT_PX, TilePlan, plan_tiles
+
+
+def test_plan_covers_the_frame_with_the_fewest_tiles():
+    assert plan_tiles((224, 224), 224, None) is None  # one view already
+    assert plan_tiles((256, 200), 224, 3) is None
+    assert plan_tiles((1024, 1024), 224, 40) is None  # a large defect survives the single view
+    p = plan_tiles((1024, 768), 224, None)
+    s = MIN_INPUT_PX / DEFAULT_DEFECT_SIZE
+    assert p.work == (round(1024 * s), round(768 * s))
+    for edges, length in ((p.xs, p.work[0]), (p.ys, p.work[1])):
+        assert edges[0] == 0 and edges[-1] == length - 224
+        assert len(edges) == -(-length // 224)  # ceil: no tile more than needed
+        covered = np.zeros(length, bool)
+        for e in edges:
+            covered[e : e + 224] = True
+        assert covered.all()
+    assert p.count == len(p.xs) * len(p.ys) and len(p.boxes) == p.count
+    assert TilePlan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    # a smaller defect asks for more resolution, never more than the frame has
+    fine = plan_tiles((1024, 768), 224, 1)
+    assert fine.work == (1024, 768) and fine.count > p.count
+
+
+def test_frames_take_the_max_over_tiles_and_stitch_maps_in_place():
+    p = TilePlan((300, 300), (300, 300), 224, (0, 76), (0, 76), 3.0)
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 1, (2 * p.count, 224, 224)).astype(np.float32)
+    maps[5, 10, 20] = 9.0  # frame 1, tile 1 (x = 76, y = 0): frame pixel (row 10, col 96)
+    scores = rng.uniform(0, 1, 2 * p.count).astype(np.float32)
+    m, s = p.frames(maps, scores)
+    assert m.shape == (2, 300, 300)
+    np.testing.assert_array_equal(s, scores.reshape(2, -1).max(1))
+    assert np.unravel_index(np.argmax(m[1]), m[1].shape) == (10, 96)
+    # every frame pixel is the maximum of the tiles that cover it
+    for y, x in ((0, 0), (150, 150), (299, 299), (100, 250)):
+        cover = [maps[4 + i][y - ty, x - tx] for i, (tx, ty) in enumerate(p.boxes)
+                 if tx <= x < tx + 224 and ty <= y < ty + 224]
+        assert m[1, y, x] == max(cover)
+
+
+def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
+    rng = np.random.default_rng(1)
+    frame = rng.integers(0, 256, (480, 640, 3), np.uint8)
+    Image.fromarray(frame).save(tmp_path / "f.png")
+    p = plan_tiles((640, 480), 224, 3)
+    pre = PreprocessConfig(crop_pct=1.0)
+    x = p.inputs(tmp_path / "f.png", pre)
+    assert x.shape == (p.count, 3, 224, 224)
+    work = np.asarray(Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
+    x0, y0 = p.boxes[-1]
+    np.testing.assert_allclose(x[-1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5,
+                               atol=1e-6)
+    Image.fromarray(frame[:, :400]).save(tmp_path / "narrow.png")
+    with pytest.raises(DataError, match="narrow.png: a 400 x 480 frame; this bundle was fitted on 640 x 480"):
+        p.inputs(tmp_path / "narrow.png", pre)
+
+
+# ----- a real tiled bundle --------------------------------------------------------------------------
+def _frames(root, n_train=8, n_good=3, n_bad=3, size=448):
+    """Gravel frames of ``size`` px; defects: a dark 2 px scratch (mask written)."""
+    from skimage import data
+    from PIL import ImageDraw
+
+    src = Image.fromarray(data.gravel()).convert("RGB").resize((size + 64, size + 64), Image.Resampling.BICUBIC)
+    rng = np.random.default_rng(0)
+
+    def frame():
+        x, y = rng.integers(0, 64, 2)
+        return src.crop((x, y, x + size, y + size))
+
+    for i in range(n_train):
+        (root / "train/good").mkdir(parents=True, exist_ok=True)
+        frame().save(root / "train/good" / f"{i}.png")
+    for i in range(n_good):
+        (root / "test/good").mkdir(parents=True, exist_ok=True)
+        frame().save(root / "test/good" / f"{i}.png")
+    for i in range(n_bad):
+        f, mask = frame(), Image.new("L", (size, size), 0)
+        pts = [(100 + 40 * i, 120), (180 + 40 * i, 160), (230 + 40 * i, 150)]
+        ImageDraw.Draw(f).line(pts, fill=(10, 10, 10), width=2)
+        ImageDraw.Draw(mask).line(pts, fill=255, width=2)
+        for sub in ("test/scratch", "ground_truth/scratch"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        f.save(root / "test/scratch" / f"{i}.png")
+        mask.save(root / "ground_truth/scratch" / f"{i}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory, cache_dir):
+    from edgetl import FitOptions, fit
+    from edgetl.tasks.anomaly.task import ANOMALY
+
+    root = _frames(tmp_path_factory.mktemp("tiled") / "frames")
+    out = root.parent / "tiled.bundle"
+    r = fit(root, out, options=FitOptions(head=ANOMALY.head_config({"kind": "combined", "defect_size": 3}),
+                                          target="cpu-x86", precision="fp32", cache_dir=str(cache_dir),
+                                          reference=False, quiet=True))
+    return root, out, r
+
+
+def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_path, no_torch_env):
+    from edgetl import load_predictor
+    from edgetl.core.sessions import bundle_session
+    from edgetl.tasks.anomaly.task import ANOMALY
+    from tests.conftest import run_cli
+
+    root, out, r = tiled
+    plan = plan_tiles((448, 448), 224, 3)
+    assert json.loads((out / "manifest.json").read_text())["anomaly"]["tiles"] == plan.to_dict()
+    assert r.report["tiling"]["count"] == plan.count == 4
+    assert any(line.startswith("tiles ") and "ms of model a frame" in line for line in ANOMALY.fit_lines(r))
+    p = load_predictor(out)
+    frames = sorted((root / "test").rglob("*.png"))
+    maps, scores = p.maps(frames)
+    assert maps.shape == (len(frames), *plan.work[::-1])
+    # the fused tile model against backbone + numpy head, frame by frame
+    numpy_path = ANOMALY.predictor(p.bundle)
+    numpy_path.fused, numpy_path.session = False, bundle_session(p.bundle, p.bundle.model_file("backbone"))
+    np.testing.assert_allclose(numpy_path.maps(frames)[1], scores, rtol=1e-4)
+    # a scratch 2 px wide on a 448 px frame is found, and the map's peak sits on it
+    m = p.evaluate(root)
+    assert m["image_auroc"] == 1.0 and m["peak_in_mask"] == 1.0
+    # heat maps at frame resolution, through the device CLI (no torch)
+    res = run_cli("predict", out, root / "test" / "scratch", "--heatmaps", tmp_path / "hm", "--json", env=no_torch_env)
+    assert res.returncode == 0, res.stderr
+    with Image.open(tmp_path / "hm" / "0_heatmap.png") as im:
+        assert im.size == (448, 448)
+    # a frame of another shape: one line naming the file and what the bundle wants
+    Image.open(frames[0]).crop((0, 0, 300, 448)).save(tmp_path / "cut.png")
+    res = run_cli("predict", out, tmp_path / "cut.png", env=no_torch_env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "cut.png: a 300 x 448 frame; this bundle was fitted on 448 x 448 frames" in res.stderr
+    # the report draws the frame-sized maps over the frames
+    if __import__("importlib").util.find_spec("matplotlib"):
+        res = run_cli("report", out, root / "test", "--out", tmp_path / "r.html", env=no_torch_env)
+        assert res.returncode == 0, res.stderr
+        assert "regions" in json.loads((out / "report.json").read_text())["metrics"]
+    # adapt on the device learns tiles of new good frames
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in sorted((root / "test" / "good").glob("*.png")):
+        (new / f.name).write_bytes(f.read_bytes())
+    res = run_cli("adapt", out, new, "--json", env=no_torch_env)
+    assert res.returncode == 0, res.stderr
+    after = load_predictor(out).maps(sorted((root / "test" / "good").glob("*.png")))[1]
+    assert np.all(after <= scores[: len(after)] * (1 + 1e-5))  # their own tiles are now in memory
