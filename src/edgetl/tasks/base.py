@@ -130,6 +130,8 @@ class Task:
     backbone_kind: str = "image"  # which export of the backbone: image | image-patch | text
     default_target: str = "openvino-cpu"
     head_kinds: tuple[str, ...] = ()
+    # Kinds a saved head version may carry beyond those --head asks for (a selection's outcome).
+    stored_head_kinds: tuple[str, ...] = ()
     backbone_fields: tuple[str, ...] = ()  # manifest backbone fields this task's device code reads
     # predict options this task takes (the CLI refuses the others for its bundles)
     predict_options: frozenset[str] = frozenset()
@@ -216,10 +218,11 @@ class Task:
         for key in self.backbone_fields:
             if key not in backbone:
                 return f"task {self.name!r} needs backbone.{key}, which this bundle lacks"
+        kinds = (*self.head_kinds, *self.stored_head_kinds)
         for e in manifest.get("head", {}).get("versions", []):
-            if self.head_kinds and e.get("kind") is not None and e["kind"] not in self.head_kinds:
+            if self.head_kinds and e.get("kind") is not None and e["kind"] not in kinds:
                 return (f"head version {e.get('version')} is a {e['kind']!r} head, not one of task {self.name!r}'s "
-                        f"({', '.join(self.head_kinds)})")
+                        f"({', '.join(kinds)})")
         return None
 
     def load_head(self, path: Path):

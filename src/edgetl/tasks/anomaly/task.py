@@ -386,6 +386,7 @@ class AnomalyTask(Task):
     items = "images"
     backbone_kind = "image-patch"
     head_kinds = (*DEFECT_KINDS, *PATCH_KINDS)
+    stored_head_kinds = ("patch",)  # a combined head chosen to score by its patch part (DefectHead.as_kind)
     backbone_fields = ("feature_shape",)
     predict_options = frozenset({"threshold", "heatmaps", "strict"})
     threshold_key, threshold_field = "anomaly", "threshold"
