@@ -694,13 +694,18 @@ def predict(machine: Machine, bundle: str | Path, images: list[Path], *, env: di
     return np.stack([rows[os.path.realpath(p)] for p in images]), seconds
 
 
-def compare_probs(a, b) -> dict:
-    """Top-1 agreement and the largest probability difference of two (images, labels) arrays."""
+def compare_probs(a, b, *, margin: float = 0.0) -> dict:
+    """Top-1 agreement and the largest probability difference of two (images, labels) arrays; with
+    ``margin``, also the agreement on the images whose top two in ``b`` are further apart than it
+    (``clear``: a difference of at most margin / 2 per probability cannot reorder those)."""
     import numpy as np
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return {"n": len(a), "top1_agreement": float(np.mean(a.argmax(1) == b.argmax(1))),
-            "max_prob_diff": float(np.abs(a - b).max())}
+    top2 = np.sort(b, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > margin
+    same = a.argmax(1) == b.argmax(1)
+    return {"n": len(a), "top1_agreement": float(np.mean(same)), "max_prob_diff": float(np.abs(a - b).max()),
+            "clear": int(clear.sum()), "clear_top1_agreement": float(np.mean(same[clear])) if clear.any() else None}
 
 
 def feature_cosine(a, b) -> dict:

@@ -86,7 +86,10 @@ def test_drift_in_predict_and_per_folder(surfaces_bundle, surfaces, tmp_path, no
     assert np.mean([p["ood"] for p in preds]) < 0.1  # held-out images of the training distribution
 
     same = _json(run_cli("drift", bundle, surfaces / "val", "--json", env=no_torch_env))
-    assert same["verdict"] == "none" and not same["adapt_advisable"] and same["labelled"]
+    # The reference is the training images scored out of fold, the folder is the example's separate
+    # validation images: a small shift between the two draws may be detectable ("mild"), never a
+    # reason to adapt.
+    assert same["verdict"] in ("none", "mild") and not same["adapt_advisable"] and same["labelled"], same
     # a texture the bundle never saw, as a folder of recent unlabelled frames
     from edgetl.datasets.images import make_defects
 

@@ -40,3 +40,10 @@ def defect_bundle(cache_dir, tmp_path_factory):
                 "--quiet")
     assert r.returncode == 0, r.stderr
     return out, root / "data"
+
+
+def write_policy(path, keys, may: dict) -> None:
+    """A device trust policy naming each key in ``may`` (key name -> operations it may sign), with
+    the public key ``keygen`` wrote beside it in ``keys``."""
+    path.write_text("".join(f'[[key]]\nname = "{name}"\npublic_key = "{(keys / f"{name}.pub").read_text().strip()}"\n'
+                            f"may = {list(ops)!r}\n".replace("'", '"') for name, ops in may.items()))

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, run_cli
+from tests.faults.conftest import write_policy
 
 CLI = [sys.executable, "-m", "edgetl.cli"]
 
@@ -359,16 +360,8 @@ def test_a_tampered_rehashed_bundle_is_refused_by_a_device_that_trusts_a_key(sma
                 keys / "factory.key", "-q")
     assert r.returncode == 0, r.stderr
     policy = tmp_path / "trust.toml"
-    policy.write_text(f'''
-[[key]]
-name = "factory"
-public_key = "{(keys / "factory.pub").read_text().strip()}"
-may = ["release", "adapt", "rollback", "threshold"]
-[[key]]
-name = "line3"
-public_key = "{(keys / "line3.pub").read_text().strip()}"
-may = ["adapt", "rollback", "threshold"]
-''')
+    write_policy(policy, keys, {"factory": ["release", "adapt", "rollback", "threshold"],
+                                "line3": ["adapt", "rollback", "threshold"]})
     trust = ["--trust", str(policy)]
     ok = run_cli(*trust, "info", b, "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout)["signature"]["signers"]["release"] == "factory"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.faults.test_faults import _copy, _edit
+from tests.faults.conftest import write_policy
 
 
 def _one_line_error(r, code: int, needle: str) -> None:
@@ -97,16 +98,7 @@ def _signed(small, tmp_path_factory):
     for name in ("factory", "thr"):
         assert run_cli("keygen", name, "--out", keys).returncode == 0
     policy = tmp_path / "trust.toml"
-    policy.write_text(f'''
-[[key]]
-name = "factory"
-public_key = "{(keys / "factory.pub").read_text().strip()}"
-may = ["release", "adapt", "rollback", "threshold"]
-[[key]]
-name = "thr"
-public_key = "{(keys / "thr.pub").read_text().strip()}"
-may = ["threshold"]
-''')
+    write_policy(policy, keys, {"factory": ["release", "adapt", "rollback", "threshold"], "thr": ["threshold"]})
     env = {"EDGETL_FRESHNESS": str(tmp_path / "fit-machine.json")}
     b = tmp_path / "signed.bundle"
     r = run_cli("fit", data, "--out", b, "--precision", "fp32", "--runtime", "onnxruntime", "--sign",

@@ -131,9 +131,12 @@ def test_aarch64_device_path_gives_this_hosts_answers(emu, arm_root, fitted, ima
     assert seen["onnxruntime"] == onnxruntime.__version__  # the same release on both sides: only the ISA differs
 
     pred, _ = emu.predict(machine, fitted["cpu-arm64"], images, work=work)
-    cmp = emu.compare_probs(pred, reference["cpu-arm64"]["predict"])
-    assert cmp["top1_agreement"] == 1.0, cmp
+    # Probabilities within MAX_PROB_DIFF of this host's; top-1 the same on every image whose top two
+    # are further apart than twice that (a near-tie may go either way, as between x86's own paths),
+    # and near-ties rare.
+    cmp = emu.compare_probs(pred, reference["cpu-arm64"]["predict"], margin=2 * MAX_PROB_DIFF)
     assert cmp["max_prob_diff"] <= MAX_PROB_DIFF, cmp
+    assert cmp["clear_top1_agreement"] == 1.0 and cmp["clear"] >= 0.75 * cmp["n"], cmp
 
 
 @pytest.mark.parametrize("cpu", ["cortex-a76", "max"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ def test_train_with_any_holdout_folder_is_a_split_never_two_classes(tmp_path, ho
     assert "train" not in ds.classes and holdout not in ds.classes and ds.split["method"] == "explicit"
 
 
-def test_val_is_the_holdout_when_test_is_there_too(tmp_path, caplog):
+def test_val_is_the_holdout_when_test_is_there_too(tmp_path, caplog, monkeypatch):
+    # an in-process CLI run earlier in the session stops "edgetl" propagating to the root logger
+    monkeypatch.setattr(logging.getLogger("edgetl"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="edgetl")
     make_folder(tmp_path / "train", per_class=3)
     make_folder(tmp_path / "val", per_class=2)
     make_folder(tmp_path / "test", per_class=1)
