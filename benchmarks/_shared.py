@@ -4,8 +4,8 @@ arrays. Thin wrappers over edgetl's public pieces."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -46,9 +46,20 @@ def image_folder(root, *, val_split: float = 0.2, seed: int = 0) -> dict:
     index = {c: i for i, c in enumerate(ds.classes)}
 
     def side(samples):
-        return ([s.path for s in samples], np.array([index[s.label] for s in samples], np.int64),
-                np.array([s.group for s in samples], dtype=object))
+        return (
+            [s.path for s in samples],
+            np.array([index[s.label] for s in samples], np.int64),
+            np.array([s.group for s in samples], dtype=object),
+        )
 
     tr, va = side(ds.train), side(ds.val)
-    return {"classes": list(ds.classes), "train_paths": tr[0], "y_train": tr[1], "groups_train": tr[2],
-            "val_paths": va[0], "y_val": va[1], "groups_val": va[2], "split": dict(ds.split)}
+    return {
+        "classes": list(ds.classes),
+        "train_paths": tr[0],
+        "y_train": tr[1],
+        "groups_train": tr[2],
+        "val_paths": va[0],
+        "y_val": va[1],
+        "groups_val": va[2],
+        "split": dict(ds.split),
+    }

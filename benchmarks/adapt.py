@@ -37,14 +37,16 @@ def drift(src: Path, dst: Path) -> None:
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (torch-laden)
 # process would report the parent's size.
-_CHILD = ("import atexit, sys\n"
-          "def _peak():\n"
-          "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
-          "    sys.stderr.write('PEAK_KB %s\\n' % kb[0])\n"
-          "atexit.register(_peak)\n"
-          "from edgetl.cli import main\n"
-          "sys.argv = ['edgetl'] + sys.argv[1:]\n"
-          "main()\n")
+_CHILD = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+    "    sys.stderr.write('PEAK_KB %s\\n' % kb[0])\n"
+    "atexit.register(_peak)\n"
+    "from edgetl.cli import main\n"
+    "sys.argv = ['edgetl'] + sys.argv[1:]\n"
+    "main()\n"
+)
 
 
 def child_peak_mb(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
@@ -77,8 +79,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgetl.datasets.images import make_surfaces
-    from edgetl.pipeline.fit import FitOptions, fit
     from edgetl.device.predict import load_predictor
+    from edgetl.pipeline.fit import FitOptions, fit
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-adapt-"))
     clean = tmp / "clean"
@@ -86,10 +88,18 @@ def main() -> None:
     drifted = tmp / "drifted"
     drift(clean, drifted)
     base = tmp / "base.bundle"
-    fit(clean, base, options=FitOptions(target=args.target, cache_dir=str(tmp / "cache"), quiet=True,
-                                        allow_drop=True, calibration_size=100))
+    fit(
+        clean,
+        base,
+        options=FitOptions(
+            target=args.target, cache_dir=str(tmp / "cache"), quiet=True, allow_drop=True, calibration_size=100
+        ),
+    )
     p = load_predictor(base)
-    before = {"drifted_val": p.evaluate(drifted / "val")["accuracy"], "clean_val": p.evaluate(clean / "val")["accuracy"]}
+    before = {
+        "drifted_val": p.evaluate(drifted / "val")["accuracy"],
+        "clean_val": p.evaluate(clean / "val")["accuracy"],
+    }
     _, rt_peak, _ = child_peak_mb(["predict", str(base), str(next((clean / "val").rglob("*.png")))])
 
     rows = []
@@ -103,26 +113,38 @@ def main() -> None:
             raise SystemExit(f"adapt failed: {r.stderr}")
         out = json.loads(r.stdout)
         p = load_predictor(b)
-        rows.append({
-            "images": n, "wall_s": round(wall, 2),
-            "features_s": out["timings_s"]["features"], "train_s": out["timings_s"]["train"],
-            "write_s": out["timings_s"].get("write"),
-            "peak_rss_mb": round(peak, 1), "beyond_runtime_mb": round(peak - rt_peak, 1),
-            "gate": {k: out["gate"][k] for k in ("old_known_accuracy", "new_known_accuracy", "passed")},
-            "after": {"drifted_val": p.evaluate(drifted / "val")["accuracy"], "clean_val": p.evaluate(clean / "val")["accuracy"]},
-        })
+        rows.append(
+            {
+                "images": n,
+                "wall_s": round(wall, 2),
+                "features_s": out["timings_s"]["features"],
+                "train_s": out["timings_s"]["train"],
+                "write_s": out["timings_s"].get("write"),
+                "peak_rss_mb": round(peak, 1),
+                "beyond_runtime_mb": round(peak - rt_peak, 1),
+                "gate": {k: out["gate"][k] for k in ("old_known_accuracy", "new_known_accuracy", "passed")},
+                "after": {
+                    "drifted_val": p.evaluate(drifted / "val")["accuracy"],
+                    "clean_val": p.evaluate(clean / "val")["accuracy"],
+                },
+            }
+        )
     result = {"target": args.target, "before": before, "runtime_peak_rss_mb": round(rt_peak, 1), "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"edgetl adapt — {args.target} bundle fitted on clean `surfaces`, adapted on drifted images")
-    print(f"before: drifted val {before['drifted_val']:.1%}, clean val {before['clean_val']:.1%}; "
-          f"`predict` process peak RSS {rt_peak:.0f} MB")
+    print(
+        f"before: drifted val {before['drifted_val']:.1%}, clean val {before['clean_val']:.1%}; "
+        f"`predict` process peak RSS {rt_peak:.0f} MB"
+    )
     for r in rows:
-        print(f"{r['images']:>4} images: features {r['features_s']:.2f} s, head training {r['train_s']:.2f} s "
-              f"(whole command {r['wall_s']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(+{r['beyond_runtime_mb']:.0f} MB over predict); after: drifted val {r['after']['drifted_val']:.1%}, "
-              f"clean val {r['after']['clean_val']:.1%}")
+        print(
+            f"{r['images']:>4} images: features {r['features_s']:.2f} s, head training {r['train_s']:.2f} s "
+            f"(whole command {r['wall_s']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB "
+            f"(+{r['beyond_runtime_mb']:.0f} MB over predict); after: drifted val {r['after']['drifted_val']:.1%}, "
+            f"clean val {r['after']['clean_val']:.1%}"
+        )
 
 
 if __name__ == "__main__":

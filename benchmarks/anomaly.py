@@ -2,7 +2,8 @@
 for each head (padim, patchcore) x precision (fp32, int8) x runtime (ONNX Runtime, OpenVINO).
 
     .venv/bin/python benchmarks/anomaly.py [--seeds 0 1] [--targets cpu-x86 openvino-cpu] [--json]
-    .venv/bin/python benchmarks/anomaly.py --wrong-part [--source digits|photos] [--kinds 0 2 4 6 8] --seeds 0 1 --targets cpu-x86
+    .venv/bin/python benchmarks/anomaly.py --wrong-part [--source digits|photos] [--kinds 0 2 4 6 8] \\
+        --seeds 0 1 --targets cpu-x86
     .venv/bin/python benchmarks/anomaly.py --anomalib /path/to/anomalib-site   # + anomalib, side by side
 
 `--wrong-part`: the wrong part instead of a local defect: patch part, image part and combined score of one
@@ -35,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 
-def edgetl_rows(data: Path, cache: str, targets: list[str], seed: int,
-                heads: tuple[str, ...] = ("padim", "patchcore", "combined")) -> list[dict]:
+def edgetl_rows(
+    data: Path, cache: str, targets: list[str], seed: int, heads: tuple[str, ...] = ("padim", "patchcore", "combined")
+) -> list[dict]:
     from edgetl import FitOptions, fit
     from edgetl.tasks.anomaly.task import ANOMALY
 
@@ -46,19 +48,40 @@ def edgetl_rows(data: Path, cache: str, targets: list[str], seed: int,
             for precision in ("fp32", "int8"):
                 out = Path(cache).parent / f"{target}-{kind}-{precision}.bundle"
                 t0 = time.perf_counter()
-                r = fit(data, out, force=True, options=FitOptions(
-                    head=ANOMALY.head_config(kind), target=target, precision=precision, cache_dir=cache,
-                    reference=False, allow_drop=True, quiet=True))
+                r = fit(
+                    data,
+                    out,
+                    force=True,
+                    options=FitOptions(
+                        head=ANOMALY.head_config(kind),
+                        target=target,
+                        precision=precision,
+                        cache_dir=cache,
+                        reference=False,
+                        allow_drop=True,
+                        quiet=True,
+                    ),
+                )
                 rep, m = r.report, r.report["metrics"]
-                rows.append({
-                    "seed": seed, "tool": "edgetl", "head": kind, "target": target, "runtime": rep["runtime"],
-                    "precision": precision, "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"],
-                    "peak_in_mask": m["peak_in_mask"], "f1": m["f1"],
-                    "latency_ms": rep["fused_latency_batch1"]["p50_ms"],
-                    "bundle_mb": round(sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e6, 2),
-                    "fused_mb": round(rep["size"]["fused_bytes"] / 1e6, 2),
-                    "parity_rel": rep["fused_parity"]["max_rel_score_diff"], "fit_s": round(time.perf_counter() - t0, 1),
-                })
+                rows.append(
+                    {
+                        "seed": seed,
+                        "tool": "edgetl",
+                        "head": kind,
+                        "target": target,
+                        "runtime": rep["runtime"],
+                        "precision": precision,
+                        "image_auroc": m["image_auroc"],
+                        "pixel_auroc": m["pixel_auroc"],
+                        "peak_in_mask": m["peak_in_mask"],
+                        "f1": m["f1"],
+                        "latency_ms": rep["fused_latency_batch1"]["p50_ms"],
+                        "bundle_mb": round(sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 1e6, 2),
+                        "fused_mb": round(rep["size"]["fused_bytes"] / 1e6, 2),
+                        "parity_rel": rep["fused_parity"]["max_rel_score_diff"],
+                        "fit_s": round(time.perf_counter() - t0, 1),
+                    }
+                )
                 print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -71,11 +94,11 @@ def anomalib_rows(data: Path, site: str, seed: int, coreset: float) -> list[dict
     sys.path.insert(0, site)
     import torch
 
+    from edgetl.core.features import load_input
     from edgetl.core.metrics import auroc
-    from edgetl.tasks.anomaly.data import load_anomaly_data, load_mask
     from edgetl.export import resolve
     from edgetl.export.image import build_model, preprocess_config, weight_source
-    from edgetl.core.features import load_input
+    from edgetl.tasks.anomaly.data import load_anomaly_data, load_mask
 
     try:
         from anomalib.models.image.padim.torch_model import PadimModel
@@ -91,13 +114,24 @@ def anomalib_rows(data: Path, site: str, seed: int, coreset: float) -> list[dict
     x_tr = torch.from_numpy(np.stack([load_input(s.path, pre) for s in ds.train]))
     x_te = torch.from_numpy(np.stack([load_input(s.path, pre) for s in ds.test]))
     y = np.array([s.label != "good" for s in ds.test])
-    masks = [load_mask(ds.masks.get(str(s.path)), pre) if s.label != "good" else np.zeros((224, 224), bool)
-             for s in ds.test]
+    masks = [
+        load_mask(ds.masks.get(str(s.path)), pre) if s.label != "good" else np.zeros((224, 224), bool) for s in ds.test
+    ]
     rows = []
-    for name, make in (("padim", lambda: PadimModel(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2"],
-                                                    pre_trained=False, n_features=64)),
-                       ("patchcore", lambda: PatchcoreModel(backbone="tf_efficientnet_lite0", pre_trained=False,
-                                                            layers=["blocks.1", "blocks.2"]))):
+    for name, make in (
+        (
+            "padim",
+            lambda: PadimModel(
+                backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2"], pre_trained=False, n_features=64
+            ),
+        ),
+        (
+            "patchcore",
+            lambda: PatchcoreModel(
+                backbone="tf_efficientnet_lite0", pre_trained=False, layers=["blocks.1", "blocks.2"]
+            ),
+        ),
+    ):
         t0 = time.perf_counter()
         torch.manual_seed(0)
         model = make()
@@ -116,7 +150,9 @@ def anomalib_rows(data: Path, site: str, seed: int, coreset: float) -> list[dict
             t_fit = time.perf_counter() - t0
             outs = [model(x_te[i : i + 8]) for i in range(0, len(x_te), 8)]
             scores = torch.cat([o.pred_score.reshape(-1) for o in outs]).numpy()
-            maps = torch.cat([o.anomaly_map.reshape(len(o.pred_score), *o.anomaly_map.shape[-2:]) for o in outs]).numpy()
+            maps = torch.cat(
+                [o.anomaly_map.reshape(len(o.pred_score), *o.anomaly_map.shape[-2:]) for o in outs]
+            ).numpy()
             x1 = x_te[:1]
             for _ in range(3):
                 model(x1)
@@ -125,11 +161,25 @@ def anomalib_rows(data: Path, site: str, seed: int, coreset: float) -> list[dict
                 t = time.perf_counter()
                 model(x1)
                 lat.append((time.perf_counter() - t) * 1000)
-        rows.append({"seed": seed, "tool": "anomalib", "head": name if name == "padim" else f"patchcore@{coreset:g}", "target": "torch", "runtime": "torch eager",
-                     "precision": "fp32", "image_auroc": round(auroc(y, scores), 4),
-                     "pixel_auroc": round(auroc(np.stack(masks).ravel(), maps.ravel()), 4), "peak_in_mask": None,
-                     "f1": None, "latency_ms": round(float(np.median(lat)), 2), "bundle_mb": None, "fused_mb": None,
-                     "parity_rel": None, "fit_s": round(t_fit, 1)})
+        rows.append(
+            {
+                "seed": seed,
+                "tool": "anomalib",
+                "head": name if name == "padim" else f"patchcore@{coreset:g}",
+                "target": "torch",
+                "runtime": "torch eager",
+                "precision": "fp32",
+                "image_auroc": round(auroc(y, scores), 4),
+                "pixel_auroc": round(auroc(np.stack(masks).ravel(), maps.ravel()), 4),
+                "peak_in_mask": None,
+                "f1": None,
+                "latency_ms": round(float(np.median(lat)), 2),
+                "bundle_mb": None,
+                "fused_mb": None,
+                "parity_rel": None,
+                "fit_s": round(t_fit, 1),
+            }
+        )
         print(_line(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -148,8 +198,14 @@ def _photo(name: str) -> np.ndarray:
 
 
 # where each photograph's "part" is: (centre row, centre column) as fractions of its size
-CENTRES = {"astronaut": (0.35, 0.45), "chelsea": (0.45, 0.45), "coffee": (0.45, 0.5), "rocket": (0.5, 0.55),
-           "camera": (0.4, 0.5), "motorcycle": (0.5, 0.5)}
+CENTRES = {
+    "astronaut": (0.35, 0.45),
+    "chelsea": (0.45, 0.45),
+    "coffee": (0.45, 0.5),
+    "rocket": (0.5, 0.55),
+    "camera": (0.4, 0.5),
+    "motorcycle": (0.5, 0.5),
+}
 
 
 def _view(a: np.ndarray, cy: float, cx: float, side: int, rng, *, turn: float = 0.0):
@@ -164,8 +220,9 @@ def _view(a: np.ndarray, cy: float, cx: float, side: int, rng, *, turn: float = 
     side = int(side * rng.uniform(0.9, 1.1))
     big = int(side * 1.5)
     y0, x0 = int(cy - big / 2), int(cx - big / 2)
-    im = Image.fromarray(p[y0 : y0 + big, x0 : x0 + big]).rotate(turn + rng.uniform(-8, 8),
-                                                                 resample=Image.Resampling.BILINEAR)
+    im = Image.fromarray(p[y0 : y0 + big, x0 : x0 + big]).rotate(
+        turn + rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR
+    )
     o = (big - side) // 2
     v = np.asarray(im.crop((o, o, o + side, o + side)).resize((224, 224), Image.Resampling.BILINEAR)).astype(np.float32)
     v = (v - v.mean()) * rng.uniform(0.85, 1.15) + v.mean() * rng.uniform(0.9, 1.1)
@@ -207,11 +264,14 @@ def make_wrong_part(out: Path, good: str, seed: int, *, n_train: int = 60, n_goo
     H, W = a.shape[:2]
     side = int(0.4 * min(H, W))
     cy, cx = CENTRES[good][0] * H, CENTRES[good][1] * W
-    sets = {"train/good": [_view(a, cy, cx, side, rng) for _ in range(n_train)],
-            "test/good": [_view(a, cy, cx, side, rng) for _ in range(n_good)],
-            "test/upside_down": [_view(a, cy, cx, side, rng, turn=180) for _ in range(n_bad)],
-            "test/missing": [_missing(_view(a, cy, cx, side, rng), rng) for _ in range(n_bad)],
-            "test/swapped": [_swapped(_view(a, cy, cx, side, rng), rng) for _ in range(n_bad)], "test/other": []}
+    sets = {
+        "train/good": [_view(a, cy, cx, side, rng) for _ in range(n_train)],
+        "test/good": [_view(a, cy, cx, side, rng) for _ in range(n_good)],
+        "test/upside_down": [_view(a, cy, cx, side, rng, turn=180) for _ in range(n_bad)],
+        "test/missing": [_missing(_view(a, cy, cx, side, rng), rng) for _ in range(n_bad)],
+        "test/swapped": [_swapped(_view(a, cy, cx, side, rng), rng) for _ in range(n_bad)],
+        "test/other": [],
+    }
     while len(sets["test/other"]) < n_bad:
         y, x = rng.uniform(side / 2, H - side / 2), rng.uniform(side / 2, W - side / 2)
         if max(abs(y - cy), abs(x - cx)) > 0.6 * side:
@@ -242,7 +302,8 @@ def make_wrong_digit(out: Path, good: int, seed: int, *, n_train: int = 60, n_go
         for i, k in enumerate(idx):
             ink = (255 - d.images[k] * (255 / 16)).astype(np.uint8)  # dark ink on a light part
             Image.fromarray(ink).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR).save(
-                out / folder / f"{i:03d}.png")
+                out / folder / f"{i:03d}.png"
+            )
     return out
 
 
@@ -250,8 +311,12 @@ def _feature_rows(backbone, preprocess, samples, width: int) -> np.ndarray:
     """The bundle backbone's feature rows (N, width) of image samples, 16 at a time."""
     from edgetl.core.features import load_input
 
-    return np.concatenate([backbone(np.stack([load_input(s.path, preprocess) for s in samples[i : i + 16]]))
-                           .reshape(-1, width) for i in range(0, len(samples), 16)])
+    return np.concatenate(
+        [
+            backbone(np.stack([load_input(s.path, preprocess) for s in samples[i : i + 16]])).reshape(-1, width)
+            for i in range(0, len(samples), 16)
+        ]
+    )
 
 
 def wrong_part_rows(data: Path, cache: str, target: str, seed: int, good: str) -> list[dict]:
@@ -268,8 +333,20 @@ def wrong_part_rows(data: Path, cache: str, target: str, seed: int, good: str) -
     for precision in ("fp32", "int8"):
         out = Path(cache).parent / f"wp-{good}-{seed}-{precision}.bundle"
         t0 = time.perf_counter()
-        r = fit(data, out, force=True, options=FitOptions(head=DefectConfig(), target=target, precision=precision,
-                                                          cache_dir=cache, reference=False, allow_drop=True, quiet=True))
+        r = fit(
+            data,
+            out,
+            force=True,
+            options=FitOptions(
+                head=DefectConfig(),
+                target=target,
+                precision=precision,
+                cache_dir=cache,
+                reference=False,
+                allow_drop=True,
+                quiet=True,
+            ),
+        )
         p = load_predictor(out)
         head = p.head
         backbone = bundle_session(p.bundle, p.bundle.model_file("backbone"))
@@ -280,16 +357,43 @@ def wrong_part_rows(data: Path, cache: str, target: str, seed: int, good: str) -
         chosen = (r.report.get("selection") or {}).get("chosen", "combined")
         for kind in ("patch", "image", "combined"):
             h = head.as_kind(head.image.kind if kind == "image" else kind)
-            rows.append({"seed": seed, "good": good, "head": kind if kind != "image" else f"image:{head.image.kind}",
-                         "precision": precision, "image_auroc": round(float(auroc(y, h.maps(X_te)[1])), 4),
-                         "chosen": chosen, "fit_s": round(time.perf_counter() - t0, 1)})
-    D = np.sqrt(np.maximum((pooled["test"] ** 2).sum(1)[:, None] - 2 * pooled["test"] @ pooled["train"].T
-                           + (pooled["train"] ** 2).sum(1)[None], 0))
-    rows.append({"seed": seed, "good": good, "head": "2-NN reference", "precision": "fp32",
-                 "image_auroc": round(float(auroc(y, np.sort(D, 1)[:, :2].mean(1))), 4), "chosen": "", "fit_s": 0.0})
+            rows.append(
+                {
+                    "seed": seed,
+                    "good": good,
+                    "head": kind if kind != "image" else f"image:{head.image.kind}",
+                    "precision": precision,
+                    "image_auroc": round(float(auroc(y, h.maps(X_te)[1])), 4),
+                    "chosen": chosen,
+                    "fit_s": round(time.perf_counter() - t0, 1),
+                }
+            )
+    D = np.sqrt(
+        np.maximum(
+            (pooled["test"] ** 2).sum(1)[:, None]
+            - 2 * pooled["test"] @ pooled["train"].T
+            + (pooled["train"] ** 2).sum(1)[None],
+            0,
+        )
+    )
+    rows.append(
+        {
+            "seed": seed,
+            "good": good,
+            "head": "2-NN reference",
+            "precision": "fp32",
+            "image_auroc": round(float(auroc(y, np.sort(D, 1)[:, :2].mean(1))), 4),
+            "chosen": "",
+            "fit_s": 0.0,
+        }
+    )
     for row in rows[-7:]:
-        print(f"{row['seed']:>4}  {row['good']:<10} {row['head']:<16} {row['precision']:<5} {row['image_auroc']:.4f}  "
-              f"(fit chose {row['chosen'] or '-'})", file=sys.stderr, flush=True)
+        print(
+            f"{row['seed']:>4}  {row['good']:<10} {row['head']:<16} {row['precision']:<5} {row['image_auroc']:.4f}  "
+            f"(fit chose {row['chosen'] or '-'})",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
@@ -299,21 +403,32 @@ def wrong_part_summary(rows: list[dict]) -> str:
     keys = sorted({(r["good"], r["head"], r["precision"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
     for good in [*sorted({k[0] for k in keys}), "all"]:
         for head, prec in sorted({(k[1], k[2]) for k in keys}):
-            v = [r["image_auroc"] for r in rows if r["head"] == head and r["precision"] == prec and good in ("all", r["good"])]
+            v = [
+                r["image_auroc"]
+                for r in rows
+                if r["head"] == head and r["precision"] == prec and good in ("all", r["good"])
+            ]
             if v:
-                lines.append(f"{good:<10} {head:<16} {prec:<5} {np.mean(v):>10.4f} {np.min(v):>7.4f} {np.max(v):>7.4f} {len(v):>3}")
+                lines.append(
+                    f"{good:<10} {head:<16} {prec:<5} {np.mean(v):>10.4f} "
+                    f"{np.min(v):>7.4f} {np.max(v):>7.4f} {len(v):>3}"
+                )
     return "\n".join(lines)
 
 
 def _line(r: dict) -> str:
     f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    return (f"{r['seed']:>4}  {r['tool']:<8} {r['head']:<14} {r['runtime']:<12} {r['precision']:<5} "
-            f"{f(r['image_auroc'], '.4f'):>9} {f(r['pixel_auroc'], '.4f'):>9} {f(r['peak_in_mask'], '.2f'):>5} "
-            f"{f(r['latency_ms'], '.1f'):>8} {f(r['bundle_mb'], '.2f'):>8}")
+    return (
+        f"{r['seed']:>4}  {r['tool']:<8} {r['head']:<14} {r['runtime']:<12} {r['precision']:<5} "
+        f"{f(r['image_auroc'], '.4f'):>9} {f(r['pixel_auroc'], '.4f'):>9} {f(r['peak_in_mask'], '.2f'):>5} "
+        f"{f(r['latency_ms'], '.1f'):>8} {f(r['bundle_mb'], '.2f'):>8}"
+    )
 
 
-HEADER = (f"{'seed':>4}  {'tool':<8} {'head':<14} {'runtime':<12} {'prec':<5} {'img AUROC':>9} {'pix AUROC':>9} "
-          f"{'peak':>5} {'lat ms':>8} {'bundle MB':>8}")
+HEADER = (
+    f"{'seed':>4}  {'tool':<8} {'head':<14} {'runtime':<12} {'prec':<5} {'img AUROC':>9} {'pix AUROC':>9} "
+    f"{'peak':>5} {'lat ms':>8} {'bundle MB':>8}"
+)
 
 
 def main() -> None:
@@ -321,20 +436,35 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--targets", nargs="+", default=["cpu-x86", "openvino-cpu"])
     ap.add_argument("--anomalib", help="pip --target folder with anomalib installed (optional)")
-    ap.add_argument("--anomalib-coreset", type=float, default=0.01,
-                    help="anomalib PatchCore coreset ratio; its 10%% default on its 56 x 56 grid (18,815 greedy "
-                         "steps for 60 images) was estimated at ~1.7 h on this 2-core machine")
+    ap.add_argument(
+        "--anomalib-coreset",
+        type=float,
+        default=0.01,
+        help="anomalib PatchCore coreset ratio; its 10%% default on its 56 x 56 grid (18,815 greedy "
+        "steps for 60 images) was estimated at ~1.7 h on this 2-core machine",
+    )
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--wrong-part", action="store_true",
-                    help="the wrong-part benchmark instead: from each of scikit-image's photographs "
-                         f"{', '.join(GOOD_KINDS)} in turn, shots of one region as the good part, of other "
-                         "regions and of the region upside down as anomalies")
-    ap.add_argument("--source", choices=["digits", "photos"], default="digits",
-                    help="wrong-part data: digits (scikit-learn's handwritten digits, each digit in turn the good "
-                         "part, the other nine the wrong part) or photos (regions of scikit-image's photographs)")
+    ap.add_argument(
+        "--wrong-part",
+        action="store_true",
+        help="the wrong-part benchmark instead: from each of scikit-image's photographs "
+        f"{', '.join(GOOD_KINDS)} in turn, shots of one region as the good part, of other "
+        "regions and of the region upside down as anomalies",
+    )
+    ap.add_argument(
+        "--source",
+        choices=["digits", "photos"],
+        default="digits",
+        help="wrong-part data: digits (scikit-learn's handwritten digits, each digit in turn the good "
+        "part, the other nine the wrong part) or photos (regions of scikit-image's photographs)",
+    )
     ap.add_argument("--kinds", nargs="+", help="wrong-part: only these good kinds (digits 0-9 or photograph names)")
-    ap.add_argument("--heads", nargs="+", default=["padim", "patchcore", "combined"],
-                    help="local-defect heads to fit (any anomaly --head)")
+    ap.add_argument(
+        "--heads",
+        nargs="+",
+        default=["padim", "patchcore", "combined"],
+        help="local-defect heads to fit (any anomaly --head)",
+    )
     args = ap.parse_args()
     if args.wrong_part:
         tmp = Path(tempfile.mkdtemp(prefix="edgetl-wrong-part-"))
@@ -343,8 +473,11 @@ def main() -> None:
         kinds = [k for k in kinds if not args.kinds or k in args.kinds or k.split("_")[-1] in args.kinds]
         for seed in args.seeds:
             for good in kinds:
-                data = (make_wrong_digit(tmp / f"{good}-{seed}", int(good[-1]), seed) if args.source == "digits"
-                        else make_wrong_part(tmp / f"{good}-{seed}", good, seed))
+                data = (
+                    make_wrong_digit(tmp / f"{good}-{seed}", int(good[-1]), seed)
+                    if args.source == "digits"
+                    else make_wrong_part(tmp / f"{good}-{seed}", good, seed)
+                )
                 rows += wrong_part_rows(data, str(tmp / "cache"), args.targets[0], seed, good)
         print(json.dumps(rows, indent=2) if args.json else wrong_part_summary(rows))
         return

@@ -1,7 +1,7 @@
 """How the combined defect detector joins its patch part and its image part: the mean of the two
 normalised parts (z-scores against held-out good images) against their maximum, the length of their
-positive parts (l2) and a soft maximum (lse: log(exp zp + exp zi)), each part alone, and a plain 2-NN on pooled features, on
-held-out one-class data nobody tuned to.
+positive parts (l2) and a soft maximum (lse: log(exp zp + exp zi)), each part alone, and a plain 2-NN
+on pooled features, on held-out one-class data nobody tuned to.
 
     .venv/bin/python benchmarks/combine.py [--seeds 0 1] [--json]
 
@@ -35,9 +35,8 @@ RULES = ("patch", "image", "mean", "max", "l2", "lse", "2-NN pooled")
 
 
 def make_photo_classes(out: Path, good: str, seed: int, *, n_train=40, n_good=20, n_bad=6) -> Path:
-    from PIL import Image
-
     from anomaly import CENTRES, _photo, _view
+    from PIL import Image
 
     rng = np.random.default_rng([seed, PHOTO_CLASSES.index(good), 7])
 
@@ -70,11 +69,19 @@ def part_scores(data: Path, extractor, cache, seed: int) -> dict:
     (mp, sp), (mi, si) = head.norm["patch"], head.norm["image"]
     zp, zi = (p["patch"] - mp) / sp, (p["image"] - mi) / si
     Ztr, Zte = head.split(X_tr)[1], head.split(X_te)[1]
-    D = np.sqrt(np.maximum((Zte ** 2).sum(1)[:, None] - 2 * Zte @ Ztr.T + (Ztr ** 2).sum(1)[None], 0))
+    D = np.sqrt(np.maximum((Zte**2).sum(1)[:, None] - 2 * Zte @ Ztr.T + (Ztr**2).sum(1)[None], 0))
     y = np.array([s.label != "good" for s in ds.test])
-    return {"y": y, "patch": zp, "image": zi, "mean": 0.5 * (zp + zi), "max": np.maximum(zp, zi),
-            "l2": np.hypot(np.maximum(zp, 0), np.maximum(zi, 0)), "lse": np.logaddexp(zp, zi),
-            "2-NN pooled": np.sort(D, 1)[:, :2].mean(1), "shipped": head.maps(X_te)[1]}
+    return {
+        "y": y,
+        "patch": zp,
+        "image": zi,
+        "mean": 0.5 * (zp + zi),
+        "max": np.maximum(zp, zi),
+        "l2": np.hypot(np.maximum(zp, 0), np.maximum(zi, 0)),
+        "lse": np.logaddexp(zp, zi),
+        "2-NN pooled": np.sort(D, 1)[:, :2].mean(1),
+        "shipped": head.maps(X_te)[1],
+    }
 
 
 def main() -> None:
@@ -95,8 +102,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-combine-"))
     ex = ANOMALY.backbone_view(export_backbone("efficientnet_lite0", kind="image-patch", patch_pooled=True))
-    ext = PatchExtractor(open_session(ex.path, runtime="onnxruntime"), PreprocessConfig.from_dict(ex.preprocess),
-                         ex.path, ex.feature_shape)
+    ext = PatchExtractor(
+        open_session(ex.path, runtime="onnxruntime"),
+        PreprocessConfig.from_dict(ex.preprocess),
+        ex.path,
+        ex.feature_shape,
+    )
     cache = FeatureCache(tmp / "cache", ext.cache_key)
     rows = []
     for seed in args.seeds:
@@ -104,17 +115,25 @@ def main() -> None:
         if "photos" in args.sets:
             jobs += [("photos", g, lambda o, g=g: make_photo_classes(o, g, seed)) for g in PHOTO_CLASSES]
         if "digits" in args.sets:
-            jobs += [("digits", str(d), lambda o, d=d: make_wrong_digit(o, d, seed, n_train=40, n_good=20))
-                     for d in (0, 3, 5, 8)]
+            jobs += [
+                ("digits", str(d), lambda o, d=d: make_wrong_digit(o, d, seed, n_train=40, n_good=20))
+                for d in (0, 3, 5, 8)
+            ]
         if "defects" in args.sets:
-            jobs += [("defects", t, lambda o, t=t: make_defects(o, seed=seed, texture=t, n_train_good=40) and o)
-                     for t in ("brick", "gravel")]
+            jobs += [
+                ("defects", t, lambda o, t=t: make_defects(o, seed=seed, texture=t, n_train_good=40) and o)
+                for t in ("brick", "gravel")
+            ]
         for kind, good, make in jobs:
             out = tmp / f"{kind}-{good}-{seed}"
             make(out)
             s = part_scores(out, ext, cache, seed)
-            row = {"set": kind, "good": good, "seed": seed,
-                   **{r: round(float(auroc(s["y"], s[r])), 4) for r in (*RULES, "shipped")}}
+            row = {
+                "set": kind,
+                "good": good,
+                "seed": seed,
+                **{r: round(float(auroc(s["y"], s[r])), 4) for r in (*RULES, "shipped")},
+            }
             rows.append(row)
             print(" ".join(f"{k} {v}" for k, v in row.items()), file=sys.stderr, flush=True)
     if args.json:
@@ -125,8 +144,11 @@ def main() -> None:
         sel = [r for r in rows if kind in ("all", r["set"])]
         print(f"{kind:<8} " + " ".join(f"{np.mean([r[k] for r in sel]):>12.4f}" for k in (*RULES, "shipped")))
         print(f"{'  min':<8} " + " ".join(f"{np.min([r[k] for r in sel]):>12.4f}" for k in (*RULES, "shipped")))
-    worse = [(r["set"], r["good"], r["seed"], r["shipped"], max(r["patch"], r["image"])) for r in rows
-             if r["shipped"] < max(r["patch"], r["image"]) - 0.02]
+    worse = [
+        (r["set"], r["good"], r["seed"], r["shipped"], max(r["patch"], r["image"]))
+        for r in rows
+        if r["shipped"] < max(r["patch"], r["image"]) - 0.02
+    ]
     print(f"shipped more than 0.02 below its better part: {worse or 'never'}")
 
 

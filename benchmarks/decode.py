@@ -39,8 +39,18 @@ import numpy as np
 from PIL import Image
 
 FRAME = (2592, 1944)
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "immunohistochemistry",
-          "retina", "cat", "coins")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "cat",
+    "coins",
+)
 
 
 def _cli(*args) -> str:
@@ -68,8 +78,9 @@ def frames(work: Path, n: int = 40) -> tuple[Path, Path]:
         left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
         crop = im.crop((left, top, left + cw, top + ch))
         crop.resize(FRAME, Image.Resampling.BICUBIC).save(big / f"f{k:02d}.jpg", quality=90)
-        crop.resize((round(256 * FRAME[0] / FRAME[1]), 256), Image.Resampling.BICUBIC).save(small / f"f{k:02d}.jpg",
-                                                                                             quality=90)
+        crop.resize((round(256 * FRAME[0] / FRAME[1]), 256), Image.Resampling.BICUBIC).save(
+            small / f"f{k:02d}.jpg", quality=90
+        )
     return big, small
 
 
@@ -99,9 +110,16 @@ def frame_cost(work: Path, repeats: int) -> dict:
         t_small.append((t1 - t0) / n)
         t_big.append((t2 - t1) / n)
         per_frame.append((t2 - t1 - (t1 - t0)) / n)
-    return {"frames": n, "frame_size": list(FRAME), "repeats": repeats, "cores": os.cpu_count(),
-            "extra_ms_per_5mp_frame": _spread(per_frame), "ms_per_5mp_frame": _spread(t_big),
-            "ms_per_256px_frame": _spread(t_small), "decode_one_frame_single_thread": _decode_once(big)}
+    return {
+        "frames": n,
+        "frame_size": list(FRAME),
+        "repeats": repeats,
+        "cores": os.cpu_count(),
+        "extra_ms_per_5mp_frame": _spread(per_frame),
+        "ms_per_5mp_frame": _spread(t_big),
+        "ms_per_256px_frame": _spread(t_small),
+        "decode_one_frame_single_thread": _decode_once(big),
+    }
 
 
 def _decode_once(folder: Path) -> dict:
@@ -132,7 +150,7 @@ def _spread(values) -> dict:
 
 def accuracy(work: Path, seeds) -> dict:
     from edgetl.core.features import load_input
-    from edgetl.core.preprocess import PreprocessConfig, load_rgb, resize_crop, to_tensor
+    from edgetl.core.preprocess import load_rgb, resize_crop, to_tensor
     from edgetl.datasets.images import make_surfaces
     from edgetl.transfer._stats import train_linear_head
 
@@ -173,16 +191,23 @@ def accuracy(work: Path, seeds) -> dict:
     out = {"per_seed": rows}
     for fmt in ("jpg", "png"):
         d = [r[f"{fmt}_sized"] - r[f"{fmt}_full"] for r in rows]
-        out[f"{fmt}_sized_minus_full"] = {"mean": round(float(np.mean(d)), 4), "min": round(min(d), 4),
-                                         "max": round(max(d), 4)}
-    out["note"] = ("one validation image is 1/%d of accuracy; a paired difference within a few of those is "
-                   "noise" % rows[0]["jpg_n_val"])
+        out[f"{fmt}_sized_minus_full"] = {
+            "mean": round(float(np.mean(d)), 4),
+            "min": round(min(d), 4),
+            "max": round(max(d), 4),
+        }
+    out["note"] = (
+        f"one validation image is 1/{rows[0]['jpg_n_val']} of accuracy; a paired difference within a few "
+        "of those is noise"
+    )
     return out
 
 
-_PEAK = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
-         "(r.stderr.strip().splitlines() or [''])[-1][:160], sep='|')")
+_PEAK = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, "
+    "(r.stderr.strip().splitlines() or [''])[-1][:160], sep='|')"
+)
 
 
 def crafted(work: Path) -> dict[str, Path]:
@@ -203,13 +228,21 @@ def crafted(work: Path) -> dict[str, Path]:
     once("strip-1x40000.png", lambda p: Image.new("L", (40_000, 1), 77).save(p))
     once("strip-1x63M.png", lambda p: Image.new("L", (63_000_000, 1), 77).save(p))
     once("strip-3x21M-rgb.png", lambda p: Image.new("RGB", (21_000_000, 3), (9, 99, 199)).save(p))
-    once("16bit-8000.png", lambda p: Image.fromarray(rng.integers(0, 65535, (8000, 8000), dtype=np.uint16))
-         .save(p, compress_level=1))
+    once(
+        "16bit-8000.png",
+        lambda p: Image.fromarray(rng.integers(0, 65535, (8000, 8000), dtype=np.uint16)).save(p, compress_level=1),
+    )
     once("float-8000.tiff", lambda p: Image.fromarray(rng.random((8000, 8000), dtype=np.float32), mode="F").save(p))
-    once("rgba-8000.png", lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 4), dtype=np.uint8), "RGBA")
-         .save(p, compress_level=1))
-    once("jpeg-8000.jpg", lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 3), dtype=np.uint8))
-         .save(p, quality=90))
+    once(
+        "rgba-8000.png",
+        lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 4), dtype=np.uint8), "RGBA").save(
+            p, compress_level=1
+        ),
+    )
+    once(
+        "jpeg-8000.jpg",
+        lambda p: Image.fromarray(rng.integers(0, 255, (8000, 8000, 3), dtype=np.uint8)).save(p, quality=90),
+    )
     return made
 
 
@@ -218,11 +251,18 @@ def memory(work: Path) -> dict:
     b = bundle(work)
     out = {}
     for name, path in crafted(work).items():
-        r = subprocess.run([sys.executable, "-c", _PEAK, sys.executable, "-m", "edgetl.cli", "predict", str(b),
-                            str(path), "--json"], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-c", _PEAK, sys.executable, "-m", "edgetl.cli", "predict", str(b), str(path), "--json"],
+            capture_output=True,
+            text=True,
+        )
         rc, peak, last = r.stdout.strip().split("|", 2)
-        out[name] = {"exit": int(rc), "peak_mb": round(int(peak) / 1e6), "bytes_on_disk": path.stat().st_size,
-                     "message": last if int(rc) or "warning" in last else ""}
+        out[name] = {
+            "exit": int(rc),
+            "peak_mb": round(int(peak) / 1e6),
+            "bytes_on_disk": path.stat().st_size,
+            "message": last if int(rc) or "warning" in last else "",
+        }
     return out
 
 

@@ -34,10 +34,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _shared as F
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-import _shared as F
 from edgetl.datasets.images import make_surfaces
 from edgetl.transfer.drift import DriftReference, drift_summary, fit_drift_reference, save_drift_reference
 from edgetl.transfer.groups import group_accuracy
@@ -87,7 +87,7 @@ def _new_texture_images(name: str, n: int, size: int, out: Path) -> list[str]:
     for i in range(n):
         w = int(rng.uniform(*frac) * min(H, W))
         y, x = int(rng.integers(0, H - w + 1)), int(rng.integers(0, W - w + 1))
-        crop = Image.fromarray(np.ascontiguousarray(src[y:y + w, x:x + w])).convert("RGB").resize((size, size))
+        crop = Image.fromarray(np.ascontiguousarray(src[y : y + w, x : x + w])).convert("RGB").resize((size, size))
         if name == "digits":  # the digits are bright strokes on black
             crop = Image.fromarray(255 - np.asarray(crop))
         p = out / f"new_{i:04d}.png"
@@ -105,8 +105,9 @@ def build(work: Path, name: str) -> dict:
     if name == "surfaces":
         make_surfaces(root / "raw", seed=0, per_class=48, val_per_class=64)
         classes = sorted(p.name for p in (root / "raw" / "train").iterdir() if p.is_dir())
-        side = lambda d: [(str(p), classes.index(c.name)) for c in sorted(d.iterdir()) if c.is_dir()
-                          for p in sorted(c.glob("*.png"))]
+        side = lambda d: [
+            (str(p), classes.index(c.name)) for c in sorted(d.iterdir()) if c.is_dir() for p in sorted(c.glob("*.png"))
+        ]
         train, held = side(root / "raw" / "train"), side(root / "raw" / "val")
         ref = [t for t in held if int(Path(t[0]).stem.split("_")[-1]) < 16]
         prod = [t for t in held if int(Path(t[0]).stem.split("_")[-1]) >= 16]
@@ -145,8 +146,14 @@ def build(work: Path, name: str) -> dict:
             paths.append(str(out))
         shifted[shift] = paths
     new = _new_texture_images(name, len(prod), size, root / "shifted" / "new_texture")
-    d = {"classes": classes, "train": train, "reference": ref, "production": prod, "shifted": shifted,
-         "new_texture": new}
+    d = {
+        "classes": classes,
+        "train": train,
+        "reference": ref,
+        "production": prod,
+        "shifted": shifted,
+        "new_texture": new,
+    }
     index.write_text(json.dumps(d))
     return d
 
@@ -193,8 +200,16 @@ def run(work: Path, name: str, n_folders: int, n_shifted: int, permutations: int
 
     rng = np.random.default_rng(0)
     base = ref.score(Xp)
-    out = {"dataset": name, "n_train": len(ytr), "n_reference": len(yref), "n_production": len(yp),
-           "fit_seconds": round(fit_s, 3), "npz_bytes": int(size_bytes), "rank": ref.rank, "conditions": {}}
+    out = {
+        "dataset": name,
+        "n_train": len(ytr),
+        "n_reference": len(yref),
+        "n_production": len(yp),
+        "fit_seconds": round(fit_s, 3),
+        "npz_bytes": int(size_bytes),
+        "rank": ref.rank,
+        "conditions": {},
+    }
     folder_sizes = (20, 50)
     null_p = {}
     for fs in folder_sizes:
@@ -225,18 +240,25 @@ def run(work: Path, name: str, n_folders: int, n_shifted: int, permutations: int
                     s = drift_summary(ref, Xp[idx], permutations=permutations, seed=i)
                     verdicts.append(s.verdict)
                     effects.append(s.mmd2_excess)
-                row[f"folder{fs}"] = {"false_alarm_rate": round(float(np.mean(p < 0.05)), 4),
-                                      "false_alarm_rate_01": round(float(np.mean(p < 0.01)), 4),
-                                      "folders": len(p), "verdicts": dict(Counter(verdicts)),
-                                      "effect": round(float(np.mean(effects)), 4)}
+                row[f"folder{fs}"] = {
+                    "false_alarm_rate": round(float(np.mean(p < 0.05)), 4),
+                    "false_alarm_rate_01": round(float(np.mean(p < 0.01)), 4),
+                    "folders": len(p),
+                    "verdicts": dict(Counter(verdicts)),
+                    "effect": round(float(np.mean(effects)), 4),
+                }
                 continue
             ps, verdicts, effects = [], [], []
             for i in range(n_shifted):
                 r = np.random.default_rng(20_000 + i)
                 if mixed:
                     n_new = fs // 4
-                    Xf = np.concatenate([Xnew[r.choice(len(Xnew), n_new, replace=False)],
-                                         Xp[r.choice(len(Xp), fs - n_new, replace=False)]])
+                    Xf = np.concatenate(
+                        [
+                            Xnew[r.choice(len(Xnew), n_new, replace=False)],
+                            Xp[r.choice(len(Xp), fs - n_new, replace=False)],
+                        ]
+                    )
                 else:
                     Xf = X[r.choice(len(X), fs, replace=False)]
                 s = drift_summary(ref, Xf, permutations=permutations, seed=i)
@@ -244,9 +266,12 @@ def run(work: Path, name: str, n_folders: int, n_shifted: int, permutations: int
                 verdicts.append(s.verdict)
                 effects.append(s.mmd2_excess)
             ps = np.array(ps)
-            row[f"folder{fs}"] = {"auroc": round(auroc(-ps, -null_p[fs]), 4),
-                                  "detected_05": round(float(np.mean(ps < 0.05)), 4),
-                                  "verdicts": dict(Counter(verdicts)), "effect": round(float(np.mean(effects)), 4)}
+            row[f"folder{fs}"] = {
+                "auroc": round(auroc(-ps, -null_p[fs]), 4),
+                "detected_05": round(float(np.mean(ps < 0.05)), 4),
+                "verdicts": dict(Counter(verdicts)),
+                "effect": round(float(np.mean(effects)), 4),
+            }
         out["conditions"][cond] = row
 
     # per-group accuracy: the production images under every label-preserving condition, group = condition
@@ -270,10 +295,10 @@ def run(work: Path, name: str, n_folders: int, n_shifted: int, permutations: int
     hit = yf == 0
     Xf[hit] = conds["blur r2"][idx][hit]
     s = drift_summary(ref, Xf, yf, permutations=permutations)
-    out["per_class_demo"] = {"shifted_class": 0, "p_value": s.p_value, "verdict": s.verdict,
-                             "per_class": s.per_class}
-    out["marginal_false_alarms"] = marginal_far(ref, np.concatenate([Xref, Xp]), np.concatenate([yref, yp]),
-                                                len(yref), n_folders, permutations)
+    out["per_class_demo"] = {"shifted_class": 0, "p_value": s.p_value, "verdict": s.verdict, "per_class": s.per_class}
+    out["marginal_false_alarms"] = marginal_far(
+        ref, np.concatenate([Xref, Xp]), np.concatenate([yref, yp]), len(yref), n_folders, permutations
+    )
     out["cost"] = cost(work, d, ref, head)
     return out
 
@@ -287,17 +312,24 @@ def marginal_far(ref, X_held: np.ndarray, y_held: np.ndarray, m: int, trials: in
         for i in range(trials):
             r = np.random.default_rng(50_000 + i)
             perm = r.permutation(len(X_held))
-            ref_rows, folder = perm[:m], perm[m:m + fs]
+            ref_rows, folder = perm[:m], perm[m : m + fs]
             s, W = ref.coordinates(X_held[ref_rows])
-            arrays = dict(ref.arrays, ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
-                          ref_labels=y_held[ref_rows].astype(np.int32))
+            arrays = dict(
+                ref.arrays,
+                ref_scores=s.astype(np.float32),
+                ref_coords=W.astype(np.float32),
+                ref_labels=y_held[ref_rows].astype(np.int32),
+            )
             trial = DriftReference(arrays)
             ps.append(drift_summary(trial, X_held[folder], permutations=permutations, seed=i).p_value)
             ood.append(trial.score(X_held[folder]).ood.mean())
         ps = np.array(ps)
-        out[f"folder{fs}"] = {"false_alarm_rate": round(float(np.mean(ps < 0.05)), 4),
-                              "false_alarm_rate_01": round(float(np.mean(ps < 0.01)), 4), "trials": trials,
-                              "image_ood_rate": round(float(np.mean(ood)), 4)}
+        out[f"folder{fs}"] = {
+            "false_alarm_rate": round(float(np.mean(ps < 0.05)), 4),
+            "false_alarm_rate_01": round(float(np.mean(ps < 0.01)), 4),
+            "trials": trials,
+            "image_ood_rate": round(float(np.mean(ood)), 4),
+        }
     return out
 
 
@@ -319,25 +351,32 @@ def cost(work: Path, d: dict, ref, head, n: int = 40) -> dict:
     reps = 2000
     t0 = time.perf_counter()
     for i in range(reps):
-        ref.score(X[i % n: i % n + 1])
+        ref.score(X[i % n : i % n + 1])
     drift1_ms = (time.perf_counter() - t0) / reps * 1000
     t0 = time.perf_counter()
     for _ in range(200):
         ref.score(X[:32])
     drift32_ms = (time.perf_counter() - t0) / 200 / 32 * 1000
-    return {"predict_ms_per_image": round(predict_ms, 3), "drift_ms_per_image_batch1": round(drift1_ms, 4),
-            "drift_ms_per_image_batch32": round(drift32_ms, 5),
-            "fraction_batch1": round(drift1_ms / predict_ms, 5)}
+    return {
+        "predict_ms_per_image": round(predict_ms, 3),
+        "drift_ms_per_image_batch1": round(drift1_ms, 4),
+        "drift_ms_per_image_batch32": round(drift32_ms, 5),
+        "fraction_batch1": round(drift1_ms / predict_ms, 5),
+    }
 
 
 def report(results: list[dict]) -> str:
     L = []
     for r in results:
-        L.append(f"### {r['dataset']} ({r['n_train']} train, {r['n_reference']} reference, {r['n_production']} "
-                 f"production images; rank {r['rank']}, drift.npz {r['npz_bytes'] / 1024:.0f} KB, fit {r['fit_seconds']} s)")
+        L.append(
+            f"### {r['dataset']} ({r['n_train']} train, {r['n_reference']} reference, {r['n_production']} "
+            f"production images; rank {r['rank']}, drift.npz {r['npz_bytes'] / 1024:.0f} KB, fit {r['fit_seconds']} s)"
+        )
         L.append("")
-        L.append("| condition | head accuracy | image ood rate (p<0.01) | image AUROC | folder-20 AUROC / detected | "
-                 "folder-50 AUROC / detected | folder-50 shift size | folder-50 verdicts |")
+        L.append(
+            "| condition | head accuracy | image ood rate (p<0.01) | image AUROC | folder-20 AUROC / detected | "
+            "folder-50 AUROC / detected | folder-50 shift size | folder-50 verdicts |"
+        )
         L.append("|---|---|---|---|---|---|---|---|")
         for cond, row in r["conditions"].items():
             acc = f"{100 * row['accuracy']:.1f}%" if "accuracy" in row else "-"
@@ -347,8 +386,10 @@ def report(results: list[dict]) -> str:
             for fs in (20, 50):
                 f = row[f"folder{fs}"]
                 if cond == "unshifted":
-                    cells.append(f"false alarms {100 * f['false_alarm_rate']:.1f}% at 0.05 "
-                                 f"({100 * f['false_alarm_rate_01']:.1f}% at 0.01; {f['folders']} folders)")
+                    cells.append(
+                        f"false alarms {100 * f['false_alarm_rate']:.1f}% at 0.05 "
+                        f"({100 * f['false_alarm_rate_01']:.1f}% at 0.01; {f['folders']} folders)"
+                    )
                 else:
                     cells.append(f"{f['auroc']:.3f} / {100 * f['detected_05']:.0f}%")
             verdicts = ", ".join(f"{k} {v}" for k, v in sorted(row["folder50"]["verdicts"].items()))
@@ -357,27 +398,40 @@ def report(results: list[dict]) -> str:
             L.append(f"| {cond} | {acc} | {ood} | {ia} | {cells[0]} | {cells[1]} | {eff} | {verdicts} |")
         mf = r["marginal_false_alarms"]
         L.append("")
-        L.append("Reference re-drawn per folder from all held-out images (the test's guaranteed level): false alarms "
-                 + "; ".join(f"folders of {fs}: {100 * mf[f'folder{fs}']['false_alarm_rate']:.1f}% at 0.05, "
-                             f"{100 * mf[f'folder{fs}']['false_alarm_rate_01']:.1f}% at 0.01 "
-                             f"({mf[f'folder{fs}']['trials']} folders; image ood rate "
-                             f"{100 * mf[f'folder{fs}']['image_ood_rate']:.2f}% at 0.01)" for fs in (20, 50)) + ".")
+        L.append(
+            "Reference re-drawn per folder from all held-out images (the test's guaranteed level): false alarms "
+            + "; ".join(
+                f"folders of {fs}: {100 * mf[f'folder{fs}']['false_alarm_rate']:.1f}% at 0.05, "
+                f"{100 * mf[f'folder{fs}']['false_alarm_rate_01']:.1f}% at 0.01 "
+                f"({mf[f'folder{fs}']['trials']} folders; image ood rate "
+                f"{100 * mf[f'folder{fs}']['image_ood_rate']:.2f}% at 0.01)"
+                for fs in (20, 50)
+            )
+            + "."
+        )
         g = r["groups"]["by_condition"]
         nul = r["groups"]["random_cameras"]
         c = r["cost"]
         L.append("")
-        L.append(f"Per-group accuracy (group = condition): worst {g['worst']!r}, gap {g['gap_pp']} pp "
-                 f"[{g['lower_pp']}, {g['upper_pp']}], flagged {g['flagged']}; random 'camera' groups on unshifted "
-                 f"images: worst {nul['worst']!r}, gap {nul['gap_pp']} pp [{nul['lower_pp']}, {nul['upper_pp']}], "
-                 f"flagged {nul['flagged']}.")
+        L.append(
+            f"Per-group accuracy (group = condition): worst {g['worst']!r}, gap {g['gap_pp']} pp "
+            f"[{g['lower_pp']}, {g['upper_pp']}], flagged {g['flagged']}; random 'camera' groups on unshifted "
+            f"images: worst {nul['worst']!r}, gap {nul['gap_pp']} pp [{nul['lower_pp']}, {nul['upper_pp']}], "
+            f"flagged {nul['flagged']}."
+        )
         pc = r["per_class_demo"]
-        L.append(f"One class (index 0) blurred in a labelled folder of 160: folder p = {pc['p_value']:.3g}, verdict "
-                 f"{pc['verdict']}; per-class adjusted p: "
-                 + ", ".join(f"{x['class']}: {x['p_adjusted']:.3g}" for x in pc["per_class"]) + ".")
-        L.append(f"Cost: predict {c['predict_ms_per_image']:.2f} ms/image (batch 1), drift scoring "
-                 f"{1000 * c['drift_ms_per_image_batch1']:.1f} us/image at batch 1 "
-                 f"({100 * c['fraction_batch1']:.2f}% of predict), {1000 * c['drift_ms_per_image_batch32']:.2f} us/image "
-                 "at batch 32.")
+        L.append(
+            f"One class (index 0) blurred in a labelled folder of 160: folder p = {pc['p_value']:.3g}, verdict "
+            f"{pc['verdict']}; per-class adjusted p: "
+            + ", ".join(f"{x['class']}: {x['p_adjusted']:.3g}" for x in pc["per_class"])
+            + "."
+        )
+        L.append(
+            f"Cost: predict {c['predict_ms_per_image']:.2f} ms/image (batch 1), drift scoring "
+            f"{1000 * c['drift_ms_per_image_batch1']:.1f} us/image at batch 1 "
+            f"({100 * c['fraction_batch1']:.2f}% of predict), {1000 * c['drift_ms_per_image_batch32']:.2f} us/image "
+            "at batch 32."
+        )
         L.append("")
     return "\n".join(L)
 
@@ -392,8 +446,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    results = [run(args.work, n, args.folders, args.shifted_folders, args.permutations)
-               for n in args.datasets.split(",") if n]
+    results = [
+        run(args.work, n, args.folders, args.shifted_folders, args.permutations) for n in args.datasets.split(",") if n
+    ]
     text = report(results)
     (args.work / "drift-results.json").write_text(json.dumps(results, indent=1, default=float))
     (args.work / "drift-results.md").write_text(text + "\n")

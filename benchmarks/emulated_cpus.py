@@ -56,41 +56,91 @@ GUEST_PYTHON_VERSION = "3.11"
 # readline, curses, sqlite3, dbm and nis, whose libraries pull in terminfo and Kerberos for
 # modules nothing here imports.
 ROOT_DEBS = (
-    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
-    "libc6", "libgcc-s1", "libstdc++6", "zlib1g", "libexpat1", "libffi8", "libssl3",
-    "libbz2-1.0", "liblzma5", "libcrypt1", "libuuid1",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "libgcc-s1",
+    "libstdc++6",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",
+    "libssl3",
+    "libbz2-1.0",
+    "liblzma5",
+    "libcrypt1",
+    "libuuid1",
 )
 # The device path's packages (edgetl's base dependencies), pinned to the versions installed on this
 # host, so that a difference between the two sides is the instruction set's and not a release's.
 DEVICE_PACKAGES = ("onnxruntime", "numpy", "pillow", "onnx", "click", "tqdm", "threadpoolctl", "protobuf")
 # glibc 2.36 runs wheels up to manylinux_2_36; numpy and Pillow ship _2_17/_2_28 ones, ORT _2_27/_2_28.
-WHEEL_PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_27_aarch64",
-                   "manylinux_2_28_aarch64", "manylinux_2_34_aarch64")
+WHEEL_PLATFORMS = (
+    "manylinux2014_aarch64",
+    "manylinux_2_17_aarch64",
+    "manylinux_2_27_aarch64",
+    "manylinux_2_28_aarch64",
+    "manylinux_2_34_aarch64",
+)
 ROOT_LAYOUT = 1  # bump when the prepared root's layout changes, so old caches are rebuilt
 
 # Linux arm64 AT_HWCAP / AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), in bit order. The
 # fake /proc/cpuinfo lists what QEMU really advertises to the guest through these.
-HWCAP_NAMES = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt "
-               "fcma lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs "
-               "sb paca pacg").split()
-HWCAP2_NAMES = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm "
-                "svef64mm svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme sme_i16i64 "
-                "sme_f64f64 sme_i8i32 sme_f16f32 sme_b16f32 sme_f32f32 sme_fa64").split()
+HWCAP_NAMES = (
+    "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt "
+    "fcma lrcpc dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs "
+    "sb paca pacg"
+).split()
+HWCAP2_NAMES = (
+    "dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm "
+    "svef64mm svebf16 i8mm bf16 dgh rng bti mte ecv afp rpres mte3 sme sme_i16i64 "
+    "sme_f64f64 sme_i8i32 sme_f16f32 sme_b16f32 sme_f32f32 sme_fa64"
+).split()
 AT_HWCAP, AT_HWCAP2 = 16, 26
 # MIDR fields for the fake cpuinfo (implementer, variant, part, revision), as QEMU 7.2 sets them:
 # cpuinfo parsers (ONNX Runtime's, OpenBLAS's) read the core from here, the features from hwcaps.
-AARCH64_MIDR = {"cortex-a72": (0x41, 0x0, 0xD08, 3), "cortex-a76": (0x41, 0x4, 0xD0B, 1),
-                "neoverse-n1": (0x41, 0x4, 0xD0C, 1), "max": (0x00, 0x0, 0x051, 0)}
+AARCH64_MIDR = {
+    "cortex-a72": (0x41, 0x0, 0xD08, 3),
+    "cortex-a76": (0x41, 0x4, 0xD0B, 1),
+    "neoverse-n1": (0x41, 0x4, 0xD0C, 1),
+    "max": (0x00, 0x0, 0x051, 0),
+}
 # numpy's CPU-dispatch names -> the Linux /proc/cpuinfo flags edgetl and the runtimes look for.
 X86_FLAG_NAMES = {
-    "MMX": "mmx", "SSE": "sse", "SSE2": "sse2", "SSE3": "pni", "SSSE3": "ssse3", "SSE41": "sse4_1",
-    "SSE42": "sse4_2", "POPCNT": "popcnt", "AVX": "avx", "F16C": "f16c", "FMA3": "fma", "AVX2": "avx2",
-    "BMI": "bmi1", "BMI2": "bmi2", "LZCNT": "abm", "MOVBE": "movbe", "CX16": "cx16", "LAHF": "lahf_lm",
-    "AVX512F": "avx512f", "AVX512CD": "avx512cd", "AVX512BW": "avx512bw", "AVX512DQ": "avx512dq",
-    "AVX512VL": "avx512vl", "AVX512VNNI": "avx512_vnni", "AVX512BF16": "avx512_bf16",
-    "AVX512FP16": "avx512_fp16", "AVX512IFMA": "avx512ifma", "AVX512VBMI": "avx512vbmi",
-    "AVX512VBMI2": "avx512_vbmi2", "AVX512BITALG": "avx512_bitalg", "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
-    "GFNI": "gfni", "VAES": "vaes", "VPCLMULQDQ": "vpclmulqdq",
+    "MMX": "mmx",
+    "SSE": "sse",
+    "SSE2": "sse2",
+    "SSE3": "pni",
+    "SSSE3": "ssse3",
+    "SSE41": "sse4_1",
+    "SSE42": "sse4_2",
+    "POPCNT": "popcnt",
+    "AVX": "avx",
+    "F16C": "f16c",
+    "FMA3": "fma",
+    "AVX2": "avx2",
+    "BMI": "bmi1",
+    "BMI2": "bmi2",
+    "LZCNT": "abm",
+    "MOVBE": "movbe",
+    "CX16": "cx16",
+    "LAHF": "lahf_lm",
+    "AVX512F": "avx512f",
+    "AVX512CD": "avx512cd",
+    "AVX512BW": "avx512bw",
+    "AVX512DQ": "avx512dq",
+    "AVX512VL": "avx512vl",
+    "AVX512VNNI": "avx512_vnni",
+    "AVX512BF16": "avx512_bf16",
+    "AVX512FP16": "avx512_fp16",
+    "AVX512IFMA": "avx512ifma",
+    "AVX512VBMI": "avx512vbmi",
+    "AVX512VBMI2": "avx512_vbmi2",
+    "AVX512BITALG": "avx512_bitalg",
+    "AVX512VPOPCNTDQ": "avx512_vpopcntdq",
+    "GFNI": "gfni",
+    "VAES": "vaes",
+    "VPCLMULQDQ": "vpclmulqdq",
 }
 # QEMU prints one line per TCG-unsupported CPUID bit of the named model, for every thread it starts.
 QEMU_NOISE = ("warning: TCG doesn't support requested feature",)
@@ -121,8 +171,9 @@ def qemu_binary(arch: str) -> str:
     """
     exe = shutil.which(f"qemu-{arch}-static")
     if not exe:
-        raise EmulationUnavailable(f"qemu-{arch}-static not found: install Debian's qemu-user-static "
-                                   "(apt-get install qemu-user-static)")
+        raise EmulationUnavailable(
+            f"qemu-{arch}-static not found: install Debian's qemu-user-static (apt-get install qemu-user-static)"
+        )
     return exe
 
 
@@ -183,8 +234,14 @@ class Machine:
         """
         cmd = self.argv([str(a) for a in args])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.environ(env), timeout=timeout,
-                                  cwd=str(cwd) if cwd else None)
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env=self.environ(env),
+                timeout=timeout,
+                cwd=str(cwd) if cwd else None,
+            )
         except subprocess.TimeoutExpired:
             raise GuestCommandError(f"{self.label}: {_short(args)} ran past {timeout:.0f} s") from None
         if proc.returncode != 0:
@@ -256,8 +313,13 @@ def host_versions(packages=DEVICE_PACKAGES) -> dict[str, str]:
 
 
 def _root_key() -> dict:
-    return {"layout": ROOT_LAYOUT, "python": GUEST_PYTHON_VERSION, "debs": list(ROOT_DEBS),
-            "wheels": host_versions(), "platforms": list(WHEEL_PLATFORMS)}
+    return {
+        "layout": ROOT_LAYOUT,
+        "python": GUEST_PYTHON_VERSION,
+        "debs": list(ROOT_DEBS),
+        "wheels": host_versions(),
+        "platforms": list(WHEEL_PLATFORMS),
+    }
 
 
 @contextlib.contextmanager
@@ -278,9 +340,21 @@ def _apt_options(state: Path) -> list[str]:
     # A private apt state (lists, caches, an empty dpkg status) with arm64 as its only architecture:
     # the host's dpkg configuration stays untouched, with no `dpkg --add-architecture arm64` that
     # would make every later `apt-get update` on this machine fetch arm64 indexes too.
-    opts = ["-o", "APT::Architecture=arm64", "-o", "APT::Architectures=arm64",
-            "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
-            "-o", "Dir::State::status=/dev/null", "-o", "Debug::NoLocking=1", "-q"]
+    opts = [
+        "-o",
+        "APT::Architecture=arm64",
+        "-o",
+        "APT::Architectures=arm64",
+        "-o",
+        f"Dir::State::Lists={state / 'lists'}",
+        "-o",
+        f"Dir::Cache={state / 'cache'}",
+        "-o",
+        "Dir::State::status=/dev/null",
+        "-o",
+        "Debug::NoLocking=1",
+        "-q",
+    ]
     if os.geteuid() == 0:
         # apt downloads as user _apt, who cannot write into root's cache folder; stay root.
         opts += ["-o", "APT::Sandbox::User=root"]
@@ -295,8 +369,11 @@ def _run_setup(cmd: list[str], what: str, *, cwd: Path | None = None, timeout: f
     except subprocess.TimeoutExpired:
         raise EmulationSetupError(f"{what}: no answer within {timeout:.0f} s (is the registry reachable?)") from None
     if proc.returncode != 0:
-        lines = [l for l in (proc.stderr + proc.stdout).splitlines()
-                 if l.strip() and "is ignored: it is neither a file nor a directory" not in l]
+        lines = [
+            l
+            for l in (proc.stderr + proc.stdout).splitlines()
+            if l.strip() and "is ignored: it is neither a file nor a directory" not in l
+        ]
         errs = [l for l in lines if l.startswith(("E:", "ERROR", "error"))] or lines
         raise EmulationSetupError(f"{what} failed: {errs[-1].strip() if errs else f'exit {proc.returncode}'}")
     return proc.stdout
@@ -318,9 +395,22 @@ def download_debs(dest: Path, state: Path) -> list[Path]:
 
 def install_wheels(site: Path, versions: dict[str, str]) -> None:
     """The device packages' aarch64 wheels (and their dependencies) into ``site``, never built from source."""
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-script-location",
-           "--target", str(site), "--only-binary=:all:", "--python-version", GUEST_PYTHON_VERSION,
-           "--implementation", "cp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-warn-script-location",
+        "--target",
+        str(site),
+        "--only-binary=:all:",
+        "--python-version",
+        GUEST_PYTHON_VERSION,
+        "--implementation",
+        "cp",
+    ]
     for plat in WHEEL_PLATFORMS:
         cmd += ["--platform", plat]
     cmd += [f"{name}=={versions[name]}" if name in versions else name for name in DEVICE_PACKAGES]
@@ -360,12 +450,22 @@ def prepare_aarch64_root(cache: Path | None = None, *, force: bool = False) -> A
             install_wheels(build.site, key["wheels"])
             smoke = aarch64_machine("cortex-a76", build)
             try:
-                smoke.run(["-c", "import ssl, zlib, ctypes, bz2, lzma, numpy, onnxruntime, PIL, click, tqdm"], timeout=300)
+                smoke.run(
+                    ["-c", "import ssl, zlib, ctypes, bz2, lzma, numpy, onnxruntime, PIL, click, tqdm"], timeout=300
+                )
             except GuestCommandError as exc:
                 raise EmulationSetupError(f"the prepared aarch64 Python does not work: {exc}") from None
-            (build.path / "ready.json").write_text(json.dumps(
-                {"key": key, "debs": [d.name for d in debs], "qemu": qemu_version("aarch64"),
-                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
+            (build.path / "ready.json").write_text(
+                json.dumps(
+                    {
+                        "key": key,
+                        "debs": [d.name for d in debs],
+                        "qemu": qemu_version("aarch64"),
+                        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                    indent=2,
+                )
+            )
             shutil.rmtree(root.path, ignore_errors=True)
             build.path.rename(root.path)
         finally:
@@ -379,13 +479,17 @@ def read_hwcaps(qemu: str, cpu: str, root: Aarch64Root) -> list[str]:
 
     Runs without a fake cpuinfo: the bare interpreter does not read it, only the runtimes do.
     """
-    code = ("import ctypes; g = ctypes.CDLL(None).getauxval; g.restype = ctypes.c_ulong; "
-            "g.argtypes = [ctypes.c_ulong]; print(g(16), g(26))")
+    code = (
+        "import ctypes; g = ctypes.CDLL(None).getauxval; g.restype = ctypes.c_ulong; "
+        "g.argtypes = [ctypes.c_ulong]; print(g(16), g(26))"
+    )
     cmd = [qemu, "-cpu", cpu, "-L", str(root.sysroot), str(root.python), "-s", "-c", code]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise EmulationSetupError(f"qemu-aarch64-static -cpu {cpu}: the guest Python does not start "
-                                  f"({(proc.stderr.strip().splitlines() or ['no output'])[-1]})")
+        raise EmulationSetupError(
+            f"qemu-aarch64-static -cpu {cpu}: the guest Python does not start "
+            f"({(proc.stderr.strip().splitlines() or ['no output'])[-1]})"
+        )
     hw, hw2 = (int(v) for v in proc.stdout.split())
     return decode_hwcaps(hw, hw2)
 
@@ -405,11 +509,20 @@ def aarch64_cpuinfo(cpu: str, features: list[str], ncpu: int) -> str:
     impl, var, part, rev = AARCH64_MIDR.get(cpu, (0x41, 0x0, 0xD0C, 1))
     blocks = []
     for i in range(ncpu):
-        blocks.append("\n".join([
-            f"processor\t: {i}", "BogoMIPS\t: 50.00", f"Features\t: {' '.join(features)}",
-            f"CPU implementer\t: 0x{impl:02x}", "CPU architecture: 8", f"CPU variant\t: 0x{var:x}",
-            f"CPU part\t: 0x{part:03x}", f"CPU revision\t: {rev}",
-        ]))
+        blocks.append(
+            "\n".join(
+                [
+                    f"processor\t: {i}",
+                    "BogoMIPS\t: 50.00",
+                    f"Features\t: {' '.join(features)}",
+                    f"CPU implementer\t: 0x{impl:02x}",
+                    "CPU architecture: 8",
+                    f"CPU variant\t: 0x{var:x}",
+                    f"CPU part\t: 0x{part:03x}",
+                    f"CPU revision\t: {rev}",
+                ]
+            )
+        )
     return "\n\n".join(blocks) + "\n"
 
 
@@ -440,8 +553,12 @@ def aarch64_prefix(root: Aarch64Root, cpu: str) -> Path:
 def aarch64_machine(cpu: str, root: Aarch64Root) -> Machine:
     """The aarch64 Python of ``root`` on an emulated ``-cpu CPU``, with the checkout's edgetl."""
     return Machine(
-        f"aarch64 {cpu} (QEMU)", python=str(root.python), qemu=qemu_binary("aarch64"), cpu=cpu,
-        prefix=aarch64_prefix(root, cpu), pythonpath=(str(REPO / "src"), str(root.site)),
+        f"aarch64 {cpu} (QEMU)",
+        python=str(root.python),
+        qemu=qemu_binary("aarch64"),
+        cpu=cpu,
+        prefix=aarch64_prefix(root, cpu),
+        pythonpath=(str(REPO / "src"), str(root.site)),
         # OPENBLAS_CORETYPE names an x86 core on this host (Haswell); ARM OpenBLAS answers
         # "Core not found" and falls back to generic armv8 instead of the core it would pick on
         # the device, so the guest detects its own.
@@ -457,15 +574,26 @@ def x86_cpuinfo(cpu: str, numpy_features: list[str], ncpu: int) -> str:
     believe the emulated AVX2 CPU accumulates INT8 exactly. numpy has no AVX-VNNI (VEX) name, so
     that flag can never appear here; neither Haswell nor Skylake has it.
     """
-    flags = " ".join(["fpu", "tsc", "cmov", "clflush", "fxsr"]
-                     + [X86_FLAG_NAMES[f] for f in numpy_features if f in X86_FLAG_NAMES])
+    flags = " ".join(
+        ["fpu", "tsc", "cmov", "clflush", "fxsr"] + [X86_FLAG_NAMES[f] for f in numpy_features if f in X86_FLAG_NAMES]
+    )
     blocks = []
     for i in range(ncpu):
-        blocks.append("\n".join([
-            f"processor\t: {i}", "vendor_id\t: GenuineIntel", "cpu family\t: 6",
-            f"model name\t: QEMU TCG {cpu}", "physical id\t: 0", f"siblings\t: {ncpu}", f"core id\t\t: {i}",
-            f"cpu cores\t: {ncpu}", f"flags\t\t: {flags}",
-        ]))
+        blocks.append(
+            "\n".join(
+                [
+                    f"processor\t: {i}",
+                    "vendor_id\t: GenuineIntel",
+                    "cpu family\t: 6",
+                    f"model name\t: QEMU TCG {cpu}",
+                    "physical id\t: 0",
+                    f"siblings\t: {ncpu}",
+                    f"core id\t\t: {i}",
+                    f"cpu cores\t: {ncpu}",
+                    f"flags\t\t: {flags}",
+                ]
+            )
+        )
     return "\n\n".join(blocks) + "\n"
 
 
@@ -479,8 +607,9 @@ def x86_machine(cpu: str, *, work: Path, fake_cpuinfo: bool = True) -> Machine:
     qemu = qemu_binary("x86_64")
     base = Machine(f"x86-64 {cpu} (QEMU)", python=sys.executable, qemu=qemu, cpu=cpu, pythonpath=(str(REPO / "src"),))
     if not fake_cpuinfo:
-        return Machine(f"x86-64 {cpu} (QEMU, host cpuinfo)", python=sys.executable, qemu=qemu, cpu=cpu,
-                       pythonpath=base.pythonpath)
+        return Machine(
+            f"x86-64 {cpu} (QEMU, host cpuinfo)", python=sys.executable, qemu=qemu, cpu=cpu, pythonpath=base.pythonpath
+        )
     prefix = Path(work) / "x86-prefix" / cpu
     info = prefix / "proc" / "cpuinfo"
     if not info.is_file():
@@ -615,7 +744,9 @@ def pick_images(folder: str | Path, count: int) -> list[Path]:
     """Up to ``count`` images from ``folder``, taken round-robin over its class folders (sorted)."""
     folder = Path(folder)
     exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-    groups = [sorted(p for p in d.rglob("*") if p.suffix.lower() in exts) for d in sorted(folder.iterdir()) if d.is_dir()]
+    groups = [
+        sorted(p for p in d.rglob("*") if p.suffix.lower() in exts) for d in sorted(folder.iterdir()) if d.is_dir()
+    ]
     groups = [g for g in groups if g] or [sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)]
     out: list[Path] = []
     i = 0
@@ -633,10 +764,17 @@ def bundle_info(bundle: str | Path) -> dict:
     t = m.get("target", {})
     fix = (t.get("quantization") or {}).get("overflow_fix")
     bits = {"enable": "7-bit w", "first_layer": "8-bit w", "disable": "8-bit w"}.get(fix, "?")
-    return {"path": Path(bundle), "target": t.get("name", "?"), "runtime": m.get("runtime"), "labels": m["labels"],
-            "backbone": Path(bundle) / m["models"]["backbone"], "fused": Path(bundle) / m["models"]["fused"],
-            "fit_features": t.get("fit_features", "runtime"), "weights": bits,
-            "val_data": Path(m.get("training", {}).get("data", "")) / "val"}
+    return {
+        "path": Path(bundle),
+        "target": t.get("name", "?"),
+        "runtime": m.get("runtime"),
+        "labels": m["labels"],
+        "backbone": Path(bundle) / m["models"]["backbone"],
+        "fused": Path(bundle) / m["models"]["fused"],
+        "fit_features": t.get("fit_features", "runtime"),
+        "weights": bits,
+        "val_data": Path(m.get("training", {}).get("data", "")) / "val",
+    }
 
 
 def make_inputs(bundle: str | Path, images: list[Path], out: Path) -> Path:
@@ -660,15 +798,21 @@ def run_model(machine: Machine, model: Path, inputs: Path, work: Path, *, runtim
     import numpy as np
 
     out = Path(tempfile.mkstemp(suffix=".npy", dir=work)[1])
-    meta = json.loads(machine.run([__file__, "guest", "run-model", model, inputs, out, "--runtime", runtime,
-                                   "--mode", mode], cwd=work).strip().splitlines()[-1])
+    meta = json.loads(
+        machine.run(
+            [__file__, "guest", "run-model", model, inputs, out, "--runtime", runtime, "--mode", mode], cwd=work
+        )
+        .strip()
+        .splitlines()[-1]
+    )
     y = np.load(out)
     out.unlink()
     return y, meta
 
 
-def predict(machine: Machine, bundle: str | Path, images: list[Path], *, env: dict | None = None,
-            work: Path | None = None):
+def predict(
+    machine: Machine, bundle: str | Path, images: list[Path], *, env: dict | None = None, work: Path | None = None
+):
     """``python -m edgetl.cli predict BUNDLE IMAGES --json`` on ``machine``: the device path.
 
     Returns ``(probs, seconds)``: probabilities of every label (bundle label order) per image, in
@@ -678,8 +822,9 @@ def predict(machine: Machine, bundle: str | Path, images: list[Path], *, env: di
 
     labels = bundle_info(bundle)["labels"]
     t0 = time.time()
-    out = machine.run(["-m", "edgetl.cli", "predict", bundle, *images, "--json", "--quiet", "--top-k", len(labels)],
-                      env=env, cwd=work)
+    out = machine.run(
+        ["-m", "edgetl.cli", "predict", bundle, *images, "--json", "--quiet", "--top-k", len(labels)], env=env, cwd=work
+    )
     seconds = time.time() - t0
     index = {l: i for i, l in enumerate(labels)}
     rows = {}
@@ -704,8 +849,13 @@ def compare_probs(a, b, *, margin: float = 0.0) -> dict:
     top2 = np.sort(b, axis=1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > margin
     same = a.argmax(1) == b.argmax(1)
-    return {"n": len(a), "top1_agreement": float(np.mean(same)), "max_prob_diff": float(np.abs(a - b).max()),
-            "clear": int(clear.sum()), "clear_top1_agreement": float(np.mean(same[clear])) if clear.any() else None}
+    return {
+        "n": len(a),
+        "top1_agreement": float(np.mean(same)),
+        "max_prob_diff": float(np.abs(a - b).max()),
+        "clear": int(clear.sum()),
+        "clear_top1_agreement": float(np.mean(same[clear])) if clear.any() else None,
+    }
 
 
 def feature_cosine(a, b) -> dict:
@@ -715,8 +865,12 @@ def feature_cosine(a, b) -> dict:
     a = np.asarray(a, np.float64).reshape(len(a), -1)
     b = np.asarray(b, np.float64).reshape(len(b), -1)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return {"n": len(a), "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-            "max_abs_diff": float(np.abs(a - b).max())}
+    return {
+        "n": len(a),
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "max_abs_diff": float(np.abs(a - b).max()),
+    }
 
 
 def head_probs(bundle: str | Path, features):
@@ -731,8 +885,9 @@ def _row(bundle: dict, machine: str, compared: str, **figures) -> dict:
     return {"bundle": f"{bundle['target']} ({bundle['weights']})", "machine": machine, "compared": compared, **figures}
 
 
-def check_aarch64(bundles: list[str | Path], images: list[Path], *, root: Aarch64Root, cpus=AARCH64_CPUS,
-                  work: Path) -> dict:
+def check_aarch64(
+    bundles: list[str | Path], images: list[Path], *, root: Aarch64Root, cpus=AARCH64_CPUS, work: Path
+) -> dict:
     """Check A: ONNX Runtime bundles on emulated aarch64 cores against this x86 host.
 
     Per bundle and core: ``edgetl predict`` top-1 agreement and max probability difference vs the
@@ -756,32 +911,78 @@ def check_aarch64(bundles: list[str | Path], images: list[Path], *, root: Aarch6
         x86_native, _ = run_model(host, b["backbone"], inputs, work, runtime="onnxruntime", mode="native")
         x86_pred, _ = predict(host, path, images, work=work)
         x86_pred_exact, _ = predict(host, path, images, env={"EDGETL_EXACT_INT8": "1"}, work=work)
-        rows.append(_row(b, "x86 host", f"features: ORT native ({kind}) vs exact emulation",
-                         **feature_cosine(x86_native, x86_exact)))
-        rows.append(_row(b, "x86 host", f"predict: this host's own path ({kind}) vs exact forced",
-                         **compare_probs(x86_pred, x86_pred_exact)))
+        rows.append(
+            _row(
+                b,
+                "x86 host",
+                f"features: ORT native ({kind}) vs exact emulation",
+                **feature_cosine(x86_native, x86_exact),
+            )
+        )
+        rows.append(
+            _row(
+                b,
+                "x86 host",
+                f"predict: this host's own path ({kind}) vs exact forced",
+                **compare_probs(x86_pred, x86_pred_exact),
+            )
+        )
         for cpu, m in machines.items():
             t0 = time.time()
             pred, pred_s = predict(m, path, images, work=work)
             rows.append(_row(b, cpu, "predict: aarch64 vs x86 host", **compare_probs(pred, x86_pred), seconds=pred_s))
             rows.append(_row(b, cpu, "predict: aarch64 vs x86 exact forced", **compare_probs(pred, x86_pred_exact)))
             native, meta = run_model(m, b["backbone"], inputs, work, runtime="onnxruntime", mode="native")
-            rows.append(_row(b, cpu, "features: aarch64 ORT native vs x86 exact", **feature_cosine(native, x86_exact),
-                             seconds=meta["load_s"] + meta["run_s"]))
-            rows.append(_row(b, cpu, f"features: aarch64 ORT native vs x86 ORT native ({kind})",
-                             **feature_cosine(native, x86_native)))
+            rows.append(
+                _row(
+                    b,
+                    cpu,
+                    "features: aarch64 ORT native vs x86 exact",
+                    **feature_cosine(native, x86_exact),
+                    seconds=meta["load_s"] + meta["run_s"],
+                )
+            )
+            rows.append(
+                _row(
+                    b,
+                    cpu,
+                    f"features: aarch64 ORT native vs x86 ORT native ({kind})",
+                    **feature_cosine(native, x86_native),
+                )
+            )
             unfused, meta = run_model(m, b["backbone"], inputs, work, runtime="onnxruntime", mode="exact")
-            rows.append(_row(b, cpu, "features: aarch64 unfused (exact) vs x86 exact",
-                             **feature_cosine(unfused, x86_exact), seconds=meta["load_s"] + meta["run_s"]))
+            rows.append(
+                _row(
+                    b,
+                    cpu,
+                    "features: aarch64 unfused (exact) vs x86 exact",
+                    **feature_cosine(unfused, x86_exact),
+                    seconds=meta["load_s"] + meta["run_s"],
+                )
+            )
             fused, meta = run_model(m, b["fused"], inputs, work, runtime="onnxruntime", mode="native")
-            rows.append(_row(b, cpu, "model.onnx (aarch64) vs numpy head on aarch64 features",
-                             **compare_probs(fused, head_probs(path, native)), seconds=meta["load_s"] + meta["run_s"]))
+            rows.append(
+                _row(
+                    b,
+                    cpu,
+                    "model.onnx (aarch64) vs numpy head on aarch64 features",
+                    **compare_probs(fused, head_probs(path, native)),
+                    seconds=meta["load_s"] + meta["run_s"],
+                )
+            )
             log(f"A: {b['target']} on {cpu}: {time.time() - t0:.0f} s")
     return {"rows": rows, "cpus": cpu_info}
 
 
-def check_avx2(bundles: list[str | Path], images: list[Path], *, cpus=X86_CPUS, work: Path,
-               exact_on_guest: bool = True, naive_detection: bool = True) -> dict:
+def check_avx2(
+    bundles: list[str | Path],
+    images: list[Path],
+    *,
+    cpus=X86_CPUS,
+    work: Path,
+    exact_on_guest: bool = True,
+    naive_detection: bool = True,
+) -> dict:
     """Check B: bundles on an emulated AVX2-only x86 CPU (no AVX-512, no VNNI) against this host.
 
     Per bundle and CPU: backbone feature cosine of the AVX2 CPU's own kernels vs exact emulation
@@ -806,28 +1007,63 @@ def check_avx2(bundles: list[str | Path], images: list[Path], *, cpus=X86_CPUS, 
         host_native, _ = run_model(host, b["backbone"], inputs, work, runtime=rt, mode="native")
         host_pred, _ = predict(host, path, images, work=work)
         simulated = b["fit_features"] == "simulated"
-        host_pred_exact = predict(host, path, images, env={"EDGETL_EXACT_INT8": "1"}, work=work)[0] if simulated else None
-        rows.append(_row(b, "x86 host", f"features: host native ({kind}) vs exact", **feature_cosine(host_native, host_exact)))
+        host_pred_exact = (
+            predict(host, path, images, env={"EDGETL_EXACT_INT8": "1"}, work=work)[0] if simulated else None
+        )
+        rows.append(
+            _row(b, "x86 host", f"features: host native ({kind}) vs exact", **feature_cosine(host_native, host_exact))
+        )
         for cpu, m in machines.items():
             t0 = time.time()
             native, meta = run_model(m, b["backbone"], inputs, work, runtime=rt, mode="native")
-            rows.append(_row(b, cpu, "features: AVX2 native vs exact (host)", **feature_cosine(native, host_exact),
-                             seconds=meta["load_s"] + meta["run_s"]))
-            rows.append(_row(b, cpu, f"features: AVX2 native vs host native ({kind})", **feature_cosine(native, host_native)))
+            rows.append(
+                _row(
+                    b,
+                    cpu,
+                    "features: AVX2 native vs exact (host)",
+                    **feature_cosine(native, host_exact),
+                    seconds=meta["load_s"] + meta["run_s"],
+                )
+            )
+            rows.append(
+                _row(b, cpu, f"features: AVX2 native vs host native ({kind})", **feature_cosine(native, host_native))
+            )
             if exact_on_guest:
                 ex, meta = run_model(m, b["backbone"], inputs, work, runtime=rt, mode="exact")
-                rows.append(_row(b, cpu, "features: AVX2 exact vs exact (host)", **feature_cosine(ex, host_exact),
-                                 seconds=meta["load_s"] + meta["run_s"]))
+                rows.append(
+                    _row(
+                        b,
+                        cpu,
+                        "features: AVX2 exact vs exact (host)",
+                        **feature_cosine(ex, host_exact),
+                        seconds=meta["load_s"] + meta["run_s"],
+                    )
+                )
             pred, pred_s = predict(m, path, images, work=work)
-            rows.append(_row(b, cpu, "predict: AVX2 (its cpuinfo) vs host", **compare_probs(pred, host_pred), seconds=pred_s))
+            rows.append(
+                _row(b, cpu, "predict: AVX2 (its cpuinfo) vs host", **compare_probs(pred, host_pred), seconds=pred_s)
+            )
             if simulated:
-                rows.append(_row(b, cpu, "predict: AVX2 (its cpuinfo) vs host exact forced",
-                                 **compare_probs(pred, host_pred_exact)))
+                rows.append(
+                    _row(
+                        b,
+                        cpu,
+                        "predict: AVX2 (its cpuinfo) vs host exact forced",
+                        **compare_probs(pred, host_pred_exact),
+                    )
+                )
             if naive_detection and simulated:
                 naive = x86_machine(cpu, work=work, fake_cpuinfo=False)
                 pred, pred_s = predict(naive, path, images, work=work)
-                rows.append(_row(b, cpu, "predict: AVX2 with host cpuinfo (fooled) vs host",
-                                 **compare_probs(pred, host_pred), seconds=pred_s))
+                rows.append(
+                    _row(
+                        b,
+                        cpu,
+                        "predict: AVX2 with host cpuinfo (fooled) vs host",
+                        **compare_probs(pred, host_pred),
+                        seconds=pred_s,
+                    )
+                )
             log(f"B: {b['target']} on {cpu}: {time.time() - t0:.0f} s")
     return {"rows": rows, "cpus": cpu_info}
 
@@ -847,9 +1083,18 @@ def _fmt(v, key: str) -> str:
     return str(v)
 
 
-COLUMNS = (("bundle", "bundle"), ("machine", "machine"), ("compared", "what is compared"), ("n", "n"),
-           ("top1_agreement", "top-1"), ("max_prob_diff", "max|dp|"), ("cos_mean", "cos mean"),
-           ("cos_min", "cos min"), ("max_abs_diff", "max|df|"), ("seconds", "s"))
+COLUMNS = (
+    ("bundle", "bundle"),
+    ("machine", "machine"),
+    ("compared", "what is compared"),
+    ("n", "n"),
+    ("top1_agreement", "top-1"),
+    ("max_prob_diff", "max|dp|"),
+    ("cos_mean", "cos mean"),
+    ("cos_min", "cos min"),
+    ("max_abs_diff", "max|df|"),
+    ("seconds", "s"),
+)
 
 
 def format_table(title: str, rows: list[dict], columns=COLUMNS) -> str:
@@ -872,8 +1117,15 @@ def describe_cpus(info: dict) -> list[dict]:
         else:
             keys = set(p["numpy_features"])
             isa = " ".join(k for k in ("AVX2", "AVX512F", "AVX512VNNI", "AVX512BF16") if k in keys)
-        rows.append({"machine": name, "isa": isa, "blas": ",".join(p.get("blas", [])),
-                     "saturates": p.get("edgetl_int8_saturates"), "ov_hint": p.get("openvino_precision_hint")})
+        rows.append(
+            {
+                "machine": name,
+                "isa": isa,
+                "blas": ",".join(p.get("blas", [])),
+                "saturates": p.get("edgetl_int8_saturates"),
+                "ov_hint": p.get("openvino_precision_hint"),
+            }
+        )
     return rows
 
 
@@ -889,9 +1141,27 @@ def fit_bundles(work: Path, targets: list[str], *, calibration: int = 64) -> tup
         b = work / f"{t}.bundle"
         if not (b / "manifest.json").is_file():
             log(f"fitting {t} (1-3 minutes on 2 cores)")
-            subprocess.run(cli + ["fit", str(data), "--out", str(b), "--target", t, "--calibration-size",
-                                  str(calibration), "--allow-drop", "--cache", str(work / "cache"), "--force", "--quiet"],
-                           check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                cli
+                + [
+                    "fit",
+                    str(data),
+                    "--out",
+                    str(b),
+                    "--target",
+                    t,
+                    "--calibration-size",
+                    str(calibration),
+                    "--allow-drop",
+                    "--cache",
+                    str(work / "cache"),
+                    "--force",
+                    "--quiet",
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
         out.append(b)
     return out, data / "val"
 
@@ -905,8 +1175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", action="append", default=[], help="bundle to check (repeat); default: fit four")
     ap.add_argument("--images", help="folder of images (default: the first bundle's validation folder)")
     ap.add_argument("--count", type=int, default=24, help="images per check (spread over classes)")
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "edgetl-emulated-cpus"),
-                    help="folder for fitted bundles and intermediate files")
+    ap.add_argument(
+        "--work",
+        default=str(Path(tempfile.gettempdir()) / "edgetl-emulated-cpus"),
+        help="folder for fitted bundles and intermediate files",
+    )
     ap.add_argument("--cache", help="where the aarch64 root is kept (default $EDGETL_CACHE or ~/.cache/edgetl)")
     ap.add_argument("--targets", default="cpu-arm64,cpu-x86,openvino-cpu,intel-npu", help="profiles to fit")
     ap.add_argument("--arm-cpu", action="append", help=f"QEMU aarch64 -cpu (repeat; default {', '.join(AARCH64_CPUS)})")
@@ -927,15 +1200,23 @@ def main(argv: list[str] | None = None) -> int:
             bundles, images_dir = fit_bundles(work, [t for t in a.targets.split(",") if t])
             images_dir = Path(a.images) if a.images else images_dir
         images = pick_images(images_dir, a.count)
-        print(f"QEMU {results['qemu']}; {len(images)} images from {images_dir}; host: {platform.processor() or platform.machine()}")
+        print(
+            f"QEMU {results['qemu']}; {len(images)} images from {images_dir}; "
+            f"host: {platform.processor() or platform.machine()}"
+        )
         if not a.skip_arm:
             t0 = time.time()
             root = prepare_aarch64_root(Path(a.cache) if a.cache else None)
             res = check_aarch64(bundles, images, root=root, cpus=tuple(a.arm_cpu or AARCH64_CPUS), work=work)
             results["aarch64"] = res
             print()
-            print(format_table("Emulated aarch64 cores (hwcaps QEMU advertises; OpenBLAS core numpy uses)",
-                               describe_cpus(res["cpus"]), (("machine", "cpu"), ("isa", "features"), ("blas", "BLAS"))))
+            print(
+                format_table(
+                    "Emulated aarch64 cores (hwcaps QEMU advertises; OpenBLAS core numpy uses)",
+                    describe_cpus(res["cpus"]),
+                    (("machine", "cpu"), ("isa", "features"), ("blas", "BLAS")),
+                )
+            )
             print()
             print(format_table(f"A. aarch64 ONNX Runtime vs this x86 host ({time.time() - t0:.0f} s)", res["rows"]))
         if not a.skip_avx2:
@@ -943,9 +1224,18 @@ def main(argv: list[str] | None = None) -> int:
             res = check_avx2(bundles, images, cpus=tuple(a.x86_cpu or X86_CPUS), work=work)
             results["avx2"] = res
             print()
-            print(format_table("x86 machines (numpy's CPUID view; edgetl's INT8 detection; OpenVINO default precision)",
-                               describe_cpus(res["cpus"]), (("machine", "machine"), ("isa", "ISA"), ("saturates", "edgetl: int8 saturates"),
-                                                            ("ov_hint", "OpenVINO INFERENCE_PRECISION_HINT"))))
+            print(
+                format_table(
+                    "x86 machines (numpy's CPUID view; edgetl's INT8 detection; OpenVINO default precision)",
+                    describe_cpus(res["cpus"]),
+                    (
+                        ("machine", "machine"),
+                        ("isa", "ISA"),
+                        ("saturates", "edgetl: int8 saturates"),
+                        ("ov_hint", "OpenVINO INFERENCE_PRECISION_HINT"),
+                    ),
+                )
+            )
             print()
             print(format_table(f"B. emulated AVX2-only x86 vs this host ({time.time() - t0:.0f} s)", res["rows"]))
     except (EmulationUnavailable, EmulationSetupError, GuestCommandError) as exc:

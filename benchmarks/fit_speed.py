@@ -30,15 +30,15 @@ def main() -> None:
 
     import torch
 
+    from edgetl.core.features import extract_features, load_input
+    from edgetl.core.sessions import default_threads, open_session
+    from edgetl.datasets.images import make_surfaces
     from edgetl.export import export_backbone, resolve
     from edgetl.export.image import build_model, weight_source
-    from edgetl.tasks.classify.data import load_dataset
-    from edgetl.datasets.images import make_surfaces
-    from edgetl.core.features import extract_features, load_input
-    from edgetl.pipeline.fit import FitOptions, fit
     from edgetl.heads.classification import HeadConfig
     from edgetl.heads.training import train_head
-    from edgetl.core.sessions import default_threads, open_session
+    from edgetl.pipeline.fit import FitOptions, fit
+    from edgetl.tasks.classify.data import load_dataset
 
     threads = default_threads()
     torch.set_num_threads(threads)
@@ -61,26 +61,31 @@ def main() -> None:
 
     def rate(fn, reps=3) -> float:
         fn(x[:32])
-        best = min(_timed(lambda: [fn(x[i:i + 32]) for i in range(0, len(x), 32)]) for _ in range(reps))
+        best = min(_timed(lambda: [fn(x[i : i + 32]) for i in range(0, len(x), 32)]) for _ in range(reps))
         return len(x) / best
 
     with torch.inference_mode():
         torch_ips = rate(lambda b: model(torch.from_numpy(b)))
     ort_ips = rate(lambda b: sess(b))
-    out["model_only_images_per_s"] = {"torch_eager_fp32": round(torch_ips, 1), "onnxruntime_fp32": round(ort_ips, 1),
-                                      "ratio": round(ort_ips / torch_ips, 2)}
+    out["model_only_images_per_s"] = {
+        "torch_eager_fp32": round(torch_ips, 1),
+        "onnxruntime_fp32": round(ort_ips, 1),
+        "ratio": round(ort_ips / torch_ips, 2),
+    }
 
     # --- end to end (decode + preprocess + model) over the whole dataset, no cache
     def torch_e2e():
         with torch.inference_mode():
             for i in range(0, len(paths), 32):
-                model(torch.from_numpy(np.stack([load_input(p, pre) for p in paths[i:i + 32]])))
+                model(torch.from_numpy(np.stack([load_input(p, pre) for p in paths[i : i + 32]])))
 
     t_torch = _timed(torch_e2e)
     t_ort = _timed(lambda: extract_features(paths, session=sess, preprocess=pre, quiet=True))
-    out["end_to_end_images_per_s"] = {"torch_eager_fp32": round(len(paths) / t_torch, 1),
-                                      "edgetl_onnxruntime_fp32": round(len(paths) / t_ort, 1),
-                                      "ratio": round(t_torch / t_ort, 2)}
+    out["end_to_end_images_per_s"] = {
+        "torch_eager_fp32": round(len(paths) / t_torch, 1),
+        "edgetl_onnxruntime_fp32": round(len(paths) / t_ort, 1),
+        "ratio": round(t_torch / t_ort, 2),
+    }
 
     # --- cold fit (INT8, default target) vs warm fit with another head, same cache
     opts = FitOptions(cache_dir=str(cache / "fits"), quiet=True, allow_drop=True)
@@ -103,11 +108,16 @@ def main() -> None:
     warm = tmp / "warm-export"
     shutil.copytree(cache / "backbones", warm / "backbones")
     res200 = {}
-    t200 = _timed(lambda: res200.setdefault("r", fit(s200, tmp / "s200.bundle", options=FitOptions(
-        cache_dir=str(warm), quiet=True, allow_drop=True))))
-    out["first_fit_200"] = {"seconds": round(t200, 2),
-                            "stages_s": {k: v for k, v in res200["r"].timings.items() if k != "backbone_images"},
-                            "backbone_images": res200["r"].timings["backbone_images"]}
+    t200 = _timed(
+        lambda: res200.setdefault(
+            "r", fit(s200, tmp / "s200.bundle", options=FitOptions(cache_dir=str(warm), quiet=True, allow_drop=True))
+        )
+    )
+    out["first_fit_200"] = {
+        "seconds": round(t200, 2),
+        "stages_s": {k: v for k, v in res200["r"].timings.items() if k != "backbone_images"},
+        "backbone_images": res200["r"].timings["backbone_images"],
+    }
 
     # --- head training on cached features
     X = extract_features([s.path for s in ds.train], session=sess, preprocess=pre, quiet=True)
@@ -124,17 +134,38 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    m, e, f, h = out["model_only_images_per_s"], out["end_to_end_images_per_s"], out["fit_seconds"], out["head_training_seconds"]
+    m, e, f, h = (
+        out["model_only_images_per_s"],
+        out["end_to_end_images_per_s"],
+        out["fit_seconds"],
+        out["head_training_seconds"],
+    )
     print(f"edgetl fit_speed — {out['images']} images, efficientnet_lite0, {threads} threads")
-    print(f"model only, batch 32     torch eager {m['torch_eager_fp32']:7.1f} img/s | ONNX Runtime FP32 {m['onnxruntime_fp32']:7.1f} img/s | x{m['ratio']}")
-    print(f"decode+preprocess+model  torch eager {e['torch_eager_fp32']:7.1f} img/s | edgetl extract   {e['edgetl_onnxruntime_fp32']:7.1f} img/s | x{e['ratio']}")
-    print(f"fit                      first (INT8, linear, cold cache) {f['first_int8_fit_linear']:.1f} s | second, prototype head "
-          f"{f['second_fit_prototype']:.2f} s = {f['second_fit_prototype_percent']}% | second, mlp head {f['second_fit_mlp']:.2f} s "
-          f"= {f['second_fit_mlp_percent']}% ({f['second_fit_mlp_backbone_images']} backbone runs)")
+    print(
+        f"model only, batch 32     torch eager {m['torch_eager_fp32']:7.1f} img/s "
+        f"| ONNX Runtime FP32 {m['onnxruntime_fp32']:7.1f} img/s | x{m['ratio']}"
+    )
+    print(
+        f"decode+preprocess+model  torch eager {e['torch_eager_fp32']:7.1f} img/s | "
+        f"edgetl extract   {e['edgetl_onnxruntime_fp32']:7.1f} img/s | x{e['ratio']}"
+    )
+    print(
+        "fit                      first (INT8, linear, cold cache) "
+        f"{f['first_int8_fit_linear']:.1f} s | second, prototype head "
+        f"{f['second_fit_prototype']:.2f} s = {f['second_fit_prototype_percent']}% "
+        f"| second, mlp head {f['second_fit_mlp']:.2f} s "
+        f"= {f['second_fit_mlp_percent']}% ({f['second_fit_mlp_backbone_images']} backbone runs)"
+    )
     ff = out["first_fit_200"]
-    print(f"first fit, 200 images, FP32 export cached: {ff['seconds']:.1f} s (" +
-          ", ".join(f"{k} {v:.1f}" for k, v in ff["stages_s"].items()) + f"; {ff['backbone_images']} backbone runs)")
-    print(f"head training ({h['rows']} x {h['features']}, auto L2)  linear {h['linear']:.3f} s | mlp {h['mlp']:.3f} s | prototype {h['prototype']:.3f} s")
+    print(
+        f"first fit, 200 images, FP32 export cached: {ff['seconds']:.1f} s ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in ff["stages_s"].items())
+        + f"; {ff['backbone_images']} backbone runs)"
+    )
+    print(
+        f"head training ({h['rows']} x {h['features']}, auto L2)  linear "
+        f"{h['linear']:.3f} s | mlp {h['mlp']:.3f} s | prototype {h['prototype']:.3f} s"
+    )
 
 
 def _timed(fn) -> float:

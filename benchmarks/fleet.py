@@ -52,8 +52,24 @@ def main() -> None:
         tmp = Path(tmp)
         data = _digits.write_folder(tmp / "factory", images, labels, factory)
         edgetl = str(Path(sys.executable).parent / "edgetl")
-        subprocess.run([edgetl, "fit", str(data), "--out", str(tmp / "b"), "--precision", "fp32", "--runtime",
-                        "onnxruntime", "--target", "cpu-x86", "--quiet"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                edgetl,
+                "fit",
+                str(data),
+                "--out",
+                str(tmp / "b"),
+                "--precision",
+                "fp32",
+                "--runtime",
+                "onnxruntime",
+                "--target",
+                "cpu-x86",
+                "--quiet",
+            ],
+            check=True,
+            capture_output=True,
+        )
         _digits.write_folder(tmp / "all", images, labels, np.arange(len(labels)))
         paths = [tmp / "all" / f"d{labels[i]}" / f"{i:04d}.png" for i in range(len(labels))]
         X = et.image_features(et.load_bundle(tmp / "b"), paths)
@@ -61,11 +77,16 @@ def main() -> None:
     times = {}
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
-        test = np.concatenate([rng.choice(rest[labels[rest] == c], int(0.3 * np.sum(labels[rest] == c)), replace=False)
-                               for c in range(10)])
+        test = np.concatenate(
+            [
+                rng.choice(rest[labels[rest] == c], int(0.3 * np.sum(labels[rest] == c)), replace=False)
+                for c in range(10)
+            ]
+        )
         pool = np.setdiff1d(rest, test)
-        parts = split_dataset([NAMES[c] for c in labels[pool]], args.devices, split="class", classes_per_device=2,
-                              alpha=0.5, seed=seed)
+        parts = split_dataset(
+            [NAMES[c] for c in labels[pool]], args.devices, split="class", classes_per_device=2, alpha=0.5, seed=seed
+        )
         devs = [pool[p] for p in parts if len(p)]
         union = np.concatenate(devs)
         local = {f"cam{i}": LocalData.classify(X[d], [NAMES[c] for c in labels[d]]) for i, d in enumerate(devs)}
@@ -79,14 +100,25 @@ def main() -> None:
 
         alone = [et.train_head(X[d], labels[d], NAMES, kind="linear") for d in devs]
         w = np.array([len(d) for d in devs], float) / len(union)
-        fedavg = et.head_from_arrays("linear", NAMES, {k: sum(wi * h.arrays[k].astype(np.float64) for wi, h in zip(w, alone))
-                                                       for k in alone[0].arrays})
+        fedavg = et.head_from_arrays(
+            "linear",
+            NAMES,
+            {k: sum(wi * h.arrays[k].astype(np.float64) for wi, h in zip(w, alone)) for k in alone[0].arrays},
+        )
         r = {
-            "central linear (edgetl, all images)": acc(timed("central linear", lambda: et.train_head(X[union], labels[union], NAMES, kind="linear"))),
-            "fleet linear (FedNCM + 30 FedAdam rounds)": acc(timed("fleet linear", lambda: run_local(Merger("linear", labels=NAMES), local).head)),
-            "fleet ridge (exact, 3 steps)": acc(timed("fleet ridge", lambda: run_local(Merger("ridge", labels=NAMES), local).head)),
+            "central linear (edgetl, all images)": acc(
+                timed("central linear", lambda: et.train_head(X[union], labels[union], NAMES, kind="linear"))
+            ),
+            "fleet linear (FedNCM + 30 FedAdam rounds)": acc(
+                timed("fleet linear", lambda: run_local(Merger("linear", labels=NAMES), local).head)
+            ),
+            "fleet ridge (exact, 3 steps)": acc(
+                timed("fleet ridge", lambda: run_local(Merger("ridge", labels=NAMES), local).head)
+            ),
             "central prototype": acc(et.train_head(X[union], labels[union], NAMES, kind="prototype")),
-            "fleet prototype (exact, 4 steps)": acc(timed("fleet prototype", lambda: run_local(Merger("prototype", labels=NAMES), local).head)),
+            "fleet prototype (exact, 4 steps)": acc(
+                timed("fleet prototype", lambda: run_local(Merger("prototype", labels=NAMES), local).head)
+            ),
             "device alone (mean of 8)": float(np.mean([acc(h) for h in alone])),
             "device alone (best of 8)": float(max(acc(h) for h in alone)),
             "plain FedAvg of the device heads": acc(fedavg),

@@ -26,9 +26,14 @@ for kind in ("ridge", "prototype"):
         unchecked = M.run_local(M.Merger(kind, labels=NAMES), _poisoned(parts, liar))
         M.MIN_AGREEMENT = 0.5
         named = {r["device"] for r in checked.provenance["refused"]} == {liar}
-        rows.append((_accuracy(checked.head, Xt, yt), _accuracy(honest.head, Xt, yt),
-                     _accuracy(unchecked.head, Xt, yt), named))
+        rows.append(
+            (_accuracy(checked.head, Xt, yt), _accuracy(honest.head, Xt, yt), _accuracy(unchecked.head, Xt, yt), named)
+        )
     a = np.array([r[:3] for r in rows])
-    print(f"{kind:9s} over {SEEDS} seeds: honest 7-device {a[:, 1].mean():.1f} +- {a[:, 1].std():.1f} %, "
-          f"checked 8-device {a[:, 0].mean():.1f} +- {a[:, 0].std():.1f} % (|diff| max {np.abs(a[:, 0] - a[:, 1]).max():.2f} pt), "
-          f"unchecked {a[:, 2].mean():.1f} +- {a[:, 2].std():.1f} %; poisoned device named {sum(r[3] for r in rows)}/{SEEDS}")
+    print(
+        f"{kind:9s} over {SEEDS} seeds: honest 7-device {a[:, 1].mean():.1f} +- {a[:, 1].std():.1f} %, "
+        f"checked 8-device {a[:, 0].mean():.1f} +- {a[:, 0].std():.1f} "
+        f"% (|diff| max {np.abs(a[:, 0] - a[:, 1]).max():.2f} pt), "
+        f"unchecked {a[:, 2].mean():.1f} +- {a[:, 2].std():.1f} %; "
+        f"poisoned device named {sum(r[3] for r in rows)}/{SEEDS}"
+    )

@@ -52,8 +52,10 @@ def good_frame(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """One good frame (size, size, 3) float32 in 0..255."""
     src = _source(name)
     if name in TINTS:  # texture: enlarged, a random window, flipped
-        big = np.asarray(Image.fromarray(src.astype(np.uint8)).resize(
-            (int(src.shape[1] * 2.5),) * 2, Image.Resampling.BICUBIC), np.float32)
+        big = np.asarray(
+            Image.fromarray(src.astype(np.uint8)).resize((int(src.shape[1] * 2.5),) * 2, Image.Resampling.BICUBIC),
+            np.float32,
+        )
         y, x = rng.integers(0, big.shape[0] - size + 1), rng.integers(0, big.shape[1] - size + 1)
         f = big[y : y + size, x : x + size]
         if rng.random() < 0.5:
@@ -63,8 +65,12 @@ def good_frame(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     else:  # photograph: one scene, shifted a little
         side = min(src.shape[:2])
         scale = (size + 48) / side
-        big = np.asarray(Image.fromarray(src.astype(np.uint8)).resize(
-            (round(src.shape[1] * scale), round(src.shape[0] * scale)), Image.Resampling.BICUBIC), np.float32)
+        big = np.asarray(
+            Image.fromarray(src.astype(np.uint8)).resize(
+                (round(src.shape[1] * scale), round(src.shape[0] * scale)), Image.Resampling.BICUBIC
+            ),
+            np.float32,
+        )
         cy, cx = (big.shape[0] - size) // 2, (big.shape[1] - size) // 2
         y, x = cy + rng.integers(-24, 25), cx + rng.integers(-24, 25)
         f = big[y : y + size, x : x + size]
@@ -116,8 +122,12 @@ def add_defect(f: np.ndarray, kind: str, rng: np.random.Generator, other: np.nda
     elif kind == "smudge":
         r = rng.uniform(20, 50)
         a = _blob(size, cy, cx, r, rng, soft=6.0)
-        blur = np.asarray(Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).filter(
-            ImageFilter.GaussianBlur(rng.uniform(2.5, 4.0))), np.float32)
+        blur = np.asarray(
+            Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).filter(
+                ImageFilter.GaussianBlur(rng.uniform(2.5, 4.0))
+            ),
+            np.float32,
+        )
         out = f * (1 - a[..., None]) + a[..., None] * (blur * 0.9 + 0.1 * 210)
         mask = a > 0.3
     elif kind == "foreign":
@@ -139,7 +149,7 @@ def add_defect(f: np.ndarray, kind: str, rng: np.random.Generator, other: np.nda
         y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
         y1, x1 = np.minimum(y0 + 1, size - 1), np.minimum(x0 + 1, size - 1)
         wy, wx = (sy - y0)[..., None], (sx - x0)[..., None]
-        out = ((1 - wy) * ((1 - wx) * f[y0, x0] + wx * f[y0, x1]) + wy * ((1 - wx) * f[y1, x0] + wx * f[y1, x1]))
+        out = (1 - wy) * ((1 - wx) * f[y0, x0] + wx * f[y0, x1]) + wy * ((1 - wx) * f[y1, x0] + wx * f[y1, x1])
         mask = np.abs(amp * w) > 0.75
     else:
         raise ValueError(kind)
@@ -152,8 +162,9 @@ def _png(a: np.ndarray, path: Path) -> None:
     Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8)).save(path, compress_level=1)
 
 
-def make_set(root: Path, name: str, seed: int, *, size: int, n_train: int, n_good: int, per_kind: int,
-             window: int = 256) -> tuple[Path, Path, dict]:
+def make_set(
+    root: Path, name: str, seed: int, *, size: int, n_train: int, n_good: int, per_kind: int, window: int = 256
+) -> tuple[Path, Path, dict]:
     """(megapixel folder, reference folder of ``window`` px crops, defect areas in % of the frame)."""
     rng = np.random.default_rng(seed)
     other = np.asarray(Image.fromarray(_source("coffee").astype(np.uint8)).resize((size + 200, size + 200)), np.float32)
@@ -195,8 +206,12 @@ def run_one(data: Path, out: Path, cache: str, extra_head: dict | None = None) -
 
     t0 = time.perf_counter()
     head = ANOMALY.head_config({"kind": "combined", **(extra_head or {})})
-    r = fit(data, out, force=True, options=FitOptions(head=head, cache_dir=cache, reference=False,
-                                                      allow_drop=True, quiet=True))
+    r = fit(
+        data,
+        out,
+        force=True,
+        options=FitOptions(head=head, cache_dir=cache, reference=False, allow_drop=True, quiet=True),
+    )
     fit_s = time.perf_counter() - t0
     pred = load_predictor(out)
     m = pred.evaluate(data)
@@ -207,9 +222,15 @@ def run_one(data: Path, out: Path, cache: str, extra_head: dict | None = None) -
         t = time.perf_counter()
         pred.maps([f])
         lat.append(time.perf_counter() - t)
-    return {"image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "per_kind": m["per_defect_auroc"],
-            "fit_s": round(fit_s, 1), "frame_ms": round(1000 * float(np.median(lat)), 1),
-            "detected": m.get("defects_detected"), "tiling": r.report.get("tiling")}
+    return {
+        "image_auroc": m["image_auroc"],
+        "pixel_auroc": m["pixel_auroc"],
+        "per_kind": m["per_defect_auroc"],
+        "fit_s": round(fit_s, 1),
+        "frame_ms": round(1000 * float(np.median(lat)), 1),
+        "detected": m.get("defects_detected"),
+        "tiling": r.report.get("tiling"),
+    }
 
 
 def main() -> None:
@@ -232,11 +253,17 @@ def main() -> None:
     rows = []
     for name in args.sets:
         t0 = time.perf_counter()
-        mega, ref, areas = make_set(tmp, name, args.seed, size=args.size, n_train=args.train, n_good=args.good,
-                                    per_kind=args.per_kind)
+        mega, ref, areas = make_set(
+            tmp, name, args.seed, size=args.size, n_train=args.train, n_good=args.good, per_kind=args.per_kind
+        )
         print(f"# {name}: data in {time.perf_counter() - t0:.0f} s; defect area % of frame {areas}", file=sys.stderr)
-        row = {"set": name, "seed": args.seed, "size": args.size, "areas_pct": areas,
-               "mega": run_one(mega, tmp / f"{name}.bundle", cache, extra)}
+        row = {
+            "set": name,
+            "seed": args.seed,
+            "size": args.size,
+            "areas_pct": areas,
+            "mega": run_one(mega, tmp / f"{name}.bundle", cache, extra),
+        }
         if not args.no_reference:
             row["ref224"] = run_one(ref, tmp / f"{name}-ref.bundle", cache)
         rows.append(row)
@@ -249,13 +276,16 @@ def main() -> None:
 
 def _line(r: dict) -> str:
     m = r["mega"]
-    s = (f"{r['set']:<8} {r['size']} px: image AUROC {m['image_auroc']:.3f} "
-         + " ".join(f"{k} {v:.2f}" for k, v in m["per_kind"].items())
-         + f" | fit {m['fit_s']:.0f} s, {m['frame_ms']:.0f} ms/frame")
+    s = (
+        f"{r['set']:<8} {r['size']} px: image AUROC {m['image_auroc']:.3f} "
+        + " ".join(f"{k} {v:.2f}" for k, v in m["per_kind"].items())
+        + f" | fit {m['fit_s']:.0f} s, {m['frame_ms']:.0f} ms/frame"
+    )
     if "ref224" in r:
         f = r["ref224"]
-        s += (f"\n{'':<8} 224 ref: image AUROC {f['image_auroc']:.3f} "
-              + " ".join(f"{k} {v:.2f}" for k, v in f["per_kind"].items()))
+        s += f"\n{'':<8} 224 ref: image AUROC {f['image_auroc']:.3f} " + " ".join(
+            f"{k} {v:.2f}" for k, v in f["per_kind"].items()
+        )
     return s
 
 

@@ -46,8 +46,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgetl.datasets.images import make_surfaces
-    from edgetl.pipeline.fit import FitOptions, fit
     from edgetl.device.predict import open_backbone
+    from edgetl.pipeline.fit import FitOptions, fit
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-quant-"))
     data = tmp / "surfaces"
@@ -70,29 +70,53 @@ def main() -> None:
                 "convert_s": r.report["conversion"].get("seconds"),
             }
         f, q = res["fp32"], res["int8"]
-        rows.append({
-            "runtime": runtime, "target": target,
-            "size_mb": {"fp32": round(f["bytes"] / 1e6, 2), "int8": round(q["bytes"] / 1e6, 2),
-                        "int8_percent_of_fp32": round(100 * q["bytes"] / f["bytes"], 1)},
-            "latency_b1_ms": {"fp32": round(f["latency_ms"], 2), "int8": round(q["latency_ms"], 2),
-                              "speedup": round(f["latency_ms"] / q["latency_ms"], 2)},
-            "throughput_b32": {"fp32": round(f["throughput_b32"], 1), "int8": round(q["throughput_b32"], 1),
-                               "speedup": round(q["throughput_b32"] / f["throughput_b32"], 2)},
-            "feature_cosine": {"mean": q["reference"].get("feature_cosine_mean"), "min": q["reference"].get("feature_cosine_min")},
-            "val_accuracy": {"fp32": q["reference"].get("fp32_val_accuracy"), "int8": q["val_accuracy"],
-                             "drop_pp": q["reference"].get("accuracy_drop_pp")},
-            "quantize_seconds": q["convert_s"],
-        })
+        rows.append(
+            {
+                "runtime": runtime,
+                "target": target,
+                "size_mb": {
+                    "fp32": round(f["bytes"] / 1e6, 2),
+                    "int8": round(q["bytes"] / 1e6, 2),
+                    "int8_percent_of_fp32": round(100 * q["bytes"] / f["bytes"], 1),
+                },
+                "latency_b1_ms": {
+                    "fp32": round(f["latency_ms"], 2),
+                    "int8": round(q["latency_ms"], 2),
+                    "speedup": round(f["latency_ms"] / q["latency_ms"], 2),
+                },
+                "throughput_b32": {
+                    "fp32": round(f["throughput_b32"], 1),
+                    "int8": round(q["throughput_b32"], 1),
+                    "speedup": round(q["throughput_b32"] / f["throughput_b32"], 2),
+                },
+                "feature_cosine": {
+                    "mean": q["reference"].get("feature_cosine_mean"),
+                    "min": q["reference"].get("feature_cosine_min"),
+                },
+                "val_accuracy": {
+                    "fp32": q["reference"].get("fp32_val_accuracy"),
+                    "int8": q["val_accuracy"],
+                    "drop_pp": q["reference"].get("accuracy_drop_pp"),
+                },
+                "quantize_seconds": q["convert_s"],
+            }
+        )
     if args.json:
         print(json.dumps({"rows": rows}, indent=2))
         return
     print(f"edgetl quant — efficientnet_lite0 on the surfaces example ({args.per_class} train images/class)")
-    print(f"{'runtime':<12} {'size MB fp32/int8':>18} {'b1 ms fp32/int8':>18} {'b32 img/s fp32/int8':>22} {'cosine':>14} {'acc fp32/int8 (drop)':>26}")
+    print(
+        f"{'runtime':<12} {'size MB fp32/int8':>18} {'b1 ms fp32/int8':>18} "
+        f"{'b32 img/s fp32/int8':>22} {'cosine':>14} {'acc fp32/int8 (drop)':>26}"
+    )
     for r in rows:
         s, l, t, c, a = r["size_mb"], r["latency_b1_ms"], r["throughput_b32"], r["feature_cosine"], r["val_accuracy"]
-        print(f"{r['runtime']:<12} {s['fp32']:>7.2f}/{s['int8']:<5.2f}({s['int8_percent_of_fp32']:>4.1f}%) "
-              f"{l['fp32']:>6.1f}/{l['int8']:<5.1f}(x{l['speedup']:<4}) {t['fp32']:>7.1f}/{t['int8']:<6.1f}(x{t['speedup']:<4}) "
-              f"{c['mean']:.4f}/{c['min']:.3f} {a['fp32'] * 100:>6.2f}/{a['int8'] * 100:<6.2f}({a['drop_pp']:+.2f} pp)")
+        print(
+            f"{r['runtime']:<12} {s['fp32']:>7.2f}/{s['int8']:<5.2f}({s['int8_percent_of_fp32']:>4.1f}%) "
+            f"{l['fp32']:>6.1f}/{l['int8']:<5.1f}(x{l['speedup']:<4}) "
+            f"{t['fp32']:>7.1f}/{t['int8']:<6.1f}(x{t['speedup']:<4}) "
+            f"{c['mean']:.4f}/{c['min']:.3f} {a['fp32'] * 100:>6.2f}/{a['int8'] * 100:<6.2f}({a['drop_pp']:+.2f} pp)"
+        )
 
 
 if __name__ == "__main__":

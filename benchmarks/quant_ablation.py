@@ -28,8 +28,11 @@ import numpy as np
 
 # (row label, base profile, quantization overrides)
 RECIPES = [
-    ("NNCF defaults (per-image min/max averaged, fast bias corr.), 8-bit w", "intel-npu",
-     {"calibration_method": "mean_minmax", "fast_bias_correction": True, "overflow_fix": "disable"}),
+    (
+        "NNCF defaults (per-image min/max averaged, fast bias corr.), 8-bit w",
+        "intel-npu",
+        {"calibration_method": "mean_minmax", "fast_bias_correction": True, "overflow_fix": "disable"},
+    ),
     ("+ global min/max activation ranges", "intel-npu", {"fast_bias_correction": True, "overflow_fix": "disable"}),
     ("+ full bias correction = intel-npu", "intel-npu", {}),
     ("+ 7-bit weights (no AVX2 saturation) = openvino-cpu", "openvino-cpu", {}),
@@ -46,12 +49,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from edgetl.export import export_backbone
-    from edgetl.datasets.images import make_surfaces
     from edgetl.core.features import load_input
-    from edgetl.pipeline.convert import convert, feature_cosine
     from edgetl.core.sessions import open_session
     from edgetl.core.targets import load_target
+    from edgetl.datasets.images import make_surfaces
+    from edgetl.export import export_backbone
+    from edgetl.pipeline.convert import convert, feature_cosine
 
     tmp = Path(tempfile.mkdtemp(prefix="edgetl-ablation-"))
     data = tmp / "surfaces"
@@ -79,25 +82,43 @@ def main() -> None:
     for label, base, overrides in RECIPES:
         target = load_target(base)
         # the static batch of NPU/TensorRT profiles is a deployment detail; keep batches comparable
-        target = dataclasses.replace(target, batch=0, tensorrt=None, device="CPU",
-                                     quantization=dataclasses.replace(target.quantization, **overrides))
+        target = dataclasses.replace(
+            target,
+            batch=0,
+            tensorrt=None,
+            device="CPU",
+            quantization=dataclasses.replace(target.quantization, **overrides),
+        )
         out = tmp / f"m{len(rows)}"
         model = convert(exported.path, target=target, out_dir=out, calibration=calib)
         native = open_session(model.path, runtime=target.runtime)
         exact = open_session(model.path, runtime=target.runtime, simulate=True)
-        rows.append({"recipe": label, "runtime": target.runtime, "exact": cos(exact(x)), "this_cpu": cos(native(x)),
-                     "images_per_s": throughput(native), "convert_s": model.info.get("seconds")})
+        rows.append(
+            {
+                "recipe": label,
+                "runtime": target.runtime,
+                "exact": cos(exact(x)),
+                "this_cpu": cos(native(x)),
+                "images_per_s": throughput(native),
+                "convert_s": model.info.get("seconds"),
+            }
+        )
     fp32 = {"recipe": "FP32 (ONNX Runtime)", "images_per_s": throughput(open_session(exported.path))}
     if args.json:
         print(json.dumps({"rows": rows, "fp32": fp32}, indent=2))
         return
-    print(f"INT8 recipes on efficientnet_lite0: {len(calib)} calibration / {len(x)} validation images, "
-          "feature cosine to FP32 (mean / min)")
+    print(
+        f"INT8 recipes on efficientnet_lite0: {len(calib)} calibration / {len(x)} validation images, "
+        "feature cosine to FP32 (mean / min)"
+    )
     print(f"{'recipe':<68} {'runtime':<12} {'exact':>14} {'this CPU':>14} {'img/s':>7}")
     for r in rows:
         e, n = r["exact"], r["this_cpu"]
-        print(f"{r['recipe']:<68} {r['runtime']:<12} {e['mean']:>7.4f}/{e['min']:<6.3f} {n['mean']:>7.4f}/{n['min']:<6.3f} "
-              f"{r['images_per_s']:>7.1f}")
+        print(
+            f"{r['recipe']:<68} {r['runtime']:<12} "
+            f"{e['mean']:>7.4f}/{e['min']:<6.3f} {n['mean']:>7.4f}/{n['min']:<6.3f} "
+            f"{r['images_per_s']:>7.1f}"
+        )
     print(f"{fp32['recipe']:<68} {'onnxruntime':<12} {'':>14} {'':>14} {fp32['images_per_s']:>7.1f}")
 
 

@@ -66,17 +66,23 @@ def build(work: Path, cache: Path) -> dict:
         w.writerows([r["text"], r["label"]] for r in rows if r["split"] == "val")
 
     opts = dict(cache_dir=str(cache), quiet=True)
-    cls = fit(surfaces, work / "surfaces.bundle", force=True,
-              options=FitOptions(calibration_size=64, allow_drop=True, **opts)).bundle
+    cls = fit(
+        surfaces, work / "surfaces.bundle", force=True, options=FitOptions(calibration_size=64, allow_drop=True, **opts)
+    ).bundle
     # wait: OpenVINO's telemetry may still hold a forked copy of the writer lock for a moment
     adapt(cls, more / "train", quiet=True, force=True, wait=30)
     adapt(cls, later / "train", quiet=True, force=True, wait=30)
     rollback(cls.path, wait=30)  # the last adapt is taken back: the history shows it
-    dft = fit(defects, work / "defects.bundle", force=True,
-              options=FitOptions(target="cpu-x86", calibration_size=32, allow_drop=True, **opts)).bundle
+    dft = fit(
+        defects,
+        work / "defects.bundle",
+        force=True,
+        options=FitOptions(target="cpu-x86", calibration_size=32, allow_drop=True, **opts),
+    ).bundle
     adapt(dft, good / "train" / "good", quiet=True, wait=30)
-    txt = fit(tickets / "tickets.csv", work / "tickets.bundle", force=True,
-              options=FitOptions(allow_drop=True, **opts)).bundle
+    txt = fit(
+        tickets / "tickets.csv", work / "tickets.bundle", force=True, options=FitOptions(allow_drop=True, **opts)
+    ).bundle
     return {"classify": (cls.path, surfaces / "val"), "defects": (dft.path, defects), "text": (txt.path, val)}
 
 
@@ -124,11 +130,19 @@ def main(argv=None) -> int:
         page = work / f"report-{name}.html"
         rows = []
         for _ in range(a.runs):
-            r, wall, cpu = _timed(lambda b=bundle, d=data, o=page, n=name: write_report(
-                b, d, out=o, bench=n == "classify", all_versions=True))
+            r, wall, cpu = _timed(
+                lambda b=bundle, d=data, o=page, n=name: write_report(
+                    b, d, out=o, bench=n == "classify", all_versions=True
+                )
+            )
             rows.append({"wall_s": wall, "cpu_s": cpu, "seconds": r.seconds})
-        out["reports"][name] = {"html": str(page), "mb": round(r.bytes / 1e6, 2), "items": r.figures.get("n"),
-                                "runs": rows, "figures": r.figures}
+        out["reports"][name] = {
+            "html": str(page),
+            "mb": round(r.bytes / 1e6, 2),
+            "items": r.figures.get("n"),
+            "runs": rows,
+            "figures": r.figures,
+        }
 
     big = work / "surfaces-1000"
     if not big.exists():
@@ -141,10 +155,16 @@ def main(argv=None) -> int:
         evals.append({"wall_s": eval_wall, "cpu_s": eval_cpu})
         r, wall, cpu = _timed(lambda: write_report(bundle, big / "val", out=work / "report-1000.html"))
         reps.append({"wall_s": wall, "cpu_s": cpu, "seconds": r.seconds})
-    out["thousand"] = {"images": m["n"], "accuracy": m["accuracy"], "eval": evals, "report": reps,
-                       "report_mb": round(r.bytes / 1e6, 2), "load_average_1min_before": round(load, 2),
-                       "load_average_1min_after": round(os.getloadavg()[0], 2),
-                       "all_within_15_s": all(x["wall_s"] < 15.0 for x in reps)}
+    out["thousand"] = {
+        "images": m["n"],
+        "accuracy": m["accuracy"],
+        "eval": evals,
+        "report": reps,
+        "report_mb": round(r.bytes / 1e6, 2),
+        "load_average_1min_before": round(load, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "all_within_15_s": all(x["wall_s"] < 15.0 for x in reps),
+    }
 
     if not a.no_screenshots:
         sys.path.insert(0, str(REPO))
@@ -157,35 +177,51 @@ def main(argv=None) -> int:
             a.docs.mkdir(parents=True, exist_ok=True)
             for name, rep in out["reports"].items():
                 shot = a.docs / f"report-{name}.png"
-                seen = check_page(Path(rep["html"]).resolve().as_uri(), screenshot=str(shot.resolve()),
-                                  viewport={"width": 1180, "height": 900})
+                seen = check_page(
+                    Path(rep["html"]).resolve().as_uri(),
+                    screenshot=str(shot.resolve()),
+                    viewport={"width": 1180, "height": 900},
+                )
                 rep["screenshot"] = str(shot)
                 rep["screenshot_bytes"] = _shrink(shot)
-                rep["browser"] = {k: seen[k] for k in ("console_errors", "page_errors", "external_requests",
-                                                       "broken_images")}
+                rep["browser"] = {
+                    k: seen[k] for k in ("console_errors", "page_errors", "external_requests", "broken_images")
+                }
 
     if a.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    print(f"work dir {work} (bundles built in {build_s:.0f} s); {a.runs} runs each, median [min-max]; "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'report':<10} {'items':>5} {'MB':>5} {'wall s':>19} {'cpu s':>19}  last run: evaluate / versions / "
-          "bench / render")
+    print(
+        f"work dir {work} (bundles built in {build_s:.0f} s); {a.runs} runs each, median [min-max]; "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'report':<10} {'items':>5} {'MB':>5} {'wall s':>19} {'cpu s':>19}  last run: evaluate / versions / "
+        "bench / render"
+    )
     for name, rep in out["reports"].items():
         s = rep["runs"][-1]["seconds"]
-        print(f"{name:<10} {rep['items'] or 0:>5} {rep['mb']:>5.2f} {_spread([x['wall_s'] for x in rep['runs']]):>19} "
-              f"{_spread([x['cpu_s'] for x in rep['runs']]):>19}  "
-              f"{s.get('evaluate', 0):.2f} / {s.get('versions', 0):.2f} / {s.get('bench', 0):.2f} / {s['render']:.2f}"
-              + (f"   browser: {sum(len(v) for v in rep['browser'].values())} problems, screenshot "
-                 f"{rep['screenshot_bytes'] / 1e3:.0f} kB" if "browser" in rep else ""))
+        print(
+            f"{name:<10} {rep['items'] or 0:>5} {rep['mb']:>5.2f} {_spread([x['wall_s'] for x in rep['runs']]):>19} "
+            f"{_spread([x['cpu_s'] for x in rep['runs']]):>19}  "
+            f"{s.get('evaluate', 0):.2f} / {s.get('versions', 0):.2f} / {s.get('bench', 0):.2f} / {s['render']:.2f}"
+            + (
+                f"   browser: {sum(len(v) for v in rep['browser'].values())} problems, screenshot "
+                f"{rep['screenshot_bytes'] / 1e3:.0f} kB"
+                if "browser" in rep
+                else ""
+            )
+        )
     t = out["thousand"]
     s = t["report"][-1]["seconds"]
-    print(f"1,000-image report ({t['images']} images, {t['report_mb']:.2f} MB): wall "
-          f"{_spread([x['wall_s'] for x in t['report']])} s, CPU {_spread([x['cpu_s'] for x in t['report']])} s "
-          f"(last: evaluation {s['evaluate']:.2f} s, page {s['render']:.2f} s); `eval` alone wall "
-          f"{_spread([x['wall_s'] for x in t['eval']])} s; accuracy {t['accuracy']:.2%}; load average "
-          f"{t['load_average_1min_before']} -> {t['load_average_1min_after']}: "
-          f"{'every run under' if t['all_within_15_s'] else 'NOT every run under'} 15 s")
+    print(
+        f"1,000-image report ({t['images']} images, {t['report_mb']:.2f} MB): wall "
+        f"{_spread([x['wall_s'] for x in t['report']])} s, CPU {_spread([x['cpu_s'] for x in t['report']])} s "
+        f"(last: evaluation {s['evaluate']:.2f} s, page {s['render']:.2f} s); `eval` alone wall "
+        f"{_spread([x['wall_s'] for x in t['eval']])} s; accuracy {t['accuracy']:.2%}; load average "
+        f"{t['load_average_1min_before']} -> {t['load_average_1min_after']}: "
+        f"{'every run under' if t['all_within_15_s'] else 'NOT every run under'} 15 s"
+    )
     return 0
 
 

@@ -60,8 +60,22 @@ def prepare(work: Path) -> tuple[Path, list[Path]]:
 
 class Service:
     def __init__(self, bundle: Path, review: Path, *args: str):
-        cmd = [sys.executable, "-m", "edgetl.cli", "serve", str(bundle), "--port", "0", "--json", "--no-access-log",
-               "--token", TOKEN, "--review", str(review), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "edgetl.cli",
+            "serve",
+            str(bundle),
+            "--port",
+            "0",
+            "--json",
+            "--no-access-log",
+            "--token",
+            TOKEN,
+            "--review",
+            str(review),
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         info = json.loads(self.proc.stdout.readline())
         self.host, self.port = "127.0.0.1", info["port"]
@@ -119,8 +133,9 @@ def load_run(svc: Service, payloads: list[bytes], n: int, clients: int, during=N
         for i in iter(next_index, None):
             s = time.perf_counter()
             try:
-                status, body = svc.request("POST", "/predict", payloads[i % len(payloads)],
-                                           {"content-type": "application/octet-stream"}, conn)
+                status, body = svc.request(
+                    "POST", "/predict", payloads[i % len(payloads)], {"content-type": "application/octet-stream"}, conn
+                )
             except OSError as exc:
                 status, body = 0, str(exc).encode()
                 conn = http.client.HTTPConnection(svc.host, svc.port, timeout=120)
@@ -147,16 +162,27 @@ def load_run(svc: Service, payloads: list[bytes], n: int, clients: int, during=N
     for t in threads:
         t.join()
     n = len(lat)
-    return {"rps": n / (time.perf_counter() - t0), "lat": lat, "errors": len(errors), "error_samples": errors[:3],
-            "versions": sorted(versions), "during": extra}
+    return {
+        "rps": n / (time.perf_counter() - t0),
+        "lat": lat,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "versions": sorted(versions),
+        "during": extra,
+    }
 
 
 def summary(runs: list[dict]) -> dict:
     rps = [r["rps"] for r in runs]
     lat = np.concatenate([r["lat"] for r in runs]) * 1000
-    return {"rps_median": round(float(np.median(rps)), 1), "rps_range": [round(min(rps), 1), round(max(rps), 1)],
-            "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
-            "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in runs))}
+    return {
+        "rps_median": round(float(np.median(rps)), 1),
+        "rps_range": [round(min(rps), 1), round(max(rps), 1)],
+        "p50_ms": round(float(np.percentile(lat, 50)), 2),
+        "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "requests": int(len(lat)),
+        "errors": int(sum(r["errors"] for r in runs)),
+    }
 
 
 def confirm_items(svc: Service, images: list[Path], classes=("wood", "grass"), per_class: int = 6) -> int:
@@ -177,8 +203,13 @@ def adapt_now(svc: Service) -> dict:
     t = time.perf_counter()
     status, body = svc.request("POST", "/adapt", b"{}", auth)
     out = json.loads(body)
-    return {"status": status, "accepted": out.get("accepted"), "version": out.get("version"),
-            "seconds": round(time.perf_counter() - t, 2), "error": out.get("error")}
+    return {
+        "status": status,
+        "accepted": out.get("accepted"),
+        "version": out.get("version"),
+        "seconds": round(time.perf_counter() - t, 2),
+        "error": out.get("error"),
+    }
 
 
 def main() -> None:
@@ -219,8 +250,10 @@ def measure(a, bundle: Path, images: list[Path]) -> dict:
         ratios.append(one[-1]["rps"] / base[-1]["rps"])
     out["in_process_batch1"] = summary(base)
     out["service_1_client"] = summary(one)
-    out["service_over_in_process"] = {"median": round(float(np.median(ratios)), 3),
-                                      "range": [round(min(ratios), 3), round(max(ratios), 3)]}
+    out["service_over_in_process"] = {
+        "median": round(float(np.median(ratios)), 3),
+        "range": [round(min(ratios), 3), round(max(ratios), 3)],
+    }
     many = [load_run(svc, payloads, a.requests * 2, a.clients) for _ in range(a.runs)]
     out[f"service_{a.clients}_clients_batching_on"] = summary(many)
     confirm_items(svc, images)
@@ -234,8 +267,10 @@ def measure(a, bundle: Path, images: list[Path]) -> dict:
     svc.stop()
     out[f"service_{a.clients}_clients_batching_off"] = summary(off)
     on_off = [m["rps"] / f["rps"] for m, f in zip(many, off)]
-    out["batching_on_over_off"] = {"median": round(float(np.median(on_off)), 3),
-                                   "range": [round(min(on_off), 3), round(max(on_off), 3)]}
+    out["batching_on_over_off"] = {
+        "median": round(float(np.median(on_off)), 3),
+        "range": [round(min(on_off), 3), round(max(on_off), 3)],
+    }
     return out
 
 
@@ -247,16 +282,22 @@ def report(a, out: dict) -> None:
     for key in [k for k in out if k.startswith(("in_process", "service_"))]:
         v = out[key]
         if "rps_median" in v:
-            print(f"  {key:34s} {v['rps_median']:7.1f} req/s [{v['rps_range'][0]}..{v['rps_range'][1]}]  "
-                  f"p50 {v['p50_ms']:.1f} ms  p99 {v['p99_ms']:.1f} ms  errors {v['errors']}")
+            print(
+                f"  {key:34s} {v['rps_median']:7.1f} req/s [{v['rps_range'][0]}..{v['rps_range'][1]}]  "
+                f"p50 {v['p50_ms']:.1f} ms  p99 {v['p99_ms']:.1f} ms  errors {v['errors']}"
+            )
     r = out["service_over_in_process"]
-    print(f"  service / in-process at batch 1: {r['median']:.3f} [{r['range'][0]}..{r['range'][1]}] "
-          f"(overhead {100 * (1 - r['median']):.1f} %)")
+    print(
+        f"  service / in-process at batch 1: {r['median']:.3f} [{r['range'][0]}..{r['range'][1]}] "
+        f"(overhead {100 * (1 - r['median']):.1f} %)"
+    )
     r = out["batching_on_over_off"]
     print(f"  batching on / off, {a.clients} clients: {r['median']:.3f} [{r['range'][0]}..{r['range'][1]}]")
     w = out["while_adapting"]
-    print(f"  while adapting: {w['requests']} requests, {w['errors']} failed, versions {w['versions_seen']}, "
-          f"adapt {w['adapt']}")
+    print(
+        f"  while adapting: {w['requests']} requests, {w['errors']} failed, versions {w['versions_seen']}, "
+        f"adapt {w['adapt']}"
+    )
 
 
 if __name__ == "__main__":

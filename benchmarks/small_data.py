@@ -69,17 +69,31 @@ def edgetl_run(data: Path, test: Path, work: Path, cache: Path, extra: list[str]
     cli = [sys.executable, "-m", "edgetl.cli"]
     env = {"EDGETL_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
     t0 = time.perf_counter()
-    fit = subprocess.run([*cli, "fit", str(data), "--out", str(work / "b"), "--force", "--json", "--quiet", *extra],
-                         capture_output=True, text=True, env=env)
+    fit = subprocess.run(
+        [*cli, "fit", str(data), "--out", str(work / "b"), "--force", "--json", "--quiet", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     t_fit = time.perf_counter() - t0
     if fit.returncode not in (0,):
-        return {"error": fit.stderr.strip().splitlines()[-1] if fit.stderr.strip() else f"exit {fit.returncode}",
-                "exit": fit.returncode, "fit_s": t_fit}
-    ev = subprocess.run([*cli, "eval", str(work / "b"), str(test), "--json", "--quiet"], capture_output=True, text=True,
-                        env=env)
+        return {
+            "error": fit.stderr.strip().splitlines()[-1] if fit.stderr.strip() else f"exit {fit.returncode}",
+            "exit": fit.returncode,
+            "fit_s": t_fit,
+        }
+    ev = subprocess.run(
+        [*cli, "eval", str(work / "b"), str(test), "--json", "--quiet"], capture_output=True, text=True, env=env
+    )
     out = json.loads(fit.stdout)
-    return {"test_accuracy": json.loads(ev.stdout)["accuracy"], "fit_s": t_fit, "stages_s": out["timings_s"],
-            "gate": out["gate"]["verdict"], "val_accuracy": out["val"]["accuracy"], "val_n": out["val"]["n"]}
+    return {
+        "test_accuracy": json.loads(ev.stdout)["accuracy"],
+        "fit_s": t_fit,
+        "stages_s": out["timings_s"],
+        "gate": out["gate"]["verdict"],
+        "val_accuracy": out["val"]["accuracy"],
+        "val_n": out["val"]["n"],
+    }
 
 
 def user_script(data: Path, test: Path, work: Path) -> dict:
@@ -119,9 +133,27 @@ def user_script(data: Path, test: Path, work: Path) -> dict:
     return {"test_accuracy": round(acc, 4), "fit_s": time.perf_counter() - t0}
 
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "brick", "rocket", "camera", "grass", "gravel", "moon", "page",
-          "text", "horse", "hubble_deep_field", "immunohistochemistry", "colorwheel", "retina", "cell", "clock",
-          "coins")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "brick",
+    "rocket",
+    "camera",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "text",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "colorwheel",
+    "retina",
+    "cell",
+    "clock",
+    "coins",
+)
 
 
 def write_photos(root: Path) -> list[Path]:
@@ -145,12 +177,19 @@ def write_photos(root: Path) -> list[Path]:
 def ece(P: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
     conf, right = P.max(axis=1), P.argmax(axis=1) == y
     which = np.minimum((conf * bins).astype(int), bins - 1)
-    return float(sum((which == b).sum() * abs(right[which == b].mean() - conf[which == b].mean())
-                     for b in range(bins) if (which == b).any()) / len(y))
+    return float(
+        sum(
+            (which == b).sum() * abs(right[which == b].mean() - conf[which == b].mean())
+            for b in range(bins)
+            if (which == b).any()
+        )
+        / len(y)
+    )
 
 
-def shot_run(digits, per_class: int, seed: int, n_test: int, work: Path, cache: Path, photos: list[Path],
-             int8: bool, exported) -> dict:
+def shot_run(
+    digits, per_class: int, seed: int, n_test: int, work: Path, cache: Path, photos: list[Path], int8: bool, exported
+) -> dict:
     """One default fit on ``per_class`` digits a class, scored on unseen digits and photographs."""
     from sklearn.linear_model import LogisticRegression
 
@@ -163,8 +202,12 @@ def shot_run(digits, per_class: int, seed: int, n_test: int, work: Path, cache: 
     test = write_digits(root / "test", test_idx, digits.images, digits.target)
     profile = {} if int8 else {"target": "cpu-x86", "precision": "fp32"}
     t0 = time.perf_counter()
-    r = fit(data, root / "b", options=FitOptions(cache_dir=str(cache), quiet=True, head_auto=True, allow_drop=True,
-                                                 **profile), force=True)
+    r = fit(
+        data,
+        root / "b",
+        options=FitOptions(cache_dir=str(cache), quiet=True, head_auto=True, allow_drop=True, **profile),
+        force=True,
+    )
     fit_s = time.perf_counter() - t0
     pred = load_predictor(r.bundle.path)
     tests = sorted(test.rglob("*.png"))
@@ -173,8 +216,11 @@ def shot_run(digits, per_class: int, seed: int, n_test: int, work: Path, cache: 
     unseen = pred.predict(tests)
     far = pred.predict(photos)
     # the references: FP32 features (ONNX Runtime) of all the fit's images; an FP32 bundle's own extractor is that
-    feats = pred.extractor if not int8 else r.task.extractor(exported.path, exported, runtime="onnxruntime",
-                                                             device="CPU", providers=None)
+    feats = (
+        pred.extractor
+        if not int8
+        else r.task.extractor(exported.path, exported, runtime="onnxruntime", device="CPU", providers=None)
+    )
     fit_paths = sorted(data.rglob("*.png"))
     X = feats.features(fit_paths)
     y = np.array([pred.labels.index(p.parent.name) for p in fit_paths])
@@ -185,13 +231,22 @@ def shot_run(digits, per_class: int, seed: int, n_test: int, work: Path, cache: 
     m = r.metrics
     acc = float(np.mean(P.argmax(axis=1) == yt))
     lo_hi = m.get("accuracy_interval") if m else None
-    return {"per_class": per_class, "seed": seed, "unseen": acc, "logreg": float(np.mean(lr.predict(Xt) == yt)),
-            "ncm": float(np.mean(ncm == yt)), "estimate": m.get("accuracy") if m else None, "interval": lo_hi,
-            "covered": bool(lo_hi and lo_hi[0] <= acc <= lo_hi[1]), "estimate_kind": (m or {}).get("estimate"),
-            "head": r.bundle.head_entry()["kind"], "ece": ece(P, yt),
-            "ood_photos": float(np.mean([p.ood for p in far])) if far[0].ood is not None else None,
-            "ood_unseen": float(np.mean([p.ood for p in unseen])) if unseen[0].ood is not None else None,
-            "fit_s": fit_s}
+    return {
+        "per_class": per_class,
+        "seed": seed,
+        "unseen": acc,
+        "logreg": float(np.mean(lr.predict(Xt) == yt)),
+        "ncm": float(np.mean(ncm == yt)),
+        "estimate": m.get("accuracy") if m else None,
+        "interval": lo_hi,
+        "covered": bool(lo_hi and lo_hi[0] <= acc <= lo_hi[1]),
+        "estimate_kind": (m or {}).get("estimate"),
+        "head": r.bundle.head_entry()["kind"],
+        "ece": ece(P, yt),
+        "ood_photos": float(np.mean([p.ood for p in far])) if far[0].ood is not None else None,
+        "ood_unseen": float(np.mean([p.ood for p in unseen])) if unseen[0].ood is not None else None,
+        "fit_s": fit_s,
+    }
 
 
 def sweep(args) -> None:
@@ -214,21 +269,34 @@ def sweep(args) -> None:
     if args.json:
         print(json.dumps({"rows": rows, "text": text}, indent=2))
         return
-    print(f"digits 64 px, {args.test} unseen digits and {len(PHOTOS)} unrelated photographs per run, "
-          f"{args.seeds} seeds, {'INT8 default profile' if args.int8 else 'FP32 features (cpu-x86 fp32)'}")
-    print(f"{'a class':>7} {'fit unseen':>16} {'logreg':>7} {'ncm':>7} {'estimate (OOF)':>15} {'covers':>7} "
-          f"{'ECE':>6} {'ood photos':>10} {'ood unseen':>10} {'heads'}")
+    print(
+        f"digits 64 px, {args.test} unseen digits and {len(PHOTOS)} unrelated photographs per run, "
+        f"{args.seeds} seeds, {'INT8 default profile' if args.int8 else 'FP32 features (cpu-x86 fp32)'}"
+    )
+    print(
+        f"{'a class':>7} {'fit unseen':>16} {'logreg':>7} {'ncm':>7} {'estimate (OOF)':>15} {'covers':>7} "
+        f"{'ECE':>6} {'ood photos':>10} {'ood unseen':>10} {'heads'}"
+    )
     for k in sorted({r["per_class"] for r in rows}):
         g = [r for r in rows if r["per_class"] == k]
-        mean = lambda key: float(np.mean([r[key] for r in g if r[key] is not None])) if any(  # noqa: E731
-            r[key] is not None for r in g) else float("nan")
+        mean = lambda key: (
+            float(np.mean([r[key] for r in g if r[key] is not None]))
+            if any(  # noqa: E731
+                r[key] is not None for r in g
+            )
+            else float("nan")
+        )
         spread = max(r["unseen"] for r in g) - min(r["unseen"] for r in g)
-        print(f"{k:>7} {mean('unseen'):>9.3f} +-{spread / 2:.3f} {mean('logreg'):>7.3f} {mean('ncm'):>7.3f} "
-              f"{mean('estimate'):>15.3f} {sum(r['covered'] for r in g):>4}/{len(g)} {mean('ece'):>6.3f} "
-              f"{mean('ood_photos'):>10.2f} {mean('ood_unseen'):>10.3f} {','.join(sorted({r['head'] for r in g}))}")
+        print(
+            f"{k:>7} {mean('unseen'):>9.3f} +-{spread / 2:.3f} {mean('logreg'):>7.3f} {mean('ncm'):>7.3f} "
+            f"{mean('estimate'):>15.3f} {sum(r['covered'] for r in g):>4}/{len(g)} {mean('ece'):>6.3f} "
+            f"{mean('ood_photos'):>10.2f} {mean('ood_unseen'):>10.3f} {','.join(sorted({r['head'] for r in g}))}"
+        )
     if text:
-        print(f"text (tickets, held-out templates): ECE {np.mean(text['ece']):.3f} (per seed "
-              f"{', '.join(f'{v:.3f}' for v in text['ece'])}), accuracy {np.mean(text['accuracy']):.3f}")
+        print(
+            f"text (tickets, held-out templates): ECE {np.mean(text['ece']):.3f} (per seed "
+            f"{', '.join(f'{v:.3f}' for v in text['ece'])}), accuracy {np.mean(text['accuracy']):.3f}"
+        )
 
 
 def text_calibration(work: Path, cache: Path, seeds: int) -> dict:
@@ -239,9 +307,14 @@ def text_calibration(work: Path, cache: Path, seeds: int) -> dict:
     out = {"ece": [], "accuracy": []}
     for seed in range(seeds):
         make_tickets(work / f"t{seed}", seed=seed, per_class=20, val_per_class=40, force=True)
-        r = fit(work / f"t{seed}" / "tickets.csv", work / f"t{seed}" / "b", force=True,
-                options=FitOptions(cache_dir=str(cache), quiet=True, head_auto=True, precision="fp32",
-                                   target="cpu-x86", allow_drop=True))
+        r = fit(
+            work / f"t{seed}" / "tickets.csv",
+            work / f"t{seed}" / "b",
+            force=True,
+            options=FitOptions(
+                cache_dir=str(cache), quiet=True, head_auto=True, precision="fp32", target="cpu-x86", allow_drop=True
+            ),
+        )
         out["ece"].append(r.metrics["ece"])
         out["accuracy"].append(r.metrics["accuracy"])
     return out
@@ -279,8 +352,7 @@ def main() -> None:
         test = write_digits(work / f"s{seed}" / "test", test_idx, digits.images, digits.target)
         (work / f"s{seed}" / "e").mkdir(exist_ok=True)
         # each seed's first fit: no converted model or features cached for these images
-        row = {"seed": seed, "edgetl": edgetl_run(data, test, work / f"s{seed}" / "e", cache,
-                                                   args.edgetl_args.split())}
+        row = {"seed": seed, "edgetl": edgetl_run(data, test, work / f"s{seed}" / "e", cache, args.edgetl_args.split())}
         if not args.no_user_script:
             row["user"] = user_script(data, test, work / f"s{seed}")
         rows.append(row)
@@ -289,9 +361,12 @@ def main() -> None:
     def summary(key: str) -> dict:
         accs = [r[key]["test_accuracy"] for r in rows if "test_accuracy" in r.get(key, {})]
         times = [r[key]["fit_s"] for r in rows if key in r]
-        return {"test_accuracy_mean": round(float(np.mean(accs)), 4) if accs else None,
-                "test_accuracy_range": [min(accs), max(accs)] if accs else None,
-                "fit_s_mean": round(float(np.mean(times)), 1) if times else None, "runs": len(accs)}
+        return {
+            "test_accuracy_mean": round(float(np.mean(accs)), 4) if accs else None,
+            "test_accuracy_range": [min(accs), max(accs)] if accs else None,
+            "fit_s_mean": round(float(np.mean(times)), 1) if times else None,
+            "runs": len(accs),
+        }
 
     result = {"edgetl": summary("edgetl"), "rows": rows}
     if not args.no_user_script:
@@ -300,8 +375,10 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     n_fit = 10 * args.per_class
-    print(f"digits, {n_fit} images to fit ({args.per_class}/class), {args.test} unseen test images, "
-          f"{args.seeds} seeds, warm FP32 export")
+    print(
+        f"digits, {n_fit} images to fit ({args.per_class}/class), {args.test} unseen test images, "
+        f"{args.seeds} seeds, warm FP32 export"
+    )
     print(f"{'pipeline':<14} {'test accuracy (mean, range)':<30} {'time to a model (mean)':>22}")
     for key, name in (("edgetl", "edgetl fit"), ("user", "user script")):
         if key in result:

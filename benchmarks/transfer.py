@@ -40,15 +40,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _shared as F
 import numpy as np
 from PIL import Image
 
-import _shared as F
 from edgetl.datasets.images import make_surfaces
+from edgetl.datasets.synthetic import noise_textures, pixel_noise, spectrograms
 from edgetl.transfer._stats import kendall_tau_b
 from edgetl.transfer.negative import compare_to_baseline, pixel_baseline_features
 from edgetl.transfer.rank import choose_backbone, cv_accuracy, score_backbones
-from edgetl.datasets.synthetic import noise_textures, pixel_noise, spectrograms
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 SHORT = {"efficientnet_lite0": "lite0", "efficientnet_lite1": "lite1", "efficientnet_lite2": "lite2"}
@@ -94,7 +94,7 @@ def _crop(img: np.ndarray, rng, x_range: tuple[float, float], frac: tuple[float,
     x = int(rng.integers(x0, max(x0, x1) + 1))
     y = int(rng.integers(0, H - w + 1))
     band = (x + w / 2 - x_range[0] * W) / ((x_range[1] - x_range[0]) * W)
-    return img[y:y + w, x:x + w], min(2, max(0, int(3 * band)))
+    return img[y : y + w, x : x + w], min(2, max(0, int(3 * band)))
 
 
 def build_surfaces(root: Path) -> dict:
@@ -153,8 +153,18 @@ def build_faces(root: Path) -> dict:
     return out
 
 
-PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle", "hubble_deep_field", "retina", "cell",
-          "coins")
+PHOTOS = (
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "motorcycle",
+    "hubble_deep_field",
+    "retina",
+    "cell",
+    "coins",
+)
 UPRIGHT = ("astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle", "page", "text", "clock")
 
 
@@ -193,6 +203,7 @@ def _synthetic(fn, names):
             for i, (a, c) in enumerate(zip(imgs, y)):
                 out[side].append((_save(a, root / side / str(int(c)) / f"{i:04d}.png"), int(c)))
         return out
+
     return build
 
 
@@ -216,8 +227,10 @@ def dataset(work: Path, name: str) -> dict:
     t0 = time.perf_counter()
     d = DATASETS[name][0](root)
     index.write_text(json.dumps(d))
-    print(f"[{name}] built {len(d['pool'])} pool + {len(d['test'])} test images in {time.perf_counter() - t0:.1f} s",
-          file=sys.stderr)
+    print(
+        f"[{name}] built {len(d['pool'])} pool + {len(d['test'])} test images in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return d
 
 
@@ -243,13 +256,13 @@ def cached(work: Path, tag: str, paths: list[str], compute) -> np.ndarray:
 def features(work: Path, name: str, d: dict, backbone: str) -> tuple[np.ndarray, np.ndarray]:
     paths = [e[0] for e in d["pool"]] + [e[0] for e in d["test"]]
     X = cached(work, f"{name}-{backbone}", paths, lambda ps: F.backbone_features(ps, backbone))
-    return X[: len(d["pool"])], X[len(d["pool"]):]
+    return X[: len(d["pool"])], X[len(d["pool"]) :]
 
 
 def baseline_features(work: Path, name: str, d: dict) -> tuple[np.ndarray, np.ndarray]:
     paths = [e[0] for e in d["pool"]] + [e[0] for e in d["test"]]
     X = cached(work, f"{name}-pixels", paths, lambda ps: pixel_baseline_features(F.read_rgb(p) for p in ps))
-    return X[: len(d["pool"])], X[len(d["pool"]):]
+    return X[: len(d["pool"])], X[len(d["pool"]) :]
 
 
 def latencies(work: Path, remeasure: bool = False) -> dict:
@@ -278,8 +291,14 @@ def latencies(work: Path, remeasure: bool = False) -> dict:
 
 def draw(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), min(per_class, int(np.sum(y == c))),
-                                              replace=False) for c in np.unique(y)]))
+    return np.sort(
+        np.concatenate(
+            [
+                rng.choice(np.flatnonzero(y == c), min(per_class, int(np.sum(y == c))), replace=False)
+                for c in np.unique(y)
+            ]
+        )
+    )
 
 
 def heldout_accuracy(Xtr, ytr, Xte, yte, k: int, seed: int) -> float:
@@ -302,19 +321,31 @@ def run_dataset(work: Path, name: str, seeds: int, lat: dict, budget: float) -> 
         ytr = y_pool[idx]
         t0 = time.perf_counter()
         groups = None if g_pool is None else g_pool[idx]
-        scores = score_backbones({b: feats[b][0][idx] for b in BACKBONES}, ytr, groups, latency_ms=lat, seed=seed,
-                                 bootstrap=30)
+        scores = score_backbones(
+            {b: feats[b][0][idx] for b in BACKBONES}, ytr, groups, latency_ms=lat, seed=seed, bootstrap=30
+        )
         t_score = time.perf_counter() - t0
-        plain_cv = ({b: cv_accuracy(feats[b][0][idx], ytr, seed=seed).accuracy for b in BACKBONES}
-                    if groups is not None else None)
+        plain_cv = (
+            {b: cv_accuracy(feats[b][0][idx], ytr, seed=seed).accuracy for b in BACKBONES}
+            if groups is not None
+            else None
+        )
         held = {b: heldout_accuracy(feats[b][0][idx], ytr, feats[b][1], y_test, k, seed) for b in BACKBONES}
-        run = {"seed": seed, "n_train": len(idx), "n_test": len(y_test), "score_seconds": round(t_score, 2),
-               "logme": {s.name: s.logme for s in scores}, "logme_sd": {s.name: s.logme_sd for s in scores},
-               "cv": {s.name: s.cv.accuracy for s in scores},
-               "cv_interval": {s.name: [s.cv.lower, s.cv.upper] for s in scores}, "heldout": held,
-               "tau_logme": kendall_tau_b([s.logme for s in scores], [held[s.name] for s in scores]),
-               "tau_cv": kendall_tau_b([s.cv.accuracy for s in scores], [held[s.name] for s in scores]),
-               "grouped": groups is not None, "choices": {}}
+        run = {
+            "seed": seed,
+            "n_train": len(idx),
+            "n_test": len(y_test),
+            "score_seconds": round(t_score, 2),
+            "logme": {s.name: s.logme for s in scores},
+            "logme_sd": {s.name: s.logme_sd for s in scores},
+            "cv": {s.name: s.cv.accuracy for s in scores},
+            "cv_interval": {s.name: [s.cv.lower, s.cv.upper] for s in scores},
+            "heldout": held,
+            "tau_logme": kendall_tau_b([s.logme for s in scores], [held[s.name] for s in scores]),
+            "tau_cv": kendall_tau_b([s.cv.accuracy for s in scores], [held[s.name] for s in scores]),
+            "grouped": groups is not None,
+            "choices": {},
+        }
         if plain_cv is not None:
             run["cv_ungrouped"] = plain_cv
             run["tau_cv_ungrouped"] = kendall_tau_b([plain_cv[b] for b in BACKBONES], [held[b] for b in BACKBONES])
@@ -324,16 +355,30 @@ def run_dataset(work: Path, name: str, seeds: int, lat: dict, budget: float) -> 
                 allowed = [b for b in BACKBONES if b_ms is None or lat[b] <= b_ms]
                 best = max(held[b] for b in allowed)
                 run["choices"][f"{by}/{label}"] = {
-                    "choice": r.choice, "leader": r.leader,
+                    "choice": r.choice,
+                    "leader": r.leader,
                     "regret_pp": round(100 * (best - held[r.choice]), 2),
                     "leader_regret_pp": round(100 * (best - held[r.leader]), 2),
-                    "regret_vs_overall_best_pp": round(100 * (max(held.values()) - held[r.choice]), 2)}
-        chk = compare_to_baseline(feats[BACKBONES[0]][0][idx], feats[BACKBONES[0]][1], base_pool[idx], base_test, ytr,
-                                  y_test, seed=seed, backbone="efficientnet_lite0")
+                    "regret_vs_overall_best_pp": round(100 * (max(held.values()) - held[r.choice]), 2),
+                }
+        chk = compare_to_baseline(
+            feats[BACKBONES[0]][0][idx],
+            feats[BACKBONES[0]][1],
+            base_pool[idx],
+            base_test,
+            ytr,
+            y_test,
+            seed=seed,
+            backbone="efficientnet_lite0",
+        )
         run["negative"] = chk.to_dict()
         runs.append(run)
-        print(f"[{name}] seed {seed}: held-out " + ", ".join(f"{SHORT[b]} {100 * held[b]:.1f}" for b in BACKBONES)
-              + f"; tau LogME {run['tau_logme']:.2f} CV {run['tau_cv']:.2f}; transfer {chk.verdict}", file=sys.stderr)
+        print(
+            f"[{name}] seed {seed}: held-out "
+            + ", ".join(f"{SHORT[b]} {100 * held[b]:.1f}" for b in BACKBONES)
+            + f"; tau LogME {run['tau_logme']:.2f} CV {run['tau_cv']:.2f}; transfer {chk.verdict}",
+            file=sys.stderr,
+        )
     return {"dataset": name, "classes": d["classes"], "per_class": per_class, "runs": runs}
 
 
@@ -347,16 +392,23 @@ def example_check(work: Path, seeds: int = 3) -> list[dict]:
         ds = F.image_folder(root)
         tr = [str(p) for p in ds["train_paths"]]
         va = [str(p) for p in ds["val_paths"]]
-        X = cached(work, f"example-s{seed}-efficientnet_lite0", tr + va,
-                   lambda ps: F.backbone_features(ps, "efficientnet_lite0"))
-        B = cached(work, f"example-s{seed}-pixels", tr + va,
-                   lambda ps: pixel_baseline_features(F.read_rgb(p) for p in ps))
+        X = cached(
+            work,
+            f"example-s{seed}-efficientnet_lite0",
+            tr + va,
+            lambda ps: F.backbone_features(ps, "efficientnet_lite0"),
+        )
+        B = cached(
+            work, f"example-s{seed}-pixels", tr + va, lambda ps: pixel_baseline_features(F.read_rgb(p) for p in ps)
+        )
         n = len(tr)
-        chk = compare_to_baseline(X[:n], X[n:], B[:n], B[n:], ds["y_train"], ds["y_val"],
-                                  backbone="efficientnet_lite0")
+        chk = compare_to_baseline(X[:n], X[n:], B[:n], B[n:], ds["y_train"], ds["y_val"], backbone="efficientnet_lite0")
         out.append({"example_seed": seed, "n_train": n, "n_val": len(va), **chk.to_dict()})
-        print(f"[example surfaces seed {seed}] {chk.verdict}: {100 * chk.transfer_accuracy:.1f} vs "
-              f"{100 * chk.baseline_accuracy:.1f}", file=sys.stderr)
+        print(
+            f"[example surfaces seed {seed}] {chk.verdict}: {100 * chk.transfer_accuracy:.1f} vs "
+            f"{100 * chk.baseline_accuracy:.1f}",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -385,25 +437,36 @@ def _tau(values) -> str:
 
 def report(results: list[dict], lat: dict, budget: float, example: list[dict]) -> str:
     L = []
-    L.append("Latency (FP32 ONNX Runtime, batch 1, model only, median ms): "
-             + ", ".join(f"{SHORT[b]} {lat[b]}" for b in BACKBONES) + f"; budget for the budgeted choice {budget:.1f} ms")
+    L.append(
+        "Latency (FP32 ONNX Runtime, batch 1, model only, median ms): "
+        + ", ".join(f"{SHORT[b]} {lat[b]}" for b in BACKBONES)
+        + f"; budget for the budgeted choice {budget:.1f} ms"
+    )
     L.append("")
-    L.append("Mean ± sd over seeds (each seed draws other training images from the pool; the test set is fixed). "
-             "CV: 5-fold, grouped where the dataset has groups (ungrouped CV in brackets).")
+    L.append(
+        "Mean ± sd over seeds (each seed draws other training images from the pool; the test set is fixed). "
+        "CV: 5-fold, grouped where the dataset has groups (ungrouped CV in brackets)."
+    )
     L.append("")
     L.append("| dataset | n train / test | backbone | LogME | CV accuracy % | held-out accuracy % |")
     L.append("|---|---|---|---|---|---|")
     for r in results:
         runs = r["runs"]
         for b in BACKBONES:
-            cv = _pct([x['cv'][b] for x in runs])
+            cv = _pct([x["cv"][b] for x in runs])
             if runs[0]["grouped"]:
                 cv = f"{cv} (grouped) [{_pct([x['cv_ungrouped'][b] for x in runs])}]"
-            L.append(f"| {r['dataset']} | {runs[0]['n_train']} / {runs[0]['n_test']} | {SHORT[b]} | "
-                     f"{_ms([x['logme'][b] for x in runs])} | {cv} | "
-                     f"{_pct([x['heldout'][b] for x in runs])} |")
+            L.append(
+                f"| {r['dataset']} | {runs[0]['n_train']} / {runs[0]['n_test']} | {SHORT[b]} | "
+                f"{_ms([x['logme'][b] for x in runs])} | {cv} | "
+                f"{_pct([x['heldout'][b] for x in runs])} |"
+            )
     L.append("")
-    L.append("| dataset | Kendall tau LogME vs held-out | Kendall tau CV vs held-out | auto (cv) choices | max regret pp (cv / cv+budget) | auto (logme) choices | max regret pp (logme / logme+budget) | leader-only max regret pp (cv / logme) |")
+    L.append(
+        "| dataset | Kendall tau LogME vs held-out | Kendall tau CV vs held-out | auto (cv) choices "
+        "| max regret pp (cv / cv+budget) | auto (logme) choices | max regret pp (logme / logme+budget) "
+        "| leader-only max regret pp (cv / logme) |"
+    )
     L.append("|---|---|---|---|---|---|---|---|")
     for r in results:
         runs = r["runs"]
@@ -415,30 +478,37 @@ def report(results: list[dict], lat: dict, budget: float, example: list[dict]) -
         def mx(key, field="regret_pp", runs=runs):
             return max(x["choices"][key][field] for x in runs)
 
-        tcv = _tau([x['tau_cv'] for x in runs])
+        tcv = _tau([x["tau_cv"] for x in runs])
         if runs[0]["grouped"]:
             tcv += f" grouped [{_tau([x['tau_cv_ungrouped'] for x in runs])} ungrouped]"
-        L.append(f"| {r['dataset']} | {_tau([x['tau_logme'] for x in runs])} | {tcv} | "
-                 f"{counts('cv/none')} | {mx('cv/none'):.1f} / {mx('cv/budget'):.1f} | {counts('logme/none')} | "
-                 f"{mx('logme/none'):.1f} / {mx('logme/budget'):.1f} | "
-                 f"{max(mx('cv/none', 'leader_regret_pp'), mx('cv/budget', 'leader_regret_pp')):.1f} / "
-                 f"{max(mx('logme/none', 'leader_regret_pp'), mx('logme/budget', 'leader_regret_pp')):.1f} |")
+        L.append(
+            f"| {r['dataset']} | {_tau([x['tau_logme'] for x in runs])} | {tcv} | "
+            f"{counts('cv/none')} | {mx('cv/none'):.1f} / {mx('cv/budget'):.1f} | {counts('logme/none')} | "
+            f"{mx('logme/none'):.1f} / {mx('logme/budget'):.1f} | "
+            f"{max(mx('cv/none', 'leader_regret_pp'), mx('cv/budget', 'leader_regret_pp')):.1f} / "
+            f"{max(mx('logme/none', 'leader_regret_pp'), mx('logme/budget', 'leader_regret_pp')):.1f} |"
+        )
     L.append("")
-    L.append("| dataset | lite0 held-out % | pixel baseline % | difference pp (mean, seed-0 bounds) | verdicts over seeds |")
+    L.append(
+        "| dataset | lite0 held-out % | pixel baseline % | difference pp (mean, seed-0 bounds) | verdicts over seeds |"
+    )
     L.append("|---|---|---|---|---|")
     for r in results:
         runs = r["runs"]
         v = Counter(x["negative"]["verdict"] for x in runs)
         n0 = runs[0]["negative"]
-        L.append(f"| {r['dataset']} | {_pct([x['negative']['transfer_accuracy'] for x in runs])} | "
-                 f"{_pct([x['negative']['baseline_accuracy'] for x in runs])} | "
-                 f"{np.mean([x['negative']['difference_pp'] for x in runs]):+.1f} "
-                 f"[{n0['lower_pp']:+.1f}, {n0['upper_pp']:+.1f}] | "
-                 + ", ".join(f"{k} x{c}" for k, c in v.items()) + " |")
+        L.append(
+            f"| {r['dataset']} | {_pct([x['negative']['transfer_accuracy'] for x in runs])} | "
+            f"{_pct([x['negative']['baseline_accuracy'] for x in runs])} | "
+            f"{np.mean([x['negative']['difference_pp'] for x in runs]):+.1f} "
+            f"[{n0['lower_pp']:+.1f}, {n0['upper_pp']:+.1f}] | " + ", ".join(f"{k} x{c}" for k, c in v.items()) + " |"
+        )
     for e in example:
-        L.append(f"| example surfaces (seed {e['example_seed']}, {e['n_train']} train / {e['n_val']} val) | "
-                 f"{100 * e['transfer_accuracy']:.1f} | {100 * e['baseline_accuracy']:.1f} | "
-                 f"{e['difference_pp']:+.1f} [{e['lower_pp']:+.1f}, {e['upper_pp']:+.1f}] | {e['verdict']} |")
+        L.append(
+            f"| example surfaces (seed {e['example_seed']}, {e['n_train']} train / {e['n_val']} val) | "
+            f"{100 * e['transfer_accuracy']:.1f} | {100 * e['baseline_accuracy']:.1f} | "
+            f"{e['difference_pp']:+.1f} [{e['lower_pp']:+.1f}, {e['upper_pp']:+.1f}] | {e['verdict']} |"
+        )
     return "\n".join(L)
 
 

@@ -74,8 +74,14 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
 
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "edgetl.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=900,
+    )
 
 
 _BLOCKER = '''
@@ -102,8 +108,15 @@ def no_torch_env(tmp_path_factory) -> dict:
     return {"PYTHONPATH": str(d) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def make_grouped_crops(root: Path, *, classes=("brick", "grass", "gravel", "moon", "camera"), groups: int = 4,
-                       per_group: int = 6, size: int = 96, folders: bool = True) -> Path:
+def make_grouped_crops(
+    root: Path,
+    *,
+    classes=("brick", "grass", "gravel", "moon", "camera"),
+    groups: int = 4,
+    per_group: int = 6,
+    size: int = 96,
+    folders: bool = True,
+) -> Path:
     """Data with many near-copies per source, as factory data has: each class is one scikit-image
     photograph, each group one quadrant of it, and each image of a group a crop shifted a few
     pixels inside that quadrant (consecutive frames of one part). With ``folders`` the layout is
@@ -130,10 +143,24 @@ def make_grouped_crops(root: Path, *, classes=("brick", "grass", "gravel", "moon
 def minimal_manifest(labels=("a", "b"), **extra) -> dict:
     """The smallest manifest the schema accepts, for bundle-format tests that write files by hand
     (backbone.onnx and heads/v1.npz)."""
-    return {"task": "classify", "labels": list(labels), "precision": "fp32", "runtime": "onnxruntime",
-            "backbone": {"name": "test", "num_features": 4,
-                         "preprocess": {"input_size": 32, "crop_pct": 1.0, "interpolation": "bilinear",
-                                        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
-            "target": {"name": "cpu-x86"}, "models": {"backbone": "backbone.onnx"},
-            "head": {"current": 1, "versions": [{"version": 1, "file": "heads/v1.npz", "labels": list(labels)}]},
-            **extra}
+    return {
+        "task": "classify",
+        "labels": list(labels),
+        "precision": "fp32",
+        "runtime": "onnxruntime",
+        "backbone": {
+            "name": "test",
+            "num_features": 4,
+            "preprocess": {
+                "input_size": 32,
+                "crop_pct": 1.0,
+                "interpolation": "bilinear",
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+            },
+        },
+        "target": {"name": "cpu-x86"},
+        "models": {"backbone": "backbone.onnx"},
+        "head": {"current": 1, "versions": [{"version": 1, "file": "heads/v1.npz", "labels": list(labels)}]},
+        **extra,
+    }

@@ -24,7 +24,6 @@ from .errors import ConfigError
 log = logging.getLogger("edgetl")
 
 
-
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -46,8 +45,9 @@ def warn_skipped(skipped: list, *, quiet: bool) -> None:
     if skipped and not quiet:
         names = ", ".join(f"{safe(p)} ({safe(r)})" for p, r in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        click.echo(f"warning: skipped {len(skipped)} unreadable input(s): {names}{more} (--strict makes this fatal)",
-                   err=True)
+        click.echo(
+            f"warning: skipped {len(skipped)} unreadable input(s): {names}{more} (--strict makes this fatal)", err=True
+        )
 
 
 def _skipped_pairs(rows: list[dict]) -> list[tuple[str, str]]:
@@ -62,18 +62,29 @@ def _bundle_task(bundle: Path):
     return tasks.for_bundle(read_manifest(Path(bundle)), where=Path(bundle) / "manifest.json")
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object on stdout and nothing else there."
+)
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bars, status lines or warnings.")
-wait_option = click.option("--wait", type=float, default=0.0, show_default=True,
-                           help="Seconds to wait for another process writing the bundle (default: refuse at once, "
-                                "exit 4).")
+wait_option = click.option(
+    "--wait",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for another process writing the bundle (default: refuse at once, exit 4).",
+)
 device_option = click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
 strict_option = click.option("--strict", is_flag=True, help="Make unreadable inputs fatal instead of skipped.")
 
 
 def sign_option(what: str):
-    return click.option("--sign", "sign_key", type=click.Path(path_type=Path), envvar="EDGETL_SIGN_KEY",
-                        help=f"Sign {what} with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]")
+    return click.option(
+        "--sign",
+        "sign_key",
+        type=click.Path(path_type=Path),
+        envvar="EDGETL_SIGN_KEY",
+        help=f"Sign {what} with this private key (from `edgetl keygen`).  [env: EDGETL_SIGN_KEY]",
+    )
 
 
 def _signer(sign_key):
@@ -84,9 +95,13 @@ def _signer(sign_key):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="edgetl")
-@click.option("--trust", type=click.Path(path_type=Path), envvar="EDGETL_TRUST",
-              help="Trust policy (TOML of public keys and what each may do): refuse bundles and head versions "
-                   "not signed accordingly.  [env: EDGETL_TRUST]")
+@click.option(
+    "--trust",
+    type=click.Path(path_type=Path),
+    envvar="EDGETL_TRUST",
+    help="Trust policy (TOML of public keys and what each may do): refuse bundles and head versions "
+    "not signed accordingly.  [env: EDGETL_TRUST]",
+)
 def main(trust) -> None:
     """Adapt a frozen pretrained backbone to your images or texts and ship it to an edge device.
 
@@ -123,53 +138,124 @@ def _head_kinds() -> list[str]:
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--task", type=click.Choice(["classify", "text", "anomaly"]),
-              help="classify (images), text, or anomaly (good images only: defect detection).  [default: text for "
-                   "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good folder, else classify]")
-@click.option("--backbone", help="Image tasks: efficientnet_lite0/1/2, any timm model name, or 'auto' (chosen by "
-              "`edgetl rank` on your training images); text: a sentence encoder (registry name, model folder or hub "
-              "name).  [default: efficientnet_lite0; text: all-MiniLM-L6-v2]")
+@click.option(
+    "--task",
+    type=click.Choice(["classify", "text", "anomaly"]),
+    help="classify (images), text, or anomaly (good images only: defect detection).  [default: text for "
+    "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good folder, else classify]",
+)
+@click.option(
+    "--backbone",
+    help="Image tasks: efficientnet_lite0/1/2, any timm model name, or 'auto' (chosen by "
+    "`edgetl rank` on your training images); text: a sentence encoder (registry name, model folder or hub "
+    "name).  [default: efficientnet_lite0; text: all-MiniLM-L6-v2]",
+)
 @click.option("--weights", type=click.Path(path_type=Path), help="Backbone weights (.safetensors or .pth state dict).")
-@click.option("--head", "head_kind", type=click.Choice(_head_kinds()),
-              help="Head trained on the frozen features: linear (default), mlp, prototype; anomaly: combined "
-                   "(default: patchcore for local defects + knn on whole images for the wrong part, each scored "
-                   "against held-out good images), patchcore or padim alone (heat map, local defects), knn or "
-                   "gaussian alone (whole images, no heat map).")
-@click.option("--defect-size", type=float, help="anomaly: the smallest defect to find, in frame pixels (a scratch's "
-              "width); frames too large to keep it visible in one view are scored as tiles.  [default: 3]")
+@click.option(
+    "--head",
+    "head_kind",
+    type=click.Choice(_head_kinds()),
+    help="Head trained on the frozen features: linear (default), mlp, prototype; anomaly: combined "
+    "(default: patchcore for local defects + knn on whole images for the wrong part, each scored "
+    "against held-out good images), patchcore or padim alone (heat map, local defects), knn or "
+    "gaussian alone (whole images, no heat map).",
+)
+@click.option(
+    "--defect-size",
+    type=float,
+    help="anomaly: the smallest defect to find, in frame pixels (a scratch's "
+    "width); frames too large to keep it visible in one view are scored as tiles.  [default: 3]",
+)
 @click.option("--l2", type=float, help="Classifier heads: L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, help="mlp head: hidden units.  [default: 256]")
 @click.option("--epochs", type=int, help="linear / mlp heads: optimizer iterations.  [default: 300]")
-@click.option("--target", "-t", help="Target profile name (see `edgetl targets`) or a .toml file.  "
-              "[default: openvino-cpu; text: cpu-x86]")
-@click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision.")
+@click.option(
+    "--target",
+    "-t",
+    help="Target profile name (see `edgetl targets`) or a .toml file.  [default: openvino-cpu; text: cpu-x86]",
+)
+@click.option(
+    "--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision."
+)
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or file.")
-@click.option("--val-split", type=float, default=None,
-              help="Also hold out this fraction per class (default: none; every item is scored out of fold).")
-@click.option("--group-by", help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
-              "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]")
-@click.option("--augment", type=int, default=0, show_default=True, help="Images: augmented views cached per training image.")
-@click.option("--roi", help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
-                            "or as fractions of the frame (0.1,0.05,0.8,0.9); kept in the bundle, applied everywhere.")
+@click.option(
+    "--val-split",
+    type=float,
+    default=None,
+    help="Also hold out this fraction per class (default: none; every item is scored out of fold).",
+)
+@click.option(
+    "--group-by",
+    help="Keep groups on one side of the split: a CSV column, 'folder' (DATA/<class>/<group>/), "
+    "'regex:PATTERN' (on file names) or 'none'.  [default: a group column or <class>/<group>/ folders if present]",
+)
+@click.option(
+    "--augment", type=int, default=0, show_default=True, help="Images: augmented views cached per training image."
+)
+@click.option(
+    "--roi",
+    help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
+    "or as fractions of the frame (0.1,0.05,0.8,0.9); kept in the bundle, applied everywhere.",
+)
 @click.option("--calibration-size", type=int, help="INT8 calibration items (default: the target's, 128).")
-@click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows.")
+@click.option(
+    "--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the head and calibration.")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(path_type=Path),
+    help="Cache directory  [default: $EDGETL_CACHE or ~/.cache/edgetl]",
+)
 @strict_option
 @click.option("--force", is_flag=True, help="Replace an existing bundle at --out (atomically; only a bundle).")
 @sign_option("the bundle's release")
 @click.option("--text-column", help="Text datasets: the text column (default: text, sentence, content, ...).")
 @click.option("--label-column", help="Text datasets: the label column (default: label, class, category, ...).")
-@click.option("--report", "with_report", is_flag=True,
-              help="Also write the HTML report beside the bundle (parts.bundle -> parts-report.html), evaluated on "
-                   "the validation split (defects: the test set); needs edgetl[report]. Elsewhere: `edgetl report`.")
+@click.option(
+    "--report",
+    "with_report",
+    is_flag=True,
+    help="Also write the HTML report beside the bundle (parts.bundle -> parts-report.html), evaluated on "
+    "the validation split (defects: the test set); needs edgetl[report]. Elsewhere: `edgetl report`.",
+)
 @json_option
 @quiet_option
 @handle_errors
-def fit(data, out, task, backbone, weights, head_kind, defect_size, l2, hidden, epochs, target, precision, runtime, val,
-        val_split, group_by, augment, roi, calibration_size, allow_drop, seed, cache_dir, strict, force, sign_key,
-        text_column, label_column, with_report, as_json, quiet):
+def fit(
+    data,
+    out,
+    task,
+    backbone,
+    weights,
+    head_kind,
+    defect_size,
+    l2,
+    hidden,
+    epochs,
+    target,
+    precision,
+    runtime,
+    val,
+    val_split,
+    group_by,
+    augment,
+    roi,
+    calibration_size,
+    allow_drop,
+    seed,
+    cache_dir,
+    strict,
+    force,
+    sign_key,
+    text_column,
+    label_column,
+    with_report,
+    as_json,
+    quiet,
+):
     """Train a head on DATA and write a deployable bundle to --out.
 
     DATA is an image folder (DATA/<class>/*.jpg), a DATA/train + DATA/val pair, a CSV with
@@ -180,23 +266,50 @@ def fit(data, out, task, backbone, weights, head_kind, defect_size, l2, hidden, 
     """
     _setup_logging(quiet)
     from . import tasks
-    from .pipeline.fit import FitOptions, fit as run_fit
+    from .pipeline.fit import FitOptions
+    from .pipeline.fit import fit as run_fit
 
     if with_report:  # before minutes of training, not after
         from .report import check_dependencies, check_out, default_out
 
         check_dependencies()
         check_out(default_out(out), out, folder_must_exist=False)
-    head = {k: v for k, v in {"kind": head_kind, "l2": l2, "hidden": hidden, "epochs": epochs,
-                              "defect_size": defect_size}.items() if v is not None}
+    head = {
+        k: v
+        for k, v in {
+            "kind": head_kind,
+            "l2": l2,
+            "hidden": hidden,
+            "epochs": epochs,
+            "defect_size": defect_size,
+        }.items()
+        if v is not None
+    }
     chosen = tasks.for_data(data, task=task, head=head_kind)
     head = chosen.head_config({**head, "seed": seed})
-    opts = FitOptions(task=chosen.name, backbone=backbone, weights=str(weights) if weights else None, head=head,
-                      target=target, precision=precision, runtime=runtime, val=str(val) if val else None,
-                      val_split=val_split, group_by=group_by, augment=augment, seed=seed, roi=roi,
-                      cache_dir=str(cache_dir) if cache_dir else None, strict=strict, calibration_size=calibration_size,
-                      allow_drop=allow_drop, quiet=quiet or as_json, text_column=text_column, label_column=label_column,
-                      head_auto=head_kind is None)
+    opts = FitOptions(
+        task=chosen.name,
+        backbone=backbone,
+        weights=str(weights) if weights else None,
+        head=head,
+        target=target,
+        precision=precision,
+        runtime=runtime,
+        val=str(val) if val else None,
+        val_split=val_split,
+        group_by=group_by,
+        augment=augment,
+        seed=seed,
+        roi=roi,
+        cache_dir=str(cache_dir) if cache_dir else None,
+        strict=strict,
+        calibration_size=calibration_size,
+        allow_drop=allow_drop,
+        quiet=quiet or as_json,
+        text_column=text_column,
+        label_column=label_column,
+        head_auto=head_kind is None,
+    )
     result = run_fit(data, out, options=opts, force=force, signer=_signer(sign_key))
     warn_skipped(result.data.skipped, quiet=quiet)
     summary, text = chosen.fit_summary(result), chosen.render_fit(result)
@@ -212,9 +325,12 @@ def fit(data, out, task, backbone, weights, head_kind, defect_size, l2, hidden, 
 @main.command("eval")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--group-by", help="classify: accuracy per group too: a CSV column (camera, shift, supplier), 'folder' "
-              "(DATA/<class>/<group>/) or 'regex:PATTERN' on file names; the worst group and its gap are flagged "
-              "only beyond noise.")
+@click.option(
+    "--group-by",
+    help="classify: accuracy per group too: a CSV column (camera, shift, supplier), 'folder' "
+    "(DATA/<class>/<group>/) or 'regex:PATTERN' on file names; the worst group and its gap are flagged "
+    "only beyond noise.",
+)
 @device_option
 @strict_option
 @json_option
@@ -241,10 +357,18 @@ def eval_cmd(bundle, data, group_by, device, strict, as_json, quiet):
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("inputs", nargs=-1)
 @click.option("--top-k", type=int, help="Classes listed per input.  [default: 1]")
-@click.option("--threshold", type=float, help="classify / text: answer 'unknown' below this confidence; anomaly: the "
-              "defect score threshold.  [default: the bundle's]")
-@click.option("--file", "text_file", type=click.Path(path_type=Path), help="Text bundles: classify each line of this file.")
-@click.option("--heatmaps", type=click.Path(path_type=Path), help="Anomaly bundles: write heat-map overlays (PNG) here.")
+@click.option(
+    "--threshold",
+    type=float,
+    help="classify / text: answer 'unknown' below this confidence; anomaly: the "
+    "defect score threshold.  [default: the bundle's]",
+)
+@click.option(
+    "--file", "text_file", type=click.Path(path_type=Path), help="Text bundles: classify each line of this file."
+)
+@click.option(
+    "--heatmaps", type=click.Path(path_type=Path), help="Anomaly bundles: write heat-map overlays (PNG) here."
+)
 @device_option
 @strict_option
 @json_option
@@ -260,32 +384,47 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
     from .device.predict import load_predictor
 
     task = _bundle_task(bundle)
-    given = {"top_k": top_k, "threshold": threshold, "file": text_file, "heatmaps": heatmaps,
-             "strict": strict or None}
+    given = {"top_k": top_k, "threshold": threshold, "file": text_file, "heatmaps": heatmaps, "strict": strict or None}
     wrong = [k for k, v in given.items() if v is not None and k not in task.predict_options]
     if wrong:
-        raise ConfigError(f"--{wrong[0].replace('_', '-')} does not apply to {task.name} bundles "
-                          f"(they take {', '.join('--' + o.replace('_', '-') for o in sorted(task.predict_options))})")
+        raise ConfigError(
+            f"--{wrong[0].replace('_', '-')} does not apply to {task.name} bundles "
+            f"(they take {', '.join('--' + o.replace('_', '-') for o in sorted(task.predict_options))})"
+        )
     items = task.gather_inputs(list(inputs), file=text_file)
     p = load_predictor(bundle, device=device)
     skipped = None if strict else []
     options = {k: v for k, v in {"top_k": top_k, "heatmaps": heatmaps}.items() if v is not None}
     preds = p.predict(items, threshold=threshold, quiet=quiet or as_json, skipped=skipped, **options)
     warn_skipped(skipped or [], quiet=quiet)
-    emit({"predictions": [r.to_dict() for r in preds], "head_version": p.version,
-          "skipped": [{"path": str(i), "reason": r} for i, r in (skipped or [])]}, as_json,
-         task.render_predictions(preds))
+    emit(
+        {
+            "predictions": [r.to_dict() for r in preds],
+            "head_version": p.version,
+            "skipped": [{"path": str(i), "reason": r} for i, r in (skipped or [])],
+        },
+        as_json,
+        task.render_predictions(preds),
+    )
 
 
 # --------------------------------------------------------------------------------------- rank
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--backbones", help="Comma-separated backbones to compare (registry or timm names).  "
-              "[default: every built-in one: efficientnet_lite0,1,2]")
+@click.option(
+    "--backbones",
+    help="Comma-separated backbones to compare (registry or timm names).  "
+    "[default: every built-in one: efficientnet_lite0,1,2]",
+)
 @click.option("--target", "-t", help="Its latency budget bounds the choice (unless --budget-ms).")
 @click.option("--budget-ms", type=float, help="Batch-1 latency budget in ms for the choice.")
-@click.option("--by", type=click.Choice(["cv", "logme"]), default="cv", show_default=True,
-              help="The score that decides: cross-validated head accuracy, or LogME (no training).")
+@click.option(
+    "--by",
+    type=click.Choice(["cv", "logme"]),
+    default="cv",
+    show_default=True,
+    help="The score that decides: cross-validated head accuracy, or LogME (no training).",
+)
 @click.option("--val-split", type=float, default=0.2, show_default=True, help="Held out as fit would (not scored).")
 @click.option("--group-by", help="Keep groups in one fold (as fit's --group-by).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -302,11 +441,22 @@ def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cach
     one is not shown to beat (paired 95% interval): `fit --backbone auto` uses it.
     """
     _setup_logging(quiet)
-    from .pipeline.rank import format_rank, rank as run_rank
+    from .pipeline.rank import format_rank
+    from .pipeline.rank import rank as run_rank
 
     names = [b.strip() for b in backbones.split(",") if b.strip()] if backbones else None
-    r = run_rank(data, backbones=names, target=target, budget_ms=budget_ms, by=by, seed=seed, val_split=val_split,
-                 group_by=group_by, cache_dir=cache_dir, quiet=quiet or as_json)
+    r = run_rank(
+        data,
+        backbones=names,
+        target=target,
+        budget_ms=budget_ms,
+        by=by,
+        seed=seed,
+        val_split=val_split,
+        group_by=group_by,
+        cache_dir=cache_dir,
+        quiet=quiet or as_json,
+    )
     emit(r, as_json, format_rank(r))
 
 
@@ -314,10 +464,18 @@ def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cach
 @main.command("drift")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--alpha", type=float, default=0.05, show_default=True,
-              help="Significance level of the folder test (the false-alarm rate on undrifted data).")
-@click.option("--fail-on", type=click.Choice(["drift", "mild"]),
-              help="Exit 3 when the verdict is at least this (for scripts and cron jobs).")
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Significance level of the folder test (the false-alarm rate on undrifted data).",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(["drift", "mild"]),
+    help="Exit 3 when the verdict is at least this (for scripts and cron jobs).",
+)
 @json_option
 @quiet_option
 @handle_errors
@@ -334,10 +492,16 @@ def drift_cmd(bundle, data, alpha, fail_on, as_json, quiet):
 
     r = drift(bundle, data, alpha=alpha, quiet=quiet or as_json)
     warn_skipped([(s["path"], s["reason"]) for s in r["skipped"]], quiet=quiet)
-    lines = [f"drift     {r['verdict']} (p {r['p_value']:.3g} at alpha {alpha:g}; {r['inputs']} {'labelled ' if r['labelled'] else ''}"
-             f"inputs; {r['ood_fraction']:.1%} of them out of distribution)", f"          {safe(r['message'])}"]
-    lines += [f"  {safe(c['label']):<14} p {c['p_adjusted']:.3g} (adjusted), {c['n']} inputs, {c['ood_fraction']:.0%} ood"
-              for c in r.get("per_class", [])]
+    lines = [
+        f"drift     {r['verdict']} (p {r['p_value']:.3g} at alpha {alpha:g}; "
+        f"{r['inputs']} {'labelled ' if r['labelled'] else ''}"
+        f"inputs; {r['ood_fraction']:.1%} of them out of distribution)",
+        f"          {safe(r['message'])}",
+    ]
+    lines += [
+        f"  {safe(c['label']):<14} p {c['p_adjusted']:.3g} (adjusted), {c['n']} inputs, {c['ood_fraction']:.0%} ood"
+        for c in r.get("per_class", [])
+    ]
     emit(r, as_json, "\n".join(lines))
     levels = {"none": 0, "mild": 1, "drift": 2, "severe": 3}
     if fail_on and levels[r["verdict"]] >= levels[fail_on]:
@@ -369,9 +533,19 @@ def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, fo
     _setup_logging(quiet)
     from .pipeline.retarget import export_bundle
 
-    result = export_bundle(run, out, target=target, precision=precision, runtime=runtime, data=data,
-                           allow_drop=allow_drop, cache_dir=cache_dir, force=force, quiet=quiet or as_json,
-                           signer=_signer(sign_key))
+    result = export_bundle(
+        run,
+        out,
+        target=target,
+        precision=precision,
+        runtime=runtime,
+        data=data,
+        allow_drop=allow_drop,
+        cache_dir=cache_dir,
+        force=force,
+        quiet=quiet or as_json,
+        signer=_signer(sign_key),
+    )
     warn_skipped(result.data.skipped, quiet=quiet)
     emit(result.task.fit_summary(result), as_json, result.task.render_fit(result))
 
@@ -382,9 +556,8 @@ def export(run, out, target, precision, runtime, data, allow_drop, cache_dir, fo
 @handle_errors
 def targets(as_json):
     """List the shipped target profiles (add your own with --target FILE.toml)."""
-    from .core.targets import list_targets
-
     from . import tasks
+    from .core.targets import list_targets
 
     ts = list_targets()
     defaults: dict[str, list[str]] = {}
@@ -392,8 +565,11 @@ def targets(as_json):
         defaults.setdefault(task.default_target, []).append(task.name)
     width = max(len(t.name) for t in ts)
     mark = lambda t: f"  [default for {', '.join(sorted(defaults[t.name]))}]" if t.name in defaults else ""  # noqa: E731
-    emit({"targets": [{**t.to_dict(), "default_for": sorted(defaults.get(t.name, []))} for t in ts]}, as_json,
-         "\n".join(f"{t.name:<{width}}  {t.description}{mark(t)}" for t in ts))
+    emit(
+        {"targets": [{**t.to_dict(), "default_for": sorted(defaults.get(t.name, []))} for t in ts]},
+        as_json,
+        "\n".join(f"{t.name:<{width}}  {t.description}{mark(t)}" for t in ts),
+    )
 
 
 # ------------------------------------------------------------------------------------ example
@@ -422,10 +598,18 @@ def example(name, out, seed, force, as_json):
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--replace", is_flag=True, help="classify / text: train on DATA only (forget the replay memory and "
-              "classes not in DATA).")
-@click.option("--tolerance", type=float, default=5.0, show_default=True,
-              help="classify / text: allowed accuracy drop on known classes, in percentage points.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="classify / text: train on DATA only (forget the replay memory and classes not in DATA).",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="classify / text: allowed accuracy drop on known classes, in percentage points.",
+)
 @click.option("--threshold", type=float, help="anomaly: a new defect score threshold (default: carried over).")
 @click.option("--force", is_flag=True, help="Accept the update even if the gate refuses it.")
 @click.option("--dry-run", is_flag=True, help="Train and run the gate, but write nothing.")
@@ -450,8 +634,20 @@ def adapt(bundle, data, replace, tolerance, threshold, force, dry_run, seed, str
     from .device.adapt import adapt as run_adapt
 
     task = _bundle_task(bundle)
-    r = run_adapt(bundle, data, replace=replace, force=force, tolerance_pp=tolerance, seed=seed, strict=strict,
-                  dry_run=dry_run, quiet=quiet or as_json, wait=wait, signer=_signer(sign_key), threshold=threshold)
+    r = run_adapt(
+        bundle,
+        data,
+        replace=replace,
+        force=force,
+        tolerance_pp=tolerance,
+        seed=seed,
+        strict=strict,
+        dry_run=dry_run,
+        quiet=quiet or as_json,
+        wait=wait,
+        signer=_signer(sign_key),
+        threshold=threshold,
+    )
     warn_skipped(r.skipped, quiet=quiet)
     for w in (r.summary.get("gate") or {}).get("warnings", []) if not quiet else []:
         click.echo(f"warning: {safe(w)}", err=True)
@@ -472,8 +668,11 @@ def rollback(bundle, to, wait, sign_key, as_json):
     b = run_rollback(bundle, to=to, wait=wait, signer=_signer(sign_key))
     thresholds = b.manifest.get("thresholds", {})
     shown = ", ".join(f"{k} threshold {v:g}" for k, v in thresholds.items())
-    emit({"bundle": str(b.path), "current": b.head_version, "labels": b.labels, "thresholds": thresholds}, as_json,
-         f"head v{b.head_version} is now current in {safe(b.path)}" + (f" ({shown}, its own)" if shown else ""))
+    emit(
+        {"bundle": str(b.path), "current": b.head_version, "labels": b.labels, "thresholds": thresholds},
+        as_json,
+        f"head v{b.head_version} is now current in {safe(b.path)}" + (f" ({shown}, its own)" if shown else ""),
+    )
 
 
 @main.command()
@@ -507,14 +706,23 @@ def threshold(bundle, value, wait, sign_key, as_json):
 
     b = set_threshold(bundle, value, wait=wait, signer=_signer(sign_key))
     task = _bundle_task(b.path)
-    emit({"bundle": str(b.path), "head_version": b.head_version, f"{task.threshold_key}_threshold": value}, as_json,
-         task.render_threshold(value, b.head_version, safe(b.path)))
+    emit(
+        {"bundle": str(b.path), "head_version": b.head_version, f"{task.threshold_key}_threshold": value},
+        as_json,
+        task.render_threshold(value, b.head_version, safe(b.path)),
+    )
 
 
 @main.command()
 @click.argument("name")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="Folder for NAME.key (private, mode 0600) and NAME.pub.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Folder for NAME.key (private, mode 0600) and NAME.pub.",
+)
 @json_option
 @handle_errors
 def keygen(name, out, as_json):
@@ -528,10 +736,13 @@ def keygen(name, out, as_json):
 
     priv, pub = generate_key(name, out)
     kid = load_signing_key(priv).key_id
-    emit({"private_key": str(priv), "public_key": str(pub), "key_id": kid}, as_json,
-         f"wrote {safe(priv)} (private: keep it secret) and {safe(pub)} (public: key id {kid})\n"
-         f"trust it on a device with a policy file:\n  [[key]]\n  name = \"{name}\"\n"
-         f"  public_key = \"{pub.read_text().strip()}\"\n  may = [\"release\", \"adapt\", \"rollback\", \"threshold\"]")
+    emit(
+        {"private_key": str(priv), "public_key": str(pub), "key_id": kid},
+        as_json,
+        f"wrote {safe(priv)} (private: keep it secret) and {safe(pub)} (public: key id {kid})\n"
+        f'trust it on a device with a policy file:\n  [[key]]\n  name = "{name}"\n'
+        f'  public_key = "{pub.read_text().strip()}"\n  may = ["release", "adapt", "rollback", "threshold"]',
+    )
 
 
 # -------------------------------------------------------------------------------------- bench
@@ -547,17 +758,25 @@ def bench(bundle, runs, device, as_json):
 
     r = bench_bundle(bundle, runs=runs, device=device)
     where = f" (CPU fallback: {r['target_device']} is not on this machine)" if r["fallback"] else ""
-    emit(r, as_json, "\n".join([
-        f"bundle      {safe(bundle)} ({r['precision']} on {r['runtime']}/{r['device']}{where})",
-        f"numerics    float ops in {r['float_precision']} (asked {r['requested_float_precision']}); "
-        f"this CPU's INT8 accumulates in {r['cpu']['int8']}",
-        f"latency     p50 {r['latency_ms']['p50']:.2f} ms, p90 {r['latency_ms']['p90']:.2f} ms (batch 1, {runs} runs)",
-        f"throughput  {r['throughput'][r['items'] + '_per_s']:.1f} {r['items']}/s at batch {r['throughput']['batch']}",
-        f"memory      {r['peak_rss_mb']:.0f} MB peak RSS",
-        f"size        {r['backbone_mb']:.2f} MB backbone, {r['bundle_mb']:.2f} MB bundle",
-        f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine"
-        f"{', which is not the target device' if r['fallback'] else ''})",
-    ]))
+    emit(
+        r,
+        as_json,
+        "\n".join(
+            [
+                f"bundle      {safe(bundle)} ({r['precision']} on {r['runtime']}/{r['device']}{where})",
+                f"numerics    float ops in {r['float_precision']} (asked {r['requested_float_precision']}); "
+                f"this CPU's INT8 accumulates in {r['cpu']['int8']}",
+                f"latency     p50 {r['latency_ms']['p50']:.2f} ms, "
+                f"p90 {r['latency_ms']['p90']:.2f} ms (batch 1, {runs} runs)",
+                f"throughput  {r['throughput'][r['items'] + '_per_s']:.1f} {r['items']}/s "
+                f"at batch {r['throughput']['batch']}",
+                f"memory      {r['peak_rss_mb']:.0f} MB peak RSS",
+                f"size        {r['backbone_mb']:.2f} MB backbone, {r['bundle_mb']:.2f} MB bundle",
+                f"budget      {r['latency_budget_ms']} ms ({'met' if r['within_budget'] else 'NOT met'} on this machine"
+                f"{', which is not the target device' if r['fallback'] else ''})",
+            ]
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------- info
@@ -576,26 +795,39 @@ def info(bundle, as_json):
     m = b.manifest
     sigs = signature_summary(m)
     if b.signers:
-        signed = (f"checked against the trust policy: released by {b.signers['release']}, current state signed by "
-                  f"{b.signers['state']}")
+        signed = (
+            f"checked against the trust policy: released by {b.signers['release']}, current state signed by "
+            f"{b.signers['state']}"
+        )
     elif sigs["signed"]:
         signed = f"released by {sigs['release']}, state by {sigs['state']} (not checked: no --trust policy)"
     else:
         signed = "no (integrity only: every file's sha256 is in the manifest)"
-    emit({"path": str(b.path), "verified": True, "signature": {**sigs, "checked": bool(b.signers),
-                                                               "signers": b.signers}, "deployment": dep, **m},
-         as_json, "\n".join([
-        f"bundle     {safe(b.path)} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
-        f"task       {b.task}",
-        f"backbone   {m['backbone']['name']} ({m['backbone'].get('num_features', '?')}-d, {m['precision']} on "
-        f"{m['runtime']})",
-        f"target     {m['target']['name']}",
-        f"labels     {', '.join(safe(l) for l in b.labels)}",
-        f"head       v{b.head_version} of {len(m['head']['versions'])}",
-        f"files      {len(m['files'])} verified",
-        f"signed     {signed}",
-        f"device     {dep['install']} (no torch); an app that only infers needs just {' + '.join(dep['app_files'])}",
-    ]))
+    emit(
+        {
+            "path": str(b.path),
+            "verified": True,
+            "signature": {**sigs, "checked": bool(b.signers), "signers": b.signers},
+            "deployment": dep,
+            **m,
+        },
+        as_json,
+        "\n".join(
+            [
+                f"bundle     {safe(b.path)} (format {m['format_version']}, edgetl {m.get('edgetl_version')})",
+                f"task       {b.task}",
+                f"backbone   {m['backbone']['name']} ({m['backbone'].get('num_features', '?')}-d, {m['precision']} on "
+                f"{m['runtime']})",
+                f"target     {m['target']['name']}",
+                f"labels     {', '.join(safe(l) for l in b.labels)}",
+                f"head       v{b.head_version} of {len(m['head']['versions'])}",
+                f"files      {len(m['files'])} verified",
+                f"signed     {signed}",
+                f"device     {dep['install']} (no torch); "
+                f"an app that only infers needs just {' + '.join(dep['app_files'])}",
+            ]
+        ),
+    )
 
 
 # ----------------------------------------------------------------- groups built on the device API

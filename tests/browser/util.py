@@ -33,8 +33,13 @@ def check_page(url: str, *, timeout: float = 120, **spec) -> dict:
     why = browser_available()
     if why:
         pytest.skip(why)
-    r = subprocess.run(["node", str(HERE / "check_page.mjs"), json.dumps({"url": url, **spec})],
-                       capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    r = subprocess.run(
+        ["node", str(HERE / "check_page.mjs"), json.dumps({"url": url, **spec})],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+    )
     if r.returncode != 0:
         raise AssertionError(f"check_page failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -150,8 +150,14 @@ def test_full_disk_while_writing_keeps_the_old_head(base, tmp_path, no_torch_env
     b = _copy(bundle, tmp_path)
     before = (b / "manifest.json").read_bytes()
     files = sorted(p.relative_to(b) for p in b.rglob("*"))
-    r = subprocess.run([sys.executable, "-m", "edgetl.cli", "adapt", str(b), str(new)], capture_output=True, text=True,
-                       env={**os.environ, **no_torch_env}, preexec_fn=_limit_file_size, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", "adapt", str(b), str(new)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **no_torch_env},
+        preexec_fn=_limit_file_size,
+        timeout=600,
+    )
     assert r.returncode == 2, r.stderr
     assert "cannot write the new head" in r.stderr and "stays current" in r.stderr and "Traceback" not in r.stderr
     assert (b / "manifest.json").read_bytes() == before

@@ -8,8 +8,26 @@ import pytest
 
 from tests.conftest import make_folder, run_cli
 
-COMMANDS = ["fit", "eval", "predict", "export", "targets", "example", "info", "adapt", "rollback", "history", "bench",
-            "threshold", "rank", "drift", "keygen", "fleet", "report", "serve"]
+COMMANDS = [
+    "fit",
+    "eval",
+    "predict",
+    "export",
+    "targets",
+    "example",
+    "info",
+    "adapt",
+    "rollback",
+    "history",
+    "bench",
+    "threshold",
+    "rank",
+    "drift",
+    "keygen",
+    "fleet",
+    "report",
+    "serve",
+]
 
 
 def test_every_help_runs():
@@ -40,7 +58,19 @@ def test_fit_json_is_one_object_and_learns(fp32_bundle, surfaces):
 
 
 def test_second_fit_with_new_head_runs_no_backbone(fp32_bundle, surfaces, tmp_path):
-    r = run_cli("fit", surfaces, "--out", tmp_path / "mlp.bundle", "-t", "cpu-x86", "--precision", "fp32", "--head", "mlp", "--json")
+    r = run_cli(
+        "fit",
+        surfaces,
+        "--out",
+        tmp_path / "mlp.bundle",
+        "-t",
+        "cpu-x86",
+        "--precision",
+        "fp32",
+        "--head",
+        "mlp",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["timings_s"]["backbone_images"] == 0
 
@@ -88,16 +118,19 @@ def test_info_verifies(fp32_bundle):
     assert r.returncode == 0 and json.loads(r.stdout)["verified"] is True
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["fit", "/nonexistent/data", "--out", "{tmp}/b"], "no such file or folder"),
-    (["fit", "{single}", "--out", "{tmp}/b"], "at least 2"),
-    (["fit", "{single}", "--out", "{tmp}/b", "--target", "cpu-x68"], "unknown target"),
-    (["fit", "{single}", "--out", "{tmp}/b", "--backbone", "resnet5O"], "did you mean"),
-    (["fit", "{tmp}", "--out", "{tmp}/b"], "inside the training data"),
-    (["fit", "{single}", "--out", "{single}", "--force"], "inside the training data"),
-    (["predict", "{tmp}/nothing.bundle", "x.jpg"], "no such bundle"),
-    (["eval", "{tmp}", "{tmp}"], "not an edgetl bundle"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["fit", "/nonexistent/data", "--out", "{tmp}/b"], "no such file or folder"),
+        (["fit", "{single}", "--out", "{tmp}/b"], "at least 2"),
+        (["fit", "{single}", "--out", "{tmp}/b", "--target", "cpu-x68"], "unknown target"),
+        (["fit", "{single}", "--out", "{tmp}/b", "--backbone", "resnet5O"], "did you mean"),
+        (["fit", "{tmp}", "--out", "{tmp}/b"], "inside the training data"),
+        (["fit", "{single}", "--out", "{single}", "--force"], "inside the training data"),
+        (["predict", "{tmp}/nothing.bundle", "x.jpg"], "no such bundle"),
+        (["eval", "{tmp}", "{tmp}"], "not an edgetl bundle"),
+    ],
+)
 def test_user_mistakes_get_one_line_errors(tmp_path, args, needle):
     make_folder(tmp_path / "single", classes=("only",))
     args = [a.format(tmp=tmp_path, single=tmp_path / "single") for a in args]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -33,8 +33,12 @@ def _classify(root: Path, surfaces: Path) -> dict:
     new = root / "new"
     for c in ("brick", "wood"):  # newly labelled images of known classes
         shutil.copytree(surfaces / "val" / c, new / c)
-    return {"data": surfaces, "inputs": sorted(str(p) for p in (surfaces / "val" / "coins").glob("*.png"))[:3],
-            "eval": surfaces / "val", "adapt": new}
+    return {
+        "data": surfaces,
+        "inputs": sorted(str(p) for p in (surfaces / "val" / "coins").glob("*.png"))[:3],
+        "eval": surfaces / "val",
+        "adapt": new,
+    }
 
 
 def _text(root: Path, surfaces: Path) -> dict:
@@ -45,8 +49,12 @@ def _text(root: Path, surfaces: Path) -> dict:
     make_tickets(root / "t", seed=0, per_class=20, val_per_class=8)
     rows = (root / "t" / "tickets.csv").read_text().splitlines()
     (root / "new.csv").write_text("\n".join([rows[0], *rows[-30:]]) + "\n")  # validation rows, relabelled as new
-    return {"data": root / "t" / "tickets.csv", "inputs": ["hydraulic oil drips from the pump seal", "HMI froze"],
-            "eval": root / "t" / "tickets.csv", "adapt": root / "new.csv"}
+    return {
+        "data": root / "t" / "tickets.csv",
+        "inputs": ["hydraulic oil drips from the pump seal", "HMI froze"],
+        "eval": root / "t" / "tickets.csv",
+        "adapt": root / "new.csv",
+    }
 
 
 def _anomaly(root: Path, surfaces: Path) -> dict:
@@ -54,8 +62,12 @@ def _anomaly(root: Path, surfaces: Path) -> dict:
 
     make_defects(root / "d", seed=0, n_train_good=24, n_test_good=8, n_test_defect=10, size=160)
     make_defects(root / "more", seed=5, n_train_good=6, n_test_good=0, n_test_defect=0, size=160)
-    return {"data": root / "d", "inputs": sorted(str(p) for p in (root / "d" / "test").glob("*/000.png"))[:3],
-            "eval": root / "d", "adapt": root / "more" / "train" / "good"}
+    return {
+        "data": root / "d",
+        "inputs": sorted(str(p) for p in (root / "d" / "test").glob("*/000.png"))[:3],
+        "eval": root / "d",
+        "adapt": root / "more" / "train" / "good",
+    }
 
 
 CASES = {
@@ -106,8 +118,9 @@ def test_task_contract(name, surfaces, cache_dir, tmp_path, no_torch_env):
     back = _json(run_cli("rollback", bundle, "--json", env=no_torch_env))
     assert back["current"] == 1
     again = _json(run_cli("predict", bundle, *d["inputs"], "--json", env=no_torch_env))
-    assert [p.get("confidence", p.get("score")) for p in again["predictions"]] == \
-        pytest.approx([p.get("confidence", p.get("score")) for p in preds["predictions"]], rel=1e-6, abs=1e-7)
+    assert [p.get("confidence", p.get("score")) for p in again["predictions"]] == pytest.approx(
+        [p.get("confidence", p.get("score")) for p in preds["predictions"]], rel=1e-6, abs=1e-7
+    )
 
     exported = _json(run_cli("export", bundle, "--out", tmp_path / "fp32.bundle", "--precision", "fp32", "--json"))
     assert exported["task"] == name and exported["precision"] == "fp32"

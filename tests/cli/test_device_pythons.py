@@ -29,8 +29,9 @@ def _candidates() -> dict[str, Path]:
     then every pyenv version directory."""
     found: dict[str, Path] = {}
     for p in filter(None, os.environ.get("EDGETL_TEST_PYTHONS", "").split(os.pathsep)):
-        r = subprocess.run([p, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            [p, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
         if r.returncode == 0:
             found.setdefault(r.stdout.strip(), Path(p))
     root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
@@ -64,7 +65,7 @@ def _device_venv(python: Path, wheel: Path, root: Path) -> Path:
     assert r.returncode == 0, r.stderr
     py = venv / "bin" / "python"
     spec = f"edgetl[openvino] @ {wheel.as_uri()}"
-    for attempt in range(2):  # one retry: a registry hiccup is not a failure of the install
+    for _attempt in range(2):  # one retry: a registry hiccup is not a failure of the install
         r = _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", spec])
         if r.returncode == 0:
             break

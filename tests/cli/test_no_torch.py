@@ -13,8 +13,15 @@ from tests.conftest import run_cli
 # Every module of the device side: the layers below the laptop side (docs/ARCHITECTURE.md), found
 # by walking the packages, so a new module is covered the day it is added.
 # The report, the service and fleet rounds run on the device side too (with their extras).
-DEVICE_PACKAGES = ["edgetl.core", "edgetl.heads", "edgetl.tasks", "edgetl.device", "edgetl.report", "edgetl.serve",
-                   "edgetl.fleet"]
+DEVICE_PACKAGES = [
+    "edgetl.core",
+    "edgetl.heads",
+    "edgetl.tasks",
+    "edgetl.device",
+    "edgetl.report",
+    "edgetl.serve",
+    "edgetl.fleet",
+]
 
 
 def device_modules() -> list[str]:
@@ -33,9 +40,14 @@ DEVICE_MODULES = device_modules()
 
 def test_device_modules_import_without_torch(no_torch_env):
     assert len(DEVICE_MODULES) > 30 and "edgetl.tasks.anomaly.task" in DEVICE_MODULES
-    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in DEVICE_MODULES) + (
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'nncf')]\n"
-        "assert not bad, bad\nprint('ok')")
+    code = (
+        "import importlib, sys\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in DEVICE_MODULES)
+        + (
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'nncf')]\n"
+            "assert not bad, bad\nprint('ok')"
+        )
+    )
     import os
 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **no_torch_env})
@@ -45,8 +57,9 @@ def test_device_modules_import_without_torch(no_torch_env):
 def test_blocker_really_blocks(no_torch_env):
     import os
 
-    r = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
-                       env={**os.environ, **no_torch_env})
+    r = subprocess.run(
+        [sys.executable, "-c", "import torch"], capture_output=True, text=True, env={**os.environ, **no_torch_env}
+    )
     assert r.returncode != 0 and "blocked" in r.stderr
 
 

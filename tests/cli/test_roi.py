@@ -33,8 +33,21 @@ def roi_bundle(cache_dir, tmp_path_factory):
             (root / "data" / name).mkdir(parents=True, exist_ok=True)
             _frame(own, other, 8 * k).save(root / "data" / name / f"{name}{k}.png")
     out = root / "roi.bundle"
-    r = run_cli("fit", root / "data", "--out", out, "-t", "cpu-x86", "--precision", "fp32", "--val-split", "0.3",
-                "--roi", ",".join(map(str, ROI)), "--json")
+    r = run_cli(
+        "fit",
+        root / "data",
+        "--out",
+        out,
+        "-t",
+        "cpu-x86",
+        "--precision",
+        "fp32",
+        "--val-split",
+        "0.3",
+        "--roi",
+        ",".join(map(str, ROI)),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     return root, out, json.loads(r.stdout)
 

@@ -26,8 +26,10 @@ def test_a_broken_conversion_is_refused_with_exit_3(surfaces, exported, cache_di
     # narrow, so real images clip everywhere (what a wrong preprocessing or a blank calibration
     # set does to a user's model).
     monkeypatch.setattr(fitmod, "calibration_inputs", lambda plan, pre: real(plan, pre) * 0.02)
-    r = CliRunner().invoke(main, ["fit", str(surfaces), "--out", str(tmp_path / "b"), "--target", "cpu-x86",
-                                  "--cache", str(cache), "--quiet"])
+    r = CliRunner().invoke(
+        main,
+        ["fit", str(surfaces), "--out", str(tmp_path / "b"), "--target", "cpu-x86", "--cache", str(cache), "--quiet"],
+    )
     assert r.exit_code == 3, r.output
     assert "loses" in r.stderr and "95% bounds [" in r.stderr and "--allow-drop" in r.stderr
     assert not (tmp_path / "b").exists()
@@ -42,8 +44,13 @@ def test_overrides_compose_on_the_default_profile(surfaces, cache_dir, tmp_path)
     assert any("accuracy_control" in note for note in report["target_adjusted"])
 
 
-@pytest.mark.parametrize("args, profile", [(("--target", "cpu-x86", "--runtime", "openvino"), "openvino-cpu"),
-                                           (("--target", "jetson-orin", "--runtime", "openvino"), "openvino-cpu")])
+@pytest.mark.parametrize(
+    "args, profile",
+    [
+        (("--target", "cpu-x86", "--runtime", "openvino"), "openvino-cpu"),
+        (("--target", "jetson-orin", "--runtime", "openvino"), "openvino-cpu"),
+    ],
+)
 def test_overrides_that_need_another_profile_say_which(surfaces, tmp_path, args, profile):
     r = run_cli("fit", surfaces, "--out", tmp_path / "b", *args)
     assert r.returncode == 2 and profile in r.stderr and "Traceback" not in r.stderr

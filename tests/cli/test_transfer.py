@@ -60,19 +60,43 @@ def test_no_warning_where_pretraining_helps(surfaces_bundle):
 def test_rank_and_auto(surfaces, cache_dir, tmp_path):
     r = _json(run_cli("rank", surfaces, "--backbones", "efficientnet_lite0,efficientnet_lite1", "--json"))
     assert [row["backbone"] for row in r["table"]] and {row["backbone"] for row in r["table"]} == {
-        "efficientnet_lite0", "efficientnet_lite1"}
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+    }
     assert r["choice"] in ("efficientnet_lite0", "efficientnet_lite1") and r["reason"]
     assert all(0 <= row["cv_lower"] <= row["cv_accuracy"] <= row["cv_upper"] <= 1 for row in r["table"])
     # a budget only the smaller one meets decides it
-    tight = _json(run_cli("rank", surfaces, "--backbones", "efficientnet_lite0,efficientnet_lite1", "--budget-ms",
-                          str(min(row["latency_ms"] for row in r["table"]) * 1.01), "--json"))
+    tight = _json(
+        run_cli(
+            "rank",
+            surfaces,
+            "--backbones",
+            "efficientnet_lite0,efficientnet_lite1",
+            "--budget-ms",
+            str(min(row["latency_ms"] for row in r["table"]) * 1.01),
+            "--json",
+        )
+    )
     fastest = min(r["table"], key=lambda row: row["latency_ms"])["backbone"]
     assert tight["choice"] == fastest
     text = run_cli("rank", surfaces, "--backbones", "efficientnet_lite0")
     assert text.returncode == 0 and "CV accuracy" in text.stdout and " *" in text.stdout
 
-    fitted = _json(run_cli("fit", surfaces, "--out", tmp_path / "auto", "--backbone", "auto", "-t", "cpu-x86",
-                           "--precision", "fp32", "--json"))
+    fitted = _json(
+        run_cli(
+            "fit",
+            surfaces,
+            "--out",
+            tmp_path / "auto",
+            "--backbone",
+            "auto",
+            "-t",
+            "cpu-x86",
+            "--precision",
+            "fp32",
+            "--json",
+        )
+    )
     assert fitted["backbone_choice"]["choice"] in {row["backbone"] for row in fitted["backbone_choice"]["table"]}
     manifest = json.loads((tmp_path / "auto" / "manifest.json").read_text())
     assert manifest["backbone"]["name"] == fitted["backbone_choice"]["choice"]

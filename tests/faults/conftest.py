@@ -26,8 +26,6 @@ def small(surfaces, cache_dir, tmp_path_factory):
     return bundle, new, data
 
 
-
-
 @pytest.fixture(scope="session")
 def defect_bundle(cache_dir, tmp_path_factory):
     """A small FP32 defect detector (the built-in parts example) and its data."""
@@ -36,8 +34,9 @@ def defect_bundle(cache_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-defects")
     make_defects(root / "data", seed=0, n_train_good=16, n_test_good=6, n_test_defect=5, size=128)
     out = root / "parts.bundle"
-    r = run_cli("fit", root / "data", "--out", out, "--precision", "fp32", "--runtime", "onnxruntime", "--json",
-                "--quiet")
+    r = run_cli(
+        "fit", root / "data", "--out", out, "--precision", "fp32", "--runtime", "onnxruntime", "--json", "--quiet"
+    )
     assert r.returncode == 0, r.stderr
     return out, root / "data"
 
@@ -45,5 +44,10 @@ def defect_bundle(cache_dir, tmp_path_factory):
 def write_policy(path, keys, may: dict) -> None:
     """A device trust policy naming each key in ``may`` (key name -> operations it may sign), with
     the public key ``keygen`` wrote beside it in ``keys``."""
-    path.write_text("".join(f'[[key]]\nname = "{name}"\npublic_key = "{(keys / f"{name}.pub").read_text().strip()}"\n'
-                            f"may = {list(ops)!r}\n".replace("'", '"') for name, ops in may.items()))
+    path.write_text(
+        "".join(
+            f'[[key]]\nname = "{name}"\npublic_key = "{(keys / f"{name}.pub").read_text().strip()}"\n'
+            f"may = {list(ops)!r}\n".replace("'", '"')
+            for name, ops in may.items()
+        )
+    )

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from tests.faults.test_faults import _copy, _edit
 from tests.faults.conftest import write_policy
+from tests.faults.test_faults import _copy, _edit
 
 
 def _one_line_error(r, code: int, needle: str) -> None:
@@ -66,8 +64,7 @@ def test_a_model_or_head_swapped_after_the_check_is_never_run(small, tmp_path):
     honest = tasks.for_bundle(loaded).predictor(loaded).predict([image])
     # a valid head with other weights, swapped in after the check
     head = Head.load(b / "heads" / "v1.npz")
-    evil_head = Head(kind=head.kind, labels=head.labels, arrays={k: -v for k, v in head.arrays.items()},
-                     meta=head.meta)
+    evil_head = Head(kind=head.kind, labels=head.labels, arrays={k: -v for k, v in head.arrays.items()}, meta=head.meta)
     evil_head.save(tmp_path / "evil.npz")
     loaded = load_bundle(b)
     os.replace(tmp_path / "evil.npz", b / "heads" / "v1.npz")
@@ -101,8 +98,20 @@ def _signed(small, tmp_path_factory):
     write_policy(policy, keys, {"factory": ["release", "adapt", "rollback", "threshold"], "thr": ["threshold"]})
     env = {"EDGETL_FRESHNESS": str(tmp_path / "fit-machine.json")}
     b = tmp_path / "signed.bundle"
-    r = run_cli("fit", data, "--out", b, "--precision", "fp32", "--runtime", "onnxruntime", "--sign",
-                keys / "factory.key", "-q", env=env)
+    r = run_cli(
+        "fit",
+        data,
+        "--out",
+        b,
+        "--precision",
+        "fp32",
+        "--runtime",
+        "onnxruntime",
+        "--sign",
+        keys / "factory.key",
+        "-q",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     r = run_cli("--trust", policy, "adapt", b, new, "--sign", keys / "factory.key", "-q", env=env)
     assert r.returncode == 0, r.stderr
@@ -118,8 +127,6 @@ def signed(_signed, tmp_path):
     return dst, keys, trust, {"EDGETL_FRESHNESS": str(tmp_path / "device-state" / "freshness.json")}
 
 
-
-
 def test_a_threshold_only_key_cannot_roll_back_or_replace_the_app_model(signed, tmp_path):
     b, keys, trust, env = signed
     assert run_cli(*trust, "info", b, env=env).returncode == 0
@@ -127,8 +134,10 @@ def test_a_threshold_only_key_cannot_roll_back_or_replace_the_app_model(signed, 
     _one_line_error(r, 5, "may only threshold")
     # the attack: edit what is current by hand, then let a writer without a policy re-sign it with
     # the threshold key (as a threshold change)
-    for edit in (lambda m: m["head"].__setitem__("current", 1),
-                 lambda m: m["models"].__setitem__("fused", "evil.onnx")):
+    for edit in (
+        lambda m: m["head"].__setitem__("current", 1),
+        lambda m: m["models"].__setitem__("fused", "evil.onnx"),
+    ):
         t = tmp_path / f"attack{id(edit)}.bundle"
         shutil.copytree(b, t)
         if (t / "model-v2.onnx").exists():
@@ -177,8 +186,21 @@ def test_a_replayed_older_release_is_refused(signed, tmp_path, small):
     older = tmp_path / "older.bundle"
     shutil.copytree(b, older)
     _, _, data = small
-    r = run_cli("fit", data, "--out", b, "--force", "--precision", "fp32", "--runtime", "onnxruntime", "--sign",
-                keys / "factory.key", "-q", env=env)
+    r = run_cli(
+        "fit",
+        data,
+        "--out",
+        b,
+        "--force",
+        "--precision",
+        "fp32",
+        "--runtime",
+        "onnxruntime",
+        "--sign",
+        keys / "factory.key",
+        "-q",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert run_cli(*trust, "info", b, env=env).returncode == 0
     shutil.rmtree(b)
@@ -232,9 +254,26 @@ def test_fit_force_on_a_fifo_manifest_does_not_hang(small, tmp_path):
     b = tmp_path / "fifo.bundle"
     b.mkdir()
     os.mkfifo(b / "manifest.json")
-    r = subprocess.run([sys.executable, "-m", "edgetl.cli", "fit", str(data), "--out", str(b), "--force",
-                        "--precision", "fp32", "--runtime", "onnxruntime", "-q"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgetl.cli",
+            "fit",
+            str(data),
+            "--out",
+            str(b),
+            "--force",
+            "--precision",
+            "fp32",
+            "--runtime",
+            "onnxruntime",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     _one_line_error(r, 2, "not an edgetl bundle")
     assert (b / "manifest.json").exists()
 
@@ -246,9 +285,11 @@ def test_fit_force_never_removes_what_the_user_put_in_a_bundle(small, tmp_path, 
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("mine")
-    planted = {"symlink to a folder": b / "photos",
-               "empty folder": b / "notes",
-               "temp file in a user folder": b / "mine" / ".draft.tmp"}[plant]
+    planted = {
+        "symlink to a folder": b / "photos",
+        "empty folder": b / "notes",
+        "temp file in a user folder": b / "mine" / ".draft.tmp",
+    }[plant]
     if plant == "symlink to a folder":
         planted.symlink_to(outside, target_is_directory=True)
     elif plant == "empty folder":
@@ -266,11 +307,19 @@ def test_fit_force_never_removes_what_the_user_put_in_a_bundle(small, tmp_path, 
 def test_odd_environment_and_policy_inputs_get_one_line_errors(small, tmp_path):
     bundle, new, _ = small
     image = sorted((new / "brick").glob("*.png"))[0]
-    for name, value in (("EDGETL_THREADS", "abc"), ("EDGETL_THREADS", "0"), ("EDGETL_MAX_MEGAPIXELS", "nan"),
-                        ("EDGETL_MAX_MEGAPIXELS", "inf"), ("EDGETL_MAX_MEGAPIXELS", "-1")):
+    for name, value in (
+        ("EDGETL_THREADS", "abc"),
+        ("EDGETL_THREADS", "0"),
+        ("EDGETL_MAX_MEGAPIXELS", "nan"),
+        ("EDGETL_MAX_MEGAPIXELS", "inf"),
+        ("EDGETL_MAX_MEGAPIXELS", "-1"),
+    ):
         _one_line_error(run_cli("predict", bundle, image, env={name: value}), 2, name)
-    policies = {"key = [1]": "key = [1]\n", "may not a list": '[[key]]\nname = "a"\npublic_key = "x"\nmay = "adapt"\n',
-                "public_key a number": '[[key]]\nname = "a"\npublic_key = 5\nmay = ["adapt"]\n'}
+    policies = {
+        "key = [1]": "key = [1]\n",
+        "may not a list": '[[key]]\nname = "a"\npublic_key = "x"\nmay = "adapt"\n',
+        "public_key a number": '[[key]]\nname = "a"\npublic_key = 5\nmay = ["adapt"]\n',
+    }
     for case, text in policies.items():
         p = tmp_path / f"{len(case)}.toml"
         p.write_text(text)

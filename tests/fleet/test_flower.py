@@ -53,13 +53,19 @@ def test_flower_simulation_eight_devices(digits_bundle, digits, tmp_path):
     entry = et.load_bundle(server).head_entry()
     assert entry["source"] == "fleet" and entry["fleet"]["devices"] == 8
     assert sorted(entry["fleet"]["class_counts"].values()) == [15] * 4 + [30] * 6  # 3/4 of 20 per device and digit
-    for s, (who, d) in zip(specs, sorted(report["deliveries"].items())):
+    for s, (_who, d) in zip(specs, sorted(report["deliveries"].items())):
         assert (et.load_bundle(s["bundle"]).head_version == 2) == bool(d["accepted"])
 
 
 def _start(args, **kw):
-    return subprocess.Popen(CLI + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        CLI + [str(a) for a in args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def test_loopback_deployment_with_tls_and_node_auth(digits_bundle, digits, tmp_path):
@@ -74,15 +80,57 @@ def test_loopback_deployment_with_tls_and_node_auth(digits_bundle, digits, tmp_p
     keys = [_certs.make_node_key(pki, f"cam{j}") for j in range(3)]
     address = f"127.0.0.1:{deploy.free_port()}"
     before = (tmp_path / "cam2.bundle" / "manifest.json").read_bytes()
-    serve = _start(["serve", server, "--devices", 2, "--address", address, "--kind", "ridge",
-                    "--tls-cert", tls["certfile"], "--tls-key", tls["keyfile"], "--tls-ca", tls["ca"],
-                    "--auth-key", keys[0][1], "--auth-key", keys[1][1], "--wait", 90, "--timeout", 120, "--json"])
+    serve = _start(
+        [
+            "serve",
+            server,
+            "--devices",
+            2,
+            "--address",
+            address,
+            "--kind",
+            "ridge",
+            "--tls-cert",
+            tls["certfile"],
+            "--tls-key",
+            tls["keyfile"],
+            "--tls-ca",
+            tls["ca"],
+            "--auth-key",
+            keys[0][1],
+            "--auth-key",
+            keys[1][1],
+            "--wait",
+            90,
+            "--timeout",
+            120,
+            "--json",
+        ]
+    )
     procs = []
     try:
         time.sleep(3)
         for j in range(3):
-            procs.append(_start(["join", specs[j]["bundle"], specs[j]["data"], "--superlink", address, "--name", f"cam{j}",
-                                 "--root-ca", tls["ca"], "--auth-key", keys[j][0], "--timeout", 180, "--json"]))
+            procs.append(
+                _start(
+                    [
+                        "join",
+                        specs[j]["bundle"],
+                        specs[j]["data"],
+                        "--superlink",
+                        address,
+                        "--name",
+                        f"cam{j}",
+                        "--root-ca",
+                        tls["ca"],
+                        "--auth-key",
+                        keys[j][0],
+                        "--timeout",
+                        180,
+                        "--json",
+                    ]
+                )
+            )
         outs = [p.communicate(timeout=240) for p in procs]
         s_out, s_err = serve.communicate(timeout=240)
     finally:
@@ -110,11 +158,32 @@ def test_cli_help_errors_and_in_process_simulate(digits_bundle, digits, tmp_path
     r = subprocess.run(CLI + ["serve", digits_bundle], capture_output=True, text=True)
     assert r.returncode == 2 and "TLS needs" in r.stderr
     images, labels, _, rest = digits
-    data = _digits.write_folder(tmp_path / "pool", images, labels,
-                                np.concatenate([rest[labels[rest] == c][:16] for c in range(10)]))
-    r = subprocess.run(CLI + ["simulate", data, "--bundle", digits_bundle, "--out", tmp_path / "sim", "--devices", "4",
-                              "--engine", "none", "--split", "dirichlet", "--alpha", "0.3", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    data = _digits.write_folder(
+        tmp_path / "pool", images, labels, np.concatenate([rest[labels[rest] == c][:16] for c in range(10)])
+    )
+    r = subprocess.run(
+        CLI
+        + [
+            "simulate",
+            data,
+            "--bundle",
+            digits_bundle,
+            "--out",
+            tmp_path / "sim",
+            "--devices",
+            "4",
+            "--engine",
+            "none",
+            "--split",
+            "dirichlet",
+            "--alpha",
+            "0.3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["devices"] == 4 and report["version"] == 2 and len(report["deliveries"]) == 4

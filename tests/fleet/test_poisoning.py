@@ -47,7 +47,10 @@ def test_a_device_with_wrong_labels_is_left_out_and_the_merge_matches_the_honest
     ref = run_local(Merger(kind, labels=NAMES), honest)
     refused = {r["device"] for r in res.provenance["refused"]}
     assert refused == {liar}, res.provenance["refused"]
-    assert liar in res.provenance["refused"][0]["reason"] and "leave-one-device-out" in res.provenance["refused"][0]["reason"]
+    assert (
+        liar in res.provenance["refused"][0]["reason"]
+        and "leave-one-device-out" in res.provenance["refused"][0]["reason"]
+    )
     acc, acc_ref = _accuracy(res.head, Xt, yt), _accuracy(ref.head, Xt, yt)
     assert abs(acc - acc_ref) <= 1.0, (acc, acc_ref)
     assert min(res.provenance["label_agreement"].values()) >= 0.5
@@ -82,9 +85,9 @@ def test_counts_that_wrap_int64_and_a_huge_gram_are_refused_and_the_rest_merge()
     wrapped = copy.deepcopy(s)
     c = np.asarray(wrapped.arrays["count"], np.int64).copy()
     nz = np.flatnonzero(c)
-    c[nz[0]] += 2 ** 62
-    c[nz[1]] += 2 ** 62
-    c[np.flatnonzero(c == 0)[:2]] = 2 ** 62  # four times 2**62 wraps the int64 sum back to n
+    c[nz[0]] += 2**62
+    c[nz[1]] += 2**62
+    c[np.flatnonzero(c == 0)[:2]] = 2**62  # four times 2**62 wraps the int64 sum back to n
     wrapped.arrays["count"] = c
     with pytest.raises(FleetError, match="dev1: summary refused: class counts"):
         check_summary(wrapped, step, who="dev1", d=X.shape[1])
@@ -120,10 +123,16 @@ def test_simulate_and_serve_share_one_default_base_and_refusals_print_whole():
     from edgetl.fleet.summaries import DEFAULT_BASE
 
     assert DEFAULT_BASE == "current"  # the bundle's own data takes part: classes no device has are kept
-    defaults = {name: next(p.default for p in cmd.params if p.name == "base")
-                for name, cmd in (("serve", cli.serve), ("simulate", cli.simulate))}
-    defaults.update({f.__qualname__: inspect.signature(f).parameters["base"].default
-                     for f in (flower.simulate, flower.run_server, deploy.serve, FleetRound.__init__)})
+    defaults = {
+        name: next(p.default for p in cmd.params if p.name == "base")
+        for name, cmd in (("serve", cli.serve), ("simulate", cli.simulate))
+    }
+    defaults.update(
+        {
+            f.__qualname__: inspect.signature(f).parameters["base"].default
+            for f in (flower.simulate, flower.run_server, deploy.serve, FleetRound.__init__)
+        }
+    )
     assert set(defaults.values()) == {DEFAULT_BASE}, defaults
     reason = "it does not know classes this device's head knows: ['digit-seven', 'digit-eight']"
     for limit in range(10, len(reason) + 5):

@@ -12,8 +12,8 @@ import pytest
 from edgetl.fleet import _edgetl as et
 from edgetl.fleet.cli import split_dataset
 from edgetl.fleet.device import Device
-from edgetl.fleet.server import FleetRound
 from edgetl.fleet.merger import Merger, run_local
+from edgetl.fleet.server import FleetRound
 from edgetl.fleet.summaries import LocalData
 from tests.numerics import assert_same_decisions
 
@@ -23,10 +23,13 @@ NAMES = [f"d{i}" for i in range(10)]
 def _split(labels, rest, seed=0):
     """(device pools: 8 devices x 2 of 10 classes, test rows), from the non-factory rows."""
     rng = np.random.default_rng(seed)
-    test = np.concatenate([rng.choice(rest[labels[rest] == c], int(0.3 * np.sum(labels[rest] == c)), replace=False)
-                           for c in range(10)])
+    test = np.concatenate(
+        [rng.choice(rest[labels[rest] == c], int(0.3 * np.sum(labels[rest] == c)), replace=False) for c in range(10)]
+    )
     pool = np.setdiff1d(rest, test)
-    parts = split_dataset([NAMES[c] for c in labels[pool]], 8, split="class", classes_per_device=2, alpha=0.5, seed=seed)
+    parts = split_dataset(
+        [NAMES[c] for c in labels[pool]], 8, split="class", classes_per_device=2, alpha=0.5, seed=seed
+    )
     return [pool[p] for p in parts], np.sort(test)
 
 
@@ -52,9 +55,16 @@ def test_non_iid_fleet_head_matches_central(digits_features, digits):
     linear = run_local(Merger("linear", labels=NAMES), parts).head  # FedNCM start + 30 FedAdam rounds
     alone = [et.train_head(X[d], labels[d], NAMES, kind="linear") for d in devices]
     fedavg = fedavg_of_heads(alone, [len(d) for d in devices])
-    table = {"central linear": acc(central), "fleet linear": acc(linear), "fleet ridge": acc(ridge), "central prototype": acc(central_proto),
-             "fleet prototype": acc(proto), "device alone (mean)": float(np.mean([acc(h) for h in alone])),
-             "device alone (best)": max(acc(h) for h in alone), "plain FedAvg of device heads": acc(fedavg)}
+    table = {
+        "central linear": acc(central),
+        "fleet linear": acc(linear),
+        "fleet ridge": acc(ridge),
+        "central prototype": acc(central_proto),
+        "fleet prototype": acc(proto),
+        "device alone (mean)": float(np.mean([acc(h) for h in alone])),
+        "device alone (best)": max(acc(h) for h in alone),
+        "plain FedAvg of device heads": acc(fedavg),
+    }
     print("\n" + json.dumps({k: round(v, 4) for k, v in table.items()}, indent=1))
     assert table["fleet linear"] >= table["central linear"] - 0.02
     # ridge is exact (its central fit is itself, see test_summaries) but a weaker model than
@@ -80,8 +90,10 @@ def test_patchcore_merged_bank_auroc_matches_central(defects):
     res = run_local(Merger("patchcore", anomaly_template=template), parts)
     a_central = et.auroc(y, central.maps(F_test)[1])
     a_merged = et.auroc(y, res.head.maps(F_test)[1])
-    print(f"\npatchcore image AUROC central {a_central:.4f} merged {a_merged:.4f} "
-          f"(bank {res.provenance['bank']} of a union of {res.provenance['union']})")
+    print(
+        f"\npatchcore image AUROC central {a_central:.4f} merged {a_merged:.4f} "
+        f"(bank {res.provenance['bank']} of a union of {res.provenance['union']})"
+    )
     assert a_merged >= a_central - 0.01
 
 
@@ -119,7 +131,9 @@ def test_refused_global_head_leaves_device_head_current(device_pair):
     assert not (bundle / "heads" / "v2.npz").exists()
     # a head that forgot a class is refused even if accuracy holds
     with pytest.raises(et.GateError, match="does not know classes"):
-        dev.consider("linear", cur.labels[:-1], {k: (v[..., :-1] if k in ("W", "b") else v) for k, v in cur.arrays.items()}, {})
+        dev.consider(
+            "linear", cur.labels[:-1], {k: (v[..., :-1] if k in ("W", "b") else v) for k, v in cur.arrays.items()}, {}
+        )
     # malformed arrays never reach the gate
     with pytest.raises(et.FleetError):
         dev.consider("linear", cur.labels, {**cur.arrays, "W": cur.arrays["W"][:5]}, {})
@@ -166,7 +180,10 @@ def test_anomaly_round_in_process_writes_versions(defects, tmp_path):
     report = run_round(FleetRound(tmp_path / "server.bundle"), devices)
     assert report["kind"] == "patchcore" and report["version"] == 2 and report["devices"] == 2
     b = et.load_bundle(tmp_path / "server.bundle")
-    assert b.head_entry()["source"] == "fleet" and b.head_entry()["threshold"] == et.load_bundle(bundle).head_entry()["threshold"]
+    assert (
+        b.head_entry()["source"] == "fleet"
+        and b.head_entry()["threshold"] == et.load_bundle(bundle).head_entry()["threshold"]
+    )
     for name, d in report["deliveries"].items():
         assert d["accepted"], d
         assert d["false_alarms_after"] <= d["false_alarms_before"] + 0.05

@@ -122,7 +122,7 @@ def test_padim_merge_equals_central_fit():
     cfg = et.anomaly_config(kind="padim", padim_dims=8, seed=0)
     central = et.fit_anomaly_head(F, cfg, size=48)
     template = et.fit_anomaly_head(F[:2], cfg, size=48)  # the server bundle's head: settings only
-    parts = {f"dev{j}": LocalData.anomaly(F[j * 5:(j + 1) * 5]) for j in range(8)}
+    parts = {f"dev{j}": LocalData.anomaly(F[j * 5 : (j + 1) * 5]) for j in range(8)}
     merged = run_local(Merger("padim", anomaly_template=template), parts).head
     assert int(merged.arrays["count"]) == 40
     assert np.array_equal(merged.arrays["channels"], central.arrays["channels"])
@@ -138,7 +138,7 @@ def test_patchcore_coreset_of_coresets_covers_the_union():
     F = rng.normal(size=(32, 16, 4, 4)).astype(np.float32)
     cfg = et.anomaly_config(kind="patchcore", coreset_ratio=0.25, seed=0)
     template = et.fit_anomaly_head(F[:1], cfg, size=32)
-    parts = {f"dev{j}": LocalData.anomaly(F[j * 4:(j + 1) * 4]) for j in range(8)}
+    parts = {f"dev{j}": LocalData.anomaly(F[j * 4 : (j + 1) * 4]) for j in range(8)}
     res = run_local(Merger("patchcore", anomaly_template=template), parts)
     central = et.fit_anomaly_head(F, cfg, size=32)
     bank = res.head.arrays["memory"]
@@ -150,9 +150,14 @@ def test_patchcore_coreset_of_coresets_covers_the_union():
         return float(np.sqrt(np.maximum(d2.min(1), 0).max()))
 
     # each device's coreset radius over its own patches bounds the extra radius of the merge
-    dev_r = max(radius(et.patch_rows(F[j * 4:(j + 1) * 4])[et.greedy_coreset(et.patch_rows(F[j * 4:(j + 1) * 4]),
-                                                                            et.coreset_size(64, cfg), seed=0)])
-                for j in range(8))
+    dev_r = max(
+        radius(
+            et.patch_rows(F[j * 4 : (j + 1) * 4])[
+                et.greedy_coreset(et.patch_rows(F[j * 4 : (j + 1) * 4]), et.coreset_size(64, cfg), seed=0)
+            ]
+        )
+        for j in range(8)
+    )
     assert radius(bank) <= 2 * radius(central.arrays["memory"]) + dev_r
 
 
@@ -178,11 +183,13 @@ def _mutations():
     def arr(name, f):
         def mutate(s):
             s.arrays[name] = f(np.array(s.arrays[name]))
+
         return mutate
 
     def meta(key, value):
         def mutate(s):
             s.meta[key] = value
+
         return mutate
 
     return {
@@ -195,9 +202,13 @@ def _mutations():
         "counts do not add up": (meta("n", 7), "add up"),
         # claiming fewer rows than the sums came from (to weigh a poisoned mean more) breaks
         # sum(x^2) >= sum(x)^2 / n; claiming more rows cannot be told from real data: max_rows caps it
-        "deflated n": (lambda s: (s.arrays.__setitem__("count", np.maximum(s.arrays["count"] // 20, 1)),
-                                  s.meta.__setitem__("n", int(np.maximum(s.arrays["count"], 1).sum()))),
-                       "sums of squares"),
+        "deflated n": (
+            lambda s: (
+                s.arrays.__setitem__("count", np.maximum(s.arrays["count"] // 20, 1)),
+                s.meta.__setitem__("n", int(np.maximum(s.arrays["count"], 1).sum())),
+            ),
+            "sums of squares",
+        ),
         "duplicate labels": (meta("labels", ["c0"] * 10), "twice"),
         "label of another set": (meta("labels", [f"x{i}" for i in range(10)]), "not in the round's label set"),
         "missing array": (lambda s: s.arrays.pop("gram"), "expected"),

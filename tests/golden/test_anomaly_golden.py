@@ -53,16 +53,20 @@ def padim_bundle(defects, cache_dir, tmp_path_factory):
     from edgetl import AnomalyConfig, FitOptions, fit
 
     out = tmp_path_factory.mktemp("anomaly") / "padim.bundle"
-    return fit(defects, out, options=FitOptions(head=AnomalyConfig(kind="padim"), calibration_size=64,
-                                                cache_dir=str(cache_dir), quiet=True))
+    return fit(
+        defects,
+        out,
+        options=FitOptions(head=AnomalyConfig(kind="padim"), calibration_size=64, cache_dir=str(cache_dir), quiet=True),
+    )
 
 
 @pytest.fixture(scope="module")
 def patchcore_bundle(defects, cache_dir, tmp_path_factory):
     """CLI fit (auto-detected anomaly task), ONNX Runtime INT8 (cpu-x86) -> the ONNX fusion path."""
     out = tmp_path_factory.mktemp("anomaly") / "patchcore.bundle"
-    r = run_cli("fit", defects, "--out", out, "--head", "patchcore", "--target", "cpu-x86", "--calibration-size", "64",
-                "--json")
+    r = run_cli(
+        "fit", defects, "--out", out, "--head", "patchcore", "--target", "cpu-x86", "--calibration-size", "64", "--json"
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["task"] == "anomaly" and summary["head"] == "patchcore"
@@ -73,10 +77,10 @@ def test_patch_backbone_export_matches_torch(defects, cache_dir):
     import torch
 
     from edgetl import tasks
-    from edgetl.export import export_backbone, resolve
-    from edgetl.export.image import build_model, patch_feature_model, weight_source
     from edgetl.core.features import load_input
     from edgetl.core.sessions import open_session
+    from edgetl.export import export_backbone, resolve
+    from edgetl.export.image import build_model, patch_feature_model, weight_source
 
     exported = export_backbone("efficientnet_lite0", kind="image-patch", cache_dir=cache_dir, patch_reductions=(4, 8))
     assert exported.feature_shape == (64, 28, 28) and exported.num_features == 64
@@ -94,7 +98,10 @@ def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
     from edgetl.heads.patch import AnomalyHead
 
     _, summary = patchcore_bundle
-    for m, counts in ((padim_bundle.report["metrics"], padim_bundle.data.counts()), (summary["metrics"], summary["counts"])):
+    for m, counts in (
+        (padim_bundle.report["metrics"], padim_bundle.data.counts()),
+        (summary["metrics"], summary["counts"]),
+    ):
         assert counts["train_good"] == 60 and counts["test_good"] == 20
         assert m["image_auroc"] > MIN_IMAGE_AUROC, m
         assert m["pixel_auroc"] > MIN_PIXEL_AUROC, m
@@ -102,7 +109,9 @@ def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
         assert m["threshold_policy"].startswith("best F1") and m["f1"] > 0.75
     b = load_bundle(padim_bundle.bundle.path)
     assert b.task == "anomaly" and b.labels == ["good", "defect"]
-    assert {"backbone.xml", "backbone.bin", "model.xml", "model.bin", "heads/v1.npz", "report.json"} <= set(b.manifest["files"])
+    assert {"backbone.xml", "backbone.bin", "model.xml", "model.bin", "heads/v1.npz", "report.json"} <= set(
+        b.manifest["files"]
+    )
     head = AnomalyHead.load(b.path / "heads" / "v1.npz")  # allow_pickle=False inside
     assert head.kind == "padim" and head.grid == (28, 28)
     assert b.head_entry()["threshold"] == pytest.approx(padim_bundle.metrics["threshold"])
@@ -152,7 +161,12 @@ def test_device_predict_and_eval_without_torch(patchcore_bundle, defects, no_tor
     m = json.loads(r.stdout)
     assert m["image_auroc"] == pytest.approx(summary["metrics"]["image_auroc"], abs=0.01)
     assert m["pixel_auroc"] > MIN_PIXEL_AUROC and set(m["per_defect_auroc"]) == {
-        "scratch", "spot", "crack", "missing", "contamination"}
+        "scratch",
+        "spot",
+        "crack",
+        "missing",
+        "contamination",
+    }
 
 
 _ADAPT = """
@@ -181,8 +195,12 @@ def test_adapt_on_device_adds_good_images(which, patchcore_bundle, padim_bundle,
     shutil.copytree(src, bundle)
     new = tmp_path / "new"
     make_defects(new, seed=7, n_train_good=6, n_test_good=0, n_test_defect=0)  # new good parts
-    r = subprocess.run([sys.executable, "-c", _ADAPT, str(bundle), str(new / "train" / "good")], capture_output=True,
-                       text=True, env={**os.environ, **no_torch_env})
+    r = subprocess.run(
+        [sys.executable, "-c", _ADAPT, str(bundle), str(new / "train" / "good")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **no_torch_env},
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["version"] == 2 and out["current"] == 2
@@ -236,14 +254,18 @@ def test_cli_adapt_history_threshold_rollback(patchcore_bundle, no_torch_env, tm
 
     r = run_cli("threshold", bundle, "1e9", "--json", env=no_torch_env)
     assert r.returncode == 0, r.stderr
-    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)["predictions"]
+    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)[
+        "predictions"
+    ]
     assert preds and all(p["label"] == "good" and p["threshold"] == pytest.approx(1e9) for p in preds)
     assert run_cli("threshold", bundle, "-1").returncode == 2  # a score threshold must be > 0
 
     r = run_cli("rollback", bundle, "--json", env=no_torch_env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["current"] == 1
-    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)["predictions"]
+    preds = json.loads(run_cli("predict", bundle, new / "train" / "good", "--json", env=no_torch_env).stdout)[
+        "predictions"
+    ]
     assert all(p["threshold"] == pytest.approx(patchcore_bundle[1]["metrics"]["threshold"]) for p in preds)
 
 
@@ -261,8 +283,13 @@ def test_patchcore_on_openvino_int8_scores_like_numpy(defects, cache_dir, tmp_pa
     """patchcore + OpenVINO INT8 (the default target): the fused model's scores are the numpy head's."""
     from edgetl import AnomalyConfig, FitOptions, fit
 
-    r = fit(defects, tmp_path / "pc-ov.bundle", options=FitOptions(
-        head=AnomalyConfig(kind="patchcore"), calibration_size=64, cache_dir=str(cache_dir), quiet=True))
+    r = fit(
+        defects,
+        tmp_path / "pc-ov.bundle",
+        options=FitOptions(
+            head=AnomalyConfig(kind="patchcore"), calibration_size=64, cache_dir=str(cache_dir), quiet=True
+        ),
+    )
     assert r.report["runtime"] == "openvino" and r.report["fused_parity"]["max_rel_score_diff"] < RTOL_OPENVINO_INT8
     paths = sorted((defects / "test").glob("*/*.png"))[::7]
     fused = predictor(r.bundle.path).maps(paths)[1]

@@ -27,15 +27,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (shutil.which("qemu-aarch64-static") and shutil.which("qemu-x86_64-static")),
-                       reason="qemu-user-static is not installed (apt-get install qemu-user-static)"),
+    pytest.mark.skipif(
+        not (shutil.which("qemu-aarch64-static") and shutil.which("qemu-x86_64-static")),
+        reason="qemu-user-static is not installed (apt-get install qemu-user-static)",
+    ),
 ]
 
 # The aarch64 root (~250 MB of Debian packages and wheels) does not depend on the code under test:
 # keep it where a user's runs keep it, so a second test run starts in seconds. Read at collection,
 # before the cache_dir fixture points EDGETL_CACHE at this session's temporary folder.
-ROOT_CACHE = Path(os.environ.get("EDGETL_CACHE")
-                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetl")
+ROOT_CACHE = Path(
+    os.environ.get("EDGETL_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgetl"
+)
 
 # Bounds, from what benchmarks/emulated_cpus.py measured on the surfaces example (EPYC host with
 # AVX-512 VNNI; QEMU 7.2; ORT 1.32; 8, 16 and 24 validation images):
@@ -143,7 +146,9 @@ def test_aarch64_device_path_gives_this_hosts_answers(emu, arm_root, fitted, ima
 def test_aarch64_features_and_fused_model(emu, arm_root, fitted, reference, work, cpu):
     machine = emu.aarch64_machine(cpu, arm_root)
     ref = reference["cpu-arm64"]
-    feats, _ = emu.run_model(machine, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native")
+    feats, _ = emu.run_model(
+        machine, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native"
+    )
     cos = emu.feature_cosine(feats, ref["exact"])
     assert cos["cos_min"] >= MIN_COSINE, cos
 
@@ -170,7 +175,9 @@ def test_emulated_haswell_is_avx2_without_vnni(emu, haswell):
 
 def test_avx2_seven_bit_weights_are_exact_natively(emu, haswell, fitted, images, reference, work):
     ref = reference["cpu-x86"]
-    native, _ = emu.run_model(haswell, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native")
+    native, _ = emu.run_model(
+        haswell, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native"
+    )
     cos = emu.feature_cosine(native, ref["exact"])
     assert cos["cos_min"] >= MIN_COSINE, cos
     # 7-bit weights never fill AVX2's int16 pair sums, so its integer results are VNNI's (an
@@ -185,7 +192,9 @@ def test_avx2_seven_bit_weights_are_exact_natively(emu, haswell, fitted, images,
 
 def test_avx2_eight_bit_weights_saturate_and_edgetl_emulates_them(emu, haswell, fitted, images, reference, work):
     ref = reference["cpu-arm64"]
-    native, _ = emu.run_model(haswell, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native")
+    native, _ = emu.run_model(
+        haswell, ref["info"]["backbone"], ref["inputs"], work, runtime="onnxruntime", mode="native"
+    )
     cos = emu.feature_cosine(native, ref["exact"])
     # the emulated CPU's own kernels really saturate (measured 0.83 mean): without this, the
     # emulated path below would prove nothing

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.export import resolve
-from edgetl.export.image import build_model, weight_source
 from edgetl.core.preprocess import preprocess_image
 from edgetl.core.sessions import open_session
+from edgetl.export import resolve
+from edgetl.export.image import build_model, weight_source
 
 torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")

@@ -15,16 +15,30 @@ skdata = pytest.importorskip("skimage.data")
 def _timm_transform(cfg: PreprocessConfig):
     from timm.data import create_transform
 
-    return create_transform(input_size=(3, cfg.input_size, cfg.input_size), interpolation=cfg.interpolation,
-                            mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct, crop_mode="center")
+    return create_transform(
+        input_size=(3, cfg.input_size, cfg.input_size),
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+        crop_pct=cfg.crop_pct,
+        crop_mode="center",
+    )
 
 
-@pytest.mark.parametrize("cfg", [
-    PreprocessConfig(),  # EfficientNet-Lite0
-    PreprocessConfig(input_size=260, crop_pct=0.89, interpolation="bicubic"),  # Lite2-like
-    PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bilinear",
-                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),  # ImageNet-normalised timm models
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PreprocessConfig(),  # EfficientNet-Lite0
+        PreprocessConfig(input_size=260, crop_pct=0.89, interpolation="bicubic"),  # Lite2-like
+        PreprocessConfig(
+            input_size=224,
+            crop_pct=0.875,
+            interpolation="bilinear",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+        ),  # ImageNet-normalised timm models
+    ],
+)
 @pytest.mark.parametrize("name", ["coffee", "camera", "astronaut"])
 def test_matches_timm_eval_transform(cfg, name):
     arr = getattr(skdata, name)()
@@ -37,5 +51,6 @@ def test_matches_timm_eval_transform(cfg, name):
 
 
 def test_backbone_config_comes_from_timm(exported):
-    assert exported.image_preprocess == PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic",
-                                                   mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert exported.image_preprocess == PreprocessConfig(
+        input_size=224, crop_pct=0.875, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )

@@ -9,13 +9,12 @@ and the fused model agreeing with backbone + head.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from edgetl.core.bundle import load_bundle
-from edgetl.pipeline.fit import FitOptions, fit
 from edgetl.core.targets import list_targets
+from edgetl.pipeline.fit import FitOptions, fit
 
 TARGETS = [t.name for t in list_targets()]
 
@@ -37,8 +36,14 @@ def bundles(surfaces, cache_dir, tmp_path_factory):
 # Runtime's quantizer 0.96 exact (cpu-arm64, jetson-orin) and 0.87 with 7-bit weights (cpu-x86).
 # intel-npu holds the issue's 0.98; the others are floors that catch regressions (a broken
 # calibration or a saturating scheme falls to 0.6-0.8).
-MIN_COSINE = {"cpu-x86": 0.85, "cpu-arm64": 0.94, "jetson-orin": 0.92, "openvino-cpu": 0.93, "intel-npu": 0.98,
-              "openvino-cpu-vnni": 0.98}
+MIN_COSINE = {
+    "cpu-x86": 0.85,
+    "cpu-arm64": 0.94,
+    "jetson-orin": 0.92,
+    "openvino-cpu": 0.93,
+    "intel-npu": 0.98,
+    "openvino-cpu-vnni": 0.98,
+}
 
 
 @pytest.mark.parametrize("name", TARGETS)
@@ -101,7 +106,11 @@ def test_tensorrt_profile_is_symmetric_int8(bundles):
     b = bundles["jetson-orin"].bundle
     m = onnx.load(str(b.model_file("backbone")))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
-    zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    zps = [
+        inits[n.input[2]]
+        for n in m.graph.node
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits
+    ]
     assert zps, "no zero points found"
     assert all(z.dtype == np.int8 and not z.any() for z in zps)  # signed, zero point 0: TensorRT's form
     assert (b.path / "build_engine.sh").is_file() and (b.path / "build_engine.py").is_file()
@@ -117,8 +126,8 @@ def test_tensorrt_profile_is_symmetric_int8(bundles):
 def test_device_path_computes_what_the_head_was_trained_on(bundles, surfaces, name):
     """predict/eval of every bundle reproduce fit's validation accuracy on this host: profiles whose
     head learned exact INT8 (ARM, Jetson, NPU) are emulated here when this CPU's INT8 saturates."""
-    from edgetl.device.predict import load_predictor
     from edgetl.core.sessions import cpu_int8_saturates
+    from edgetl.device.predict import load_predictor
 
     r = bundles[name]
     p = load_predictor(r.bundle.path)
@@ -148,8 +157,11 @@ def test_bf16_bundle_runs_bf16_where_the_cpu_has_it(surfaces, cache_dir, tmp_pat
     from edgetl.device.predict import load_predictor
 
     ran = "bf16" if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
-    r = fit(surfaces, tmp_path / "bf16.bundle",
-            options=FitOptions(target="openvino-cpu", precision="bf16", cache_dir=str(cache_dir), quiet=True))
+    r = fit(
+        surfaces,
+        tmp_path / "bf16.bundle",
+        options=FitOptions(target="openvino-cpu", precision="bf16", cache_dir=str(cache_dir), quiet=True),
+    )
     b = load_bundle(r.bundle.path)
     assert (b.precision, b.float_precision) == ("bf16", "bf16")
     assert r.report["numerics"]["features"]["float_precision"] == ran

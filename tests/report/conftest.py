@@ -84,8 +84,13 @@ def pages(report_root, no_torch_env):
             assert r.returncode == 0, r.stderr
             e = run_cli("eval", m.bundle, m.data, "--json", env=no_torch_env)
             assert e.returncode == 0, e.stderr
-            out[task] = {"made": m, "page": page, "html": page.read_text(encoding="utf-8"),
-                         "report": json.loads(r.stdout), "eval": json.loads(e.stdout)}
+            out[task] = {
+                "made": m,
+                "page": page,
+                "html": page.read_text(encoding="utf-8"),
+                "report": json.loads(r.stdout),
+                "eval": json.loads(e.stdout),
+            }
         return out[task]
 
     return get

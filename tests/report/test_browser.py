@@ -9,16 +9,19 @@ from PIL import Image, ImageStat
 
 from tests.browser.util import check_page
 
-PICTURES = ("[...document.images].map(i => { const r = i.getBoundingClientRect(); "
-            "return [i.complete, i.naturalWidth, i.naturalHeight, r.width, r.height, i.alt]; })")
+PICTURES = (
+    "[...document.images].map(i => { const r = i.getBoundingClientRect(); "
+    "return [i.complete, i.naturalWidth, i.naturalHeight, r.width, r.height, i.alt]; })"
+)
 
 
 @pytest.mark.parametrize("task", ["classify", "text", "anomaly"])
 def test_report_in_a_real_browser(task, pages, request, tmp_path):
     got = pages(request, task)
     shot = tmp_path / f"{task}.png"
-    seen = check_page(got["page"].resolve().as_uri(), evaluate=PICTURES, screenshot=str(shot),
-                      viewport={"width": 1180, "height": 900})
+    seen = check_page(
+        got["page"].resolve().as_uri(), evaluate=PICTURES, screenshot=str(shot), viewport={"width": 1180, "height": 900}
+    )
     for problem in ("console_errors", "page_errors", "external_requests", "failed_requests", "broken_images"):
         assert seen[problem] == [], (problem, seen[problem])
     assert seen["title"].startswith("edgetl report")
@@ -51,9 +54,22 @@ def test_report_prints_to_pdf(pages, request, tmp_path):
         pytest.skip(browser_available())
     got = pages(request, "classify")
     pdf = tmp_path / "report.pdf"
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-background-networking", "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
-                        got["page"].resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--no-pdf-header-footer",
+            f"--print-to-pdf={pdf}",
+            got["page"].resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and pdf.is_file(), r.stderr[-2000:]
     data = pdf.read_bytes()
     assert data.startswith(b"%PDF-")

@@ -18,8 +18,10 @@ def test_roc_curve_area_is_the_auroc_and_marks_the_threshold():
     assert c["fpr"][0] == c["tpr"][0] == 0 and c["fpr"][-1] == c["tpr"][-1] == 1
     assert np.all(np.diff(c["fpr"]) >= 0) and np.all(np.diff(c["tpr"]) >= 0)
     assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(auroc(y, s), abs=1e-4)
-    assert c["at_threshold"] == {"fpr": pytest.approx(np.mean(s[~y] >= 1), abs=1e-4),
-                                 "tpr": pytest.approx(np.mean(s[y] >= 1), abs=1e-4)}
+    assert c["at_threshold"] == {
+        "fpr": pytest.approx(np.mean(s[~y] >= 1), abs=1e-4),
+        "tpr": pytest.approx(np.mean(s[y] >= 1), abs=1e-4),
+    }
     thin = roc_curve(y, s, points=20)
     assert len(thin["fpr"]) <= 20 and np.trapezoid(thin["tpr"], thin["fpr"]) == pytest.approx(auroc(y, s), abs=0.03)
 
@@ -42,7 +44,6 @@ def test_coverage_curve_answers_fewer_and_better():
     at = next(p for p in c if p["threshold"] >= 0.5)
     assert at["coverage"] == 0.6 and at["accuracy"] == 1.0
     assert all(a["coverage"] >= b["coverage"] for a, b in zip(c, c[1:]))
-
 
 
 def test_map_scale_is_the_threshold_only_where_the_score_is_the_maps_peak():

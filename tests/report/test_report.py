@@ -136,8 +136,11 @@ def test_defect_page_shows_evals_numbers_and_heat_maps(pages, request):
     # Per defect type: eval's AUROC, and the images caught, which add up to eval's counts.
     caught = 0
     for kind, v in ev["per_defect_auroc"].items():
-        row = re.search(rf"<tr><td[^>]*>{kind}</td><td[^>]*>(\d+)</td><td[^>]*>(\d+) caught, (\d+) missed</td>"
-                        rf"<td[^>]*>([0-9.]+|n/a)</td>", got["html"])
+        row = re.search(
+            rf"<tr><td[^>]*>{kind}</td><td[^>]*>(\d+)</td><td[^>]*>(\d+) caught, (\d+) missed</td>"
+            rf"<td[^>]*>([0-9.]+|n/a)</td>",
+            got["html"],
+        )
         assert row, kind
         assert row.group(4) == ("n/a" if v is None else f"{v:.3f}")
         assert int(row.group(2)) + int(row.group(3)) == int(row.group(1))
@@ -214,7 +217,9 @@ def no_matplotlib_env(no_torch_env, tmp_path_factory) -> dict:
     """A device where neither torch nor matplotlib is installed (both unimportable)."""
     src = Path(no_torch_env["PYTHONPATH"].split(os.pathsep)[0]) / "sitecustomize.py"
     d = tmp_path_factory.mktemp("no-mpl")
-    (d / "sitecustomize.py").write_text(src.read_text().replace('blocked = ("torch",', 'blocked = ("matplotlib", "torch",'))
+    (d / "sitecustomize.py").write_text(
+        src.read_text().replace('blocked = ("torch",', 'blocked = ("matplotlib", "torch",')
+    )
     return {"PYTHONPATH": str(d) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
@@ -222,16 +227,23 @@ def test_without_matplotlib_report_names_the_extra(classify_made, surfaces, no_m
     import subprocess
     import sys
 
-    blocked = subprocess.run([sys.executable, "-c", "import matplotlib"], capture_output=True, text=True,
-                             env={**os.environ, **no_matplotlib_env})
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import matplotlib"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **no_matplotlib_env},
+    )
     assert blocked.returncode != 0 and "blocked" in blocked.stderr
     out = tmp_path / "r.html"
-    _one_line_error(run_cli("report", classify_made.bundle, surfaces / "val", "--out", out, env=no_matplotlib_env),
-                    "pip install 'edgetl[report]'")
+    _one_line_error(
+        run_cli("report", classify_made.bundle, surfaces / "val", "--out", out, env=no_matplotlib_env),
+        "pip install 'edgetl[report]'",
+    )
     assert not out.exists()
     # fit --report says so before it trains: no bundle, no page.
-    _one_line_error(run_cli("fit", surfaces, "--out", tmp_path / "b.bundle", "--report", env=no_matplotlib_env),
-                    "edgetl[report]")
+    _one_line_error(
+        run_cli("fit", surfaces, "--out", tmp_path / "b.bundle", "--report", env=no_matplotlib_env), "edgetl[report]"
+    )
     assert list(tmp_path.iterdir()) == []
     # The device commands themselves never needed it.
     r = run_cli("eval", classify_made.bundle, surfaces / "val", "--json", env=no_matplotlib_env)
@@ -255,8 +267,19 @@ def test_history_and_timing_on_a_bundle_that_lived(classify_made, surfaces, tmp_
     r = run_cli("rollback", bundle, "--json", env=no_torch_env)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "lived.html"
-    r = run_cli("report", bundle, surfaces / "val", "--out", out, "--all-versions", "--bench", "--runs", "8", "--json",
-                env=no_torch_env)
+    r = run_cli(
+        "report",
+        bundle,
+        surfaces / "val",
+        "--out",
+        out,
+        "--all-versions",
+        "--bench",
+        "--runs",
+        "8",
+        "--json",
+        env=no_torch_env,
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     text = out.read_text(encoding="utf-8")
@@ -268,7 +291,7 @@ def test_history_and_timing_on_a_bundle_that_lived(classify_made, surfaces, tmp_
     e = run_cli("eval", bundle, surfaces / "val", "--json", env=no_torch_env)
     assert e.returncode == 0, e.stderr
     assert p.keys["accuracy"] == pct(json.loads(e.stdout)["accuracy"])
-    assert "ON THE DATA" in text.upper() and text.count("data-key=\"bench_p50\"") == 1
+    assert "ON THE DATA" in text.upper() and text.count('data-key="bench_p50"') == 1
     assert p.keys["bench_p50"] == f"{got['figures']['bench_p50_ms']:.2f} ms"
     assert any(i.get("alt") == "latency distribution and throughput per batch size" for i in p.images)
     assert any(i.get("alt") == "figures per head version" for i in p.images)

@@ -74,8 +74,9 @@ class Server:
         # stderr (one access line per request) goes to a file: a pipe nobody reads fills up and
         # blocks the server's logging, as it would any program's
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, **(env or {})}
+        )
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
@@ -109,8 +110,9 @@ class Server:
         return self.log.read()
 
 
-def http(method: str, url: str, data: bytes | dict | None = None, headers: dict | None = None,
-         timeout: float = 60) -> tuple[int, dict, bytes]:
+def http(
+    method: str, url: str, data: bytes | dict | None = None, headers: dict | None = None, timeout: float = 60
+) -> tuple[int, dict, bytes]:
     """(status, headers, body) of one request with the standard library's client."""
     headers = dict(headers or {})
     if isinstance(data, dict):
@@ -134,7 +136,7 @@ def parse_prometheus(text: str) -> dict[str, list[tuple[dict, float]]]:
     import re
 
     families, samples = {}, {}
-    line_re = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
+    line_re = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$")
     label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
     for line in text.splitlines():
         if line.startswith("# TYPE "):

@@ -22,8 +22,7 @@ from .conftest import TOKEN, Server, auth, copy_bundle, http, parse_prometheus
 def server(classify_bundle, no_torch_env, tmp_path_factory):
     where = tmp_path_factory.mktemp("serve-api")
     bundle = copy_bundle(classify_bundle, where)
-    s = Server(bundle, "--token", TOKEN, "--review", str(where / "review"), "--max-upload-mb", "1",
-               env=no_torch_env)
+    s = Server(bundle, "--token", TOKEN, "--review", str(where / "review"), "--max-upload-mb", "1", env=no_torch_env)
     s.bundle, s.review = bundle, where / "review"
     yield s
     if s.proc.poll() is None:
@@ -53,11 +52,19 @@ def test_predict_gives_what_edgetl_predict_gives(server, serve_data, no_torch_en
         assert "drift_p" in g and "path" not in g  # nothing about the server's temporary files
     # multipart with two files: one answer each, in order
     boundary = "edgetlboundary"
-    parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"; filename=\"x{i}.png\"\r\n"
-                     f"Content-Type: image/png\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
-                     for i, p in enumerate(files[:2]))
-    status, _, body = http("POST", server.url + "/predict", parts + f"--{boundary}--\r\n".encode(),
-                           {"content-type": f"multipart/form-data; boundary={boundary}"})
+    parts = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="f{i}"; filename="x{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + p.read_bytes()
+        + b"\r\n"
+        for i, p in enumerate(files[:2])
+    )
+    status, _, body = http(
+        "POST",
+        server.url + "/predict",
+        parts + f"--{boundary}--\r\n".encode(),
+        {"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert status == 200, body
     assert [p["label"] for p in json.loads(body)["predictions"]] == [w["label"] for w in want[:2]]
 
@@ -69,8 +76,17 @@ def test_kserve_v2_over_plain_http(server, serve_data):
     assert status == 200 and meta["inputs"][0] == {"name": "image", "datatype": "BYTES", "shape": [-1]}
     labels = meta["parameters"]["labels"]
     files = _images(serve_data, ("gravel", "grass"), 1)
-    req = {"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(files)],
-                                   "data": [base64.b64encode(p.read_bytes()).decode() for p in files]}]}
+    req = {
+        "id": "r1",
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [len(files)],
+                "data": [base64.b64encode(p.read_bytes()).decode() for p in files],
+            }
+        ],
+    }
     status, _, body = http("POST", server.url + "/v2/models/four/infer", req)
     assert status == 200, body
     out = {o["name"]: o for o in json.loads(body)["outputs"]}
@@ -91,8 +107,14 @@ def test_a_kserve_client_nobody_here_wrote_gets_the_same_answers(server, serve_d
     files = _images(serve_data, ("brick", "gravel"), 2)
     inp = th.InferInput("image", [len(files)], "BYTES")
     inp.set_data_from_numpy(np.array([p.read_bytes() for p in files], dtype=object), binary_data=True)
-    r = client.infer("four", [inp], outputs=[th.InferRequestedOutput("label", binary_data=True),
-                                             th.InferRequestedOutput("confidence", binary_data=True)])
+    r = client.infer(
+        "four",
+        [inp],
+        outputs=[
+            th.InferRequestedOutput("label", binary_data=True),
+            th.InferRequestedOutput("confidence", binary_data=True),
+        ],
+    )
     direct = [_predict(server, p) for p in files]
     assert [x.decode() for x in r.as_numpy("label")] == [d["label"] for d in direct]
     assert np.allclose(r.as_numpy("confidence"), [d["confidence"] for d in direct], atol=1e-4)
@@ -103,8 +125,13 @@ def test_bad_input_is_one_clear_json_line_with_a_4xx(server):
         ("POST", "/predict", b"this is not an image", 422, "not an image"),
         ("POST", "/predict", b"", 422, "empty"),
         ("POST", "/predict?top_k=99", b"x", 422, None),
-        ("POST", "/v2/models/four/infer", {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1]}]}, 422,
-         "one input named 'image'"),
+        (
+            "POST",
+            "/v2/models/four/infer",
+            {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1]}]},
+            422,
+            "one input named 'image'",
+        ),
         ("POST", "/v2/models/four/infer", b"{not json", 422, "KServe v2 JSON"),
         ("GET", "/nothing/here", None, 404, "no such route"),
         ("POST", "/feedback", {"id": "0123456789abcdef", "label": "wood"}, 404, "no longer held"),
@@ -123,8 +150,10 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
 
     host, port = server.url.split("//", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 1200000\r\n\r\n" + b"\x89PNG" + b"0" * 1000)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1200000\r\n\r\n" + b"\x89PNG" + b"0" * 1000
+        )
         reply = b""
         while b"}" not in reply:
             chunk = sock.recv(4096)
@@ -139,9 +168,13 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
 def test_writes_need_the_token_even_on_localhost(server, serve_data):
     pid = _predict(server, _images(serve_data, ("brick",), 1)[0])["id"]
     body = {"id": pid, "confirm": True}
-    for headers, code in [({}, 401), (auth("not-the-token-at-all-x"), 401), ({"authorization": "Basic abc"}, 401),
-                          ({**auth(), "origin": "http://evil.example"}, 403),
-                          ({**auth(), "host": "evil.example"}, 403)]:
+    for headers, code in [
+        ({}, 401),
+        (auth("not-the-token-at-all-x"), 401),
+        ({"authorization": "Basic abc"}, 401),
+        ({**auth(), "origin": "http://evil.example"}, 403),
+        ({**auth(), "host": "evil.example"}, 403),
+    ]:
         status, resp_headers, out = http("POST", server.url + "/feedback", body, headers)
         assert status == code, (headers, out)
         assert "error" in json.loads(out)
@@ -238,8 +271,11 @@ def test_the_serve_path_imports_no_torch(no_torch_env):
 
     mods = ["edgetl.serve", *(f"edgetl.serve.{m.name}" for m in pkgutil.iter_modules(edgetl.serve.__path__))]
     assert {"edgetl.serve.app", "edgetl.serve.engine", "edgetl.serve.server"} <= set(mods)
-    code = ("import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in mods) +
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'nncf')]\n"
-            "assert not bad, bad\nprint('ok')")
+    code = (
+        "import importlib, sys\n"
+        + "".join(f"importlib.import_module({m!r})\n" for m in mods)
+        + "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision', 'nncf')]\n"
+        "assert not bad, bad\nprint('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **no_torch_env})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr

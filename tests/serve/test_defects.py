@@ -28,8 +28,10 @@ def server(defects_bundle, tmp_path_factory):
 
 
 def test_scores_verdicts_and_heat_maps(server, defects_data):
-    files = sorted((defects_data / "test" / "good").glob("*.png"))[:2] + \
-        sorted((defects_data / "test" / "scratch").glob("*.png"))[:1]
+    files = (
+        sorted((defects_data / "test" / "good").glob("*.png"))[:2]
+        + sorted((defects_data / "test" / "scratch").glob("*.png"))[:1]
+    )
     r = run_cli("predict", server.bundle, *files, "--json")
     assert r.returncode == 0, r.stderr
     want = json.loads(r.stdout)["predictions"]
@@ -51,8 +53,12 @@ def test_scores_verdicts_and_heat_maps(server, defects_data):
 
 def test_kserve_outputs_of_a_defect_model(server, defects_data):
     f = sorted((defects_data / "test" / "crack").glob("*.png"))[0]
-    req = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(
-        f.read_bytes()).decode()]}], "outputs": [{"name": "score"}, {"name": "label"}, {"name": "anomaly_map"}]}
+    req = {
+        "inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(f.read_bytes()).decode()]}
+        ],
+        "outputs": [{"name": "score"}, {"name": "label"}, {"name": "anomaly_map"}],
+    }
     status, _, body = http("POST", server.url + "/v2/models/parts/infer", req)
     assert status == 200, body
     out = {o["name"]: o for o in json.loads(body)["outputs"]}
@@ -68,8 +74,9 @@ def test_queue_puts_what_is_near_the_threshold_first(server):
     needs = [row["need"] for row in state["queue"]]
     assert needs == sorted(needs, reverse=True) and len(needs) >= 3
     first = state["queue"][0]
-    assert abs(np.log2(first["normalised"])) == pytest.approx(min(abs(np.log2(r["normalised"])) for r in state["queue"]),
-                                                              abs=1e-6)
+    assert abs(np.log2(first["normalised"])) == pytest.approx(
+        min(abs(np.log2(r["normalised"])) for r in state["queue"]), abs=1e-6
+    )
 
 
 def test_confirmed_good_images_teach_a_new_head_version(server, defects_data):
@@ -107,11 +114,20 @@ def test_the_page_shows_heat_map_thumbnails_and_takes_a_verdict_key(server, defe
 
     f = sorted((defects_data / "test" / "spot").glob("*.png"))[0]
     pid = json.loads(http("POST", server.url + "/predict", f.read_bytes())[2])["id"]
-    got = check_page(server.url + f"/login?token={TOKEN}", allow=[server.url], timeout=120,
-                     steps=[{"wait": "body[data-ready]"}, {"wait": f"#queue .card[data-id='{pid}'] img"},
-                            {"click": f"#queue .card[data-id='{pid}']"}, {"press": "d"},
-                            {"wait": "#message.good"}, {"sleep_ms": 300}],
-                     evaluate="document.getElementById('message').textContent")
+    got = check_page(
+        server.url + f"/login?token={TOKEN}",
+        allow=[server.url],
+        timeout=120,
+        steps=[
+            {"wait": "body[data-ready]"},
+            {"wait": f"#queue .card[data-id='{pid}'] img"},
+            {"click": f"#queue .card[data-id='{pid}']"},
+            {"press": "d"},
+            {"wait": "#message.good"},
+            {"sleep_ms": 300},
+        ],
+        evaluate="document.getElementById('message').textContent",
+    )
     assert got["console_errors"] == [] and got["page_errors"] == [] and got["external_requests"] == []
     assert got["broken_images"] == [] and "threshold" in got["text"]
     assert got["value"] in ("confirmed defect", "corrected to defect")

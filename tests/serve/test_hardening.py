@@ -18,8 +18,17 @@ from tests.serve.conftest import TOKEN, Server, auth, copy_bundle, http
 @pytest.fixture(scope="module")
 def hserver(classify_bundle, tmp_path_factory):
     where = tmp_path_factory.mktemp("serve-hardening")
-    s = Server(copy_bundle(classify_bundle, where), "--token", TOKEN, "--review", str(where / "review"),
-               "--body-timeout", "2", "--name", "four")
+    s = Server(
+        copy_bundle(classify_bundle, where),
+        "--token",
+        TOKEN,
+        "--review",
+        str(where / "review"),
+        "--body-timeout",
+        "2",
+        "--name",
+        "four",
+    )
     yield s
     s.stop()
 
@@ -46,8 +55,9 @@ def test_malformed_kserve_and_feedback_bodies_are_json_4xx(hserver, serve_data):
     img = _image_b64(serve_data)
     good = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [img]}]}
     cases = {
-        "data nested 600 deep": ('{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": '
-                                 + _deep(600) + "}]}").encode(),
+        "data nested 600 deep": (
+            '{"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ' + _deep(600) + "}]}"
+        ).encode(),
         "100,000 [": b"[" * 100_000,
         "outputs 5": {**good, "outputs": 5},
         "parameters a list": {**good, "parameters": [1, 2]},
@@ -62,25 +72,30 @@ def test_malformed_kserve_and_feedback_bodies_are_json_4xx(hserver, serve_data):
         _assert_json_4xx(status, out, case)
     status, _, out = http("POST", infer, good)
     assert status == 200, out
-    for case, body in {"id nested": ('{"id": ' + _deep(5000) + "}").encode(),
-                       "label nested": ('{"id": "xxxxxxxx", "label": ' + _deep(5000) + "}").encode(),
-                       "a list": b"[" * 50_000, "a number": b"5"}.items():
+    for case, body in {
+        "id nested": ('{"id": ' + _deep(5000) + "}").encode(),
+        "label nested": ('{"id": "xxxxxxxx", "label": ' + _deep(5000) + "}").encode(),
+        "a list": b"[" * 50_000,
+        "a number": b"5",
+    }.items():
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status, _, out = http("POST", hserver.url + "/feedback", data,
-                              {**auth(), "content-type": "application/json"})
+        status, _, out = http("POST", hserver.url + "/feedback", data, {**auth(), "content-type": "application/json"})
         _assert_json_4xx(status, out, case)
 
 
 def test_a_stalled_request_body_is_cut_off_with_408(hserver):
     u = urlparse(hserver.url)
     with socket.create_connection((u.hostname, u.port), timeout=60) as s:
-        s.sendall(b"POST /v2/models/four/infer HTTP/1.1\r\nHost: " + u.netloc.encode() +
-                  b"\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"inputs\"")
+        s.sendall(
+            b"POST /v2/models/four/infer HTTP/1.1\r\nHost: "
+            + u.netloc.encode()
+            + b'\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"inputs"'
+        )
         reply = s.recv(4096)  # the server answers while the client still owes 990 bytes
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
 
 
-_TYPES = [None, True, -1, 2 ** 70, 1.5, float("nan"), "", "x" * 300, [], {}, [1, [2]], {"a": {"b": []}}]
+_TYPES = [None, True, -1, 2**70, 1.5, float("nan"), "", "x" * 300, [], {}, [1, [2]], {"a": {"b": []}}]
 
 
 def _mutate(obj, rng: random.Random, depth: int = 0):
@@ -111,9 +126,12 @@ def test_fuzzed_kserve_and_feedback_bodies_never_give_a_500(hserver, serve_data)
     or a JSON 4xx, and the service keeps answering."""
     infer = hserver.url + "/v2/models/four/infer"
     img = _image_b64(serve_data)
-    base = {"id": "r1", "parameters": {"binary_data_output": False},
-            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [img], "parameters": {}}],
-            "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}]}
+    base = {
+        "id": "r1",
+        "parameters": {"binary_data_output": False},
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [img], "parameters": {}}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}],
+    }
     status, _, out = http("POST", infer, base)
     assert status == 200, out
     pid = json.loads(out)["outputs"]

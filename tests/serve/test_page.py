@@ -43,10 +43,15 @@ def test_confirm_adapt_and_roll_back_on_the_page(server, serve_data):
         {"click": "button.rollback"},
         {"wait": "#history tr.current[data-version='1']"},
     ]
-    got = check_page(server.url + f"/login?token={TOKEN}", allow=[server.url], steps=steps, timeout=240,
-                     evaluate="JSON.stringify({verdict: document.getElementById('gate-verdict').textContent,"
-                              " gate: document.getElementById('gate-text').textContent,"
-                              " message: document.getElementById('message').textContent})")
+    got = check_page(
+        server.url + f"/login?token={TOKEN}",
+        allow=[server.url],
+        steps=steps,
+        timeout=240,
+        evaluate="JSON.stringify({verdict: document.getElementById('gate-verdict').textContent,"
+        " gate: document.getElementById('gate-text').textContent,"
+        " message: document.getElementById('message').textContent})",
+    )
     assert got["console_errors"] == [] and got["page_errors"] == [] and got["external_requests"] == []
     assert got["broken_images"] == [] and got["failed_requests"] == []
     shown = json.loads(got["value"])

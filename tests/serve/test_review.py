@@ -19,8 +19,9 @@ IDS = [f"{i:016x}" for i in range(1, 40)]
 
 
 def _put(store, k, size=1000, label="a", current=1):
-    return store.put(IDS[k], os.urandom(size), label=label, suffix=".png", info={"predicted": label}, version=1,
-                     current=current)
+    return store.put(
+        IDS[k], os.urandom(size), label=label, suffix=".png", info={"predicted": label}, version=1, current=current
+    )
 
 
 def test_bounded_in_items_and_bytes_and_never_drops_unlearned_work(tmp_path):

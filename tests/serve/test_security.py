@@ -51,15 +51,22 @@ def test_the_page_session_needs_its_csrf_token_for_writes(bundle, tmp_path, serv
     with _client(bundle, tmp_path, host="0.0.0.0") as c:
         assert c.post("/login", data={"token": "not-it-not-it-not-it"}, follow_redirects=False).status_code == 403
         r = c.post("/login", data={"token": TOKEN}, follow_redirects=False)
-        assert r.status_code == 303 and "HttpOnly" in r.headers["set-cookie"] and "SameSite=Strict" in \
-            r.headers["set-cookie"]
+        assert (
+            r.status_code == 303
+            and "HttpOnly" in r.headers["set-cookie"]
+            and "SameSite=Strict" in r.headers["set-cookie"]
+        )
         csrf = c.get("/api/session").json()["csrf"]
         pid = c.post("/predict", content=img).json()["id"]  # the session cookie reads
         body = {"id": pid, "confirm": True}
         assert c.post("/feedback", json=body).status_code == 403  # a cookie alone does not write
         assert c.post("/feedback", json=body, headers={"x-csrf-token": "guess"}).status_code == 403
-        assert c.post("/feedback", json=body, headers={"x-csrf-token": csrf,
-                                                       "origin": "http://elsewhere.example"}).status_code == 403
+        assert (
+            c.post(
+                "/feedback", json=body, headers={"x-csrf-token": csrf, "origin": "http://elsewhere.example"}
+            ).status_code
+            == 403
+        )
         r = c.post("/feedback", json=body, headers={"x-csrf-token": csrf})
         assert r.status_code == 200 and r.json()["label"] == "grass"
         page = c.get("/")
@@ -76,9 +83,11 @@ def test_a_short_token_is_refused(bundle):
 
 
 def test_the_command_refuses_with_one_line(bundle, tmp_path):
-    cases = [(["serve", tmp_path / "missing.bundle"], "missing.bundle"),
-             (["serve", bundle, "--token", "short"], "at least 16"),
-             (["serve", bundle, "--port", "70000"], "--port")]
+    cases = [
+        (["serve", tmp_path / "missing.bundle"], "missing.bundle"),
+        (["serve", bundle, "--token", "short"], "at least 16"),
+        (["serve", bundle, "--port", "70000"], "--port"),
+    ]
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "keep.jpg").write_bytes(b"a user's photo")
@@ -95,7 +104,9 @@ def test_the_command_refuses_with_one_line(bundle, tmp_path):
             assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, r.stderr)
     finally:
         busy.close()
-    assert (foreign / "keep.jpg").read_bytes() == b"a user's photo" and sorted(foreign.iterdir()) == [foreign / "keep.jpg"]
+    assert (foreign / "keep.jpg").read_bytes() == b"a user's photo" and sorted(foreign.iterdir()) == [
+        foreign / "keep.jpg"
+    ]
 
 
 def test_an_image_over_the_pixel_budget_is_refused_before_it_is_decoded(bundle, tmp_path, monkeypatch):

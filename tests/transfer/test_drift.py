@@ -10,8 +10,14 @@ import time
 import numpy as np
 import pytest
 
-from edgetl.transfer.drift import (DRIFT_ARRAYS, DriftReference, drift_summary, fit_drift_reference,
-                                   load_drift_reference, save_drift_reference)
+from edgetl.transfer.drift import (
+    DRIFT_ARRAYS,
+    DriftReference,
+    drift_summary,
+    fit_drift_reference,
+    load_drift_reference,
+    save_drift_reference,
+)
 
 D, K = 48, 3
 
@@ -96,8 +102,11 @@ def test_image_false_alarms_are_at_the_nominal_level():
 def _redrawn(ref, X, y):
     """The same description with other reference images (what a fresh validation split would give)."""
     s, W = ref.coordinates(X)
-    return DriftReference(dict(ref.arrays, ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
-                               ref_labels=y.astype(np.int32)))
+    return DriftReference(
+        dict(
+            ref.arrays, ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32), ref_labels=y.astype(np.int32)
+        )
+    )
 
 
 def test_folder_false_alarm_rate_near_nominal_and_power(world):
@@ -106,14 +115,16 @@ def test_folder_false_alarm_rate_near_nominal_and_power(world):
     p_clean = []
     for i in range(200):
         Xr, yr = m.draw(100, seed=5000 + i)
-        p_clean.append(drift_summary(_redrawn(ref, Xr, yr), m.draw(20, seed=1000 + i)[0], permutations=100,
-                                     seed=i).p_value)
+        p_clean.append(
+            drift_summary(_redrawn(ref, Xr, yr), m.draw(20, seed=1000 + i)[0], permutations=100, seed=i).p_value
+        )
     far = np.mean(np.array(p_clean) < 0.05)
     assert 0.02 <= far <= 0.09, far  # nominal 0.05; binomial sd over 200 folders is 0.015
     moved = lambda X, y: X + 1.5 * m.basis[:, 0]  # 1.5 sd along the strongest within-class direction
     outside = lambda X, y: X + 2.0 * np.random.default_rng(5).normal(size=X.shape)  # off the subspace
-    p_moved = [drift_summary(ref, m.draw(20, moved, seed=2000 + i)[0], permutations=200, seed=i).p_value
-               for i in range(20)]
+    p_moved = [
+        drift_summary(ref, m.draw(20, moved, seed=2000 + i)[0], permutations=200, seed=i).p_value for i in range(20)
+    ]
     assert np.mean(np.array(p_moved) < 0.05) >= 0.9
     s = drift_summary(ref, m.draw(30, outside, seed=3000)[0], permutations=200)
     assert s.verdict == "severe" and s.adapt_advisable and s.ood_fraction > 0.5

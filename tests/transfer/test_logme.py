@@ -34,8 +34,12 @@ def _tolerance(F: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float
 def _direct_max(F: np.ndarray, y: np.ndarray) -> float:
     best = None
     for start in ((0.0, 0.0), (2.0, -1.0), (-2.0, 1.0), (4.0, 2.0)):
-        res = optimize.minimize(lambda t: -_direct(F, y, *np.exp(t)), start, method="Nelder-Mead",
-                                options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 10000})
+        res = optimize.minimize(
+            lambda t: -_direct(F, y, *np.exp(t)),
+            start,
+            method="Nelder-Mead",
+            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 10000},
+        )
         best = res.fun if best is None else min(best, res.fun)
     return -best
 
@@ -55,8 +59,9 @@ def test_logme_is_the_maximised_evidence(n, d):
     for k in range(3):
         target = (y == k).astype(float)
         # the closed form on the spectrum equals the direct Gaussian log-density at LogME's (alpha, beta) ...
-        assert r.per_target[k] * n == pytest.approx(_direct(F, target, r.alpha[k], r.beta[k]),
-                                                    abs=_tolerance(F, target, r.alpha[k], r.beta[k]))
+        assert r.per_target[k] * n == pytest.approx(
+            _direct(F, target, r.alpha[k], r.beta[k]), abs=_tolerance(F, target, r.alpha[k], r.beta[k])
+        )
         # ... and no (alpha, beta) found by a generic optimiser does better
         assert r.per_target[k] * n == pytest.approx(_direct_max(F, target), rel=1e-6, abs=1e-6)
     assert r.score == pytest.approx(r.per_target.mean())
@@ -68,8 +73,16 @@ def test_fixed_point_is_stationary():
     target = (y == 0).astype(float)
     la, lb = math.log(r.alpha[0]), math.log(r.beta[0])
     h = 1e-5
-    ga = (_direct(F, target, math.exp(la + h), math.exp(lb)) - _direct(F, target, math.exp(la - h), math.exp(lb))) / 2 / h
-    gb = (_direct(F, target, math.exp(la), math.exp(lb + h)) - _direct(F, target, math.exp(la), math.exp(lb - h))) / 2 / h
+    ga = (
+        (_direct(F, target, math.exp(la + h), math.exp(lb)) - _direct(F, target, math.exp(la - h), math.exp(lb)))
+        / 2
+        / h
+    )
+    gb = (
+        (_direct(F, target, math.exp(la), math.exp(lb + h)) - _direct(F, target, math.exp(la), math.exp(lb - h)))
+        / 2
+        / h
+    )
     assert abs(ga) < 1e-4 and abs(gb) < 1e-4
 
 
@@ -81,7 +94,8 @@ def test_log_evidence_matches_direct_at_any_point():
     z = U[:, keep].T @ target
     for a, b in ((0.3, 2.0), (5.0, 0.1), (1.0, 1.0)):
         assert log_evidence(w[keep], z, float(target @ target), 15, 9, a, b) == pytest.approx(
-            _direct(F, target, a, b), abs=_tolerance(F, target, a, b))
+            _direct(F, target, a, b), abs=_tolerance(F, target, a, b)
+        )
 
 
 def test_informative_features_score_higher():

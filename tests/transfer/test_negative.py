@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.transfer.negative import compare_to_baseline, pixel_baseline_features, transfer_check
 from edgetl.datasets.synthetic import noise_textures, pixel_noise, spectrograms
+from edgetl.transfer.negative import compare_to_baseline, pixel_baseline_features, transfer_check
 
 
 def test_verdicts_on_paired_outcomes():

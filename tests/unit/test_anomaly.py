@@ -14,14 +14,23 @@ from PIL import Image
 
 from edgetl import tasks
 from edgetl.core.metrics import auroc, best_f1_threshold
-from edgetl.heads.patch import (AnomalyConfig, AnomalyHead, _blur_matrix, _interp_matrix, greedy_coreset, map_operator,
-                                maps_from_patches, oas_shrink, quantile_threshold)
+from edgetl.errors import BundleError, ConfigError, DataError
+from edgetl.heads.patch import (
+    AnomalyConfig,
+    AnomalyHead,
+    _blur_matrix,
+    _interp_matrix,
+    greedy_coreset,
+    map_operator,
+    maps_from_patches,
+    oas_shrink,
+    quantile_threshold,
+)
 from edgetl.heads.patch import fit_patch_head as fit_head
 from edgetl.heads.patch import update_patch_head as update_head
 from edgetl.tasks.anomaly.data import load_anomaly_data
 from edgetl.tasks.anomaly.metrics import detection_metrics, dilate, peak_in_mask
 from edgetl.tasks.anomaly.render import overlay, save_overlay
-from edgetl.errors import BundleError, ConfigError, DataError
 
 # Fused graph vs numpy, both float32 on the same features: only summation order differs.
 GRAPH_RTOL = 1e-4
@@ -88,11 +97,16 @@ def test_interp_matrix_equals_onnx_resize():
     from onnx import TensorProto, helper
 
     x = np.random.default_rng(0).standard_normal((1, 1, 7, 7)).astype(np.float32)
-    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
-                            coordinate_transformation_mode="half_pixel")
-    g = helper.make_graph([node], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 7, 7])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                          [onnx.numpy_helper.from_array(np.array([1, 1, 32, 32], np.int64), "sizes")])
+    node = helper.make_node(
+        "Resize", ["x", "", "", "sizes"], ["y"], mode="linear", coordinate_transformation_mode="half_pixel"
+    )
+    g = helper.make_graph(
+        [node],
+        "r",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 7, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([1, 1, 32, 32], np.int64), "sizes")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0][0, 0]
     R = _interp_matrix(7, 32)
@@ -144,8 +158,15 @@ def test_greedy_coreset_covers_clusters_and_continues_from_centres():
     assert len(greedy_coreset(X, 150)) == 150 and len(greedy_coreset(X, 999)) == 150
 
 
-@pytest.mark.parametrize("kind,extra", [("patchcore", {}), ("padim", {}), ("padim", {"covariance": "shared"}),
-                                        ("padim", {"padim_dims": 4, "neighbourhood": 0})])
+@pytest.mark.parametrize(
+    "kind,extra",
+    [
+        ("patchcore", {}),
+        ("padim", {}),
+        ("padim", {"covariance": "shared"}),
+        ("padim", {"padim_dims": 4, "neighbourhood": 0}),
+    ],
+)
 def test_heads_score_shifted_patches_higher(kind, extra):
     cfg = AnomalyConfig(kind=kind, coreset_ratio=0.25, **extra)
     good = _features(20, 0)
@@ -215,8 +236,9 @@ def test_config_validation():
 
 
 # ----------------------------------------------------------------------------- scoring graph
-@pytest.mark.parametrize("kind,extra", [("patchcore", {}), ("padim", {}), ("padim", {"covariance": "shared"}),
-                                        ("padim", {"padim_dims": 4})])
+@pytest.mark.parametrize(
+    "kind,extra", [("patchcore", {}), ("padim", {}), ("padim", {"covariance": "shared"}), ("padim", {"padim_dims": 4})]
+)
 @pytest.mark.parametrize("opset", [17, 18])
 def test_scoring_graph_equals_numpy(kind, extra, opset):
     import onnxruntime as ort
@@ -238,8 +260,8 @@ def test_scoring_graph_runs_in_openvino(tmp_path):
     pytest.importorskip("openvino")
     import onnx
 
-    from edgetl.heads.patch_graph import scoring_graph
     from edgetl.core.sessions import open_session
+    from edgetl.heads.patch_graph import scoring_graph
 
     for kind in ("patchcore", "padim"):
         head = fit_head(_features(16, 0), AnomalyConfig(kind=kind), size=48)
@@ -353,8 +375,15 @@ def test_small_missed_defects_show_in_region_and_kind_rates():
     maps[1][5:25, 5:15] = 2.0  # half the big region above the cut
     masks[2][30:32, 30:32] = True
     masks[2][2:4, 2:4] = True  # a second region on the same image, also missed
-    m = detection_metrics(np.array([0, 1, 1]), np.array([0.1, 2.0, 0.5]), 1.0, maps=maps, masks=masks,
-                          kinds=["good", "stain", "crack"], map_threshold=1.5)
+    m = detection_metrics(
+        np.array([0, 1, 1]),
+        np.array([0.1, 2.0, 0.5]),
+        1.0,
+        maps=maps,
+        masks=masks,
+        kinds=["good", "stain", "crack"],
+        map_threshold=1.5,
+    )
     assert m["regions"] == {"n": 3, "recall": round(1 / 3, 4), "overlap": round(0.5 / 3, 4)}
     assert m["regions_per_kind"]["crack"]["recall"] == 0.0 and m["regions_per_kind"]["stain"]["recall"] == 1.0
     assert m["recall_per_kind"] == {"crack": 0.0, "stain": 1.0}

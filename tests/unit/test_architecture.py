@@ -29,8 +29,20 @@ ALLOWED = {
     "fleet": {"errors", "core", "heads", "transfer", "tasks", "device"},
     "report": {"errors", "core", "heads", "transfer", "tasks", "device"},
     "serve": {"errors", "core", "heads", "transfer", "tasks", "device"},
-    "cli": {"errors", "core", "heads", "transfer", "tasks", "device", "export", "pipeline", "datasets", "fleet",
-            "report", "serve"},
+    "cli": {
+        "errors",
+        "core",
+        "heads",
+        "transfer",
+        "tasks",
+        "device",
+        "export",
+        "pipeline",
+        "datasets",
+        "fleet",
+        "report",
+        "serve",
+    },
     "__init__": set(),
 }
 # Libraries that pull in torch (or are the training stack): allowed only where training happens.
@@ -54,7 +66,7 @@ def _imports(path: Path, *, top_level: bool = False):
     run at import time), relative imports resolved."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = _module(path) if path.name == "__init__.py" else _module(path).rsplit(".", 1)[0]
-    for node in (tree.body if top_level else ast.walk(tree)):
+    for node in tree.body if top_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, [], node.lineno
@@ -87,7 +99,9 @@ def test_there_is_something_to_check():
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
 def test_imports_go_down_the_layers(path):
     part = _part(path)
-    assert part in ALLOWED, f"{part}: a new top-level part of edgetl; give it a layer in this test and in docs/ARCHITECTURE.md"
+    assert part in ALLOWED, (
+        f"{part}: a new top-level part of edgetl; give it a layer in this test and in docs/ARCHITECTURE.md"
+    )
     bad = []
     for name, names, line in _imports(path):
         for target in _edgetl_target(name, names):
@@ -134,15 +148,18 @@ def test_no_import_cycle_between_modules():
     edges: dict[str, set[str]] = {}
     for path in FILES:
         mod = _module(path)
-        targets = [t for name, names, _ in _imports(path, top_level=True) for t in
-                   (_edgetl_target(name, names) or ([name] if name.startswith("edgetl") else []))]
+        targets = [
+            t
+            for name, names, _ in _imports(path, top_level=True)
+            for t in (_edgetl_target(name, names) or ([name] if name.startswith("edgetl") else []))
+        ]
         edges[mod] = {r for t in targets if (r := resolve(t)) and r != mod and not mod.startswith(r + ".")}
     state: dict[str, int] = {}
 
     def visit(m: str, stack: list[str]) -> None:
         state[m] = 1
         for n in sorted(edges.get(m, ())):
-            assert state.get(n) != 1, "import cycle: " + " -> ".join(stack[stack.index(n):] + [n])
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(stack[stack.index(n) :] + [n])
             if n not in state:
                 visit(n, stack + [n])
         state[m] = 2

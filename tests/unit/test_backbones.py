@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from edgetl.core.preprocess import preprocess_image
+from edgetl.errors import ConfigError
 from edgetl.export import REGISTRY, resolve
 from edgetl.export.image import build_model, preprocess_config, weight_source
-from edgetl.errors import ConfigError
-from edgetl.core.preprocess import preprocess_image
 
 torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")

@@ -34,13 +34,16 @@ def test_roundtrip_records_every_file(tmp_path):
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] in ([], [lock_path(tmp_path / "b")])
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda d: (d / "backbone.onnx").write_bytes(b"weightz"), "sha256 does not match"),
-    (lambda d: (d / "backbone.onnx").write_bytes(b"wei"), "truncated"),
-    (lambda d: (d / "heads" / "v1.npz").unlink(), "missing"),
-    (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
-    (lambda d: (d / "manifest.json").write_text(json.dumps({"format": "other"})), "not an edgetl bundle"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda d: (d / "backbone.onnx").write_bytes(b"weightz"), "sha256 does not match"),
+        (lambda d: (d / "backbone.onnx").write_bytes(b"wei"), "truncated"),
+        (lambda d: (d / "heads" / "v1.npz").unlink(), "missing"),
+        (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
+        (lambda d: (d / "manifest.json").write_text(json.dumps({"format": "other"})), "not an edgetl bundle"),
+    ],
+)
 def test_damaged_bundles_are_refused(tmp_path, damage, needle):
     _write(tmp_path / "b")
     damage(tmp_path / "b")

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from edgetl.heads.classification import HeadConfig, softmax
-from edgetl.heads.crossfit import (LOO_MAX_ITEMS, cross_fit, expected_calibration_error, fit_temperature,
-                                   fold_plan, scale_logits)
+from edgetl.heads.crossfit import (
+    LOO_MAX_ITEMS,
+    cross_fit,
+    expected_calibration_error,
+    fit_temperature,
+    fold_plan,
+    scale_logits,
+)
 from edgetl.heads.training import train_head
 
 LABELS = [f"c{i}" for i in range(4)]
@@ -54,7 +60,7 @@ def test_out_of_fold_logits_come_from_a_head_that_never_saw_the_item(kind):
     for i in range(len(y)):
         keep = np.arange(len(y)) != i
         alone = train_head(X[keep], y[keep], LABELS, cfg=cfg)
-        ref = alone.logits(X[i:i + 1])[0]
+        ref = alone.logits(X[i : i + 1])[0]
         if kind == "prototype":  # closed form: the very same numbers up to float32 rounding
             np.testing.assert_allclose(cf.logits[i], ref, rtol=1e-4, atol=1e-4)
         elif np.diff(np.sort(ref)[-2:])[0] > 0.25:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.tasks.classify.data import list_images, load_dataset
-from edgetl.errors import DataError
 from edgetl.core.preprocess import PreprocessConfig, load_rgb, preprocess_file
+from edgetl.errors import DataError
+from edgetl.tasks.classify.data import list_images, load_dataset
 from tests.conftest import make_folder, write_image
 
 
@@ -77,8 +77,11 @@ def test_no_val_split_keeps_every_item_for_training(tmp_path):
 
 def test_csv_manifest_with_split(tmp_path):
     make_folder(tmp_path / "img", per_class=3)
-    rows = ["path,label,split"] + [f"img/a/a{i}.png,a,{'val' if i == 0 else 'train'}" for i in range(3)] + [
-        f"img/b/b{i}.png,b,{'val' if i == 0 else 'train'}" for i in range(3)]
+    rows = (
+        ["path,label,split"]
+        + [f"img/a/a{i}.png,a,{'val' if i == 0 else 'train'}" for i in range(3)]
+        + [f"img/b/b{i}.png,b,{'val' if i == 0 else 'train'}" for i in range(3)]
+    )
     (tmp_path / "labels.csv").write_text("\n".join(rows))
     ds = load_dataset(tmp_path / "labels.csv")
     assert ds.layout == "csv" and len(ds.train) == 4 and len(ds.val) == 2

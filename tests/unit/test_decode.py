@@ -91,7 +91,7 @@ def test_sixteen_bit_and_cmyk_keep_their_conversions(tmp_path):
 def _marked_frame(path, size=(1000, 800), box=(600, 100, 900, 400)):
     """A grey frame with a red region at ``box``."""
     arr = np.full((size[1], size[0], 3), 128, np.uint8)
-    arr[box[1]:box[3], box[0]:box[2]] = (220, 20, 20)
+    arr[box[1] : box[3], box[0] : box[2]] = (220, 20, 20)
     Image.fromarray(arr).save(path)
 
 
@@ -165,16 +165,19 @@ def test_decoded_runs_at_most_depth_items_ahead():
     assert max(ahead) <= 5
 
 
-@pytest.mark.parametrize("roi, ok", [
-    ({"x": 10, "y": 20, "w": 100, "h": 50, "unit": "px"}, True),
-    ({"x": 0.1, "y": 0, "w": 0.9, "h": 1, "unit": "fraction"}, True),
-    ({"x": -1, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
-    ({"x": 0.5, "y": 0, "w": 0.6, "h": 1, "unit": "fraction"}, False),
-    ({"x": 1.5, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
-    ({"x": 0, "y": 0, "w": float("nan"), "h": 10}, False),
-    ({"x": 0, "y": 0, "w": 10, "h": 10, "unit": "mm"}, False),
-    ([0, 0, 10, 10], False),
-])
+@pytest.mark.parametrize(
+    "roi, ok",
+    [
+        ({"x": 10, "y": 20, "w": 100, "h": 50, "unit": "px"}, True),
+        ({"x": 0.1, "y": 0, "w": 0.9, "h": 1, "unit": "fraction"}, True),
+        ({"x": -1, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
+        ({"x": 0.5, "y": 0, "w": 0.6, "h": 1, "unit": "fraction"}, False),
+        ({"x": 1.5, "y": 0, "w": 10, "h": 10, "unit": "px"}, False),
+        ({"x": 0, "y": 0, "w": float("nan"), "h": 10}, False),
+        ({"x": 0, "y": 0, "w": 10, "h": 10, "unit": "mm"}, False),
+        ([0, 0, 10, 10], False),
+    ],
+)
 def test_manifest_region_of_interest_is_checked_on_load(roi, ok):
     from edgetl.core.manifest import validate
     from edgetl.errors import BundleError

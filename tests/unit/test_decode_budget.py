@@ -16,7 +16,7 @@ from PIL import Image
 
 from edgetl.core.features import load_input
 from edgetl.core.preprocess import OverBudget, PreprocessConfig, budget_bytes, resize_crop
-from edgetl.errors import ConfigError, DataError
+from edgetl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,8 +40,12 @@ print(json.dumps(out))
 
 
 def _probe(path: Path, megapixels: float) -> dict:
-    env = {**os.environ, "EDGETL_MAX_MEGAPIXELS": str(megapixels), "PYTHONPATH": str(REPO / "src"),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "EDGETL_MAX_MEGAPIXELS": str(megapixels),
+        "PYTHONPATH": str(REPO / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
     r = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     return json.loads(r.stdout)

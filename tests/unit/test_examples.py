@@ -90,8 +90,9 @@ def test_surfaces_rerender_detects_a_wrong_box(surfaces):
 def test_rotated_crops_take_no_fill_colour_from_outside_the_box():
     """A flat source stays flat: no black rotation corners reach the crop through the resize."""
     src = np.full((240, 240, 3), 200, np.uint8)
-    flat = dict(ex._SURFACE_AUG, p_blur=0.0, p_noise=0.0, brightness=(1, 1), contrast=(1, 1),
-                saturation=(1, 1), tint=0.0)
+    flat = dict(
+        ex._SURFACE_AUG, p_blur=0.0, p_noise=0.0, brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), tint=0.0
+    )
     for seed in range(60):
         rng = np.random.default_rng(seed)
         w = int(rng.integers(24, 200))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgetl.errors import GateError
 from edgetl.core.fuse import PARITY_TOLERANCE, check_parity, parity
+from edgetl.errors import GateError
 
 
 def test_parity_gate_passes_rounding_and_refuses_a_wrong_graph():

@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgetl.core.gate import (
+    GateDecision,
+    accuracy_gate,
+    auroc_gate,
+    delong,
+    enforce,
+    paired_difference_interval,
+    wilson_interval,
+)
 from edgetl.errors import GateError
-from edgetl.core.gate import (GateDecision, accuracy_gate, auroc_gate, delong, enforce, paired_difference_interval,
-                         wilson_interval)
 
 
 def _pairs(n: int, ref_right: int, lost: int, gained: int = 0):

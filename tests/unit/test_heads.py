@@ -12,6 +12,7 @@ from edgetl.errors import BundleError, ConfigError, DataError
 from edgetl.heads.classification import HEAD_KINDS, Head, HeadConfig, softmax
 from edgetl.heads.training import L2_GRID, MLP_L2_GRID, train_head
 
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_blas_thread():
     """Run this module's BLAS single-threaded when threadpoolctl is at hand.
@@ -85,11 +86,14 @@ def test_each_kind_learns_separable_blobs(toy, toy_heads, kind):
     assert head.meta["train_accuracy"] >= 0.95
 
 
-@pytest.mark.parametrize("kind,cfg,floor", [
-    ("linear", HeadConfig(kind="linear"), 0.92),  # automatic l2 (3-fold)
-    ("mlp", HeadConfig(kind="mlp", l2=1e-3, hidden=128, epochs=200), 0.92),
-    ("prototype", HeadConfig(kind="prototype"), 0.80),  # chance is 0.10
-])
+@pytest.mark.parametrize(
+    "kind,cfg,floor",
+    [
+        ("linear", HeadConfig(kind="linear"), 0.92),  # automatic l2 (3-fold)
+        ("mlp", HeadConfig(kind="mlp", l2=1e-3, hidden=128, epochs=200), 0.92),
+        ("prototype", HeadConfig(kind="prototype"), 0.80),  # chance is 0.10
+    ],
+)
 def test_each_kind_far_above_chance_on_digits(digits, kind, cfg, floor):
     X, y, Xt, yt, labels = digits
     head = train_head(X, y, labels, cfg=cfg)
@@ -424,16 +428,19 @@ def test_onnx_graph_of_a_zero_row_and_bad_opsets(toy_heads):
 # ------------------------------------------------------------------------------- config & input checks
 
 
-@pytest.mark.parametrize("bad", [
-    {"kind": "svm"},
-    {"hidden": 0},
-    {"hidden": -3},
-    {"l2": -1.0},
-    {"l2": float("nan")},
-    {"epochs": 0},
-    {"lr": 0.0},
-    {"seed": -1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"kind": "svm"},
+        {"hidden": 0},
+        {"hidden": -3},
+        {"l2": -1.0},
+        {"l2": float("nan")},
+        {"epochs": 0},
+        {"lr": 0.0},
+        {"seed": -1},
+    ],
+)
 def test_bad_config_raises_config_error(bad):
     with pytest.raises(ConfigError) as info:
         HeadConfig(**bad)

@@ -43,11 +43,13 @@ def _feature_model(path, seed: int = 3):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((4, WIDTH)).astype(np.float32)
     b = rng.standard_normal(WIDTH).astype(np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["input", "W"], ["xw"]),
-                           helper.make_node("Add", ["xw", "b"], ["features"])], "rows",
-                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
-                          [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", WIDTH])],
-                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["features"])],
+        "rows",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", WIDTH])],
+        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.save(model, str(path))
@@ -95,16 +97,27 @@ def train_rows():
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("kind,image,rule", [("combined", "knn", "softmax"), ("knn", "knn", "softmax"),
-                                             ("gaussian", "gaussian", "softmax"), ("combined", "gaussian", "softmax"),
-                                             ("patch", "knn", "softmax"), ("combined", "knn", "mean")])
+@pytest.mark.parametrize(
+    "kind,image,rule",
+    [
+        ("combined", "knn", "softmax"),
+        ("knn", "knn", "softmax"),
+        ("gaussian", "gaussian", "softmax"),
+        ("combined", "gaussian", "softmax"),
+        ("patch", "knn", "softmax"),
+        ("combined", "knn", "mean"),
+    ],
+)
 def test_fused_graph_equals_numpy_reference(tmp_path, train_rows, runtime, kind, image, rule):
     from edgetl.core.fuse import fuse
     from edgetl.core.sessions import open_session
 
-    cfg = DefectConfig.from_dict({"kind": "combined" if kind == "patch" else kind, "image": {"kind": image},
-                                  "coreset_ratio": 0.25})
-    head = fit_defect_head(train_rows, cfg, patch_shape=SHAPE, size=SIZE).as_kind(kind)  # patch: what selection may pick
+    cfg = DefectConfig.from_dict(
+        {"kind": "combined" if kind == "patch" else kind, "image": {"kind": image}, "coreset_ratio": 0.25}
+    )
+    head = fit_defect_head(train_rows, cfg, patch_shape=SHAPE, size=SIZE).as_kind(
+        kind
+    )  # patch: what selection may pick
     head = dataclasses.replace(head, rule=rule)  # mean: a head saved before the softmax rule
     W, b = _feature_model(tmp_path / "rows.onnx")
     backbone = tmp_path / "rows.onnx"
@@ -126,8 +139,9 @@ def test_fused_graph_equals_numpy_reference(tmp_path, train_rows, runtime, kind,
     assert np.max(np.abs(fused_scores - scores)) <= 1e-3 * scale  # graph vs the head's own numpy
     if head.has_map:
         assert outs[0].shape == (6, SIZE, SIZE)
-        np.testing.assert_allclose(outs[0].reshape(6, -1).max(1) + (scores - maps.reshape(6, -1).max(1)),
-                                   fused_scores, atol=1e-3 * scale)  # the map and the score agree across runtimes
+        np.testing.assert_allclose(
+            outs[0].reshape(6, -1).max(1) + (scores - maps.reshape(6, -1).max(1)), fused_scores, atol=1e-3 * scale
+        )  # the map and the score agree across runtimes
         assert np.max(np.abs(outs[0] - maps)) <= 1e-3 * (float(np.ptp(maps)) + 1.0)
 
 
@@ -239,8 +253,18 @@ def test_bundle_predict_adapt_and_rollback(small_defects, cache_dir, tmp_path, k
     from tests.conftest import run_cli
 
     out = tmp_path / f"{kind}.bundle"
-    fit(small_defects, out, options=FitOptions(head=ANOMALY.head_config(kind), target="cpu-x86", precision="fp32",
-                                               cache_dir=str(cache_dir), reference=False, quiet=True))
+    fit(
+        small_defects,
+        out,
+        options=FitOptions(
+            head=ANOMALY.head_config(kind),
+            target="cpu-x86",
+            precision="fp32",
+            cache_dir=str(cache_dir),
+            reference=False,
+            quiet=True,
+        ),
+    )
     files = sorted((small_defects / "test" / "good").glob("*.png"))
     p1 = load_predictor(out)
     first = [r.score for r in p1.predict(files)]
@@ -255,8 +279,8 @@ def test_bundle_predict_adapt_and_rollback(small_defects, cache_dir, tmp_path, k
         cut = p1.head.map_cut(p1.threshold)
         assert 0 < cut < p1.threshold
         assert np.median(maps.reshape(len(maps), -1).max(axis=1)) < cut  # good images stay below it
-        from edgetl.fleet.server import FleetRound
         from edgetl.errors import EdgetlError
+        from edgetl.fleet.server import FleetRound
 
         with pytest.raises(EdgetlError, match="cannot be merged by a fleet round yet.*--head patchcore"):
             FleetRound(out)

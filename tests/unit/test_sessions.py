@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgetl.errors import ConfigError
 from edgetl.core.features import numerics_tag
 from edgetl.core.sessions import cpu_family, open_session
 from edgetl.core.targets import load_target
+from edgetl.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +23,19 @@ def conv_model(tmp_path_factory):
     """A small conv + relu + global pool graph: enough float work to see a precision change."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [w],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     path = tmp_path_factory.mktemp("model") / "conv.onnx"
     onnx.save(model, str(path))
@@ -105,9 +112,14 @@ def test_overrides_drop_what_they_make_irrelevant():
     assert load_target("cpu-x86").with_overrides(precision=None, runtime=None) == load_target("cpu-x86")
 
 
-@pytest.mark.parametrize("base, kw", [("cpu-x86", {"runtime": "openvino"}),
-                                      ("jetson-orin", {"runtime": "openvino"}),
-                                      ("cpu-arm64", {"precision": "bf16"})])
+@pytest.mark.parametrize(
+    "base, kw",
+    [
+        ("cpu-x86", {"runtime": "openvino"}),
+        ("jetson-orin", {"runtime": "openvino"}),
+        ("cpu-arm64", {"precision": "bf16"}),
+    ],
+)
 def test_overrides_that_need_another_profile_name_it(base, kw):
     with pytest.raises(ConfigError, match="openvino-cpu"):
         load_target(base).with_overrides(**kw)

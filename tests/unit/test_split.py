@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgetl.tasks.classify.data import Sample, group_split, load_dataset
 from edgetl.core.diagnostics import near_duplicates
 from edgetl.errors import DataError
+from edgetl.tasks.classify.data import Sample, group_split, load_dataset
 from tests.conftest import make_grouped_crops
 
 
@@ -63,8 +63,9 @@ def test_folder_groups_and_regex_groups(tmp_path):
 
 def test_csv_group_column(tmp_path):
     make_grouped_crops(tmp_path, classes=("brick", "grass"), groups=4, per_group=3, size=32, folders=False)
-    rows = ["path,label,camera"] + [f"{p.relative_to(tmp_path)},{p.parent.name},{p.name.split('_')[0]}"
-                                    for p in sorted(tmp_path.rglob("*.png"))]
+    rows = ["path,label,camera"] + [
+        f"{p.relative_to(tmp_path)},{p.parent.name},{p.name.split('_')[0]}" for p in sorted(tmp_path.rglob("*.png"))
+    ]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     ds = load_dataset(tmp_path / "labels.csv", val_split=0.25, seed=0, group_by="camera")
     assert ds.split["method"] == "grouped"

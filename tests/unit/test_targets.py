@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgetl.errors import ConfigError
 from edgetl.core.targets import list_targets, load_target
+from edgetl.errors import ConfigError
 
 SHIPPED = {"cpu-x86", "cpu-arm64", "jetson-orin", "intel-npu", "openvino-cpu", "openvino-cpu-vnni"}
 
@@ -35,21 +35,26 @@ def test_user_profile_file(tmp_path):
     assert t.name == "mine" and t.batch == 4 and t.quantization.calibration_size == 64
 
 
-@pytest.mark.parametrize("text, needle", [
-    (BASE + "precison = 'int8'\n", "unknown key 'precison' (did you mean 'precision'?)"),
-    (BASE + "[quantization]\ncalib_size = 3\n", "unknown key 'calib_size'"),
-    (BASE + "batch = 'one'\n", "batch = 'one' should be int"),
-    (BASE.replace("int8", "int4"), "precision = 'int4' is not one of"),
-    (BASE + "device = 'NPU'\n", "static input shape"),
-    (BASE + "batch = 1\n[tensorrt]\n", "symmetric int8"),
-    ('runtime = "openvino"\nprecision = "int8"\n', "missing required key 'description'"),
-    (BASE + "opset = 11\n", "opset"),
-    ("this is = = not toml", "invalid TOML"),
-    (BASE + "[quantization]\nengine = 'ort'\ncalibration_method = 'mean_minmax'\n",
-     "calibration_method = 'mean_minmax' is not one of minmax, percentile, entropy"),
-    (BASE + "[quantization]\ncalibration_method = 'entropy'\n", "is not one of minmax, mean_minmax, histogram"),
-    (BASE + "[quantization]\naccuracy_control = true\n", "accuracy_control needs runtime openvino"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (BASE + "precison = 'int8'\n", "unknown key 'precison' (did you mean 'precision'?)"),
+        (BASE + "[quantization]\ncalib_size = 3\n", "unknown key 'calib_size'"),
+        (BASE + "batch = 'one'\n", "batch = 'one' should be int"),
+        (BASE.replace("int8", "int4"), "precision = 'int4' is not one of"),
+        (BASE + "device = 'NPU'\n", "static input shape"),
+        (BASE + "batch = 1\n[tensorrt]\n", "symmetric int8"),
+        ('runtime = "openvino"\nprecision = "int8"\n', "missing required key 'description'"),
+        (BASE + "opset = 11\n", "opset"),
+        ("this is = = not toml", "invalid TOML"),
+        (
+            BASE + "[quantization]\nengine = 'ort'\ncalibration_method = 'mean_minmax'\n",
+            "calibration_method = 'mean_minmax' is not one of minmax, percentile, entropy",
+        ),
+        (BASE + "[quantization]\ncalibration_method = 'entropy'\n", "is not one of minmax, mean_minmax, histogram"),
+        (BASE + "[quantization]\naccuracy_control = true\n", "accuracy_control needs runtime openvino"),
+    ],
+)
 def test_invalid_profiles_name_the_problem(tmp_path, text, needle):
     with pytest.raises(ConfigError) as err:
         load_target(_write(tmp_path, text))

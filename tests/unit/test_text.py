@@ -18,9 +18,9 @@ import sys
 import numpy as np
 import pytest
 
+from edgetl.datasets.tickets import TRAIN_TEMPLATES, VOCAB, _seen, make_tickets
 from edgetl.errors import BundleError, DataError
 from edgetl.tasks.text.data import is_text_data, load_text_dataset, scan_texts
-from edgetl.datasets.tickets import TRAIN_TEMPLATES, VOCAB, _seen, make_tickets
 from tests.conftest import REPO, run_cli
 
 pytest.importorskip("tokenizers", reason="text bundles need the 'text' extra: pip install -e '.[text-train]'")
@@ -59,7 +59,10 @@ def _write(path, text):
 def test_columns_found_in_csv_tsv_and_jsonl(tmp_path):
     csv_ = _write(tmp_path / "a.csv", "id,Sentence,Category\n1,pump leaks oil,leak\n2,HMI froze,software\n")
     tsv = _write(tmp_path / "b.tsv", "content\tclass\npump leaks oil\tleak\nHMI froze\tsoftware\n")
-    jsonl = _write(tmp_path / "c.jsonl", '{"text": "pump leaks oil", "label": "leak"}\n\n{"text": "HMI froze", "label": "software"}\n')
+    jsonl = _write(
+        tmp_path / "c.jsonl",
+        '{"text": "pump leaks oil", "label": "leak"}\n\n{"text": "HMI froze", "label": "software"}\n',
+    )
     for p in (csv_, tsv, jsonl):
         train, val, skipped, cols = scan_texts(p)
         assert [(s.text, s.label) for s in train] == [("pump leaks oil", "leak"), ("HMI froze", "software")]
@@ -71,13 +74,19 @@ def test_columns_found_in_csv_tsv_and_jsonl(tmp_path):
 
 
 def test_bad_rows_are_counted_and_named_by_line(tmp_path):
-    p = _write(tmp_path / "t.csv", 'text,label\ngood one,a\n"a quoted\nmulti-line text",b\n,a\n   ,b\nno label here,\n'
-                                   'ok again,b\nx,a,extra\n')
+    p = _write(
+        tmp_path / "t.csv",
+        'text,label\ngood one,a\n"a quoted\nmulti-line text",b\n,a\n   ,b\nno label here,\nok again,b\nx,a,extra\n',
+    )
     train, _, skipped, _ = scan_texts(p)
     assert [s.text for s in train] == ["good one", "a quoted\nmulti-line text", "ok again"]
     assert [s.where for s in train] == [f"{p}:2", f"{p}:3", f"{p}:8"]
     assert [(w.rsplit(":", 1)[1], r.split(" (")[0]) for w, r in skipped] == [
-        ("5", "empty text"), ("6", "empty text"), ("7", "missing label"), ("9", "3 fields but the header has 2")]
+        ("5", "empty text"),
+        ("6", "empty text"),
+        ("7", "missing label"),
+        ("9", "3 fields but the header has 2"),
+    ]
     with pytest.raises(DataError, match=r"t\.csv:5: empty text .*--strict"):
         scan_texts(p, strict=True)
     j = _write(tmp_path / "t.jsonl", '{"text": "a", "label": "x"}\n{broken\n["list"]\n{"text": "b"}\n')
@@ -95,7 +104,14 @@ def test_one_class_or_no_columns_is_a_one_line_error(tmp_path):
     nocol = _write(tmp_path / "n.csv", "words,label\na,x\n")
     with pytest.raises(DataError, match="no text column .* --text-column"):
         load_text_dataset(nocol, text_column=None)
-    assert len(load_text_dataset(_write(tmp_path / "w.csv", "words,tag\na,x\nb,y\nc,x\nd,y\n"), text_column="words").classes) == 2
+    assert (
+        len(
+            load_text_dataset(
+                _write(tmp_path / "w.csv", "words,tag\na,x\nb,y\nc,x\nd,y\n"), text_column="words"
+            ).classes
+        )
+        == 2
+    )
 
 
 def test_example_is_deterministic_with_held_out_templates_and_words(tmp_path):
@@ -180,8 +196,13 @@ def reference(text_export):
     model = AutoModel.from_pretrained(text_export.info["source"]).eval()
 
     def embed(texts):
-        batch = tok(list(texts), padding=True, truncation=True, max_length=text_export.preprocess["max_length"],
-                    return_tensors="pt")
+        batch = tok(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=text_export.preprocess["max_length"],
+            return_tensors="pt",
+        )
         with torch.no_grad():
             hidden = model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -203,7 +224,11 @@ SENTENCES = [
 def test_bundled_encoder_puts_paraphrases_closer_than_unrelated(reference, text_export):
     triplets = [
         ("The pump is leaking oil.", "Oil is leaking out of the pump.", "The invoice was paid twice."),
-        ("The screen froze after the update.", "After updating, the display stopped responding.", "A cat sleeps on the sofa."),
+        (
+            "The screen froze after the update.",
+            "After updating, the display stopped responding.",
+            "A cat sleeps on the sofa.",
+        ),
         ("The motor is overheating.", "The engine is running much too hot.", "Please reset my password."),
     ]
     onnx_enc = encoder(text_export.path, text_export.tokenizer)
@@ -266,8 +291,9 @@ def test_int8_encoder_agrees_with_fp32(text_bundle, text_export, tickets):
     assert cos.mean() >= INT8_MEAN_COSINE and cos.min() >= INT8_MIN_COSINE, (cos.mean(), cos.min())
     # dynamic INT8 scales come from the whole batch: the encoder runs text by text, so a text's
     # embedding does not depend on what else it was asked with
-    alone = np.stack([encoder(b.model_file("backbone"), b.file("tokenizer.json")).embed_batch([t])[0]
-                      for t in texts[:8]])
+    alone = np.stack(
+        [encoder(b.model_file("backbone"), b.file("tokenizer.json")).embed_batch([t])[0] for t in texts[:8]]
+    )
     assert np.abs(alone - int8[:8]).max() < 1e-6
     ref = text_bundle.report["reference"]
     assert ref["feature_cosine_mean"] >= INT8_MEAN_COSINE and ref["accuracy_drop_pp"] <= 1.0
@@ -283,26 +309,41 @@ def device_env(tmp_path_factory):
 
 
 def _cli(args, env, stdin=None):
-    return subprocess.run([sys.executable, "-m", "edgetl.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "edgetl.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        input=stdin,
+        timeout=300,
+        cwd=REPO,
+    )
 
 
 def test_device_path_has_no_torch_and_no_transformers(text_bundle, device_env, tmp_path):
     from edgetl import load_predictor
 
-    code = ("import sys, edgetl.tasks.text.task, edgetl.tasks.text.encoder, edgetl.tasks.text.data, edgetl.cli\n"
-            "from edgetl import load_predictor\n"
-            f"load_predictor({str(text_bundle.bundle.path)!r}).predict(['pump leaks'])\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'transformers', 'optimum', 'timm', 'nncf', 'sentence_transformers')]\n"
-            "assert not bad, bad\nprint('clean')")
+    code = (
+        "import sys, edgetl.tasks.text.task, edgetl.tasks.text.encoder, edgetl.tasks.text.data, edgetl.cli\n"
+        "from edgetl import load_predictor\n"
+        f"load_predictor({str(text_bundle.bundle.path)!r}).predict(['pump leaks'])\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'transformers', 'optimum', 'timm', 'nncf', 'sentence_transformers')]\n"
+        "assert not bad, bad\nprint('clean')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=device_env)
     assert r.returncode == 0 and "clean" in r.stdout, r.stderr
-    blocked = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True, text=True, env=device_env)
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import transformers"], capture_output=True, text=True, env=device_env
+    )
     assert blocked.returncode != 0 and "blocked" in blocked.stderr
 
     bundle = text_bundle.bundle.path
-    texts = ["Hydraulic oil is dripping from a cracked hose", "The HMI crashed during the batch", "Main breaker tripped"]
+    texts = [
+        "Hydraulic oil is dripping from a cracked hose",
+        "The HMI crashed during the batch",
+        "Main breaker tripped",
+    ]
     expected = [p.to_dict() for p in load_predictor(bundle).predict(texts, top_k=2)]
     r = _cli(["predict", bundle, *texts, "--top-k", "2", "--json"], device_env)
     assert r.returncode == 0, r.stderr
@@ -345,8 +386,11 @@ def test_adapt_text_learns_a_new_class_and_rolls_back(text_bundle, tmp_path):
     states = ["is missing", "was bypassed", "does not work", "is damaged", "was taped over", "failed the check"]
     rows = [f"the {t} on {a} {s}" for t in things for s, a in zip(states, ["press 4", "saw", "cell 5"] * 2)][:24]
     data = tmp_path / "new.jsonl"
-    data.write_text("".join(json.dumps({"sentence": r, "category": "safety"}) + "\n" for r in rows)
-                    + json.dumps({"sentence": "", "category": "safety"}) + "\n")
+    data.write_text(
+        "".join(json.dumps({"sentence": r, "category": "safety"}) + "\n" for r in rows)
+        + json.dumps({"sentence": "", "category": "safety"})
+        + "\n"
+    )
     r = adapt(b, data)
     assert r.version == 2 and r.summary["new_classes"] == ["safety"] and r.summary["gate"]["passed"]
     assert [w.rsplit(":", 1)[1] for w, _ in r.skipped] == ["25"]
@@ -372,7 +416,11 @@ def test_openvino_int8_through_nncf_agrees_with_fp32(text_export, tickets, tmp_p
     # 16 calibration texts keep the test short; fit uses the profile's 128 (or all training texts).
     feeds = encoder(text_export.path, text_export.tokenizer).calibration_feeds([s.text for s in ds.train[:16]])
     conv = convert(text_export, target=target, out_dir=tmp_path, calibration=feeds)
-    assert conv.path.suffix == ".xml" and conv.info["engine"] == "nncf/openvino" and conv.info["model_type"] == "transformer"
+    assert (
+        conv.path.suffix == ".xml"
+        and conv.info["engine"] == "nncf/openvino"
+        and conv.info["model_type"] == "transformer"
+    )
     # Static ranges come from ticket-like calibration texts, so the claim is about such texts: a
     # one-token input ("x") lies outside them (cosine 0.90-0.94 measured), unlike ORT's dynamic INT8.
     texts = [s.text for s in ds.val] + SENTENCES[:3]

@@ -48,8 +48,11 @@ def test_frames_take_the_max_over_tiles_and_stitch_maps_in_place():
     assert np.unravel_index(np.argmax(m[1]), m[1].shape) == (10, 96)
     # every frame pixel is the maximum of the tiles that cover it
     for y, x in ((0, 0), (150, 150), (299, 299), (100, 250)):
-        cover = [maps[4 + i][y - ty, x - tx] for i, (tx, ty) in enumerate(p.boxes)
-                 if tx <= x < tx + 224 and ty <= y < ty + 224]
+        cover = [
+            maps[4 + i][y - ty, x - tx]
+            for i, (tx, ty) in enumerate(p.boxes)
+            if tx <= x < tx + 224 and ty <= y < ty + 224
+        ]
         assert m[1, y, x] == max(cover)
 
 
@@ -63,8 +66,9 @@ def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     assert x.shape == (p.count, 3, 224, 224)
     work = np.asarray(Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
     x0, y0 = p.boxes[-1]
-    np.testing.assert_allclose(x[-1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        x[-1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5, atol=1e-6
+    )
     Image.fromarray(frame[:, :400]).save(tmp_path / "narrow.png")
     with pytest.raises(DataError, match="narrow.png: a 400 x 480 frame; this bundle was fitted on 640 x 480"):
         p.inputs(tmp_path / "narrow.png", pre)
@@ -73,8 +77,8 @@ def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
 # ----- a real tiled bundle --------------------------------------------------------------------------
 def _frames(root, n_train=8, n_good=3, n_bad=3, size=448):
     """Gravel frames of ``size`` px; defects: a dark 2 px scratch (mask written)."""
-    from skimage import data
     from PIL import ImageDraw
+    from skimage import data
 
     src = Image.fromarray(data.gravel()).convert("RGB").resize((size + 64, size + 64), Image.Resampling.BICUBIC)
     rng = np.random.default_rng(0)
@@ -108,9 +112,18 @@ def tiled(tmp_path_factory, cache_dir):
 
     root = _frames(tmp_path_factory.mktemp("tiled") / "frames")
     out = root.parent / "tiled.bundle"
-    r = fit(root, out, options=FitOptions(head=ANOMALY.head_config({"kind": "combined", "defect_size": 3}),
-                                          target="cpu-x86", precision="fp32", cache_dir=str(cache_dir),
-                                          reference=False, quiet=True))
+    r = fit(
+        root,
+        out,
+        options=FitOptions(
+            head=ANOMALY.head_config({"kind": "combined", "defect_size": 3}),
+            target="cpu-x86",
+            precision="fp32",
+            cache_dir=str(cache_dir),
+            reference=False,
+            quiet=True,
+        ),
+    )
     return root, out, r
 
 

@@ -52,14 +52,21 @@ class ExportedBackbone:
     def image_preprocess(self) -> PreprocessConfig:
         return PreprocessConfig.from_dict(self.preprocess)
 
-    def with_preprocess(self, preprocess: dict) -> "ExportedBackbone":
+    def with_preprocess(self, preprocess: dict) -> ExportedBackbone:
         import dataclasses
 
         return dataclasses.replace(self, preprocess=dict(preprocess))
 
     def to_dict(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "num_features": self.num_features, "weights_sha256": self.digest,
-             "opset": self.opset, "preprocess": dict(self.preprocess), **self.info}
+        d = {
+            "name": self.name,
+            "kind": self.kind,
+            "num_features": self.num_features,
+            "weights_sha256": self.digest,
+            "opset": self.opset,
+            "preprocess": dict(self.preprocess),
+            **self.info,
+        }
         if self.feature_shape is not None:
             d["feature_shape"] = list(self.feature_shape)
         return d

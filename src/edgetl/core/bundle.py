@@ -169,8 +169,10 @@ def read_verified(root: Path, rel: str, entry: dict) -> bytes:
             raise BundleError(f"{p}: is not a regular file")
         data = f.read(int(entry["bytes"]) + 1)
     if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise BundleError(f"{p}: sha256 does not match the manifest (modified or replaced since it was checked); "
-                          "copy the bundle again")
+        raise BundleError(
+            f"{p}: sha256 does not match the manifest (modified or replaced since it was checked); "
+            "copy the bundle again"
+        )
     return data
 
 
@@ -280,8 +282,10 @@ def read_manifest(path: Path) -> dict:
         raise BundleError(f"{path}: not an edgetl bundle (no {MANIFEST})")
     manifest = read_json(mpath, limit=MAX_MANIFEST_BYTES, what="manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not an edgetl bundle (manifest format is "
-                          f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
+        raise BundleError(
+            f"{path}: not an edgetl bundle (manifest format is "
+            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})"
+        )
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
@@ -301,7 +305,9 @@ def verify(path: Path, manifest: dict) -> None:
     for rel, entry in manifest["files"].items():
         p = regular_file(path, rel)
         if p.stat().st_size != entry["bytes"]:
-            raise BundleError(f"{p}: size {p.stat().st_size} != {entry['bytes']} in the manifest (truncated?); copy the bundle again")
+            raise BundleError(
+                f"{p}: size {p.stat().st_size} != {entry['bytes']} in the manifest (truncated?); copy the bundle again"
+            )
         try:
             actual = sha256_file(p)
         except OSError as exc:  # removed or replaced since the check above (a writer pruning it)
@@ -389,7 +395,9 @@ def check_out_dir(out: Path, *, force: bool, data: str | Path | None = None) -> 
     if os.path.ismount(out):
         raise BundleError(f"{out}: is a mount point; {fix}")
     if not is_bundle(out):
-        raise BundleError(f"{out}: is not an edgetl bundle (no readable {MANIFEST}); --force only replaces bundles; {fix}")
+        raise BundleError(
+            f"{out}: is not an edgetl bundle (no readable {MANIFEST}); --force only replaces bundles; {fix}"
+        )
     listed = set(read_json(out / MANIFEST, limit=MAX_MANIFEST_BYTES).get("files", {}))
     # Folders edgetl writes: those of listed files, and the version folders. Anything in another
     # folder, any other folder (empty too) and any symlink is the user's, and stops the replace.
@@ -403,13 +411,18 @@ def check_out_dir(out: Path, *, force: bool, data: str | Path | None = None) -> 
             rel = f"{here}/{name}" if here else name
             if (Path(dirpath) / name).is_symlink() or rel not in own_dirs:
                 foreign.append(rel + "/")
-        dirnames[:] = [d for d in dirnames if (f"{here}/{d}" if here else d) in own_dirs
-                       and not (Path(dirpath) / d).is_symlink()]
+        dirnames[:] = [
+            d for d in dirnames if (f"{here}/{d}" if here else d) in own_dirs and not (Path(dirpath) / d).is_symlink()
+        ]
         for name in filenames:
             p = Path(dirpath) / name
             rel = p.relative_to(out).as_posix()
-            if p.is_symlink() or (rel != MANIFEST and rel not in listed and not _OWN_UNLISTED.fullmatch(name)
-                                  and not _VERSION_FILE.fullmatch(rel)):
+            if p.is_symlink() or (
+                rel != MANIFEST
+                and rel not in listed
+                and not _OWN_UNLISTED.fullmatch(name)
+                and not _VERSION_FILE.fullmatch(rel)
+            ):
                 foreign.append(rel)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -432,7 +445,7 @@ def clean_sibling_leftovers(out: Path) -> list[Path]:
     removed = []
     pattern = re.compile(re.escape(f".{out.name}.") + r"(?:(\d+)\..*\.partial|old-(\d+))")
     parent = out.parent if out.parent.exists() else None
-    for p in (parent.iterdir() if parent else ()):
+    for p in parent.iterdir() if parent else ():
         m = pattern.fullmatch(p.name)
         if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1) or m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
@@ -446,10 +459,15 @@ def _umask() -> int:
     return mask
 
 
-_WRITE_FIX = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space",
-              errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EROFS: "write to a writable disk",
-              errno.EACCES: "fix the permissions or pick another --out", errno.EPERM: "fix the permissions "
-              "(is it immutable? lsattr) or pick another --out", errno.EBUSY: "pick another --out (not a mount point)"}
+_WRITE_FIX = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some disk space",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)",
+    errno.EROFS: "write to a writable disk",
+    errno.EACCES: "fix the permissions or pick another --out",
+    errno.EPERM: "fix the permissions (is it immutable? lsattr) or pick another --out",
+    errno.EBUSY: "pick another --out (not a mount point)",
+}
 
 
 def write_error(where: Path, exc: OSError, what: str = "nothing was written") -> BundleError:
@@ -487,7 +505,7 @@ class BundleWriter:
             raise write_error(self.out, exc) from None
         self.committed = False
 
-    def __enter__(self) -> "BundleWriter":
+    def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -572,8 +590,16 @@ def updating(path: str | Path, *, operation: str, wait: float = 0.0, trust=None)
         yield b
 
 
-def update_manifest(bundle: Bundle, changes: dict, *, add: list[str] = (), drop: list[str] = (), signer=None,
-                    operation: str = "adapt", new_version: dict | None = None) -> Bundle:
+def update_manifest(
+    bundle: Bundle,
+    changes: dict,
+    *,
+    add: list[str] = (),
+    drop: list[str] = (),
+    signer=None,
+    operation: str = "adapt",
+    new_version: dict | None = None,
+) -> Bundle:
     """Apply ``changes`` to the manifest and switch atomically (one rename). The caller holds the
     writer lock (:func:`updating`).
 
@@ -604,10 +630,13 @@ def update_manifest(bundle: Bundle, changes: dict, *, add: list[str] = (), drop:
                 verify_trust(manifest, policy, str(bundle.path))
         elif manifest.get("signatures"):
             if policy is not None:
-                raise TrustError(f"{bundle.path}: this device checks signatures, so {operation} needs a key to sign "
-                                 "with: --sign KEY or EDGETL_SIGN_KEY")
-            manifest["signatures"] = {k: v for k, v in manifest["signatures"].items()
-                                      if k not in ("state", "selection", "thresholds")}
+                raise TrustError(
+                    f"{bundle.path}: this device checks signatures, so {operation} needs a key to sign "
+                    "with: --sign KEY or EDGETL_SIGN_KEY"
+                )
+            manifest["signatures"] = {
+                k: v for k, v in manifest["signatures"].items() if k not in ("state", "selection", "thresholds")
+            }
         validate(manifest, where=str(bundle.path / MANIFEST))
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:

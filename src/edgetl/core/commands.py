@@ -15,10 +15,21 @@ from .console import one_line
 
 # OS errors that are the machine's, not edgetl's: a full disk, a file-size limit, a read-only or
 # vanished folder. They get one line too; anything else is a bug and keeps its traceback.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-                      errno.EBUSY, errno.ENOENT, errno.EIO, errno.ENAMETOOLONG,
-                      # a folder where a file belongs (or the reverse), e.g. a folder named heads/v2.npz
-                      errno.EISDIR, errno.ENOTDIR}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EBUSY,
+    errno.ENOENT,
+    errno.EIO,
+    errno.ENAMETOOLONG,
+    # a folder where a file belongs (or the reverse), e.g. a folder named heads/v2.npz
+    errno.EISDIR,
+    errno.ENOTDIR,
+}
 
 
 def handle_errors(fn):

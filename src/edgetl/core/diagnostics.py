@@ -30,8 +30,15 @@ def _unit(X: np.ndarray) -> np.ndarray:
     return X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
 
 
-def near_duplicates(X_train: np.ndarray, X_val: np.ndarray, *, names_train=None, names_val=None,
-                    threshold: float = NEAR_COPY_COSINE, examples: int = 3) -> dict:
+def near_duplicates(
+    X_train: np.ndarray,
+    X_val: np.ndarray,
+    *,
+    names_train=None,
+    names_val=None,
+    threshold: float = NEAR_COPY_COSINE,
+    examples: int = 3,
+) -> dict:
     """How many validation rows have a near-copy among the training rows.
 
     Returns:
@@ -46,8 +53,14 @@ def near_duplicates(X_train: np.ndarray, X_val: np.ndarray, *, names_train=None,
     X_train = np.asarray(X_train, np.float32)
     X_val = np.asarray(X_val, np.float32)
     if not len(X_train) or not len(X_val):
-        return {"checked": int(len(X_val)), "near_copies": 0, "fraction": 0.0, "threshold": threshold,
-                "warn": False, "examples": []}
+        return {
+            "checked": int(len(X_val)),
+            "near_copies": 0,
+            "fraction": 0.0,
+            "threshold": threshold,
+            "warn": False,
+            "examples": [],
+        }
     mu = X_train.mean(axis=0, keepdims=True)
     T, V = _unit(X_train - mu), _unit(X_val - mu)
     nn_sim = np.empty(len(V), np.float32)
@@ -60,15 +73,21 @@ def near_duplicates(X_train: np.ndarray, X_val: np.ndarray, *, names_train=None,
     order = np.argsort(-nn_sim)[: min(examples, int(hits.sum()))]
     name = lambda names, i: str(names[i]) if names is not None else int(i)  # noqa: E731
     return {
-        "checked": int(len(V)), "near_copies": int(hits.sum()), "fraction": round(float(hits.mean()), 4),
-        "threshold": threshold, "warn": bool(hits.mean() >= LEAK_WARN_FRACTION),
-        "examples": [{"val": name(names_val, i), "train": name(names_train, nn_idx[i]),
-                      "cosine": round(float(nn_sim[i]), 4)} for i in order],
+        "checked": int(len(V)),
+        "near_copies": int(hits.sum()),
+        "fraction": round(float(hits.mean()), 4),
+        "threshold": threshold,
+        "warn": bool(hits.mean() >= LEAK_WARN_FRACTION),
+        "examples": [
+            {"val": name(names_val, i), "train": name(names_train, nn_idx[i]), "cosine": round(float(nn_sim[i]), 4)}
+            for i in order
+        ],
     }
 
 
-def near_duplicates_across_folds(X: np.ndarray, fold: np.ndarray, *, names=None, threshold: float = NEAR_COPY_COSINE,
-                                 examples: int = 3) -> dict:
+def near_duplicates_across_folds(
+    X: np.ndarray, fold: np.ndarray, *, names=None, threshold: float = NEAR_COPY_COSINE, examples: int = 3
+) -> dict:
     """:func:`near_duplicates` for out-of-fold scoring: how many held-out rows (``fold >= 0``)
     have a near-copy among the rows their fold's head trained on (every other fold, and the rows
     never held out, ``fold == -1``). Same keys, plus ``"folds": True``."""
@@ -76,8 +95,15 @@ def near_duplicates_across_folds(X: np.ndarray, fold: np.ndarray, *, names=None,
     fold = np.asarray(fold)
     held = np.flatnonzero(fold >= 0)
     if not len(held) or len(X) < 2:
-        return {"checked": int(len(held)), "near_copies": 0, "fraction": 0.0, "threshold": threshold,
-                "warn": False, "examples": [], "folds": True}
+        return {
+            "checked": int(len(held)),
+            "near_copies": 0,
+            "fraction": 0.0,
+            "threshold": threshold,
+            "warn": False,
+            "examples": [],
+            "folds": True,
+        }
     U = _unit(X - X.mean(axis=0, keepdims=True))
     nn_sim = np.full(len(held), -np.inf, np.float32)
     nn_idx = np.zeros(len(held), np.int64)
@@ -91,19 +117,28 @@ def near_duplicates_across_folds(X: np.ndarray, fold: np.ndarray, *, names=None,
     order = np.argsort(-nn_sim)[: min(examples, int(hits.sum()))]
     name = lambda i: str(names[i]) if names is not None else int(i)  # noqa: E731
     return {
-        "checked": int(len(held)), "near_copies": int(hits.sum()), "fraction": round(float(hits.mean()), 4),
-        "threshold": threshold, "warn": bool(hits.mean() >= LEAK_WARN_FRACTION), "folds": True,
-        "examples": [{"val": name(held[i]), "train": name(nn_idx[i]), "cosine": round(float(nn_sim[i]), 4)}
-                     for i in order],
+        "checked": int(len(held)),
+        "near_copies": int(hits.sum()),
+        "fraction": round(float(hits.mean()), 4),
+        "threshold": threshold,
+        "warn": bool(hits.mean() >= LEAK_WARN_FRACTION),
+        "folds": True,
+        "examples": [
+            {"val": name(held[i]), "train": name(nn_idx[i]), "cosine": round(float(nn_sim[i]), 4)} for i in order
+        ],
     }
 
 
 def leakage_message(leak: dict, *, grouped: bool, items: str = "images") -> str:
     """The one-line warning for a split whose validation items have near-copies in training."""
     what = "out-of-fold" if leak.get("folds") else "validation"
-    head = (f"{leak['near_copies']} of {leak['checked']} {what} {items} have a near-copy in training "
-            f"(centred feature cosine >= {leak['threshold']:.2f}), so the {what} figure may measure memorisation")
+    head = (
+        f"{leak['near_copies']} of {leak['checked']} {what} {items} have a near-copy in training "
+        f"(centred feature cosine >= {leak['threshold']:.2f}), so the {what} figure may measure memorisation"
+    )
     if grouped:
         return head + " even with the grouped split; check that each group holds one part / session / source"
-    return head + ("; split by group: put each part or session in its own folder DATA/<class>/<group>/, "
-                   "add a group column to the CSV, or pass --group-by")
+    return head + (
+        "; split by group: put each part or session in its own folder DATA/<class>/<group>/, "
+        "add a group column to the CSV, or pass --group-by"
+    )

@@ -26,7 +26,9 @@ def env_number(name: str, default: float, *, lo: float, hi: float, integer: bool
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw[:40]!r} is not {kind}; give {kind} from {lo:g} to {hi:g}, or unset it") from None
+        raise ConfigError(
+            f"{name}={raw[:40]!r} is not {kind}; give {kind} from {lo:g} to {hi:g}, or unset it"
+        ) from None
     if not math.isfinite(value) or not lo <= value <= hi or (integer and value != int(value)):
         raise ConfigError(f"{name}={raw[:40]!r}: give {kind} from {lo:g} to {hi:g}, or unset it")
     return int(value) if integer else value

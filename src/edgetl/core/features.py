@@ -14,9 +14,9 @@ import math
 import os
 import random
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
@@ -131,7 +131,7 @@ def _seed_for(digest: str, view: int) -> int:
 
 # An augmented view keeps as little as this share of the side (the 60 % area crop of
 # :func:`augment`), so its decode keeps proportionally more pixels.
-_AUGMENT_MIN_SIDE = 0.6 ** 0.5
+_AUGMENT_MIN_SIDE = 0.6**0.5
 
 
 def load_input(path: Path, preprocess: PreprocessConfig, *, digest: str = "", view: int = 0) -> np.ndarray:
@@ -172,7 +172,7 @@ def decoded(fn: Callable, items: Sequence, *, depth: int = 16, threads: int | No
         while nxt < len(items) and len(futures) < max(1, depth):
             futures.append(pool.submit(fn, items[nxt]))
             nxt += 1
-        for k, item in enumerate(items):
+        for item in items:
             result = futures.popleft().result()
             if nxt < len(items):
                 futures.append(pool.submit(fn, items[nxt]))
@@ -200,8 +200,17 @@ class ImageExtractor:
             self._key = session_key(self.session, self.model_path, self.preprocess)
         return self._key
 
-    def features(self, items: Sequence, *, cache: FeatureCache | None = None, view: int = 0, batch_size: int = 32,
-                 quiet: bool = True, desc: str = "features", skipped: list | None = None) -> np.ndarray:
+    def features(
+        self,
+        items: Sequence,
+        *,
+        cache: FeatureCache | None = None,
+        view: int = 0,
+        batch_size: int = 32,
+        quiet: bool = True,
+        desc: str = "features",
+        skipped: list | None = None,
+    ) -> np.ndarray:
         """Feature vectors of ``items`` (rows in order), from the cache where possible.
 
         Args:
@@ -221,8 +230,9 @@ class ImageExtractor:
             digests = [""] * len(paths)
         else:
             digests = [_digest_or_reason(p, i, bad, skipped) for i, p in enumerate(paths)]
-        out: list[np.ndarray | None] = [None if i in bad else (cache.get(d, view) if cache else None)
-                                        for i, d in enumerate(digests)]
+        out: list[np.ndarray | None] = [
+            None if i in bad else (cache.get(d, view) if cache else None) for i, d in enumerate(digests)
+        ]
         todo = [i for i, v in enumerate(out) if v is None and i not in bad]
 
         def load(i: int):

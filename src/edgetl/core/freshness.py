@@ -46,8 +46,10 @@ def _locked(path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot keep this device's freshness record ({exc.strerror or exc}); set "
-                          "EDGETL_FRESHNESS to a writable file outside the bundles") from None
+        raise ConfigError(
+            f"{path}: cannot keep this device's freshness record ({exc.strerror or exc}); set "
+            "EDGETL_FRESHNESS to a writable file outside the bundles"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -70,8 +72,10 @@ def _read(path: Path) -> dict:
         data = None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         # Refuse rather than silently forget every high-water mark.
-        raise ConfigError(f"{path}: this device's freshness record is damaged; restore it, or remove it to "
-                          "accept the bundles' current states afresh")
+        raise ConfigError(
+            f"{path}: this device's freshness record is damaged; restore it, or remove it to "
+            "accept the bundles' current states afresh"
+        )
     return data
 
 
@@ -86,8 +90,10 @@ def _write(path: Path, data: dict) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise ConfigError(f"{path}: cannot update this device's freshness record ({exc.strerror or exc}); set "
-                          "EDGETL_FRESHNESS to a writable file outside the bundles") from None
+        raise ConfigError(
+            f"{path}: cannot update this device's freshness record ({exc.strerror or exc}); set "
+            "EDGETL_FRESHNESS to a writable file outside the bundles"
+        ) from None
 
 
 def check_and_record(bundle_path: str | Path, manifest: dict) -> None:
@@ -105,18 +111,24 @@ def check_and_record(bundle_path: str | Path, manifest: dict) -> None:
     serial, selection = state_serials(manifest)
     path = record_file()
     key = str(Path(bundle_path).resolve())
-    fix = ("a replayed copy? To go back on purpose the owner signs a rollback (edgetl rollback --sign KEY), "
-           f"which is a newer state; record: {path}")
+    fix = (
+        "a replayed copy? To go back on purpose the owner signs a rollback (edgetl rollback --sign KEY), "
+        f"which is a newer state; record: {path}"
+    )
     with _locked(path):
         data = _read(path)
         rec = data.get(key)
         if rec is not None and rec.get("release") == rel_digest:
             if serial < int(rec.get("serial", 0)) or selection < int(rec.get("selection_serial", 0)):
-                raise TrustError(f"{bundle_path}: this signed state (serial {serial}) is older than one this device "
-                                 f"already accepted (serial {rec.get('serial')}); refusing it ({fix})")
+                raise TrustError(
+                    f"{bundle_path}: this signed state (serial {serial}) is older than one this device "
+                    f"already accepted (serial {rec.get('serial')}); refusing it ({fix})"
+                )
         elif rec is not None and issued <= int(rec.get("issued_ns", 0)):
-            raise TrustError(f"{bundle_path}: this signed release is not newer than the one this device already "
-                             f"accepted at this path; refusing it ({fix})")
+            raise TrustError(
+                f"{bundle_path}: this signed release is not newer than the one this device already "
+                f"accepted at this path; refusing it ({fix})"
+            )
         new = {"release": rel_digest, "issued_ns": issued, "serial": serial, "selection_serial": selection}
         if rec != new:
             data[key] = new

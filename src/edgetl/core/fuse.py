@@ -38,8 +38,9 @@ def _fuse_onnx(backbone_path: Path, head, out_path: Path, meta: dict) -> Path:
     del head.opset_import[:]
     head.opset_import.extend(backbone.opset_import)  # a QDQ backbone may use extra domains
     outputs = [o.name for o in head.graph.output]
-    fused = onnx.compose.merge_models(backbone, head, io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)],
-                                      outputs=outputs)
+    fused = onnx.compose.merge_models(
+        backbone, head, io_map=[(backbone.graph.output[0].name, head.graph.input[0].name)], outputs=outputs
+    )
     batch_dim = backbone.graph.input[0].type.tensor_type.shape.dim[0]
     for o in fused.graph.output:  # a static-batch backbone gives static-batch outputs
         o.type.tensor_type.shape.dim[0].CopyFrom(batch_dim)
@@ -109,9 +110,11 @@ def check_parity(par: dict, value: float, what: str, *, allow: bool) -> None:
     """
     par["passed"] = bool(value <= PARITY_TOLERANCE)
     if not par["passed"] and not allow:
-        raise GateError(f"the single-file model disagrees with backbone + head ({what} {value:.3g} > "
-                        f"{PARITY_TOLERANCE}); this is a runtime or edgetl bug, please report it. --allow-drop "
-                        "writes the bundle anyway (predict uses backbone + head, which are right)")
+        raise GateError(
+            f"the single-file model disagrees with backbone + head ({what} {value:.3g} > "
+            f"{PARITY_TOLERANCE}); this is a runtime or edgetl bug, please report it. --allow-drop "
+            "writes the bundle anyway (predict uses backbone + head, which are right)"
+        )
 
 
 def parity(fused_probs: np.ndarray, ref_probs: np.ndarray) -> dict:
@@ -127,8 +130,10 @@ def score_parity(fused_scores: np.ndarray, ref_scores: np.ndarray, fused_maps=No
     """Fused scores vs numpy ones, relative to the numpy score (their scale is the data's); maps
     relative to the largest numpy score, so one number covers both."""
     fused_scores, ref_scores = np.asarray(fused_scores).reshape(-1), np.asarray(ref_scores).reshape(-1)
-    out = {"images": int(len(ref_scores)),
-           "max_rel_score_diff": float(np.max(np.abs(fused_scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12)))}
+    out = {
+        "images": int(len(ref_scores)),
+        "max_rel_score_diff": float(np.max(np.abs(fused_scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12))),
+    }
     if fused_maps is not None:
         scale = max(float(np.max(np.abs(ref_scores))), 1e-12)
         out["max_map_diff_rel"] = float(np.max(np.abs(fused_maps - ref_maps)) / scale)

@@ -60,7 +60,9 @@ def wilson_interval(k: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[
     return _wilson(float(k), float(n), _z(confidence))
 
 
-def paired_difference_interval(ref_correct, new_correct, *, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+def paired_difference_interval(
+    ref_correct, new_correct, *, confidence: float = CONFIDENCE
+) -> tuple[float, float, float]:
     """(drop, lower, upper) of ``mean(ref) - mean(new)`` for paired 0/1 outcomes (Newcombe's method 10).
 
     Example:
@@ -183,7 +185,7 @@ class GateDecision:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GateDecision":
+    def from_dict(cls, d: dict) -> GateDecision:
         """The decision recorded in a report (extra keys, e.g. accuracy control's, are ignored)."""
         import dataclasses
 
@@ -195,9 +197,11 @@ class GateDecision:
         if self.drop_pp is None:
             return f"{self.metric}: not measured ({self.method or 'no reference'})"
         pp = lambda v: f"{v + 0.0:.2f}".replace("-0.00", "0.00")  # noqa: E731 - no "-0.00" for people
-        text = (f"{self.metric.replace('_', ' ')} drop {pp(self.drop_pp)} pp vs FP32 on {self.n} items, "
-                f"{self.confidence:.0%} bounds [{pp(self.lower_pp)}, {pp(self.upper_pp)}] pp, "
-                f"tolerance {self.tolerance_pp:g} pp: {self.verdict}")
+        text = (
+            f"{self.metric.replace('_', ' ')} drop {pp(self.drop_pp)} pp vs FP32 on {self.n} items, "
+            f"{self.confidence:.0%} bounds [{pp(self.lower_pp)}, {pp(self.upper_pp)}] pp, "
+            f"tolerance {self.tolerance_pp:g} pp: {self.verdict}"
+        )
         if self.verdict == "inconclusive":
             more = f"about {self.needed_items}" if self.needed_items else "many more"
             text += f" (too few validation items to tell; {more} would settle it)"
@@ -207,6 +211,7 @@ class GateDecision:
 def _needed(n: int, interval_at, tol: float) -> int | None:
     """The smallest item count at which the interval, with the rates observed so far, would no
     longer straddle the tolerance. ``interval_at(m)`` gives (drop, lower, upper) at ``m`` items."""
+
     def settled(m: float) -> bool:
         _, lo, hi = interval_at(m)
         return hi <= tol or lo > tol
@@ -223,8 +228,9 @@ def _needed(n: int, interval_at, tol: float) -> int | None:
     return int(math.ceil(hi))
 
 
-def _decide(metric: str, n: int, ref: float, value: float, tolerance_pp: float, method: str, confidence: float,
-            interval_at) -> GateDecision:
+def _decide(
+    metric: str, n: int, ref: float, value: float, tolerance_pp: float, method: str, confidence: float, interval_at
+) -> GateDecision:
     tol = tolerance_pp / 100.0
     drop, lower, upper = interval_at(float(n))
     if upper <= tol:
@@ -235,8 +241,20 @@ def _decide(metric: str, n: int, ref: float, value: float, tolerance_pp: float, 
         verdict = "inconclusive"
     needed = _needed(n, interval_at, tol) if verdict == "inconclusive" else None
     r = lambda v: round(100.0 * float(v), 3)  # noqa: E731
-    return GateDecision(metric, float(tolerance_pp), n, round(ref, 6), round(value, 6), r(drop), r(lower), r(upper),
-                        verdict, needed, method, confidence)
+    return GateDecision(
+        metric,
+        float(tolerance_pp),
+        n,
+        round(ref, 6),
+        round(value, 6),
+        r(drop),
+        r(lower),
+        r(upper),
+        verdict,
+        needed,
+        method,
+        confidence,
+    )
 
 
 def accuracy_gate(ref_correct, new_correct, *, tolerance_pp: float, confidence: float = CONFIDENCE) -> GateDecision:
@@ -258,8 +276,16 @@ def accuracy_gate(ref_correct, new_correct, *, tolerance_pp: float, confidence: 
     def interval_at(m: float):
         return _newcombe(*(cells * (m / len(r))), confidence=confidence)
 
-    return _decide("accuracy", len(r), float(r.mean()), float(s.mean()), tolerance_pp,
-                   "paired, Newcombe hybrid score interval", confidence, interval_at)
+    return _decide(
+        "accuracy",
+        len(r),
+        float(r.mean()),
+        float(s.mean()),
+        tolerance_pp,
+        "paired, Newcombe hybrid score interval",
+        confidence,
+        interval_at,
+    )
 
 
 def auroc_gate(y, ref_scores, new_scores, *, tolerance_pp: float, confidence: float = CONFIDENCE) -> GateDecision:
@@ -269,8 +295,9 @@ def auroc_gate(y, ref_scores, new_scores, *, tolerance_pp: float, confidence: fl
     """
     y = np.asarray(y).astype(bool)
     if y.all() or not y.any():
-        return GateDecision("image_auroc", float(tolerance_pp), int(len(y)),
-                            method="no labelled anomalies to compare on")
+        return GateDecision(
+            "image_auroc", float(tolerance_pp), int(len(y)), method="no labelled anomalies to compare on"
+        )
     a_ref, a_new, var = delong(y, ref_scores, new_scores)
     drop, z, n = a_ref - a_new, _z(confidence), len(y)
 
@@ -281,8 +308,16 @@ def auroc_gate(y, ref_scores, new_scores, *, tolerance_pp: float, confidence: fl
     return _decide("image_auroc", int(n), a_ref, a_new, tolerance_pp, "paired, DeLong", confidence, interval_at)
 
 
-def enforce(decision: GateDecision, *, model: str, target: str, items: str = "images", allow: bool = False,
-            hint: str = "try --calibration-size, another --target or --precision", after: str = "") -> None:
+def enforce(
+    decision: GateDecision,
+    *,
+    model: str,
+    target: str,
+    items: str = "images",
+    allow: bool = False,
+    hint: str = "try --calibration-size, another --target or --precision",
+    after: str = "",
+) -> None:
     """Act on a decision the same way for every task: a refusal raises (unless ``allow``), an
     inconclusive one warns once on stderr; both messages give the drop and its interval.
 
@@ -304,14 +339,25 @@ def enforce(decision: GateDecision, *, model: str, target: str, items: str = "im
         return
     bounds = f"{d.confidence:.0%} bounds [{d.lower_pp:.2f}, {d.upper_pp:.2f}] on {d.n} {items}"
     if d.verdict == "refused" and not allow:
-        raise GateError(f"{model} loses {d.drop_pp:.2f} points of {d.metric.replace('_', ' ')} vs FP32 ({bounds}; "
-                        f"target {target} allows {d.tolerance_pp:g}){after}; {hint}, or accept it with --allow-drop")
+        raise GateError(
+            f"{model} loses {d.drop_pp:.2f} points of {d.metric.replace('_', ' ')} vs FP32 ({bounds}; "
+            f"target {target} allows {d.tolerance_pp:g}){after}; {hint}, or accept it with --allow-drop"
+        )
     if d.verdict == "inconclusive":
         more = f"about {d.needed_items}" if d.needed_items else "many more"
         logging.getLogger("edgetl").warning(
             "%d validation %s are too few to tell whether the %s stays within %g pp of FP32 (%s drop %.2f pp, %s); "
-            "%s %s would settle it", d.n, items, model, d.tolerance_pp, d.metric.replace("_", " "), d.drop_pp,
-            bounds, more, items)
+            "%s %s would settle it",
+            d.n,
+            items,
+            model,
+            d.tolerance_pp,
+            d.metric.replace("_", " "),
+            d.drop_pp,
+            bounds,
+            more,
+            items,
+        )
 
 
 # ------------------------------------------------------------------------ on-device update gates
@@ -327,11 +373,12 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p), exactly (n is a batch of images: small)."""
     if k <= 0:
         return 1.0
-    return float(min(1.0, sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))))
+    return float(min(1.0, sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))))
 
 
-def new_good_gate(scores, threshold: float, names=None, *, false_alarm: float = GOOD_FALSE_ALARM_MAX,
-                  alpha: float = NEW_GOOD_ALPHA) -> dict:
+def new_good_gate(
+    scores, threshold: float, names=None, *, false_alarm: float = GOOD_FALSE_ALARM_MAX, alpha: float = NEW_GOOD_ALPHA
+) -> dict:
     """Are images offered as *good* for a defect detector's update really this product's good images?
 
     The current model scores them before they are learned. Good images score as defects at most
@@ -347,12 +394,20 @@ def new_good_gate(scores, threshold: float, names=None, *, false_alarm: float = 
     shown = [str(names[i]) for i in over[:3]] if names is not None else []
     reasons = []
     if n and p < alpha:
-        reasons.append(f"{len(over)} of {n} new 'good' images score as defects under the current model (a good image "
-                       f"does at most {false_alarm:.0%} of the time: p = {p:.1g}), e.g. {', '.join(shown)}; are they "
-                       "this product? Pass --force to learn them anyway")
-    return {"images": n, "over_threshold": int(len(over)), "p_value": p, "false_alarm_bound": false_alarm,
-            "alpha": alpha, "max_normalised": round(float(s.max() / threshold), 4) if n and threshold > 0 else None,
-            "reasons": reasons}
+        reasons.append(
+            f"{len(over)} of {n} new 'good' images score as defects under the current model (a good image "
+            f"does at most {false_alarm:.0%} of the time: p = {p:.1g}), e.g. {', '.join(shown)}; are they "
+            "this product? Pass --force to learn them anyway"
+        )
+    return {
+        "images": n,
+        "over_threshold": int(len(over)),
+        "p_value": p,
+        "false_alarm_bound": false_alarm,
+        "alpha": alpha,
+        "max_normalised": round(float(s.max() / threshold), 4) if n and threshold > 0 else None,
+        "reasons": reasons,
+    }
 
 
 # Fewer images than this of a new class cannot show the class is learnable (a held-out split of
@@ -381,6 +436,8 @@ def new_class_gate(predicted, new_labels, known: list[str], *, min_images: int =
         top = int(np.argmax(counts))
         if wilson_interval(int(counts[top]), len(rows))[0] > 0.5:
             per[name]["looks_like"] = str(values[top])
-            warnings.append(f"new class {name!r}: {int(counts[top])} of {len(rows)} of its images look like the known "
-                            f"class {values[top]!r} to the current head; the same parts under a new name?")
+            warnings.append(
+                f"new class {name!r}: {int(counts[top])} of {len(rows)} of its images look like the known "
+                f"class {values[top]!r} to the current head; the same parts under a new name?"
+            )
     return {"classes": per, "reasons": reasons, "warnings": warnings}

@@ -48,7 +48,8 @@ def _holder(fd: int) -> str:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         info = json.loads(os.read(fd, 4096).decode() or "{}")
-        return f"{info.get('operation', 'a write')} by pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+        who = f"pid {info.get('pid')} on {info.get('host')}"
+        return f"{info.get('operation', 'a write')} by {who} since {info.get('since')}"
     except (OSError, ValueError, UnicodeDecodeError):
         return "another edgetl process"
 
@@ -74,8 +75,10 @@ def writer_lock(bundle: str | Path, *, operation: str, wait: float = 0.0):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise BundleError(f"{bundle}: bundle is not writable: its lock {path.name} cannot be created beside it "
-                              f"({exc.strerror}); copy it somewhere writable or fix the permissions") from None
+            raise BundleError(
+                f"{bundle}: bundle is not writable: its lock {path.name} cannot be created beside it "
+                f"({exc.strerror}); copy it somewhere writable or fix the permissions"
+            ) from None
         if exc.errno == errno.ELOOP:
             raise BundleError(f"{path}: is a symlink; a bundle's files must be regular files inside it") from None
         raise BundleError(f"{bundle}: cannot open its lock file ({exc.strerror or exc})") from None
@@ -88,15 +91,22 @@ def writer_lock(bundle: str | Path, *, operation: str, wait: float = 0.0):
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    raise BundleError(f"{bundle}: this file system cannot lock files ({exc.strerror}); "
-                                      "keep bundles on a local disk") from None
+                    raise BundleError(
+                        f"{bundle}: this file system cannot lock files ({exc.strerror}); keep bundles on a local disk"
+                    ) from None
                 if time.monotonic() >= deadline:
-                    raise BundleBusy(f"{bundle}: {_holder(fd)} is writing this bundle; try again when it is "
-                                     "done, or pass --wait SECONDS to queue behind it") from None
+                    raise BundleBusy(
+                        f"{bundle}: {_holder(fd)} is writing this bundle; try again when it is "
+                        "done, or pass --wait SECONDS to queue behind it"
+                    ) from None
                 time.sleep(delay)
                 delay = min(0.25, delay * 1.5)
-        stamp = {"pid": os.getpid(), "host": socket.gethostname(), "operation": operation,
-                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        stamp = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "operation": operation,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         with contextlib.suppress(OSError):  # the note is for messages only; the flock is the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(stamp).encode(), 0)

@@ -131,8 +131,7 @@ def safe_relpath(rel, field: str) -> str:
         raise BundleError(f"manifest: {field} {rel[:80]!r} is not a plain file name")
     p = PurePosixPath(rel)
     if p.is_absolute() or rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
-        raise BundleError(f"manifest: {field} {rel!r} points outside the bundle; paths must be relative, "
-                          "without '..'")
+        raise BundleError(f"manifest: {field} {rel!r} points outside the bundle; paths must be relative, without '..'")
     if p.name == "manifest.json" or any(part.startswith(".") for part in p.parts):
         raise BundleError(f"manifest: {field} {rel!r} names a file edgetl never lists")
     return rel
@@ -170,7 +169,9 @@ def _get(d: dict, key: str, types, where: str, *, required: bool = True):
             raise BundleError(f"manifest: {where}{key} is missing")
         return None
     v = d[key]
-    ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)))
+    ok = isinstance(v, types) and not (
+        isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+    )
     if not ok:
         names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
         raise BundleError(f"manifest: {where}{key} should be {names}, got {type(v).__name__}")
@@ -202,21 +203,27 @@ def _preprocess(pre: dict) -> None:
     _number(pre, "input_size", where, lo=8, hi=4096, integer=True)
     crop = _number(pre, "crop_pct", where, lo=0.0, hi=1.0)
     if crop < MIN_CROP_PCT:
-        factor = 1 / crop ** 2 if crop > 0 else math.inf
-        raise BundleError(f"manifest: {where}crop_pct = {crop!r} would resize an image to "
-                          f"{factor:.3g} times the model input's pixels before cropping; it must be at "
-                          f"least {MIN_CROP_PCT:g} (at most {MAX_RESIZE_FACTOR:g} times)")
+        factor = 1 / crop**2 if crop > 0 else math.inf
+        raise BundleError(
+            f"manifest: {where}crop_pct = {crop!r} would resize an image to "
+            f"{factor:.3g} times the model input's pixels before cropping; it must be at "
+            f"least {MIN_CROP_PCT:g} (at most {MAX_RESIZE_FACTOR:g} times)"
+        )
     interp = _get(pre, "interpolation", str, where)
     if interp not in _INTERPOLATIONS:
         raise BundleError(f"manifest: {where}interpolation {interp!r} is not one of {', '.join(_INTERPOLATIONS)}")
     for key in ("mean", "std"):
         v = _get(pre, key, (list, tuple), where)
-        if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+        if len(v) != 3 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v
+        ):
             raise BundleError(f"manifest: {where}{key} should be 3 finite numbers")
         lo, hi = MEAN_RANGE if key == "mean" else STD_RANGE
         if not all(lo <= x <= hi for x in v):
-            raise BundleError(f"manifest: {where}{key} = {list(v)!r} is not a pixel statistic on the 0..1 scale "
-                              f"(each in [{lo:g}, {hi:g}])")
+            raise BundleError(
+                f"manifest: {where}{key} = {list(v)!r} is not a pixel statistic on the 0..1 scale "
+                f"(each in [{lo:g}, {hi:g}])"
+            )
     if pre.get("roi") is not None:
         _roi(pre["roi"], where + "roi")
 
@@ -224,17 +231,27 @@ def _preprocess(pre: dict) -> None:
 def _roi(roi, where: str) -> None:
     """A region of interest as :class:`edgetl.core.preprocess.Roi` stores it (checked here without
     numpy): four finite numbers, inside the frame when fractions, whole pixels otherwise."""
-    if not isinstance(roi, dict) or set(roi) - {"x", "y", "w", "h", "unit"} or roi.get("unit", "px") not in ("px", "fraction"):
+    if (
+        not isinstance(roi, dict)
+        or set(roi) - {"x", "y", "w", "h", "unit"}
+        or roi.get("unit", "px") not in ("px", "fraction")
+    ):
         raise BundleError(f"manifest: {where} should be {{x, y, w, h, unit: px | fraction}}")
     vals = [roi.get(k) for k in ("x", "y", "w", "h")]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
         raise BundleError(f"manifest: {where} should hold four finite numbers x, y, w, h")
     x, y, w, h = vals
     frac = roi.get("unit") == "fraction"
-    if min(x, y) < 0 or min(w, h) <= 0 or (frac and (x + w > 1 + 1e-9 or y + h > 1 + 1e-9)) or \
-            (not frac and (not all(float(v).is_integer() for v in vals) or max(x + w, y + h) > 1_000_000)):
-        raise BundleError(f"manifest: {where} {vals} is not a region of a frame (x, y >= 0, w, h > 0; fractions "
-                          "within 0..1, or whole pixels)")
+    if (
+        min(x, y) < 0
+        or min(w, h) <= 0
+        or (frac and (x + w > 1 + 1e-9 or y + h > 1 + 1e-9))
+        or (not frac and (not all(float(v).is_integer() for v in vals) or max(x + w, y + h) > 1_000_000))
+    ):
+        raise BundleError(
+            f"manifest: {where} {vals} is not a region of a frame (x, y >= 0, w, h > 0; fractions "
+            "within 0..1, or whole pixels)"
+        )
 
 
 def validate(m: dict, *, where: str = "") -> None:
@@ -259,7 +276,9 @@ def _validate(m: dict) -> None:
     _preprocess(_get(backbone, "preprocess", dict, "backbone."))
     if "feature_shape" in backbone:  # a patch-feature backbone's (C, H, W)
         shape = _get(backbone, "feature_shape", (list, tuple), "backbone.")
-        if len(shape) != 3 or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 100_000 for x in shape):
+        if len(shape) != 3 or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= 100_000 for x in shape
+        ):
             raise BundleError("manifest: backbone.feature_shape should be 3 positive integers")
     target = _get(m, "target", dict, "")
     _get(target, "name", str, "target.")

@@ -57,12 +57,21 @@ def format_metrics(m: dict, *, title: str = "", items: str = "images") -> str:
     acc = m["accuracy"]
     ci = m.get("accuracy_interval")
     interval = f"; 95% interval {ci[0] * 100:.1f}-{ci[1] * 100:.1f}%" if ci else ""
-    lines.append(f"accuracy  {acc * 100:.2f}%  ({m['n']} {items}{interval})" if acc is not None
-                 else f"accuracy  n/a (no {items})")
+    lines.append(
+        f"accuracy  {acc * 100:.2f}%  ({m['n']} {items}{interval})"
+        if acc is not None
+        else f"accuracy  n/a (no {items})"
+    )
     if m.get("balanced_accuracy") is not None:
         missing = m.get("classes_missing") or []
-        note = (f"  (over {len(labels) - len(missing)} of {len(labels)} classes; no {items} of "
-                f"{', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''})") if missing else ""
+        note = (
+            (
+                f"  (over {len(labels) - len(missing)} of {len(labels)} classes; no {items} of "
+                f"{', '.join(map(repr, missing[:3]))}{' ...' if len(missing) > 3 else ''})"
+            )
+            if missing
+            else ""
+        )
         lines.append(f"balanced  {m['balanced_accuracy'] * 100:.2f}%{note}")
     width = max(8, *(len(l) for l in labels))
     lines.append("")
@@ -107,8 +116,10 @@ def gate_lines(report: dict, cosine_name: str, cosine) -> list[str]:
     if g.drop_pp is None:
         return [f"gate      {g.describe()}"]
     cos = f", {cosine_name} {cosine:.4f}" if cosine is not None else ""
-    return [f"fp32      {g.reference * 100:.2f}% {g.metric.replace('_', ' ')} (converted {g.value * 100:.2f}%){cos}",
-            f"gate      {g.describe()}"]
+    return [
+        f"fp32      {g.reference * 100:.2f}% {g.metric.replace('_', ' ')} (converted {g.value * 100:.2f}%){cos}",
+        f"gate      {g.describe()}",
+    ]
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float | None:

@@ -72,13 +72,15 @@ class Roi:
             raise ValueError(f"region of interest {vals}: x and y must be >= 0, w and h > 0")
         if self.unit == "fraction" and (self.x + self.w > 1 + 1e-9 or self.y + self.h > 1 + 1e-9):
             raise ValueError(f"region of interest {vals}: as fractions, x + w and y + h must be at most 1")
-        if self.unit == "px" and (not all(float(v).is_integer() for v in vals) or
-                                  max(self.x + self.w, self.y + self.h) > _MAX_ROI_PIXELS):
-            raise ValueError(f"region of interest {vals}: pixel coordinates must be whole numbers up to "
-                             f"{_MAX_ROI_PIXELS}")
+        if self.unit == "px" and (
+            not all(float(v).is_integer() for v in vals) or max(self.x + self.w, self.y + self.h) > _MAX_ROI_PIXELS
+        ):
+            raise ValueError(
+                f"region of interest {vals}: pixel coordinates must be whole numbers up to {_MAX_ROI_PIXELS}"
+            )
 
     @classmethod
-    def parse(cls, text: str) -> "Roi":
+    def parse(cls, text: str) -> Roi:
         """``"x,y,w,h"``: whole pixels, or fractions of the frame when all four are at most 1.
 
         Raises:
@@ -92,14 +94,16 @@ class Roi:
                 return cls(*vals, unit="fraction")
             return cls(*(int(v) if v.is_integer() else v for v in vals), unit="px")
         except ValueError as exc:
-            raise ConfigError(f"--roi {text!r}: {exc}; give x,y,w,h in pixels (100,50,800,600) or as "
-                              "fractions of the frame (0.1,0.05,0.8,0.9)") from None
+            raise ConfigError(
+                f"--roi {text!r}: {exc}; give x,y,w,h in pixels (100,50,800,600) or as "
+                "fractions of the frame (0.1,0.05,0.8,0.9)"
+            ) from None
 
     def to_dict(self) -> dict:
         return {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "unit": self.unit}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Roi":
+    def from_dict(cls, d: dict) -> Roi:
         return cls(d["x"], d["y"], d["w"], d["h"], unit=d.get("unit", "px"))
 
     def __str__(self) -> str:
@@ -122,8 +126,10 @@ class Roi:
             left, top, right, bottom = int(self.x), int(self.y), int(self.x + self.w), int(self.y + self.h)
             if right <= width and bottom <= height:
                 return left, top, right, bottom
-        raise DataError(f"{name}: the {width} x {height} frame does not contain the region of interest {self} "
-                        "the bundle was fitted with; send frames from the same camera, or fit again with another --roi")
+        raise DataError(
+            f"{name}: the {width} x {height} frame does not contain the region of interest {self} "
+            "the bundle was fitted with; send frames from the same camera, or fit again with another --roi"
+        )
 
 
 @dataclass(frozen=True)
@@ -139,14 +145,19 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATION:
-            raise ValueError(
-                f"interpolation {self.interpolation!r} is not one of {sorted(_INTERPOLATION)}"
-            )
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(_INTERPOLATION)}")
         # Bounds that keep a hostile or mistyped manifest from allocating gigabytes or dividing by 0.
-        if not (8 <= self.input_size <= 4096 and 0.0 < self.crop_pct <= 1.0 and len(self.mean) == 3
-                and len(self.std) == 3 and all(s > 0 for s in self.std)):
-            raise ValueError(f"preprocessing out of range: input_size {self.input_size} (8..4096), crop_pct "
-                             f"{self.crop_pct} (0..1], std {self.std} (> 0)")
+        if not (
+            8 <= self.input_size <= 4096
+            and 0.0 < self.crop_pct <= 1.0
+            and len(self.mean) == 3
+            and len(self.std) == 3
+            and all(s > 0 for s in self.std)
+        ):
+            raise ValueError(
+                f"preprocessing out of range: input_size {self.input_size} (8..4096), crop_pct "
+                f"{self.crop_pct} (0..1], std {self.std} (> 0)"
+            )
 
     def to_dict(self) -> dict:
         # No "roi" key without a region: the digest (a cache key) of every other config is unchanged.
@@ -156,7 +167,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
+    def from_dict(cls, d: dict) -> PreprocessConfig:
         roi = d.get("roi")
         return cls(
             input_size=int(d["input_size"]),
@@ -242,9 +253,11 @@ def check_cost(im: Image.Image, name, reduce_by: int = 1) -> int:
     cost, budget = decode_cost(im, reduce_by), budget_bytes()
     if cost > budget:
         w, h = im.size
-        raise OverBudget(f"{name}: {w} x {h} {im.mode} image would take {cost / 1e6:.0f} MB to decode, over the pixel "
-                         f"budget's {budget / 1e6:.0f} MB ({max_pixels() / 1e6:g} megapixels of RGB); downscale it or "
-                         "raise EDGETL_MAX_MEGAPIXELS")
+        raise OverBudget(
+            f"{name}: {w} x {h} {im.mode} image would take {cost / 1e6:.0f} MB to decode, over the pixel "
+            f"budget's {budget / 1e6:.0f} MB ({max_pixels() / 1e6:g} megapixels of RGB); downscale it or "
+            "raise EDGETL_MAX_MEGAPIXELS"
+        )
     return cost
 
 
@@ -301,8 +314,10 @@ def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
         budget = max_pixels()
         if w * h > budget:  # decoding time grows with the source's pixels, whatever is kept of them
             im.close()
-            raise OverBudget(f"{name}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
-                             f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS")
+            raise OverBudget(
+                f"{name}: {w} x {h} = {w * h / 1e6:.1f} megapixels is over the pixel budget of "
+                f"{budget / 1e6:g}; downscale it or raise EDGETL_MAX_MEGAPIXELS"
+            )
         if load:
             try:
                 if im.format == "JPEG":
@@ -318,8 +333,9 @@ def decode(source, name: str | Path, *, load: bool = True) -> Image.Image:
     except FileNotFoundError:
         raise DataError(f"{name}: file not found") from None
     except MemoryError:
-        raise DataError(f"{name}: not enough memory to decode this image; downscale it or lower "
-                        "EDGETL_MAX_MEGAPIXELS") from None
+        raise DataError(
+            f"{name}: not enough memory to decode this image; downscale it or lower EDGETL_MAX_MEGAPIXELS"
+        ) from None
     except Image.DecompressionBombError as exc:
         raise OverBudget(f"{name}: over Pillow's decompression-bomb limit ({_reason(exc)}); downscale it") from None
     except (OSError, ValueError, SyntaxError, OverflowError) as exc:
@@ -340,13 +356,14 @@ _BOX_GAP = 2
 _REDUCIBLE = ("L", "RGB", "RGBA", "LA", "I", "F", "CMYK", "RGBX", "RGBa", "La", "YCbCr")
 
 
-def resize_side(cfg: "PreprocessConfig") -> int:
+def resize_side(cfg: PreprocessConfig) -> int:
     """The short side an image (or its region of interest) is resized to before the centre crop."""
     return math.floor(cfg.input_size / cfg.crop_pct)
 
 
-def load_rgb(path, name: str | Path | None = None, *, cfg: "PreprocessConfig | None" = None,
-             need: int | None = None) -> Image.Image:
+def load_rgb(
+    path, name: str | Path | None = None, *, cfg: PreprocessConfig | None = None, need: int | None = None
+) -> Image.Image:
     """Decode an image file into an 8-bit RGB image, upright: the one decoder every job uses
     (fit, eval, predict, adapt, drift, report, serve). ``path`` may also be an open binary stream
     (an upload), named ``name`` in messages.
@@ -398,7 +415,7 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def _decode_sized(im: Image.Image, name, need: int, roi: "Roi | None") -> Image.Image:
+def _decode_sized(im: Image.Image, name, need: int, roi: Roi | None) -> Image.Image:
     full_w, full_h = _upright_size(im)
     box = roi.box(full_w, full_h, name) if roi is not None else (0, 0, full_w, full_h)
     short = min(box[2] - box[0], box[3] - box[1])
@@ -430,8 +447,14 @@ def _reduce_convert(im: Image.Image, rest: int, full_w: int, full_h: int, box) -
     w, h = im.size
     if box is not None:
         fx, fy = full_w / w, full_h / h
-        im = im.crop((round(box[0] / fx), round(box[1] / fy), max(round(box[2] / fx), round(box[0] / fx) + 1),
-                      max(round(box[3] / fy), round(box[1] / fy) + 1)))
+        im = im.crop(
+            (
+                round(box[0] / fx),
+                round(box[1] / fy),
+                max(round(box[2] / fx), round(box[0] / fx) + 1),
+                max(round(box[3] / fy), round(box[1] / fy) + 1),
+            )
+        )
     return to_rgb(im)
 
 

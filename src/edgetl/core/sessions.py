@@ -156,9 +156,13 @@ class Session:
 
     def describe(self) -> dict:
         """What ran, for reports: runtime, device, float precision asked for and read back, INT8 path."""
-        return {"runtime": self.runtime, "device": self.device, "float_precision": self.float_precision,
-                "requested_float_precision": self.requested_precision,
-                "int8": "exact emulation" if self.emulated else "native kernels"}
+        return {
+            "runtime": self.runtime,
+            "device": self.device,
+            "float_precision": self.float_precision,
+            "requested_float_precision": self.requested_precision,
+            "int8": "exact emulation" if self.emulated else "native kernels",
+        }
 
 
 def _check_precision(float_precision: str) -> str:
@@ -170,9 +174,17 @@ def _check_precision(float_precision: str) -> str:
 class OrtSession(Session):
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, *, providers: list[str] | None = None, threads: int | None = None,
-                 simulate: bool = False, exact: bool = False, float_precision: str = "f32",
-                 model_bytes: bytes | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        simulate: bool = False,
+        exact: bool = False,
+        float_precision: str = "f32",
+        model_bytes: bytes | None = None,
+    ):
         ort = require("onnxruntime", extra="base", purpose="running ONNX models")
         self.requested_precision = _check_precision(float_precision)
         available = ort.get_available_providers()
@@ -192,8 +204,9 @@ class OrtSession(Session):
         # The CPU provider's only implicit down-cast is this ARM64 opt-in; pinned off so f32 is f32.
         opts.add_session_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "0")
         try:
-            self._sess = ort.InferenceSession(model_bytes if model_bytes is not None else str(path),
-                                              sess_options=opts, providers=wanted)
+            self._sess = ort.InferenceSession(
+                model_bytes if model_bytes is not None else str(path), sess_options=opts, providers=wanted
+            )
         except Exception as exc:  # ORT raises its own exception types for bad files
             raise ConfigError(f"{path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0]})") from None
         self.device = self._sess.get_providers()[0]
@@ -228,8 +241,9 @@ def quantizes_at_run_time(path: Path | bytes) -> bool:
     batch at run time)."""
     onnx = require("onnx", extra="base", purpose="reading ONNX graphs")
     try:
-        graph = (onnx.load_from_string(path) if isinstance(path, bytes)
-                 else onnx.load(str(path), load_external_data=False)).graph
+        graph = (
+            onnx.load_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+        ).graph
     except Exception:  # ORT loaded it, so this is only an exotic encoding: assume the common case
         return False
     return any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
@@ -238,9 +252,18 @@ def quantizes_at_run_time(path: Path | bytes) -> bool:
 class OpenVinoSession(Session):
     runtime = "openvino"
 
-    def __init__(self, path: Path, *, device: str = "CPU", threads: int | None = None, simulate: bool = False,
-                 exact: bool = False, float_precision: str = "f32", model_bytes: bytes | None = None,
-                 weights_bytes: bytes | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        device: str = "CPU",
+        threads: int | None = None,
+        simulate: bool = False,
+        exact: bool = False,
+        float_precision: str = "f32",
+        model_bytes: bytes | None = None,
+        weights_bytes: bytes | None = None,
+    ):
         ov = require("openvino", extra="openvino", purpose="running OpenVINO models")
         self.requested_precision = _check_precision(float_precision)
         core = ov.Core()
@@ -273,7 +296,9 @@ class OpenVinoSession(Session):
                 model = core.read_model(model_bytes, ov.Tensor(np.frombuffer(self._weights, np.uint8)))
             self._compiled = core.compile_model(model, chosen, config)
         except Exception as exc:
-            raise ConfigError(f"{path}: OpenVINO cannot compile this model for {chosen} ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(
+                f"{path}: OpenVINO cannot compile this model for {chosen} ({str(exc).splitlines()[0]})"
+            ) from None
         self._request = self._compiled.create_infer_request()
         self.device = chosen
         self.float_precision = self._read_precision()
@@ -343,11 +368,26 @@ def open_session(
     if runtime is None:
         runtime = "openvino" if path.suffix == ".xml" else "onnxruntime"
     if runtime == "onnxruntime":
-        return OrtSession(path, providers=providers, threads=threads, simulate=simulate, exact=exact,
-                          float_precision=float_precision, model_bytes=model_bytes)
+        return OrtSession(
+            path,
+            providers=providers,
+            threads=threads,
+            simulate=simulate,
+            exact=exact,
+            float_precision=float_precision,
+            model_bytes=model_bytes,
+        )
     if runtime == "openvino":
-        return OpenVinoSession(path, device=device or "CPU", threads=threads, simulate=simulate, exact=exact,
-                               float_precision=float_precision, model_bytes=model_bytes, weights_bytes=weights_bytes)
+        return OpenVinoSession(
+            path,
+            device=device or "CPU",
+            threads=threads,
+            simulate=simulate,
+            exact=exact,
+            float_precision=float_precision,
+            model_bytes=model_bytes,
+            weights_bytes=weights_bytes,
+        )
     if runtime == "tensorrt":
         raise MissingDependency(
             "runtime 'tensorrt' runs through ONNX Runtime's TensorRT provider on the device; "
@@ -356,8 +396,9 @@ def open_session(
     raise ConfigError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
 
 
-def bundle_session(bundle, path: str | Path, *, device: str | None = None, threads: int | None = None,
-                   exact: bool = True) -> Session:
+def bundle_session(
+    bundle, path: str | Path, *, device: str | None = None, threads: int | None = None, exact: bool = True
+) -> Session:
     """A session for one of a bundle's model files, with its target's device / providers and float
     precision.
 
@@ -379,16 +420,25 @@ def bundle_session(bundle, path: str | Path, *, device: str | None = None, threa
     path = Path(path)
     model = bundle.read_verified(path)
     weights = bundle.read_verified(path.with_suffix(".bin")) if path.suffix == ".xml" else None
-    session = open_session(path, runtime=bundle.runtime, device=device or target.get("device"),
-                           providers=target.get("providers"), threads=threads,
-                           exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
-                           float_precision=bundle.float_precision, model_bytes=model, weights_bytes=weights)
+    session = open_session(
+        path,
+        runtime=bundle.runtime,
+        device=device or target.get("device"),
+        providers=target.get("providers"),
+        threads=threads,
+        exact=exact and bundle.precision == "int8" and target.get("fit_features") == "simulated",
+        float_precision=bundle.float_precision,
+        model_bytes=model,
+        weights_bytes=weights,
+    )
     pre = bundle.manifest["backbone"]["preprocess"]
     if pre.get("kind") != "text":
         size = int(pre["input_size"])
         hw = list(session.input_shape[2:4]) if len(session.input_shape) == 4 else None
         if hw is None or any(d is not None and d != size for d in hw):
-            raise BundleError(f"{bundle.path / 'manifest.json'}: backbone.preprocess.input_size = {size} but "
-                              f"{path.name} takes {session.input_shape} (N, C, H, W); the manifest does not describe "
-                              "this model, copy the bundle again")
+            raise BundleError(
+                f"{bundle.path / 'manifest.json'}: backbone.preprocess.input_size = {size} but "
+                f"{path.name} takes {session.input_shape} (N, C, H, W); the manifest does not describe "
+                "this model, copy the bundle again"
+            )
     return session

@@ -91,10 +91,15 @@ class SigningKey:
         return key_id(self.public_raw)
 
     def sign(self, statement, operation: str) -> dict:
-        return {"key_id": self.key_id, "key_name": self.name, "operation": operation,
-                "signed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "sig": base64.b64encode(self.key.sign(canonical({"operation": operation, "statement": statement})))
-                .decode()}
+        return {
+            "key_id": self.key_id,
+            "key_name": self.name,
+            "operation": operation,
+            "signed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sig": base64.b64encode(
+                self.key.sign(canonical({"operation": operation, "statement": statement}))
+            ).decode(),
+        }
 
 
 def key_id(public_raw: bytes) -> str:
@@ -210,8 +215,9 @@ def load_trust(path: str | Path) -> TrustPolicy:
     keys = []
     entries = data.get("key", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ConfigError(f"{path}: key = {str(entries)[:40]}; a trust policy holds [[key]] tables "
-                          "(name, public_key, may)")
+        raise ConfigError(
+            f"{path}: key = {str(entries)[:40]}; a trust policy holds [[key]] tables (name, public_key, may)"
+        )
     for i, entry in enumerate(entries):
         where = f"{path} [[key]] #{i + 1}"
         unknown = set(entry) - {"name", "public_key", "may"}
@@ -259,8 +265,11 @@ def release_block(manifest: dict) -> dict:
 
 
 def version_statement(manifest: dict, entry: dict) -> dict:
-    return {"release": digest(manifest["release"]), "entry": version_core(entry),
-            "files": {rel: manifest["files"][rel]["sha256"] for rel in version_files(entry)}}
+    return {
+        "release": digest(manifest["release"]),
+        "entry": version_core(entry),
+        "files": {rel: manifest["files"][rel]["sha256"] for rel in version_files(entry)},
+    }
 
 
 def state_serials(manifest: dict) -> tuple[int, int]:
@@ -286,20 +295,28 @@ def _fused_files(manifest: dict) -> list[str]:
 
 def selection_statement(manifest: dict) -> dict:
     """What ``fit`` / ``adapt`` / a fleet round / ``rollback`` decide: see the module docstring."""
-    return {"release": digest(manifest["release"]), "selection_serial": state_serials(manifest)[1],
-            "current": manifest["head"]["current"], "labels": manifest["labels"],
-            "models": manifest.get("models", {}),
-            "fused": {str(e["version"]): e.get("fused") for e in manifest["head"]["versions"]},
-            "files": {rel: manifest["files"][rel]["sha256"] for rel in _fused_files(manifest)
-                      if rel in manifest["files"]}}
+    return {
+        "release": digest(manifest["release"]),
+        "selection_serial": state_serials(manifest)[1],
+        "current": manifest["head"]["current"],
+        "labels": manifest["labels"],
+        "models": manifest.get("models", {}),
+        "fused": {str(e["version"]): e.get("fused") for e in manifest["head"]["versions"]},
+        "files": {rel: manifest["files"][rel]["sha256"] for rel in _fused_files(manifest) if rel in manifest["files"]},
+    }
 
 
 def thresholds_statement(manifest: dict) -> dict:
     """What ``threshold`` (and every other writer) sets, bound to one selection and serial."""
-    return {"release": digest(manifest["release"]), "selection": digest(selection_statement(manifest)),
-            "serial": state_serials(manifest)[0], "thresholds": manifest.get("thresholds", {}),
-            "versions": {str(e["version"]): {k: e.get(k) for k in THRESHOLD_ENTRY_FIELDS}
-                         for e in manifest["head"]["versions"]}}
+    return {
+        "release": digest(manifest["release"]),
+        "selection": digest(selection_statement(manifest)),
+        "serial": state_serials(manifest)[0],
+        "thresholds": manifest.get("thresholds", {}),
+        "versions": {
+            str(e["version"]): {k: e.get(k) for k in THRESHOLD_ENTRY_FIELDS} for e in manifest["head"]["versions"]
+        },
+    }
 
 
 def sign_release(manifest: dict, key: SigningKey) -> dict:
@@ -310,9 +327,11 @@ def sign_release(manifest: dict, key: SigningKey) -> dict:
     m["release"] = release_block(m)
     # When it was issued, so a device can tell a replayed older release of the same bundle path.
     m["release"]["issued_ns"] = time.time_ns()
-    m["signatures"] = {"release": key.sign(m["release"], "release"),
-                       "selection": key.sign(selection_statement(m), "release"),
-                       "thresholds": key.sign(thresholds_statement(m), "release")}
+    m["signatures"] = {
+        "release": key.sign(m["release"], "release"),
+        "selection": key.sign(selection_statement(m), "release"),
+        "thresholds": key.sign(thresholds_statement(m), "release"),
+    }
     return m
 
 
@@ -321,12 +340,18 @@ def sign_update(manifest: dict, key: SigningKey, operation: str, new_version: di
     version's statement, the selection where ``operation`` may change it, and the thresholds.
     The caller has already moved the state's serials on (:func:`next_state`)."""
     if "release" not in manifest:
-        raise TrustError("this bundle was released unsigned, so updates to it cannot be signed; re-export it "
-                         "with --sign KEY from the machine that holds the release key")
+        raise TrustError(
+            "this bundle was released unsigned, so updates to it cannot be signed; re-export it "
+            "with --sign KEY from the machine that holds the release key"
+        )
     m = dict(manifest)
     if new_version is not None:
-        versions = [dict(e, signature=key.sign(version_statement(m, e), operation))
-                    if e["version"] == new_version["version"] else e for e in m["head"]["versions"]]
+        versions = [
+            dict(e, signature=key.sign(version_statement(m, e), operation))
+            if e["version"] == new_version["version"]
+            else e
+            for e in m["head"]["versions"]
+        ]
         m["head"] = {**m["head"], "versions": versions}
     sigs = {k: v for k, v in m.get("signatures", {}).items() if k != "state"}
     if operation in SELECTION_OPERATIONS:
@@ -342,18 +367,23 @@ def _check(policy: TrustPolicy, sig, statement, allowed: tuple[str, ...], what: 
         raise TrustError(f"{where}: {what} is not signed; this device only accepts bundles signed by a trusted key")
     trusted = policy.key(sig["key_id"])
     if trusted is None:
-        raise TrustError(f"{where}: {what} is signed by key {sig.get('key_name', '?')} ({sig['key_id']}), which "
-                         f"{policy.source or 'the trust policy'} does not trust")
+        raise TrustError(
+            f"{where}: {what} is signed by key {sig.get('key_name', '?')} ({sig['key_id']}), which "
+            f"{policy.source or 'the trust policy'} does not trust"
+        )
     op = sig["operation"]
     if op not in allowed or op not in trusted.may:
-        raise TrustError(f"{where}: {what} was signed for '{op}' by {trusted.name}, which may only "
-                         f"{', '.join(sorted(trusted.may))}")
+        raise TrustError(
+            f"{where}: {what} was signed for '{op}' by {trusted.name}, which may only {', '.join(sorted(trusted.may))}"
+        )
     try:
         ed.Ed25519PublicKey.from_public_bytes(trusted.public_raw).verify(
-            base64.b64decode(sig["sig"]), canonical({"operation": op, "statement": statement}))
+            base64.b64decode(sig["sig"]), canonical({"operation": op, "statement": statement})
+        )
     except Exception:  # InvalidSignature, or a signature that is not base64 / 64 bytes
-        raise TrustError(f"{where}: {what}'s signature by {trusted.name} does not match the manifest "
-                         "(tampered with after signing?)") from None
+        raise TrustError(
+            f"{where}: {what}'s signature by {trusted.name} does not match the manifest (tampered with after signing?)"
+        ) from None
     return trusted
 
 
@@ -367,8 +397,10 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
     release = manifest.get("release")
     sigs = manifest.get("signatures")
     if not isinstance(release, dict) or not isinstance(sigs, dict):
-        raise TrustError(f"{where}: the bundle is not signed; this device only accepts bundles signed by a "
-                         f"trusted key ({policy.source})")
+        raise TrustError(
+            f"{where}: the bundle is not signed; this device only accepts bundles signed by a "
+            f"trusted key ({policy.source})"
+        )
     who = {"release": _check(policy, sigs.get("release"), release, ("release",), "the release", where).name}
     live = release_block(manifest)
     for part in ("fields", "models", "version1"):
@@ -382,27 +414,43 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
         if e["version"] == 1:
             continue
         allowed = ("fleet",) if e.get("source") == "fleet" else ("adapt",)
-        who["versions"][e["version"]] = _check(policy, e.get("signature"), version_statement(manifest, e), allowed,
-                                               f"head version {e['version']}", where).name
+        who["versions"][e["version"]] = _check(
+            policy, e.get("signature"), version_statement(manifest, e), allowed, f"head version {e['version']}", where
+        ).name
     if "state" in sigs and "selection" not in sigs:
-        raise TrustError(f"{where}: the current state was signed by an older edgetl whose state signature does not "
-                         "say what it may change; re-sign it with a newer edgetl (rollback or threshold --sign KEY)")
-    who["selection"] = _check(policy, sigs.get("selection"), selection_statement(manifest), SELECTION_OPERATIONS,
-                              "the selection statement (which version and models are current)", where).name
-    who["thresholds"] = _check(policy, sigs.get("thresholds"), thresholds_statement(manifest), OPERATIONS,
-                               "the thresholds statement", where).name
-    who["state"] = who["selection"] if who["selection"] == who["thresholds"] else \
-        f"{who['selection']} (thresholds: {who['thresholds']})"
+        raise TrustError(
+            f"{where}: the current state was signed by an older edgetl whose state signature does not "
+            "say what it may change; re-sign it with a newer edgetl (rollback or threshold --sign KEY)"
+        )
+    who["selection"] = _check(
+        policy,
+        sigs.get("selection"),
+        selection_statement(manifest),
+        SELECTION_OPERATIONS,
+        "the selection statement (which version and models are current)",
+        where,
+    ).name
+    who["thresholds"] = _check(
+        policy, sigs.get("thresholds"), thresholds_statement(manifest), OPERATIONS, "the thresholds statement", where
+    ).name
+    who["state"] = (
+        who["selection"]
+        if who["selection"] == who["thresholds"]
+        else f"{who['selection']} (thresholds: {who['thresholds']})"
+    )
     return who
 
 
 def delivery_statement(doc: dict, arrays: dict) -> dict:
     """What a fleet server signs when it delivers a merged head: the head's kind, labels, metadata
     and provenance (``doc``, JSON as sent) and every array by dtype, shape and sha256 of its bytes."""
-    return {"head": {k: doc.get(k) for k in ("kind", "labels", "meta", "provenance")},
-            "arrays": {name: {"dtype": a.dtype.str, "shape": list(a.shape),
-                              "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
-                       for name, a in sorted(arrays.items())}}
+    return {
+        "head": {k: doc.get(k) for k in ("kind", "labels", "meta", "provenance")},
+        "arrays": {
+            name: {"dtype": a.dtype.str, "shape": list(a.shape), "sha256": hashlib.sha256(a.tobytes()).hexdigest()}
+            for name, a in sorted(arrays.items())
+        },
+    }
 
 
 def sign_delivery(key: SigningKey, doc: dict, arrays: dict) -> dict:
@@ -417,8 +465,14 @@ def verify_delivery(policy: TrustPolicy, doc: dict, arrays: dict, where: str) ->
         TrustError: unsigned, signed by a key the policy does not trust for ``fleet``, or not the
             head that was signed.
     """
-    return _check(policy, doc.get("signature"), delivery_statement(doc, arrays), ("fleet",),
-                  "the fleet server's merged head", where).name
+    return _check(
+        policy,
+        doc.get("signature"),
+        delivery_statement(doc, arrays),
+        ("fleet",),
+        "the fleet server's merged head",
+        where,
+    ).name
 
 
 def signature_summary(manifest: dict) -> dict:
@@ -427,7 +481,10 @@ def signature_summary(manifest: dict) -> dict:
     if not sigs:
         return {"signed": False}
     name = lambda s: f"{s.get('key_name')} ({s.get('key_id')})" if isinstance(s, dict) else None  # noqa: E731
-    return {"signed": True, "release": name(sigs.get("release")),
-            "state": name(sigs.get("selection") or sigs.get("state")), "thresholds": name(sigs.get("thresholds")),
-            "versions": {e["version"]: name(e.get("signature")) for e in manifest["head"]["versions"]
-                         if e["version"] != 1}}
+    return {
+        "signed": True,
+        "release": name(sigs.get("release")),
+        "state": name(sigs.get("selection") or sigs.get("state")),
+        "thresholds": name(sigs.get("thresholds")),
+        "versions": {e["version"]: name(e.get("signature")) for e in manifest["head"]["versions"] if e["version"] != 1},
+    }

@@ -127,7 +127,7 @@ class Target:
             d.pop("adjusted")
         return d
 
-    def with_overrides(self, **kw: Any) -> "Target":
+    def with_overrides(self, **kw: Any) -> Target:
         """A copy with ``precision`` / ``runtime`` replaced (None values ignored), re-validated.
 
         Overrides compose with any profile: settings an override makes irrelevant are dropped and
@@ -146,12 +146,16 @@ class Target:
         q, notes = t.quantization, list(self.adjusted)
         asked = " ".join(f"--{k} {v}" for k, v in kw.items())
         if t.runtime == "openvino" and t.precision == "int8" and q.engine != "nncf":
-            raise ConfigError(f"{asked}: {self.name} quantizes with ONNX Runtime's quantizer, which makes no OpenVINO "
-                              "model; for INT8 on OpenVINO use --target openvino-cpu (or intel-npu)")
+            raise ConfigError(
+                f"{asked}: {self.name} quantizes with ONNX Runtime's quantizer, which makes no OpenVINO "
+                "model; for INT8 on OpenVINO use --target openvino-cpu (or intel-npu)"
+            )
         if t.runtime == "openvino" and t.tensorrt is not None:
             raise ConfigError(f"{asked}: {self.name} is a TensorRT profile; for OpenVINO use --target openvino-cpu")
         if t.precision == "bf16" and t.runtime != "openvino":
-            raise ConfigError(f"{asked}: bf16 runs on OpenVINO's CPU plugin; use --target openvino-cpu --precision bf16")
+            raise ConfigError(
+                f"{asked}: bf16 runs on OpenVINO's CPU plugin; use --target openvino-cpu --precision bf16"
+            )
         if t.precision != "int8":
             if q.accuracy_control:
                 q = dataclasses.replace(q, accuracy_control=False)
@@ -167,8 +171,9 @@ class Target:
                 t = dataclasses.replace(t, float_precision="f32")
                 notes.append("float_precision = f32: ONNX Runtime computes in the model's own types")
             if self.runtime == "openvino" and t.device != "CPU":
-                notes.append(f"device {t.device} dropped: ONNX Runtime runs on its providers "
-                             f"({', '.join(t.providers)})")
+                notes.append(
+                    f"device {t.device} dropped: ONNX Runtime runs on its providers ({', '.join(t.providers)})"
+                )
                 t = dataclasses.replace(t, device="CPU")
         t = dataclasses.replace(t, quantization=q, adjusted=tuple(notes))
         _check_rules(t, where)
@@ -239,8 +244,10 @@ def _check_rules(t: Target, where: str) -> None:
         "quantization.engine": (q.engine, ("nncf", "ort")),
         "quantization.activation_type": (q.activation_type, ("int8", "uint8")),
         "quantization.weight_type": (q.weight_type, ("int8", "uint8")),
-        "quantization.calibration_method": (q.calibration_method, ("minmax", "percentile", "entropy")
-                                            if q.engine == "ort" else ("minmax", "mean_minmax", "histogram")),
+        "quantization.calibration_method": (
+            q.calibration_method,
+            ("minmax", "percentile", "entropy") if q.engine == "ort" else ("minmax", "mean_minmax", "histogram"),
+        ),
         "quantization.preset": (q.preset, ("performance", "mixed")),
         "quantization.overflow_fix": (q.overflow_fix, ("enable", "first_layer", "disable")),
     }
@@ -260,23 +267,31 @@ def _check_rules(t: Target, where: str) -> None:
     if t.device.upper().startswith("NPU") and not t.static:
         raise ConfigError(f"{where}: device NPU needs a static input shape; set batch = 1 (or another fixed size)")
     if t.runtime == "openvino" and q.engine != "nncf":
-        raise ConfigError(f"{where}: runtime openvino quantizes with NNCF; set quantization.engine = \"nncf\"")
+        raise ConfigError(f'{where}: runtime openvino quantizes with NNCF; set quantization.engine = "nncf"')
     if t.tensorrt is not None:
-        if not (q.symmetric_activations and q.symmetric_weights and q.activation_type == "int8" and q.weight_type == "int8"):
+        if not (
+            q.symmetric_activations and q.symmetric_weights and q.activation_type == "int8" and q.weight_type == "int8"
+        ):
             raise ConfigError(
                 f"{where}: TensorRT explicit quantization needs symmetric int8 activations and weights; "
-                "set quantization.symmetric_activations = true and activation_type = \"int8\""
+                'set quantization.symmetric_activations = true and activation_type = "int8"'
             )
         if not t.static:
-            raise ConfigError(f"{where}: TensorRT profiles need a static input shape; set batch = 1 (or another fixed size)")
+            raise ConfigError(
+                f"{where}: TensorRT profiles need a static input shape; set batch = 1 (or another fixed size)"
+            )
         if t.runtime != "onnxruntime":
-            raise ConfigError(f"{where}: a [tensorrt] profile ships ONNX; set runtime = \"onnxruntime\"")
+            raise ConfigError(f'{where}: a [tensorrt] profile ships ONNX; set runtime = "onnxruntime"')
     if t.precision == "bf16" and t.runtime != "openvino":
-        raise ConfigError(f"{where}: precision bf16 runs on OpenVINO's CPU plugin; set runtime = \"openvino\" "
-                          "(or use --target openvino-cpu --precision bf16)")
+        raise ConfigError(
+            f'{where}: precision bf16 runs on OpenVINO\'s CPU plugin; set runtime = "openvino" '
+            "(or use --target openvino-cpu --precision bf16)"
+        )
     if t.float_precision != "f32" and t.runtime != "openvino":
-        raise ConfigError(f"{where}: float_precision = \"{t.float_precision}\" needs runtime openvino; ONNX "
-                          "Runtime computes float ops in the model's own types (use precision = \"fp16\" for FP16)")
+        raise ConfigError(
+            f'{where}: float_precision = "{t.float_precision}" needs runtime openvino; ONNX '
+            'Runtime computes float ops in the model\'s own types (use precision = "fp16" for FP16)'
+        )
     if q.accuracy_control and t.runtime != "openvino":
         raise ConfigError(f"{where}: quantization.accuracy_control needs runtime openvino (NNCF's OpenVINO backend)")
 

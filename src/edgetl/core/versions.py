@@ -62,8 +62,9 @@ def new_version_files(b: Bundle, rels: list[str]):
             (b.path / rel).unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 (b.path / rel).parent.rmdir()  # a folder this update made, if it is empty
-        raise BundleError(f"{b.path}: cannot write the new head ({exc.strerror or exc}); "
-                          f"v{b.head_version} stays current") from None
+        raise BundleError(
+            f"{b.path}: cannot write the new head ({exc.strerror or exc}); v{b.head_version} stays current"
+        ) from None
 
 
 def write_fused(b: Bundle, version: int, head, meta: dict) -> str:
@@ -93,8 +94,16 @@ def write_fused(b: Bundle, version: int, head, meta: dict) -> str:
     return name
 
 
-def switch_version(b: Bundle, changes: dict, *, add: list[str] = (), drop: list[str] = (), signer=None,
-                   operation: str = "adapt", new_version: dict | None = None) -> Bundle:
+def switch_version(
+    b: Bundle,
+    changes: dict,
+    *,
+    add: list[str] = (),
+    drop: list[str] = (),
+    signer=None,
+    operation: str = "adapt",
+    new_version: dict | None = None,
+) -> Bundle:
     """Atomically make ``changes`` current (the files in ``add`` hashed in), then delete the files
     in ``drop``, which the new manifest no longer lists. The caller holds the writer lock."""
     _fault("before-switch")
@@ -105,8 +114,17 @@ def switch_version(b: Bundle, changes: dict, *, add: list[str] = (), drop: list[
     return new
 
 
-def add_version(b: Bundle, head, entry: dict, *, meta: dict, changes: dict, files: dict | None = None, signer=None,
-                operation: str = "adapt") -> Bundle:
+def add_version(
+    b: Bundle,
+    head,
+    entry: dict,
+    *,
+    meta: dict,
+    changes: dict,
+    files: dict | None = None,
+    signer=None,
+    operation: str = "adapt",
+) -> Bundle:
     """Write ``head`` as the next version and make it current.
 
     Args:
@@ -123,8 +141,12 @@ def add_version(b: Bundle, head, entry: dict, *, meta: dict, changes: dict, file
         BundleError: a file cannot be written (nothing changes) or the bundle is read-only.
     """
     version = next_version(b)
-    entry = {"version": version, "file": f"heads/v{version}.npz",
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry}
+    entry = {
+        "version": version,
+        "file": f"heads/v{version}.npz",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **entry,
+    }
     files = {entry["file"]: head.save, **(files or {})}
     with new_version_files(b, [*files, *fused_files(fused_name(b, version))]):
         for rel, write in files.items():
@@ -141,7 +163,16 @@ def add_version(b: Bundle, head, entry: dict, *, meta: dict, changes: dict, file
             drop += [f for f in fused_files(e["fused"]) if f in b.manifest["files"]]
             e = dict(e, fused=None)
         pruned.append(e)
-    return switch_version(b, {**changes, "head": {"current": version, "versions": pruned},
-                              "models": {**b.manifest["models"], "fused": fused}},
-                          add=[*written, *fused_files(fused)], drop=drop, signer=signer, operation=operation,
-                          new_version=entry)
+    return switch_version(
+        b,
+        {
+            **changes,
+            "head": {"current": version, "versions": pruned},
+            "models": {**b.manifest["models"], "fused": fused},
+        },
+        add=[*written, *fused_files(fused)],
+        drop=drop,
+        signer=signer,
+        operation=operation,
+        new_version=entry,
+    )

@@ -36,7 +36,7 @@ import os
 import secrets
 import shutil
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -74,20 +74,48 @@ _GAP = 8  # pixels left unused between the train part and the held-out part of a
 # Augmentation profiles: the classification crops vary a lot; the anomaly crops only a little, since
 # "normal" must stay narrow for a defect to stand out.
 # The files behind the skimage.data functions used here (all inside the scikit-image wheel).
-_FILES = {"brick": "brick.png", "coins": "coins.png", "grass": "grass.png", "gravel": "gravel.png",
-          "page": "page.png", "moon": "moon.png", "immunohistochemistry": "ihc.png", "coffee": "coffee.png",
-          "chelsea": "chelsea.png"}
+_FILES = {
+    "brick": "brick.png",
+    "coins": "coins.png",
+    "grass": "grass.png",
+    "gravel": "gravel.png",
+    "page": "page.png",
+    "moon": "moon.png",
+    "immunohistochemistry": "ihc.png",
+    "coffee": "coffee.png",
+    "chelsea": "chelsea.png",
+}
 
-_SURFACE_AUG = dict(angle=12.0, rot90=True, flip=True, brightness=(0.75, 1.25), contrast=(0.7, 1.3),
-                    saturation=(0.6, 1.3), tint=0.08, p_blur=0.3, blur=(0.4, 1.4), p_noise=0.4,
-                    noise=(2.0, 7.0))
-_DEFECT_AUG = dict(angle=0.0, rot90=False, flip=True, brightness=(0.95, 1.05), contrast=(0.95, 1.05),
-                   saturation=(1.0, 1.0), tint=0.0, p_blur=0.0, blur=(0.0, 0.0), p_noise=0.0,
-                   noise=(0.0, 0.0))
+_SURFACE_AUG = dict(
+    angle=12.0,
+    rot90=True,
+    flip=True,
+    brightness=(0.75, 1.25),
+    contrast=(0.7, 1.3),
+    saturation=(0.6, 1.3),
+    tint=0.08,
+    p_blur=0.3,
+    blur=(0.4, 1.4),
+    p_noise=0.4,
+    noise=(2.0, 7.0),
+)
+_DEFECT_AUG = dict(
+    angle=0.0,
+    rot90=False,
+    flip=True,
+    brightness=(0.95, 1.05),
+    contrast=(0.95, 1.05),
+    saturation=(1.0, 1.0),
+    tint=0.0,
+    p_blur=0.0,
+    blur=(0.0, 0.0),
+    p_noise=0.0,
+    noise=(0.0, 0.0),
+)
 
 
 # ------------------------------------------------------------------------------------ sources
-@lru_cache(maxsize=None)
+@cache
 def _load_image(fn: str) -> np.ndarray:
     """A shipped ``skimage.data`` image as a read-only (H, W, 3) uint8 array."""
     data = require("skimage.data", extra="train", purpose=_PURPOSE)
@@ -139,8 +167,9 @@ def boxes_overlap(a, b) -> bool:
 
 
 # ------------------------------------------------------------------------------------ rendering
-def _render_crop(src: np.ndarray, box, size: int, rng: np.random.Generator, aug: dict, *,
-                 rot90: bool | None = None) -> tuple[np.ndarray, dict]:
+def _render_crop(
+    src: np.ndarray, box, size: int, rng: np.random.Generator, aug: dict, *, rot90: bool | None = None
+) -> tuple[np.ndarray, dict]:
     """Cut ``box`` out of ``src`` and turn it into a ``size`` x ``size`` RGB crop.
 
     Every pixel of the result comes from inside ``box`` (the small rotation is followed by a crop
@@ -180,9 +209,16 @@ def _render_crop(src: np.ndarray, box, size: int, rng: np.random.Generator, aug:
     if noise:
         x = x + rng.normal(0.0, noise, size=x.shape).astype(np.float32)
     out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    params = {"angle": round(angle, 3), "rot90": k, "flip": flip, "blur": round(blur, 3),
-              "brightness": round(brightness, 3), "contrast": round(contrast, 3),
-              "saturation": round(saturation, 3), "noise": round(noise, 3)}
+    params = {
+        "angle": round(angle, 3),
+        "rot90": k,
+        "flip": flip,
+        "blur": round(blur, 3),
+        "brightness": round(brightness, 3),
+        "contrast": round(contrast, 3),
+        "saturation": round(saturation, 3),
+        "noise": round(noise, 3),
+    }
     return out, params
 
 
@@ -251,13 +287,19 @@ def surface_plan() -> dict:
         fn, box = _REGIONS[cls]
         train, val = split_region(box, _TRAIN_FRACTION)
         base = min(96, int(0.9 * min(_short_side(train), _short_side(val)) / 1.5))
-        plan[cls] = {"image": fn, "region": list(box), "train_region": list(train), "val_region": list(val),
-                     "base_window": base}
+        plan[cls] = {
+            "image": fn,
+            "region": list(box),
+            "train_region": list(train),
+            "val_region": list(val),
+            "base_window": base,
+        }
     return plan
 
 
-def make_surfaces(out_dir, *, seed: int = 0, per_class: int = 48, val_per_class: int = 16, size: int = 160,
-                  force: bool = False) -> dict:
+def make_surfaces(
+    out_dir, *, seed: int = 0, per_class: int = 48, val_per_class: int = 16, size: int = 160, force: bool = False
+) -> dict:
     """Write the "surface / material inspection" classification example.
 
     Layout: ``out_dir/train/<class>/<class>_NNN.png`` and ``out_dir/val/<class>/<class>_NNN.png``
@@ -295,8 +337,17 @@ def make_surfaces(out_dir, *, seed: int = 0, per_class: int = 48, val_per_class:
                     arr, params = _render_crop(src, box, size, np.random.default_rng(aug_seed), _SURFACE_AUG)
                     rel = f"{split}/{cls}/{cls}_{i:03d}.png"
                     _save_png(arr, tmp / rel)
-                    items.append({"file": rel, "split": split, "label": cls, "region": cls, "box": box,
-                                  "aug_seed": aug_seed, "aug": params})
+                    items.append(
+                        {
+                            "file": rel,
+                            "split": split,
+                            "label": cls,
+                            "region": cls,
+                            "box": box,
+                            "aug_seed": aug_seed,
+                            "aug": params,
+                        }
+                    )
         summary = {
             "name": "surfaces",
             "task": "classification",
@@ -358,7 +409,7 @@ def _defect_scratch(img, rng, ctx):
     bend = rng.uniform(-0.25, 0.25) * length
     p1 = mid + np.array([-d[1], d[0]]) * bend
     t = np.linspace(0, 1, 80)[:, None]
-    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+    curve = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
     n = 1 if rng.random() < 0.7 else int(rng.integers(2, 4))
     width = rng.uniform(1.0, 3.0)
     strokes = []
@@ -368,8 +419,11 @@ def _defect_scratch(img, rng, ctx):
     alpha = _supersampled_strokes(size, strokes) * rng.uniform(0.6, 1.0)
     bright = bool(rng.random() < 0.5)
     target = img * 0.3 + 0.7 * rng.uniform(215, 255) if bright else img * rng.uniform(0.1, 0.4)
-    return alpha, target, {"strokes": n, "width": round(float(width), 2), "bright": bright,
-                           "length": round(float(length), 1)}
+    return (
+        alpha,
+        target,
+        {"strokes": n, "width": round(float(width), 2), "bright": bright, "length": round(float(length), 1)},
+    )
 
 
 def _defect_spot(img, rng, ctx):
@@ -406,15 +460,25 @@ def _defect_crack(img, rng, ctx):
             travelled += step
             if depth < 2 and rng.random() < 0.04:
                 turn = float(rng.uniform(0.5, 1.1)) * (1 if rng.random() < 0.5 else -1)
-                stack.append((p, heading + turn, (length - travelled) * rng.uniform(0.3, 0.7) + 8,
-                              max(0.8, width * 0.6), depth + 1))
+                stack.append(
+                    (
+                        p,
+                        heading + turn,
+                        (length - travelled) * rng.uniform(0.3, 0.7) + 8,
+                        max(0.8, width * 0.6),
+                        depth + 1,
+                    )
+                )
         pts = np.array(pts)
         third = max(2, 2 * len(pts) // 3)
-        strokes += [(pts[:third + 1], width), (pts[third:], max(0.8, width * 0.6))]
+        strokes += [(pts[: third + 1], width), (pts[third:], max(0.8, width * 0.6))]
     alpha = _supersampled_strokes(size, strokes) * rng.uniform(0.75, 1.0)
     target = img * rng.uniform(0.05, 0.3)
-    return alpha, target, {"width": round(float(width0), 2), "length": round(float(total), 1),
-                           "branches": len(strokes) // 2 - 1}
+    return (
+        alpha,
+        target,
+        {"width": round(float(width0), 2), "length": round(float(total), 1), "branches": len(strokes) // 2 - 1},
+    )
 
 
 def _defect_missing(img, rng, ctx):
@@ -446,7 +510,7 @@ def _defect_contamination(img, rng, ctx):
     src, region = _region(name)
     w = int(rng.uniform(0.4, 1.0) * _short_side(region))
     box = _sample_box(rng, region, w)
-    patch = Image.fromarray(np.ascontiguousarray(src[box[1]:box[3], box[0]:box[2]]), "RGB")
+    patch = Image.fromarray(np.ascontiguousarray(src[box[1] : box[3], box[0] : box[2]]), "RGB")
     target = np.asarray(patch.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     alpha = np.clip(ctx["ndimage"].gaussian_filter(blob, 1.0) * 1.1, 0, 1) * rng.uniform(0.65, 1.0)
     return alpha, target, {"foreign": name, "area": round(float(area), 4)}
@@ -485,13 +549,26 @@ def defect_plan(texture: str = "brick") -> dict:
         raise ConfigError(f"unknown texture {texture!r}; choose one of {', '.join(DEFECT_TEXTURES)}")
     fn, box = _REGIONS[texture]
     train, test = split_region(box, _DEFECT_TRAIN_FRACTION)
-    return {"image": fn, "region": list(box), "train_region": list(train), "test_region": list(test),
-            "max_window": min(_short_side(train), _short_side(test))}
+    return {
+        "image": fn,
+        "region": list(box),
+        "train_region": list(train),
+        "test_region": list(test),
+        "max_window": min(_short_side(train), _short_side(test)),
+    }
 
 
-def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good: int = 20,
-                 n_test_defect: int = 40, size: int = 224, texture: str = "brick",
-                 force: bool = False) -> dict:
+def make_defects(
+    out_dir,
+    *,
+    seed: int = 0,
+    n_train_good: int = 60,
+    n_test_good: int = 20,
+    n_test_defect: int = 40,
+    size: int = 224,
+    texture: str = "brick",
+    force: bool = False,
+) -> dict:
     """Write the surface-inspection anomaly-detection example in the MVTec AD layout.
 
     Layout: ``train/good/NNN.png``, ``test/good/NNN.png``, ``test/<defect>/NNN.png`` and
@@ -517,8 +594,10 @@ def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good:
     plan = defect_plan(texture)
     src, _ = _region(texture)
     rot90 = texture in _ISOTROPIC
-    per_type = [n_test_defect // len(DEFECT_TYPES) + (1 if j < n_test_defect % len(DEFECT_TYPES) else 0)
-                for j in range(len(DEFECT_TYPES))]
+    per_type = [
+        n_test_defect // len(DEFECT_TYPES) + (1 if j < n_test_defect % len(DEFECT_TYPES) else 0)
+        for j in range(len(DEFECT_TYPES))
+    ]
     jobs = [("train", "good", n_train_good), ("test", "good", n_test_good)]
     jobs += [("test", kind, n) for kind, n in zip(DEFECT_TYPES, per_type)]
     counts: dict[str, int] = {}
@@ -530,17 +609,23 @@ def make_defects(out_dir, *, seed: int = 0, n_train_good: int = 60, n_test_good:
                 box_rng = np.random.default_rng([seed, 100 + ji, i, 0])
                 box = _sample_box(box_rng, region, round(plan["max_window"] * box_rng.uniform(0.8, 1.0)))
                 aug_seed = [seed, 100 + ji, i, 1]
-                clean, params = _render_crop(src, box, size, np.random.default_rng(aug_seed), _DEFECT_AUG,
-                                             rot90=rot90)
+                clean, params = _render_crop(src, box, size, np.random.default_rng(aug_seed), _DEFECT_AUG, rot90=rot90)
                 rel = f"{split}/{kind}/{i:03d}.png"
-                item = {"file": rel, "split": split, "label": kind, "region": texture, "box": box,
-                        "aug_seed": aug_seed, "aug": params, "rot90": rot90}
+                item = {
+                    "file": rel,
+                    "split": split,
+                    "label": kind,
+                    "region": texture,
+                    "box": box,
+                    "aug_seed": aug_seed,
+                    "aug": params,
+                    "rot90": rot90,
+                }
                 if kind == "good":
                     _save_png(clean, tmp / rel)
                 else:
                     defect_seed = [seed, 100 + ji, i, 2]
-                    bad, mask, dparams = apply_defect(clean, kind, np.random.default_rng(defect_seed),
-                                                      texture=texture)
+                    bad, mask, dparams = apply_defect(clean, kind, np.random.default_rng(defect_seed), texture=texture)
                     mrel = f"ground_truth/{kind}/{i:03d}_mask.png"
                     _save_png(bad, tmp / rel)
                     _save_png(mask, tmp / mrel)

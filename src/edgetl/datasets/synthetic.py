@@ -27,8 +27,9 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.round(a), 0, 255).astype(np.uint8)
 
 
-def spectrograms(n_per_class: int, *, n_classes: int = 8, size: int = 64, seed: int = 0,
-                 first_row: int = 14, spacing: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def spectrograms(
+    n_per_class: int, *, n_classes: int = 8, size: int = 64, seed: int = 0, first_row: int = 14, spacing: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     """(images (n, size, size, 3) uint8, labels (n,)): class c has a tone at row ``first_row + c *
     spacing`` (counted from the bottom)."""
     if first_row + (n_classes - 1) * spacing >= size - 2:
@@ -42,13 +43,15 @@ def spectrograms(n_per_class: int, *, n_classes: int = 8, size: int = 64, seed: 
             # a soft spectral tilt and a random overall gain, as real recordings have
             tilt = np.linspace(1.5, 0.5, size)[::-1][:, None] * rng.uniform(0.5, 1.5)
             power = power * tilt
-            for tone_row, strength, min_len in ((first_row + c * spacing, rng.uniform(6, 14), size // 2),
-                                                (rng.integers(2, size - 2), rng.uniform(4, 10), size // 6)):
+            for tone_row, strength, min_len in (
+                (first_row + c * spacing, rng.uniform(6, 14), size // 2),
+                (rng.integers(2, size - 2), rng.uniform(4, 10), size // 6),
+            ):
                 length = int(rng.integers(min_len, size + 1))
                 start = int(rng.integers(0, size - length + 1))
                 r = size - 1 - tone_row  # row 0 of the array is the top (highest frequency)
                 profile = np.exp(-0.5 * ((rows - r) / 0.7) ** 2)
-                power[:, start:start + length] += strength * profile
+                power[:, start : start + length] += strength * profile
             for _ in range(int(rng.integers(0, 4))):  # broadband clicks
                 power[:, int(rng.integers(0, size))] += rng.uniform(2, 6)
             db = 10 * np.log10(power + 1e-3)
@@ -59,8 +62,9 @@ def spectrograms(n_per_class: int, *, n_classes: int = 8, size: int = 64, seed: 
     return np.stack(images), np.array(labels, np.int64)
 
 
-def noise_textures(n_per_class: int, *, n_classes: int = 6, size: int = 64, seed: int = 0,
-                   low: float = 0.06, ratio: float = 1.3) -> tuple[np.ndarray, np.ndarray]:
+def noise_textures(
+    n_per_class: int, *, n_classes: int = 6, size: int = 64, seed: int = 0, low: float = 0.06, ratio: float = 1.3
+) -> tuple[np.ndarray, np.ndarray]:
     """(images (n, size, size, 3) uint8, labels (n,)): class c is band-pass noise centred on
     ``low * ratio**c`` cycles per pixel (one-octave-wide Gaussian band on a log scale)."""
     rng = np.random.default_rng(seed)
@@ -69,7 +73,7 @@ def noise_textures(n_per_class: int, *, n_classes: int = 6, size: int = 64, seed
     radius[0, 0] = 1e-6
     images, labels = [], []
     for c in range(n_classes):
-        centre = low * ratio ** c
+        centre = low * ratio**c
         if centre >= 0.5:
             raise ValueError("the highest class frequency reaches Nyquist; lower low or ratio")
         band = np.exp(-0.5 * (np.log2(radius / centre) / 0.25) ** 2)

@@ -25,12 +25,44 @@ from pathlib import Path
 
 from ..errors import DataError
 
-ASSETS = ["press 4", "conveyor B", "pump P-12", "CNC lathe 7", "packaging line 2", "compressor C3", "robot cell 5",
-          "mixer M1", "extruder 2", "palletizer", "filler 6", "boiler feed pump", "saw station", "oven line 1"]
+ASSETS = [
+    "press 4",
+    "conveyor B",
+    "pump P-12",
+    "CNC lathe 7",
+    "packaging line 2",
+    "compressor C3",
+    "robot cell 5",
+    "mixer M1",
+    "extruder 2",
+    "palletizer",
+    "filler 6",
+    "boiler feed pump",
+    "saw station",
+    "oven line 1",
+]
 PREFIXES = ["", "", "Operator reports", "Tech note:", "Shift lead:", "Night shift:", "FYI", "Maintenance request -"]
-TIMES = ["", "", "this morning", "during night shift", "since Monday", "after the restart", "again today",
-         "at the start of the shift", "twice this week"]
-SUFFIXES = ["", "", "", " - urgent", ", please check", ". Recurring issue.", ", production slowed", " (ticket reopened)"]
+TIMES = [
+    "",
+    "",
+    "this morning",
+    "during night shift",
+    "since Monday",
+    "after the restart",
+    "again today",
+    "at the start of the shift",
+    "twice this week",
+]
+SUFFIXES = [
+    "",
+    "",
+    "",
+    " - urgent",
+    ", please check",
+    ". Recurring issue.",
+    ", production slowed",
+    " (ticket reopened)",
+]
 
 VOCAB = {
     "leak": {
@@ -41,15 +73,39 @@ VOCAB = {
         "noun": ["leak", "seepage", "drip"],
     },
     "electrical": {
-        "part": ["breaker", "fuse", "contactor", "power supply", "supply cable", "motor starter", "terminal block",
-                 "relay", "main isolator"],
+        "part": [
+            "breaker",
+            "fuse",
+            "contactor",
+            "power supply",
+            "supply cable",
+            "motor starter",
+            "terminal block",
+            "relay",
+            "main isolator",
+        ],
         "symptom": ["tripped", "blew", "burnt out", "shorted", "keeps cutting out", "failed"],
     },
     "overheating": {
-        "part": ["motor", "bearing housing", "gearbox", "spindle", "hydraulic unit", "drive", "heat exchanger", "pump motor"],
+        "part": [
+            "motor",
+            "bearing housing",
+            "gearbox",
+            "spindle",
+            "hydraulic unit",
+            "drive",
+            "heat exchanger",
+            "pump motor",
+        ],
         "hot": ["running hot", "overheating", "too hot to touch", "way above normal temperature", "getting very hot"],
-        "cause": ["cooling fan stopped", "air filter blocked", "low coolant flow", "radiator clogged with dust",
-                  "ventilation duct obstructed", "thermostat stuck"],
+        "cause": [
+            "cooling fan stopped",
+            "air filter blocked",
+            "low coolant flow",
+            "radiator clogged with dust",
+            "ventilation duct obstructed",
+            "thermostat stuck",
+        ],
         "deg": ["85", "92", "110", "97", "120"],
     },
     "noise_vibration": {
@@ -58,10 +114,25 @@ VOCAB = {
         "vib": ["vibrating heavily", "shaking", "wobbling", "vibrating badly"],
     },
     "software": {
-        "thing": ["HMI", "PLC program", "touch screen", "SCADA client", "scanner software", "label printer driver",
-                  "recipe manager", "operator panel"],
-        "symptom": ["froze", "crashed", "shows an error code", "won't boot", "lost connection to the server",
-                    "keeps rebooting", "hangs"],
+        "thing": [
+            "HMI",
+            "PLC program",
+            "touch screen",
+            "SCADA client",
+            "scanner software",
+            "label printer driver",
+            "recipe manager",
+            "operator panel",
+        ],
+        "symptom": [
+            "froze",
+            "crashed",
+            "shows an error code",
+            "won't boot",
+            "lost connection to the server",
+            "keeps rebooting",
+            "hangs",
+        ],
         "action": ["restarted it", "reinstalled the update", "cleared the cache", "power cycled the panel"],
         "num": ["102", "417", "23", "5001", "88"],
     },
@@ -181,8 +252,9 @@ def _draw(templates: dict, n: int, rng: random.Random, taken: set, *, train: boo
     return rows
 
 
-def make_tickets(out: str | Path, *, seed: int = 0, per_class: int = 60, val_per_class: int = 20,
-                 force: bool = False) -> dict:
+def make_tickets(
+    out: str | Path, *, seed: int = 0, per_class: int = 60, val_per_class: int = 20, force: bool = False
+) -> dict:
     """Write ``out/tickets.csv`` (columns text,label,split); returns a summary.
 
     Deterministic for a given seed (byte-identical files). Training rows use the training
@@ -208,5 +280,10 @@ def make_tickets(out: str | Path, *, seed: int = 0, per_class: int = 60, val_per
         w.writerows([t, l, "train"] for t, l in train)
         w.writerows([t, l, "val"] for t, l in val)
     counts = {c: {"train": sum(l == c for _, l in train), "val": sum(l == c for _, l in val)} for c in CLASSES}
-    return {"file": str(path), "classes": CLASSES, "counts": counts, "seed": seed,
-            "templates": {"train": sum(map(len, TRAIN_TEMPLATES.values())), "val": sum(map(len, VAL_TEMPLATES.values()))}}
+    return {
+        "file": str(path),
+        "classes": CLASSES,
+        "counts": counts,
+        "seed": seed,
+        "templates": {"train": sum(map(len, TRAIN_TEMPLATES.values())), "val": sum(map(len, VAL_TEMPLATES.values()))},
+    }

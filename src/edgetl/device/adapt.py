@@ -30,10 +30,22 @@ def check_tolerance(value: float, name: str = "--tolerance") -> float:
     return float(value)
 
 
-def adapt(bundle: str | Path | Bundle, data, *, replace: bool = False, force: bool = False,
-          tolerance_pp: float = DEFAULT_TOLERANCE_PP, holdout: float = HOLDOUT, seed: int = 0, strict: bool = False,
-          dry_run: bool = False, quiet: bool = True, wait: float = 0.0, signer=None,
-          threshold: float | None = None) -> AdaptResult:
+def adapt(
+    bundle: str | Path | Bundle,
+    data,
+    *,
+    replace: bool = False,
+    force: bool = False,
+    tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+    holdout: float = HOLDOUT,
+    seed: int = 0,
+    strict: bool = False,
+    dry_run: bool = False,
+    quiet: bool = True,
+    wait: float = 0.0,
+    signer=None,
+    threshold: float | None = None,
+) -> AdaptResult:
     """Teach a deployed bundle new data, on the device: a new head version, or nothing.
 
     Args:
@@ -62,9 +74,20 @@ def adapt(bundle: str | Path | Bundle, data, *, replace: bool = False, force: bo
     """
     check_tolerance(tolerance_pp)
     with for_update(bundle, operation="adapt", dry_run=dry_run, wait=wait) as b:
-        return tasks.for_bundle(b).adapt(b, data, replace=replace, force=force, tolerance_pp=tolerance_pp,
-                                         holdout=holdout, seed=seed, strict=strict, dry_run=dry_run, quiet=quiet,
-                                         signer=signer, threshold=threshold)
+        return tasks.for_bundle(b).adapt(
+            b,
+            data,
+            replace=replace,
+            force=force,
+            tolerance_pp=tolerance_pp,
+            holdout=holdout,
+            seed=seed,
+            strict=strict,
+            dry_run=dry_run,
+            quiet=quiet,
+            signer=signer,
+            threshold=threshold,
+        )
 
 
 def rollback(bundle: str | Path | Bundle, *, to: int | None = None, wait: float = 0.0, signer=None) -> Bundle:
@@ -89,19 +112,30 @@ def rollback(bundle: str | Path | Bundle, *, to: int | None = None, wait: float 
         entry = b.head_entry(to)  # raises for an unknown version
         if to == current:
             return b
-        thresholds = {**b.manifest.get("thresholds", {}),
-                      task.threshold_key: float(entry.get(task.threshold_field,
-                                                          b.manifest.get("thresholds", {}).get(task.threshold_key, 0.0)))}
+        thresholds = {
+            **b.manifest.get("thresholds", {}),
+            task.threshold_key: float(
+                entry.get(task.threshold_field, b.manifest.get("thresholds", {}).get(task.threshold_key, 0.0))
+            ),
+        }
         fused = entry.get("fused") or fused_name(b, to)
         present = all(f in b.manifest["files"] for f in fused_files(fused))
         if not present:
             head = task.load_head(b.open_verified(entry["file"]))
             fused = write_fused(b, to, head, {**task.fused_meta(b, head), "labels": entry["labels"]})
         versions = [dict(e, fused=fused) if e["version"] == to else e for e in b.manifest["head"]["versions"]]
-        return switch_version(b, {"labels": entry["labels"], "thresholds": thresholds,
-                                  "head": {"current": to, "versions": versions},
-                                  "models": {**b.manifest["models"], "fused": fused}},
-                              add=[] if present else fused_files(fused), signer=signer, operation="rollback")
+        return switch_version(
+            b,
+            {
+                "labels": entry["labels"],
+                "thresholds": thresholds,
+                "head": {"current": to, "versions": versions},
+                "models": {**b.manifest["models"], "fused": fused},
+            },
+            add=[] if present else fused_files(fused),
+            signer=signer,
+            operation="rollback",
+        )
 
 
 def set_threshold(bundle: str | Path | Bundle, value: float, *, wait: float = 0.0, signer=None) -> Bundle:
@@ -118,11 +152,19 @@ def set_threshold(bundle: str | Path | Bundle, value: float, *, wait: float = 0.
         task = tasks.for_bundle(b)
         value = task.check_threshold(value)
         extra = {"threshold_policy": "set by user"} if task.threshold_field == "threshold" else {}
-        versions = [dict(e, **{task.threshold_field: value}, **extra) if e["version"] == b.head_version else e
-                    for e in b.manifest["head"]["versions"]]
-        return switch_version(b, {"head": {**b.manifest["head"], "versions": versions},
-                                  "thresholds": {**b.manifest.get("thresholds", {}), task.threshold_key: value}},
-                              signer=signer, operation="threshold")
+        versions = [
+            dict(e, **{task.threshold_field: value}, **extra) if e["version"] == b.head_version else e
+            for e in b.manifest["head"]["versions"]
+        ]
+        return switch_version(
+            b,
+            {
+                "head": {**b.manifest["head"], "versions": versions},
+                "thresholds": {**b.manifest.get("thresholds", {}), task.threshold_key: value},
+            },
+            signer=signer,
+            operation="threshold",
+        )
 
 
 def history(bundle: str | Path | Bundle) -> list[dict]:

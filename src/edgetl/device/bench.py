@@ -31,8 +31,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
-                 batches: tuple[int, ...] = (1, 4, 8, 16, 32), samples: bool = False) -> dict:
+def bench_bundle(
+    path: str | Path,
+    *,
+    runs: int = 50,
+    device: str | None = None,
+    batches: tuple[int, ...] = (1, 4, 8, 16, 32),
+    samples: bool = False,
+) -> dict:
     """Time the bundle's single-file model on inputs its task makes (random images, a typical text).
 
     Returns latency p50/p90 at batch 1, the best throughput over ``batches`` (only the model's
@@ -72,18 +78,31 @@ def bench_bundle(path: str | Path, *, runs: int = 50, device: str | None = None,
     if b.runtime == "onnxruntime" and providers and session.device != providers[0]:
         fallback = True
     return {
-        "bundle": str(b.path), "task": b.task, "precision": b.precision, "runtime": b.runtime, "device": session.device,
+        "bundle": str(b.path),
+        "task": b.task,
+        "precision": b.precision,
+        "runtime": b.runtime,
+        "device": session.device,
         "target_device": wanted if b.runtime == "openvino" else (providers[0] if providers else "CPUExecutionProvider"),
-        "fallback": fallback, "float_precision": session.float_precision,
-        "requested_float_precision": session.requested_precision, "cpu": cpu_family(),
+        "fallback": fallback,
+        "float_precision": session.float_precision,
+        "requested_float_precision": session.requested_precision,
+        "cpu": cpu_family(),
         "latency_ms": {"p50": round(p50, 3), "p90": round(float(np.percentile(lat, 90)), 3)},
-        "throughput": {"batch": best["batch"], f"{task.items}_per_s": round(best["items_per_s"], 1)}, "items": task.items,
+        "throughput": {"batch": best["batch"], f"{task.items}_per_s": round(best["items_per_s"], 1)},
+        "items": task.items,
         "peak_rss_mb": round(_peak_rss_mb(), 1),
         "backbone_mb": round(backbone / 1e6, 3),
         "bundle_mb": round(sum(v["bytes"] for v in files.values()) / 1e6, 3),
-        "latency_budget_ms": budget, "within_budget": bool(budget and p50 <= budget),
+        "latency_budget_ms": budget,
+        "within_budget": bool(budget and p50 <= budget),
         # Every timed run, for a distribution drawn from the same session as the p50 above.
-        **({"samples_ms": [round(float(v), 4) for v in lat],
-            "per_batch": [{"batch": p["batch"], "items_per_s": round(p["items_per_s"], 1)} for p in per_batch]}
-           if samples else {}),
+        **(
+            {
+                "samples_ms": [round(float(v), 4) for v in lat],
+                "per_batch": [{"batch": p["batch"], "items_per_s": round(p["items_per_s"], 1)} for p in per_batch],
+            }
+            if samples
+            else {}
+        ),
     }

@@ -18,8 +18,9 @@ from ..errors import BundleError, ConfigError, DataError
 from .predict import load_predictor
 
 
-def drift(bundle: str | Path | Bundle, data: str | Path, *, alpha: float = 0.05, seed: int = 0,
-          quiet: bool = True) -> dict:
+def drift(
+    bundle: str | Path | Bundle, data: str | Path, *, alpha: float = 0.05, seed: int = 0, quiet: bool = True
+) -> dict:
     """Folder-level drift of ``data`` against the bundle's training distribution.
 
     Returns :class:`edgetl.transfer.drift.DriftSummary` as a dict (``verdict`` none / mild /
@@ -36,14 +37,18 @@ def drift(bundle: str | Path | Bundle, data: str | Path, *, alpha: float = 0.05,
         raise ConfigError(f"--alpha {alpha!r}: a significance level between 0 and 1, such as 0.05")
     p = load_predictor(bundle if isinstance(bundle, Bundle) else load_bundle(bundle))
     if getattr(p, "drift", None) is None:
-        raise BundleError(f"{p.bundle.path}: this bundle has no drift reference (classification bundles made by "
-                          "this edgetl have one; refit or export it)")
+        raise BundleError(
+            f"{p.bundle.path}: this bundle has no drift reference (classification bundles made by "
+            "this edgetl have one; refit or export it)"
+        )
     items, labelled = _inputs(p, data)
     skipped: list = []
     X = p.task.features(p.extractor, items, quiet=quiet, desc="drift", skipped=skipped)
     if len(X) < 2:
-        raise DataError(f"{data}: need at least 2 readable {p.task.items} to compare with the training data "
-                        f"({len(skipped)} skipped)")
+        raise DataError(
+            f"{data}: need at least 2 readable {p.task.items} to compare with the training data "
+            f"({len(skipped)} skipped)"
+        )
     y = None
     if labelled:
         gone = {str(s) for s, _ in skipped}
@@ -52,8 +57,15 @@ def drift(bundle: str | Path | Bundle, data: str | Path, *, alpha: float = 0.05,
     summary = drift_summary(p.drift, X, y, alpha=alpha, seed=seed).to_dict()
     for c in summary.get("per_class", []):
         c["label"] = p.labels[c["class"]]
-    return {**summary, "bundle": str(p.bundle.path), "data": str(data), "inputs": int(len(X)), "labelled": labelled,
-            "head_version": p.version, "skipped": [{"path": str(s), "reason": r} for s, r in skipped]}
+    return {
+        **summary,
+        "bundle": str(p.bundle.path),
+        "data": str(data),
+        "inputs": int(len(X)),
+        "labelled": labelled,
+        "head_version": p.version,
+        "skipped": [{"path": str(s), "reason": r} for s, r in skipped],
+    }
 
 
 def _inputs(p, data) -> tuple[list, bool]:

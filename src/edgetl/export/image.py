@@ -75,7 +75,9 @@ def _read_state_dict(path: Path) -> dict:
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
-        raise ConfigError(f"{path}: not a readable state dict ({exc}); save it with torch.save(model.state_dict())") from None
+        raise ConfigError(
+            f"{path}: not a readable state dict ({exc}); save it with torch.save(model.state_dict())"
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -173,9 +175,16 @@ def export_onnx(model, path: Path, *, input_size: int, opset: int = ONNX_OPSET) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (x,), str(path), input_names=["input"], output_names=["features"],
-            opset_version=opset, dynamo=True, external_data=False,
-            dynamic_shapes={"x": {0: batch}}, verbose=False,
+            model,
+            (x,),
+            str(path),
+            input_names=["input"],
+            output_names=["features"],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"x": {0: batch}},
+            verbose=False,
         )
 
 
@@ -277,8 +286,13 @@ def export_image_backbone(
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         export_onnx(model, tmp / "backbone.onnx", input_size=pre.input_size, opset=opset)
-        meta = {"name": spec.name, "num_features": int(model.num_features), "weights_sha256": source.digest,
-                "opset": opset, "preprocess": pre.to_dict()}
+        meta = {
+            "name": spec.name,
+            "num_features": int(model.num_features),
+            "weights_sha256": source.digest,
+            "opset": opset,
+            "preprocess": pre.to_dict(),
+        }
         if pooled:  # the flat output does not carry the patch map's shape: record it
             meta["pooled_features"] = int(model.body.num_features)
             meta["feature_shape"] = list(_output_shape_of(model, pre.input_size))
@@ -297,9 +311,17 @@ def export_image_backbone(
     info = {"patch_reductions": list(patch_reductions)} if patch_reductions else {}
     if "pooled_features" in meta:
         info["pooled_features"] = int(meta["pooled_features"])
-    return ExportedBackbone(spec.name, "image-patch" if patch_reductions else "image", folder / "backbone.onnx",
-                            int(meta["num_features"]), source.digest, opset, dict(meta["preprocess"]),
-                            feature_shape=shape, info=info)
+    return ExportedBackbone(
+        spec.name,
+        "image-patch" if patch_reductions else "image",
+        folder / "backbone.onnx",
+        int(meta["num_features"]),
+        source.digest,
+        opset,
+        dict(meta["preprocess"]),
+        feature_shape=shape,
+        info=info,
+    )
 
 
 def _output_shape_of(model, input_size: int) -> tuple[int, int, int]:

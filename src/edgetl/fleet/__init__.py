@@ -12,20 +12,20 @@ the ``edgetl fleet`` command group. Every call into the rest of edgetl goes thro
 
 from ._edgetl import FleetError
 from .device import Device
-from .server import FleetRound, run_round
 from .merger import Merger, run_local
+from .server import FleetRound, run_round
 from .summaries import KINDS, LocalData, Summary, check_summary, respond
 
 __all__ = [
-           "KINDS",
-           "Device",
-           "FleetError",
-           "FleetRound",
-           "LocalData",
-           "Merger",
-           "Summary",
-           "check_summary",
-           "respond",
-           "run_local",
-           "run_round",
+    "KINDS",
+    "Device",
+    "FleetError",
+    "FleetRound",
+    "LocalData",
+    "Merger",
+    "Summary",
+    "check_summary",
+    "respond",
+    "run_local",
+    "run_round",
 ]

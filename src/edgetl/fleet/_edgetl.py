@@ -31,11 +31,20 @@ from ..core import bundle as _bundle
 from ..core.features import ImageExtractor
 from ..core.metrics import auroc as _auroc
 from ..core.sessions import bundle_session
-from ..core.signing import policy_from_env, sign_delivery, signing_key_from, verify_delivery
+from ..core.signing import signing_key_from
 from ..core.versions import add_version
 from ..core.versions import for_update as _for_update
 from ..device import adapt as _adapt
-from ..errors import BundleBusy, BundleError, ConfigError, DataError, EdgetlError, GateError, MissingDependency, TrustError
+from ..errors import (
+    BundleBusy,
+    BundleError,
+    ConfigError,
+    DataError,
+    EdgetlError,
+    GateError,
+    MissingDependency,
+    TrustError,
+)
 from ..heads import exemplars as _exemplars
 from ..heads import patch as _patch
 from ..heads.classification import Head, HeadConfig
@@ -45,8 +54,17 @@ from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
 from ..tasks.classify.data import scan_images
 from ..tasks.classify.update import holdout_mask as _holdout_mask
 
-__all__ = ["BundleBusy", "BundleError", "ConfigError", "DataError", "EdgetlError", "GateError", "MissingDependency",
-           "TrustError", "FleetError"]
+__all__ = [
+    "BundleBusy",
+    "BundleError",
+    "ConfigError",
+    "DataError",
+    "EdgetlError",
+    "GateError",
+    "MissingDependency",
+    "TrustError",
+    "FleetError",
+]
 
 
 class FleetError(EdgetlError):
@@ -74,9 +92,11 @@ def current_head(b):
     """
     head = tasks.for_bundle(b).load_head(b.open_verified(b.head_entry()["file"]))
     if b.task == "anomaly" and not isinstance(head, _patch.AnomalyHead):
-        raise FleetError(f"{b.path}: its {getattr(head, 'label', head.kind)} defect head cannot be merged by a "
-                         "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
-                         "or --head padim")
+        raise FleetError(
+            f"{b.path}: its {getattr(head, 'label', head.kind)} defect head cannot be merged by a "
+            "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
+            "or --head padim"
+        )
     return head
 
 
@@ -102,8 +122,9 @@ def train_head(X, y, labels, **kw):
     """edgetl's numpy head trainer: the central and device-alone baselines."""
     cfg = kw.pop("cfg", None)
     if cfg is None:
-        cfg = HeadConfig(kind=kw.pop("kind", "linear"),
-                         **{k: kw.pop(k) for k in list(kw) if k in ("l2", "seed", "hidden", "epochs")})
+        cfg = HeadConfig(
+            kind=kw.pop("kind", "linear"), **{k: kw.pop(k) for k in list(kw) if k in ("l2", "seed", "hidden", "epochs")}
+        )
     return _train_head(X, y, labels, cfg=cfg, **kw)
 
 
@@ -232,8 +253,13 @@ def write_head_version(b, head, *, entry: dict, exemplars=None, signer=None):
             ex_rel = f"exemplars/v{version}.npz"
             X, y, labels = exemplars
             files[ex_rel] = lambda p: _exemplars.save_exemplars(p, X, y, labels)
-        full = {"kind": head.kind, "labels": list(head.labels), "exemplars": ex_rel,
-                "unknown_threshold": float(cur.get("unknown_threshold", 0.0)), **entry}
+        full = {
+            "kind": head.kind,
+            "labels": list(head.labels),
+            "exemplars": ex_rel,
+            "unknown_threshold": float(cur.get("unknown_threshold", 0.0)),
+            **entry,
+        }
         thresholds["unknown"] = full["unknown_threshold"]
         changes = {"thresholds": thresholds, "labels": list(head.labels)}
         meta = {**task.fused_meta(b, head), "labels": list(head.labels)}

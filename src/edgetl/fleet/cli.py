@@ -60,7 +60,9 @@ def _tls(cert, key, ca, insecure: bool, *, server: bool):
         return None
     if server:
         if not (cert and key and ca):
-            raise et.ConfigError("TLS needs --tls-cert, --tls-key and --tls-ca (or --insecure for a test on one machine)")
+            raise et.ConfigError(
+                "TLS needs --tls-cert, --tls-key and --tls-ca (or --insecure for a test on one machine)"
+            )
         return {"certfile": str(cert), "keyfile": str(key), "ca": str(ca)}
     if not ca:
         raise et.ConfigError("give --root-ca CA.pem to check the server's certificate (or --insecure on one machine)")
@@ -87,35 +89,91 @@ def fleet() -> None:
 
 @fleet.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--devices", "-n", type=click.IntRange(1, 100_000), default=2, show_default=True,
-              help="Devices that must join before the round starts (and stay to its end).")
-@click.option("--address", default="127.0.0.1:9092", show_default=True,
-              help="host:port the SuperLink listens on (Flower's Fleet, Control and Runtime APIs share it).")
-@click.option("--kind", type=click.Choice(["ridge", "prototype", "linear", "mlp", "padim", "patchcore"]),
-              help="Merge to run  [default: ridge for linear bundles, else the bundle's head kind]")
-@click.option("--base", type=click.Choice(["current", "none"]), default=DEFAULT_BASE, show_default=True,
-              help="Also merge what the bundle already knows (its replay exemplars / anomaly statistics).")
-@click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True,
-              help="FedAvg rounds after the first step (linear and mlp merges only).")
+@click.option(
+    "--devices",
+    "-n",
+    type=click.IntRange(1, 100_000),
+    default=2,
+    show_default=True,
+    help="Devices that must join before the round starts (and stay to its end).",
+)
+@click.option(
+    "--address",
+    default="127.0.0.1:9092",
+    show_default=True,
+    help="host:port the SuperLink listens on (Flower's Fleet, Control and Runtime APIs share it).",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["ridge", "prototype", "linear", "mlp", "padim", "patchcore"]),
+    help="Merge to run  [default: ridge for linear bundles, else the bundle's head kind]",
+)
+@click.option(
+    "--base",
+    type=click.Choice(["current", "none"]),
+    default=DEFAULT_BASE,
+    show_default=True,
+    help="Also merge what the bundle already knows (its replay exemplars / anomaly statistics).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 10_000),
+    default=30,
+    show_default=True,
+    help="FedAvg rounds after the first step (linear and mlp merges only).",
+)
 @click.option("--l2", type=float, help="Ridge / FedAvg penalty  [default: ridge: chosen by GCV; FedAvg: 0.01]")
 @click.option("--no-new-classes", is_flag=True, help="Refuse devices that bring classes the bundle does not have.")
-@click.option("--wait", type=click.FloatRange(0), default=300, show_default=True, help="Seconds to wait for the devices.")
+@click.option(
+    "--wait", type=click.FloatRange(0), default=300, show_default=True, help="Seconds to wait for the devices."
+)
 @click.option("--timeout", type=click.FloatRange(1), default=600, show_default=True, help="Seconds one step may take.")
 @click.option("--tls-cert", type=click.Path(exists=True, path_type=Path), help="Server certificate (PEM).")
 @click.option("--tls-key", type=click.Path(exists=True, path_type=Path), help="Server private key (PEM).")
 @click.option("--tls-ca", type=click.Path(exists=True, path_type=Path), help="CA certificate that signed it (PEM).")
 @click.option("--insecure", is_flag=True, help="No TLS (a test on one machine only).")
-@click.option("--auth-key", "auth_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="A device's public key (OpenSSH, NIST EC); repeat per device. Turns on Flower's node "
-                   "authentication: only these devices may join.")
-@click.option("--sign", "sign_key", type=click.Path(exists=True, path_type=Path), envvar="EDGETL_SIGN_KEY",
-              help="Sign the new head version with this key (from `edgetl keygen`).")
-@click.option("--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle.")
+@click.option(
+    "--auth-key",
+    "auth_keys",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A device's public key (OpenSSH, NIST EC); repeat per device. Turns on Flower's node "
+    "authentication: only these devices may join.",
+)
+@click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(exists=True, path_type=Path),
+    envvar="EDGETL_SIGN_KEY",
+    help="Sign the new head version with this key (from `edgetl keygen`).",
+)
+@click.option(
+    "--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle."
+)
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's logs here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_handled
-def serve(bundle, devices, address, kind, base, rounds, l2, no_new_classes, wait, timeout, tls_cert, tls_key,
-          tls_ca, insecure, auth_keys, sign_key, lock_wait, log_dir, as_json):
+def serve(
+    bundle,
+    devices,
+    address,
+    kind,
+    base,
+    rounds,
+    l2,
+    no_new_classes,
+    wait,
+    timeout,
+    tls_cert,
+    tls_key,
+    tls_ca,
+    insecure,
+    auth_keys,
+    sign_key,
+    lock_wait,
+    log_dir,
+    as_json,
+):
     """Run one fleet round for BUNDLE and write the merged head as its new version.
 
     Starts a Flower SuperLink on --address, waits for --devices devices to `join`, runs the
@@ -127,18 +185,36 @@ def serve(bundle, devices, address, kind, base, rounds, l2, no_new_classes, wait
     from . import deploy
 
     tls = _tls(tls_cert, tls_key, tls_ca, insecure, server=True)
-    report = deploy.serve(bundle, address=address, devices=devices, kind=kind, base=base, rounds=rounds, l2=l2,
-                          allow_new_classes=not no_new_classes, wait=wait, timeout=timeout, tls=tls,
-                          auth_keys=list(auth_keys), sign_key=sign_key, lock_wait=lock_wait, log_dir=log_dir)
+    report = deploy.serve(
+        bundle,
+        address=address,
+        devices=devices,
+        kind=kind,
+        base=base,
+        rounds=rounds,
+        l2=l2,
+        allow_new_classes=not no_new_classes,
+        wait=wait,
+        timeout=timeout,
+        tls=tls,
+        auth_keys=list(auth_keys),
+        sign_key=sign_key,
+        lock_wait=lock_wait,
+        log_dir=log_dir,
+    )
     if report.get("error"):
         err = et.FleetError(report["error"])
         err.exit_code = int(report.get("exit_code", 2))
         raise err
     deliveries = report.get("deliveries", {})
-    lines = [f"{bundle}: fleet version v{report.get('version')} ({report.get('kind')} merge of {report.get('devices')} "
-             f"devices, {report.get('rows', report.get('images', '?'))} images, {report.get('rounds')} steps)"]
+    lines = [
+        f"{bundle}: fleet version v{report.get('version')} ({report.get('kind')} merge of {report.get('devices')} "
+        f"devices, {report.get('rows', report.get('images', '?'))} images, {report.get('rounds')} steps)"
+    ]
     for who, d in sorted(deliveries.items()):
-        lines.append(f"  {who}: " + (f"accepted as v{d.get('version')}" if d.get("accepted") else f"refused: {d.get('reason')}"))
+        lines.append(
+            f"  {who}: " + (f"accepted as v{d.get('version')}" if d.get("accepted") else f"refused: {d.get('reason')}")
+        )
     for r in report.get("refused", []):
         lines.append(f"  left out: {r.get('reason')}")
     _echo(report, as_json, "\n".join(lines))
@@ -149,26 +225,69 @@ def serve(bundle, devices, address, kind, base, rounds, l2, no_new_classes, wait
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--superlink", default="127.0.0.1:9092", show_default=True, help="The server's host:port.")
 @click.option("--name", help="This device's name in the server's report  [default: the bundle folder's name]")
-@click.option("--tolerance", type=click.FloatRange(0, 100), default=5.0, show_default=True,
-              help="Held-out accuracy the global head may lose against the current head, in points.")
-@click.option("--holdout", type=click.FloatRange(0.05, 0.9), default=0.25, show_default=True,
-              help="Share of the local images (per class) held out for the gate and never summarised.")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(0, 100),
+    default=5.0,
+    show_default=True,
+    help="Held-out accuracy the global head may lose against the current head, in points.",
+)
+@click.option(
+    "--holdout",
+    type=click.FloatRange(0.05, 0.9),
+    default=0.25,
+    show_default=True,
+    help="Share of the local images (per class) held out for the gate and never summarised.",
+)
 @click.option("--force", is_flag=True, help="Accept the global head even if the gate refuses it.")
 @click.option("--dry-run", is_flag=True, help="Take part and judge the head, write nothing.")
-@click.option("--root-ca", type=click.Path(exists=True, path_type=Path), help="CA certificate to check the server with (PEM).")
+@click.option(
+    "--root-ca", type=click.Path(exists=True, path_type=Path), help="CA certificate to check the server with (PEM)."
+)
 @click.option("--insecure", is_flag=True, help="No TLS (a test on one machine only).")
-@click.option("--auth-key", type=click.Path(exists=True, path_type=Path),
-              help="This device's private key (OpenSSH, NIST EC) for Flower's node authentication.")
-@click.option("--sign", "sign_key", type=click.Path(exists=True, path_type=Path), envvar="EDGETL_SIGN_KEY",
-              help="Sign an accepted version with this device key.")
-@click.option("--timeout", type=click.FloatRange(1), default=1800, show_default=True,
-              help="Seconds to wait for a round to reach this device and finish.")
-@click.option("--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle.")
+@click.option(
+    "--auth-key",
+    type=click.Path(exists=True, path_type=Path),
+    help="This device's private key (OpenSSH, NIST EC) for Flower's node authentication.",
+)
+@click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(exists=True, path_type=Path),
+    envvar="EDGETL_SIGN_KEY",
+    help="Sign an accepted version with this device key.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1),
+    default=1800,
+    show_default=True,
+    help="Seconds to wait for a round to reach this device and finish.",
+)
+@click.option(
+    "--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle."
+)
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's log here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_handled
-def join(bundle, data, superlink, name, tolerance, holdout, force, dry_run, root_ca, insecure, auth_key, sign_key,
-         timeout, lock_wait, log_dir, as_json):
+def join(
+    bundle,
+    data,
+    superlink,
+    name,
+    tolerance,
+    holdout,
+    force,
+    dry_run,
+    root_ca,
+    insecure,
+    auth_key,
+    sign_key,
+    timeout,
+    lock_wait,
+    log_dir,
+    as_json,
+):
     """Take part in one fleet round with BUNDLE and the labelled images in DATA.
 
     DATA is laid out as for `edgetl adapt` (DATA/<class>/*.png; defect bundles: good images).
@@ -181,9 +300,22 @@ def join(bundle, data, superlink, name, tolerance, holdout, force, dry_run, root
     from . import deploy
 
     root_ca = _tls(None, None, root_ca, insecure, server=False)
-    d = deploy.join(bundle, data, superlink=superlink, name=name, tolerance_pp=tolerance, force=force, dry_run=dry_run,
-                    root_ca=root_ca, auth_key=auth_key, sign_key=sign_key, timeout=timeout, holdout=holdout,
-                    lock_wait=lock_wait, log_dir=log_dir)
+    d = deploy.join(
+        bundle,
+        data,
+        superlink=superlink,
+        name=name,
+        tolerance_pp=tolerance,
+        force=force,
+        dry_run=dry_run,
+        root_ca=root_ca,
+        auth_key=auth_key,
+        sign_key=sign_key,
+        timeout=timeout,
+        holdout=holdout,
+        lock_wait=lock_wait,
+        log_dir=log_dir,
+    )
     if not d.get("accepted") and not dry_run:
         err = et.GateError(d.get("reason") or "; ".join(d.get("reasons", [])) or "the global head was not accepted")
         err.exit_code = int(d.get("exit_code", 3))
@@ -191,16 +323,20 @@ def join(bundle, data, superlink, name, tolerance, holdout, force, dry_run, root
             click.echo(json.dumps(d, default=str))
         click.echo(f"error: {str(err).splitlines()[0]}", err=True)
         sys.exit(err.exit_code)
-    text = (f"{bundle}: dry run, the global head would be " + ("refused" if d.get("reasons") else "accepted")
-            if dry_run else f"{bundle}: global head accepted as v{d.get('version')}")
+    text = (
+        f"{bundle}: dry run, the global head would be " + ("refused" if d.get("reasons") else "accepted")
+        if dry_run
+        else f"{bundle}: global head accepted as v{d.get('version')}"
+    )
     fig = d.get("accuracy_before"), d.get("accuracy_after")
     if fig[0] is not None:
         text += f" (held-out accuracy {fig[0]:.1%} -> {fig[1]:.1%} on {d.get('heldout_images')} images)"
     _echo(d, as_json, text)
 
 
-def split_dataset(labels: list[str], devices: int, *, split: str, classes_per_device: int, alpha: float,
-                  seed: int) -> list[np.ndarray]:
+def split_dataset(
+    labels: list[str], devices: int, *, split: str, classes_per_device: int, alpha: float, seed: int
+) -> list[np.ndarray]:
     """Row indices per device: ``class`` gives each device ``classes_per_device`` classes (classes
     dealt round-robin, a class shared by several devices is divided between them); ``dirichlet``
     draws each class's shares over devices from Dirichlet(alpha)."""
@@ -239,20 +375,47 @@ def split_dataset(labels: list[str], devices: int, *, split: str, classes_per_de
 
 @fleet.command()
 @click.argument("data", type=click.Path(exists=True, path_type=Path))
-@click.option("--bundle", "-b", required=True, type=click.Path(exists=True, path_type=Path),
-              help="A bundle made by `edgetl fit`: copied as the server's and every device's bundle.")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="New folder for the copies: server.bundle, device-I.bundle and device-I/ image folders.")
+@click.option(
+    "--bundle",
+    "-b",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A bundle made by `edgetl fit`: copied as the server's and every device's bundle.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="New folder for the copies: server.bundle, device-I.bundle and device-I/ image folders.",
+)
 @click.option("--devices", "-n", type=click.IntRange(2, 1000), default=8, show_default=True)
-@click.option("--split", type=click.Choice(_SPLITS), default="class", show_default=True,
-              help="class: each device sees --classes-per-device classes; dirichlet: class shares ~ Dirichlet(--alpha).")
+@click.option(
+    "--split",
+    type=click.Choice(_SPLITS),
+    default="class",
+    show_default=True,
+    help="class: each device sees --classes-per-device classes; dirichlet: class shares ~ Dirichlet(--alpha).",
+)
 @click.option("--classes-per-device", type=click.IntRange(1), default=2, show_default=True)
 @click.option("--alpha", type=float, default=0.5, show_default=True)
-@click.option("--engine", type=click.Choice(["flower", "none"]), default="flower", show_default=True,
-              help="flower: Flower's simulation engine (Ray, the fleet-sim extra); none: in process.")
-@click.option("--kind", type=click.Choice(["ridge", "prototype", "linear", "mlp"]), help="Merge to run  [default: as serve]")
-@click.option("--base", type=click.Choice(["current", "none"]), default=DEFAULT_BASE, show_default=True,
-              help="current: the bundle's own training data takes part (as fleet serve does); none: devices only.")
+@click.option(
+    "--engine",
+    type=click.Choice(["flower", "none"]),
+    default="flower",
+    show_default=True,
+    help="flower: Flower's simulation engine (Ray, the fleet-sim extra); none: in process.",
+)
+@click.option(
+    "--kind", type=click.Choice(["ridge", "prototype", "linear", "mlp"]), help="Merge to run  [default: as serve]"
+)
+@click.option(
+    "--base",
+    type=click.Choice(["current", "none"]),
+    default=DEFAULT_BASE,
+    show_default=True,
+    help="current: the bundle's own training data takes part (as fleet serve does); none: devices only.",
+)
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -282,7 +445,9 @@ def simulate(data, bundle, out, devices, split, classes_per_device, alpha, engin
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(paths[r], dst)
         shutil.copytree(bundle, out / f"device-{i}.bundle", ignore=shutil.ignore_patterns(".edgetl.lock"))
-        specs.append({"bundle": str(out / f"device-{i}.bundle"), "data": str(folder), "name": f"device-{i}", "seed": seed})
+        specs.append(
+            {"bundle": str(out / f"device-{i}.bundle"), "data": str(folder), "name": f"device-{i}", "seed": seed}
+        )
     if engine == "flower":
         from . import flower
 
@@ -293,14 +458,18 @@ def simulate(data, bundle, out, devices, split, classes_per_device, alpha, engin
 
         devs = {s["name"]: Device.open(s["bundle"], s["data"], name=s["name"], seed=seed) for s in specs}
         report = run_round(FleetRound(out / "server.bundle", kind=kind, base=base, rounds=rounds), devs)
-    lines = [f"{out / 'server.bundle'}: v{report.get('version')} from {report.get('devices')} devices "
-             f"({report.get('kind')} merge, {split} split)"]
+    lines = [
+        f"{out / 'server.bundle'}: v{report.get('version')} from {report.get('devices')} devices "
+        f"({report.get('kind')} merge, {split} split)"
+    ]
     lines.append(f"  {'device':<40} {'held-out':>8} {'current':>8} {'global':>8}  decision")
     for who, d in sorted(report.get("deliveries", {}).items()):
         b, a = d.get("accuracy_before"), d.get("accuracy_after")
         fmt = lambda v: "-" if v is None else f"{v:.1%}"
-        lines.append(f"  {who:<40} {d.get('heldout_images', '-')!s:>8} {fmt(b):>8} {fmt(a):>8}  "
-                     + ("accepted" if d.get("accepted") else f"refused: {clip(d.get('reason', ''), 160)}"))
+        lines.append(
+            f"  {who:<40} {d.get('heldout_images', '-')!s:>8} {fmt(b):>8} {fmt(a):>8}  "
+            + ("accepted" if d.get("accepted") else f"refused: {clip(d.get('reason', ''), 160)}")
+        )
     _echo(report, as_json, "\n".join(lines))
 
 

@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..core.console import clip
 from . import _edgetl as et
 from .device import DEFAULT_TOLERANCE_PP, HOLDOUT
-from ..core.console import clip
 from .summaries import DEFAULT_BASE, FleetError
 
 # ============================================================================================ deployment
@@ -88,8 +88,9 @@ class FlowerProcess:
         self.args = args
         self.log = Path(log)
         self._fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -146,8 +147,14 @@ def superlink_args(address: str, *, tls: dict | None = None, auth: bool = False)
     host, port = address.rsplit(":", 1)
     args = [_bin("flower-superlink"), "--host", host, "--port", port, "--disable-runtime-dependency-installation"]
     if tls:
-        args += ["--ssl-certfile", str(tls["certfile"]), "--ssl-keyfile", str(tls["keyfile"]),
-                 "--ssl-ca-certfile", str(tls["ca"])]
+        args += [
+            "--ssl-certfile",
+            str(tls["certfile"]),
+            "--ssl-keyfile",
+            str(tls["keyfile"]),
+            "--ssl-ca-certfile",
+            str(tls["ca"]),
+        ]
     else:
         args += ["--insecure"]
     if auth:
@@ -157,7 +164,9 @@ def superlink_args(address: str, *, tls: dict | None = None, auth: bool = False)
 
 def supernode_args(superlink: str, node_config: dict, *, port: int, root_ca=None, auth_key=None) -> list[str]:
     """``flower-supernode`` joining ``superlink`` with this device's ``node_config``."""
-    cfg = " ".join(f"{k}={_toml_str(v) if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in node_config.items())
+    cfg = " ".join(
+        f"{k}={_toml_str(v) if isinstance(v, (str, Path)) else json.dumps(v)}" for k, v in node_config.items()
+    )
     args = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port), "--node-config", cfg]
     args += ["--root-certificates", str(root_ca)] if root_ca else ["--insecure"]
     if auth_key:
@@ -186,8 +195,13 @@ def flwr_env(home: Path) -> dict:
 
 def register_supernode(public_key, home: Path, timeout: float = 60.0) -> str:
     """``flwr supernode register KEY fleet``: let the SuperNode holding this key's private half in."""
-    r = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), "fleet"], env=flwr_env(home),
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [_bin("flwr"), "supernode", "register", str(public_key), "fleet"],
+        env=flwr_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if r.returncode != 0:
         raise FleetError(f"flwr supernode register failed: {(r.stdout + r.stderr).strip().splitlines()[-1:]}")
     return r.stdout
@@ -196,8 +210,9 @@ def register_supernode(public_key, home: Path, timeout: float = 60.0) -> str:
 def flwr_run(app_dir: Path, home: Path, run_config: dict, *, timeout: float = 900.0, log: Path | None = None) -> int:
     """``flwr run APP fleet --run-config FILE --stream`` and wait for the run to finish."""
     cfg = Path(home) / "run-config.toml"
-    cfg.write_text("".join(f"{k} = {json.dumps(v) if not isinstance(v, Path) else _toml_str(v)}\n"
-                           for k, v in run_config.items()))
+    cfg.write_text(
+        "".join(f"{k} = {json.dumps(v) if not isinstance(v, Path) else _toml_str(v)}\n" for k, v in run_config.items())
+    )
     args = [_bin("flwr"), "run", str(app_dir), "fleet", "--run-config", str(cfg), "--stream"]
     with open(log or os.devnull, "ab") as fh:
         return subprocess.run(args, env=flwr_env(home), stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
@@ -218,10 +233,25 @@ def wait_for_port(address: str, timeout: float = 30.0, proc: FlowerProcess | Non
 
 
 # ============================================================================================ serve / join
-def serve(bundle, *, address: str = "127.0.0.1:9092", devices: int = 2, kind=None, base: str = DEFAULT_BASE,
-          rounds: int = 30, l2=None, allow_new_classes: bool = True, wait: float = 120.0, timeout: float = 600.0,
-          tls: dict | None = None, auth_keys: list | None = None, sign_key=None, workdir=None,
-          lock_wait: float = 0.0, log_dir=None) -> dict:
+def serve(
+    bundle,
+    *,
+    address: str = "127.0.0.1:9092",
+    devices: int = 2,
+    kind=None,
+    base: str = DEFAULT_BASE,
+    rounds: int = 30,
+    l2=None,
+    allow_new_classes: bool = True,
+    wait: float = 120.0,
+    timeout: float = 600.0,
+    tls: dict | None = None,
+    auth_keys: list | None = None,
+    sign_key=None,
+    workdir=None,
+    lock_wait: float = 0.0,
+    log_dir=None,
+) -> dict:
     """Run one fleet round as a Flower deployment: start a SuperLink on ``address``, (with
     ``auth_keys``) enable SuperNode authentication and register those public keys, submit the
     fleet ServerApp with ``flwr run``, wait for ``devices`` SuperNodes and the round, stop the
@@ -232,25 +262,41 @@ def serve(bundle, *, address: str = "127.0.0.1:9092", devices: int = 2, kind=Non
     et.load_bundle(bundle)  # a clear error now rather than inside the ServerApp
     with tempfile.TemporaryDirectory(prefix="edgetl-fleet-", dir=workdir) as tmp:
         tmp = Path(tmp)
-        link = FlowerProcess(superlink_args(address, tls=tls, auth=bool(auth_keys)), tmp / "superlink.log",
-                             env=flwr_env(tmp / "home"), cwd=tmp)
+        link = FlowerProcess(
+            superlink_args(address, tls=tls, auth=bool(auth_keys)),
+            tmp / "superlink.log",
+            env=flwr_env(tmp / "home"),
+            cwd=tmp,
+        )
         try:
             wait_for_port(address, 60, link)
             home = flwr_home(tmp / "home", address, root_ca=(tls or {}).get("ca"))
             for key in auth_keys or []:
                 register_supernode(key, home)
             report_path = tmp / "report.json"
-            rc = {"bundle": bundle, "kind": kind or "", "base": base, "min-devices": int(devices), "wait": float(wait),
-                  "timeout": float(timeout), "rounds": int(rounds), "l2": -1.0 if l2 is None else float(l2),
-                  "allow-new-classes": bool(allow_new_classes), "sign-key": str(sign_key or ""),
-                  "lock-wait": float(lock_wait), "report": str(report_path)}
+            rc = {
+                "bundle": bundle,
+                "kind": kind or "",
+                "base": base,
+                "min-devices": int(devices),
+                "wait": float(wait),
+                "timeout": float(timeout),
+                "rounds": int(rounds),
+                "l2": -1.0 if l2 is None else float(l2),
+                "allow-new-classes": bool(allow_new_classes),
+                "sign-key": str(sign_key or ""),
+                "lock-wait": float(lock_wait),
+                "report": str(report_path),
+            }
             code = flwr_run(write_app_dir(tmp / "app"), home, rc, timeout=wait + timeout * 2 + 60, log=tmp / "run.log")
             if report_path.exists():
                 report = json.loads(report_path.read_text())
             else:
                 tail = (tmp / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
-                report = {"error": f"the Flower run ended (exit {code}) without a report: {' | '.join(tail)}",
-                          "exit_code": 2}
+                report = {
+                    "error": f"the Flower run ended (exit {code}) without a report: {' | '.join(tail)}",
+                    "exit_code": 2,
+                }
         finally:
             link.stop()
             _keep_logs(log_dir, [link.log, tmp / "run.log"])
@@ -269,10 +315,26 @@ def _keep_logs(log_dir, files) -> None:
             shutil.copy(f, Path(log_dir) / f"{int(time.time())}-{os.getpid()}-{Path(f).name}")
 
 
-def join(bundle, data, *, superlink: str = "127.0.0.1:9092", name=None, tolerance_pp: float = DEFAULT_TOLERANCE_PP,
-         force: bool = False, dry_run: bool = False, root_ca=None, auth_key=None, sign_key=None, timeout: float = 900.0,
-         holdout: float = HOLDOUT, seed: int = 0, lock_wait: float = 0.0, workdir=None, log_dir=None,
-         linger: float = 10.0) -> dict:
+def join(
+    bundle,
+    data,
+    *,
+    superlink: str = "127.0.0.1:9092",
+    name=None,
+    tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+    force: bool = False,
+    dry_run: bool = False,
+    root_ca=None,
+    auth_key=None,
+    sign_key=None,
+    timeout: float = 900.0,
+    holdout: float = HOLDOUT,
+    seed: int = 0,
+    lock_wait: float = 0.0,
+    workdir=None,
+    log_dir=None,
+    linger: float = 10.0,
+) -> dict:
     """Join one fleet round as a device: run a SuperNode for ``bundle`` + ``data`` until the
     round's global head has been judged by this device's gate, then stop. Returns the decision."""
     import tempfile
@@ -284,19 +346,34 @@ def join(bundle, data, *, superlink: str = "127.0.0.1:9092", name=None, toleranc
     with tempfile.TemporaryDirectory(prefix="edgetl-join-", dir=workdir) as tmp:
         tmp = Path(tmp)
         report = tmp / "decision.json"
-        cfg = {"bundle": bundle, "data": str(Path(data).resolve()), "name": name or Path(bundle).name,
-               "tolerance": float(tolerance_pp), "force": bool(force), "dry-run": bool(dry_run),
-               "holdout": float(holdout), "seed": int(seed), "lock-wait": float(lock_wait),
-               "sign-key": str(sign_key or ""), "report": str(report)}
-        node = FlowerProcess(supernode_args(superlink, cfg, port=free_port(), root_ca=root_ca, auth_key=auth_key),
-                             tmp / "supernode.log", env=flwr_env(tmp / "home"), cwd=tmp)
+        cfg = {
+            "bundle": bundle,
+            "data": str(Path(data).resolve()),
+            "name": name or Path(bundle).name,
+            "tolerance": float(tolerance_pp),
+            "force": bool(force),
+            "dry-run": bool(dry_run),
+            "holdout": float(holdout),
+            "seed": int(seed),
+            "lock-wait": float(lock_wait),
+            "sign-key": str(sign_key or ""),
+            "report": str(report),
+        }
+        node = FlowerProcess(
+            supernode_args(superlink, cfg, port=free_port(), root_ca=root_ca, auth_key=auth_key),
+            tmp / "supernode.log",
+            env=flwr_env(tmp / "home"),
+            cwd=tmp,
+        )
         try:
             deadline = time.monotonic() + timeout
             while not report.exists():
                 if not node.alive():
                     raise FleetError(_supernode_failure(node))
                 if time.monotonic() > deadline:
-                    raise FleetError(f"no fleet round reached this device within {timeout:g} s (is the server at {superlink}?)")
+                    raise FleetError(
+                        f"no fleet round reached this device within {timeout:g} s (is the server at {superlink}?)"
+                    )
                 time.sleep(0.25)
             # The decision is written before the ClientApp returns; stop the SuperNode only once it
             # has pushed that reply to the SuperLink (its log says so), or after a grace period.
@@ -323,7 +400,9 @@ def _supernode_failure(node: FlowerProcess) -> str:
     """One line for a SuperNode that gave up, from its log."""
     text = node.log.read_text(errors="replace") if node.log.exists() else ""
     if "Failed to activate SuperNode" in text or "code: 2004" in text:
-        return ("the SuperLink refused this device: with node authentication on, its public key must be "
-                "registered (serve --auth-key DEVICE.pub) and join given the matching --auth-key")
+        return (
+            "the SuperLink refused this device: with node authentication on, its public key must be "
+            "registered (serve --auth-key DEVICE.pub) and join given the matching --auth-key"
+        )
     bad = [l.strip() for l in text.splitlines() if "ERROR" in l or "Failed" in l or "Error" in l]
     return "flower-supernode exited before the round ended" + (f": {clip(bad[-1], 300)}" if bad else "")

@@ -51,8 +51,17 @@ class Device:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, bundle, data, *, name: str | None = None, holdout: float = HOLDOUT, seed: int = 0,
-             strict: bool = False, quiet: bool = True) -> Device:
+    def open(
+        cls,
+        bundle,
+        data,
+        *,
+        name: str | None = None,
+        holdout: float = HOLDOUT,
+        seed: int = 0,
+        strict: bool = False,
+        quiet: bool = True,
+    ) -> Device:
         """Load ``bundle`` (verified), read ``data`` and extract its features through the bundle's
         backbone. Raises :class:`edgetl.errors.DataError` / ``BundleError`` with one line."""
         b = et.load_bundle(bundle)
@@ -61,8 +70,9 @@ class Device:
             if not paths:
                 raise et.DataError(f"{data}: no readable good images for this device")
             F = et.patch_features(b, paths, quiet=quiet)
-            return cls.from_features(b.path, patches=F, name=name, holdout=holdout, seed=seed,
-                                     template=et.current_head(b))
+            return cls.from_features(
+                b.path, patches=F, name=name, holdout=holdout, seed=seed, template=et.current_head(b)
+            )
         paths, labels, digests, skipped = et.labelled_images(data, strict=strict)
         if not paths:
             raise et.DataError(f"{data}: no usable labelled images; expected {data}/<class>/<image>")
@@ -72,8 +82,19 @@ class Device:
         return dev
 
     @classmethod
-    def from_features(cls, bundle, *, X=None, labels=None, patches=None, name=None, holdout: float = HOLDOUT,
-                      seed: int = 0, template=None, task: str | None = None) -> Device:
+    def from_features(
+        cls,
+        bundle,
+        *,
+        X=None,
+        labels=None,
+        patches=None,
+        name=None,
+        holdout: float = HOLDOUT,
+        seed: int = 0,
+        template=None,
+        task: str | None = None,
+    ) -> Device:
         """A device from already extracted features (tests, ``simulate``): same split, same gate."""
         bundle = Path(bundle)
         name = name or bundle.name
@@ -83,8 +104,15 @@ class Device:
             hold = np.zeros(len(F), bool)
             if len(F) >= 2:
                 hold[rng.choice(len(F), max(1, int(round(len(F) * holdout))), replace=False)] = True
-            return cls(bundle, name, "anomaly", LocalData.anomaly(F[~hold]),
-                       LocalData(F=F[hold]), template=template, images=len(F))
+            return cls(
+                bundle,
+                name,
+                "anomaly",
+                LocalData.anomaly(F[~hold]),
+                LocalData(F=F[hold]),
+                template=template,
+                images=len(F),
+            )
         X = np.asarray(X, np.float32)
         labels = [str(l) for l in labels]
         names = sorted(set(labels))
@@ -103,13 +131,27 @@ class Device:
         return respond(step, self.train, head_template=self.template)
 
     def all_features(self) -> tuple[np.ndarray, list[str]]:
-        return (np.concatenate([self.train.X, self.heldout.X.reshape(-1, self.train.X.shape[1])]),
-                list(self.train.labels) + list(self.heldout.labels or []))
+        return (
+            np.concatenate([self.train.X, self.heldout.X.reshape(-1, self.train.X.shape[1])]),
+            list(self.train.labels) + list(self.heldout.labels or []),
+        )
 
     # ------------------------------------------------------------------ the gate
-    def consider(self, kind: str, labels: list[str], arrays: dict, meta: dict | None = None, *,
-                 provenance: dict | None = None, tolerance_pp: float = DEFAULT_TOLERANCE_PP, force: bool = False,
-                 dry_run: bool = False, wait: float = 0.0, signer=None, signature: dict | None = None) -> dict:
+    def consider(
+        self,
+        kind: str,
+        labels: list[str],
+        arrays: dict,
+        meta: dict | None = None,
+        *,
+        provenance: dict | None = None,
+        tolerance_pp: float = DEFAULT_TOLERANCE_PP,
+        force: bool = False,
+        dry_run: bool = False,
+        wait: float = 0.0,
+        signer=None,
+        signature: dict | None = None,
+    ) -> dict:
         """Gate a global head on the held-out data; accept it as a new version or refuse it.
 
         Where this device has a trust policy (``EDGETL_TRUST``), the head must carry the fleet
@@ -125,15 +167,21 @@ class Device:
         """
         policy = et.policy_from_env()
         if policy is not None:
-            doc = {"kind": kind, "labels": list(labels), "meta": meta or {}, "provenance": provenance or {},
-                   "signature": signature}
+            doc = {
+                "kind": kind,
+                "labels": list(labels),
+                "meta": meta or {},
+                "provenance": provenance or {},
+                "signature": signature,
+            }
             et.verify_delivery(policy, doc, arrays, str(self.bundle))
         if not (isinstance(tolerance_pp, (int, float)) and 0 <= tolerance_pp <= 100):
             raise et.ConfigError(f"tolerance {tolerance_pp!r}: give percentage points between 0 and 100")
         ctx = et.for_update(self.bundle, operation="adapt (fleet)", wait=wait) if not dry_run else None
         if ctx is None:
-            return self._consider(et.load_bundle(self.bundle), kind, labels, arrays, meta, provenance,
-                                  tolerance_pp, force, True, signer)
+            return self._consider(
+                et.load_bundle(self.bundle), kind, labels, arrays, meta, provenance, tolerance_pp, force, True, signer
+            )
         with ctx as b:
             return self._consider(b, kind, labels, arrays, meta, provenance, tolerance_pp, force, False, signer)
 
@@ -148,14 +196,21 @@ class Device:
             decision["accepted"] = False
             if dry_run:
                 return decision
-            raise et.GateError(f"global head refused, v{b.head_version} stays current: " + "; ".join(decision["reasons"])
-                               + " (--force to accept)")
+            raise et.GateError(
+                f"global head refused, v{b.head_version} stays current: "
+                + "; ".join(decision["reasons"])
+                + " (--force to accept)"
+            )
         decision["forced"] = bool(decision["reasons"])
         if dry_run:
             decision["accepted"] = False
             return decision
-        entry = {"source": "fleet", "fleet": {"provenance": provenance or {}, "gate": dict(decision)},
-                 "images": self.images, "parent": b.head_version}
+        entry = {
+            "source": "fleet",
+            "fleet": {"provenance": provenance or {}, "gate": dict(decision)},
+            "images": self.images,
+            "parent": b.head_version,
+        }
         exemplars = None
         if b.task != "anomaly":
             exemplars = self._new_exemplars(b, head)
@@ -167,8 +222,9 @@ class Device:
         head_kind = "linear" if kind == "ridge" else kind
         head = et.head_from_arrays(head_kind, labels, arrays, meta)
         if head.n_features != current.n_features:
-            raise FleetError(f"global head expects {head.n_features} features; this bundle's backbone gives "
-                             f"{current.n_features}")
+            raise FleetError(
+                f"global head expects {head.n_features} features; this bundle's backbone gives {current.n_features}"
+            )
         Xh = self.heldout.X
         yh = list(self.heldout.labels or [])
         reasons = []
@@ -190,10 +246,10 @@ class Device:
         if before is None:
             reasons.append("no held-out images on this device to judge it on (give more images per class)")
         elif (before - after) * 100 > tol:
-            reasons.append(f"held-out accuracy on this device would fall from {before:.1%} to {after:.1%} "
-                           f"(tolerance {tol:g} pp)")
-        return head, {"heldout_images": len(yh), "accuracy_before": before, "accuracy_after": after,
-                      "reasons": reasons}
+            reasons.append(
+                f"held-out accuracy on this device would fall from {before:.1%} to {after:.1%} (tolerance {tol:g} pp)"
+            )
+        return head, {"heldout_images": len(yh), "accuracy_before": before, "accuracy_after": after, "reasons": reasons}
 
     def _gate_anomaly(self, b, current, kind, arrays, tol):
         if kind != current.kind:
@@ -211,8 +267,11 @@ class Device:
             raise FleetError(f"global memory bank {clean['memory'].shape} does not fit this bundle")
         if kind == "padim":
             ref = current.arrays
-            if clean["mean"].shape != ref["mean"].shape or clean["m2"].shape != ref["m2"].shape or \
-                    not np.array_equal(clean["channels"], ref["channels"]):
+            if (
+                clean["mean"].shape != ref["mean"].shape
+                or clean["m2"].shape != ref["m2"].shape
+                or not np.array_equal(clean["channels"], ref["channels"])
+            ):
                 raise FleetError("global PaDiM moments do not fit this bundle's head")
         head = et.anomaly_head_like(current, clean)
         threshold = float(b.head_entry().get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
@@ -225,10 +284,17 @@ class Device:
             before = float(np.mean(et.anomaly_scores(b, current, F) >= threshold))
             after = float(np.mean(et.anomaly_scores(b, head, F) >= threshold))
             if (after - before) * 100 > tol:
-                reasons.append(f"false alarms on held-out good images would rise from {before:.1%} to {after:.1%} "
-                               f"(tolerance {tol:g} pp)")
-        return head, {"heldout_images": 0 if F is None else len(F), "false_alarms_before": before,
-                      "false_alarms_after": after, "threshold": threshold, "reasons": reasons}
+                reasons.append(
+                    f"false alarms on held-out good images would rise from {before:.1%} to {after:.1%} "
+                    f"(tolerance {tol:g} pp)"
+                )
+        return head, {
+            "heldout_images": 0 if F is None else len(F),
+            "false_alarms_before": before,
+            "false_alarms_after": after,
+            "threshold": threshold,
+            "reasons": reasons,
+        }
 
     def _new_exemplars(self, b, head):
         """Replay memory of the new version: herding over the old memory plus all local images."""
@@ -238,8 +304,12 @@ class Device:
         X_loc, lab_loc = self.all_features()
         known = np.array([l in pos for l in lab_loc], bool)
         X = np.concatenate([Xo[keep], X_loc[known]])
-        y = np.concatenate([np.array([pos[names[i]] for i in yo[keep]], np.int64),
-                            np.array([pos[l] for l, k in zip(lab_loc, known) if k], np.int64)])
+        y = np.concatenate(
+            [
+                np.array([pos[names[i]] for i in yo[keep]], np.int64),
+                np.array([pos[l] for l, k in zip(lab_loc, known) if k], np.int64),
+            ]
+        )
         per_class = int(b.manifest.get("exemplars", {}).get("per_class", 20))
         idx = et.herding(X, y, len(head.labels), per_class=per_class)
         return X[idx], y[idx], list(head.labels)
@@ -272,11 +342,22 @@ class _HeadParticipant:
             m2 = np.asarray(h.arrays["m2"], np.float64)
             iu = np.triu_indices(m2.shape[-1])
             n = int(np.asarray(h.arrays["count"]).reshape(-1)[0])
-            return Summary("padim", "padim", {"mean": np.asarray(h.arrays["mean"], np.float64),
-                                              "m2_triu": m2[:, iu[0], iu[1]]}, {"images": n})
+            return Summary(
+                "padim",
+                "padim",
+                {"mean": np.asarray(h.arrays["mean"], np.float64), "m2_triu": m2[:, iu[0], iu[1]]},
+                {"images": n},
+            )
         mem = np.asarray(h.arrays["memory"], np.float32)
-        return Summary("patchcore", "patchcore", {"memory": mem},
-                       {"images": int(h.meta.get("images", 1)), "patches": int(max(h.meta.get("patches_seen", len(mem)), len(mem)))})
+        return Summary(
+            "patchcore",
+            "patchcore",
+            {"memory": mem},
+            {
+                "images": int(h.meta.get("images", 1)),
+                "patches": int(max(h.meta.get("patches_seen", len(mem)), len(mem))),
+            },
+        )
 
 
 def answer(participant, step: Step, template=None) -> Summary:

@@ -39,10 +39,10 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 import numpy as np
 
+from ..core.console import clip
 from . import _edgetl as et
 from .device import DEFAULT_TOLERANCE_PP, HOLDOUT, Device
 from .server import FleetRound
-from ..core.console import clip
 from .summaries import DEFAULT_BASE, FleetError, Summary, step_from_wire, step_to_wire
 
 
@@ -54,11 +54,23 @@ def _flwr():
         from flwr.serverapp import Grid, ServerApp
         from flwr.serverapp.strategy import Strategy
     except ImportError as exc:
-        raise et.MissingDependency(f"fleet rounds need Flower ({exc}); install it with: pip install 'edgetl[fleet]'") from None
-    return {"Array": Array, "ArrayRecord": ArrayRecord, "ConfigRecord": ConfigRecord, "Message": Message,
-            "MessageType": MessageType, "MetricRecord": MetricRecord, "RecordDict": RecordDict,
-            "ClientApp": ClientApp, "ServerApp": ServerApp, "Grid": Grid, "Strategy": Strategy,
-            "version": flwr.__version__}
+        raise et.MissingDependency(
+            f"fleet rounds need Flower ({exc}); install it with: pip install 'edgetl[fleet]'"
+        ) from None
+    return {
+        "Array": Array,
+        "ArrayRecord": ArrayRecord,
+        "ConfigRecord": ConfigRecord,
+        "Message": Message,
+        "MessageType": MessageType,
+        "MetricRecord": MetricRecord,
+        "RecordDict": RecordDict,
+        "ClientApp": ClientApp,
+        "ServerApp": ServerApp,
+        "Grid": Grid,
+        "Strategy": Strategy,
+        "version": flwr.__version__,
+    }
 
 
 F = _flwr()
@@ -80,7 +92,9 @@ def from_array_record(record, *, who: str = "peer") -> dict:
     for name in list(record.keys()):
         a = record[name]
         if getattr(a, "stype", None) != "numpy.ndarray":
-            raise FleetError(f"{who}: array {name!r} has serialisation {getattr(a, 'stype', None)!r}; only numpy arrays are accepted")
+            raise FleetError(
+                f"{who}: array {name!r} has serialisation {getattr(a, 'stype', None)!r}; only numpy arrays are accepted"
+            )
         if len(a.data) > MAX_ARRAY_BYTES:
             raise FleetError(f"{who}: array {name!r} is larger than {MAX_ARRAY_BYTES} bytes")
         try:
@@ -114,8 +128,16 @@ class FleetStrategy(F["Strategy"]):
     """A Flower strategy whose rounds are the steps of a :class:`FleetRound` (see the module
     docstring). ``min_devices`` SuperNodes must be connected within ``wait`` seconds."""
 
-    def __init__(self, fleet: FleetRound, *, min_devices: int = 2, wait: float = 120.0, write: bool = True,
-                 signer=None, lock_wait: float = 0.0):
+    def __init__(
+        self,
+        fleet: FleetRound,
+        *,
+        min_devices: int = 2,
+        wait: float = 120.0,
+        write: bool = True,
+        signer=None,
+        lock_wait: float = 0.0,
+    ):
         self.fleet = fleet
         self.min_devices = int(min_devices)
         self.wait = float(wait)
@@ -133,8 +155,13 @@ class FleetStrategy(F["Strategy"]):
 
         from flwr.supercore import log
 
-        log(INFO, "\tedgetl fleet round: %s merge, %d steps, at least %d devices", self.fleet.kind,
-            self.fleet.n_steps, self.min_devices)
+        log(
+            INFO,
+            "\tedgetl fleet round: %s merge, %d steps, at least %d devices",
+            self.fleet.kind,
+            self.fleet.n_steps,
+            self.min_devices,
+        )
 
     def _wait_for_nodes(self, grid) -> list[int]:
         deadline = time.monotonic() + self.wait
@@ -143,8 +170,10 @@ class FleetStrategy(F["Strategy"]):
             if len(nodes) >= self.min_devices:
                 return nodes
             if time.monotonic() > deadline:
-                raise FleetError(f"{len(nodes)} devices connected within {self.wait:g} s; the round needs "
-                                 f"{self.min_devices} (--devices)")
+                raise FleetError(
+                    f"{len(nodes)} devices connected within {self.wait:g} s; the round needs "
+                    f"{self.min_devices} (--devices)"
+                )
             time.sleep(0.5)
 
     def configure_train(self, server_round, arrays, config, grid):
@@ -204,8 +233,9 @@ class FleetStrategy(F["Strategy"]):
             return []
         kind, labels, head_arrays, meta, short = self.fleet.delivery()
         # JSON-normalised first, so the signed statement is what a device decodes
-        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
-                                    default=_jsonable))
+        doc = json.loads(
+            json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short}, default=_jsonable)
+        )
         if self.signer is not None:
             doc["signature"] = et.sign_delivery(self.signer, doc, head_arrays)
         head = json.dumps(doc)
@@ -244,11 +274,26 @@ def _jsonable(o):
 
 
 # ============================================================================================ server app
-def run_server(grid, *, bundle, kind=None, base=DEFAULT_BASE, min_devices=2, wait=120.0, timeout=600.0, rounds=30,
-               l2=None, allow_new_classes=True, signer=None, write=True, lock_wait=0.0) -> dict:
+def run_server(
+    grid,
+    *,
+    bundle,
+    kind=None,
+    base=DEFAULT_BASE,
+    min_devices=2,
+    wait=120.0,
+    timeout=600.0,
+    rounds=30,
+    l2=None,
+    allow_new_classes=True,
+    signer=None,
+    write=True,
+    lock_wait=0.0,
+) -> dict:
     """Run one fleet round on ``grid`` (inside a ServerApp); returns the report."""
-    fleet = FleetRound(bundle, kind=kind, base=base, min_devices=min_devices, rounds=rounds, l2=l2,
-                       allow_new_classes=allow_new_classes)
+    fleet = FleetRound(
+        bundle, kind=kind, base=base, min_devices=min_devices, rounds=rounds, l2=l2, allow_new_classes=allow_new_classes
+    )
     strategy = FleetStrategy(fleet, min_devices=min_devices, wait=wait, write=write, signer=signer, lock_wait=lock_wait)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=fleet.n_steps, timeout=timeout)
     if strategy.report is None:
@@ -266,13 +311,20 @@ def _server_main(grid, context) -> None:
     report_path = str(rc.get("report", "") or "")
     try:
         l2 = float(rc.get("l2", -1.0))
-        report = run_server(grid, bundle=str(rc["bundle"]), kind=str(rc.get("kind", "")) or None,
-                            base=str(rc.get("base", "current")), min_devices=int(rc.get("min-devices", 2)),
-                            wait=float(rc.get("wait", 120)), timeout=float(rc.get("timeout", 600)),
-                            rounds=int(rc.get("rounds", 30)), l2=None if l2 < 0 else l2,
-                            allow_new_classes=bool(rc.get("allow-new-classes", True)),
-                            signer=et.signing_key(str(rc.get("sign-key", "")) or None),
-                            lock_wait=float(rc.get("lock-wait", 0)))
+        report = run_server(
+            grid,
+            bundle=str(rc["bundle"]),
+            kind=str(rc.get("kind", "")) or None,
+            base=str(rc.get("base", "current")),
+            min_devices=int(rc.get("min-devices", 2)),
+            wait=float(rc.get("wait", 120)),
+            timeout=float(rc.get("timeout", 600)),
+            rounds=int(rc.get("rounds", 30)),
+            l2=None if l2 < 0 else l2,
+            allow_new_classes=bool(rc.get("allow-new-classes", True)),
+            signer=et.signing_key(str(rc.get("sign-key", "")) or None),
+            lock_wait=float(rc.get("lock-wait", 0)),
+        )
     except et.EdgetlError as exc:
         report = {"error": str(exc), "exit_code": getattr(exc, "exit_code", 2)}
     if report_path:
@@ -288,17 +340,28 @@ def _device_from_state(context, spec: dict) -> Device:
         info = json.loads(st["fleet-device"]["json"])
         arrs = from_array_record(st["fleet-data"], who="state")
         if info["task"] == "anomaly":
-            dev = Device.from_features(info["bundle"], patches=np.concatenate([arrs["train"], arrs["held"]]),
-                                       name=info["name"], holdout=0.0, template=et.current_head(et.load_bundle(info["bundle"])))
+            dev = Device.from_features(
+                info["bundle"],
+                patches=np.concatenate([arrs["train"], arrs["held"]]),
+                name=info["name"],
+                holdout=0.0,
+                template=et.current_head(et.load_bundle(info["bundle"])),
+            )
             dev.train.F, dev.heldout.F = arrs["train"], arrs["held"]
             return dev
-        dev = Device.from_features(info["bundle"], X=arrs["train"], labels=info["train"], name=info["name"], holdout=0.0,
-                                   task=info["task"])
+        dev = Device.from_features(
+            info["bundle"], X=arrs["train"], labels=info["train"], name=info["name"], holdout=0.0, task=info["task"]
+        )
         dev.heldout.X, dev.heldout.labels = arrs["held"], info["held"]
         dev.images = info["images"]
         return dev
-    dev = Device.open(spec["bundle"], spec["data"], name=spec.get("name") or None,
-                      holdout=float(spec.get("holdout", HOLDOUT)), seed=int(spec.get("seed", 0)))
+    dev = Device.open(
+        spec["bundle"],
+        spec["data"],
+        name=spec.get("name") or None,
+        holdout=float(spec.get("holdout", HOLDOUT)),
+        seed=int(spec.get("seed", 0)),
+    )
     if dev.task == "anomaly":
         arrays = {"train": dev.train.F, "held": dev.heldout.F if dev.heldout.F is not None else dev.train.F[:0]}
         info = {"task": "anomaly"}
@@ -313,8 +376,13 @@ def _device_from_state(context, spec: dict) -> Device:
 
 
 def _reply(msg, arrays: dict, meta_json: str, n: int):
-    content = RecordDict({"summary": to_array_record(arrays), "meta": ConfigRecord({"json": meta_json}),
-                          "metrics": MetricRecord({"num-examples": int(n)})})
+    content = RecordDict(
+        {
+            "summary": to_array_record(arrays),
+            "meta": ConfigRecord({"json": meta_json}),
+            "metrics": MetricRecord({"num-examples": int(n)}),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -344,22 +412,34 @@ def client_deliver(msg, context, spec: dict):
         arrays = from_array_record(c["arrays"], who="server")
         signer = et.signing_key(spec.get("sign-key") or None)
         try:
-            decision = dev.consider(str(head.get("kind")), [str(l) for l in head["labels"]], arrays,
-                                    head.get("meta") if isinstance(head.get("meta"), dict) else {},
-                                    provenance=head.get("provenance") if isinstance(head.get("provenance"), dict) else {},
-                                    tolerance_pp=float(spec.get("tolerance", DEFAULT_TOLERANCE_PP)),
-                                    force=bool(spec.get("force", False)), dry_run=bool(spec.get("dry-run", False)),
-                                    wait=float(spec.get("lock-wait", 0)), signer=signer,
-                                    signature=head.get("signature"))
+            decision = dev.consider(
+                str(head.get("kind")),
+                [str(l) for l in head["labels"]],
+                arrays,
+                head.get("meta") if isinstance(head.get("meta"), dict) else {},
+                provenance=head.get("provenance") if isinstance(head.get("provenance"), dict) else {},
+                tolerance_pp=float(spec.get("tolerance", DEFAULT_TOLERANCE_PP)),
+                force=bool(spec.get("force", False)),
+                dry_run=bool(spec.get("dry-run", False)),
+                wait=float(spec.get("lock-wait", 0)),
+                signer=signer,
+                signature=head.get("signature"),
+            )
         except et.GateError as exc:
             decision = {"accepted": False, "device": dev.name, "reason": str(exc), "exit_code": exc.exit_code}
     except et.EdgetlError as exc:
         decision = {"accepted": False, "reason": str(exc), "exit_code": getattr(exc, "exit_code", 2)}
     if spec.get("report"):
         Path(str(spec["report"])).write_text(json.dumps(decision, default=_jsonable, indent=1))
-    return Message(content=RecordDict({"meta": ConfigRecord({"json": json.dumps(decision, default=_jsonable)}),
-                                       "metrics": MetricRecord({"num-examples": 1, "accepted": int(bool(decision.get("accepted")))})}),
-                   reply_to=msg)
+    return Message(
+        content=RecordDict(
+            {
+                "meta": ConfigRecord({"json": json.dumps(decision, default=_jsonable)}),
+                "metrics": MetricRecord({"num-examples": 1, "accepted": int(bool(decision.get("accepted")))}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 client_app = F["ClientApp"]()
@@ -394,14 +474,26 @@ def make_sim_client_app(specs: list[dict]):
     return app
 
 
-def simulate(bundle, specs: list[dict], *, kind=None, base=DEFAULT_BASE, rounds=30, l2=None, write=True,
-             cpus_per_device: float = 1.0, verbose: bool = False) -> dict:
+def simulate(
+    bundle,
+    specs: list[dict],
+    *,
+    kind=None,
+    base=DEFAULT_BASE,
+    rounds=30,
+    l2=None,
+    write=True,
+    cpus_per_device: float = 1.0,
+    verbose: bool = False,
+) -> dict:
     """One fleet round with Flower's simulation engine (Ray): the server bundle ``bundle`` and one
     virtual device per entry of ``specs`` (``{"bundle", "data", "name"?, "tolerance"?, ...}``)."""
     try:
         from flwr.simulation import run_simulation
     except ImportError as exc:  # pragma: no cover
-        raise et.MissingDependency(f"simulation needs Flower's simulation extra ({exc}): pip install 'edgetl[fleet-sim]'") from None
+        raise et.MissingDependency(
+            f"simulation needs Flower's simulation extra ({exc}): pip install 'edgetl[fleet-sim]'"
+        ) from None
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
@@ -412,8 +504,17 @@ def simulate(bundle, specs: list[dict], *, kind=None, base=DEFAULT_BASE, rounds=
     @app.main()
     def _main(grid, context):
         try:
-            holder["report"] = run_server(grid, bundle=bundle, kind=kind, base=base, min_devices=len(specs),
-                                          wait=300, rounds=rounds, l2=l2, write=write)
+            holder["report"] = run_server(
+                grid,
+                bundle=bundle,
+                kind=kind,
+                base=base,
+                min_devices=len(specs),
+                wait=300,
+                rounds=rounds,
+                l2=l2,
+                write=write,
+            )
         except et.EdgetlError as exc:
             holder["error"] = exc
 
@@ -423,10 +524,16 @@ def simulate(bundle, specs: list[dict], *, kind=None, base=DEFAULT_BASE, rounds=
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(server_app=app, client_app=make_sim_client_app(specs), num_supernodes=len(specs),
-                       backend_config={"client_resources": {"num_cpus": cpus_per_device, "num_gpus": 0.0},
-                                       "init_args": {"log_to_driver": verbose, "include_dashboard": False}},
-                       verbose_logging=verbose)
+        run_simulation(
+            server_app=app,
+            client_app=make_sim_client_app(specs),
+            num_supernodes=len(specs),
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_device, "num_gpus": 0.0},
+                "init_args": {"log_to_driver": verbose, "include_dashboard": False},
+            },
+            verbose_logging=verbose,
+        )
     if "error" in holder:
         raise holder["error"]
     if "report" not in holder:

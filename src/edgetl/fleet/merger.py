@@ -12,7 +12,21 @@ import numpy as np
 from . import _edgetl as et
 from . import ridge as _ridge
 from ._edgetl import FleetError
-from .summaries import (ABSENT_MARGIN, ANOMALY_KINDS, CLASSIFY_KINDS, KINDS, MAX_ROWS, PROTO_NORM_EPS, PROTO_T_BOUNDS, PROTO_T_DEFAULT, Step, Summary, TEMPERATURE_POINTS, check_summary, respond)
+from .summaries import (
+    ABSENT_MARGIN,
+    ANOMALY_KINDS,
+    CLASSIFY_KINDS,
+    KINDS,
+    MAX_ROWS,
+    PROTO_NORM_EPS,
+    PROTO_T_BOUNDS,
+    PROTO_T_DEFAULT,
+    TEMPERATURE_POINTS,
+    Step,
+    Summary,
+    check_summary,
+    respond,
+)
 
 # ================================================================ leave-one-device-out labels
 # A device is left out when the class means of fewer than this share of its rows are nearest to
@@ -80,9 +94,11 @@ def label_agreement(ok: dict, second: str) -> tuple[dict, dict]:
         share, rows = scores[worst]
         if share >= MIN_AGREEMENT:
             break
-        out[worst] = (f"{worst}: summary refused: its class means agree with the other devices' data for only "
-                      f"{share:.0%} of its {rows} rows of shared classes (leave-one-device-out check; labels "
-                      "swapped, or images of another product?)")
+        out[worst] = (
+            f"{worst}: summary refused: its class means agree with the other devices' data for only "
+            f"{share:.0%} of its {rows} rows of shared classes (leave-one-device-out check; labels "
+            "swapped, or images of another product?)"
+        )
         active.discard(worst)
     agreement = {w: round(v[0], 4) for w, v in scores.items()}
     return agreement, out
@@ -125,10 +141,23 @@ class Merger:
         min_devices: the round fails when fewer devices pass the checks.
     """
 
-    def __init__(self, kind: str, *, labels: list[str] | None = None, allow_new_classes: bool = True,
-                 l2: float | None = None, rounds: int = 30, local_steps: int = 1, lr: float = 1.0,
-                 server_lr: float = 0.01, hidden: int = 256, seed: int = 0, anomaly_template=None,
-                 min_devices: int = 1, max_rows: int = MAX_ROWS):
+    def __init__(
+        self,
+        kind: str,
+        *,
+        labels: list[str] | None = None,
+        allow_new_classes: bool = True,
+        l2: float | None = None,
+        rounds: int = 30,
+        local_steps: int = 1,
+        lr: float = 1.0,
+        server_lr: float = 0.01,
+        hidden: int = 256,
+        seed: int = 0,
+        anomaly_template=None,
+        min_devices: int = 1,
+        max_rows: int = MAX_ROWS,
+    ):
         if kind not in KINDS:
             raise FleetError(f"head kind {kind!r} has no fleet merge; choose one of {', '.join(KINDS)}")
         if kind in ANOMALY_KINDS and anomaly_template is None:
@@ -176,14 +205,25 @@ class Merger:
                 arrays = {"mean": st["mean32"], "sums": st["unit_sums"].T.copy(), "class_weight": st["class_weight"]}
             else:
                 f = st["fit"]
-                arrays = {"mean": f["mean"], "scale": f["scale"], "W": f["W"], "b": f["b"], "M": f["M"],
-                          "offset": f["offset"], "present": f["present"].astype(np.int8)}
+                arrays = {
+                    "mean": f["mean"],
+                    "scale": f["scale"],
+                    "W": f["W"],
+                    "b": f["b"],
+                    "M": f["M"],
+                    "offset": f["offset"],
+                    "present": f["present"].astype(np.int8),
+                }
                 cfg["n"] = int(f["n"])
             return Step(self.kind, name, i, cfg, arrays)
         if name == "fedavg":
             cfg = {"labels": st["labels"], "local_steps": self.local_steps, "lr": self.lr, "l2": st["l2"]}
-            arrays = {"mean": st["mean32"], "scale": st["scale32"], "class_weight": st["class_weight"],
-                      **{n: v.astype(np.float32) for n, v in st["params"].items()}}
+            arrays = {
+                "mean": st["mean32"],
+                "scale": st["scale32"],
+                "class_weight": st["class_weight"],
+                **{n: v.astype(np.float32) for n, v in st["params"].items()},
+            }
             return Step(self.kind, name, i, cfg, arrays)
         tpl = self.template
         arrays = {"channels": np.asarray(tpl.arrays["channels"], np.int64)} if self.kind == "padim" else {}
@@ -207,8 +247,15 @@ class Merger:
                     raise FleetError(f"{who}: {s}")
                 if step.index > 0 and step.kind in CLASSIFY_KINDS and who not in self.devices:
                     raise FleetError(f"{who}: did not take part in the first step of this round")
-                ok[who] = check_summary(s, step, who=who, d=self.state.get("d"), labels=self._expect_labels(step),
-                                        max_rows=self.max_rows, geometry=self._geometry())
+                ok[who] = check_summary(
+                    s,
+                    step,
+                    who=who,
+                    d=self.state.get("d"),
+                    labels=self._expect_labels(step),
+                    max_rows=self.max_rows,
+                    geometry=self._geometry(),
+                )
             except FleetError as exc:
                 new_refusals.append(Refusal(str(who), step.name, str(exc)))
         self.refused += new_refusals
@@ -217,10 +264,16 @@ class Merger:
                 if who not in ok:
                     self.devices[who]["completed"] = False
         if len(ok) < self.min_devices:
-            raise FleetError(f"step {step.name}: {len(ok)} valid device summaries, at least {self.min_devices} needed"
-                             + (f" (refused: {new_refusals[0].reason})" if new_refusals else ""))
-        getattr(self, "_absorb_" + step.name.replace("-", "_").split("_")[0] if step.kind in CLASSIFY_KINDS
-                else "_absorb_" + step.kind)(step, ok)
+            raise FleetError(
+                f"step {step.name}: {len(ok)} valid device summaries, at least {self.min_devices} needed"
+                + (f" (refused: {new_refusals[0].reason})" if new_refusals else "")
+            )
+        getattr(
+            self,
+            "_absorb_" + step.name.replace("-", "_").split("_")[0]
+            if step.kind in CLASSIFY_KINDS
+            else "_absorb_" + step.kind,
+        )(step, ok)
         self.steps_done.append(step.name)
         return new_refusals
 
@@ -243,7 +296,9 @@ class Merger:
         widths = {who: s.arrays["sum"].shape[1] for who, s in ok.items()}
         d = max(set(widths.values()), key=list(widths.values()).count)
         for who in [w for w, v in widths.items() if v != d]:  # the minority width is refused
-            self.refused.append(Refusal(who, step.name, f"{who}: summary refused: {widths[who]} features, the round has {d}"))
+            self.refused.append(
+                Refusal(who, step.name, f"{who}: summary refused: {widths[who]} features, the round has {d}")
+            )
             del ok[who]
         if len(ok) < self.min_devices:
             raise FleetError(f"step moments: {len(ok)} devices agree on the feature width, {self.min_devices} needed")
@@ -253,8 +308,10 @@ class Merger:
             self.refused.append(Refusal(who, step.name, reason))
             del ok[who]
         if len(ok) < self.min_devices:
-            raise FleetError(f"step moments: {len(ok)} devices left after the label check, {self.min_devices} needed "
-                             f"(refused: {next(iter(outliers.values()))})")
+            raise FleetError(
+                f"step moments: {len(ok)} devices left after the label check, {self.min_devices} needed "
+                f"(refused: {next(iter(outliers.values()))})"
+            )
         new = sorted({l for s in ok.values() for l in s.meta["labels"]} - set(self.base_labels))
         labels = self.base_labels + new
         pos = {l: i for i, l in enumerate(labels)}
@@ -270,8 +327,11 @@ class Merger:
             sums[idx] += np.asarray(s.arrays["sum"], np.float64)
             second += np.asarray(s.arrays["gram" if self.kind == "ridge" else "sumsq"], np.float64)
             n += int(s.meta["n"])
-            self.devices[str(who)] = {"rows": int(s.meta["n"]), "completed": True,
-                                      "class_counts": {l: int(v) for l, v in zip(s.meta["labels"], c.tolist())}}
+            self.devices[str(who)] = {
+                "rows": int(s.meta["n"]),
+                "completed": True,
+                "class_counts": {l: int(v) for l, v in zip(s.meta["labels"], c.tolist())},
+            }
         if np.count_nonzero(counts) < 2:
             raise FleetError(f"the devices' data covers {np.count_nonzero(counts)} class; a classifier needs 2")
         st = self.state
@@ -375,8 +435,12 @@ class Merger:
             mems.append(np.asarray(s.arrays["memory"], np.float32))
             patches += int(s.meta["patches"])
             images += int(s.meta["images"])
-            self.devices[str(who)] = {"images": int(s.meta["images"]), "patches": int(s.meta["patches"]),
-                                      "bank": len(s.arrays["memory"]), "completed": True}
+            self.devices[str(who)] = {
+                "images": int(s.meta["images"]),
+                "patches": int(s.meta["patches"]),
+                "bank": len(s.arrays["memory"]),
+                "completed": True,
+            }
         self.state.update(union=np.concatenate(mems), patches=patches, images=images)
 
     # ---------------------------------------------------------------- result
@@ -386,23 +450,38 @@ class Merger:
         if len(self.steps_done) != self.n_steps:
             raise FleetError(f"the round stopped after {len(self.steps_done)} of {self.n_steps} steps")
         st = self.state
-        prov = {"kind": self.kind, "steps": list(self._names), "devices": self.devices,
-                "refused": [r.__dict__ for r in self.refused],
-                **({"label_agreement": self.state["agreement"]} if self.state.get("agreement") else {})}
+        prov = {
+            "kind": self.kind,
+            "steps": list(self._names),
+            "devices": self.devices,
+            "refused": [r.__dict__ for r in self.refused],
+            **({"label_agreement": self.state["agreement"]} if self.state.get("agreement") else {}),
+        }
         if self.kind in ANOMALY_KINDS:
             return self._anomaly_result(prov)
         labels = st["labels"]
         counts = st["counts"]
         prov["class_counts"] = {l: int(c) for l, c in zip(labels, counts.tolist())}
         prov["rows"] = int(st["n"])
-        meta = {"kind": None, "n_features": st["d"], "n_classes": len(labels), "n_train": int(st["n"]),
-                "class_counts": counts.tolist(), "absent_classes": [l for l, c in zip(labels, counts) if c == 0],
-                "fleet": {"kind": self.kind}}
+        meta = {
+            "kind": None,
+            "n_features": st["d"],
+            "n_classes": len(labels),
+            "n_train": int(st["n"]),
+            "class_counts": counts.tolist(),
+            "absent_classes": [l for l, c in zip(labels, counts) if c == 0],
+            "fleet": {"kind": self.kind},
+        }
         if self.kind == "ridge":
             T = float(st["temperature"])
             arrays = _ridge.linear_arrays(st["fit"], T)
-            meta.update(kind="linear", l2=st["fit"]["l2"], ridge_l2=st["fit"]["l2"], temperature=T,
-                        config={"kind": "linear", "l2": st["fit"]["l2"]})
+            meta.update(
+                kind="linear",
+                l2=st["fit"]["l2"],
+                ridge_l2=st["fit"]["l2"],
+                temperature=T,
+                config={"kind": "linear", "l2": st["fit"]["l2"]},
+            )
             meta["fleet"].update(l2_method="gcv" if self.l2 is None else "fixed", temperature=T)
             prov.update(l2=st["fit"]["l2"], temperature=T)
             return FleetResult("ridge", et.head_from_arrays("linear", labels, arrays, meta), prov)
@@ -415,15 +494,22 @@ class Merger:
             T = float(st["temperature"])
             b = np.zeros(len(labels), np.float32)
             b[~present] = -(T + ABSENT_MARGIN)
-            arrays = {"mean": st["mean32"], "prototypes": protos.T.astype(np.float32),
-                      "logit_scale": np.array(T, np.float32), "b": b}
+            arrays = {
+                "mean": st["mean32"],
+                "prototypes": protos.T.astype(np.float32),
+                "logit_scale": np.array(T, np.float32),
+                "b": b,
+            }
             meta.update(kind="prototype", l2=None, logit_scale=T, config={"kind": "prototype"})
             prov.update(temperature=T)
             return FleetResult("prototype", et.head_from_arrays("prototype", labels, arrays, meta), prov)
         p = st["params"]
         arrays = {"mean": st["mean32"], "scale": st["scale32"], **{n: v.astype(np.float32) for n, v in p.items()}}
-        meta.update(kind=self.kind, l2=st["l2"], config={"kind": self.kind, "l2": st["l2"],
-                    **({"hidden": self.hidden} if self.kind == "mlp" else {})})
+        meta.update(
+            kind=self.kind,
+            l2=st["l2"],
+            config={"kind": self.kind, "l2": st["l2"], **({"hidden": self.hidden} if self.kind == "mlp" else {})},
+        )
         prov.update(rounds=self.rounds, local_steps=self.local_steps, server_lr=self.server_lr, l2=st["l2"])
         return FleetResult(self.kind, et.head_from_arrays(self.kind, labels, arrays, meta), prov)
 
@@ -432,8 +518,12 @@ class Merger:
         st, tpl = self.state, self.template
         if self.kind == "padim":
             mean, m2, n = st["moments"]
-            arrays = {"channels": np.asarray(tpl.arrays["channels"]), "mean": mean.astype(np.float32),
-                      "m2": m2.astype(np.float32), "count": np.asarray(n, np.int64)}
+            arrays = {
+                "channels": np.asarray(tpl.arrays["channels"]),
+                "mean": mean.astype(np.float32),
+                "m2": m2.astype(np.float32),
+                "count": np.asarray(n, np.int64),
+            }
             prov["images"] = int(n)
             return FleetResult("padim", et.anomaly_head_like(tpl, arrays, {"images": int(n), "fleet": True}), prov)
         union = st["union"]

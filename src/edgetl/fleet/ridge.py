@@ -41,8 +41,16 @@ def standardisation(n: float, s: np.ndarray, sumsq: np.ndarray) -> tuple[np.ndar
     return mean64, mean64.astype(np.float32), np.where(varies, std, 1.0).astype(np.float32)
 
 
-def ridge_from_moments(n: float, s: np.ndarray, gram: np.ndarray, counts: np.ndarray, class_sums: np.ndarray,
-                       *, l2: float | None = None, grid=RIDGE_L2_GRID) -> dict:
+def ridge_from_moments(
+    n: float,
+    s: np.ndarray,
+    gram: np.ndarray,
+    counts: np.ndarray,
+    class_sums: np.ndarray,
+    *,
+    l2: float | None = None,
+    grid=RIDGE_L2_GRID,
+) -> dict:
     """Solve the ridge classifier from raw moments.
 
     Args:
@@ -85,8 +93,18 @@ def ridge_from_moments(n: float, s: np.ndarray, gram: np.ndarray, counts: np.nda
     # intercept: class frequency minus the standardised offset of the float32 mean actually applied
     offset = (mean64 - mean32.astype(np.float64)) / scale
     b = counts / n - offset @ W
-    return {"mean": mean32, "scale": scale32, "W": W, "b": b, "l2": float(l2), "M": M, "offset": offset, "n": n,
-            "gcv": None if scores is None else [float(v) for v in scores], "present": counts > 0}
+    return {
+        "mean": mean32,
+        "scale": scale32,
+        "W": W,
+        "b": b,
+        "l2": float(l2),
+        "M": M,
+        "offset": offset,
+        "n": n,
+        "gcv": None if scores is None else [float(v) for v in scores],
+        "present": counts > 0,
+    }
 
 
 def linear_arrays(fit: dict, temperature: float) -> dict:
@@ -106,7 +124,9 @@ def linear_arrays(fit: dict, temperature: float) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def temperature_terms(Z: np.ndarray, target: np.ndarray, w: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def temperature_terms(
+    Z: np.ndarray, target: np.ndarray, w: np.ndarray, grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per grid value ``s``: the derivative ``sum w (E_p[z] - z_t)`` of the weighted cross-entropy of
     ``softmax(s z)`` and its second derivative ``sum w Var_p[z]`` -- what a device sends."""
     Z = np.asarray(Z, np.float64)
@@ -169,8 +189,9 @@ def solve_temperature(grid: np.ndarray, slope: np.ndarray, curv: np.ndarray) -> 
     return 0.5 * (lo + hi)
 
 
-def fit_ridge_head_arrays(X: np.ndarray, y: np.ndarray, k: int, *, l2: float | None = None,
-                          points: int = 33) -> tuple[dict, dict]:
+def fit_ridge_head_arrays(
+    X: np.ndarray, y: np.ndarray, k: int, *, l2: float | None = None, points: int = 33
+) -> tuple[dict, dict]:
     """One machine's ridge head (the fleet protocol with a single participant): (arrays, info)."""
     X = np.asarray(X, np.float32)
     X64 = X.astype(np.float64)

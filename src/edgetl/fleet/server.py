@@ -17,7 +17,6 @@ process, for tests and ``simulate --engine none``.
 
 from __future__ import annotations
 
-
 from . import _edgetl as et
 from .device import answer, base_participant
 from .merger import FleetResult, Merger
@@ -31,9 +30,20 @@ MAX_DEVICES_LISTED = 500  # provenance lists devices one by one up to this many
 class FleetRound:
     """One fleet round for the bundle at ``bundle`` (see the module docstring)."""
 
-    def __init__(self, bundle, *, kind: str | None = None, base: str = DEFAULT_BASE, min_devices: int = 1,
-                 allow_new_classes: bool = True, rounds: int = 30, local_steps: int = 1, l2: float | None = None,
-                 seed: int = 0, max_rows: int | None = None):
+    def __init__(
+        self,
+        bundle,
+        *,
+        kind: str | None = None,
+        base: str = DEFAULT_BASE,
+        min_devices: int = 1,
+        allow_new_classes: bool = True,
+        rounds: int = 30,
+        local_steps: int = 1,
+        l2: float | None = None,
+        seed: int = 0,
+        max_rows: int | None = None,
+    ):
         b = et.load_bundle(bundle)
         self.bundle = b.path
         head = et.current_head(b)
@@ -48,9 +58,18 @@ class FleetRound:
         if base not in ("current", "none"):
             raise FleetError(f"--base {base!r}: choose current or none")
         extra = {} if max_rows is None else {"max_rows": max_rows}
-        self.merger = Merger(kind, labels=None if b.task == "anomaly" else b.labels, allow_new_classes=allow_new_classes,
-                             l2=l2, rounds=rounds, local_steps=local_steps, seed=seed,
-                             anomaly_template=head if b.task == "anomaly" else None, min_devices=min_devices, **extra)
+        self.merger = Merger(
+            kind,
+            labels=None if b.task == "anomaly" else b.labels,
+            allow_new_classes=allow_new_classes,
+            l2=l2,
+            rounds=rounds,
+            local_steps=local_steps,
+            seed=seed,
+            anomaly_template=head if b.task == "anomaly" else None,
+            min_devices=min_devices,
+            **extra,
+        )
         self.kind = kind
         self.base = base
         self.participants = dict([base_participant(b.path)]) if base == "current" else {}
@@ -106,13 +125,23 @@ class FleetRound:
         h = self.result.head
         labels = ["good", "defect"] if self.task == "anomaly" else list(h.labels)
         meta = {} if self.task == "anomaly" else dict(h.meta)
-        short = {k: v for k, v in (self.written or {}).items() if k in ("kind", "devices", "rounds", "class_counts",
-                                                                         "version", "engine", "bundle")}
+        short = {
+            k: v
+            for k, v in (self.written or {}).items()
+            if k in ("kind", "devices", "rounds", "class_counts", "version", "engine", "bundle")
+        }
         return self.kind, labels, dict(h.arrays), meta, short
 
 
-def run_round(fleet: FleetRound, devices: dict, *, write: bool = True, deliver: bool = True,
-              tolerance_pp: float = 5.0, signer=None) -> dict:
+def run_round(
+    fleet: FleetRound,
+    devices: dict,
+    *,
+    write: bool = True,
+    deliver: bool = True,
+    tolerance_pp: float = 5.0,
+    signer=None,
+) -> dict:
     """Run ``fleet`` in process against ``devices`` (``{name: Device}``): every step, the merge,
     the server's new version, then each device's gate on the global head. Returns the report with
     ``deliveries`` (each device's decision, or the one-line reason it refused)."""
@@ -130,16 +159,27 @@ def run_round(fleet: FleetRound, devices: dict, *, write: bool = True, deliver: 
         import json
 
         kind, labels, arrays, meta, short = fleet.delivery()
-        doc = json.loads(json.dumps({"kind": kind, "labels": labels, "meta": meta, "provenance": short},
-                                    default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+        doc = json.loads(
+            json.dumps(
+                {"kind": kind, "labels": labels, "meta": meta, "provenance": short},
+                default=lambda o: o.item() if hasattr(o, "item") else str(o),
+            )
+        )
         signature = et.sign_delivery(signer, doc, arrays) if signer is not None else None
         out = {}
         for name, dev in devices.items():
             try:
-                out[name] = dev.consider(kind, labels, arrays, doc["meta"], provenance=doc["provenance"],
-                                         tolerance_pp=tolerance_pp, signer=signer, signature=signature)
+                out[name] = dev.consider(
+                    kind,
+                    labels,
+                    arrays,
+                    doc["meta"],
+                    provenance=doc["provenance"],
+                    tolerance_pp=tolerance_pp,
+                    signer=signer,
+                    signature=signature,
+                )
             except (et.GateError, et.TrustError) as exc:
                 out[name] = {"accepted": False, "device": name, "reason": str(exc), "exit_code": exc.exit_code}
         report["deliveries"] = out
     return report
-

@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import ridge as _ridge
 from ..core.manifest import loads_bounded
+from . import ridge as _ridge
 from ._edgetl import FleetError
 
 CLASSIFY_KINDS = ("ridge", "prototype", "linear", "mlp")
@@ -128,8 +128,9 @@ class Summary:
 
 
 def step_to_wire(step: Step) -> tuple[dict, str]:
-    return dict(step.arrays), json.dumps({"kind": step.kind, "name": step.name, "index": step.index,
-                                          "config": step.config}, sort_keys=True)
+    return dict(step.arrays), json.dumps(
+        {"kind": step.kind, "name": step.name, "index": step.index, "config": step.config}, sort_keys=True
+    )
 
 
 def step_from_wire(arrays: dict, meta_json: str) -> Step:
@@ -230,8 +231,16 @@ def _count(meta: dict, key: str, who: str, max_rows: int) -> int:
     return v
 
 
-def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None = None,
-                  labels: list[str] | None = None, max_rows: int = MAX_ROWS, geometry: dict | None = None) -> Summary:
+def check_summary(
+    s: Summary,
+    step: Step,
+    *,
+    who: str = "device",
+    d: int | None = None,
+    labels: list[str] | None = None,
+    max_rows: int = MAX_ROWS,
+    geometry: dict | None = None,
+) -> Summary:
     """Refuse (:class:`FleetError`, one line) anything in ``s`` that does not fit ``step``.
 
     ``d`` is the round's feature width, ``labels`` the label set the step expects the device to
@@ -260,8 +269,11 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
             _fail(who, f"class counts {counts.tolist()[:10]} are negative or do not add up to n = {n}")
         sums = _arr(s, "sum", who, ndim=2)
         if sums.shape[0] != k or (d is not None and sums.shape[1] != d) or not 0 < sums.shape[1] <= MAX_FEATURES:
-            _fail(who, f"array 'sum' has shape {sums.shape}, expected ({k}, {d if d is not None else 'd'})"
-                       + (" (another backbone?)" if d is not None and sums.shape[1] != d else ""))
+            _fail(
+                who,
+                f"array 'sum' has shape {sums.shape}, expected ({k}, {d if d is not None else 'd'})"
+                + (" (another backbone?)" if d is not None and sums.shape[1] != d else ""),
+            )
         width = sums.shape[1]
         if np.abs(sums).max() > MAX_FEATURE_ABS * n:
             _fail(who, f"feature sums over {MAX_FEATURE_ABS:g} per row for n = {n} rows: not a backbone's features")
@@ -272,8 +284,10 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
                 _fail(who, "Gram matrix is not symmetric")
         else:
             diag = _arr(s, "sumsq", who, shape=(width,))
-        if np.abs(diag).max() > MAX_FEATURE_ABS ** 2 * n:
-            _fail(who, f"sums of squares over {MAX_FEATURE_ABS:g}^2 per row for n = {n} rows: not a backbone's features")
+        if np.abs(diag).max() > MAX_FEATURE_ABS**2 * n:
+            _fail(
+                who, f"sums of squares over {MAX_FEATURE_ABS:g}^2 per row for n = {n} rows: not a backbone's features"
+            )
         total = sums.sum(axis=0)
         # sum of squares >= (sum)^2 / n for every feature (Cauchy-Schwarz); a lie about n breaks it
         slack = 1e-6 * np.maximum(diag, 1.0)
@@ -305,7 +319,12 @@ def check_summary(s: Summary, step: Step, *, who: str = "device", d: int | None 
                 continue
             _arr(s, name, who, shape=np.asarray(ref).shape)
         w = s.meta.get("weight")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= max_rows * 1e3:
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not math.isfinite(w)
+            or not 0 < w <= max_rows * 1e3
+        ):
             _fail(who, f"weight must be a positive finite number, got {w!r}")
         _count(s.meta, "n", who, max_rows)
         return s
@@ -380,11 +399,15 @@ def respond(step: Step, data: LocalData, *, head_template=None) -> Summary:
         unit = _unit_rows(data.X, np.asarray(step.arrays["mean"], np.float32))
         sums = np.zeros((len(labels), unit.shape[1]))
         np.add.at(sums, y, unit)
-        return Summary(k, step.name, {"count": np.bincount(y, minlength=len(labels)).astype(np.int64), "sum": sums},
-                       {"labels": labels})
+        return Summary(
+            k,
+            step.name,
+            {"count": np.bincount(y, minlength=len(labels)).astype(np.int64), "sum": sums},
+            {"labels": labels},
+        )
     if step.name.startswith("temperature"):
         grid = _grid(step)
-        Z, t, w = (_proto_loo(step, data.X, y) if k == "prototype" else _ridge_rows(step, data.X, y))
+        Z, t, w = _proto_loo(step, data.X, y) if k == "prototype" else _ridge_rows(step, data.X, y)
         slope, curv = _ridge.temperature_terms(Z, t, w, grid)
         return Summary(k, step.name, {"slope": slope, "curv": curv}, {"rows": len(Z)})
     if step.name == "fedavg":
@@ -446,9 +469,15 @@ def _ridge_rows(step: Step, X, y):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise FleetError("server step without the round's row count")
     present = np.flatnonzero(np.asarray(a["present"]) > 0)
-    fit = {"mean": np.asarray(a["mean"], np.float32), "scale": np.asarray(a["scale"], np.float32),
-           "W": np.asarray(a["W"], np.float64), "b": np.asarray(a["b"], np.float64),
-           "M": np.asarray(a["M"], np.float64), "offset": np.asarray(a["offset"], np.float64), "n": n}
+    fit = {
+        "mean": np.asarray(a["mean"], np.float32),
+        "scale": np.asarray(a["scale"], np.float32),
+        "W": np.asarray(a["W"], np.float64),
+        "b": np.asarray(a["b"], np.float64),
+        "M": np.asarray(a["M"], np.float64),
+        "offset": np.asarray(a["offset"], np.float64),
+        "n": n,
+    }
     keep = np.isin(y, present)
     Z = _ridge.ridge_loo_logits(X[keep], y[keep], fit)[:, present]
     return Z, np.searchsorted(present, y[keep]), np.ones(int(keep.sum()))
@@ -479,8 +508,9 @@ def _local_fedavg(step: Step, X, y, labels) -> Summary:
         grads = _grads(step.kind, params, Xs, Y, w / weight, l2)
         for n in params:
             params[n] -= lr * grads[n]
-    return Summary(step.kind, "fedavg", {n: v.astype(np.float32) for n, v in params.items()},
-                   {"weight": weight, "n": len(y)})
+    return Summary(
+        step.kind, "fedavg", {n: v.astype(np.float32) for n, v in params.items()}, {"weight": weight, "n": len(y)}
+    )
 
 
 def _grads(kind, p, Xs, Y, w, l2):

@@ -137,7 +137,7 @@ class HeadConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HeadConfig":
+    def from_dict(cls, d: dict) -> HeadConfig:
         """Build a config from a dict such as :meth:`to_dict` wrote; missing keys take defaults.
 
         Raises:
@@ -269,7 +269,7 @@ class Head:
         write_npz_durably(path, **payload)
 
     @classmethod
-    def from_arrays(cls, kind: str, labels: list[str], arrays: dict, meta: dict | None = None) -> "Head":
+    def from_arrays(cls, kind: str, labels: list[str], arrays: dict, meta: dict | None = None) -> Head:
         """A head from float arrays made elsewhere (a fleet round's merge), checked the way
         :meth:`load` checks a file: a known kind, the arrays it needs with shapes that fit, finite.
 
@@ -285,7 +285,7 @@ class Head:
         return cls(kind=kind, labels=list(labels), arrays=arrays, meta=dict(meta or {}))
 
     @classmethod
-    def load(cls, path) -> "Head":
+    def load(cls, path) -> Head:
         """Read a head written by :meth:`save` (never unpickles anything).
 
         Raises:
@@ -319,8 +319,7 @@ class Head:
         version = header.get("version")
         if not isinstance(version, int) or version > _FORMAT_VERSION or version < 1:
             raise BundleError(
-                f"{path}: head format version {version!r}; this edgetl reads 1 to {_FORMAT_VERSION} "
-                "(upgrade edgetl)"
+                f"{path}: head format version {version!r}; this edgetl reads 1 to {_FORMAT_VERSION} (upgrade edgetl)"
             )
         kind, labels, meta = header.get("kind"), header.get("labels"), header.get("meta")
         if kind not in HEAD_KINDS:
@@ -382,17 +381,25 @@ class Head:
             if self.kind == "linear":
                 logits = node("Add", [node("MatMul", [std, const("W", a["W"])]), const("b", a["b"])])
             else:
-                hidden = node("Relu", [node("Add", [node("MatMul", [std, const("W1", a["W1"])]), const("b1", a["b1"])])])
+                hidden = node(
+                    "Relu", [node("Add", [node("MatMul", [std, const("W1", a["W1"])]), const("b1", a["b1"])])]
+                )
                 logits = node("Add", [node("MatMul", [hidden, const("W2", a["W2"])]), const("b2", a["b2"])])
         nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], axis=-1, name="head/softmax"))
         graph = helper.make_graph(
-            nodes, f"edgetl_{self.kind}_head",
+            nodes,
+            f"edgetl_{self.kind}_head",
             [helper.make_tensor_value_info("head/features", TensorProto.FLOAT, ["batch", self.n_features])],
             [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", self.n_classes])],
-            initializer=inits)
+            initializer=inits,
+        )
         opsets = [helper.make_opsetid("", opset)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="edgetl",
-                                  doc_string=f"edgetl {self.kind} head; classes: {json.dumps(self.labels)}")
+        model = helper.make_model(
+            graph,
+            opset_imports=opsets,
+            producer_name="edgetl",
+            doc_string=f"edgetl {self.kind} head; classes: {json.dumps(self.labels)}",
+        )
         # The lowest IR version that carries this opset (older device runtimes accept it), unless
         # the backbone it joins has its own.
         model.ir_version = ir_version or helper.find_min_ir_version_for(opsets)
@@ -421,10 +428,7 @@ def _check_arrays(kind: str, arrays: dict, k: int) -> str | None:
             return f"head array {name!r} has shape {arr.shape}; expected {len(shape)} dimensions"
         for axis, sym in zip(arr.shape, shape):
             if dims.setdefault(sym, axis) != axis:
-                return (
-                    f"head array {name!r} has shape {arr.shape}, "
-                    f"inconsistent with the others ({sym}={dims[sym]})"
-                )
+                return f"head array {name!r} has shape {arr.shape}, inconsistent with the others ({sym}={dims[sym]})"
         if not np.all(np.isfinite(arr)):
             return f"head array {name!r} holds NaN or infinity"
     return None

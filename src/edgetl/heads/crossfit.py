@@ -223,8 +223,19 @@ class CrossFit:
         return {**self.plan.to_dict(), "candidates": self.candidates, "calibration": self.calibration}
 
 
-def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | None = None, groups=None,
-              scored=None, sample_weight=None, calibrate: bool = True) -> CrossFit:
+def cross_fit(
+    X,
+    y,
+    labels,
+    *,
+    cfg: HeadConfig,
+    kinds=None,
+    plan: FoldPlan | None = None,
+    groups=None,
+    scored=None,
+    sample_weight=None,
+    calibrate: bool = True,
+) -> CrossFit:
     """Train a head on all rows and score every row out of fold (see the module docstring).
 
     Args:
@@ -243,12 +254,32 @@ def cross_fit(X, y, labels, *, cfg: HeadConfig, kinds=None, plan: FoldPlan | Non
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl is a base dependency
-        return _cross_fit(X, y, labels, cfg=cfg, kinds=kinds, plan=plan, groups=groups, scored=scored,
-                          sample_weight=sample_weight, calibrate=calibrate)
+        return _cross_fit(
+            X,
+            y,
+            labels,
+            cfg=cfg,
+            kinds=kinds,
+            plan=plan,
+            groups=groups,
+            scored=scored,
+            sample_weight=sample_weight,
+            calibrate=calibrate,
+        )
     # single-threaded BLAS, as train_head: small matrices, and spinning threads on busy cores cost 5x
     with threadpool_limits(limits=1, user_api="blas"):
-        return _cross_fit(X, y, labels, cfg=cfg, kinds=kinds, plan=plan, groups=groups, scored=scored,
-                          sample_weight=sample_weight, calibrate=calibrate)
+        return _cross_fit(
+            X,
+            y,
+            labels,
+            cfg=cfg,
+            kinds=kinds,
+            plan=plan,
+            groups=groups,
+            scored=scored,
+            sample_weight=sample_weight,
+            calibrate=calibrate,
+        )
 
 
 def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight, calibrate) -> CrossFit:
@@ -259,7 +290,7 @@ def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight,
     if plan is None:
         plan = fold_plan(y, k, groups=groups, seed=cfg.seed)
     tries = []
-    for cand in (kinds or (cfg.kind,)):
+    for cand in kinds or (cfg.kind,):
         kcfg = dataclasses.replace(cfg, **(cand if isinstance(cand, dict) else {"kind": cand}))
         if kcfg.kind == "prototype":
             kcfg = dataclasses.replace(kcfg, l2=None)
@@ -275,23 +306,40 @@ def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight,
     best, lead_se = _choose(tries, y)
     head, oof, _ = tries[best]
     ok = ~np.isnan(oof[:, 0])
-    candidates = [{"kind": t[0].kind, "l2": t[0].meta.get("l2"), "oof_score": t[2], "chosen": i == best,
-                   "lead_se": lead_se[i],
-                   **({"scaling": t[0].meta["config"]["scaling"]} if t[0].kind != "prototype" else {})}
-                  for i, t in enumerate(tries)]
+    candidates = [
+        {
+            "kind": t[0].kind,
+            "l2": t[0].meta.get("l2"),
+            "oof_score": t[2],
+            "chosen": i == best,
+            "lead_se": lead_se[i],
+            **({"scaling": t[0].meta["config"]["scaling"]} if t[0].kind != "prototype" else {}),
+        }
+        for i, t in enumerate(tries)
+    ]
     calibration: dict = {"method": "none", "items": int(ok.sum())}
     if calibrate and ok.sum() >= MIN_CALIBRATION_ITEMS and len(np.unique(y[ok])) >= 2:
         s = fit_temperature(oof[ok], y[ok])
-        calibration = {"method": "temperature", "fitted_on": "out-of-fold logits", "items": int(ok.sum()),
-                       "temperature": round(1.0 / s, 6),
-                       "nll_before": round(_nll(oof[ok], y[ok]), 5), "nll_after": round(_nll(s * oof[ok], y[ok]), 5),
-                       "ece_before": round(expected_calibration_error(softmax(oof[ok]), y[ok]), 5),
-                       "ece_after": round(expected_calibration_error(softmax(s * oof[ok]), y[ok]), 5)}
+        calibration = {
+            "method": "temperature",
+            "fitted_on": "out-of-fold logits",
+            "items": int(ok.sum()),
+            "temperature": round(1.0 / s, 6),
+            "nll_before": round(_nll(oof[ok], y[ok]), 5),
+            "nll_after": round(_nll(s * oof[ok], y[ok]), 5),
+            "ece_before": round(expected_calibration_error(softmax(oof[ok]), y[ok]), 5),
+            "ece_after": round(expected_calibration_error(softmax(s * oof[ok]), y[ok]), 5),
+        }
         head = scale_logits(head, s)
         oof = oof * s
     elif calibrate:
-        calibration["reason"] = (f"{int(ok.sum())} out-of-fold items (fewer than {MIN_CALIBRATION_ITEMS}): "
-                                 "the probabilities are the head's own")
-    head.meta.update(calibration=calibration, temperature=calibration.get("temperature", 1.0),
-                     oof={**plan.to_dict(), "candidates": candidates})
+        calibration["reason"] = (
+            f"{int(ok.sum())} out-of-fold items (fewer than {MIN_CALIBRATION_ITEMS}): "
+            "the probabilities are the head's own"
+        )
+    head.meta.update(
+        calibration=calibration,
+        temperature=calibration.get("temperature", 1.0),
+        oof={**plan.to_dict(), "candidates": candidates},
+    )
     return CrossFit(head, oof, plan, candidates, calibration)

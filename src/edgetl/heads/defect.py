@@ -39,10 +39,25 @@ import numpy as np
 
 from ..core.bundle import write_npz_durably
 from ..errors import BundleError, ConfigError, DataError
-from .oneclass import (IMAGE_KINDS, ImageConfig, ImageHead, fit_image_head, held_out_scores, image_scores_nodes,
-                       update_image_head)
-from .patch import (HEADER_KEY, AnomalyConfig, AnomalyHead, fit_padim, maps_from_patches, patchcore_with_sources,
-                    read_head_file, update_patch_head)
+from .oneclass import (
+    IMAGE_KINDS,
+    ImageConfig,
+    ImageHead,
+    fit_image_head,
+    held_out_scores,
+    image_scores_nodes,
+    update_image_head,
+)
+from .patch import (
+    HEADER_KEY,
+    AnomalyConfig,
+    AnomalyHead,
+    fit_padim,
+    maps_from_patches,
+    patchcore_with_sources,
+    read_head_file,
+    update_patch_head,
+)
 
 DEFECT_KINDS = ("combined", *IMAGE_KINDS)
 _FORMAT = "edgetl-defect-head"
@@ -99,7 +114,7 @@ class DefectConfig:
         return {"kind": self.kind, "patch": self.patch.to_dict(), "image": self.image.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DefectConfig":
+    def from_dict(cls, d: dict) -> DefectConfig:
         """From ``to_dict`` output, or flat options: ``kind``, ``seed``, ``patch_kind`` and any
         patch- or image-head field (``coreset_ratio``, ``k``, ...)."""
         if not isinstance(d, dict):
@@ -141,7 +156,7 @@ class DefectHead:
     def has_map(self) -> bool:
         return self.patch is not None and self.kind not in IMAGE_KINDS
 
-    def as_kind(self, kind: str) -> "DefectHead":
+    def as_kind(self, kind: str) -> DefectHead:
         """The same fitted parts scoring as ``kind``: ``combined``, ``patch`` (the patch part
         alone) or the image kind (the image part alone)."""
         if kind not in ("combined", "patch", self.image.kind) or (kind != self.image.kind and self.patch is None):
@@ -241,15 +256,24 @@ class DefectHead:
         axis = b.const("axis", np.array([1], np.int64))
 
         def pooled() -> str:
-            return b.op("Slice", [INPUT, b.const("start", np.array([n], np.int64)),
-                                  b.const("end", np.array([self.width], np.int64)), axis])
+            return b.op(
+                "Slice",
+                [
+                    INPUT,
+                    b.const("start", np.array([n], np.int64)),
+                    b.const("end", np.array([self.width], np.int64)),
+                    axis,
+                ],
+            )
 
         outs = []
         if not self.has_map:
             b.op("Identity", [image_scores_nodes(b, self.image, pooled())], OUTPUTS[1])
         elif self.kind == "patch":
-            x = b.op("Slice", [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)),
-                               axis])
+            x = b.op(
+                "Slice",
+                [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)), axis],
+            )
             x = b.op("Reshape", [x, b.const("shape", np.array([0, *self.patch_shape], np.int64))])
             m, sp = patch_scores_nodes(b, self.patch, x)
             b.op("Identity", [m], OUTPUTS[0])
@@ -257,8 +281,10 @@ class DefectHead:
             outs.append(helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", self.size, self.size]))
         else:
             si = image_scores_nodes(b, self.image, pooled())
-            x = b.op("Slice", [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)),
-                               axis])
+            x = b.op(
+                "Slice",
+                [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)), axis],
+            )
             x = b.op("Reshape", [x, b.const("shape", np.array([0, *self.patch_shape], np.int64))])
             m, sp = patch_scores_nodes(b, self.patch, x)
             ap = b.const("patch_scale", self.scale("patch"))
@@ -276,17 +302,30 @@ class DefectHead:
                 b.op("Add", [b.op("Max", [ta, tb]), soft], OUTPUTS[1])
             outs.append(helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", self.size, self.size]))
         outs.append(helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"]))
-        return b.model(f"edgetl_defect_{self.kind}", [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", self.width])],
-                       outs, ir_version)
+        return b.model(
+            f"edgetl_defect_{self.kind}",
+            [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", self.width])],
+            outs,
+            ir_version,
+        )
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """An uncompressed ``.npz`` (atomic write): arrays of both parts, settings as JSON bytes."""
-        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": self.kind, "config": self.config.to_dict(),
-                  "patch_shape": list(self.patch_shape), "size": self.size, "dims": self.image.dims,
-                  "norm": {k: [float(v) for v in vs] for k, vs in self.norm.items()}, "meta": self.meta,
-                  "rule": self.rule,
-                  "image_meta": self.image.meta, "patch_meta": self.patch.meta if self.patch is not None else None}
+        header = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "patch_shape": list(self.patch_shape),
+            "size": self.size,
+            "dims": self.image.dims,
+            "norm": {k: [float(v) for v in vs] for k, vs in self.norm.items()},
+            "meta": self.meta,
+            "rule": self.rule,
+            "image_meta": self.image.meta,
+            "patch_meta": self.patch.meta if self.patch is not None else None,
+        }
         payload = {f"image.{k}": np.asarray(v, order="C") for k, v in self.image.arrays.items()}
         if self.patch is not None:
             payload.update({f"patch.{k}": np.asarray(v, order="C") for k, v in self.patch.arrays.items()})
@@ -294,7 +333,7 @@ class DefectHead:
         write_npz_durably(Path(path), **payload)
 
     @classmethod
-    def load(cls, path: str | Path) -> "DefectHead":
+    def load(cls, path: str | Path) -> DefectHead:
         """Read a head written by :meth:`save` (``allow_pickle=False``).
 
         Raises:
@@ -303,8 +342,10 @@ class DefectHead:
         path = path if hasattr(path, "read") else Path(path)  # a path, or a bundle's verified bytes
         raw, header = read_head_file(path)
         if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
-            raise BundleError(f"{path}: not an edgetl defect head (format {header.get('format')!r} "
-                              f"v{header.get('version')}; this edgetl reads {_FORMAT} v{_FORMAT_VERSION})")
+            raise BundleError(
+                f"{path}: not an edgetl defect head (format {header.get('format')!r} "
+                f"v{header.get('version')}; this edgetl reads {_FORMAT} v{_FORMAT_VERSION})"
+            )
         try:
             cfg = DefectConfig.from_dict(header["config"])
             part = lambda p: {k.split(".", 1)[1]: v for k, v in raw.items() if k.startswith(p + ".")}  # noqa: E731
@@ -316,15 +357,24 @@ class DefectHead:
                 need_p = {"patchcore": {"memory"}, "padim": {"channels", "mean", "m2", "count"}}[cfg.patch.kind]
                 if not need_p <= set(part("patch")):
                     raise KeyError("patch arrays")
-                patch = AnomalyHead(cfg.patch.kind, cfg.patch, shape[1:], shape[0], int(header["size"]), part("patch"),
-                                    header.get("patch_meta") or {})
+                patch = AnomalyHead(
+                    cfg.patch.kind,
+                    cfg.patch,
+                    shape[1:],
+                    shape[0],
+                    int(header["size"]),
+                    part("patch"),
+                    header.get("patch_meta") or {},
+                )
             if not need <= set(image.arrays):
                 raise KeyError("image arrays")
             norm = {k: (float(v[0]), float(v[1])) for k, v in header.get("norm", {}).items()}
             rule = header.get("rule", "mean")  # heads saved before the rule was recorded averaged
             if rule not in RULES:
                 raise ValueError(f"combination rule {rule!r}")
-            return cls(header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}), rule)
+            return cls(
+                header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}), rule
+            )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
 
@@ -349,9 +399,15 @@ def _norm(scores: np.ndarray) -> tuple[float, float]:
     return float(s.mean()), max(sd, 1e-6 * abs(float(s.mean())), 1e-12)
 
 
-def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed: int = 0,
-                          groups: np.ndarray | None = None,
-                          rows: np.ndarray | None = None) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
+def held_out_patch_scores(
+    F: np.ndarray,
+    cfg: AnomalyConfig,
+    *,
+    size: int,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
+) -> tuple[AnomalyHead, np.ndarray, np.ndarray]:
     """(the patch head on all of F, indices of the images scored, their held-out image scores).
 
     patchcore: the full bank without the rows that came from the image scored (leave one image
@@ -390,8 +446,9 @@ def held_out_patch_scores(F: np.ndarray, cfg: AnomalyConfig, *, size: int, seed:
     return head, np.arange(len(F)), scores
 
 
-def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int,
-                    groups: np.ndarray | None = None) -> DefectHead:
+def fit_defect_head(
+    X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int, int, int], size: int, groups: np.ndarray | None = None
+) -> DefectHead:
     """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation (``groups``:
     the frame each row was cut from, when rows are tiles).
 
@@ -409,13 +466,18 @@ def fit_defect_head(X: np.ndarray, cfg: DefectConfig, *, patch_shape: tuple[int,
     if cfg.kind == "combined":
         patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups)
         norm["patch"] = _norm(held)
-    return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm,
-                      {"images": int(len(X))})
+    return DefectHead(
+        cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm, {"images": int(len(X))}
+    )
 
 
 def update_defect_head(head: DefectHead, X: np.ndarray) -> DefectHead:
     """``head`` after also learning good feature rows ``X``; the normalisation carries over."""
     F, Z = head.split(X)
     patch = update_patch_head(head.patch, F) if head.patch is not None else None
-    return dataclasses.replace(head, patch=patch, image=update_image_head(head.image, Z),
-                               meta=dict(head.meta, images=int(head.meta.get("images", 0)) + len(X)))
+    return dataclasses.replace(
+        head,
+        patch=patch,
+        image=update_image_head(head.image, Z),
+        meta=dict(head.meta, images=int(head.meta.get("images", 0)) + len(X)),
+    )

@@ -61,12 +61,13 @@ class ImageConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ImageConfig":
+    def from_dict(cls, d: dict) -> ImageConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to image heads; theirs are "
-                              f"{', '.join(sorted(known))}")
+            raise ConfigError(
+                f"option(s) {', '.join(unknown)} do not apply to image heads; theirs are {', '.join(sorted(known))}"
+            )
         return cls(**d)
 
 
@@ -91,17 +92,22 @@ class ImageHead:
 
     @property
     def images(self) -> int:
-        return int(np.asarray(self.arrays["count"]).reshape(-1)[0]) if self.kind == "gaussian" else \
-            int(self.meta.get("images", self.memory_size))
+        return (
+            int(np.asarray(self.arrays["count"]).reshape(-1)[0])
+            if self.kind == "gaussian"
+            else int(self.meta.get("images", self.memory_size))
+        )
 
     def constants(self) -> dict[str, np.ndarray]:
         """float32 constants of the scoring: knn: -2 M^T, sum(M*M), k; gaussian: mean, inverse covariance."""
         if "c" not in self._cache:
             if self.kind == "knn":
                 M = self.arrays["memory"].astype(np.float32)
-                self._cache["c"] = {"mt2": (-2.0 * M.T).astype(np.float32),
-                                    "mm": np.sum(M * M, axis=1)[None, :].astype(np.float32),
-                                    "k": min(self.config.k, len(M))}
+                self._cache["c"] = {
+                    "mt2": (-2.0 * M.T).astype(np.float32),
+                    "mm": np.sum(M * M, axis=1)[None, :].astype(np.float32),
+                    "k": min(self.config.k, len(M)),
+                }
             else:
                 mean, inv = gaussian_params(self.arrays)
                 self._cache["c"] = {"mean": mean, "inv": inv}
@@ -161,8 +167,12 @@ def fit_image_head(Z: np.ndarray, cfg: ImageConfig) -> ImageHead:
         idx = greedy_coreset(Z, min(cfg.max_images, len(Z)), seed=cfg.seed, projection=cfg.projection)
         return ImageHead(cfg, int(Z.shape[1]), {"memory": Z[idx]}, {"images": int(len(Z))})
     mean, m2, n = moments(Z)
-    return ImageHead(cfg, int(Z.shape[1]), {"mean": mean.astype(np.float32), "m2": m2.astype(np.float32),
-                                            "count": np.asarray(n, np.int64)}, {"images": int(n)})
+    return ImageHead(
+        cfg,
+        int(Z.shape[1]),
+        {"mean": mean.astype(np.float32), "m2": m2.astype(np.float32), "count": np.asarray(n, np.int64)},
+        {"images": int(n)},
+    )
 
 
 def update_image_head(head: ImageHead, Z: np.ndarray) -> ImageHead:
@@ -208,12 +218,22 @@ def image_scores_nodes(b, head: ImageHead, z: str) -> str:
     c = head.constants()
     if head.kind == "knn":
         zz = reduce("ReduceSum", op("Mul", [z, z]), [-1], 1)
-        d2 = op("Add", [op("Add", [zz, op("MatMul", [z, const("memory_t_x_minus2", c["mt2"])])]),
-                        const("memory_sq", c["mm"])])  # (N, K)
+        d2 = op(
+            "Add",
+            [op("Add", [zz, op("MatMul", [z, const("memory_t_x_minus2", c["mt2"])])]), const("memory_sq", c["mm"])],
+        )  # (N, K)
         out = b.name("topk_values")
-        b.nodes.append(b.onnx.helper.make_node("TopK", [d2, const("k", np.array([c["k"]], np.int64))],
-                                               [out, b.name("topk_indices")], name=b.name("TopK"),
-                                               axis=-1, largest=0, sorted=1))
+        b.nodes.append(
+            b.onnx.helper.make_node(
+                "TopK",
+                [d2, const("k", np.array([c["k"]], np.int64))],
+                [out, b.name("topk_indices")],
+                name=b.name("TopK"),
+                axis=-1,
+                largest=0,
+                sorted=1,
+            )
+        )
         return reduce("ReduceMean", op("Sqrt", [op("Max", [out, zero])]), [-1], 0)
     D = op("Sub", [z, const("mean", c["mean"][None])])
     d2 = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", c["inv"])]), D]), [-1], 0)

@@ -88,8 +88,9 @@ class AnomalyConfig:
     defect_size: float | None = None
 
     def __post_init__(self) -> None:
-        if self.defect_size is not None and not (isinstance(self.defect_size, (int, float)) and
-                                                 0 < self.defect_size < 10_000):
+        if self.defect_size is not None and not (
+            isinstance(self.defect_size, (int, float)) and 0 < self.defect_size < 10_000
+        ):
             raise ConfigError(f"defect_size {self.defect_size!r}: give the smallest defect's size in pixels (> 0)")
         if self.kind not in PATCH_KINDS:
             raise ConfigError(f"anomaly head {self.kind!r} is not one of {', '.join(PATCH_KINDS)}")
@@ -110,20 +111,19 @@ class AnomalyConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AnomalyConfig":
+    def from_dict(cls, d: dict) -> AnomalyConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"anomaly head config must be a mapping, got {type(d).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ConfigError(f"option(s) {', '.join(unknown)} do not apply to anomaly heads; "
-                              f"theirs are {', '.join(known)}")
+            raise ConfigError(
+                f"option(s) {', '.join(unknown)} do not apply to anomaly heads; theirs are {', '.join(known)}"
+            )
         d = dict(d)
         if "reductions" in d:
             d["reductions"] = tuple(int(r) for r in d["reductions"])
         return cls(**d)
-
-
 
 
 # =============================================================================== map operator
@@ -254,7 +254,9 @@ class AnomalyHead:
         F = np.asarray(F, dtype=np.float32)
         want = (self.channels_in, *self.grid)
         if F.ndim != 4 or tuple(F.shape[1:]) != want:
-            raise DataError(f"anomaly head expects patch features of shape (N, {', '.join(map(str, want))}), got {F.shape}")
+            raise DataError(
+                f"anomaly head expects patch features of shape (N, {', '.join(map(str, want))}), got {F.shape}"
+            )
         return F
 
     def graph(self, opset: int = 18, ir_version: int | None = None):
@@ -267,8 +269,16 @@ class AnomalyHead:
     def save(self, path: str | Path) -> None:
         """An uncompressed ``.npz`` (atomic write); settings travel as JSON bytes, never pickles."""
         path = Path(path)
-        header = {"format": _FORMAT, "version": _FORMAT_VERSION, "kind": self.kind, "config": self.config.to_dict(),
-                  "grid": list(self.grid), "channels_in": self.channels_in, "size": self.size, "meta": self.meta}
+        header = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "kind": self.kind,
+            "config": self.config.to_dict(),
+            "grid": list(self.grid),
+            "channels_in": self.channels_in,
+            "size": self.size,
+            "meta": self.meta,
+        }
         payload = {k: np.asarray(v, order="C") for k, v in self.arrays.items()}  # keeps 0-d arrays 0-d
         if "m2" in payload:  # symmetric (P, d, d): the upper triangle is enough, half the bytes
             m2 = payload.pop("m2")
@@ -278,7 +288,7 @@ class AnomalyHead:
         write_npz_durably(path, **payload)
 
     @classmethod
-    def load(cls, path: str | Path) -> "AnomalyHead":
+    def load(cls, path: str | Path) -> AnomalyHead:
         """Read a head written by :meth:`save` (``allow_pickle=False``).
 
         Raises:
@@ -297,13 +307,22 @@ class AnomalyHead:
         if header.get("format") != _FORMAT:
             raise BundleError(f"{path}: not an edgetl anomaly head")
         if header.get("version") != _FORMAT_VERSION:
-            raise BundleError(f"{path}: anomaly head format {header.get('version')}; this edgetl reads {_FORMAT_VERSION}")
+            raise BundleError(
+                f"{path}: anomaly head format {header.get('version')}; this edgetl reads {_FORMAT_VERSION}"
+            )
         need = {"patchcore": {"memory"}, "padim": {"channels", "mean", "m2", "count"}}.get(header.get("kind"))
         if need is None or not need <= set(raw):
             missing = sorted((need or set()) - set(raw))
             raise BundleError(f"{path}: anomaly head of kind {header.get('kind')!r} lacks arrays {missing}")
-        return cls(header["kind"], AnomalyConfig.from_dict(header["config"]), tuple(header["grid"]),
-                   int(header["channels_in"]), int(header["size"]), raw, header.get("meta", {}))
+        return cls(
+            header["kind"],
+            AnomalyConfig.from_dict(header["config"]),
+            tuple(header["grid"]),
+            int(header["channels_in"]),
+            int(header["size"]),
+            raw,
+            header.get("meta", {}),
+        )
 
 
 def read_head_file(path: Path) -> tuple[dict, dict]:
@@ -342,8 +361,9 @@ def patch_rows(F: np.ndarray) -> np.ndarray:
 
 
 # ----- patchcore ------------------------------------------------------------------------------
-def greedy_coreset(X: np.ndarray, n: int, *, seed: int = 0, projection: int = 128,
-                   centres: np.ndarray | None = None) -> np.ndarray:
+def greedy_coreset(
+    X: np.ndarray, n: int, *, seed: int = 0, projection: int = 128, centres: np.ndarray | None = None
+) -> np.ndarray:
     """Indices of ``n`` rows of ``X`` chosen by greedy k-centre selection (farthest point first).
 
     Each step adds the row farthest from everything chosen so far, so the chosen rows cover the
@@ -402,8 +422,15 @@ def patchcore_with_sources(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> t
     if len(X) > MAX_CORESET_ROWS:  # tiled megapixel frames: a seeded subset, or greedy selection takes minutes
         pool = np.sort(np.random.default_rng(cfg.seed).choice(len(X), MAX_CORESET_ROWS, replace=False))
     idx = pool[greedy_coreset(X[pool], coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)]
-    head = AnomalyHead("patchcore", cfg, tuple(F.shape[2:]), int(F.shape[1]), size,
-                       {"memory": X[idx]}, {"images": int(len(F)), "patches_seen": int(len(X))})
+    head = AnomalyHead(
+        "patchcore",
+        cfg,
+        tuple(F.shape[2:]),
+        int(F.shape[1]),
+        size,
+        {"memory": X[idx]},
+        {"images": int(len(F)), "patches_seen": int(len(X))},
+    )
     return head, idx // (F.shape[2] * F.shape[3])
 
 
@@ -424,8 +451,9 @@ def _update_patchcore(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
     else:
         pool = np.concatenate([old, X])
         memory = pool[greedy_coreset(pool, cfg.max_memory, seed=cfg.seed, projection=cfg.projection)]
-    meta = dict(head.meta, images=head.meta.get("images", 0) + len(F),
-                patches_seen=head.meta.get("patches_seen", 0) + len(X))
+    meta = dict(
+        head.meta, images=head.meta.get("images", 0) + len(F), patches_seen=head.meta.get("patches_seen", 0) + len(X)
+    )
     return dataclasses.replace(head, arrays={"memory": memory}, meta=meta, _cache={})
 
 
@@ -459,8 +487,12 @@ def fit_padim(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> AnomalyHead:
     """PaDiM statistics from good images' patch features (N, C, H, W)."""
     channels = _channel_subset(int(F.shape[1]), cfg)
     mean, m2, n = padim_moments(F, channels)
-    arrays = {"channels": channels, "mean": mean.astype(np.float32), "m2": m2.astype(np.float32),
-              "count": np.asarray(n, np.int64)}
+    arrays = {
+        "channels": channels,
+        "mean": mean.astype(np.float32),
+        "m2": m2.astype(np.float32),
+        "count": np.asarray(n, np.int64),
+    }
     return AnomalyHead("padim", cfg, tuple(F.shape[2:]), int(F.shape[1]), size, arrays, {"images": int(n)})
 
 
@@ -473,9 +505,15 @@ def _update_padim(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
     """New good images merged into the stored moments: same result as fitting on all images."""
     a = head.arrays
     mean_b, m2_b, n_b = padim_moments(F, a["channels"].astype(np.int64))
-    mean, m2, n = merge_moments(a["mean"].astype(np.float64), a["m2"].astype(np.float64), image_count(a), mean_b, m2_b, n_b)
-    arrays = {"channels": a["channels"], "mean": mean.astype(np.float32), "m2": m2.astype(np.float32),
-              "count": np.asarray(n, np.int64)}
+    mean, m2, n = merge_moments(
+        a["mean"].astype(np.float64), a["m2"].astype(np.float64), image_count(a), mean_b, m2_b, n_b
+    )
+    arrays = {
+        "channels": a["channels"],
+        "mean": mean.astype(np.float32),
+        "m2": m2.astype(np.float32),
+        "count": np.asarray(n, np.int64),
+    }
     return dataclasses.replace(head, arrays=arrays, meta=dict(head.meta, images=int(n)), _cache={})
 
 
@@ -550,4 +588,3 @@ def update_patch_head(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
 def quantile_threshold(good_scores: np.ndarray, cfg: AnomalyConfig) -> float:
     """Good-only rule: the ``quantile`` of held-out good scores times ``margin``."""
     return float(np.quantile(np.asarray(good_scores, np.float64), cfg.quantile) * cfg.margin)
-

@@ -115,7 +115,12 @@ def scoring_graph(head, *, opset: int = 18, ir_version: int | None = None):
     b.op("Identity", [m], OUTPUTS[0])
     b.op("Identity", [s], OUTPUTS[1])
     C, (H, W), S = head.channels_in, head.grid, head.size
-    return b.model(f"edgetl_anomaly_{head.kind}",
-                   [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", C, H, W])],
-                   [helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", S, S]),
-                    helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"])], ir_version)
+    return b.model(
+        f"edgetl_anomaly_{head.kind}",
+        [helper.make_tensor_value_info(INPUT, TP.FLOAT, ["batch", C, H, W])],
+        [
+            helper.make_tensor_value_info(OUTPUTS[0], TP.FLOAT, ["batch", S, S]),
+            helper.make_tensor_value_info(OUTPUTS[1], TP.FLOAT, ["batch"]),
+        ],
+        ir_version,
+    )

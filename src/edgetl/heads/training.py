@@ -182,8 +182,16 @@ def _absent_bias(train_logits: np.ndarray) -> float:
 class _Trainer:
     """Fits one kind (linear / mlp) in the shared basis; used by the L2 search and the final fit."""
 
-    def __init__(self, cfg: HeadConfig, basis: _Basis, y: np.ndarray, w: np.ndarray, k: int, d: int,
-                 sample_weight: np.ndarray | None = None):
+    def __init__(
+        self,
+        cfg: HeadConfig,
+        basis: _Basis,
+        y: np.ndarray,
+        w: np.ndarray,
+        k: int,
+        d: int,
+        sample_weight: np.ndarray | None = None,
+    ):
         self.cfg, self.basis, self.y, self.w, self.k, self.d = cfg, basis, y, w, k, d
         self.sample_weight = sample_weight
 
@@ -194,8 +202,13 @@ class _Trainer:
         # Balancing weighs a fold's rows by the fold's own class counts: with the counts of all
         # rows a class missing its held-out row would weigh less than the others, which biases
         # every held-out prediction against its own class (leave-one-out falls below chance).
-        w = self.w if rows is None else _class_weights(y, self.k, self.cfg.balance, self.sample_weight[rows]
-                                                       if self.sample_weight is not None else None)
+        w = (
+            self.w
+            if rows is None
+            else _class_weights(
+                y, self.k, self.cfg.balance, self.sample_weight[rows] if self.sample_weight is not None else None
+            )
+        )
         present = np.flatnonzero(np.bincount(y, minlength=self.k) > 0)
         remap = np.full(self.k, -1, dtype=np.int64)
         remap[present] = np.arange(present.shape[0])
@@ -279,8 +292,9 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
     else:
         n = y.shape[0]
         usable = fold is not None and np.count_nonzero(np.unique(fold) >= 0) >= 2
-        if not usable and (fold is not None or n < _MIN_ROWS_FOR_CV
-                           or np.count_nonzero(np.bincount(y, minlength=k)) < 2):
+        if not usable and (
+            fold is not None or n < _MIN_ROWS_FOR_CV or np.count_nonzero(np.bincount(y, minlength=k)) < 2
+        ):
             record = {
                 "method": "default",
                 "reason": f"fewer than {_MIN_ROWS_FOR_CV} rows or 2 classes: no {_CV_FOLDS}-fold search",
@@ -410,8 +424,15 @@ def _fit(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight
     k, (n, d) = len(labels), X.shape
     counts = np.bincount(y, minlength=k)
     w = _class_weights(y, k, cfg.balance, sample_weight)
-    meta: dict = {"kind": cfg.kind, "config": cfg.to_dict(), "n_features": d, "n_classes": k, "n_train": n,
-                  "class_counts": counts.tolist(), "absent_classes": [labels[c] for c in np.flatnonzero(counts == 0)]}
+    meta: dict = {
+        "kind": cfg.kind,
+        "config": cfg.to_dict(),
+        "n_features": d,
+        "n_classes": k,
+        "n_train": n,
+        "class_counts": counts.tolist(),
+        "absent_classes": [labels[c] for c in np.flatnonzero(counts == 0)],
+    }
     mean64 = X.mean(axis=0, dtype=np.float64)
     mean = mean64.astype(np.float32)
     oof = None
@@ -492,8 +513,9 @@ def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, s
     fit = oof = None
     if cfg.l2 is None:
         Z_val = None if X_val is None else ((X_val - mean) / scale) @ basis.proj
-        l2, meta["l2_search"], fit, oof = _search_l2(trainer, y=y, k=k, cfg=cfg, sample_weight=sample_weight,
-                                                     Z_val=Z_val, y_val=y_val, fold=fold)
+        l2, meta["l2_search"], fit, oof = _search_l2(
+            trainer, y=y, k=k, cfg=cfg, sample_weight=sample_weight, Z_val=Z_val, y_val=y_val, fold=fold
+        )
     else:
         l2 = cfg.l2
         meta["l2_search"] = {"method": "fixed", "metric": None, "grid": None, "scores": None, "chosen": l2}
@@ -502,8 +524,11 @@ def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, s
     if fit is None:
         fit = trainer.fit(None, l2)
     meta["l2"] = l2
-    meta["optimizer"] = ({"name": "lbfgs", "iterations": fit["iterations"], "converged": fit["converged"]}
-                         if cfg.kind == "linear" else {"name": "adam", "steps": cfg.epochs, "lr": cfg.lr})
+    meta["optimizer"] = (
+        {"name": "lbfgs", "iterations": fit["iterations"], "converged": fit["converged"]}
+        if cfg.kind == "linear"
+        else {"name": "adam", "steps": cfg.epochs, "lr": cfg.lr}
+    )
     return _expand(cfg.kind, fit, trainer, basis, k, mean, scale, cfg.hidden), oof
 
 
@@ -582,8 +607,9 @@ def _train_prototype(X, y, w, sample_weight, k, mean, meta) -> dict:
     }
 
 
-def _fit_temperature(C: np.ndarray, target: np.ndarray, w: np.ndarray, lo: float = _PROTO_SCALE_MIN,
-                     hi: float = _PROTO_SCALE_MAX) -> float:
+def _fit_temperature(
+    C: np.ndarray, target: np.ndarray, w: np.ndarray, lo: float = _PROTO_SCALE_MIN, hi: float = _PROTO_SCALE_MAX
+) -> float:
     """Scale ``s`` minimising ``sum w_i CE(s * C_i, target_i)``, by bisection on the derivative.
 
     The loss is convex in ``s`` (cross-entropy of logits linear in ``s``), so its derivative

@@ -106,8 +106,11 @@ def _nncf_params(target: Target, n: int, *, transformer: bool = False):
     nncf = load_nncf()
     q = target.quantization
     preset = nncf.QuantizationPreset.PERFORMANCE if q.preset == "performance" else nncf.QuantizationPreset.MIXED
-    ignored = (nncf.IgnoredScope(patterns=list(q.keep_float), types=list(q.keep_float_types), validate=False)
-               if q.keep_float or q.keep_float_types else None)
+    ignored = (
+        nncf.IgnoredScope(patterns=list(q.keep_float), types=list(q.keep_float_types), validate=False)
+        if q.keep_float or q.keep_float_types
+        else None
+    )
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
@@ -115,16 +118,27 @@ def _nncf_params(target: Target, n: int, *, transformer: bool = False):
     # items of each item's min and max. With one image per item that clips every activation whose
     # peak only some images reach; on EfficientNet-Lite0 the feature cosine to FP32 (exact INT8
     # arithmetic, benchmarks/quant_ablation.py) was 0.759 with it and 0.962 with the global MINMAX.
-    ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
-              "histogram": RangeEstimatorParametersSet.HISTOGRAM}[q.calibration_method]
+    ranges = {
+        "minmax": RangeEstimatorParametersSet.MINMAX,
+        "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX,
+        "histogram": RangeEstimatorParametersSet.HISTOGRAM,
+    }[q.calibration_method]
     advanced = AdvancedQuantizationParameters(
-        overflow_fix={"enable": OverflowFix.ENABLE, "first_layer": OverflowFix.FIRST_LAYER,
-                      "disable": OverflowFix.DISABLE}[q.overflow_fix],
+        overflow_fix={
+            "enable": OverflowFix.ENABLE,
+            "first_layer": OverflowFix.FIRST_LAYER,
+            "disable": OverflowFix.DISABLE,
+        }[q.overflow_fix],
         disable_channel_alignment=not q.channel_alignment,
         activations_range_estimator_params=None if transformer else ranges,
     )
-    params = dict(preset=preset, subset_size=n, fast_bias_correction=q.fast_bias_correction or transformer,
-                  ignored_scope=ignored, advanced_parameters=advanced)
+    params = dict(
+        preset=preset,
+        subset_size=n,
+        fast_bias_correction=q.fast_bias_correction or transformer,
+        ignored_scope=ignored,
+        advanced_parameters=advanced,
+    )
     return {**params, "model_type": nncf.ModelType.TRANSFORMER} if transformer else params
 
 
@@ -187,7 +201,9 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
         "entropy": oq.CalibrationMethod.Entropy,
     }[q.calibration_method]
     oq.quantize_static(
-        str(src), str(dst), Reader(),
+        str(src),
+        str(dst),
+        Reader(),
         quant_format=oq.QuantFormat.QDQ,
         per_channel=q.per_channel,
         activation_type=qtype[q.activation_type],
@@ -205,12 +221,22 @@ def _quantize_ort(src: Path, dst: Path, calibration: np.ndarray, target: Target)
     root.removeFilter(flt)
     for h in root.handlers:
         h.removeFilter(flt)
-    return {"engine": "onnxruntime.quantization", "calibration_method": q.calibration_method,
-            "biases_clipped_to_int32": len(clipped)}
+    return {
+        "engine": "onnxruntime.quantization",
+        "calibration_method": q.calibration_method,
+        "biases_clipped_to_int32": len(clipped),
+    }
 
 
-def convert(exported: ExportedBackbone | Path, *, target: Target, out_dir: Path, calibration=None,
-            quiet: bool = False, mode: str = "auto") -> ConvertedModel:
+def convert(
+    exported: ExportedBackbone | Path,
+    *,
+    target: Target,
+    out_dir: Path,
+    calibration=None,
+    quiet: bool = False,
+    mode: str = "auto",
+) -> ConvertedModel:
     """Make the model file the target runs, at the target's precision.
 
     NNCF and Optimum draw progress bars on stdout; they go to stderr so that ``--json`` output
@@ -231,8 +257,10 @@ def convert(exported: ExportedBackbone | Path, *, target: Target, out_dir: Path,
     text = isinstance(exported, ExportedBackbone) and exported.kind == "text"
     path = exported.path if isinstance(exported, ExportedBackbone) else Path(exported)
     if text and target.batch > 0:
-        raise ConfigError(f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic "
-                          "shapes for now (tokenized text varies in length): use cpu-x86, cpu-arm64 or openvino-cpu")
+        raise ConfigError(
+            f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic "
+            "shapes for now (tokenized text varies in length): use cpu-x86, cpu-arm64 or openvino-cpu"
+        )
     if mode not in ("auto", "dynamic", "static"):
         raise ConfigError(f"text quantization mode {mode!r}: use auto, dynamic or static")
     with quantizer_output(quiet):
@@ -242,13 +270,22 @@ def convert(exported: ExportedBackbone | Path, *, target: Target, out_dir: Path,
             t0 = time.perf_counter()
             out_dir.mkdir(parents=True, exist_ok=True)
             dst, info = quantize_dynamic(path, out_dir, target)
-            info.update(precision="int8", runtime="onnxruntime", batch="dynamic", seconds=round(time.perf_counter() - t0, 2))
+            info.update(
+                precision="int8", runtime="onnxruntime", batch="dynamic", seconds=round(time.perf_counter() - t0, 2)
+            )
             return ConvertedModel(dst, "onnxruntime", "int8", info)
         return _convert(path, target=target, out_dir=out_dir, calibration=calibration, transformer=text)
 
 
-def _convert(fp32_onnx: Path, *, target: Target, out_dir: Path, calibration=None, stem: str = "backbone",
-             transformer: bool = False) -> ConvertedModel:
+def _convert(
+    fp32_onnx: Path,
+    *,
+    target: Target,
+    out_dir: Path,
+    calibration=None,
+    stem: str = "backbone",
+    transformer: bool = False,
+) -> ConvertedModel:
     onnx = require("onnx", extra="base", purpose="exporting ONNX graphs")
     out_dir.mkdir(parents=True, exist_ok=True)
     precision, runtime, batch = target.precision, target.runtime, target.batch
@@ -269,8 +306,9 @@ def _convert(fp32_onnx: Path, *, target: Target, out_dir: Path, calibration=None
         if precision == "int8":
             nncf = load_nncf()
             n = len(calibration) // (batch or 1)
-            model = nncf.quantize(model, _nncf_dataset(calibration, batch),
-                                  **_nncf_params(target, n, transformer=transformer))
+            model = nncf.quantize(
+                model, _nncf_dataset(calibration, batch), **_nncf_params(target, n, transformer=transformer)
+            )
             info.update(engine="nncf/openvino", preset=target.quantization.preset)
         dst = out_dir / f"{stem}.xml"
         # bf16 bundles keep FP16-compressed weights (half the file; the CPU computes in bf16, whose
@@ -327,7 +365,12 @@ def float_layers(model) -> list[str]:
         src = op.input_value(1).get_node()
         while src.get_type_name() in ("Reshape", "Convert", "Transpose", "Multiply", "Subtract", "Unsqueeze"):
             src = src.input_value(0).get_node()
-        integer = src.get_type_name() == "Constant" and src.get_element_type().get_type_name() in ("i8", "u8", "i4", "u4")
+        integer = src.get_type_name() == "Constant" and src.get_element_type().get_type_name() in (
+            "i8",
+            "u8",
+            "i4",
+            "u4",
+        )
         if src.get_type_name() != "FakeQuantize" and not integer:
             out.append(op.get_friendly_name().removesuffix("/WithoutBiases"))
     return out
@@ -386,28 +429,47 @@ def convert_with_accuracy_control(
         return metric, [float(np.mean(per_image[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
     val_items = [validation[i : i + step] for i in range(0, len(validation) - step + 1, step)]
-    info = {"precision": "int8", "runtime": "openvino", "batch": batch or "dynamic", "engine": "nncf/openvino",
-            "preset": target.quantization.preset, "calibration_images": int(len(calibration))}
+    info = {
+        "precision": "int8",
+        "runtime": "openvino",
+        "batch": batch or "dynamic",
+        "engine": "nncf/openvino",
+        "preset": target.quantization.preset,
+        "calibration_images": int(len(calibration)),
+    }
     try:
         with quantizer_output(quiet):
             restored = nncf.quantize_with_accuracy_control(
-                model, _nncf_dataset(calibration, batch), nncf.Dataset(val_items), validate, max_drop=max_drop,
-                preset=params["preset"], subset_size=params["subset_size"],
-                fast_bias_correction=params["fast_bias_correction"], ignored_scope=params["ignored_scope"],
+                model,
+                _nncf_dataset(calibration, batch),
+                nncf.Dataset(val_items),
+                validate,
+                max_drop=max_drop,
+                preset=params["preset"],
+                subset_size=params["subset_size"],
+                fast_bias_correction=params["fast_bias_correction"],
+                ignored_scope=params["ignored_scope"],
                 advanced_quantization_parameters=params["advanced_parameters"],
                 advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-                    max_num_iterations=ACCURACY_CONTROL_MAX_ITERATIONS, num_ranking_workers=1),
+                    max_num_iterations=ACCURACY_CONTROL_MAX_ITERATIONS, num_ranking_workers=1
+                ),
             )
     except _OutOfTime:
-        info.update(accuracy_control={"max_drop": max_drop, "float_layers": [],
-                                      "stopped": f"time budget of {budget_s:.0f} s spent"},
-                    seconds=round(time.perf_counter() - t0, 2))
+        info.update(
+            accuracy_control={
+                "max_drop": max_drop,
+                "float_layers": [],
+                "stopped": f"time budget of {budget_s:.0f} s spent",
+            },
+            seconds=round(time.perf_counter() - t0, 2),
+        )
         return ConvertedModel(out_dir / f"{stem}.none", "openvino", "int8", info)
     dst = out_dir / f"{stem}.xml"
     ov.save_model(restored, str(dst), compress_to_fp16=False)
     layers = float_layers(ov.Core().read_model(str(dst)))  # as saved: quantized weights are int8 constants
-    info.update(accuracy_control={"max_drop": max_drop, "float_layers": layers},
-                seconds=round(time.perf_counter() - t0, 2))
+    info.update(
+        accuracy_control={"max_drop": max_drop, "float_layers": layers}, seconds=round(time.perf_counter() - t0, 2)
+    )
     return ConvertedModel(dst, "openvino", "int8", info)
 
 
@@ -423,14 +485,29 @@ class Restore:
     key: str
 
 
-def converted_model(exported: ExportedBackbone, target: Target, cache_root: Path, calibration=None, *,
-                    restore: Restore | None = None, quiet: bool = False, mode: str = "auto") -> ConvertedModel:
+def converted_model(
+    exported: ExportedBackbone,
+    target: Target,
+    cache_root: Path,
+    calibration=None,
+    *,
+    restore: Restore | None = None,
+    quiet: bool = False,
+    mode: str = "auto",
+) -> ConvertedModel:
     """The target's model of ``exported``, from the cache when the same model, settings and
     calibration items made it before (``calibration``: a :class:`edgetl.tasks.base.Calibration`
     for INT8; its inputs are decoded on a miss only). With ``restore``, NNCF's
     accuracy-controlled quantization makes it (:func:`convert_with_accuracy_control`)."""
-    settings = {"precision": target.precision, "runtime": target.runtime, "batch": target.batch, "opset": target.opset,
-                "fp32": file_digest(exported.path), "kind": exported.kind, "mode": mode}
+    settings = {
+        "precision": target.precision,
+        "runtime": target.runtime,
+        "batch": target.batch,
+        "opset": target.opset,
+        "fp32": file_digest(exported.path),
+        "kind": exported.kind,
+        "mode": mode,
+    }
     int8 = target.precision == "int8"
     if int8:
         settings["quantization"] = dataclasses.asdict(target.quantization)
@@ -446,18 +523,28 @@ def converted_model(exported: ExportedBackbone, target: Target, cache_root: Path
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     items = "texts" if exported.kind == "text" else "images"
-    status(f"converting the backbone to {target.precision} for {target.name} ({target.runtime})"
-           + (f", calibrated on {calibration.count} training {items}" if int8 and calibration is not None else "")
-           + (": accuracy-controlled" if restore is not None else ""), quiet=quiet)
+    status(
+        f"converting the backbone to {target.precision} for {target.name} ({target.runtime})"
+        + (f", calibrated on {calibration.count} training {items}" if int8 and calibration is not None else "")
+        + (": accuracy-controlled" if restore is not None else ""),
+        quiet=quiet,
+    )
     needs_calibration = int8 and not (exported.kind == "text" and target.runtime == "onnxruntime" and mode != "static")
     inputs = calibration.load() if needs_calibration and calibration is not None else None
     try:
         if restore is None:
             converted = convert(exported, target=target, out_dir=tmp, calibration=inputs, quiet=quiet, mode=mode)
         else:
-            converted = convert_with_accuracy_control(exported.path, target=target, out_dir=tmp, calibration=inputs,
-                                                      validation=restore.validation(), score=restore.score,
-                                                      max_drop=restore.max_drop, quiet=quiet)
+            converted = convert_with_accuracy_control(
+                exported.path,
+                target=target,
+                out_dir=tmp,
+                calibration=inputs,
+                validation=restore.validation(),
+                score=restore.score,
+                max_drop=restore.max_drop,
+                quiet=quiet,
+            )
         if calibration is not None and int8:
             converted.info["calibration"] = calibration.info
         converted.info["file"] = converted.path.name

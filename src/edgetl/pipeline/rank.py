@@ -11,8 +11,8 @@ that follows runs no backbone for them again. The scores and the noise-aware cho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,8 +32,9 @@ def candidates(names: Sequence[str] | None = None) -> list[str]:
     return [s.name for s in REGISTRY.values() if s.kind == "image" and s.package]
 
 
-def backbone_features(items: Sequence, backbone: str, *, cache_dir: str | Path | None = None, weights=None,
-                      quiet: bool = True) -> tuple[np.ndarray, object]:
+def backbone_features(
+    items: Sequence, backbone: str, *, cache_dir: str | Path | None = None, weights=None, quiet: bool = True
+) -> tuple[np.ndarray, object]:
     """FP32 ONNX Runtime features of image items (samples or paths) through ``backbone``, from the
     cache that ``fit``'s FP32 reference shares. -> (features, the exported backbone)."""
     from ..export import export_backbone
@@ -42,13 +43,24 @@ def backbone_features(items: Sequence, backbone: str, *, cache_dir: str | Path |
     exported = export_backbone(backbone, weights=weights, cache_dir=cache_root)
     task = tasks.get("classify")
     ext = task.extractor(exported.path, exported, runtime="onnxruntime", device="CPU", providers=None)
-    return ext.features(list(items), cache=FeatureCache(cache_root, ext.cache_key), quiet=quiet,
-                        desc=f"{backbone} features"), exported
+    return ext.features(
+        list(items), cache=FeatureCache(cache_root, ext.cache_key), quiet=quiet, desc=f"{backbone} features"
+    ), exported
 
 
-def rank(data: str | Path, *, backbones: Sequence[str] | None = None, target: str | None = None,
-         budget_ms: float | None = None, by: str = "cv", seed: int = 0, val_split: float = 0.2,
-         group_by: str | None = None, cache_dir: str | Path | None = None, quiet: bool = True) -> dict:
+def rank(
+    data: str | Path,
+    *,
+    backbones: Sequence[str] | None = None,
+    target: str | None = None,
+    budget_ms: float | None = None,
+    by: str = "cv",
+    seed: int = 0,
+    val_split: float = 0.2,
+    group_by: str | None = None,
+    cache_dir: str | Path | None = None,
+    quiet: bool = True,
+) -> dict:
     """Rank backbones on the training split of the labelled image data at ``data``.
 
     Args:
@@ -71,8 +83,10 @@ def rank(data: str | Path, *, backbones: Sequence[str] | None = None, target: st
         raise ConfigError(f"--by {by!r}: use cv or logme")
     task = tasks.get("classify")
     if tasks.for_data(data).name != task.name:
-        raise ConfigError(f"{data}: rank compares image backbones on labelled images (DATA/<class>/... or a CSV of "
-                          f"path,label); this looks like {tasks.for_data(data).name} data")
+        raise ConfigError(
+            f"{data}: rank compares image backbones on labelled images (DATA/<class>/... or a CSV of "
+            f"path,label); this looks like {tasks.for_data(data).name} data"
+        )
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     ds = task.load_data(Path(data), FitOptions(val_split=val_split, seed=seed, group_by=group_by), cache_root)
     budget = budget_ms if budget_ms is not None else (load_target(target).latency_budget_ms if target else None)
@@ -81,32 +95,52 @@ def rank(data: str | Path, *, backbones: Sequence[str] | None = None, target: st
         features[name], exported = backbone_features(ds.train, name, cache_dir=cache_root, quiet=quiet)
         session = open_session(exported.path, runtime="onnxruntime")
         x = np.zeros((1, 3, exported.image_preprocess.input_size, exported.image_preprocess.input_size), np.float32)
-        latency[name] = time_calls(lambda: session(x), runs=10)["p50_ms"]
+        latency[name] = time_calls(lambda s=session, a=x: s(a), runs=10)["p50_ms"]
         size[name] = round(exported.path.stat().st_size / 1e6, 2)
     groups = [s.group for s in ds.train] if any(s.group for s in ds.train) else None
     try:
-        result = rank_backbones(features, [s.label for s in ds.train], groups, latency, budget or None, by=by,
-                                seed=seed).to_dict()
+        result = rank_backbones(
+            features, [s.label for s in ds.train], groups, latency, budget or None, by=by, seed=seed
+        ).to_dict()
     except ValueError as exc:
         raise DataError(f"{data}: cannot rank backbones on these images ({exc})") from None
     for row in result["table"]:
         row["size_mb"] = size[row["backbone"]]
-    return {**result, "data": str(data), "images": len(ds.train), "classes": ds.classes,
-            "grouped": groups is not None, "latency": "batch-1 FP32 ONNX Runtime on this machine"}
+    return {
+        **result,
+        "data": str(data),
+        "images": len(ds.train),
+        "classes": ds.classes,
+        "grouped": groups is not None,
+        "latency": "batch-1 FP32 ONNX Runtime on this machine",
+    }
 
 
 def format_rank(r: dict) -> str:
     """The ranking as a table for people (what ``edgetl rank`` prints)."""
     lines = [f"{'backbone':<22} {'LogME':>14} {'CV accuracy (95% CI)':>24} {'ms':>6} {'MB':>6}  rank"]
     for row in r["table"]:
-        lm = "-" if row["logme"] is None else f"{row['logme']:.3f}" + (
-            f" +-{row['logme_sd']:.3f}" if row["logme_sd"] is not None else "")
-        cv = "-" if row["cv_accuracy"] is None else (
-            f"{100 * row['cv_accuracy']:.1f}% [{100 * row['cv_lower']:.1f}, {100 * row['cv_upper']:.1f}]")
-        lines.append(f"{row['backbone']:<22} {lm:>14} {cv:>24} {row['latency_ms']:>6.1f} {row['size_mb']:>6.1f}  "
-                     f"{row['rank']}{' *' if row['backbone'] == r['choice'] else ''}"
-                     + ("" if row["within_budget"] else "  (over budget)"))
+        lm = (
+            "-"
+            if row["logme"] is None
+            else f"{row['logme']:.3f}" + (f" +-{row['logme_sd']:.3f}" if row["logme_sd"] is not None else "")
+        )
+        cv = (
+            "-"
+            if row["cv_accuracy"] is None
+            else (f"{100 * row['cv_accuracy']:.1f}% [{100 * row['cv_lower']:.1f}, {100 * row['cv_upper']:.1f}]")
+        )
+        lines.append(
+            f"{row['backbone']:<22} {lm:>14} {cv:>24} {row['latency_ms']:>6.1f} {row['size_mb']:>6.1f}  "
+            f"{row['rank']}{' *' if row['backbone'] == r['choice'] else ''}"
+            + ("" if row["within_budget"] else "  (over budget)")
+        )
     how = "grouped " if r["grouped"] else ""
-    return "\n".join(lines + [f"{r['reason']}",
-                              f"({r['images']} training images, {how}5-fold CV; ms: {r['latency']}; a score "
-                              "on training images cannot see a gap to where you deploy)"])
+    return "\n".join(
+        lines
+        + [
+            f"{r['reason']}",
+            f"({r['images']} training images, {how}5-fold CV; ms: {r['latency']}; a score "
+            "on training images cannot see a gap to where you deploy)",
+        ]
+    )

@@ -18,10 +18,20 @@ from ..errors import BundleError, DataError
 from .fit import FitOptions, FitResult, fit
 
 
-def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None, precision: str | None = None,
-                  runtime: str | None = None, data: str | Path | None = None, allow_drop: bool = False,
-                  cache_dir: str | Path | None = None, force: bool = False, quiet: bool = False,
-                  signer=None) -> FitResult:
+def export_bundle(
+    run: str | Path,
+    out: str | Path,
+    *,
+    target: str | None = None,
+    precision: str | None = None,
+    runtime: str | None = None,
+    data: str | Path | None = None,
+    allow_drop: bool = False,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    signer=None,
+) -> FitResult:
     """Re-make bundle ``run`` at ``out`` for another target, precision or runtime.
 
     A new ``target`` brings its own precision and runtime unless those are given too.
@@ -37,15 +47,21 @@ def export_bundle(run: str | Path, out: str | Path, *, target: str | None = None
         raise BundleError(f"{run}: this bundle does not record how it was fitted; run edgetl fit instead")
     task = tasks.for_bundle(src)
     # the kind the first fit chose is recorded: no second choice (head_auto off)
-    options = FitOptions.from_dict({**recorded, "task": task.name, "head_auto": False,
-                                    "head": task.recorded_head(src, recorded["head"])})
+    options = FitOptions.from_dict(
+        {**recorded, "task": task.name, "head_auto": False, "head": task.recorded_head(src, recorded["head"])}
+    )
     data_path = Path(data) if data else Path(training["data"])
     if not data_path.exists():
         what = "FILE" if data_path.suffix else "DIR"
         raise DataError(f"{data_path}: the bundle's training data is not there any more; pass --data {what}")
     if target is not None:
         options = dataclasses.replace(options, target=target, precision=None, runtime=None)
-    options = dataclasses.replace(options, precision=precision or options.precision,
-                                  runtime=runtime or options.runtime, allow_drop=allow_drop, quiet=quiet,
-                                  cache_dir=str(cache_dir) if cache_dir else options.cache_dir)
+    options = dataclasses.replace(
+        options,
+        precision=precision or options.precision,
+        runtime=runtime or options.runtime,
+        allow_drop=allow_drop,
+        quiet=quiet,
+        cache_dir=str(cache_dir) if cache_dir else options.cache_dir,
+    )
     return fit(data_path, out, options=options, force=force, signer=signer)

@@ -40,8 +40,15 @@ class ReportResult:
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"report": str(self.path), "bytes": self.bytes, "task": self.task, "bundle": self.bundle,
-                "data": self.data, "figures": self.figures, "seconds": self.seconds}
+        return {
+            "report": str(self.path),
+            "bytes": self.bytes,
+            "task": self.task,
+            "bundle": self.bundle,
+            "data": self.data,
+            "figures": self.figures,
+            "seconds": self.seconds,
+        }
 
 
 def check_dependencies() -> None:
@@ -87,23 +94,36 @@ def check_out(out: Path, bundle_path: Path, *, folder_must_exist: bool = True) -
     if out.is_dir():
         raise ConfigError(f"--out {out}: a folder; give a file name such as {out / 'report.html'}")
     if out.exists() and not _is_report(out):
-        raise ConfigError(f"--out {out}: the file exists and is not an edgetl report; give another name or move it "
-                          "away (a report replaces only an earlier report)")
+        raise ConfigError(
+            f"--out {out}: the file exists and is not an edgetl report; give another name or move it "
+            "away (a report replaces only an earlier report)"
+        )
     try:
         inside = out.resolve().is_relative_to(Path(bundle_path).resolve())
     except (OSError, ValueError):
         inside = False
     if inside:
-        raise ConfigError(f"--out {out}: inside the bundle (its files are hashed and signed); write the report "
-                          "next to it instead")
+        raise ConfigError(
+            f"--out {out}: inside the bundle (its files are hashed and signed); write the report next to it instead"
+        )
     if folder_must_exist and not out.parent.exists():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
     return out
 
 
-def write_report(bundle, data=None, *, out, bench: bool = False, all_versions: bool = False, runs: int = 50,
-                 device: str | None = None, title: str | None = None, quiet: bool = True,
-                 strict: bool = False) -> ReportResult:
+def write_report(
+    bundle,
+    data=None,
+    *,
+    out,
+    bench: bool = False,
+    all_versions: bool = False,
+    runs: int = 50,
+    device: str | None = None,
+    title: str | None = None,
+    quiet: bool = True,
+    strict: bool = False,
+) -> ReportResult:
     """Write the report of ``bundle`` to ``out`` (one HTML file, nothing outside it).
 
     Args:
@@ -146,11 +166,17 @@ def write_report(bundle, data=None, *, out, bench: bool = False, all_versions: b
 def headline(r) -> dict:
     """The report's key figures, for ``--json`` and scripts."""
     gate = r.recorded.get("gate") or {}
-    out = {"gate": gate.get("verdict"), "gate_drop_pp": gate.get("drop_pp"),
-           "gate_interval_pp": [gate.get("lower_pp"), gate.get("upper_pp")] if gate.get("drop_pp") is not None else None,
-           "head_version": r.bundle.head_version}
-    m = r.evaluation if r.evaluation is not None else (r.recorded.get("metrics") if r.name == "anomaly"
-                                                      else r.recorded.get("val")) or {}
+    out = {
+        "gate": gate.get("verdict"),
+        "gate_drop_pp": gate.get("drop_pp"),
+        "gate_interval_pp": [gate.get("lower_pp"), gate.get("upper_pp")] if gate.get("drop_pp") is not None else None,
+        "head_version": r.bundle.head_version,
+    }
+    m = (
+        r.evaluation
+        if r.evaluation is not None
+        else (r.recorded.get("metrics") if r.name == "anomaly" else r.recorded.get("val")) or {}
+    )
     keys = ("image_auroc", "pixel_auroc", "f1", "n") if r.name == "anomaly" else ("accuracy", "balanced_accuracy", "n")
     out.update({k: m.get(k) for k in keys})
     if r.name != "anomaly" and m.get("misclassified") is not None:

@@ -19,14 +19,25 @@ from ..core.console import safe
 @click.command("report")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("data", required=False, type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(path_type=Path),
-              help="HTML file to write (an earlier report there is replaced, any other file is left alone).  "
-                   "[default: beside the bundle, parts.bundle -> parts-report.html]")
-@click.option("--bench", is_flag=True, help="Also time the bundle on this machine: batch-1 latency distribution and "
-              "throughput per batch size (a few seconds).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    help="HTML file to write (an earlier report there is replaced, any other file is left alone).  "
+    "[default: beside the bundle, parts.bundle -> parts-report.html]",
+)
+@click.option(
+    "--bench",
+    is_flag=True,
+    help="Also time the bundle on this machine: batch-1 latency distribution and "
+    "throughput per batch size (a few seconds).",
+)
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed batch-1 runs with --bench.")
-@click.option("--all-versions", is_flag=True, help="With DATA: evaluate every head version on it (one pass over DATA "
-              "per version), not only the current one.")
+@click.option(
+    "--all-versions",
+    is_flag=True,
+    help="With DATA: evaluate every head version on it (one pass over DATA per version), not only the current one.",
+)
 @click.option("--title", help="Page title.  [default: the bundle's folder name]")
 @click.option("--device", help="OpenVINO device override (CPU, NPU, GPU, AUTO).")
 @click.option("--strict", is_flag=True, help="Make unreadable inputs in DATA fatal instead of skipped.")
@@ -50,8 +61,18 @@ def report(bundle, data, out, bench, runs, all_versions, title, device, strict, 
     if runs < 1:
         raise click.BadParameter("give at least 1", param_hint="--runs")
     out = out or default_out(bundle)
-    r = write_report(bundle, data, out=out, bench=bench, all_versions=all_versions, runs=runs, device=device,
-                     title=title, quiet=quiet or as_json, strict=strict)
+    r = write_report(
+        bundle,
+        data,
+        out=out,
+        bench=bench,
+        all_versions=all_versions,
+        runs=runs,
+        device=device,
+        title=title,
+        quiet=quiet or as_json,
+        strict=strict,
+    )
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2, default=str))
     elif not quiet:

@@ -71,21 +71,36 @@ def summary(r: ReportData) -> dict:
     backbone = m.get("backbone", {})
     pre = backbone.get("preprocess", {})
     return {
-        "bundle": b.path.name, "path": str(b.path), "task": b.task, "edgetl_version": m.get("edgetl_version"),
-        "labels": b.labels, "head_version": b.head_version, "versions": len(m["head"]["versions"]),
-        "backbone": backbone.get("name"), "num_features": backbone.get("num_features"),
+        "bundle": b.path.name,
+        "path": str(b.path),
+        "task": b.task,
+        "edgetl_version": m.get("edgetl_version"),
+        "labels": b.labels,
+        "head_version": b.head_version,
+        "versions": len(m["head"]["versions"]),
+        "backbone": backbone.get("name"),
+        "num_features": backbone.get("num_features"),
         "input": pre.get("input_size") or pre.get("max_length"),
         "roi": str(Roi.from_dict(pre["roi"])) if pre.get("roi") else None,
-        "target": m.get("target", {}).get("name"), "target_device": m.get("target", {}).get("device"),
+        "target": m.get("target", {}).get("name"),
+        "target_device": m.get("target", {}).get("device"),
         "latency_budget_ms": m.get("target", {}).get("latency_budget_ms"),
-        "precision": b.precision, "runtime": b.runtime,
+        "precision": b.precision,
+        "runtime": b.runtime,
         "float_precision": (rec.get("numerics", {}).get("features") or {}).get("float_precision"),
-        "size": size, "latency_batch1": rec.get("latency_batch1"), "fused_latency_batch1": rec.get("fused_latency_batch1"),
-        "throughput": rec.get("throughput"), "gate": rec.get("gate"), "reference": rec.get("reference") or {},
-        "parity": rec.get("fused_parity"), "transfer_check": rec.get("transfer_check"),
-        "leakage": rec.get("leakage"), "conversion": rec.get("conversion") or {},
+        "size": size,
+        "latency_batch1": rec.get("latency_batch1"),
+        "fused_latency_batch1": rec.get("fused_latency_batch1"),
+        "throughput": rec.get("throughput"),
+        "gate": rec.get("gate"),
+        "reference": rec.get("reference") or {},
+        "parity": rec.get("fused_parity"),
+        "transfer_check": rec.get("transfer_check"),
+        "leakage": rec.get("leakage"),
+        "conversion": rec.get("conversion") or {},
         "threshold": (m.get("thresholds") or {}).get(r.task.threshold_key),
-        "training": m.get("training", {}).get("counts"), "created": m["head"]["versions"][0].get("created"),
+        "training": m.get("training", {}).get("counts"),
+        "created": m["head"]["versions"][0].get("created"),
         "models": m.get("models", {}),
     }
 
@@ -105,22 +120,38 @@ def history(r: ReportData) -> list[dict]:
         gate = e.get("gate") or {}
         if source == "fit":
             added = _fit_items(counts)
-            figure, figure_name = (e.get("val_accuracy"), "validation accuracy") if e.get("val_accuracy") is not None \
+            figure, figure_name = (
+                (e.get("val_accuracy"), "validation accuracy")
+                if e.get("val_accuracy") is not None
                 else (e.get("image_auroc"), "image AUROC")
+            )
         else:
             added = e.get("new_images", e.get(task.items))
             figure, figure_name = gate.get("new_known_accuracy"), "known classes, held out"
         status = "current" if e["version"] == current else ("rolled back" if e["version"] > current else "earlier")
-        rows.append({
-            "version": e["version"], "created": e.get("created", ""), "source": source, "status": status,
-            "kind": e.get("kind"), "classes": len(e.get("labels", [])), "new_classes": e.get("new_classes") or [],
-            "added": added, "figure": figure, "figure_name": figure_name,
-            "holdout": gate.get("new_holdout_accuracy"),
-            "gate": (None if not gate else ("forced" if gate.get("forced") else "passed" if gate.get("passed") else
-                                            "refused")),
-            "threshold": e.get(task.threshold_field), "memory_images": e.get("images") if task.name == "anomaly" else None,
-            "on_data": on_data.get(e["version"]),
-        })
+        rows.append(
+            {
+                "version": e["version"],
+                "created": e.get("created", ""),
+                "source": source,
+                "status": status,
+                "kind": e.get("kind"),
+                "classes": len(e.get("labels", [])),
+                "new_classes": e.get("new_classes") or [],
+                "added": added,
+                "figure": figure,
+                "figure_name": figure_name,
+                "holdout": gate.get("new_holdout_accuracy"),
+                "gate": (
+                    None
+                    if not gate
+                    else ("forced" if gate.get("forced") else "passed" if gate.get("passed") else "refused")
+                ),
+                "threshold": e.get(task.threshold_field),
+                "memory_images": e.get("images") if task.name == "anomaly" else None,
+                "on_data": on_data.get(e["version"]),
+            }
+        )
     return rows
 
 
@@ -159,7 +190,7 @@ def _classifier_figures(m: dict, task) -> dict:
     m["coverage_curve"] = coverage_curve(conf, right)
     order = np.argsort(conf, kind="stable")
     m["least_confident_correct"] = [items[i] for i in order if right[i]][:GALLERY]
-    m["confident_mistakes"] = m["misclassified"][:GALLERY if task.item_key == "path" else TEXT_ROWS]
+    m["confident_mistakes"] = m["misclassified"][: GALLERY if task.item_key == "path" else TEXT_ROWS]
     m["confidence_mean"] = round(float(conf.mean()), 4)
     return m
 
@@ -178,8 +209,15 @@ def calibration(conf: np.ndarray, right: np.ndarray, *, bins: int = 10) -> dict:
         a = float(right[sel].mean()) if n else None
         if n:
             ece += n / len(conf) * abs(a - c)
-        rows.append({"lo": round(float(edges[k]), 3), "hi": round(float(edges[k + 1]), 3), "n": n,
-                     "confidence": None if c is None else round(c, 4), "accuracy": None if a is None else round(a, 4)})
+        rows.append(
+            {
+                "lo": round(float(edges[k]), 3),
+                "hi": round(float(edges[k + 1]), 3),
+                "n": n,
+                "confidence": None if c is None else round(c, 4),
+                "accuracy": None if a is None else round(a, 4),
+            }
+        )
     return {"bins": rows, "ece": round(ece, 4)}
 
 
@@ -191,8 +229,13 @@ def coverage_curve(conf: np.ndarray, right: np.ndarray, *, points: int = 101) ->
     for t in np.linspace(0.0, top, points):
         keep = conf >= t
         k = int(keep.sum())
-        out.append({"threshold": round(float(t), 4), "coverage": round(k / len(conf), 4),
-                    "accuracy": round(float(right[keep].mean()), 4) if k else None})
+        out.append(
+            {
+                "threshold": round(float(t), 4),
+                "coverage": round(k / len(conf), 4),
+                "accuracy": round(float(right[keep].mean()), 4) if k else None,
+            }
+        )
     return out
 
 
@@ -203,8 +246,11 @@ def _evaluate_defects(predictor, data, *, strict: bool) -> dict:
     from ..tasks.anomaly.data import labelled_images
 
     if isinstance(data, (list, tuple)):  # items a fit found: held-out good images, no masks
-        samples, mask_files, skipped = [_Sample(Path(getattr(s, "path", s)), getattr(s, "label", "good"))
-                                        for s in data], {}, []
+        samples, mask_files, skipped = (
+            [_Sample(Path(getattr(s, "path", s)), getattr(s, "label", "good")) for s in data],
+            {},
+            [],
+        )
         where = f"the {len(samples)} given images"
     else:
         samples, mask_files, skipped = labelled_images(data, strict=strict)
@@ -212,16 +258,19 @@ def _evaluate_defects(predictor, data, *, strict: bool) -> dict:
         if samples and not any(s.label == "good" for s in samples):
             # A classification folder looks like a defect set with no good images: say which it is.
             kinds = sorted({s.label for s in samples})
-            raise DataError(f"{data}: no good/ folder (found {', '.join(kinds[:5])}); a defect report needs "
-                            "test/good and test/<defect> folders (what `edgetl eval` takes for this bundle)")
+            raise DataError(
+                f"{data}: no good/ folder (found {', '.join(kinds[:5])}); a defect report needs "
+                "test/good and test/<defect> folders (what `edgetl eval` takes for this bundle)"
+            )
     if not samples:
         raise DataError(f"{where}: no labelled images; expected good/ and <defect>/ folders")
     pre = predictor.preprocess
     thr = float(predictor.threshold)
     m, maps, scores, y, masks = predictor.score_samples(samples, mask_files, skipped)
     norm = scores / thr
-    m["scores"] = [{"path": str(s.path), "label": s.label, "normalised": round(float(v), 6)}
-                   for s, v in zip(samples, norm)]
+    m["scores"] = [
+        {"path": str(s.path), "label": s.label, "normalised": round(float(v), 6)} for s, v in zip(samples, norm)
+    ]
     m["roc"] = roc_curve(y, norm) if y.any() and (~y).any() else None
     if maps is not None and any(mk is not None for mk in masks):
         gt = np.stack([mk if mk is not None else np.zeros(maps.shape[1:], bool) for mk in masks])
@@ -231,8 +280,8 @@ def _evaluate_defects(predictor, data, *, strict: bool) -> dict:
         flat_gt, flat = gt.ravel(), (maps / thr).ravel()
         pick = rng.choice(len(flat), size=min(len(flat), 200_000), replace=False)
         m["pixel_roc"] = roc_curve(flat_gt[pick], flat[pick], points=200)
-    good = [i for i in np.argsort(-norm, kind="stable") if not y[i]][:GALLERY // 2]
-    hidden = [i for i in np.argsort(norm, kind="stable") if y[i]][:GALLERY // 2]
+    good = [i for i in np.argsort(-norm, kind="stable") if not y[i]][: GALLERY // 2]
+    hidden = [i for i in np.argsort(norm, kind="stable") if y[i]][: GALLERY // 2]
     # An image-level head (knn, gaussian) scores the whole image and has no map: the galleries
     # then show the images themselves.
     ref, m["map_scale"] = map_scale(maps, scores, thr, y) if maps is not None else (1.0, "none")
@@ -263,9 +312,14 @@ class _Sample:
 
 
 def _tile(sample, norm_map: np.ndarray, score: float, mask, pre) -> dict:
-    return {"path": str(sample.path), "label": sample.label, "normalised": round(float(score), 4),
-            "map": None if norm_map is None else norm_map.astype(np.float32), "mask": mask,
-            "image": seen_image(sample.path, pre, None if norm_map is None else norm_map.shape)}
+    return {
+        "path": str(sample.path),
+        "label": sample.label,
+        "normalised": round(float(score), 4),
+        "map": None if norm_map is None else norm_map.astype(np.float32),
+        "mask": mask,
+        "image": seen_image(sample.path, pre, None if norm_map is None else norm_map.shape),
+    }
 
 
 def seen_image(path, pre, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -293,9 +347,14 @@ def roc_curve(y: np.ndarray, s: np.ndarray, *, points: int | None = None) -> dic
         keep = np.unique(np.linspace(0, len(fpr) - 1, points).astype(int))
         tpr, fpr = tpr[keep], fpr[keep]
     at = s >= 1.0
-    return {"fpr": [round(float(v), 5) for v in fpr], "tpr": [round(float(v), 5) for v in tpr],
-            "at_threshold": {"fpr": round(float(np.mean(at[~y])) if (~y).any() else 0.0, 4),
-                             "tpr": round(float(np.mean(at[y])) if y.any() else 0.0, 4)}}
+    return {
+        "fpr": [round(float(v), 5) for v in fpr],
+        "tpr": [round(float(v), 5) for v in tpr],
+        "at_threshold": {
+            "fpr": round(float(np.mean(at[~y])) if (~y).any() else 0.0, 4),
+            "tpr": round(float(np.mean(at[y])) if y.any() else 0.0, 4),
+        },
+    }
 
 
 # ------------------------------------------------------------------------------- versions
@@ -319,8 +378,9 @@ def evaluate_versions(r: ReportData, data, *, device=None, quiet: bool = True, s
 
 
 # ---------------------------------------------------------------------------------- speed
-def measure_speed(r: ReportData, *, runs: int = 50, device: str | None = None,
-                  batches: Sequence[int] = (1, 2, 4, 8, 16, 32)) -> None:
+def measure_speed(
+    r: ReportData, *, runs: int = 50, device: str | None = None, batches: Sequence[int] = (1, 2, 4, 8, 16, 32)
+) -> None:
     """Time the bundle's single-file model here: every batch-1 run for the distribution, the
     throughput at each batch size, and ``edgetl bench``'s account of where it ran (device, a CPU
     fallback, the budget, peak memory). Every figure comes from the one timed session, so the
@@ -332,8 +392,17 @@ def measure_speed(r: ReportData, *, runs: int = 50, device: str | None = None,
     r.timings["bench"] = round(time.perf_counter() - t0, 3)
 
 
-def gather(bundle, data=None, *, bench: bool = False, all_versions: bool = False, runs: int = 50,
-           device: str | None = None, quiet: bool = True, strict: bool = False) -> ReportData:
+def gather(
+    bundle,
+    data=None,
+    *,
+    bench: bool = False,
+    all_versions: bool = False,
+    runs: int = 50,
+    device: str | None = None,
+    quiet: bool = True,
+    strict: bool = False,
+) -> ReportData:
     """Load ``bundle`` and collect what its report shows (see :func:`edgetl.report.write_report`)."""
     from ..device.predict import load_predictor
 

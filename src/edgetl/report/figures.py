@@ -18,7 +18,15 @@ from ..errors import DataError, require
 
 # Okabe & Ito (2008), "Color Universal Design".
 BLUE, ORANGE, GREEN, VERMILLION, SKY, PURPLE, YELLOW, BLACK = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#56B4E9",
+    "#CC79A7",
+    "#F0E442",
+    "#000000",
+)
 INK, MUTED, GRID = "#1b1f24", "#5b6470", "#e3e7ec"
 # Rendered at twice the size shown: sharp on high-density screens and in a printed PDF.
 DPI = 200
@@ -52,15 +60,33 @@ def pyplot():
         mpl.use("Agg", force=True)
         import matplotlib.pyplot as plt
 
-        plt.rcParams.update({
-            "font.family": "DejaVu Sans", "font.size": 8.5, "axes.titlesize": 9.5, "axes.titleweight": "bold",
-            "axes.titlelocation": "left", "axes.labelcolor": INK, "axes.edgecolor": MUTED, "axes.linewidth": 0.8,
-            "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.color": GRID,
-            "grid.linewidth": 0.7, "axes.axisbelow": True, "xtick.color": MUTED, "ytick.color": MUTED,
-            "legend.frameon": False, "legend.fontsize": 8, "figure.facecolor": "white", "savefig.facecolor": "white",
-            "axes.prop_cycle": mpl.cycler(color=[BLUE, ORANGE, GREEN, VERMILLION, SKY, PURPLE, BLACK]),
-            "svg.fonttype": "none", "path.simplify": True,
-        })
+        plt.rcParams.update(
+            {
+                "font.family": "DejaVu Sans",
+                "font.size": 8.5,
+                "axes.titlesize": 9.5,
+                "axes.titleweight": "bold",
+                "axes.titlelocation": "left",
+                "axes.labelcolor": INK,
+                "axes.edgecolor": MUTED,
+                "axes.linewidth": 0.8,
+                "axes.spines.top": False,
+                "axes.spines.right": False,
+                "axes.grid": True,
+                "grid.color": GRID,
+                "grid.linewidth": 0.7,
+                "axes.axisbelow": True,
+                "xtick.color": MUTED,
+                "ytick.color": MUTED,
+                "legend.frameon": False,
+                "legend.fontsize": 8,
+                "figure.facecolor": "white",
+                "savefig.facecolor": "white",
+                "axes.prop_cycle": mpl.cycler(color=[BLUE, ORANGE, GREEN, VERMILLION, SKY, PURPLE, BLACK]),
+                "svg.fonttype": "none",
+                "path.simplify": True,
+            }
+        )
         _plt = plt
     return _plt
 
@@ -96,8 +122,15 @@ def gate_interval(gate: dict) -> Image | None:
     colour = {"passed": BLUE, "refused": VERMILLION}.get(gate.get("verdict"), ORANGE)
     ax.axvspan(tol, max(hi, tol) + abs(hi - lo) + 1, color=VERMILLION, alpha=0.08, lw=0)
     ax.axvline(tol, color=VERMILLION, ls="--", lw=1.2)
-    ax.text(tol, 1.02, f" tolerance {tol:g} pp", color=VERMILLION, fontsize=8, va="bottom",
-            transform=ax.get_xaxis_transform())
+    ax.text(
+        tol,
+        1.02,
+        f" tolerance {tol:g} pp",
+        color=VERMILLION,
+        fontsize=8,
+        va="bottom",
+        transform=ax.get_xaxis_transform(),
+    )
     ax.axvline(0, color=MUTED, lw=0.8)
     ax.plot([lo, hi], [0.5, 0.5], color=colour, lw=3, solid_capstyle="butt")
     ax.plot([d], [0.5], "o", color=colour, ms=7, mec="white", mew=1.2)
@@ -131,11 +164,19 @@ def confusion(m: dict) -> Image:
         for i in range(k):
             for j in range(k):
                 if cm[i, j]:
-                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8 if k <= 15 else 6,
-                            color="white" if share[i, j] > 0.55 else INK)
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(cm[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if k <= 15 else 6,
+                        color="white" if share[i, j] > 0.55 else INK,
+                    )
     names = [_short(l) for l in labels]
-    ax.set_xticks(range(k), names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center",
-                  fontsize=8 if k <= 20 else 6)
+    ax.set_xticks(
+        range(k), names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center", fontsize=8 if k <= 20 else 6
+    )
     ax.set_yticks(range(k), names, fontsize=8 if k <= 20 else 6)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -166,8 +207,16 @@ def per_class(m: dict, *, fp32: dict | None = None, fit_recall: dict | None = No
     ys = np.arange(k)
     for si, (name, vals, colour, hatch) in enumerate(series):
         v = [np.nan if vals.get(l) is None else vals[l] for l in labels]
-        ax.barh(ys + (si - (len(series) - 1) / 2) * h, v, height=h, color=colour, label=name, hatch=hatch,
-                edgecolor="white", lw=0.4)
+        ax.barh(
+            ys + (si - (len(series) - 1) / 2) * h,
+            v,
+            height=h,
+            color=colour,
+            label=name,
+            hatch=hatch,
+            edgecolor="white",
+            lw=0.4,
+        )
     ax.set_yticks(ys, [_short(l, 18) for l in labels], fontsize=8 if k <= 20 else 6)
     ax.invert_yaxis()
     ax.set_xlim(0, 1.0)
@@ -236,11 +285,24 @@ def coverage(curve: list[dict], current: dict | None, marks: list[dict] = ()) ->
     for i, c in enumerate(marks):
         if c["accuracy"] is not None and 0 < c["coverage"] < 1:
             ax.plot(c["coverage"], c["accuracy"], "o", color=BLUE, ms=3.5)
-            ax.annotate(f"{c['threshold']:.2f}", (c["coverage"], c["accuracy"]), textcoords="offset points",
-                        xytext=(3, -11 if i % 2 else 5), fontsize=7, color=MUTED)
+            ax.annotate(
+                f"{c['threshold']:.2f}",
+                (c["coverage"], c["accuracy"]),
+                textcoords="offset points",
+                xytext=(3, -11 if i % 2 else 5),
+                fontsize=7,
+                color=MUTED,
+            )
     if current and current.get("accuracy") is not None:
-        ax.plot(current["coverage"], current["accuracy"], "D", color=VERMILLION, ms=6, mec="white",
-                label=f"this bundle's threshold ({current['threshold']:.2f})")
+        ax.plot(
+            current["coverage"],
+            current["accuracy"],
+            "D",
+            color=VERMILLION,
+            ms=6,
+            mec="white",
+            label=f"this bundle's threshold ({current['threshold']:.2f})",
+        )
         ax.legend(loc="lower left", fontsize=7.5)
     ax.set_xlim(1.02, 0)  # left to right: more and more answers held back
     lo = np.nanmin(acc) if np.isfinite(acc).any() else 0
@@ -266,8 +328,16 @@ def score_histograms(scores: list[dict]) -> Image:
     clipped = np.minimum(s, top)
     ax.hist(clipped[~bad], bins=bins, color=BLUE, alpha=0.75, label=f"good ({int((~bad).sum())})")
     if bad.any():
-        ax.hist(clipped[bad], bins=bins, color=ORANGE, alpha=0.75, hatch="///", edgecolor="white", lw=0,
-                label=f"defect ({int(bad.sum())})")
+        ax.hist(
+            clipped[bad],
+            bins=bins,
+            color=ORANGE,
+            alpha=0.75,
+            hatch="///",
+            edgecolor="white",
+            lw=0,
+            label=f"defect ({int(bad.sum())})",
+        )
     ax.axvline(1.0, color=VERMILLION, ls="--", lw=1.4, label="threshold (1.0)")
     ax.set_xlabel("defect score / threshold (scores past the right edge are drawn at it)")
     ax.set_ylabel("images")
@@ -328,16 +398,25 @@ def history(rows: list[dict], *, percent: bool) -> Image | None:
     rec = [np.nan if r["figure"] is None else r["figure"] for r in rows]
     if np.isfinite(rec).any():
         ax.plot(xs, rec, "o-", color=BLUE, lw=1.6, label="recorded when made")
-    data = [np.nan if not r.get("on_data") or r["on_data"].get("value") is None else r["on_data"]["value"]
-            for r in rows]
+    data = [
+        np.nan if not r.get("on_data") or r["on_data"].get("value") is None else r["on_data"]["value"] for r in rows
+    ]
     if np.isfinite(data).any():
         ax.plot(xs, data, "s--", color=ORANGE, lw=1.6, label="on the report's data")
     for r in rows:
         if r["status"] == "current":
             ax.axvline(r["version"], color=GREEN, lw=6, alpha=0.18)
         if r["status"] == "rolled back":
-            ax.text(r["version"], 1.0, "rolled back", ha="center", va="bottom", fontsize=7, color=VERMILLION,
-                    transform=ax.get_xaxis_transform())
+            ax.text(
+                r["version"],
+                1.0,
+                "rolled back",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=VERMILLION,
+                transform=ax.get_xaxis_transform(),
+            )
     ax.set_xticks(xs, [f"v{x}" for x in xs])
     if percent:
         _pct_axis(ax)
@@ -374,8 +453,7 @@ def latency(speed: dict) -> Image:
     """Batch-1 latency distribution, and throughput per batch size, as timed here."""
     plt = pyplot()
     per = speed.get("per_batch") or []
-    fig, axes = plt.subplots(1, 2 if len(per) > 1 else 1, figsize=(7.4 if len(per) > 1 else 4.2, 2.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, 2 if len(per) > 1 else 1, figsize=(7.4 if len(per) > 1 else 4.2, 2.8), squeeze=False)
     ax = axes[0][0]
     s = np.array(speed["samples_ms"])
     ax.hist(s, bins=min(30, max(8, len(s) // 3)), color=BLUE, alpha=0.85)
@@ -419,8 +497,9 @@ def thumbnail(path: str, *, size: int = 112) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def overlay(image: np.ndarray, norm_map: np.ndarray | None, mask: np.ndarray | None, *, vmax: float = 1.5,
-            size: int = 160) -> str:
+def overlay(
+    image: np.ndarray, norm_map: np.ndarray | None, mask: np.ndarray | None, *, vmax: float = 1.5, size: int = 160
+) -> str:
     """An image as the model saw it with its heat map on top (inferno; opacity grows with the
     score, so good areas stay readable) and the true defect's outline (white) where a mask
     exists; a JPEG data URI."""

@@ -77,10 +77,16 @@ class Api:
                 texts, several = [body.decode("utf-8")], False
             except UnicodeDecodeError:
                 raise DataError("the text is not UTF-8") from None
-        if not isinstance(texts, list) or not texts or len(texts) > kserve.MAX_ITEMS or \
-                not all(isinstance(t, str) and t.strip() for t in texts):
-            raise DataError(f"give 1 to {kserve.MAX_ITEMS} non-empty texts (a text/plain body, or JSON "
-                            "{\"text\": ...} / {\"texts\": [...]})")
+        if (
+            not isinstance(texts, list)
+            or not texts
+            or len(texts) > kserve.MAX_ITEMS
+            or not all(isinstance(t, str) and t.strip() for t in texts)
+        ):
+            raise DataError(
+                f"give 1 to {kserve.MAX_ITEMS} non-empty texts (a text/plain body, or JSON "
+                '{"text": ...} / {"texts": [...]})'
+            )
         limit = self.svc.options.max_text_chars
         if any(len(t) > limit for t in texts):
             raise TooLarge(f"a text is longer than {limit} characters")
@@ -91,8 +97,9 @@ class Api:
             yield body
 
         try:
-            form = await MultiPartParser(request.headers, stream(), max_files=kserve.MAX_ITEMS, max_fields=16,
-                                         max_part_size=self.svc.max_body).parse()
+            form = await MultiPartParser(
+                request.headers, stream(), max_files=kserve.MAX_ITEMS, max_fields=16, max_part_size=self.svc.max_body
+            ).parse()
         except MultiPartException as exc:
             raise DataError(f"the multipart form does not parse ({exc.message})") from None
         try:
@@ -131,11 +138,14 @@ class Api:
             rec, a = x
             row = svc.response_of(rec)
             if want_map and a.map_u8 is not None:
-                row["heatmap"] = await run_in_threadpool(heatmap_png, rec.payload, svc.loaded.bundle.preprocess,
-                                                         a.map_u8)
+                row["heatmap"] = await run_in_threadpool(
+                    heatmap_png, rec.payload, svc.loaded.bundle.preprocess, a.map_u8
+                )
             rows.append(row)
-        request.scope["edgetl.log"] = {"ids": [r["id"] for r in rows if "id" in r],
-                                       "version": next((r["head_version"] for r in rows if "id" in r), None)}
+        request.scope["edgetl.log"] = {
+            "ids": [r["id"] for r in rows if "id" in r],
+            "version": next((r["head_version"] for r in rows if "id" in r), None),
+        }
         if several:
             return jsonr({"predictions": rows})
         if "error" in rows[0]:
@@ -150,8 +160,10 @@ class Api:
             raise NotFound(f"no model {name[:64]!r} here; this service serves {svc.name!r}")
         v = request.path_params.get("version")
         if v is not None and v != str(svc.loaded.version):
-            raise NotFound(f"model {svc.name} version {v[:16]!r} is not the one serving (v{svc.loaded.version}); "
-                           "use the current version or none")
+            raise NotFound(
+                f"model {svc.name} version {v[:16]!r} is not the one serving (v{svc.loaded.version}); "
+                "use the current version or none"
+            )
 
     @guarded(Access.OPEN)
     async def v2_server(self, request: Request) -> Response:
@@ -191,8 +203,9 @@ class Api:
             suffixes = [".txt"] * len(items)
         else:
             suffixes = [check_image(d) for d in items]
-        version, out = await svc.answer(items, suffixes, top_k=len(svc.loaded.labels),
-                                        raw_maps=any(n == "anomaly_map" for n, _ in wanted))
+        version, out = await svc.answer(
+            items, suffixes, top_k=len(svc.loaded.labels), raw_maps=any(n == "anomaly_map" for n, _ in wanted)
+        )
         bad = [x for x in out if isinstance(x, Exception)]
         if bad:
             raise DataError(f"item {out.index(bad[0])}: {bad[0]}")
@@ -231,8 +244,7 @@ class Api:
         tol = check_tolerance(body.get("tolerance_pp", svc.options.tolerance_pp), "tolerance_pp")
         self.updating()
         try:
-            status, out = await run_in_threadpool(lambda: svc.run_adapt(force=force, tolerance_pp=tol,
-                                                                        dry_run=dry_run))
+            status, out = await run_in_threadpool(lambda: svc.run_adapt(force=force, tolerance_pp=tol, dry_run=dry_run))
         except EdgetlError:
             svc.metrics.update("adapt", "error")
             raise
@@ -263,8 +275,14 @@ class Api:
     async def metrics(self, request: Request) -> Response:
         svc = self.svc
         review = svc.review.summary(svc.loaded.version) if svc.review is not None else None
-        text = svc.metrics.render(task=svc.task, model=svc.name, version=svc.loaded.version, queued=svc.engine.queued,
-                                  recent=svc.recent.ratios(), review=review)
+        text = svc.metrics.render(
+            task=svc.task,
+            model=svc.name,
+            version=svc.loaded.version,
+            queued=svc.engine.queued,
+            recent=svc.recent.ratios(),
+            review=review,
+        )
         return Response(text, media_type=CONTENT_TYPE, headers={"cache-control": "no-store"})
 
     def routes(self) -> list[Route]:
@@ -280,10 +298,15 @@ class Api:
             Route("/v2", self.v2_server, methods=["GET"]),
             Route("/v2/health/live", self.v2_live, methods=["GET"]),
             Route("/v2/health/ready", self.v2_ready, methods=["GET"]),
-            *(r for base in (v2, v2 + "/versions/{version}") for r in (
-                Route(base, self.v2_model, methods=["GET"]),
-                Route(base + "/ready", self.v2_model_ready, methods=["GET"]),
-                Route(base + "/infer", self.v2_infer, methods=["POST"]))),
+            *(
+                r
+                for base in (v2, v2 + "/versions/{version}")
+                for r in (
+                    Route(base, self.v2_model, methods=["GET"]),
+                    Route(base + "/ready", self.v2_model_ready, methods=["GET"]),
+                    Route(base + "/infer", self.v2_infer, methods=["POST"]),
+                )
+            ),
         ]
 
 
@@ -321,8 +344,14 @@ def create_app(bundle: str | Path, options: ServeOptions) -> tuple[Observe, Serv
 
     async def no_route(request: Request, exc) -> Response:
         status = getattr(exc, "status_code", 404)
-        return error(status, "no such route" if status == 404 else "method not allowed" if status == 405 else
-                     str(getattr(exc, "detail", "error")))
+        return error(
+            status,
+            "no such route"
+            if status == 404
+            else "method not allowed"
+            if status == 405
+            else str(getattr(exc, "detail", "error")),
+        )
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route})
     app.state.body_timeout_s = options.body_timeout_s  # read_body's deadline

@@ -112,8 +112,17 @@ class Engine:
         on_batch: called with each batch's item count (metrics).
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, device: str | None = None,
-                 max_batch: int = 8, batch_wait_ms: float = 0.0, queue_limit: int = 256, on_batch=None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        device: str | None = None,
+        max_batch: int = 8,
+        batch_wait_ms: float = 0.0,
+        queue_limit: int = 256,
+        on_batch=None,
+    ):
         self.path = Path(path)
         self.threads, self.device = threads, device
         self.max_batch = max(1, int(max_batch))
@@ -187,8 +196,9 @@ class Engine:
                 try:
                     self.reload()
                 except EdgetlError as exc:  # a writer mid-switch or a damaged bundle: keep serving
-                    log.warning("bundle changed on disk but cannot be loaded (%s); still serving v%s",
-                                exc, self.loaded.version)
+                    log.warning(
+                        "bundle changed on disk but cannot be loaded (%s); still serving v%s", exc, self.loaded.version
+                    )
 
     # ---- answering --------------------------------------------------------------------------
     def submit(self, items: list, *, top_k: int = 1, raw_maps: bool = False) -> concurrent.futures.Future:
@@ -263,8 +273,12 @@ class Engine:
             skipped: list = []
             found = {pr.item: pr for pr in p.predict(paths, top_k=top_k, skipped=skipped)}
             why = {str(path): reason for path, reason in skipped}
-            return [Answer(_strip(found[str(path)].to_dict(), "path")) if str(path) in found
-                    else DataError(f"upload: {why.get(str(path), 'not a readable image')}") for path in paths]
+            return [
+                Answer(_strip(found[str(path)].to_dict(), "path"))
+                if str(path) in found
+                else DataError(f"upload: {why.get(str(path), 'not a readable image')}")
+                for path in paths
+            ]
         finally:
             for path in paths:
                 path.unlink(missing_ok=True)
@@ -294,9 +308,20 @@ class Engine:
             verdict = "defect" if s >= thr else "good"
             norm = m / cut
             u8 = np.round(np.clip(norm / MAP_RANGE, 0, 1) * 255).astype(np.uint8)
-            out.append(Answer({"label": verdict, "verdict": verdict, "score": round(s, 6), "threshold": round(thr, 6),
-                               "normalised": round(s / thr, 6), "peak": [int(peak[0]), int(peak[1])]},
-                              u8, m if raw_maps else None))
+            out.append(
+                Answer(
+                    {
+                        "label": verdict,
+                        "verdict": verdict,
+                        "score": round(s, 6),
+                        "threshold": round(thr, 6),
+                        "normalised": round(s / thr, 6),
+                        "peak": [int(peak[0]), int(peak[1])],
+                    },
+                    u8,
+                    m if raw_maps else None,
+                )
+            )
         return out
 
 

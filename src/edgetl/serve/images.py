@@ -73,4 +73,3 @@ def heatmap_png(data: bytes, pre, map_u8) -> str:
     out = io.BytesIO()
     overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
-

@@ -31,9 +31,20 @@ from .web import as_object, parse_json
 
 HEADER = "inference-header-content-length"
 # Numpy dtypes of the protocol's datatypes (BYTES is handled on its own).
-DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-          "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-          "FP32": np.float32, "FP64": np.float64}
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 MAX_ITEMS = 64
 
 
@@ -51,14 +62,26 @@ DEFAULT_EXCLUDED = {"anomaly_map"}
 
 
 def metadata(name: str, version: int, task: str, labels: list[str], map_size: int | None) -> dict:
-    outs = {"label": ("BYTES", [-1]), "confidence": ("FP32", [-1]), "unknown": ("BOOL", [-1]),
-            "probabilities": ("FP32", [-1, len(labels)]), "drift_p": ("FP32", [-1]), "id": ("BYTES", [-1]),
-            "score": ("FP32", [-1]), "threshold": ("FP32", [-1]), "normalised": ("FP32", [-1]),
-            "anomaly_map": ("FP32", [-1, map_size or -1, map_size or -1])}
-    return {"name": name, "versions": [str(version)], "platform": "edgetl",
-            "inputs": [{"name": input_name(task), "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": n, "datatype": outs[n][0], "shape": outs[n][1]} for n in output_names(task)],
-            "parameters": {"task": task, "labels": labels, "head_version": version}}
+    outs = {
+        "label": ("BYTES", [-1]),
+        "confidence": ("FP32", [-1]),
+        "unknown": ("BOOL", [-1]),
+        "probabilities": ("FP32", [-1, len(labels)]),
+        "drift_p": ("FP32", [-1]),
+        "id": ("BYTES", [-1]),
+        "score": ("FP32", [-1]),
+        "threshold": ("FP32", [-1]),
+        "normalised": ("FP32", [-1]),
+        "anomaly_map": ("FP32", [-1, map_size or -1, map_size or -1]),
+    }
+    return {
+        "name": name,
+        "versions": [str(version)],
+        "platform": "edgetl",
+        "inputs": [{"name": input_name(task), "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": n, "datatype": outs[n][0], "shape": outs[n][1]} for n in output_names(task)],
+        "parameters": {"task": task, "labels": labels, "head_version": version},
+    }
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -119,11 +142,16 @@ def read_inputs(req: dict, binary: bytes, task: str) -> list:
         raise DataError(f"inputs {names}: this model takes one input named {want!r} (BYTES, shape [N])")
     spec = inputs[0]
     if spec.get("datatype") != "BYTES":
-        raise DataError(f"input {want!r} has datatype {spec.get('datatype')!r}; send BYTES (the encoded "
-                        f"{'image file' if want == 'image' else 'UTF-8 text'} per element)")
+        raise DataError(
+            f"input {want!r} has datatype {spec.get('datatype')!r}; send BYTES (the encoded "
+            f"{'image file' if want == 'image' else 'UTF-8 text'} per element)"
+        )
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape) and
-            (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))):
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1))
+    ):
         raise DataError(f"input {want!r} has shape {shape!r}; send [N] or [N, 1]")
     count = shape[0]
     if not 1 <= count <= MAX_ITEMS:
@@ -166,7 +194,7 @@ def requested_outputs(req: dict, task: str) -> list[tuple[str, bool]]:
     default_binary = bool(as_object(req.get("parameters"), "the request's parameters").get("binary_data_output", False))
     asked = req.get("outputs")
     if asked is not None and not isinstance(asked, list):
-        raise DataError(f"outputs must be a list of {{\"name\": ...}} objects, got {type(asked).__name__}")
+        raise DataError(f'outputs must be a list of {{"name": ...}} objects, got {type(asked).__name__}')
     if not asked:
         return [(n, default_binary) for n in names if n not in DEFAULT_EXCLUDED]
     out = []
@@ -182,12 +210,16 @@ def requested_outputs(req: dict, task: str) -> list[tuple[str, bool]]:
 def output_tensors(task: str, labels: list[str], answers: list, ids: list[str]) -> dict[str, tuple[str, np.ndarray]]:
     """Every output as (datatype, array) from the engine's answers (all items answered)."""
     r = [a.result for a in answers]
-    t = {"label": ("BYTES", np.array([x["label"].encode() for x in r], dtype=object)),
-         "id": ("BYTES", np.array([i.encode() for i in ids], dtype=object))}
+    t = {
+        "label": ("BYTES", np.array([x["label"].encode() for x in r], dtype=object)),
+        "id": ("BYTES", np.array([i.encode() for i in ids], dtype=object)),
+    }
     if task == "anomaly":
-        t.update(score=("FP32", np.array([x["score"] for x in r], np.float32)),
-                 threshold=("FP32", np.array([x["threshold"] for x in r], np.float32)),
-                 normalised=("FP32", np.array([x["normalised"] for x in r], np.float32)))
+        t.update(
+            score=("FP32", np.array([x["score"] for x in r], np.float32)),
+            threshold=("FP32", np.array([x["threshold"] for x in r], np.float32)),
+            normalised=("FP32", np.array([x["normalised"] for x in r], np.float32)),
+        )
         if all(a.raw_map is not None for a in answers):
             t["anomaly_map"] = ("FP32", np.stack([a.raw_map for a in answers]).astype(np.float32))
         return t
@@ -197,10 +229,12 @@ def output_tensors(task: str, labels: list[str], answers: list, ids: list[str]) 
         for e in x.get("top_k", []):
             if e["label"] in index:
                 probs[row, index[e["label"]]] = e["p"]
-    t.update(confidence=("FP32", np.array([x["confidence"] for x in r], np.float32)),
-             unknown=("BOOL", np.array([bool(x["unknown"]) for x in r], np.bool_)),
-             probabilities=("FP32", probs),
-             drift_p=("FP32", np.array([x.get("drift_p", float("nan")) for x in r], np.float32)))
+    t.update(
+        confidence=("FP32", np.array([x["confidence"] for x in r], np.float32)),
+        unknown=("BOOL", np.array([bool(x["unknown"]) for x in r], np.bool_)),
+        probabilities=("FP32", probs),
+        drift_p=("FP32", np.array([x.get("drift_p", float("nan")) for x in r], np.float32)),
+    )
     return t
 
 

@@ -111,8 +111,11 @@ class Metrics:
             L.append(f"edgetl_info{_labels(version=__version__, task=task, model=model)} 1")
             family("edgetl_head_version", "gauge", "The head version answering now.")
             L.append(f"edgetl_head_version {version}")
-            family("edgetl_head_switches_total", "counter", "Head versions switched live (adapt, rollback, or a "
-                   "change on disk).")
+            family(
+                "edgetl_head_switches_total",
+                "counter",
+                "Head versions switched live (adapt, rollback, or a change on disk).",
+            )
             L.append(f"edgetl_head_switches_total {self.switches}")
             family("edgetl_requests_total", "counter", "HTTP requests answered, by route, method and status code.")
             for (route, method, code), n in sorted(self.requests.items()):
@@ -120,8 +123,11 @@ class Metrics:
             family("edgetl_request_duration_seconds", "histogram", "Time from request to response, by route.")
             for route, h in sorted(self.latency.items()):
                 L += h.lines("edgetl_request_duration_seconds", route=route)
-            family("edgetl_predictions_total", "counter", "Answers given, by label ('unknown' under the confidence "
-                   "threshold).")
+            family(
+                "edgetl_predictions_total",
+                "counter",
+                "Answers given, by label ('unknown' under the confidence threshold).",
+            )
             for label, n in sorted(self.predictions.items()):
                 L.append(f"edgetl_predictions_total{_labels(label=label)} {n}")
             family("edgetl_unknown_total", "counter", "Answers under the bundle's confidence threshold.")
@@ -130,8 +136,11 @@ class Metrics:
             L.append(f"edgetl_ood_total {self.ood}")
             family("edgetl_defects_total", "counter", "Images judged defective.")
             L.append(f"edgetl_defects_total {self.defects}")
-            family("edgetl_failed_inputs_total", "counter", "Inputs that could not be read (not an image, truncated, "
-                   "over the pixel budget).")
+            family(
+                "edgetl_failed_inputs_total",
+                "counter",
+                "Inputs that could not be read (not an image, truncated, over the pixel budget).",
+            )
             L.append(f"edgetl_failed_inputs_total {self.failed_inputs}")
             family("edgetl_batch_size", "histogram", "Items answered per model call (concurrent requests batched).")
             L += self.batches.lines("edgetl_batch_size")
@@ -140,14 +149,23 @@ class Metrics:
                 L.append(f"edgetl_updates_total{_labels(operation=op, outcome=outcome)} {n}")
         family("edgetl_queue_depth", "gauge", "Requests waiting for the inference thread.")
         L.append(f"edgetl_queue_depth {queued}")
-        for key, what in (("unknown", "answers under the confidence threshold"), ("ood", "inputs out of distribution"),
-                          ("defect", "images judged defective")):
-            family(f"edgetl_recent_{key}_ratio", "gauge", f"Share of {what} among the last {recent.get('n', 0)} "
-                   "predictions.")
+        for key, what in (
+            ("unknown", "answers under the confidence threshold"),
+            ("ood", "inputs out of distribution"),
+            ("defect", "images judged defective"),
+        ):
+            family(
+                f"edgetl_recent_{key}_ratio",
+                "gauge",
+                f"Share of {what} among the last {recent.get('n', 0)} predictions.",
+            )
             L.append(f"edgetl_recent_{key}_ratio {_num(float(recent.get(key, 0.0)))}")
         if review is not None:
-            family("edgetl_review_items", "gauge", "Items in the review store, by state (pending: no update has "
-                   "learned from them yet).")
+            family(
+                "edgetl_review_items",
+                "gauge",
+                "Items in the review store, by state (pending: no update has learned from them yet).",
+            )
             L.append(f"edgetl_review_items{_labels(state='pending')} {review['pending_total']}")
             L.append(f"edgetl_review_items{_labels(state='used')} {review['used']}")
             family("edgetl_review_bytes", "gauge", "Bytes the review store holds.")

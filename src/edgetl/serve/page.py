@@ -23,8 +23,10 @@ from .security import COOKIE, Access, Denied
 from .web import NotFound, guarded, jsonr, read_body
 
 ASSETS = {"/static/app.js": ("app.js", "text/javascript"), "/static/app.css": ("app.css", "text/css")}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 NO_STORE = {"content-security-policy": CSP, "cache-control": "no-store"}
 
 
@@ -51,13 +53,15 @@ class Page:
 
     def login_page(self, message: str = "", status: int = 200) -> Response:
         bad = f"<p class=bad id=bad>{escape(message)}</p>" if message else ""
-        text = ("<!doctype html><html lang=en><head><meta charset=utf-8>"
-                "<meta name=viewport content='width=device-width'><title>edgetl serve: log in</title>"
-                "<link rel=stylesheet href=/static/app.css></head><body><main class=login>"
-                f"<h1>{escape(self.svc.name)}</h1><p>Give the service's token to confirm, correct, adapt and roll "
-                f"back.</p>{bad}<form method=post action=/login><input type=password name=token id=token "
-                "autocomplete=current-password placeholder=token autofocus required>"
-                "<button id=login>Log in</button></form></main></body></html>")
+        text = (
+            "<!doctype html><html lang=en><head><meta charset=utf-8>"
+            "<meta name=viewport content='width=device-width'><title>edgetl serve: log in</title>"
+            "<link rel=stylesheet href=/static/app.css></head><body><main class=login>"
+            f"<h1>{escape(self.svc.name)}</h1><p>Give the service's token to confirm, correct, adapt and roll "
+            f"back.</p>{bad}<form method=post action=/login><input type=password name=token id=token "
+            "autocomplete=current-password placeholder=token autofocus required>"
+            "<button id=login>Log in</button></form></main></body></html>"
+        )
         return HTMLResponse(text, status_code=status, headers=NO_STORE)
 
     @guarded(Access.OPEN)
@@ -74,15 +78,22 @@ class Page:
             return self.login_page("That is not the token.", 403)
         sid, _ = self.svc.guard.new_session()
         # 303 to "/": the token never stays in the address bar or the history
-        return Response(status_code=303, headers={"location": "/", "cache-control": "no-store",
-                                                  "set-cookie": self.svc.guard.cookie_header(sid)})
+        return Response(
+            status_code=303,
+            headers={"location": "/", "cache-control": "no-store", "set-cookie": self.svc.guard.cookie_header(sid)},
+        )
 
     @guarded(Access.OPEN)
     async def logout(self, request: Request) -> Response:
         self.svc.guard.end_session(request.cookies.get(COOKIE))
-        return Response(status_code=303, headers={
-            "location": "/login", "cache-control": "no-store",
-            "set-cookie": f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict"})
+        return Response(
+            status_code=303,
+            headers={
+                "location": "/login",
+                "cache-control": "no-store",
+                "set-cookie": f"{COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
+            },
+        )
 
     @guarded(Access.OPEN)
     async def session(self, request: Request) -> Response:

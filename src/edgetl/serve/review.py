@@ -56,13 +56,21 @@ def check_label(label) -> str:
     Raises:
         DataError: anything else (the message says what was received).
     """
-    if not isinstance(label, str) or not label or len(label) > MAX_LABEL or label != label.strip() \
-            or not label.isprintable():
-        raise DataError(f"label {str(label)[:80]!r}: give a class name of 1 to {MAX_LABEL} printable characters "
-                        "without surrounding spaces")
+    if (
+        not isinstance(label, str)
+        or not label
+        or len(label) > MAX_LABEL
+        or label != label.strip()
+        or not label.isprintable()
+    ):
+        raise DataError(
+            f"label {str(label)[:80]!r}: give a class name of 1 to {MAX_LABEL} printable characters "
+            "without surrounding spaces"
+        )
     if label == "unknown":
-        raise DataError("label 'unknown' is the answer for inputs under the confidence threshold; give the class "
-                        "the item really is")
+        raise DataError(
+            "label 'unknown' is the answer for inputs under the confidence threshold; give the class the item really is"
+        )
     return label
 
 
@@ -101,23 +109,33 @@ class ReviewStore:
             if info.get("format") != FORMAT:
                 raise ConfigError(f"--review {self.root}: review.json there is not an edgetl review store's")
             if info.get("task") != self.task:
-                raise ConfigError(f"--review {self.root}: this review store holds {info.get('task')} items, the "
-                                  f"bundle is a {self.task} bundle; give another folder")
+                raise ConfigError(
+                    f"--review {self.root}: this review store holds {info.get('task')} items, the "
+                    f"bundle is a {self.task} bundle; give another folder"
+                )
         elif any(p.name not in (".lock",) for p in self.root.iterdir()):
-            raise ConfigError(f"--review {self.root}: a non-empty folder that is not an edgetl review store; give "
-                              "an empty or new folder")
+            raise ConfigError(
+                f"--review {self.root}: a non-empty folder that is not an edgetl review store; give "
+                "an empty or new folder"
+            )
         self._fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(self._fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"--review {self.root}: another edgetl serve uses this review store; give each "
-                                  "service its own folder") from None
+                raise ConfigError(
+                    f"--review {self.root}: another edgetl serve uses this review store; give each "
+                    "service its own folder"
+                ) from None
             raise ConfigError(f"--review {self.root}: cannot lock the folder ({exc.strerror})") from None
         if not marker.is_file():
-            write_file_durably(marker, json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                   "task": self.task, "created": _now()}, indent=2).encode())
+            write_file_durably(
+                marker,
+                json.dumps(
+                    {"format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task, "created": _now()}, indent=2
+                ).encode(),
+            )
         self.items_dir.mkdir(exist_ok=True)
 
     def _recover(self) -> dict:
@@ -132,9 +150,12 @@ class ReviewStore:
             elif name.endswith(".json"):
                 try:
                     meta = json.loads(p.read_text())
-                    ok = ID.fullmatch(meta.get("id", "")) and name == f"{meta['id']}.json" and \
-                        (self.items_dir / meta["file"]).is_file() and \
-                        (self.items_dir / meta["file"]).stat().st_size == meta["bytes"]
+                    ok = (
+                        ID.fullmatch(meta.get("id", ""))
+                        and name == f"{meta['id']}.json"
+                        and (self.items_dir / meta["file"]).is_file()
+                        and (self.items_dir / meta["file"]).stat().st_size == meta["bytes"]
+                    )
                 except (OSError, ValueError, KeyError, TypeError):
                     ok = False
                 if ok:
@@ -192,13 +213,28 @@ class ReviewStore:
         for m in self.index.values():
             if self.pending_in(m, version):
                 pending[m["label"]] = pending.get(m["label"], 0) + 1
-        return {"items": len(self.index), "bytes": self.bytes, "max_items": self.max_items,
-                "max_bytes": self.max_bytes, "pending": dict(sorted(pending.items())),
-                "pending_total": sum(pending.values()), "used": len(self.index) - sum(pending.values())}
+        return {
+            "items": len(self.index),
+            "bytes": self.bytes,
+            "max_items": self.max_items,
+            "max_bytes": self.max_bytes,
+            "pending": dict(sorted(pending.items())),
+            "pending_total": sum(pending.values()),
+            "used": len(self.index) - sum(pending.values()),
+        }
 
     # ---- writing ----------------------------------------------------------------------------
-    def put(self, item_id: str, payload: bytes | str, *, label: str, suffix: str, info: dict, version: int,
-            current: int | None = None) -> dict:
+    def put(
+        self,
+        item_id: str,
+        payload: bytes | str,
+        *,
+        label: str,
+        suffix: str,
+        info: dict,
+        version: int,
+        current: int | None = None,
+    ) -> dict:
         """Store an item with its label, or relabel it when ``item_id`` is already here.
 
         ``version`` is the head version that answered the item; ``current`` the one live now
@@ -220,8 +256,17 @@ class ReviewStore:
             data = payload.encode("utf-8") if isinstance(payload, str) else payload
             self._make_room(len(data), version if current is None else current)
             name = f"{item_id}{suffix}"
-            meta = {"id": item_id, "file": name, "bytes": len(data), "label": label, "created": _now(),
-                    "labelled": _now(), "head_version": version, "adapted_in": None, **info}
+            meta = {
+                "id": item_id,
+                "file": name,
+                "bytes": len(data),
+                "label": label,
+                "created": _now(),
+                "labelled": _now(),
+                "head_version": version,
+                "adapted_in": None,
+                **info,
+            }
             write_file_durably(self.items_dir / name, data)
             try:
                 write_file_durably(self.items_dir / f"{item_id}.json", json.dumps(meta).encode())
@@ -241,8 +286,10 @@ class ReviewStore:
             total -= victim["bytes"]
             self._drop(victim["id"])
         if len(self.index) + 1 > self.max_items or total + size > self.max_bytes:
-            raise StoreFull(f"the review store {self.root} is full ({len(self.index)} items, {total / 1e6:.1f} MB) of "
-                            "items no update has learned from; run an update (adapt) or remove items")
+            raise StoreFull(
+                f"the review store {self.root} is full ({len(self.index)} items, {total / 1e6:.1f} MB) of "
+                "items no update has learned from; run an update (adapt) or remove items"
+            )
 
     def _drop(self, item_id: str) -> None:
         meta = self.index.pop(item_id)
@@ -276,8 +323,10 @@ class ReviewStore:
             if self.task == "anomaly":
                 rows = [m for m in rows if m["label"] == "good"]
                 if not rows:
-                    raise DataError("no confirmed good images waiting: a defect detector learns from good images; "
-                                    "mark some predictions good first")
+                    raise DataError(
+                        "no confirmed good images waiting: a defect detector learns from good images; "
+                        "mark some predictions good first"
+                    )
                 folder = self.root / f"adapt-{stamp}"
                 (folder / "good").mkdir(parents=True)
                 for m in rows:

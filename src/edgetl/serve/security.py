@@ -52,8 +52,10 @@ class Denied(Exception):
 def check_token(token: str) -> str:
     token = token.strip()
     if len(token) < MIN_TOKEN or not token.isprintable() or " " in token:
-        raise ConfigError(f"the token must be at least {MIN_TOKEN} printable characters without spaces "
-                          "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        raise ConfigError(
+            f"the token must be at least {MIN_TOKEN} printable characters without spaces "
+            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
     return token
 
 
@@ -118,8 +120,9 @@ class Guard:
         return csrf
 
     def cookie_header(self, sid: str) -> str:
-        return (f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECONDS}"
-                + ("; Secure" if self.secure_cookie else ""))
+        return f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECONDS}" + (
+            "; Secure" if self.secure_cookie else ""
+        )
 
     # ---- the checks -------------------------------------------------------------------------
     def check(self, request, access: Access) -> None:

@@ -50,8 +50,9 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port "
-                          "or stop what uses it") from None
+        raise ConfigError(
+            f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port or stop what uses it"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -101,16 +102,31 @@ def serve(bundle: str | Path, options: ServeOptions, *, port: int = 8080, on_sta
     real_port = sock.getsockname()[1]
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{real_port}/"
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", server_header=False,
-                            timeout_graceful_shutdown=30, limit_concurrency=1024,
-                            timeout_keep_alive=max(1, int(options.idle_timeout_s)))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=30,
+        limit_concurrency=1024,
+        timeout_keep_alive=max(1, int(options.idle_timeout_s)),
+    )
     server = uvicorn.Server(config)
     if on_start is not None:
-        on_start(Started(url, real_port, svc.name, svc.task, svc.loaded.version, generated,
-                         f"{url}login?token={options.token}" if generated else None))
+        on_start(
+            Started(
+                url,
+                real_port,
+                svc.name,
+                svc.task,
+                svc.loaded.version,
+                generated,
+                f"{url}login?token={options.token}" if generated else None,
+            )
+        )
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
         svc.close()  # the lifespan closes it too; closing twice is harmless
-

@@ -75,6 +75,7 @@ class ServeOptions:
     body_timeout_s: float = 30.0  # a request body slower than this is cut off (408)
     idle_timeout_s: float = 5.0  # a kept-alive connection idle this long is closed
 
+
 # ------------------------------------------------------------------------------ recent answers
 @dataclass
 class Record:
@@ -97,10 +98,28 @@ class Record:
 
     def row(self) -> dict:
         r = self.result
-        out = {"id": self.id, "t": round(self.t, 3), "version": self.version, "need": self.need,
-               "reviewed": self.reviewed, **{k: r[k] for k in ("label", "confidence", "unknown", "drift_p", "ood",
-                                                                "score", "threshold", "normalised", "verdict")
-                                              if k in r}}
+        out = {
+            "id": self.id,
+            "t": round(self.t, 3),
+            "version": self.version,
+            "need": self.need,
+            "reviewed": self.reviewed,
+            **{
+                k: r[k]
+                for k in (
+                    "label",
+                    "confidence",
+                    "unknown",
+                    "drift_p",
+                    "ood",
+                    "score",
+                    "threshold",
+                    "normalised",
+                    "verdict",
+                )
+                if k in r
+            },
+        }
         if "top_k" in r:
             out["top_k"] = r["top_k"][:3]
         if isinstance(self.payload, str):
@@ -153,8 +172,12 @@ class Recent:
         def share(f) -> float:
             return round(sum(1 for r in rs if f(r)) / n, 6) if n else 0.0
 
-        return {"n": n, "unknown": share(lambda r: r.get("unknown")), "ood": share(lambda r: r.get("ood")),
-                "defect": share(lambda r: r.get("verdict") == "defect")}
+        return {
+            "n": n,
+            "unknown": share(lambda r: r.get("unknown")),
+            "ood": share(lambda r: r.get("ood")),
+            "defect": share(lambda r: r.get("verdict") == "defect"),
+        }
 
     def __len__(self) -> int:
         return len(self._d)
@@ -172,8 +195,14 @@ class Service:
         self.metrics = Metrics()
         self.loopback = is_loopback_host(options.host)
         self.guard = Guard(options.token, loopback=self.loopback, secure_cookie=options.secure_cookie)
-        self.engine = Engine(self.path, threads=options.threads, device=options.device, max_batch=options.max_batch,
-                             batch_wait_ms=options.batch_wait_ms, on_batch=self.metrics.batch)
+        self.engine = Engine(
+            self.path,
+            threads=options.threads,
+            device=options.device,
+            max_batch=options.max_batch,
+            batch_wait_ms=options.batch_wait_ms,
+            on_batch=self.metrics.batch,
+        )
         try:
             self._setup(options)
         except BaseException:
@@ -187,8 +216,16 @@ class Service:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
             raise ConfigError(f"--name {self.name!r}: use letters, digits, '_', '.' or '-' (it is part of URLs)")
         self.recent = Recent(options.recent, int(options.recent_mb * 1e6))
-        self.review = (ReviewStore(options.review, task=self.task, max_items=options.review_max_items,
-                                   max_bytes=int(options.review_max_mb * 1e6)) if options.review else None)
+        self.review = (
+            ReviewStore(
+                options.review,
+                task=self.task,
+                max_items=options.review_max_items,
+                max_bytes=int(options.review_max_mb * 1e6),
+            )
+            if options.review
+            else None
+        )
         self.max_body = int(options.max_upload_mb * 1e6)
         self.update_lock = threading.Lock()
         self.last_update: dict | None = None
@@ -215,8 +252,16 @@ class Service:
                 out.append(a)
                 continue
             self.metrics.answer(a.result)
-            rec = Record(secrets.token_hex(8), time.time(), version, a.result, need(self.task, a.result), payload,
-                         suffix, a.map_u8)
+            rec = Record(
+                secrets.token_hex(8),
+                time.time(),
+                version,
+                a.result,
+                need(self.task, a.result),
+                payload,
+                suffix,
+                a.map_u8,
+            )
             self.recent.add(rec)
             out.append((rec, a))
         return version, out
@@ -235,8 +280,10 @@ class Service:
         rec = self.recent.get(item_id)
         stored = self.review.get(item_id)
         if rec is None and stored is None:
-            raise NotFound(f"prediction {item_id} is no longer held (the service keeps the last "
-                              f"{self.options.recent} answers); send the image again")
+            raise NotFound(
+                f"prediction {item_id} is no longer held (the service keeps the last "
+                f"{self.options.recent} answers); send the image again"
+            )
         predicted = rec.result["label"] if rec is not None else stored.get("predicted")
         label = self._label_of(body, predicted)
         info = {"predicted": predicted, "confirmed": label == predicted}
@@ -247,14 +294,20 @@ class Service:
                 payload, suffix = stored_form(payload, suffix)
         else:
             payload, suffix, version = b"", "", stored["head_version"]
-        meta = self.review.put(item_id, payload, label=label, suffix=suffix, info=info, version=version,
-                               current=self.loaded.version)
+        meta = self.review.put(
+            item_id, payload, label=label, suffix=suffix, info=info, version=version, current=self.loaded.version
+        )
         if rec is not None:
             rec.reviewed = label
         known = self.loaded.labels
-        return {"id": item_id, "label": label, "confirmed": label == predicted,
-                "new_class": self.task != "anomaly" and label not in known, "stored": meta["file"],
-                "review": self.review.summary(self.loaded.version)}
+        return {
+            "id": item_id,
+            "label": label,
+            "confirmed": label == predicted,
+            "new_class": self.task != "anomaly" and label not in known,
+            "stored": meta["file"],
+            "review": self.review.summary(self.loaded.version),
+        }
 
     def _label_of(self, body: dict, predicted: str | None) -> str:
         if self.task == "anomaly":
@@ -277,8 +330,13 @@ class Service:
             raise ConfigError("no review store: start edgetl serve with --review DIR to collect items to learn from")
         before = self.loaded.version
         data, ids, scratch = self.review.adapt_input(before)
-        opts = {"force": force, "tolerance_pp": tolerance_pp, "wait": self.options.wait,
-                "signer": self.options.signer, "quiet": True}
+        opts = {
+            "force": force,
+            "tolerance_pp": tolerance_pp,
+            "wait": self.options.wait,
+            "signer": self.options.signer,
+            "quiet": True,
+        }
         t0 = time.perf_counter()
         try:
             try:
@@ -286,9 +344,17 @@ class Service:
             except GateError as exc:
                 # refused: the same run as a dry run gives the gate's numbers for the page
                 dry = adapt(self.path, data, dry_run=True, **opts)
-                body = {"accepted": False, "dry_run": dry_run, "version": before, "previous": before,
-                        "items": len(ids), "reason": one_line(str(exc)), "summary": _plain(dry.summary),
-                        "text": self.task_obj.render_adapt(dry, True), "seconds": round(time.perf_counter() - t0, 3)}
+                body = {
+                    "accepted": False,
+                    "dry_run": dry_run,
+                    "version": before,
+                    "previous": before,
+                    "items": len(ids),
+                    "reason": one_line(str(exc)),
+                    "summary": _plain(dry.summary),
+                    "text": self.task_obj.render_adapt(dry, True),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                }
                 self.metrics.update("adapt", "refused")
                 self.last_update = {"operation": "adapt", **body}
                 return 409, body
@@ -300,10 +366,18 @@ class Service:
             self.review.mark_used(ids, r.version)
             live = self.engine.reload().version
             self.metrics.switched()
-        body = {"accepted": bool(r.accepted) and not dry_run, "dry_run": dry_run, "version": live, "previous": before,
-                "items": len(ids), "summary": _plain(r.summary), "timings": r.timings,
-                "skipped": [{"item": Path(str(p)).name, "reason": why} for p, why in r.skipped],
-                "text": self.task_obj.render_adapt(r, dry_run), "seconds": round(time.perf_counter() - t0, 3)}
+        body = {
+            "accepted": bool(r.accepted) and not dry_run,
+            "dry_run": dry_run,
+            "version": live,
+            "previous": before,
+            "items": len(ids),
+            "summary": _plain(r.summary),
+            "timings": r.timings,
+            "skipped": [{"item": Path(str(p)).name, "reason": why} for p, why in r.skipped],
+            "text": self.task_obj.render_adapt(r, dry_run),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         self.metrics.update("adapt", "dry-run" if dry_run else "accepted")
         self.last_update = {"operation": "adapt", **body}
         return 200, body
@@ -314,15 +388,34 @@ class Service:
         live = self.engine.reload().version
         self.metrics.switched()
         self.metrics.update("rollback", "done")
-        body = {"operation": "rollback", "version": live, "previous": before,
-                "text": f"head v{live} is live again (was v{before})"}
+        body = {
+            "operation": "rollback",
+            "version": live,
+            "previous": before,
+            "text": f"head v{live} is live again (was v{before})",
+        }
         self.last_update = body
         return body
 
     def history(self) -> dict:
         rows = history(self.loaded.bundle)
-        keep = ("version", "created", "source", "labels", "current", "val_accuracy", "threshold", "unknown_threshold",
-                "images", "texts", "new_images", "new_classes", "parent", "gate", "kind")
+        keep = (
+            "version",
+            "created",
+            "source",
+            "labels",
+            "current",
+            "val_accuracy",
+            "threshold",
+            "unknown_threshold",
+            "images",
+            "texts",
+            "new_images",
+            "new_classes",
+            "parent",
+            "gate",
+            "kind",
+        )
         return {"current": self.loaded.version, "versions": [{k: e[k] for k in keep if k in e} for e in rows]}
 
     # ---- what the page shows ----------------------------------------------------------------
@@ -331,14 +424,26 @@ class Service:
         labels = list(b.labels)
         review = None
         if self.review is not None:
-            review = {**self.review.summary(b.version),
-                      "items_list": [_review_row(m) for m in self.review.listing(b.version, limit=40)]}
+            review = {
+                **self.review.summary(b.version),
+                "items_list": [_review_row(m) for m in self.review.listing(b.version, limit=40)],
+            }
             labels += sorted(set(review["pending"]) - set(labels) - {"good", "defect"})
-        return {"model": self.name, "task": self.task, "version": b.version, "labels": labels,
-                "threshold": getattr(b.predictor, "threshold", None), "answers": len(self.recent),
-                "recent": self.recent.rows(36), "queue": self.recent.queue(24), "review": review,
-                "history": self.history(), "last_update": self.last_update, "write": write,
-                "edgetl": __version__}
+        return {
+            "model": self.name,
+            "task": self.task,
+            "version": b.version,
+            "labels": labels,
+            "threshold": getattr(b.predictor, "threshold", None),
+            "answers": len(self.recent),
+            "recent": self.recent.rows(36),
+            "queue": self.recent.queue(24),
+            "review": review,
+            "history": self.history(),
+            "last_update": self.last_update,
+            "write": write,
+            "edgetl": __version__,
+        }
 
     def thumbnail(self, item_id: str) -> bytes | None:
         rec = self.recent.get(item_id)

@@ -63,8 +63,19 @@ def as_object(value, what: str) -> dict:
 
 # Whose problem an error is: 4xx the caller's (409: the bundle's state or another writer), 503
 # busy, 507 the review store or the disk full, 500 anything else edgetl can name.
-STATUS = [(Busy, 503), (StoreFull, 507), (TooLarge, 413), (SlowBody, 408), (BundleBusy, 409), (GateError, 409), (TrustError, 409),
-          (BundleError, 409), (DataError, 422), (ConfigError, 400), (EdgetlError, 500)]
+STATUS = [
+    (Busy, 503),
+    (StoreFull, 507),
+    (TooLarge, 413),
+    (SlowBody, 408),
+    (BundleBusy, 409),
+    (GateError, 409),
+    (TrustError, 409),
+    (BundleError, 409),
+    (DataError, 422),
+    (ConfigError, 400),
+    (EdgetlError, 500),
+]
 
 
 def status_of(exc: EdgetlError) -> int:
@@ -72,8 +83,12 @@ def status_of(exc: EdgetlError) -> int:
 
 
 def jsonr(obj, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":"), default=str), status_code=status,
-                    media_type="application/json", headers={"cache-control": "no-store", **(headers or {})})
+    return Response(
+        json.dumps(obj, separators=(",", ":"), default=str),
+        status_code=status,
+        media_type="application/json",
+        headers={"cache-control": "no-store", **(headers or {})},
+    )
 
 
 def error(status: int, message: str, headers: dict | None = None) -> Response:
@@ -86,8 +101,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None:
         try:
             if int(declared) > limit:
-                raise TooLarge(f"the request is {int(declared) / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB "
-                               "(--max-upload-mb)")
+                raise TooLarge(
+                    f"the request is {int(declared) / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB (--max-upload-mb)"
+                )
         except ValueError:
             raise DataError("Content-Length is not a number") from None
 
@@ -120,7 +136,6 @@ async def read_json(request: Request, limit: int = 1 << 20) -> dict:
     return obj
 
 
-
 def guarded(access: Access):
     """Decorate an endpoint method of an object with a ``svc`` (the Service): the access check
     first, then every error edgetl can name as one JSON line with its status."""
@@ -150,8 +165,11 @@ def guarded(access: Access):
 
 
 # --------------------------------------------------------------------- access log and metrics
-_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
-            (b"referrer-policy", b"no-referrer")]
+_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class Observe:
@@ -184,8 +202,16 @@ class Observe:
             self.service.metrics.request(route, scope["method"], seen["status"], dt)
             if self.service.options.access_log:
                 client = scope.get("client") or ("", 0)
-                line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
-                        "event": "request", "method": scope["method"], "path": scope["path"][:200], "route": route,
-                        "status": seen["status"], "ms": round(dt * 1000, 2), "bytes_out": seen["out"],
-                        "client": client[0], **scope.get("edgetl.log", {})}
+                line = {
+                    "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+                    "event": "request",
+                    "method": scope["method"],
+                    "path": scope["path"][:200],
+                    "route": route,
+                    "status": seen["status"],
+                    "ms": round(dt * 1000, 2),
+                    "bytes_out": seen["out"],
+                    "client": client[0],
+                    **scope.get("edgetl.log", {}),
+                }
                 access_log.info(json.dumps(line, separators=(",", ":")))

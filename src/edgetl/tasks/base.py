@@ -24,9 +24,10 @@ Tasks import the core and the heads, never the laptop side (:mod:`edgetl.pipelin
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -81,9 +82,15 @@ class AdaptResult:
     accepted: bool = True
 
     def to_dict(self) -> dict:
-        return {"bundle": str(self.bundle.path), "task": self.bundle.task, "version": self.version, **self.summary,
-                "timings_s": self.timings, "accepted": self.accepted,
-                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped]}
+        return {
+            "bundle": str(self.bundle.path),
+            "task": self.bundle.task,
+            "version": self.version,
+            **self.summary,
+            "timings_s": self.timings,
+            "accepted": self.accepted,
+            "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
+        }
 
 
 def stratified_subset(labels: Iterable[str], *, size: int, seed: int) -> list[int]:
@@ -165,8 +172,18 @@ class Task:
         """The exported backbone as this task feeds it (e.g. another preprocessing)."""
         return exported
 
-    def extractor(self, model: Path, exported, *, runtime: str, device: str, providers, simulate: bool = False,
-                  float_precision: str = "f32", threads: int | None = None):
+    def extractor(
+        self,
+        model: Path,
+        exported,
+        *,
+        runtime: str,
+        device: str,
+        providers,
+        simulate: bool = False,
+        float_precision: str = "f32",
+        threads: int | None = None,
+    ):
         raise NotImplementedError
 
     def calibration(self, data, target, exported, seed: int) -> Calibration:
@@ -191,8 +208,9 @@ class Task:
         raise NotImplementedError
 
     # ---- device --------------------------------------------------------------------------
-    def predictor(self, bundle: Bundle, *, device: str | None = None, threads: int | None = None,
-                  head_version: int | None = None):
+    def predictor(
+        self, bundle: Bundle, *, device: str | None = None, threads: int | None = None, head_version: int | None = None
+    ):
         raise NotImplementedError
 
     def adapt(self, b: Bundle, data, **options) -> AdaptResult:
@@ -202,8 +220,12 @@ class Task:
         raise NotImplementedError
 
     def fused_meta(self, b: Bundle, head) -> dict:
-        return {"backbone": b.manifest["backbone"]["name"], "preprocess": b.manifest["backbone"]["preprocess"],
-                "precision": b.precision, "task": self.name}
+        return {
+            "backbone": b.manifest["backbone"]["name"],
+            "preprocess": b.manifest["backbone"]["preprocess"],
+            "precision": b.precision,
+            "task": self.name,
+        }
 
     def manifest_problem(self, manifest: dict) -> str | None:
         """Why a (schema-checked) manifest cannot be a bundle of this task, or None: its backbone
@@ -213,16 +235,20 @@ class Task:
         kind = backbone.get("kind", self.backbone_kind)
         pre_kind = "text" if backbone.get("preprocess", {}).get("kind") == "text" else "image"
         if kind != self.backbone_kind or pre_kind != want:
-            return (f"task {self.name!r} needs an {self.backbone_kind} backbone, and this bundle's is an {kind} one "
-                    f"({pre_kind} inputs)")
+            return (
+                f"task {self.name!r} needs an {self.backbone_kind} backbone, and this bundle's is an {kind} one "
+                f"({pre_kind} inputs)"
+            )
         for key in self.backbone_fields:
             if key not in backbone:
                 return f"task {self.name!r} needs backbone.{key}, which this bundle lacks"
         kinds = (*self.head_kinds, *self.stored_head_kinds)
         for e in manifest.get("head", {}).get("versions", []):
             if self.head_kinds and e.get("kind") is not None and e["kind"] not in kinds:
-                return (f"head version {e.get('version')} is a {e['kind']!r} head, not one of task {self.name!r}'s "
-                        f"({', '.join(kinds)})")
+                return (
+                    f"head version {e.get('version')} is a {e['kind']!r} head, not one of task {self.name!r}'s "
+                    f"({', '.join(kinds)})"
+                )
         return None
 
     def load_head(self, path: Path):
@@ -250,12 +276,30 @@ class Task:
     def fit_summary(self, result) -> dict:
         """The ``--json`` object of ``fit`` / ``export``: the bundle, data, figures, gate, speed."""
         r = result.report
-        shared = ("target", "precision", "runtime", "conversion", "reference", "gate", "fused_parity",
-                  "latency_batch1", "fused_latency_batch1", "size", "backbone_choice", "transfer_check")
-        return {"bundle": str(result.bundle.path), "task": self.name, "labels": result.bundle.labels,
-                "counts": result.data.counts(),
-                "skipped": [{self.skipped_key: str(p), "reason": why} for p, why in result.data.skipped],
-                **self.fit_figures(result), **{k: r[k] for k in shared if k in r}, "timings_s": result.timings}
+        shared = (
+            "target",
+            "precision",
+            "runtime",
+            "conversion",
+            "reference",
+            "gate",
+            "fused_parity",
+            "latency_batch1",
+            "fused_latency_batch1",
+            "size",
+            "backbone_choice",
+            "transfer_check",
+        )
+        return {
+            "bundle": str(result.bundle.path),
+            "task": self.name,
+            "labels": result.bundle.labels,
+            "counts": result.data.counts(),
+            "skipped": [{self.skipped_key: str(p), "reason": why} for p, why in result.data.skipped],
+            **self.fit_figures(result),
+            **{k: r[k] for k in shared if k in r},
+            "timings_s": result.timings,
+        }
 
     def fit_figures(self, result) -> dict:
         return {}
@@ -273,8 +317,10 @@ class Task:
         lines.append(f"model     {self.model_line(result)}")
         runs = {k: v for k, v in result.timings.items() if k.startswith("backbone_")}
         count = next(iter(runs.values()), 0)
-        lines.append(f"time      {sum(v for k, v in result.timings.items() if k not in runs):.1f} s "
-                     f"({count} {self.items} through a backbone)")
+        lines.append(
+            f"time      {sum(v for k, v in result.timings.items() if k not in runs):.1f} s "
+            f"({count} {self.items} through a backbone)"
+        )
         return "\n".join(lines + self.fit_tail(result))
 
     def fit_lines(self, result) -> list[str]:
@@ -282,8 +328,10 @@ class Task:
 
     def model_line(self, result) -> str:
         r = result.report
-        return (f"{r['size']['backbone_bytes'] / 1e6:.1f} MB backbone, batch-1 latency "
-                f"{r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)")
+        return (
+            f"{r['size']['backbone_bytes'] / 1e6:.1f} MB backbone, batch-1 latency "
+            f"{r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)"
+        )
 
     def fit_tail(self, result) -> list[str]:
         return []
@@ -311,5 +359,3 @@ class Task:
         if not args:
             raise DataError(f"give one or more {self.items[:-1]} files or folders")
         return list(args)
-
-

@@ -67,8 +67,7 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> n
     classes = np.unique(y)
     cidx = np.searchsorted(classes, y)
     sizes = np.bincount(inverse, minlength=len(names))
-    majority = np.array([np.bincount(cidx[inverse == g], minlength=len(classes)).argmax()
-                         for g in range(len(names))])
+    majority = np.array([np.bincount(cidx[inverse == g], minlength=len(classes)).argmax() for g in range(len(names))])
     order = rng.permutation(len(names))
     order = order[np.argsort(-sizes[order], kind="stable")]
     per_class = np.zeros((folds, len(classes)), np.int64)
@@ -82,11 +81,16 @@ def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> n
     return fold_of_group[inverse]
 
 
-def train_linear_head(X: np.ndarray, y: np.ndarray, n_classes: int, *, kind: str = "linear", seed: int = 0,
-                      l2: float | None = None):
+def train_linear_head(
+    X: np.ndarray, y: np.ndarray, n_classes: int, *, kind: str = "linear", seed: int = 0, l2: float | None = None
+):
     """edgetl's own head trainer on integer labels 0..n_classes-1 (automatic L2 unless given)."""
     from ..heads.classification import HeadConfig
     from ..heads.training import train_head
 
-    return train_head(np.asarray(X, np.float32), np.asarray(y, np.int64), [f"c{i}" for i in range(n_classes)],
-                      cfg=HeadConfig(kind=kind, seed=seed, l2=l2))
+    return train_head(
+        np.asarray(X, np.float32),
+        np.asarray(y, np.int64),
+        [f"c{i}" for i in range(n_classes)],
+        cfg=HeadConfig(kind=kind, seed=seed, l2=l2),
+    )

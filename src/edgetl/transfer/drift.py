@@ -74,8 +74,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DriftReference", "DriftScores", "DriftSummary", "fit_drift_reference", "drift_summary",
-           "save_drift_reference", "load_drift_reference", "DRIFT_ARRAYS", "DRIFT_VERSION"]
+__all__ = [
+    "DriftReference",
+    "DriftScores",
+    "DriftSummary",
+    "fit_drift_reference",
+    "drift_summary",
+    "save_drift_reference",
+    "load_drift_reference",
+    "DRIFT_ARRAYS",
+    "DRIFT_VERSION",
+]
 
 DRIFT_VERSION = 1
 # name -> (shape in symbols, dtype): the exact contents of drift.npz
@@ -231,9 +240,11 @@ def _check_arrays(a: dict) -> None:
     if int(a["version"]) != DRIFT_VERSION:
         raise ValueError(f"drift reference version {int(a['version'])} is not {DRIFT_VERSION}; refit it")
     if d2 != d or a["eigenvalues"].shape != (r,) or a["ref_coords"].shape != (m, r) or a["ref_labels"].shape != (m,):
-        raise ValueError(f"drift arrays disagree in shape: class_means {a['class_means'].shape}, components "
-                         f"{a['components'].shape}, eigenvalues {a['eigenvalues'].shape}, ref_coords "
-                         f"{a['ref_coords'].shape}, ref_labels {a['ref_labels'].shape}")
+        raise ValueError(
+            f"drift arrays disagree in shape: class_means {a['class_means'].shape}, components "
+            f"{a['components'].shape}, eigenvalues {a['eigenvalues'].shape}, ref_coords "
+            f"{a['ref_coords'].shape}, ref_labels {a['ref_labels'].shape}"
+        )
     if a["scale"].shape != (2,) or not np.all(a["scale"] > 0):
         raise ValueError("drift array 'scale' must be two positive numbers")
     if k < 1 or r < 1 or m < 1:
@@ -263,7 +274,7 @@ def _fit_subspace(X: np.ndarray, y: np.ndarray, k: int, rank: int):
     R = X - means[y]
     _, s, vt = np.linalg.svd(R, full_matrices=False)
     dof = max(1, X.shape[0] - k)
-    lam = s ** 2 / dof
+    lam = s**2 / dof
     keep = int(min(rank, np.sum(lam > 1e-9 * max(float(lam.max(initial=0.0)), 1e-300))))
     keep = max(keep, 1)
     return means, vt[:keep].T, lam[:keep]
@@ -273,8 +284,8 @@ def _raw_terms(X: np.ndarray, y: np.ndarray, means, P, lam) -> tuple[np.ndarray,
     """(Mahalanobis-in-subspace, squared residual) of each row relative to its own class mean."""
     R = X.astype(np.float64) - means[y]
     T = R @ P
-    a = np.sum(T ** 2 / np.maximum(lam, _EIG_FLOOR), axis=1)
-    b = np.maximum(np.sum(R ** 2, axis=1) - np.sum(T ** 2, axis=1), 0.0)
+    a = np.sum(T**2 / np.maximum(lam, _EIG_FLOOR), axis=1)
+    b = np.maximum(np.sum(R**2, axis=1) - np.sum(T**2, axis=1), 0.0)
     return a, b
 
 
@@ -289,9 +300,20 @@ def _split(y: np.ndarray, fraction: float, rng) -> np.ndarray:
     return hold
 
 
-def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | None = None, rank: int = 32,
-                        cal_fraction: float = 0.3, max_reference: int = 500, folds: int = 5,
-                        seed: int = 0, oof_folds=None) -> DriftReference:
+def fit_drift_reference(
+    X,
+    y=None,
+    *,
+    X_cal=None,
+    y_cal=None,
+    n_classes: int | None = None,
+    rank: int = 32,
+    cal_fraction: float = 0.3,
+    max_reference: int = 500,
+    folds: int = 5,
+    seed: int = 0,
+    oof_folds=None,
+) -> DriftReference:
     """Describe training features for drift scoring on the device.
 
     Args:
@@ -357,10 +379,16 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
     else:  # too few rows per class to cross-fit: the fit rows themselves (optimistic, but only a weighting)
         a, b = _raw_terms(X, y, means, P, lam)
     scale = np.array([max(float(a.mean()), 1e-12), max(float(b.mean()), 1e-12)], np.float32)
-    partial = {"version": np.int32(DRIFT_VERSION), "class_means": means.astype(np.float32),
-               "components": P.astype(np.float32), "eigenvalues": lam.astype(np.float32), "scale": scale,
-               "ref_scores": np.zeros(1, np.float32), "ref_coords": np.zeros((1, P.shape[1]), np.float32),
-               "ref_labels": np.full(1, -1, np.int32)}
+    partial = {
+        "version": np.int32(DRIFT_VERSION),
+        "class_means": means.astype(np.float32),
+        "components": P.astype(np.float32),
+        "eigenvalues": lam.astype(np.float32),
+        "scale": scale,
+        "ref_scores": np.zeros(1, np.float32),
+        "ref_coords": np.zeros((1, P.shape[1]), np.float32),
+        "ref_labels": np.full(1, -1, np.int32),
+    }
     model = DriftReference(partial)
     if oof is not None:
         refs = _out_of_fold_references(model, X, y, k, rank, oof)
@@ -369,8 +397,11 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
             if len(s) > max_reference:
                 keep = np.sort(rng.choice(len(s), max_reference, replace=False))
                 s, W, yr = s[keep], W[keep], yr[keep]
-            partial.update(ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
-                           ref_labels=(yr if labelled else np.full(len(s), -1)).astype(np.int32))
+            partial.update(
+                ref_scores=s.astype(np.float32),
+                ref_coords=W.astype(np.float32),
+                ref_labels=(yr if labelled else np.full(len(s), -1)).astype(np.int32),
+            )
             return DriftReference(partial)
         X_cal, y_cal = X, (y if labelled else None)  # no fold could be fitted: in-sample (optimistic)
     if X_cal.shape[0] > max_reference:
@@ -378,8 +409,11 @@ def fit_drift_reference(X, y=None, *, X_cal=None, y_cal=None, n_classes: int | N
         X_cal = X_cal[keep]
         y_cal = None if y_cal is None else y_cal[keep]
     s, W = model.coordinates(X_cal)
-    partial.update(ref_scores=s.astype(np.float32), ref_coords=W.astype(np.float32),
-                   ref_labels=(np.full(len(s), -1) if y_cal is None else y_cal).astype(np.int32))
+    partial.update(
+        ref_scores=s.astype(np.float32),
+        ref_coords=W.astype(np.float32),
+        ref_labels=(np.full(len(s), -1) if y_cal is None else y_cal).astype(np.int32),
+    )
     return DriftReference(partial)
 
 
@@ -394,9 +428,15 @@ def _out_of_fold_references(model: DriftReference, X, y, k: int, rank: int, fold
         if len(np.unique(y[tr])) < k:
             continue
         means, P, lam = _fit_subspace(X[tr], y[tr], k, rank)
-        arrays = dict(model.arrays, class_means=means.astype(np.float32), components=P.astype(np.float32),
-                      eigenvalues=lam.astype(np.float32), ref_scores=np.zeros(1, np.float32),
-                      ref_coords=np.zeros((1, P.shape[1]), np.float32), ref_labels=np.full(1, -1, np.int32))
+        arrays = dict(
+            model.arrays,
+            class_means=means.astype(np.float32),
+            components=P.astype(np.float32),
+            eigenvalues=lam.astype(np.float32),
+            ref_scores=np.zeros(1, np.float32),
+            ref_coords=np.zeros((1, P.shape[1]), np.float32),
+            ref_labels=np.full(1, -1, np.int32),
+        )
         s, c, _ = DriftReference(arrays)._terms(X[te])
         R = X[te] - means[c].astype(np.float32)
         S.append(s)
@@ -473,8 +513,14 @@ def _perm_test(Zr: np.ndarray, Sr: np.ndarray, Zf: np.ndarray, Sf: np.ndarray, p
     minp = pvals.min(axis=0)
     p = float(np.sum(minp <= minp[0] + 1e-15) / total)
     null_mmd = float(mmd[1:].mean()) if permutations else 0.0
-    return {"p_value": p, "p_mmd": float(pvals[0, 0]), "p_score": float(pvals[1, 0]),
-            "mmd2": float(mmd[0]), "mmd2_excess": float(mmd[0]) - null_mmd, "log_score_shift": float(diff[0])}
+    return {
+        "p_value": p,
+        "p_mmd": float(pvals[0, 0]),
+        "p_score": float(pvals[1, 0]),
+        "mmd2": float(mmd[0]),
+        "mmd2_excess": float(mmd[0]) - null_mmd,
+        "log_score_shift": float(diff[0]),
+    }
 
 
 @dataclass
@@ -502,9 +548,18 @@ class DriftSummary:
         return asdict(self)
 
 
-def drift_summary(ref: DriftReference, X, y=None, *, alpha: float = 0.05, image_alpha: float = 0.01,
-                  permutations: int = 500, max_rows: int = 1000, min_per_class: int = 5,
-                  seed: int = 0) -> DriftSummary:
+def drift_summary(
+    ref: DriftReference,
+    X,
+    y=None,
+    *,
+    alpha: float = 0.05,
+    image_alpha: float = 0.01,
+    permutations: int = 500,
+    max_rows: int = 1000,
+    min_per_class: int = 5,
+    seed: int = 0,
+) -> DriftSummary:
     """Compare a folder's features ``X`` (n, d) with the reference images; ``y`` (n,) class indices
     (or -1 for unknown) adds per-class tests. Deterministic for a given ``seed``.
 
@@ -529,37 +584,67 @@ def drift_summary(ref: DriftReference, X, y=None, *, alpha: float = 0.05, image_
         if y.shape != (len(X),):
             raise ValueError(f"labels must have one entry per row ({len(X)})")
         rl = ref.arrays["ref_labels"]
-        tested = [c for c in range(ref.n_classes)
-                  if np.sum(rl == c) >= min_per_class and np.sum(y == c) >= min_per_class]
+        tested = [
+            c for c in range(ref.n_classes) if np.sum(rl == c) >= min_per_class and np.sum(y == c) >= min_per_class
+        ]
         for c in tested:
             rc, fc = rl == c, y == c
             t = _perm_test(Zr[rc], Sr[rc], W[fc], sc.score[fc], permutations, rng)
-            per_class.append({"class": int(c), "n": int(fc.sum()), "p_value": t["p_value"],
-                              "p_adjusted": min(1.0, t["p_value"] * len(tested)),
-                              "ood_fraction": round(float(sc.ood[fc].mean()), 4)})
+            per_class.append(
+                {
+                    "class": int(c),
+                    "n": int(fc.sum()),
+                    "p_value": t["p_value"],
+                    "p_adjusted": min(1.0, t["p_value"] * len(tested)),
+                    "ood_fraction": round(float(sc.ood[fc].mean()), 4),
+                }
+            )
     ood = float(sc.ood.mean())
     above = float(np.mean(sc.score > p95))
     p = test["p_value"]
     drifted = [pc["class"] for pc in per_class if pc["p_adjusted"] < alpha]
     where = f"; classes drifted: {', '.join(map(str, drifted))}" if drifted else ""
     effect = test["mmd2_excess"]
-    evidence = (f"p = {p:.3g} on {len(X)} images, shift size {effect:.3f} (excess MMD^2; {DRIFT_EFFECT:g} = material), "
-                f"{ood:.0%} ood at {image_alpha:g} ({image_alpha:.0%} expected)")
+    evidence = (
+        f"p = {p:.3g} on {len(X)} images, shift size {effect:.3f} (excess MMD^2; {DRIFT_EFFECT:g} = material), "
+        f"{ood:.0%} ood at {image_alpha:g} ({image_alpha:.0%} expected)"
+    )
     if p >= alpha:
         verdict = "none"
         msg = f"no drift detected ({evidence}): adapt is not needed"
     elif ood >= SEVERE_OOD_FRACTION:
         verdict = "severe"
-        msg = (f"severe drift ({evidence}{where}): these images are unlike the training data, a new condition or "
-               "kind of input; label some and run edgetl adapt (as new classes if they are new), or refit with them")
+        msg = (
+            f"severe drift ({evidence}{where}): these images are unlike the training data, a new condition or "
+            "kind of input; label some and run edgetl adapt (as new classes if they are new), or refit with them"
+        )
     elif effect < DRIFT_EFFECT and ood < OOD_MATERIAL:
         verdict = "mild"
-        msg = (f"mild drift ({evidence}{where}): detectable but small; adapt only if edgetl eval on labelled "
-               "images from these conditions shows a drop")
+        msg = (
+            f"mild drift ({evidence}{where}): detectable but small; adapt only if edgetl eval on labelled "
+            "images from these conditions shows a drop"
+        )
     else:
         verdict = "drift"
-        msg = (f"inputs have drifted ({evidence}{where}): adapt is advisable; label some images from these "
-               "conditions, run edgetl adapt, and check with edgetl eval")
-    return DriftSummary(len(X), p, test["p_mmd"], test["p_score"], test["mmd2"], round(effect, 5), test["log_score_shift"],
-                        round(ood, 4), image_alpha, round(above, 4), verdict, verdict in ("drift", "severe"), msg,
-                        alpha, per_class, len(rows))
+        msg = (
+            f"inputs have drifted ({evidence}{where}): adapt is advisable; label some images from these "
+            "conditions, run edgetl adapt, and check with edgetl eval"
+        )
+    return DriftSummary(
+        len(X),
+        p,
+        test["p_mmd"],
+        test["p_score"],
+        test["mmd2"],
+        round(effect, 5),
+        test["log_score_shift"],
+        round(ood, 4),
+        image_alpha,
+        round(above, 4),
+        verdict,
+        verdict in ("drift", "severe"),
+        msg,
+        alpha,
+        per_class,
+        len(rows),
+    )

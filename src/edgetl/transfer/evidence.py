@@ -102,8 +102,14 @@ def log_evidence(s2: np.ndarray, z: np.ndarray, yy: float, n: int, dim: int, alp
     mm = float(np.sum((beta * np.sqrt(s2) * z / den) ** 2))
     res = float(np.sum((alpha * z / den) ** 2)) + max(0.0, yy - float(z @ z))
     logdet = float(np.sum(np.log(den))) + (dim - s2.shape[0]) * math.log(alpha)
-    return (0.5 * n * math.log(beta) + 0.5 * dim * math.log(alpha) - 0.5 * n * math.log(2 * math.pi)
-            - 0.5 * beta * res - 0.5 * alpha * mm - 0.5 * logdet)
+    return (
+        0.5 * n * math.log(beta)
+        + 0.5 * dim * math.log(alpha)
+        - 0.5 * n * math.log(2 * math.pi)
+        - 0.5 * beta * res
+        - 0.5 * alpha * mm
+        - 0.5 * logdet
+    )
 
 
 def logme(features, y, *, max_iter: int = 2000, tol: float = 1e-7) -> LogMEResult:

@@ -59,8 +59,9 @@ class GroupReport:
         return asdict(self)
 
 
-def group_accuracy(y_true, y_pred, groups, *, confidence: float = CONFIDENCE, min_gap_pp: float = 0.0,
-                   min_group_size: int = 1) -> GroupReport:
+def group_accuracy(
+    y_true, y_pred, groups, *, confidence: float = CONFIDENCE, min_gap_pp: float = 0.0, min_group_size: int = 1
+) -> GroupReport:
     """Accuracy per group, the worst group, its gap to the rest with an interval, and a flag.
 
     Args:
@@ -92,26 +93,61 @@ def group_accuracy(y_true, y_pred, groups, *, confidence: float = CONFIDENCE, mi
         sel = g == name
         k, m = int(correct[sel].sum()), int(sel.sum())
         lo, hi = wilson(k, m, confidence=(1 + confidence) / 2)
-        rows.append({"group": name, "n": m, "correct": k, "accuracy": round(k / m, 4),
-                     "lower": round(lo, 4), "upper": round(hi, 4)})
+        rows.append(
+            {
+                "group": name,
+                "n": m,
+                "correct": k,
+                "accuracy": round(k / m, 4),
+                "lower": round(lo, 4),
+                "upper": round(hi, 4),
+            }
+        )
     rows.sort(key=lambda r: (r["accuracy"], -r["n"], r["group"]))
     overall = float(correct.mean())
     eligible = [r for r in rows if r["n"] >= min_group_size]
     if G < 2 or not eligible:
-        return GroupReport(rows, None, None, None, None, False,
-                           "one group only: nothing to compare" if G < 2 else "no group is large enough to compare",
-                           confidence, adj, float(min_gap_pp), round(overall, 4), n)
+        return GroupReport(
+            rows,
+            None,
+            None,
+            None,
+            None,
+            False,
+            "one group only: nothing to compare" if G < 2 else "no group is large enough to compare",
+            confidence,
+            adj,
+            float(min_gap_pp),
+            round(overall, 4),
+            n,
+        )
     worst = eligible[0]
     rest_k, rest_n = int(correct.sum()) - worst["correct"], n - worst["n"]
     d, lo, hi = unpaired_difference(rest_k, rest_n, worst["correct"], worst["n"], wilson, confidence=adj)
     flagged = 100 * lo > min_gap_pp
-    evidence = (f"group {worst['group']!r}: {worst['accuracy']:.1%} on {worst['n']} images vs {rest_k / rest_n:.1%} "
-                f"on the other {rest_n} (gap {100 * d:.1f} pp, bounds [{100 * lo:.1f}, {100 * hi:.1f}] at "
-                f"{adj:.2%} one-sided, Bonferroni over {G} groups)")
+    evidence = (
+        f"group {worst['group']!r}: {worst['accuracy']:.1%} on {worst['n']} images vs {rest_k / rest_n:.1%} "
+        f"on the other {rest_n} (gap {100 * d:.1f} pp, bounds [{100 * lo:.1f}, {100 * hi:.1f}] at "
+        f"{adj:.2%} one-sided, Bonferroni over {G} groups)"
+    )
     if flagged:
-        msg = (f"{evidence}: beyond noise; collect and label more images like this group and run edgetl adapt, "
-               "or check what differs there (lighting, camera, supplier)")
+        msg = (
+            f"{evidence}: beyond noise; collect and label more images like this group and run edgetl adapt, "
+            "or check what differs there (lighting, camera, supplier)"
+        )
     else:
         msg = f"{evidence}: within noise"
-    return GroupReport(rows, worst["group"], round(100 * d, 2), round(100 * lo, 2), round(100 * hi, 2), flagged, msg,
-                       confidence, adj, float(min_gap_pp), round(overall, 4), n)
+    return GroupReport(
+        rows,
+        worst["group"],
+        round(100 * d, 2),
+        round(100 * lo, 2),
+        round(100 * hi, 2),
+        flagged,
+        msg,
+        confidence,
+        adj,
+        float(min_gap_pp),
+        round(overall, 4),
+        n,
+    )

@@ -22,8 +22,8 @@ numpy and Pillow only (head training is edgetl's numpy trainer).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -31,14 +31,22 @@ from PIL import Image
 from ..core.gate import paired_difference_interval as paired_difference
 from ._stats import train_linear_head
 
-__all__ = ["TransferCheck", "pixel_baseline_features", "transfer_check", "compare_to_baseline", "baseline_outcome_check",
-           "BASELINE_NAME"]
+__all__ = [
+    "TransferCheck",
+    "pixel_baseline_features",
+    "transfer_check",
+    "compare_to_baseline",
+    "baseline_outcome_check",
+    "BASELINE_NAME",
+]
 
 CONFIDENCE = 0.95
 BASELINE_NAME = "pixel baseline (16x16 pixels + histogram + spectrum, no pretraining)"
-_ADVICE = ("try `edgetl rank` for another backbone, inputs closer to photographs (spectrograms: render them "
-           "at full resolution, frequency axis kept, instead of resizing), more labelled images, or a model "
-           "trained on the pixels themselves")
+_ADVICE = (
+    "try `edgetl rank` for another backbone, inputs closer to photographs (spectrograms: render them "
+    "at full resolution, frequency axis kept, instead of resizing), more labelled images, or a model "
+    "trained on the pixels themselves"
+)
 
 
 def _as_rgb(img) -> Image.Image:
@@ -67,8 +75,9 @@ def _radial_bins(size: int, bins: int) -> np.ndarray:
     return idx
 
 
-def pixel_baseline_features(images: Iterable, *, size: int = 16, hist_bins: int = 16, spectrum_bins: int = 24,
-                            spectrum_size: int = 64) -> np.ndarray:
+def pixel_baseline_features(
+    images: Iterable, *, size: int = 16, hist_bins: int = 16, spectrum_bins: int = 24, spectrum_size: int = 64
+) -> np.ndarray:
     """Features that use no pretrained knowledge, for the negative-transfer check.
 
     Per image (uint8 or [0, 1] float arrays HxW / HxWx3 / HxWx4, or PIL images): the RGB image
@@ -92,8 +101,12 @@ def pixel_baseline_features(images: Iterable, *, size: int = 16, hist_bins: int 
         if side != spectrum_size:
             grey = grey.resize((spectrum_size, spectrum_size), Image.Resampling.BOX)
         g = np.asarray(grey, np.float64)
-        hist = np.bincount(np.minimum((g.ravel() * hist_bins / 256.0).astype(np.int64), hist_bins - 1),
-                           minlength=hist_bins) / g.size
+        hist = (
+            np.bincount(
+                np.minimum((g.ravel() * hist_bins / 256.0).astype(np.int64), hist_bins - 1), minlength=hist_bins
+            )
+            / g.size
+        )
         power = np.abs(np.fft.fft2(g - g.mean())) ** 2 / g.size
         spec = np.bincount(flat[inside], weights=power.ravel()[inside], minlength=spectrum_bins)
         spec = np.log10(spec / np.maximum(counts, 1) + 1e-3)
@@ -131,9 +144,18 @@ class TransferCheck:
         return asdict(self)
 
 
-def transfer_check(transfer_correct, baseline_correct, *, margin_pp: float = 0.0, confidence: float = CONFIDENCE,
-                   backbone: str = "the pretrained backbone", baseline: str = BASELINE_NAME, items: str = "images",
-                   advice: str = _ADVICE, scored: str = "validation") -> TransferCheck:
+def transfer_check(
+    transfer_correct,
+    baseline_correct,
+    *,
+    margin_pp: float = 0.0,
+    confidence: float = CONFIDENCE,
+    backbone: str = "the pretrained backbone",
+    baseline: str = BASELINE_NAME,
+    items: str = "images",
+    advice: str = _ADVICE,
+    scored: str = "validation",
+) -> TransferCheck:
     """Decide from paired per-item correctness (1 = right) whether transfer clearly beats the baseline.
 
     Example:
@@ -149,27 +171,45 @@ def transfer_check(transfer_correct, baseline_correct, *, margin_pp: float = 0.0
     d, lo, hi = paired_difference(t, b, confidence=confidence)
     at, ab = float(t.mean()), float(b.mean())
     pts = lambda v: round(100.0 * float(v), 2)
-    evidence = (f"{backbone} {at:.1%} vs {baseline} {ab:.1%} on the same {len(t)} {scored} {items} "
-                f"(difference {100 * d:+.1f} pp, one-sided {confidence:.0%} bounds [{100 * lo:+.1f}, {100 * hi:+.1f}])")
+    evidence = (
+        f"{backbone} {at:.1%} vs {baseline} {ab:.1%} on the same {len(t)} {scored} {items} "
+        f"(difference {100 * d:+.1f} pp, one-sided {confidence:.0%} bounds [{100 * lo:+.1f}, {100 * hi:+.1f}])"
+    )
     if 100 * lo > margin_pp:
         verdict, message = "helps", ""
     elif hi < 0:
         verdict = "negative"
-        message = f"negative transfer: {evidence}; the pretrained features fit these {items} worse than the baseline: " \
-                  + advice
+        message = (
+            f"negative transfer: {evidence}; the pretrained features fit these {items} worse than the baseline: "
+            + advice
+        )
     else:
         verdict = "no clear gain"
         gap = f" by more than {margin_pp:g} pp" if margin_pp > 0 else ""
-        message = (f"no clear gain from pretraining: {evidence}; the backbone is not shown to beat a model with no "
-                   f"pretraining{gap}: " + advice)
-    return TransferCheck(verdict, verdict != "helps", len(t), at, ab, pts(d), pts(lo), pts(hi), float(margin_pp),
-                         confidence, message)
+        message = (
+            f"no clear gain from pretraining: {evidence}; the backbone is not shown to beat a model with no "
+            f"pretraining{gap}: " + advice
+        )
+    return TransferCheck(
+        verdict, verdict != "helps", len(t), at, ab, pts(d), pts(lo), pts(hi), float(margin_pp), confidence, message
+    )
 
 
-def compare_to_baseline(transfer_train, transfer_val, baseline_train, baseline_val, y_train, y_val, *,
-                        head_kind: str = "linear", seed: int = 0, margin_pp: float = 0.0,
-                        confidence: float = CONFIDENCE, backbone: str = "the pretrained backbone",
-                        baseline: str = BASELINE_NAME) -> TransferCheck:
+def compare_to_baseline(
+    transfer_train,
+    transfer_val,
+    baseline_train,
+    baseline_val,
+    y_train,
+    y_val,
+    *,
+    head_kind: str = "linear",
+    seed: int = 0,
+    margin_pp: float = 0.0,
+    confidence: float = CONFIDENCE,
+    backbone: str = "the pretrained backbone",
+    baseline: str = BASELINE_NAME,
+) -> TransferCheck:
     """Train edgetl's head on each feature set (same training rows, automatic L2) and compare them on
     the same validation rows with :func:`transfer_check`."""
     classes, yt = np.unique(np.asarray(y_train), return_inverse=True)
@@ -183,8 +223,9 @@ def compare_to_baseline(transfer_train, transfer_val, baseline_train, baseline_v
     for tr, va in ((transfer_train, transfer_val), (baseline_train, baseline_val)):
         head = train_linear_head(np.asarray(tr, np.float32), yt, k, kind=head_kind, seed=seed)
         correct.append(head.predict(np.asarray(va, np.float32)) == yv)
-    return transfer_check(correct[0], correct[1], margin_pp=margin_pp, confidence=confidence, backbone=backbone,
-                          baseline=baseline)
+    return transfer_check(
+        correct[0], correct[1], margin_pp=margin_pp, confidence=confidence, backbone=backbone, baseline=baseline
+    )
 
 
 TEXT_BASELINE_NAME = "bag-of-words baseline (hashed word unigrams and bigrams, no pretraining)"
@@ -207,28 +248,61 @@ def bag_of_words_features(texts: Iterable[str], *, dim: int = 4096) -> np.ndarra
     return np.stack(rows) if rows else np.zeros((0, dim), np.float32)
 
 
-TEXT_ADVICE = ("try another sentence encoder (--backbone), more labelled texts, or check that the texts are in "
-               "the encoder's language")
+TEXT_ADVICE = (
+    "try another sentence encoder (--backbone), more labelled texts, or check that the texts are in "
+    "the encoder's language"
+)
 
 
-def baseline_check(shipped_correct, baseline_train, y_train, baseline_val, y_val, *, backbone: str, baseline: str,
-                   items: str = "images", seed: int = 0, confidence: float = CONFIDENCE) -> TransferCheck:
+def baseline_check(
+    shipped_correct,
+    baseline_train,
+    y_train,
+    baseline_val,
+    y_val,
+    *,
+    backbone: str,
+    baseline: str,
+    items: str = "images",
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> TransferCheck:
     """The shipped head's validation correctness against a linear head trained on a baseline's
     features of the same training items (what ``fit`` runs after every classification fit)."""
     classes, yt = np.unique(np.asarray(y_train), return_inverse=True)
     index = {c: i for i, c in enumerate(classes.tolist())}
     yv = np.array([index.get(c, -1) for c in np.asarray(y_val).tolist()], np.int64)
     head = train_linear_head(np.asarray(baseline_train, np.float32), yt, len(classes), seed=seed)
-    return transfer_check(shipped_correct, head.predict(np.asarray(baseline_val, np.float32)) == yv,
-                          confidence=confidence, backbone=backbone, baseline=baseline, items=items,
-                          advice=_ADVICE if items == "images" else TEXT_ADVICE)
+    return transfer_check(
+        shipped_correct,
+        head.predict(np.asarray(baseline_val, np.float32)) == yv,
+        confidence=confidence,
+        backbone=backbone,
+        baseline=baseline,
+        items=items,
+        advice=_ADVICE if items == "images" else TEXT_ADVICE,
+    )
 
 
-def baseline_outcome_check(shipped_correct, baseline_correct, *, backbone: str, baseline: str,
-                           items: str = "images", confidence: float = CONFIDENCE,
-                           scored: str = "out-of-fold") -> TransferCheck:
+def baseline_outcome_check(
+    shipped_correct,
+    baseline_correct,
+    *,
+    backbone: str,
+    baseline: str,
+    items: str = "images",
+    confidence: float = CONFIDENCE,
+    scored: str = "out-of-fold",
+) -> TransferCheck:
     """:func:`baseline_check` for a baseline already scored on the same items (``fit`` scores
     both out of fold, on the same folds)."""
-    return transfer_check(shipped_correct, baseline_correct, confidence=confidence, backbone=backbone,
-                          baseline=baseline, items=items, advice=_ADVICE if items == "images" else TEXT_ADVICE,
-                          scored=scored)
+    return transfer_check(
+        shipped_correct,
+        baseline_correct,
+        confidence=confidence,
+        backbone=backbone,
+        baseline=baseline,
+        items=items,
+        advice=_ADVICE if items == "images" else TEXT_ADVICE,
+        scored=scored,
+    )

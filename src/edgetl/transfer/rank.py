@@ -45,8 +45,15 @@ from ..core.gate import wilson_interval as wilson
 from ._stats import grouped_folds, kendall_tau_b, stratified_folds, train_linear_head
 from .evidence import logme
 
-__all__ = ["CVResult", "BackboneScore", "RankResult", "cv_accuracy", "score_backbones", "choose_backbone",
-           "rank_backbones"]
+__all__ = [
+    "CVResult",
+    "BackboneScore",
+    "RankResult",
+    "cv_accuracy",
+    "score_backbones",
+    "choose_backbone",
+    "rank_backbones",
+]
 
 CONFIDENCE = 0.95
 
@@ -82,8 +89,17 @@ def _labels(y) -> tuple[np.ndarray, int]:
     return idx.astype(np.int64), len(classes)
 
 
-def cv_accuracy(features, y, groups=None, *, folds: int = 5, seed: int = 0, head_kind: str = "linear",
-                l2: float | None = None, confidence: float = CONFIDENCE) -> CVResult:
+def cv_accuracy(
+    features,
+    y,
+    groups=None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    head_kind: str = "linear",
+    l2: float | None = None,
+    confidence: float = CONFIDENCE,
+) -> CVResult:
     """k-fold cross-validated accuracy of edgetl's head on ``features`` (n, d).
 
     ``groups`` (n,) keeps each group whole in one fold (folds = number of groups if fewer). The head
@@ -140,20 +156,32 @@ class BackboneScore:
 
     def row(self) -> dict:
         cv = self.cv
-        return {"backbone": self.name,
-                "logme": None if self.logme is None else round(self.logme, 4),
-                "logme_sd": None if self.logme_sd is None else round(self.logme_sd, 4),
-                "cv_accuracy": None if cv is None else round(cv.accuracy, 4),
-                "cv_lower": None if cv is None else round(cv.lower, 4),
-                "cv_upper": None if cv is None else round(cv.upper, 4),
-                "n": None if cv is None else cv.n,
-                "latency_ms": self.latency_ms}
+        return {
+            "backbone": self.name,
+            "logme": None if self.logme is None else round(self.logme, 4),
+            "logme_sd": None if self.logme_sd is None else round(self.logme_sd, 4),
+            "cv_accuracy": None if cv is None else round(cv.accuracy, 4),
+            "cv_lower": None if cv is None else round(cv.lower, 4),
+            "cv_upper": None if cv is None else round(cv.upper, 4),
+            "n": None if cv is None else cv.n,
+            "latency_ms": self.latency_ms,
+        }
 
 
-def score_backbones(features_by_backbone: dict, y, groups=None, *, latency_ms: dict | None = None,
-                    use_logme: bool = True, use_cv: bool = True, folds: int = 5, seed: int = 0,
-                    bootstrap: int = 30, head_kind: str = "linear", confidence: float = CONFIDENCE
-                    ) -> list[BackboneScore]:
+def score_backbones(
+    features_by_backbone: dict,
+    y,
+    groups=None,
+    *,
+    latency_ms: dict | None = None,
+    use_logme: bool = True,
+    use_cv: bool = True,
+    folds: int = 5,
+    seed: int = 0,
+    bootstrap: int = 30,
+    head_kind: str = "linear",
+    confidence: float = CONFIDENCE,
+) -> list[BackboneScore]:
     """LogME (with a paired bootstrap) and cross-validated accuracy for each backbone's features.
 
     All matrices must have the same rows (the same images in the same order); their widths may differ.
@@ -213,14 +241,22 @@ class RankResult:
         """A plain-text table plus the reason line."""
         lines = [f"{'backbone':<24} {'LogME':>14} {'CV accuracy (95% CI)':>26} {'ms':>7}  rank"]
         for r in self.table:
-            lm = "-" if r["logme"] is None else (f"{r['logme']:.3f}" + (f" +-{r['logme_sd']:.3f}" if r["logme_sd"]
-                                                                          is not None else ""))
-            cv = "-" if r["cv_accuracy"] is None else (
-                f"{100 * r['cv_accuracy']:.1f}% [{100 * r['cv_lower']:.1f}, {100 * r['cv_upper']:.1f}]")
+            lm = (
+                "-"
+                if r["logme"] is None
+                else (f"{r['logme']:.3f}" + (f" +-{r['logme_sd']:.3f}" if r["logme_sd"] is not None else ""))
+            )
+            cv = (
+                "-"
+                if r["cv_accuracy"] is None
+                else (f"{100 * r['cv_accuracy']:.1f}% [{100 * r['cv_lower']:.1f}, {100 * r['cv_upper']:.1f}]")
+            )
             ms = "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}"
             mark = " *" if r["backbone"] == self.choice else ""
-            lines.append(f"{r['backbone']:<24} {lm:>14} {cv:>26} {ms:>7}  {r['rank']}{mark}"
-                         + ("" if r["within_budget"] else "  (over budget)"))
+            lines.append(
+                f"{r['backbone']:<24} {lm:>14} {cv:>26} {ms:>7}  {r['rank']}{mark}"
+                + ("" if r["within_budget"] else "  (over budget)")
+            )
         return "\n".join(lines + [self.reason])
 
 
@@ -234,8 +270,9 @@ def _primary(s: BackboneScore, by: str) -> float:
     return s.logme
 
 
-def choose_backbone(scores: list[BackboneScore], *, by: str = "cv", budget_ms: float | None = None,
-                    confidence: float = CONFIDENCE) -> RankResult:
+def choose_backbone(
+    scores: list[BackboneScore], *, by: str = "cv", budget_ms: float | None = None, confidence: float = CONFIDENCE
+) -> RankResult:
     """Pick a backbone from measured scores (the rule is in the module docstring).
 
     Latencies come from ``BackboneScore.latency_ms``; without them "cheaper" is undefined and the
@@ -254,24 +291,41 @@ def choose_backbone(scores: list[BackboneScore], *, by: str = "cv", budget_ms: f
     leader = max(cands, key=lambda s: _primary(s, by))
     comparisons = []
     choice = leader
-    cheaper = [s for s in cands if s is not leader and s.latency_ms is not None and leader.latency_ms is not None
-               and s.latency_ms < leader.latency_ms]
+    cheaper = [
+        s
+        for s in cands
+        if s is not leader
+        and s.latency_ms is not None
+        and leader.latency_ms is not None
+        and s.latency_ms < leader.latency_ms
+    ]
     for s in sorted(cheaper, key=lambda s: s.latency_ms):
         if by == "cv":
             d, lo, hi = paired_difference(leader.cv.correct, s.cv.correct, confidence=confidence)
             shown = lo > 0
-            comparisons.append({"backbone": s.name, "leader_minus_pp": round(100 * d, 2),
-                                "lower_pp": round(100 * lo, 2), "upper_pp": round(100 * hi, 2),
-                                "leader_shown_better": bool(shown)})
+            comparisons.append(
+                {
+                    "backbone": s.name,
+                    "leader_minus_pp": round(100 * d, 2),
+                    "lower_pp": round(100 * lo, 2),
+                    "upper_pp": round(100 * hi, 2),
+                    "leader_shown_better": bool(shown),
+                }
+            )
         else:
             if leader.bootstrap is None or s.bootstrap is None:
                 wins, shown = float("nan"), True  # no spread measured: trust the point estimate
             else:
                 wins = float(np.mean(leader.bootstrap > s.bootstrap))
                 shown = wins >= confidence
-            comparisons.append({"backbone": s.name, "leader_minus": round(leader.logme - s.logme, 4),
-                                "leader_wins_bootstrap": None if math.isnan(wins) else round(wins, 3),
-                                "leader_shown_better": bool(shown)})
+            comparisons.append(
+                {
+                    "backbone": s.name,
+                    "leader_minus": round(leader.logme - s.logme, 4),
+                    "leader_wins_bootstrap": None if math.isnan(wins) else round(wins, 3),
+                    "leader_shown_better": bool(shown),
+                }
+            )
         if not shown and choice is leader:
             choice = s  # the cheapest one the leader is not shown to beat
     if choice is leader:
@@ -280,26 +334,43 @@ def choose_backbone(scores: list[BackboneScore], *, by: str = "cv", budget_ms: f
             reason += f", shown better than every cheaper one at {confidence:.0%}"
     else:
         c = next(c for c in comparisons if c["backbone"] == choice.name)
-        ev = (f"difference {c['leader_minus_pp']:+.1f} pp, one-sided {confidence:.0%} lower bound "
-              f"{c['lower_pp']:+.1f} pp" if by == "cv" else
-              f"LogME difference {c['leader_minus']:+.4f}, leader wins {c['leader_wins_bootstrap']} of "
-              "bootstrap replicates")
-        reason = (f"{choice.name}: cheaper ({choice.latency_ms:.1f} vs {leader.latency_ms:.1f} ms) and not shown "
-                  f"worse than the best-scoring {leader.name} ({ev}){note}")
+        ev = (
+            f"difference {c['leader_minus_pp']:+.1f} pp, one-sided {confidence:.0%} lower bound {c['lower_pp']:+.1f} pp"
+            if by == "cv"
+            else f"LogME difference {c['leader_minus']:+.4f}, leader wins {c['leader_wins_bootstrap']} of "
+            "bootstrap replicates"
+        )
+        reason = (
+            f"{choice.name}: cheaper ({choice.latency_ms:.1f} vs {leader.latency_ms:.1f} ms) and not shown "
+            f"worse than the best-scoring {leader.name} ({ev}){note}"
+        )
     table = []
     for rank, s in enumerate(order, start=1):
         row = s.row()
         row.update(within_budget=within[s.name], rank=rank)
         table.append(row)
     with_both = [s for s in scores if s.logme is not None and s.cv is not None]
-    tau = (kendall_tau_b([s.logme for s in with_both], [s.cv.accuracy for s in with_both])
-           if len(with_both) >= 2 else float("nan"))
+    tau = (
+        kendall_tau_b([s.logme for s in with_both], [s.cv.accuracy for s in with_both])
+        if len(with_both) >= 2
+        else float("nan")
+    )
     return RankResult(table, choice.name, leader.name, by, comparisons, reason, tau, budget_ms)
 
 
-def rank_backbones(features_by_backbone: dict, y, groups=None, latency_ms: dict | None = None,
-                   budget_ms: float | None = None, *, by: str = "cv", folds: int = 5, seed: int = 0,
-                   bootstrap: int = 30, confidence: float = CONFIDENCE) -> RankResult:
+def rank_backbones(
+    features_by_backbone: dict,
+    y,
+    groups=None,
+    latency_ms: dict | None = None,
+    budget_ms: float | None = None,
+    *,
+    by: str = "cv",
+    folds: int = 5,
+    seed: int = 0,
+    bootstrap: int = 30,
+    confidence: float = CONFIDENCE,
+) -> RankResult:
     """Score every backbone (LogME and cross-validated accuracy) and choose one.
 
     Args:
@@ -319,6 +390,14 @@ def rank_backbones(features_by_backbone: dict, y, groups=None, latency_ms: dict 
         >>> r.choice
         'small'
     """
-    scores = score_backbones(features_by_backbone, y, groups, latency_ms=latency_ms, folds=folds, seed=seed,
-                             bootstrap=bootstrap, confidence=confidence)
+    scores = score_backbones(
+        features_by_backbone,
+        y,
+        groups,
+        latency_ms=latency_ms,
+        folds=folds,
+        seed=seed,
+        bootstrap=bootstrap,
+        confidence=confidence,
+    )
     return choose_backbone(scores, by=by, budget_ms=budget_ms, confidence=confidence)

@@ -66,8 +66,9 @@ def images_in(folder: Path, label: str, skipped: list, *, strict: bool) -> list[
     return out
 
 
-def load_anomaly_data(root: str | Path, *, val_split: float | None = None, seed: int = 0,
-                      strict: bool = False) -> AnomalyData:
+def load_anomaly_data(
+    root: str | Path, *, val_split: float | None = None, seed: int = 0, strict: bool = False
+) -> AnomalyData:
     """Find good training images (and a labelled test set) under ``root``. Without a test set,
     ``val_split`` of the good images is held out; None (the default) holds none out: ``fit``
     then scores every good image out of fold to set the threshold.
@@ -77,7 +78,9 @@ def load_anomaly_data(root: str | Path, *, val_split: float | None = None, seed:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; expected DATA/train/good (MVTec layout), DATA/good or a folder of images")
+        raise DataError(
+            f"{root}: no such folder; expected DATA/train/good (MVTec layout), DATA/good or a folder of images"
+        )
     skipped: list = []
     if (root / "train" / "good").is_dir():
         layout, train = "mvtec", images_in(root / "train" / "good", "good", skipped, strict=strict)
@@ -97,19 +100,21 @@ def load_anomaly_data(root: str | Path, *, val_split: float | None = None, seed:
             masks.update(find_masks(root, kind_dir.name, samples))
     val: list[Sample] = []
     if val_split is None and not any(s.label == "good" for s in test) and len(train) < 3:
-        raise DataError(f"{root}: {len(train)} good image(s); need >= 3 (each is scored by a model of the others "
-                        "to set the threshold) or a test/good folder")
+        raise DataError(
+            f"{root}: {len(train)} good image(s); need >= 3 (each is scored by a model of the others "
+            "to set the threshold) or a test/good folder"
+        )
     if val_split is not None and not any(s.label == "good" for s in test):
         if len(train) < 2:
-            raise DataError(f"{root}: {len(train)} good image; need >= 2 (some are held out to set the threshold) "
-                            "or a test/good folder")
+            raise DataError(
+                f"{root}: {len(train)} good image; need >= 2 (some are held out to set the threshold) "
+                "or a test/good folder"
+            )
         order = np.random.default_rng(seed).permutation(len(train))
         n_val = min(len(train) - 1, max(1, round(len(train) * val_split)))
         val = [train[i] for i in sorted(order[:n_val])]
         train = [train[i] for i in sorted(order[n_val:])]
     return AnomalyData(root, layout, train, val, test, masks, skipped)
-
-
 
 
 def load_mask(path: Path | None, pre: PreprocessConfig) -> np.ndarray | None:
@@ -122,7 +127,6 @@ def load_mask(path: Path | None, pre: PreprocessConfig) -> np.ndarray | None:
             im = im.crop(pre.roi.box(*im.size, path))
         arr = np.asarray(resize_crop(im, dataclasses.replace(pre, interpolation="nearest")))
     return arr > _MASK_LEVEL
-
 
 
 def labelled_images(data: str | Path, *, strict: bool = False) -> tuple[list[Sample], dict, list]:
@@ -179,7 +183,10 @@ def is_anomaly_layout(data: str | Path) -> bool:
     root = Path(data)
     for base in (root / "train", root):
         if base.is_dir() and (base / "good").is_dir():
-            others = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and p.name not in ("good", "test", "ground_truth", "val")]
+            others = [
+                p
+                for p in base.iterdir()
+                if p.is_dir() and not p.name.startswith(".") and p.name not in ("good", "test", "ground_truth", "val")
+            ]
             return not others
     return False

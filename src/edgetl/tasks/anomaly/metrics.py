@@ -10,15 +10,23 @@ threshold anywhere on it (``region_recall``) and what share of its pixels it cov
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ...core.metrics import auroc
 
-def detection_metrics(y: np.ndarray, scores: np.ndarray, threshold: float, *, maps: np.ndarray | None = None,
-                      masks: list[np.ndarray | None] | None = None, kinds: Sequence[str] | None = None,
-                      map_threshold: float | None = None) -> dict:
+
+def detection_metrics(
+    y: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    *,
+    maps: np.ndarray | None = None,
+    masks: list[np.ndarray | None] | None = None,
+    kinds: Sequence[str] | None = None,
+    map_threshold: float | None = None,
+) -> dict:
     """Image AUROC, pixel AUROC (when masks are given for the defect images), counts at the
     threshold, and per kind (``kinds``: each image's label) and per region the detection rates.
     ``map_threshold``: the map value that is "at the threshold" (default: ``threshold``)."""
@@ -27,7 +35,9 @@ def detection_metrics(y: np.ndarray, scores: np.ndarray, threshold: float, *, ma
     tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
     fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
     out = {
-        "n": int(len(y)), "n_defect": int(y.sum()), "n_good": int((~y).sum()),
+        "n": int(len(y)),
+        "n_defect": int(y.sum()),
+        "n_good": int((~y).sum()),
         "image_auroc": _round(auroc(y, scores)),
         "threshold": float(threshold),
         "accuracy": round((tp + tn) / max(len(y), 1), 4),
@@ -52,8 +62,10 @@ def detection_metrics(y: np.ndarray, scores: np.ndarray, threshold: float, *, ma
             out["regions_per_kind"] = {k: regions_summary(v) for k, v in sorted(per.items())}
     if kinds is not None:
         kinds = list(kinds)
-        out["recall_per_kind"] = {k: round(float(np.mean(pred[[i for i, kk in enumerate(kinds) if kk == k]])), 4)
-                                  for k in sorted(set(kinds[i] for i in np.flatnonzero(y)))}
+        out["recall_per_kind"] = {
+            k: round(float(np.mean(pred[[i for i, kk in enumerate(kinds) if kk == k]])), 4)
+            for k in sorted(set(kinds[i] for i in np.flatnonzero(y)))
+        }
     return out
 
 
@@ -61,8 +73,11 @@ def regions_summary(hits: list[tuple[bool, float]]) -> dict:
     """{n, recall, overlap} of (hit, overlap) per region."""
     if not hits:
         return {"n": 0, "recall": None, "overlap": None}
-    return {"n": len(hits), "recall": _round(np.mean([h for h, _ in hits])),
-            "overlap": _round(np.mean([o for _, o in hits]))}
+    return {
+        "n": len(hits),
+        "recall": _round(np.mean([h for h, _ in hits])),
+        "overlap": _round(np.mean([o for _, o in hits])),
+    }
 
 
 def region_hits(m: np.ndarray, mask: np.ndarray, cut: float) -> list[tuple[bool, float]]:
@@ -125,5 +140,3 @@ def peak_in_mask(maps: np.ndarray, masks: Sequence[np.ndarray | None], *, radius
         i, j = np.unravel_index(int(np.argmax(m)), m.shape)
         hits.append(bool(dilate(mask, radius)[i, j]))
     return float(np.mean(hits)) if hits else None
-
-

@@ -30,8 +30,15 @@ def overlay(image: Image.Image, norm_map: np.ndarray, *, vmax: float = 1.5) -> I
     return Image.fromarray(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8), "RGB")
 
 
-def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: PreprocessConfig,
-                 taken: set[str] | None = None, *, frame: bool = False) -> Path:
+def save_overlay(
+    path: Path,
+    norm_map: np.ndarray,
+    out_dir: Path,
+    pre: PreprocessConfig,
+    taken: set[str] | None = None,
+    *,
+    frame: bool = False,
+) -> Path:
     """Write ``<out_dir>/<stem>_heatmap.png``: the image as the model saw it, with the map on top;
     with ``frame`` (a tiled bundle) the whole frame at its own resolution, the map enlarged to it.
 
@@ -41,8 +48,9 @@ def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: Preproces
     out_dir.mkdir(parents=True, exist_ok=True)
     seen = load_rgb(path, cfg=pre, need=0) if frame else resize_crop(load_rgb(path, cfg=pre), pre)
     if norm_map.shape[::-1] != seen.size:  # bilinear, in float: the map keeps its values
-        norm_map = np.asarray(Image.fromarray(np.asarray(norm_map, np.float32), "F").resize(
-            seen.size, Image.Resampling.BILINEAR))
+        norm_map = np.asarray(
+            Image.fromarray(np.asarray(norm_map, np.float32), "F").resize(seen.size, Image.Resampling.BILINEAR)
+        )
     taken = set() if taken is None else taken
     name, k = f"{Path(path).stem}_heatmap.png", 1
     while name in taken:
@@ -50,5 +58,3 @@ def save_overlay(path: Path, norm_map: np.ndarray, out_dir: Path, pre: Preproces
     taken.add(name)
     overlay(seen, norm_map).save(out_dir / name)
     return out_dir / name
-
-

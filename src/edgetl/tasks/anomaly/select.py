@@ -38,8 +38,13 @@ def choose(y: np.ndarray, candidates: dict[str, np.ndarray], *, default: str = D
     y = np.asarray(y, bool)
     alts = [k for k in candidates if k != default]
     z = _z(level / max(len(alts), 1))
-    out = {"default": default, "chosen": default, "confidence": round(1 - level / max(len(alts), 1), 4),
-           "rule": "switch only when the AUROC difference's interval excludes zero", "candidates": {}}
+    out = {
+        "default": default,
+        "chosen": default,
+        "confidence": round(1 - level / max(len(alts), 1), 4),
+        "rule": "switch only when the AUROC difference's interval excludes zero",
+        "candidates": {},
+    }
     if not (y.any() and (~y).any()):
         out["reason"] = "no labelled anomalies: the default"
         return out
@@ -47,11 +52,17 @@ def choose(y: np.ndarray, candidates: dict[str, np.ndarray], *, default: str = D
     for name in alts:
         a_def, a_alt, var = delong(y, candidates[default], candidates[name])
         diff, half = a_alt - a_def, z * math.sqrt(var)
-        out["candidates"][name] = {"auroc": round(a_alt, 4), "diff": round(diff, 4),
-                                   "interval": [round(diff - half, 4), round(diff + half, 4)]}
+        out["candidates"][name] = {
+            "auroc": round(a_alt, 4),
+            "diff": round(diff, 4),
+            "interval": [round(diff - half, 4), round(diff + half, 4)],
+        }
         out["default_auroc"] = round(a_def, 4)
         if diff - half > 0 and diff > best:
             best, out["chosen"] = diff, name
-    out["reason"] = ("kept the default: no alternative is shown better" if out["chosen"] == default else
-                     f"{out['chosen']} is better than {default} beyond noise")
+    out["reason"] = (
+        "kept the default: no alternative is shown better"
+        if out["chosen"] == default
+        else f"{out['chosen']} is better than {default} beyond noise"
+    )
     return out

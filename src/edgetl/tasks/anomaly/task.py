@@ -22,9 +22,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -37,8 +37,16 @@ from ...core.sessions import bundle_session
 from ...core.versions import add_version
 from ...errors import ConfigError, DataError, GateError
 from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
-from ...heads.patch import (PATCH_KINDS, AnomalyConfig, AnomalyHead, fit_patch_head, image_count, patch_rows,
-                            quantile_threshold, update_patch_head)
+from ...heads.patch import (
+    PATCH_KINDS,
+    AnomalyConfig,
+    AnomalyHead,
+    fit_patch_head,
+    image_count,
+    patch_rows,
+    quantile_threshold,
+    update_patch_head,
+)
 from ..base import AdaptResult, Task, Trained
 from ..classify.data import check_image, list_images
 from ..classify.task import image_calibration
@@ -68,9 +76,14 @@ class AnomalyPrediction:
     peak: tuple[int, int] | None = (0, 0)  # (row, col) of the map maximum, in map pixels; None: no map
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "label": self.label, "score": round(self.score, 6),
-                "threshold": round(self.threshold, 6), "normalised": round(self.normalised, 6),
-                "peak": list(self.peak) if self.peak is not None else None}
+        return {
+            "path": self.path,
+            "label": self.label,
+            "score": round(self.score, 6),
+            "threshold": round(self.threshold, 6),
+            "normalised": round(self.normalised, 6),
+            "peak": list(self.peak) if self.peak is not None else None,
+        }
 
 
 class AnomalyPredictor:
@@ -82,8 +95,15 @@ class AnomalyPredictor:
         >>> [(r.label, r.normalised) for r in p.predict(["a.png"])]  # doctest: +SKIP
     """
 
-    def __init__(self, bundle, *, device: str | None = None, threads: int | None = None,
-                 head_version: int | None = None, fused: bool = True):
+    def __init__(
+        self,
+        bundle,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        head_version: int | None = None,
+        fused: bool = True,
+    ):
         self.task, self.bundle = ANOMALY, bundle
         self.preprocess = bundle.preprocess
         entry = bundle.head_entry(head_version)
@@ -117,8 +137,11 @@ class AnomalyPredictor:
         plan = self.plan
         # Decoding runs ahead on a few threads while the model scores the batch before (see
         # decoded); a tiled frame is a batch of its own (its tiles).
-        load = (lambda p: plan.inputs(Path(p), self.preprocess)) if plan is not None else \
-            (lambda p: load_input(Path(p), self.preprocess))
+        load = (
+            (lambda p: plan.inputs(Path(p), self.preprocess))
+            if plan is not None
+            else (lambda p: load_input(Path(p), self.preprocess))
+        )
         step = 1 if plan is not None else batch_size
         for k, (_, one) in enumerate(decoded(load, paths, depth=2 * step)):
             ready.append(one)
@@ -140,16 +163,25 @@ class AnomalyPredictor:
             return (np.zeros((0, H, W), np.float32) if self.has_map else None), np.zeros(0, np.float32)
         return (np.concatenate(maps) if self.has_map else None), np.concatenate(scores).reshape(-1)
 
-    def predict(self, paths: Sequence[str | Path], *, threshold: float | None = None,
-                heatmaps: str | Path | None = None, skipped: list | None = None, **_) -> list[AnomalyPrediction]:
+    def predict(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        threshold: float | None = None,
+        heatmaps: str | Path | None = None,
+        skipped: list | None = None,
+        **_,
+    ) -> list[AnomalyPrediction]:
         """Score image files (folders expanded); optionally write heat-map overlays to ``heatmaps``.
 
         Unreadable files raise :class:`DataError`, or, with a ``skipped`` list, are recorded there
         as ``(path, reason)`` and left out.
         """
         if heatmaps is not None and not self.has_map:
-            raise ConfigError(f"--heatmaps: this bundle's {self.bundle.head_entry(self.version).get('kind')} head "
-                              "scores whole images and has no heat map; fit with --head combined for one")
+            raise ConfigError(
+                f"--heatmaps: this bundle's {self.bundle.head_entry(self.version).get('kind')} head "
+                "scores whole images and has no heat map; fit with --head combined for one"
+            )
         files = list_images(list(paths))
         thr = self.threshold if threshold is None else ANOMALY.check_threshold(threshold)
         if skipped is not None:
@@ -173,11 +205,13 @@ class AnomalyPredictor:
                 if maps is not None:
                     i, k = np.unravel_index(int(np.argmax(maps[j])), maps[j].shape)
                     peak = (int(i), int(k))
-                out.append(AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr,
-                                             float(s / thr), peak))
+                out.append(
+                    AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr, float(s / thr), peak)
+                )
                 if heatmaps is not None:
-                    save_overlay(path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken,
-                                 frame=self.plan is not None)
+                    save_overlay(
+                        path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken, frame=self.plan is not None
+                    )
         return out
 
     def evaluate(self, data, *, threshold: float | None = None, strict: bool = False, **_) -> dict:
@@ -200,17 +234,29 @@ class AnomalyPredictor:
         maps, scores = self.maps([s.path for s in samples])
         thr = self.threshold if threshold is None else float(threshold)
         y = np.array([s.label != "good" for s in samples], bool)
-        mk = [_mask(mask_files.get(str(s.path)), self.preprocess, self.plan) if y[i] else None
-              for i, s in enumerate(samples)]
-        m = detection_metrics(y, scores, thr, maps=maps, masks=mk, kinds=[s.label for s in samples],
-                              map_threshold=getattr(self.head, "map_cut", lambda t: t)(thr))
+        mk = [
+            _mask(mask_files.get(str(s.path)), self.preprocess, self.plan) if y[i] else None
+            for i, s in enumerate(samples)
+        ]
+        m = detection_metrics(
+            y,
+            scores,
+            thr,
+            maps=maps,
+            masks=mk,
+            kinds=[s.label for s in samples],
+            map_threshold=getattr(self.head, "map_cut", lambda t: t)(thr),
+        )
         per_kind = {}
         for kind in sorted({s.label for s in samples} - {"good"}):
             sel = np.array([s.label in ("good", kind) for s in samples])
             v = auroc(y[sel], scores[sel])
             per_kind[kind] = None if v is None else round(float(v), 4)
-        m.update(per_defect_auroc=per_kind, head_version=self.version,
-                 skipped=[{"path": str(p), "reason": r} for p, r in skipped])
+        m.update(
+            per_defect_auroc=per_kind,
+            head_version=self.version,
+            skipped=[{"path": str(p), "reason": r} for p, r in skipped],
+        )
         return m, maps, scores, y, mk
 
 
@@ -262,10 +308,14 @@ def labelled_check(pred, head, new_head, data, *, tolerance_pp: float, quiet: bo
     if not samples or y.all() or not y.any():
         return None
     ext = PatchExtractor(pred.session, pred.preprocess, pred.bundle.model_file("backbone"), pred.shape)
-    F = ext.tiles(samples, pred.plan) if pred.plan is not None else ext.patches(samples, quiet=quiet,
-                                                                                 desc="adapt check")
-    decision = auroc_gate(y, score_rows(head, F, pred.plan)[1], score_rows(new_head, F, pred.plan)[1],
-                          tolerance_pp=tolerance_pp)
+    F = (
+        ext.tiles(samples, pred.plan)
+        if pred.plan is not None
+        else ext.patches(samples, quiet=quiet, desc="adapt check")
+    )
+    decision = auroc_gate(
+        y, score_rows(head, F, pred.plan)[1], score_rows(new_head, F, pred.plan)[1], tolerance_pp=tolerance_pp
+    )
     return {**decision.to_dict(), "line": decision.describe().replace(" vs FP32", " vs the current head")}
 
 
@@ -290,8 +340,15 @@ def patch_part(head, X: np.ndarray) -> np.ndarray:
     return X.reshape(len(X), head.channels_in, *head.grid)
 
 
-def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: PreprocessConfig,
-                  threshold: float | None = None, plan: TilePlan | None = None) -> tuple[dict, np.ndarray | None, np.ndarray]:
+def evaluate_head(
+    head,
+    F: np.ndarray,
+    samples: list,
+    masks: dict,
+    pre: PreprocessConfig,
+    threshold: float | None = None,
+    plan: TilePlan | None = None,
+) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """Metrics of ``head`` on labelled feature rows (per frame when tiled); picks the threshold when none is given."""
     maps, scores = score_rows(head, F, plan)
     y = np.array([s.label != "good" for s in samples], bool)
@@ -304,10 +361,20 @@ def evaluate_head(head, F: np.ndarray, samples: list, masks: dict, pre: Preproce
             policy = f"{head.config.quantile} quantile of held-out good scores x {head.config.margin}"
     else:
         policy = "given"
-    mk = [_mask(masks.get(str(s.path)), pre, plan) if s.label != "good" else None for s in samples] \
-        if maps is not None else None
-    m = detection_metrics(y, scores, threshold, maps=maps, masks=mk, kinds=[s.label for s in samples],
-                          map_threshold=getattr(head, "map_cut", lambda t: t)(threshold))
+    mk = (
+        [_mask(masks.get(str(s.path)), pre, plan) if s.label != "good" else None for s in samples]
+        if maps is not None
+        else None
+    )
+    m = detection_metrics(
+        y,
+        scores,
+        threshold,
+        maps=maps,
+        masks=mk,
+        kinds=[s.label for s in samples],
+        map_threshold=getattr(head, "map_cut", lambda t: t)(threshold),
+    )
     m["threshold_policy"] = policy
     return m, maps, scores
 
@@ -329,8 +396,11 @@ def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int, plan: 
         return held_out_patch_scores(P, cfg, size=size, seed=seed, groups=groups, rows=rows)[1:]
 
     def image(Z):
-        return held_out_scores(Z, head.config.image, seed=seed) if plan is None else \
-            _grouped_image_scores(Z, head.config.image, groups, seed)
+        return (
+            held_out_scores(Z, head.config.image, seed=seed)
+            if plan is None
+            else _grouped_image_scores(Z, head.config.image, groups, seed)
+        )
 
     def per_frame(scores):
         return scores if plan is None else plan.frames(None, scores)[1]
@@ -361,7 +431,9 @@ def _grouped_image_scores(Z: np.ndarray, cfg, groups: np.ndarray, seed: int) -> 
     return out
 
 
-def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None) -> tuple[DefectHead, dict]:
+def select_kind(
+    head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None
+) -> tuple[DefectHead, dict]:
     """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`).
 
     Tiled frames default to the patch part: a tile's pooled features see a piece of the part, and
@@ -370,10 +442,17 @@ def select_kind(head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePla
     y = np.array([s.label != "good" for s in samples], bool)
     default = "patch" if plan is not None and head.kind == "combined" else "combined"
     if head.kind != "combined" or not (y.any() and (~y).any()):
-        why = ("asked for" if head.kind != "combined" else "no labelled anomalies: the default" if default == "combined"
-               else "tiled frames: the patch part (the default there)")
-        return head.as_kind(default) if head.kind == "combined" else head, {"chosen": default if head.kind == "combined"
-                                                                             else head.kind, "reason": why}
+        why = (
+            "asked for"
+            if head.kind != "combined"
+            else "no labelled anomalies: the default"
+            if default == "combined"
+            else "tiled frames: the patch part (the default there)"
+        )
+        return head.as_kind(default) if head.kind == "combined" else head, {
+            "chosen": default if head.kind == "combined" else head.kind,
+            "reason": why,
+        }
     kinds = (default, *(k for k in ("combined", "patch", head.image.kind) if k != default))
     choice = choose(y, {k: score_rows(head.as_kind(k), F_ev, plan)[1] for k in kinds}, default=default)
     return head.as_kind(choice["chosen"]), choice
@@ -407,8 +486,9 @@ class AnomalyTask(Task):
             if d.get("kind", "combined") in DEFECT_KINDS:
                 return DefectConfig.from_dict(d)
             return AnomalyConfig.from_dict(d)
-        raise ConfigError(f"head {head!r}: give an AnomalyConfig / DefectConfig, a kind "
-                          f"({', '.join(self.head_kinds)}) or a dict")
+        raise ConfigError(
+            f"head {head!r}: give an AnomalyConfig / DefectConfig, a kind ({', '.join(self.head_kinds)}) or a dict"
+        )
 
     def prepare_target(self, target):
         q = target.quantization
@@ -422,12 +502,20 @@ class AnomalyTask(Task):
     def calibration(self, data, target, exported, seed: int):
         return image_calibration(data.train, target, exported, seed)
 
-    def extractor(self, model: Path, exported, *, runtime, device, providers, simulate=False, float_precision="f32",
-                  threads=None) -> "PatchExtractor":
+    def extractor(
+        self, model: Path, exported, *, runtime, device, providers, simulate=False, float_precision="f32", threads=None
+    ) -> PatchExtractor:
         from ...core.sessions import open_session
 
-        session = open_session(model, runtime=runtime, device=device, providers=providers, simulate=simulate,
-                               float_precision=float_precision, threads=threads)
+        session = open_session(
+            model,
+            runtime=runtime,
+            device=device,
+            providers=providers,
+            simulate=simulate,
+            float_precision=float_precision,
+            threads=threads,
+        )
         return PatchExtractor(session, PreprocessConfig.from_dict(exported.preprocess), model, exported.feature_shape)
 
     def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
@@ -457,27 +545,52 @@ class AnomalyTask(Task):
             scores = out_of_fold_good_scores(head, F_tr, shape, pre.input_size, plan)
             threshold = quantile_threshold(scores, head.config)
             metrics = detection_metrics(np.zeros(len(scores), bool), scores, threshold)
-            metrics["threshold_policy"] = (f"{head.config.quantile} quantile of {len(scores)} good scores out of fold "
-                                           f"x {head.config.margin}")
+            metrics["threshold_policy"] = (
+                f"{head.config.quantile} quantile of {len(scores)} good scores out of fold x {head.config.margin}"
+            )
             # the training rows stand in as the evaluation rows (the gate's feature agreement, parity)
-            return Trained(head, metrics, (np.zeros(len(scores), bool), scores), {},
-                           cache.misses if cache else 0, extractor.session,
-                           {"F_ev": F_tr, "choice": choice, "plan": plan})
+            return Trained(
+                head,
+                metrics,
+                (np.zeros(len(scores), bool), scores),
+                {},
+                cache.misses if cache else 0,
+                extractor.session,
+                {"F_ev": F_tr, "choice": choice, "plan": plan},
+            )
         metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre, plan=plan)
         y = np.array([s.label != "good" for s in data.eval_set], bool)
-        return Trained(head, metrics, (y, scores), {}, cache.misses if cache else 0, extractor.session,
-                       {"F_ev": F_ev, "choice": choice, "plan": plan})
+        return Trained(
+            head,
+            metrics,
+            (y, scores),
+            {},
+            cache.misses if cache else 0,
+            extractor.session,
+            {"F_ev": F_ev, "choice": choice, "plan": plan},
+        )
 
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
         m, r = trained.metrics, reference.metrics
         h = trained.head
-        cos = feature_cosine(patch_rows(patch_part(h, reference.features["F_ev"])),
-                             patch_rows(patch_part(h, trained.features["F_ev"]))) \
-            if len(trained.features["F_ev"]) else np.ones(1)
-        ref = {"fp32_image_auroc": r["image_auroc"], "image_auroc": m["image_auroc"],
-               "fp32_pixel_auroc": r["pixel_auroc"], "pixel_auroc": m["pixel_auroc"], "fp32_f1": r["f1"], "f1": m["f1"],
-               "patch_feature_cosine_mean": round(float(cos.mean()), 5),
-               "patch_feature_cosine_p01": round(float(np.quantile(cos, 0.01)), 5)}
+        cos = (
+            feature_cosine(
+                patch_rows(patch_part(h, reference.features["F_ev"])),
+                patch_rows(patch_part(h, trained.features["F_ev"])),
+            )
+            if len(trained.features["F_ev"])
+            else np.ones(1)
+        )
+        ref = {
+            "fp32_image_auroc": r["image_auroc"],
+            "image_auroc": m["image_auroc"],
+            "fp32_pixel_auroc": r["pixel_auroc"],
+            "pixel_auroc": m["pixel_auroc"],
+            "fp32_f1": r["f1"],
+            "f1": m["f1"],
+            "patch_feature_cosine_mean": round(float(cos.mean()), 5),
+            "patch_feature_cosine_p01": round(float(np.quantile(cos, 0.01)), 5),
+        }
         if r["image_auroc"] is not None and m["image_auroc"] is not None:
             ref["image_auroc_drop_pp"] = round((r["image_auroc"] - m["image_auroc"]) * 100, 3)
         y, scores = trained.outcome
@@ -489,28 +602,58 @@ class AnomalyTask(Task):
         plan = trained.features.get("plan")
         has_map = not isinstance(head, DefectHead) or head.has_map
         label = head.label if isinstance(head, DefectHead) else head.kind
-        heat = ("none: an image-level head scores the whole image" if not has_map else
-                "anomaly_map (N, S, S): the patch part on the score's scale (points at local defects; a wrong "
-                "part shows in the score, not the map)" if getattr(head, "kind", "") == "combined" else
-                "anomaly_map (N, S, S), same units as score")
+        heat = (
+            "none: an image-level head scores the whole image"
+            if not has_map
+            else "anomaly_map (N, S, S): the patch part on the score's scale (points at local defects; a wrong "
+            "part shows in the score, not the map)"
+            if getattr(head, "kind", "") == "combined"
+            else "anomaly_map (N, S, S), same units as score"
+        )
         return {
-            "entry": {"kind": head.kind, "labels": LABELS, "threshold": threshold,
-                      "threshold_policy": m["threshold_policy"], "images": head.meta.get("images"),
-                      "image_auroc": m["image_auroc"], "heat_map": has_map, "scoring": label},
-            "manifest": {"labels": LABELS, "thresholds": {"anomaly": threshold},
-                         "anomaly": {"map_size": head.size, "grid": list(head.grid), "sigma": head.config.sigma,
-                                     "normalised_score": "score / threshold (>= 1.0 means defect)",
-                                     "outputs": ["anomaly_map", "score"] if has_map else ["score"],
-                                     "heat_map": heat, "scoring": label,
-                                     "tiles": plan.to_dict() if plan is not None else None},
-                         "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}}},
-            "report": {"head": label, "eval_set": "test" if data.test else "held-out good" if data.val else "out-of-fold good", "metrics": m,
-                       "memory_patches": head.memory_size, "heat_map": heat,
-                       "selection": trained.features.get("choice"),
-                       "tiling": ({**plan.to_dict(), "plan": plan.describe()} if plan is not None else
-                                  {"count": 1, "plan": "one view: the frame resized to the input size"})},
-            "fused_meta": {"head": head.kind, "threshold": threshold,
-                           "outputs": "anomaly_map (N, S, S), score (N,): raw; divide by the manifest threshold"},
+            "entry": {
+                "kind": head.kind,
+                "labels": LABELS,
+                "threshold": threshold,
+                "threshold_policy": m["threshold_policy"],
+                "images": head.meta.get("images"),
+                "image_auroc": m["image_auroc"],
+                "heat_map": has_map,
+                "scoring": label,
+            },
+            "manifest": {
+                "labels": LABELS,
+                "thresholds": {"anomaly": threshold},
+                "anomaly": {
+                    "map_size": head.size,
+                    "grid": list(head.grid),
+                    "sigma": head.config.sigma,
+                    "normalised_score": "score / threshold (>= 1.0 means defect)",
+                    "outputs": ["anomaly_map", "score"] if has_map else ["score"],
+                    "heat_map": heat,
+                    "scoring": label,
+                    "tiles": plan.to_dict() if plan is not None else None,
+                },
+                "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}},
+            },
+            "report": {
+                "head": label,
+                "eval_set": "test" if data.test else "held-out good" if data.val else "out-of-fold good",
+                "metrics": m,
+                "memory_patches": head.memory_size,
+                "heat_map": heat,
+                "selection": trained.features.get("choice"),
+                "tiling": (
+                    {**plan.to_dict(), "plan": plan.describe()}
+                    if plan is not None
+                    else {"count": 1, "plan": "one view: the frame resized to the input size"}
+                ),
+            },
+            "fused_meta": {
+                "head": head.kind,
+                "threshold": threshold,
+                "outputs": "anomaly_map (N, S, S), score (N,): raw; divide by the manifest threshold",
+            },
         }
 
     def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
@@ -546,15 +689,29 @@ class AnomalyTask(Task):
     def fused_meta(self, b, head) -> dict:
         return {**super().fused_meta(b, head), "head": head.kind}
 
-    def adapt(self, b, data, *, threshold: float | None = None, strict: bool = False, quiet: bool = True,
-              dry_run: bool = False, signer=None, replace: bool = False, force: bool = False,
-              tolerance_pp: float = 5.0, **_) -> AdaptResult:
+    def adapt(
+        self,
+        b,
+        data,
+        *,
+        threshold: float | None = None,
+        strict: bool = False,
+        quiet: bool = True,
+        dry_run: bool = False,
+        signer=None,
+        replace: bool = False,
+        force: bool = False,
+        tolerance_pp: float = 5.0,
+        **_,
+    ) -> AdaptResult:
         """Teach a deployed bundle newly confirmed good images: patchcore's bank grows by a
         coreset of the new patches (never past ``max_memory``); padim's moments are merged
         exactly. The threshold carries over (adding good images only moves good scores down, so the
         old cut stays conservative) unless ``threshold`` is given."""
         if replace:
-            raise ConfigError(f"{b.path}: --replace is for classification bundles; a defect bundle only adds good images")
+            raise ConfigError(
+                f"{b.path}: --replace is for classification bundles; a defect bundle only adds good images"
+            )
         t0 = time.perf_counter()
         samples, skipped = good_images(data, strict=strict)
         pred = AnomalyPredictor(b, fused=False)
@@ -565,38 +722,66 @@ class AnomalyTask(Task):
         gate = new_good_gate(before, pred.threshold, [s.path.name for s in samples])
         if gate["reasons"] and not force and not dry_run:
             raise GateError(f"update refused, v{pred.version} stays current: " + "; ".join(gate["reasons"]))
-        new_head = update_defect_head(head, F) if isinstance(head, DefectHead) else \
-            update_patch_head(head, patch_part(head, F))
+        new_head = (
+            update_defect_head(head, F)
+            if isinstance(head, DefectHead)
+            else update_patch_head(head, patch_part(head, F))
+        )
         _, after = score_rows(new_head, F, pred.plan)
         labelled = labelled_check(pred, head, new_head, data, tolerance_pp=tolerance_pp, quiet=quiet)
         if labelled is not None:
             gate["image_auroc"] = labelled
             if not labelled["passed"] and not force and not dry_run:
-                raise GateError(f"update refused, v{pred.version} stays current: on the labelled images in {data}/test, "
-                                f"{labelled['line']} (--force to accept)")
+                raise GateError(
+                    f"update refused, v{pred.version} stays current: on the labelled images in {data}/test, "
+                    f"{labelled['line']} (--force to accept)"
+                )
         thr = pred.threshold if threshold is None else self.check_threshold(threshold)
-        summary = lambda s: {"max": round(float(s.max()), 4), "mean": round(float(s.mean()), 4),  # noqa: E731
-                             "over_threshold": int(np.sum(s >= thr))}
+        summary = lambda s: {
+            "max": round(float(s.max()), 4),
+            "mean": round(float(s.mean()), 4),  # noqa: E731
+            "over_threshold": int(np.sum(s >= thr)),
+        }
         memory = _memory(new_head)
-        info = {"images": len(samples), "new_images_before": summary(before), "new_images_after": summary(after),
-                "memory": memory, "gate": {**gate, "forced": bool(gate["reasons"] and force)}}
+        info = {
+            "images": len(samples),
+            "new_images_before": summary(before),
+            "new_images_after": summary(after),
+            "memory": memory,
+            "gate": {**gate, "forced": bool(gate["reasons"] and force)},
+        }
         if dry_run:
             return AdaptResult(b, pred.version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped, False)
         new_head.meta = dict(new_head.meta, parent_version=pred.version)
-        entry = {"kind": new_head.kind, "labels": LABELS, "source": "adapt", "threshold": thr,
-                 **({"heat_map": new_head.has_map, "scoring": new_head.label} if isinstance(new_head, DefectHead) else {}),
-                 "threshold_policy": "carried over" if threshold is None else "given",
-                 "images": new_head.meta.get("images"), "new_images": len(samples), "parent": pred.version}
-        new = add_version(b, new_head, entry, meta={**self.fused_meta(b, new_head), "threshold": thr},
-                          changes={"thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}}, signer=signer)
+        entry = {
+            "kind": new_head.kind,
+            "labels": LABELS,
+            "source": "adapt",
+            "threshold": thr,
+            **({"heat_map": new_head.has_map, "scoring": new_head.label} if isinstance(new_head, DefectHead) else {}),
+            "threshold_policy": "carried over" if threshold is None else "given",
+            "images": new_head.meta.get("images"),
+            "new_images": len(samples),
+            "parent": pred.version,
+        }
+        new = add_version(
+            b,
+            new_head,
+            entry,
+            meta={**self.fused_meta(b, new_head), "threshold": thr},
+            changes={"thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}},
+            signer=signer,
+        )
         return AdaptResult(new, new.head_version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped)
 
     # ---- text for people ---------------------------------------------------------------------
     def render_predictions(self, preds: list[AnomalyPrediction]) -> str:
         from ...core.console import safe
 
-        lines = [f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t"
-                 f"({p.normalised:.2f}x)" for p in preds]
+        lines = [
+            f"{safe(p.path)}\t{p.label}\tscore {p.score:.4g}\tthreshold {p.threshold:.4g}\t({p.normalised:.2f}x)"
+            for p in preds
+        ]
         if preds and all(p.peak is None for p in preds):
             lines.append("(no heat map: this bundle's head scores whole images)")
         return "\n".join(lines)
@@ -605,67 +790,101 @@ class AnomalyTask(Task):
 
     def fit_figures(self, result) -> dict:
         r = result.report
-        return {"head": r["head"], "eval_set": r["eval_set"], "metrics": r["metrics"], "heat_map": r.get("heat_map"),
-                "selection": r.get("selection"), "tiling": r.get("tiling")}
+        return {
+            "head": r["head"],
+            "eval_set": r["eval_set"],
+            "metrics": r["metrics"],
+            "heat_map": r.get("heat_map"),
+            "selection": r.get("selection"),
+            "tiling": r.get("tiling"),
+        }
 
     def fit_lines(self, result) -> list[str]:
         r, m, c = result.report, result.report["metrics"], result.data.counts()
         tests = ", ".join(f"{k[5:]} {v}" for k, v in c.items() if k.startswith("test_"))
-        return [f"head      {r['head']}",
-                f"data      {c['train_good']} good training images" + (f"; test: {tests}" if tests else
-                                                                           f"; {c['val_good']} good held out"),
+        return (
+            [
+                f"head      {r['head']}",
+                f"data      {c['train_good']} good training images"
+                + (f"; test: {tests}" if tests else f"; {c['val_good']} good held out"),
                 f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
-                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"] + _rates(m) \
-            + _choice_lines(r) \
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})",
+            ]
+            + _rates(m)
+            + _choice_lines(r)
             + _tiling_lines(r)
+        )
 
     def model_line(self, result) -> str:
         r = result.report
-        return (f"{r['size']['bundle_bytes'] / 1e6:.1f} MB bundle; fused model (backbone + scoring) batch-1 latency "
-                f"{r['fused_latency_batch1']['p50_ms']:.1f} ms (p50, this machine); score vs numpy rel. diff "
-                f"{r['fused_parity']['max_rel_score_diff']:.1e}")
+        return (
+            f"{r['size']['bundle_bytes'] / 1e6:.1f} MB bundle; fused model (backbone + scoring) batch-1 latency "
+            f"{r['fused_latency_batch1']['p50_ms']:.1f} ms (p50, this machine); score vs numpy rel. diff "
+            f"{r['fused_parity']['max_rel_score_diff']:.1e}"
+        )
 
     def render_metrics(self, m: dict, title: str = "") -> str:
         c = m["confusion"]
         lines = [title] if title else []
         peak = m.get("peak_in_mask")
-        lines += [f"image AUROC  {_fmt(m['image_auroc'])}  ({m['n_good']} good, {m['n_defect']} defect images)",
-                  f"pixel AUROC  {_fmt(m['pixel_auroc'])}" + (f"  (map peak inside the defect in {_fmt(peak, True)})"
-                                                              if peak is not None else ""),
-                  f"threshold    {m['threshold']:.4g}: precision {_fmt(m['precision'])}, recall {_fmt(m['recall'])}, "
-                  f"F1 {_fmt(m['f1'])}  (tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']})"]
+        lines += [
+            f"image AUROC  {_fmt(m['image_auroc'])}  ({m['n_good']} good, {m['n_defect']} defect images)",
+            f"pixel AUROC  {_fmt(m['pixel_auroc'])}"
+            + (f"  (map peak inside the defect in {_fmt(peak, True)})" if peak is not None else ""),
+            f"threshold    {m['threshold']:.4g}: precision {_fmt(m['precision'])}, recall {_fmt(m['recall'])}, "
+            f"F1 {_fmt(m['f1'])}  (tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']})",
+        ]
         lines += _rates(m)
         for kind, v in m.get("per_defect_auroc", {}).items():
             rec = (m.get("recall_per_kind") or {}).get(kind)
             reg = (m.get("regions_per_kind") or {}).get(kind) or {}
-            lines.append(f"  {kind:<14} AUROC {_fmt(v)}" + (f", flagged {_fmt(rec, True)}" if rec is not None else "")
-                         + (f", regions found {_fmt(reg['recall'], True)} of {reg['n']}" if reg.get("n") else ""))
+            lines.append(
+                f"  {kind:<14} AUROC {_fmt(v)}"
+                + (f", flagged {_fmt(rec, True)}" if rec is not None else "")
+                + (f", regions found {_fmt(reg['recall'], True)} of {reg['n']}" if reg.get("n") else "")
+            )
         return "\n".join(lines)
 
     def render_adapt(self, r: AdaptResult, dry_run: bool) -> str:
         s = r.summary
         b4, af, mem = s["new_images_before"], s["new_images_after"], s["memory"]
-        return "\n".join([
-            ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
-            f"learned       {s['images']} good images"
-            + (f"; memory bank {mem['patches']} of at most {mem['max_memory']} patches" if "patches" in mem
-               else f"; statistics of {mem['images']} images" if "images" in mem else "")
-            + (f"; image memory {mem['image_memory']} of at most {mem['max_images']} images" if "image_memory" in mem
-               else f"; image statistics of {mem['image_images']} images" if "image_images" in mem else ""),
-            f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
-            f"{af['over_threshold']}",
-            f"time          {r.timings['total']:.2f} s",
-        ])
+        return "\n".join(
+            [
+                ("dry run: nothing written" if dry_run else f"head v{r.version} is now current in {r.bundle.path}"),
+                f"learned       {s['images']} good images"
+                + (
+                    f"; memory bank {mem['patches']} of at most {mem['max_memory']} patches"
+                    if "patches" in mem
+                    else f"; statistics of {mem['images']} images"
+                    if "images" in mem
+                    else ""
+                )
+                + (
+                    f"; image memory {mem['image_memory']} of at most {mem['max_images']} images"
+                    if "image_memory" in mem
+                    else f"; image statistics of {mem['image_images']} images"
+                    if "image_images" in mem
+                    else ""
+                ),
+                f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
+                f"{af['over_threshold']}",
+                f"time          {r.timings['total']:.2f} s",
+            ]
+        )
 
     def render_history(self, rows: list[dict]) -> str:
         lines = [f"{'':1} {'ver':>3}  {'created':<20}  {'source':<8} {'images':>7}  {'threshold':>10}"]
         for e in rows:
-            lines.append(f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<8} "
-                         f"{e.get('images') or 0:>7}  {e['threshold']:>10.4g}")
+            lines.append(
+                f"{'*' if e['current'] else ' '} {e['version']:>3}  {e['created']:<20}  {e['source']:<8} "
+                f"{e.get('images') or 0:>7}  {e['threshold']:>10.4g}"
+            )
         return "\n".join(lines)
 
     def render_threshold(self, value: float, version: int, where: str) -> str:
-        return f"images scoring {value:.4g} or more are now 'defect' for head v{version} (the current version) in {where}"
+        return (
+            f"images scoring {value:.4g} or more are now 'defect' for head v{version} (the current version) in {where}"
+        )
 
 
 def _choice_lines(r: dict) -> list[str]:
@@ -673,10 +892,14 @@ def _choice_lines(r: dict) -> list[str]:
     lines = [f"heat map  {r.get('heat_map') or 'anomaly_map'}"]
     c = r.get("selection") or {}
     if c.get("candidates"):
-        alts = "; ".join(f"{k} {v['auroc']:.3f} ({v['diff']:+.3f}, interval [{v['interval'][0]:+.3f}, "
-                         f"{v['interval'][1]:+.3f}])" for k, v in c["candidates"].items())
-        lines.append(f"chosen    {c['chosen']}: {c.get('default', 'combined')} AUROC {c['default_auroc']:.3f}, {alts} at "
-                     f"{c['confidence']:.1%}; {c['reason']}")
+        alts = "; ".join(
+            f"{k} {v['auroc']:.3f} ({v['diff']:+.3f}, interval [{v['interval'][0]:+.3f}, {v['interval'][1]:+.3f}])"
+            for k, v in c["candidates"].items()
+        )
+        lines.append(
+            f"chosen    {c['chosen']}: {c.get('default', 'combined')} AUROC {c['default_auroc']:.3f}, {alts} at "
+            f"{c['confidence']:.1%}; {c['reason']}"
+        )
     elif c.get("reason"):
         lines.append(f"chosen    {c['chosen']} ({c['reason']})")
     return lines
@@ -687,12 +910,17 @@ def _rates(m: dict) -> list[str]:
     out = []
     reg = m.get("regions") or {}
     if reg.get("n"):
-        out.append(f"{'regions':<9} {_fmt(reg['recall'], True)} of {reg['n']} defect regions reach the threshold on the "
-                   f"map (mean overlap {_fmt(reg['overlap'], True)}); pixel AUROC alone hides missed small defects")
+        out.append(
+            f"{'regions':<9} {_fmt(reg['recall'], True)} of {reg['n']} defect regions reach the threshold on the "
+            f"map (mean overlap {_fmt(reg['overlap'], True)}); pixel AUROC alone hides missed small defects"
+        )
     rk = m.get("recall_per_kind") or {}
     if rk:
-        out.append(f"{'flagged':<9} " + ", ".join(f"{k} {_fmt(v, True)}" for k, v in rk.items())
-                   + " of defective images at the threshold")
+        out.append(
+            f"{'flagged':<9} "
+            + ", ".join(f"{k} {_fmt(v, True)}" for k, v in rk.items())
+            + " of defective images at the threshold"
+        )
     return out
 
 

@@ -73,23 +73,38 @@ class TilePlan:
         return [(x, y) for y in self.ys for x in self.xs]
 
     def to_dict(self) -> dict:
-        return {"frame": list(self.frame), "work": list(self.work), "tile": self.tile, "xs": list(self.xs),
-                "ys": list(self.ys), "defect_size": self.defect_size, "count": self.count,
-                "scale": round(self.scale, 5)}
+        return {
+            "frame": list(self.frame),
+            "work": list(self.work),
+            "tile": self.tile,
+            "xs": list(self.xs),
+            "ys": list(self.ys),
+            "defect_size": self.defect_size,
+            "count": self.count,
+            "scale": round(self.scale, 5),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TilePlan":
-        return cls(tuple(int(v) for v in d["frame"]), tuple(int(v) for v in d["work"]), int(d["tile"]),  # type: ignore[arg-type]
-                   tuple(int(v) for v in d["xs"]), tuple(int(v) for v in d["ys"]), float(d["defect_size"]))
+    def from_dict(cls, d: dict) -> TilePlan:
+        return cls(
+            tuple(int(v) for v in d["frame"]),
+            tuple(int(v) for v in d["work"]),
+            int(d["tile"]),  # type: ignore[arg-type]
+            tuple(int(v) for v in d["xs"]),
+            tuple(int(v) for v in d["ys"]),
+            float(d["defect_size"]),
+        )
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def describe(self) -> str:
         fw, fh = self.frame
-        return (f"{len(self.xs)} x {len(self.ys)} tiles of {self.tile} px over {fw} x {fh} frames scaled by "
-                f"{self.scale:.2f} (smallest defect {self.defect_size:g} px -> {self.defect_size * self.scale:.1f} "
-                "input px)")
+        return (
+            f"{len(self.xs)} x {len(self.ys)} tiles of {self.tile} px over {fw} x {fh} frames scaled by "
+            f"{self.scale:.2f} (smallest defect {self.defect_size:g} px -> {self.defect_size * self.scale:.1f} "
+            "input px)"
+        )
 
     # ---- device side ----------------------------------------------------------------------
     def working_frame(self, path: Path, pre: PreprocessConfig | None = None) -> Image.Image:
@@ -103,8 +118,10 @@ class TilePlan:
         im = load_rgb(path, cfg=pre, need=min(self.work))
         w, h = im.size
         if abs((w / h) / (self.frame[0] / self.frame[1]) - 1) > ASPECT_TOLERANCE:
-            raise DataError(f"{path}: a {w} x {h} frame; this bundle was fitted on {self.frame[0]} x {self.frame[1]} "
-                            "frames (tiled for small defects): give frames of that shape or fit again on these")
+            raise DataError(
+                f"{path}: a {w} x {h} frame; this bundle was fitted on {self.frame[0]} x {self.frame[1]} "
+                "frames (tiled for small defects): give frames of that shape or fit again on these"
+            )
         if (w, h) != self.work:
             im = im.resize(self.work, Image.Resampling.BICUBIC, reducing_gap=3.0)
         return im
@@ -131,8 +148,9 @@ class TilePlan:
         if tile_maps is None:
             return None, scores
         tm = np.asarray(tile_maps, np.float32).reshape(-1, n, self.tile, self.tile)
-        return np.stack([self.stitch(m) for m in tm]) if len(tm) else \
-            np.zeros((0, self.work[1], self.work[0]), np.float32), scores
+        return np.stack([self.stitch(m) for m in tm]) if len(tm) else np.zeros(
+            (0, self.work[1], self.work[0]), np.float32
+        ), scores
 
 
 def _edges(length: int, tile: int) -> tuple[int, ...]:

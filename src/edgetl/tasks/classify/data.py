@@ -29,8 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import DataError
 from ...core.preprocess import decode
+from ...errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 # Holdout folders beside train/ (and split values of a CSV), in order of preference: a test/
@@ -170,8 +170,10 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
         rows = rows[1:]
     elif "path" in header or "label" in header:
         missing = "label" if "path" in header else "path"
-        raise DataError(f"{csv_path}: the header has no {missing!r} column (columns: {', '.join(header)}); expected "
-                        "path,label[,split][,group]")
+        raise DataError(
+            f"{csv_path}: the header has no {missing!r} column (columns: {', '.join(header)}); expected "
+            "path,label[,split][,group]"
+        )
     else:
         ip, il, isplit = 0, 1, None
         header = []
@@ -202,10 +204,16 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
         side = "val" if split in _VAL_DIRS else "train"
         if path in seen:
             first, first_label, first_side = seen[path]
-            what = (f"under two labels ({first_label!r} and {label!r})" if first_label != label else
-                    "in both train and val" if first_side != side else "twice")
-            raise DataError(f"{csv_path}:{lineno}: {rel!r} is listed {what} (first on line {first}); "
-                            "list each image once")
+            what = (
+                f"under two labels ({first_label!r} and {label!r})"
+                if first_label != label
+                else "in both train and val"
+                if first_side != side
+                else "twice"
+            )
+            raise DataError(
+                f"{csv_path}:{lineno}: {rel!r} is listed {what} (first on line {first}); list each image once"
+            )
         seen[path] = (lineno, label, side)
         (val if side == "val" else train).append((path, label, group))
     return train, (val if isplit is not None else None)
@@ -226,17 +234,24 @@ def _find_layout(root: Path, group_column: str | None = None, broken: list | Non
     if "train" in subdirs and val_dir is not None:
         others = sorted(n for n in _VAL_DIRS if n in subdirs and subdirs[n] != val_dir)
         if others:
-            log.warning("%s: %s/ is the holdout; %s left out (score it with: edgetl eval BUNDLE %s)", root,
-                        val_dir.name, ", ".join(f"{n}/" for n in others), subdirs[others[0]])
+            log.warning(
+                "%s: %s/ is the holdout; %s left out (score it with: edgetl eval BUNDLE %s)",
+                root,
+                val_dir.name,
+                ", ".join(f"{n}/" for n in others),
+                subdirs[others[0]],
+            )
         return "train+val", _scan_folder(subdirs["train"], broken), _scan_folder(val_dir, broken)
     if set(subdirs) == {"train"}:  # train/ alone: its images, scored out of fold
         return "train+val", _scan_folder(subdirs["train"], broken), None
     split_like = sorted(n for n in ("train", *_VAL_DIRS) if n in subdirs)
     if split_like:
         # never silently a class named "train" or "test"
-        raise DataError(f"{root}: a {'/ '.join(split_like)}/ folder beside {len(subdirs) - len(split_like)} other "
-                        "folder(s) is not a layout edgetl knows: use train/<class>/ with val/<class>/ (or valid/, "
-                        "validation/, test/) as the holdout, or DATA/<class>/ without split folders")
+        raise DataError(
+            f"{root}: a {'/ '.join(split_like)}/ folder beside {len(subdirs) - len(split_like)} other "
+            "folder(s) is not a layout edgetl knows: use train/<class>/ with val/<class>/ (or valid/, "
+            "validation/, test/) as the holdout, or DATA/<class>/ without split folders"
+        )
     if not subdirs and (root / "labels.csv").is_file():
         train, val = _scan_csv(root / "labels.csv", group_column)
         return "csv", train, val
@@ -313,8 +328,11 @@ def group_split(samples: list[Sample], *, fraction: float, seed: int) -> tuple[l
     train = [s for g in order if g not in val_groups for s in by_group[g]]
     val = [s for g in order if g in val_groups for s in by_group[g]]
     key = lambda s: (s.label, str(s.path))  # noqa: E731 - stable output order
-    info = {"groups": len(by_group), "val_groups": len(val_groups),
-            "classes_without_val": sorted(c for c in per_class if in_val[c] == 0 and per_class[c] >= 2)}
+    info = {
+        "groups": len(by_group),
+        "val_groups": len(val_groups),
+        "classes_without_val": sorted(c for c in per_class if in_val[c] == 0 and per_class[c] >= 2),
+    }
     return sorted(train, key=key), sorted(val, key=key), info
 
 
@@ -326,7 +344,7 @@ def regroup(samples: list[Sample], group_by: str | None, layout: str) -> tuple[l
         return [dataclasses.replace(s, group="") for s in samples], "none"
     if group_by and group_by.startswith("regex:"):
         try:
-            pattern = re.compile(group_by[len("regex:"):])
+            pattern = re.compile(group_by[len("regex:") :])
         except re.error as exc:
             raise DataError(f"--group-by {group_by!r}: not a valid regular expression ({exc})") from None
         out = []
@@ -342,8 +360,9 @@ def regroup(samples: list[Sample], group_by: str | None, layout: str) -> tuple[l
     return samples, "none"
 
 
-def scan_images(root: str | Path, *, strict: bool = False, checked: CheckedImages | None = None,
-                group_by: str | None = None) -> tuple[str, list[Sample], list[Sample] | None, list]:
+def scan_images(
+    root: str | Path, *, strict: bool = False, checked: CheckedImages | None = None, group_by: str | None = None
+) -> tuple[str, list[Sample], list[Sample] | None, list]:
     """Discover and decode every image under ``root`` (not those ``checked`` already knows);
     labels (and groups) as the layout gives them.
 
@@ -353,8 +372,10 @@ def scan_images(root: str | Path, *, strict: bool = False, checked: CheckedImage
     root = Path(root)
     column = group_by if group_by and group_by not in ("none", "folder") and not group_by.startswith("regex:") else None
     if column and not (root.is_file() or (root / "labels.csv").is_file()):
-        raise DataError(f"--group-by {group_by!r}: a column name needs a CSV manifest; for folders use "
-                        "--group-by folder (DATA/<class>/<group>/) or --group-by 'regex:PATTERN'")
+        raise DataError(
+            f"--group-by {group_by!r}: a column name needs a CSV manifest; for folders use "
+            "--group-by folder (DATA/<class>/<group>/) or --group-by 'regex:PATTERN'"
+        )
     skipped: list[tuple[Path, str]] = []
     layout, train_items, val_items = _find_layout(root, column, skipped)
     train = _check_all(train_items, strict=strict, skipped=skipped, checked=checked)
@@ -432,8 +453,15 @@ def load_dataset(
             )
         return Dataset(root, layout, classes, train, explicit_val, skipped, {"method": "explicit"})
     if val_split is None:
-        return Dataset(root, layout, classes, sorted(train, key=lambda s: str(s.path)), [], skipped,
-                       {"method": "out-of-fold", **({"groups_from": grouping} if grouping != "none" else {})})
+        return Dataset(
+            root,
+            layout,
+            classes,
+            sorted(train, key=lambda s: str(s.path)),
+            [],
+            skipped,
+            {"method": "out-of-fold", **({"groups_from": grouping} if grouping != "none" else {})},
+        )
     if grouping != "none":
         tr, va, info = group_split(train, fraction=val_split, seed=seed)
         return Dataset(root, layout, classes, tr, va, skipped, {"method": "grouped", "groups_from": grouping, **info})

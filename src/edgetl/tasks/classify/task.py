@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -32,8 +32,15 @@ class ImageClassifyTask(ClassifierTask):
         return Path(data).is_dir() or Path(data).suffix.lower() == ".csv"
 
     def load_data(self, data: Path, options, cache_root: Path):
-        return load_dataset(data, val=options.val, val_split=options.val_split, seed=options.seed,
-                            strict=options.strict, checked=CheckedImages(cache_root), group_by=options.group_by)
+        return load_dataset(
+            data,
+            val=options.val,
+            val_split=options.val_split,
+            seed=options.seed,
+            strict=options.strict,
+            checked=CheckedImages(cache_root),
+            group_by=options.group_by,
+        )
 
     def views(self, options) -> int:
         if not 0 <= options.augment <= 32:
@@ -94,8 +101,7 @@ def image_calibration(train: list, target, exported, seed: int) -> Calibration:
     info = {"images": len(chosen), "augmented_views": len(plan) - len(chosen), "requested": size}
     # A region of interest changes the pixels the plan decodes, so it keys the INT8 model too.
     keys = [f"{s.digest}:{v}" for s, v in plan] + ([f"roi:{pre.roi.to_dict()}"] if pre.roi is not None else [])
-    return Calibration(digest_of(keys), lambda: calibration_inputs(plan, pre),
-                       info, len(plan))
+    return Calibration(digest_of(keys), lambda: calibration_inputs(plan, pre), info, len(plan))
 
 
 def calibration_inputs(plan: list, preprocess: PreprocessConfig) -> np.ndarray:
@@ -104,5 +110,6 @@ def calibration_inputs(plan: list, preprocess: PreprocessConfig) -> np.ndarray:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return np.stack(list(pool.map(lambda sv: load_input(sv[0].path, preprocess, digest=sv[0].digest, view=sv[1]),
-                                      plan)))
+        return np.stack(
+            list(pool.map(lambda sv: load_input(sv[0].path, preprocess, digest=sv[0].digest, view=sv[1]), plan))
+        )

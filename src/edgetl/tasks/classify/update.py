@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ...core.versions import add_version, next_version
 from ...core.gate import new_class_gate
+from ...core.versions import add_version, next_version
 from ...errors import GateError
 from ...heads.classification import Head, HeadConfig
-from ...heads.training import train_head
 from ...heads.exemplars import herding, load_exemplars, save_exemplars
+from ...heads.training import train_head
 from ...transfer.drift import save_drift_reference
 from ..base import AdaptResult
 from .classifier import drift_reference
@@ -51,10 +51,26 @@ def _accuracy(head: Head, X: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.mean(head.predict(X) == y)) if len(y) else None
 
 
-def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str], *, data, skipped: list,
-                replace: bool = False, force: bool = False, tolerance_pp: float = 5.0, holdout: float = 0.25,
-                seed: int = 0, dry_run: bool = False, timings: dict | None = None, t0: float | None = None,
-                signer=None, source: str = "adapt") -> AdaptResult:
+def update_head(
+    task,
+    b,
+    old_head: Head,
+    X_new: np.ndarray,
+    new_labels: list[str],
+    *,
+    data,
+    skipped: list,
+    replace: bool = False,
+    force: bool = False,
+    tolerance_pp: float = 5.0,
+    holdout: float = 0.25,
+    seed: int = 0,
+    dry_run: bool = False,
+    timings: dict | None = None,
+    t0: float | None = None,
+    signer=None,
+    source: str = "adapt",
+) -> AdaptResult:
     """Replay + gate + new head version from already extracted features (any modality).
 
     Raises:
@@ -76,20 +92,44 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
     if cfg.l2 is None and old_head.meta.get("l2") is not None:
         cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})  # no search on the device
-    head = train_head(np.concatenate([X_new[~hold_new], X_ex[~hold_ex]]),
-                      np.concatenate([y_new[~hold_new], y_ex[~hold_ex]]), labels, cfg=cfg)
+    head = train_head(
+        np.concatenate([X_new[~hold_new], X_ex[~hold_ex]]),
+        np.concatenate([y_new[~hold_new], y_ex[~hold_ex]]),
+        labels,
+        cfg=cfg,
+    )
     timings["train"] = round(time.perf_counter() - t1, 3)
-    gate = _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_ex, new_labels,
-                 tolerance_pp=tolerance_pp, force=force)
-    evidence = new_class_gate([old_labels[i] for i in old_head.predict(X_new)] if len(X_new) else [], new_labels,
-                              old_labels)
-    gate = {**gate, "new_classes": evidence["classes"], "warnings": evidence["warnings"],
-            "reasons": evidence["reasons"] + gate["reasons"]}
+    gate = _gate(
+        head,
+        old_head,
+        cfg,
+        labels,
+        X_new,
+        y_new,
+        hold_new,
+        X_ex,
+        y_ex,
+        hold_ex,
+        new_labels,
+        tolerance_pp=tolerance_pp,
+        force=force,
+    )
+    evidence = new_class_gate(
+        [old_labels[i] for i in old_head.predict(X_new)] if len(X_new) else [], new_labels, old_labels
+    )
+    gate = {
+        **gate,
+        "new_classes": evidence["classes"],
+        "warnings": evidence["warnings"],
+        "reasons": evidence["reasons"] + gate["reasons"],
+    }
     gate["passed"], gate["forced"] = not gate["reasons"], bool(gate["reasons"] and force)
     if gate["reasons"] and not force and not dry_run:
-        raise GateError(f"update refused, v{b.head_version} stays current: "
-                        + "; ".join(gate["reasons"] + gate["warnings"])
-                        + " (--force to accept)")
+        raise GateError(
+            f"update refused, v{b.head_version} stays current: "
+            + "; ".join(gate["reasons"] + gate["warnings"])
+            + " (--force to accept)"
+        )
     summary = {"labels": labels, "new_classes": new_classes, "gate": gate}
     if dry_run:
         return AdaptResult(b, b.head_version, summary, timings, skipped, accepted=False)
@@ -107,14 +147,29 @@ def update_head(task, b, old_head: Head, X_new: np.ndarray, new_labels: list[str
     if drift is not None:
         files[drift_rel] = lambda p: save_drift_reference(drift, p)
     threshold = b.head_entry().get("unknown_threshold", 0.0)
-    entry = {"exemplars": ex_rel, **({"drift": drift_rel} if drift else {}), "kind": head.kind, "labels": labels, "source": f"{source}-replace" if replace else source,
-             "data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else str(data),
-             task.items: int(len(new_labels)), "new_classes": new_classes, "gate": gate, "l2": head.meta.get("l2"),
-             "unknown_threshold": threshold}
-    new = add_version(b, head, entry, meta={**task.fused_meta(b, head), "labels": labels},
-                      files=files,
-                      changes={"labels": labels, "thresholds": {**b.manifest.get("thresholds", {}), "unknown": threshold}},
-                      signer=signer, operation="fleet" if source == "fleet" else "adapt")
+    entry = {
+        "exemplars": ex_rel,
+        **({"drift": drift_rel} if drift else {}),
+        "kind": head.kind,
+        "labels": labels,
+        "source": f"{source}-replace" if replace else source,
+        "data": str(Path(data).resolve()) if isinstance(data, (str, Path)) else str(data),
+        task.items: int(len(new_labels)),
+        "new_classes": new_classes,
+        "gate": gate,
+        "l2": head.meta.get("l2"),
+        "unknown_threshold": threshold,
+    }
+    new = add_version(
+        b,
+        head,
+        entry,
+        meta={**task.fused_meta(b, head), "labels": labels},
+        files=files,
+        changes={"labels": labels, "thresholds": {**b.manifest.get("thresholds", {}), "unknown": threshold}},
+        signer=signer,
+        operation="fleet" if source == "fleet" else "adapt",
+    )
     timings["write"] = round(time.perf_counter() - t2, 3)
     timings["total"] = round(time.perf_counter() - t0, 3)
     return AdaptResult(new, new.head_version, summary, timings, skipped)
@@ -128,8 +183,22 @@ def _replay_memory(b, labels: list[str], index: dict) -> tuple[np.ndarray, np.nd
     return X_ex[keep], np.array([index[ex_names[i]] for i in y_ex_old[keep]], dtype=np.int64)
 
 
-def _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_ex, new_labels, *,
-          tolerance_pp: float, force: bool) -> dict:
+def _gate(
+    head,
+    old_head,
+    cfg,
+    labels,
+    X_new,
+    y_new,
+    hold_new,
+    X_ex,
+    y_ex,
+    hold_ex,
+    new_labels,
+    *,
+    tolerance_pp: float,
+    force: bool,
+) -> dict:
     """Compare the heads on held-out data neither trained on; ``reasons`` lists what refuses it.
 
     The old head trained on the exemplars, so its accuracy on them is optimistic; the fair
@@ -155,19 +224,34 @@ def _gate(head, old_head, cfg, labels, X_new, y_new, hold_new, X_ex, y_ex, hold_
     k_new = len(np.unique(y_new))
     floor = min(0.5, 2.0 / k_new) if k_new > 1 else 0.0
     swaps = label_disagreements(old_head, X_new, new_labels)
-    reasons = [f"{w['looks_like_count']} of {w['images']} new images labelled {w['label']!r} look like "
-               f"{w['looks_like']!r} to the current head (it agrees with the label on {w['agreement']:.0%}); "
-               "are the labels swapped? If the parts really changed, pass --force" for w in swaps]
+    reasons = [
+        f"{w['looks_like_count']} of {w['images']} new images labelled {w['label']!r} look like "
+        f"{w['looks_like']!r} to the current head (it agrees with the label on {w['agreement']:.0%}); "
+        "are the labels swapped? If the parts really changed, pass --force"
+        for w in swaps
+    ]
     if baseline is not None and new_known is not None and (baseline - new_known) * 100 > tolerance_pp:
-        reasons.append(f"accuracy on known classes would fall from {baseline:.1%} to {new_known:.1%} "
-                       f"(tolerance {tolerance_pp} pp)")
+        reasons.append(
+            f"accuracy on known classes would fall from {baseline:.1%} to {new_known:.1%} (tolerance {tolerance_pp} pp)"
+        )
     if new_holdout is not None and k_new > 1 and new_holdout < floor:
-        reasons.append(f"held-out accuracy on the new images is {new_holdout:.1%}, near chance "
-                       f"(floor {floor:.0%}); are the labels right?")
-    return {"old_known_accuracy": baseline, "baseline": baseline_kind, "new_known_accuracy": new_known,
-            "new_holdout_accuracy": new_holdout, "holdout_images": int(hold_new.sum()),
-            "holdout_exemplars": int(hold_ex.sum()), "tolerance_pp": tolerance_pp, "passed": not reasons,
-            "forced": bool(reasons and force), "label_check": swaps, "reasons": reasons}
+        reasons.append(
+            f"held-out accuracy on the new images is {new_holdout:.1%}, near chance "
+            f"(floor {floor:.0%}); are the labels right?"
+        )
+    return {
+        "old_known_accuracy": baseline,
+        "baseline": baseline_kind,
+        "new_known_accuracy": new_known,
+        "new_holdout_accuracy": new_holdout,
+        "holdout_images": int(hold_new.sum()),
+        "holdout_exemplars": int(hold_ex.sum()),
+        "tolerance_pp": tolerance_pp,
+        "passed": not reasons,
+        "forced": bool(reasons and force),
+        "label_check": swaps,
+        "reasons": reasons,
+    }
 
 
 def label_disagreements(head: Head, X: np.ndarray, labels: list[str], *, min_images: int = 5) -> list[dict]:
@@ -194,6 +278,13 @@ def label_disagreements(head: Head, X: np.ndarray, labels: list[str], *, min_ima
         other = int(np.argmax(others))
         share = int(others[other])
         if wilson_interval(share, len(rows))[0] > 0.5 and wilson_interval(agree, len(rows))[1] < 0.5:
-            out.append({"label": name, "images": int(len(rows)), "agreement": round(agree / len(rows), 4),
-                        "looks_like": head.labels[other], "looks_like_count": share})
+            out.append(
+                {
+                    "label": name,
+                    "images": int(len(rows)),
+                    "agreement": round(agree / len(rows), 4),
+                    "looks_like": head.labels[other],
+                    "looks_like_count": share,
+                }
+            )
     return out

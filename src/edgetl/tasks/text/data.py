@@ -258,8 +258,10 @@ def load_text_dataset(
     if explicit_val is not None:
         unknown = sorted({s.label for s in explicit_val} - set(classes))
         if unknown:
-            raise DataError(f"{val or path}: validation class {unknown[0]!r} has no training rows; "
-                            "every validation class must also appear in training")
+            raise DataError(
+                f"{val or path}: validation class {unknown[0]!r} has no training rows; "
+                "every validation class must also appear in training"
+            )
         return Dataset(path, "text-split", classes, train, explicit_val, skipped, {"method": "explicit"}, cols)
     if val_split is None:
         return Dataset(path, "text", classes, train, [], skipped, {"method": "out-of-fold"}, cols)

@@ -14,8 +14,8 @@ a key of (model file, tokenizer file, maximum length).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -49,8 +49,14 @@ class TextEncoder:
         (2, 384)
     """
 
-    def __init__(self, session, tokenizer_path: str | Path, *, max_length: int = DEFAULT_MAX_LENGTH,
-                 model_path: str | Path | None = None):
+    def __init__(
+        self,
+        session,
+        tokenizer_path: str | Path,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        model_path: str | Path | None = None,
+    ):
         self.session = session
         self.tokenizer_path = Path(tokenizer_path)
         self.model_path = Path(model_path) if model_path else None
@@ -58,8 +64,10 @@ class TextEncoder:
         self.tokenizer = load_tokenizer(self.tokenizer_path, max_length=self.max_length)
         unknown = [n for n in session.input_names if n not in MODEL_INPUTS]
         if unknown or "input_ids" not in session.input_names:
-            raise ConfigError(f"{self.model_path}: inputs {session.input_names} are not a text encoder's "
-                              f"(expected {', '.join(MODEL_INPUTS[:2])} [, token_type_ids])")
+            raise ConfigError(
+                f"{self.model_path}: inputs {session.input_names} are not a text encoder's "
+                f"(expected {', '.join(MODEL_INPUTS[:2])} [, token_type_ids])"
+            )
         self._key: str | None = None
 
     @property
@@ -92,8 +100,17 @@ class TextEncoder:
             return np.concatenate([self.embed_batch([t]) for t in texts])
         return np.asarray(self.session.run(self.tokenize(texts))[0], dtype=np.float32)
 
-    def features(self, items: Sequence, *, cache: FeatureCache | None = None, view: int = 0, batch_size: int = 32,
-                 quiet: bool = True, desc: str = "features", skipped: list | None = None) -> np.ndarray:
+    def features(
+        self,
+        items: Sequence,
+        *,
+        cache: FeatureCache | None = None,
+        view: int = 0,
+        batch_size: int = 32,
+        quiet: bool = True,
+        desc: str = "features",
+        skipped: list | None = None,
+    ) -> np.ndarray:
         """Embeddings for texts or text samples (rows in order), from the cache where possible.
 
         Raises:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -56,16 +56,24 @@ class TextTask(ClassifierTask):
         return is_text_data(data)
 
     def load_data(self, data: Path, options, cache_root: Path):
-        return load_text_dataset(data, val=options.val, val_split=options.val_split, seed=options.seed,
-                                 strict=options.strict, text_column=options.text_column,
-                                 label_column=options.label_column)
+        return load_text_dataset(
+            data,
+            val=options.val,
+            val_split=options.val_split,
+            seed=options.seed,
+            strict=options.strict,
+            text_column=options.text_column,
+            label_column=options.label_column,
+        )
 
     def prepare_target(self, target):
         from ...errors import ConfigError
 
         if target.batch > 0:
-            raise ConfigError(f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic "
-                              "shapes for now: use cpu-x86, cpu-arm64 or openvino-cpu")
+            raise ConfigError(
+                f"target {target.name} has a static batch ({target.batch}); text bundles need dynamic "
+                "shapes for now: use cpu-x86, cpu-arm64 or openvino-cpu"
+            )
         return target
 
     def calibration(self, data, target, exported, seed: int) -> Calibration:
@@ -75,16 +83,24 @@ class TextTask(ClassifierTask):
         def feeds():
             from ...core.sessions import open_session
 
-            encoder = TextEncoder(open_session(exported.path), exported.tokenizer,
-                                  max_length=exported.preprocess["max_length"], model_path=exported.path)
+            encoder = TextEncoder(
+                open_session(exported.path),
+                exported.tokenizer,
+                max_length=exported.preprocess["max_length"],
+                model_path=exported.path,
+            )
             return encoder.calibration_feeds(texts)
 
         return Calibration(digest_of(texts), feeds, {"texts": len(texts), "requested": size}, len(texts))
 
     def extractor_for(self, session, model_path: Path, backbone: dict, root: Path) -> TextEncoder:
         pre = backbone.get("preprocess", {})
-        return TextEncoder(session, Path(root) / pre.get("tokenizer", "tokenizer.json"),
-                           max_length=int(pre.get("max_length", 256)), model_path=model_path)
+        return TextEncoder(
+            session,
+            Path(root) / pre.get("tokenizer", "tokenizer.json"),
+            max_length=int(pre.get("max_length", 256)),
+            model_path=model_path,
+        )
 
     def fused_outputs(self, fused_session, items, exported) -> np.ndarray:
         encoder = TextEncoder(fused_session, exported.tokenizer, max_length=exported.preprocess["max_length"])
@@ -127,12 +143,14 @@ class TextTask(ClassifierTask):
         if group_by:
             from ...errors import ConfigError
 
-            raise ConfigError("--group-by is for image data (a CSV column, folder or regex:PATTERN); text rows have "
-                              "no groups yet")
-        cols = (bundle.manifest.get("training", {}).get("columns", {}) if bundle is not None else {})
+            raise ConfigError(
+                "--group-by is for image data (a CSV column, folder or regex:PATTERN); text rows have no groups yet"
+            )
+        cols = bundle.manifest.get("training", {}).get("columns", {}) if bundle is not None else {}
         try:
-            train, val, skipped, _ = scan_texts(data, strict=strict, text_column=cols.get("text"),
-                                                label_column=cols.get("label"))
+            train, val, skipped, _ = scan_texts(
+                data, strict=strict, text_column=cols.get("text"), label_column=cols.get("label")
+            )
         except DataError as exc:
             if "no text column" not in str(exc) and "no label column" not in str(exc):
                 raise
@@ -161,8 +179,11 @@ class TextTask(ClassifierTask):
     skipped_key = "row"
 
     def fit_figures(self, result) -> dict:
-        return {**super().fit_figures(result), "columns": result.data.columns,
-                "throughput": result.report["throughput"]}
+        return {
+            **super().fit_figures(result),
+            "columns": result.data.columns,
+            "throughput": result.report["throughput"],
+        }
 
     def split_words(self, result) -> str:
         cols = result.data.columns
@@ -172,8 +193,10 @@ class TextTask(ClassifierTask):
         r = result.report
         speed = r["throughput"]
         fp32 = f" (fp32 {speed['fp32_sentences_per_s']:.0f})" if "fp32_sentences_per_s" in speed else ""
-        return (f"{r['size']['backbone_bytes'] / 1e6:.1f} MB encoder, {speed['sentences_per_s']:.0f} sentences/s"
-                f"{fp32}, batch-1 latency {r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)")
+        return (
+            f"{r['size']['backbone_bytes'] / 1e6:.1f} MB encoder, {speed['sentences_per_s']:.0f} sentences/s"
+            f"{fp32}, batch-1 latency {r['latency_batch1']['p50_ms']:.1f} ms (p50, this machine)"
+        )
 
     def layout_hint(self, data) -> str:
         return "text and label columns"
@@ -193,4 +216,3 @@ def _throughput(encoder: TextEncoder, texts: Sequence[str], *, batch_size: int =
         n += len(texts)
         if time.perf_counter() - t0 >= min_seconds:
             return n / (time.perf_counter() - t0)
-
