@@ -42,6 +42,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -472,7 +473,7 @@ _WRITE_FIX = {
 
 def write_error(where: Path, exc: OSError, what: str = "nothing was written") -> BundleError:
     """One line for an OSError while writing a bundle, with the fix for the common causes."""
-    fix = _WRITE_FIX.get(exc.errno, "check the disk and the folder's permissions")
+    fix = _WRITE_FIX.get(exc.errno or 0, "check the disk and the folder's permissions")
     return BundleError(f"{exc.filename or where}: {exc.strerror or exc} while writing the bundle; {what}; {fix}")
 
 
@@ -594,8 +595,8 @@ def update_manifest(
     bundle: Bundle,
     changes: dict,
     *,
-    add: list[str] = (),
-    drop: list[str] = (),
+    add: Sequence[str] = (),
+    drop: Sequence[str] = (),
     signer=None,
     operation: str = "adapt",
     new_version: dict | None = None,

@@ -276,7 +276,7 @@ class ImageExtractor:
         bar.close()
         if bad and skipped is not None:
             skipped.extend((paths[i], bad[i]) for i in sorted(bad))
-        rows = [v for i, v in enumerate(out) if i not in bad]
+        rows = [v for i, v in enumerate(out) if i not in bad and v is not None]
         return np.stack(rows).astype(np.float32, copy=False) if rows else np.zeros((0, 0), np.float32)
 
     def inputs(self, items: Sequence) -> np.ndarray:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -425,7 +426,9 @@ def new_class_gate(predicted, new_labels, known: list[str], *, min_images: int =
     that class's answers.
     """
     predicted, lab = np.asarray(predicted, dtype=object), np.asarray(new_labels, dtype=object)
-    reasons, warnings, per = [], [], {}
+    reasons: list[str] = []
+    warnings: list[str] = []
+    per: dict[str, dict[str, Any]] = {}
     for name in sorted(set(new_labels) - set(known)):
         rows = np.flatnonzero(lab == name)
         per[name] = {"images": int(len(rows))}

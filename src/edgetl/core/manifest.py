@@ -187,12 +187,12 @@ def _number(d: dict, key: str, where: str, *, lo: float, hi: float, required: bo
     return v
 
 
-def _strings(v, field: str, *, max_items: int = 100_000, unique: bool = False) -> list:
+def _strings(v, field: str, *, max_items: int = 100_000, unique: bool = False) -> list[str]:
     if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) and x for x in v) or len(v) > max_items:
         raise BundleError(f"manifest: {field} should be a list of non-empty strings")
     if unique and len(set(v)) != len(v):
         raise BundleError(f"manifest: {field} lists a name twice")
-    return v
+    return list(v)
 
 
 def _preprocess(pre: dict) -> None:
@@ -237,8 +237,9 @@ def _roi(roi, where: str) -> None:
         or roi.get("unit", "px") not in ("px", "fraction")
     ):
         raise BundleError(f"manifest: {where} should be {{x, y, w, h, unit: px | fraction}}")
-    vals = [roi.get(k) for k in ("x", "y", "w", "h")]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals):
+    raw = [roi.get(k) for k in ("x", "y", "w", "h")]
+    vals = [float(v) for v in raw if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
         raise BundleError(f"manifest: {where} should hold four finite numbers x, y, w, h")
     x, y, w, h = vals
     frac = roi.get("unit") == "fraction"

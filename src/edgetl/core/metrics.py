@@ -35,7 +35,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     return {
         "n": n,
         "accuracy": round(float(diag.sum() / n), 4) if n else None,
-        "accuracy_interval": [round(lo, 4), round(hi, 4)] if n else None,
+        "accuracy_interval": [round(lo, 4), round(hi, 4)] if lo is not None and hi is not None else None,
         # over the classes with at least one item: a class absent from the data cannot count
         "balanced_accuracy": round(float(np.mean(present)), 4) if present else None,
         "classes_present": len(present),
@@ -113,7 +113,7 @@ def gate_lines(report: dict, cosine_name: str, cosine) -> list[str]:
     from .gate import GateDecision
 
     g = GateDecision.from_dict(report["gate"])
-    if g.drop_pp is None:
+    if g.drop_pp is None or g.reference is None or g.value is None:
         return [f"gate      {g.describe()}"]
     cos = f", {cosine_name} {cosine:.4f}" if cosine is not None else ""
     return [

@@ -41,6 +41,11 @@ _ALPHA_BACKGROUND = (128, 128, 128)
 _MAX_ROI_PIXELS = 1_000_000
 
 
+def _triple(values) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
 @dataclass(frozen=True)
 class Roi:
     """A region of interest: the part of every frame the model looks at, in the upright frame.
@@ -90,9 +95,11 @@ class Roi:
             vals = [float(v) for v in str(text).replace(" ", "").split(",")]
             if len(vals) != 4:
                 raise ValueError("expected four numbers")
+            x, y, w, h = vals
             if all(v <= 1 for v in vals):
-                return cls(*vals, unit="fraction")
-            return cls(*(int(v) if v.is_integer() else v for v in vals), unit="px")
+                return cls(x, y, w, h, unit="fraction")
+            x, y, w, h = (int(v) if v.is_integer() else v for v in vals)
+            return cls(x, y, w, h, unit="px")
         except ValueError as exc:
             raise ConfigError(
                 f"--roi {text!r}: {exc}; give x,y,w,h in pixels (100,50,800,600) or as "
@@ -173,8 +180,8 @@ class PreprocessConfig:
             input_size=int(d["input_size"]),
             crop_pct=float(d["crop_pct"]),
             interpolation=str(d["interpolation"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
+            mean=_triple(d["mean"]),
+            std=_triple(d["std"]),
             roi=Roi.from_dict(roi) if roi is not None else None,
         )
 

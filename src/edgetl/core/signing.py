@@ -44,6 +44,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, TrustError, require
 from .compat import tomllib
@@ -78,7 +79,7 @@ class SigningKey:
     """A private Ed25519 key and the name it signs as."""
 
     name: str
-    key: object
+    key: Any  # cryptography's Ed25519PrivateKey, imported lazily (an optional extra)
 
     @property
     def public_raw(self) -> bytes:
@@ -401,7 +402,9 @@ def verify_trust(manifest: dict, policy: TrustPolicy, where: str) -> dict:
             f"{where}: the bundle is not signed; this device only accepts bundles signed by a "
             f"trusted key ({policy.source})"
         )
-    who = {"release": _check(policy, sigs.get("release"), release, ("release",), "the release", where).name}
+    who: dict[str, Any] = {
+        "release": _check(policy, sigs.get("release"), release, ("release",), "the release", where).name
+    }
     live = release_block(manifest)
     for part in ("fields", "models", "version1"):
         if live[part] != release.get(part):

@@ -224,8 +224,8 @@ def _build(cls, data: dict, where: str, *, required: tuple[str, ...] = (), extra
             out[key] = _build(TensorRT, value, f"{where} [tensorrt]")
         else:
             default = f.default if f.default is not dataclasses.MISSING else ""
-            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                default = f.default_factory()  # type: ignore[misc]
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
             out[key] = _coerce(where, key, value, default)
     for key in required:
         if key not in out:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import BundleError
@@ -98,8 +99,8 @@ def switch_version(
     b: Bundle,
     changes: dict,
     *,
-    add: list[str] = (),
-    drop: list[str] = (),
+    add: Sequence[str] = (),
+    drop: Sequence[str] = (),
     signer=None,
     operation: str = "adapt",
     new_version: dict | None = None,

@@ -87,13 +87,13 @@ def fold_plan(y: np.ndarray, k: int, *, groups=None, seed: int = 0) -> FoldPlan:
     counts = np.bincount(y, minlength=k)
     eligible = counts[y] >= 2
     m = int(np.count_nonzero(eligible))
-    if m == 0 or np.count_nonzero(counts) < 2:
+    if m == 0 or int(np.count_nonzero(counts)) < 2:
         return FoldPlan(fold, "none (one item per class)", 0)
     if m <= LOO_MAX_ITEMS:
         fold[eligible] = np.arange(m)
         return FoldPlan(fold, "leave-one-out", m)
     offset = 0
-    for c in np.flatnonzero(counts >= 2):
+    for c in (int(v) for v in np.flatnonzero(counts >= 2)):
         idx = np.flatnonzero(y == c)
         idx = idx[rng.permutation(len(idx))]
         fold[idx] = (np.arange(len(idx)) + offset) % FOLDS
@@ -183,7 +183,8 @@ def _choose(tries: list, y: np.ndarray) -> tuple[int, list]:
         return 0, [None] * len(tries)
     ok = ~np.isnan(ref[:, 0])
     base = np.argmax(ref[ok], axis=1) == y[ok]
-    best, best_score, leads = 0, tries[0][2], [0.0]
+    best, best_score = 0, tries[0][2]
+    leads: list[float | None] = [0.0]
     for i, (_, oof, score) in enumerate(tries[1:], start=1):
         if score is None:
             leads.append(None)

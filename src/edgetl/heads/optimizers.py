@@ -49,7 +49,9 @@ def lbfgs(fun, x0: np.ndarray, *, max_iter: int, gtol: float, memory: int = 10):
         direction = -r
         slope = float(g @ direction)
         if not slope < 0:  # not a descent direction: forget the history, use the gradient
-            s_hist.clear(), y_hist.clear(), rho_hist.clear()
+            s_hist.clear()
+            y_hist.clear()
+            rho_hist.clear()
             direction, slope = -g, -float(g @ g)
         step = 1.0
         for _ in range(30):
@@ -63,7 +65,9 @@ def lbfgs(fun, x0: np.ndarray, *, max_iter: int, gtol: float, memory: int = 10):
         s, yv = x_new - x, g_new - g
         sy = float(s @ yv)
         if sy > 1e-12 * float(yv @ yv):
-            s_hist.append(s), y_hist.append(yv), rho_hist.append(1.0 / sy)
+            s_hist.append(s)
+            y_hist.append(yv)
+            rho_hist.append(1.0 / sy)
             if len(s_hist) > memory:
                 s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
         decrease = f - f_new

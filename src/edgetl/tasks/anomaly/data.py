@@ -124,7 +124,8 @@ def load_mask(path: Path | None, pre: PreprocessConfig) -> np.ndarray | None:
     with Image.open(path) as im:
         im = im.convert("L")
         if pre.roi is not None:  # the mask follows its image through the region of interest
-            im = im.crop(pre.roi.box(*im.size, path))
+            width, height = im.size
+            im = im.crop(pre.roi.box(width, height, path))
         arr = np.asarray(resize_crop(im, dataclasses.replace(pre, interpolation="nearest")))
     return arr > _MASK_LEVEL
 

@@ -11,6 +11,7 @@ threshold anywhere on it (``region_recall``) and what share of its pixels it cov
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ def detection_metrics(
     pred = np.asarray(scores) >= threshold
     tp, fp = int(np.sum(pred & y)), int(np.sum(pred & ~y))
     fn, tn = int(np.sum(~pred & y)), int(np.sum(~pred & ~y))
-    out = {
+    out: dict[str, Any] = {
         "n": int(len(y)),
         "n_defect": int(y.sum()),
         "n_good": int((~y).sum()),
@@ -75,8 +76,8 @@ def regions_summary(hits: list[tuple[bool, float]]) -> dict:
         return {"n": 0, "recall": None, "overlap": None}
     return {
         "n": len(hits),
-        "recall": _round(np.mean([h for h, _ in hits])),
-        "overlap": _round(np.mean([o for _, o in hits])),
+        "recall": _round(float(np.mean([h for h, _ in hits]))),
+        "overlap": _round(float(np.mean([o for _, o in hits]))),
     }
 
 
@@ -93,7 +94,7 @@ def regions(mask: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     mask = np.asarray(mask, bool)
     H, W = mask.shape
     label = np.zeros((H, W), np.int32)
-    out = []
+    out: list[tuple[np.ndarray, np.ndarray]] = []
     for start in zip(*np.nonzero(mask)):
         if label[start]:
             continue

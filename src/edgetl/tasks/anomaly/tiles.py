@@ -47,6 +47,11 @@ MIN_GAIN = 1.15
 ASPECT_TOLERANCE = 0.02
 
 
+def _pair(values) -> tuple[int, int]:
+    a, b = (int(v) for v in values)
+    return a, b
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """How a frame is cut: ``frame`` (w, h) fitted on, ``work`` (w, h) after scaling, tile side,
@@ -87,9 +92,9 @@ class TilePlan:
     @classmethod
     def from_dict(cls, d: dict) -> TilePlan:
         return cls(
-            tuple(int(v) for v in d["frame"]),
-            tuple(int(v) for v in d["work"]),
-            int(d["tile"]),  # type: ignore[arg-type]
+            _pair(d["frame"]),
+            _pair(d["work"]),
+            int(d["tile"]),
             tuple(int(v) for v in d["xs"]),
             tuple(int(v) for v in d["ys"]),
             float(d["defect_size"]),

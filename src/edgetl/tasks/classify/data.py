@@ -59,9 +59,10 @@ class Dataset:
     root: Path
     layout: str
     classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # Samples of the task's own kind: image Samples here, TextSamples for text data.
+    train: list
+    val: list
+    skipped: list = field(default_factory=list)  # (path or row, reason)
     # How the validation set was made: "explicit", "stratified" or "grouped (<source>)", with
     # group counts and the classes left without validation images.
     split: dict = field(default_factory=dict)
@@ -181,7 +182,8 @@ def _scan_csv(csv_path: Path, group_column: str | None = None):
     igroup = header.index(wanted) if wanted in header else None
     if group_column and igroup is None:
         raise DataError(f"{csv_path}: no column {group_column!r} to group by; columns: {', '.join(header) or 'none'}")
-    train, val = [], []
+    train: list[tuple[Path, str, str]] = []
+    val: list[tuple[Path, str, str]] = []
     seen: dict[Path, tuple[int, str, str]] = {}
     for lineno, row in enumerate(rows, start=2 if header else 1):
         if not row or all(not c.strip() for c in row):
@@ -277,9 +279,9 @@ def _check_all(items, *, strict: bool, skipped: list, checked: CheckedImages | N
     return out
 
 
-def stratified_split(samples: list[Sample], *, fraction: float, seed: int):
+def stratified_split(samples: list, *, fraction: float, seed: int):
     """Seeded split keeping class proportions; every class with >= 2 images gets >= 1 in val."""
-    by_class: dict[str, list[Sample]] = defaultdict(list)
+    by_class: dict[str, list] = defaultdict(list)
     for s in samples:
         by_class[s.label].append(s)
     rng = random.Random(seed)

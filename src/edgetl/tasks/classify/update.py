@@ -19,6 +19,7 @@ How an update happens (and why it cannot lose the working model):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,9 @@ def update_head(
     ex_idx = herding(X_all, y_all, len(labels), per_class=int(b.manifest.get("exemplars", {}).get("per_class", 20)))
     version = next_version(b)
     ex_rel, drift_rel = f"exemplars/v{version}.npz", f"drift/v{version}.npz"
-    files = {ex_rel: lambda p: save_exemplars(p, X_all[ex_idx], y_all[ex_idx], labels)}
+    files: dict[str, Callable[[Path], object]] = {
+        ex_rel: lambda p: save_exemplars(p, X_all[ex_idx], y_all[ex_idx], labels)
+    }
     # the drift reference follows the classes: a new class must not read as drift
     drift = drift_reference(X_all, y_all, len(labels)) if b.head_entry().get("drift") else None
     if drift is not None:

@@ -105,7 +105,7 @@ def _records(path: Path):
             try:
                 rec = json.loads(line)
             except ValueError as exc:
-                yield lineno, None, f"not valid JSON ({exc.msg})"
+                yield lineno, None, f"not valid JSON ({getattr(exc, 'msg', exc)})"
                 continue
             if not isinstance(rec, dict):
                 yield lineno, None, f"expected a JSON object, got {type(rec).__name__}"
@@ -244,10 +244,11 @@ def load_text_dataset(
     if val_split is not None and not 0.0 < val_split < 1.0:
         raise DataError(f"--val-split must be between 0 and 1, got {val_split}")
     path = Path(path)
-    kw = dict(strict=strict, text_column=text_column, label_column=label_column)
-    train, explicit_val, skipped, cols = scan_texts(path, **kw)
+    train, explicit_val, skipped, cols = scan_texts(
+        path, strict=strict, text_column=text_column, label_column=label_column
+    )
     if val is not None:
-        vtrain, vval, vskipped, _ = scan_texts(val, **kw)
+        vtrain, vval, vskipped, _ = scan_texts(val, strict=strict, text_column=text_column, label_column=label_column)
         explicit_val = vtrain + (vval or [])
         skipped += vskipped
     if not train:

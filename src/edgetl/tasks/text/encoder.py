@@ -132,4 +132,4 @@ class TextEncoder:
                     cache.put(digests[i], 0, vec)
         if not out:
             return np.zeros((0, 0), np.float32)
-        return np.stack(out).astype(np.float32, copy=False)
+        return np.stack([v for v in out if v is not None]).astype(np.float32, copy=False)

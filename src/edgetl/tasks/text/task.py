@@ -93,7 +93,7 @@ class TextTask(ClassifierTask):
 
         return Calibration(digest_of(texts), feeds, {"texts": len(texts), "requested": size}, len(texts))
 
-    def extractor_for(self, session, model_path: Path, backbone: dict, root: Path) -> TextEncoder:
+    def extractor_for(self, session, model_path: Path | None, backbone: dict, root: Path) -> TextEncoder:
         pre = backbone.get("preprocess", {})
         return TextEncoder(
             session,
