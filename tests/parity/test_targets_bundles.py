@@ -30,7 +30,7 @@ def bundles(surfaces, cache_dir, tmp_path_factory):
 
 
 # Feature cosine of INT8 vs FP32 on the example's validation images, per profile, as the bundle
-# computes it. Measured here (AMD EPYC, AVX2 without VNNI; README "Quantization"): exact INT8
+# computes it. Measured here (AMD EPYC, AVX2 without VNNI; docs/QUANTIZATION.md): exact INT8
 # arithmetic with NNCF's global min/max ranges and full bias correction 0.986-0.989 (intel-npu);
 # the same with 7-bit weights, which do not saturate on AVX2, 0.944-0.950 (openvino-cpu); ONNX
 # Runtime's quantizer 0.96 exact (cpu-arm64, jetson-orin) and 0.87 with 7-bit weights (cpu-x86).

@@ -23,7 +23,7 @@ from .compat import tomllib
 PRECISIONS = ("int8", "bf16", "fp16", "fp32")
 RUNTIMES = ("onnxruntime", "openvino")
 FLOAT_PRECISIONS = ("f32", "bf16", "f16")
-DEFAULT_TARGET = "openvino-cpu"  # the fastest INT8 path measured on x86 CPUs (see README)
+DEFAULT_TARGET = "openvino-cpu"  # the fastest INT8 path measured on x86 CPUs (see docs/BENCHMARKS.md)
 
 
 @dataclass(frozen=True)
