@@ -196,7 +196,8 @@ def _head_kinds() -> list[str]:
 @click.option(
     "--roi",
     help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
-    "or as fractions of the frame (0.1,0.05,0.8,0.9); kept in the bundle, applied everywhere.",
+    "or as fractions of the frame (0.1,0.05,0.8,0.9), or a camera file (.toml / .json with a [roi] table "
+    "of x, y, w, h, unit); kept in the bundle, applied everywhere.",
 )
 @click.option("--calibration-size", type=int, help="INT8 calibration items (default: the target's, 128).")
 @click.option(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgetl.errors import ConfigError
 from tests.conftest import make_folder, run_cli
 
 skdata = pytest.importorskip("skimage.data")
@@ -95,3 +96,33 @@ def test_a_malformed_roi_is_refused_before_any_work(tmp_path):
     make_folder(tmp_path / "data")
     r = run_cli("fit", tmp_path / "data", "--out", tmp_path / "x.bundle", "--roi", "1,2,3")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "--roi" in r.stderr
+
+
+def test_a_camera_file_gives_the_same_region(tmp_path):
+    from edgetl.core.preprocess import Roi
+
+    (tmp_path / "cam3.toml").write_text("[roi]\nx = 100\ny = 50\nw = 800\nh = 600\n# the station's fixture\n")
+    (tmp_path / "cam3.json").write_text('{"roi": {"x": 0.1, "y": 0.05, "w": 0.8, "h": 0.9, "unit": "fraction"}}')
+    assert Roi.load(str(tmp_path / "cam3.toml")) == Roi.parse("100,50,800,600")
+    assert Roi.load(str(tmp_path / "cam3.json")) == Roi.parse("0.1,0.05,0.8,0.9")
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        ("none.toml", None, "cannot read"),
+        ("cam.toml", "[camera]\nx = 1\n", "'roi' table"),
+        ("cam.toml", "[roi]\nx = 1\ny = 1\nw = 0\nh = 5\n", "w and h > 0"),
+        ("cam.toml", "[roi\nx=", "cannot read"),
+        ("cam.json", '{"roi": {"x": 0, "y": 0, "w": 1, "h": 1, "unit": "mm"}}', "unit"),
+    ],
+)
+def test_a_bad_camera_file_is_one_line_naming_it(tmp_path, name, text, says):
+    from edgetl.core.preprocess import Roi
+
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=says) as err:
+        Roi.load(str(path))
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

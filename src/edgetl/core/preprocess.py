@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DataError, require
+from .compat import tomllib
 
 _INTERPOLATION = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -105,6 +106,34 @@ class Roi:
                 f"--roi {text!r}: {exc}; give x,y,w,h in pixels (100,50,800,600) or as "
                 "fractions of the frame (0.1,0.05,0.8,0.9)"
             ) from None
+
+    @classmethod
+    def load(cls, text: str) -> Roi:
+        """``--roi``'s value: ``"x,y,w,h"`` (see :meth:`parse`), or a camera file (``.toml`` or
+        ``.json``) whose ``roi`` table holds ``x``, ``y``, ``w``, ``h`` and optionally ``unit``
+        (``"px"``, the default, or ``"fraction"``): the line's camera set-up kept beside the camera,
+        so every fit of that station cuts the same region.
+
+        Raises:
+            ConfigError: an unreadable file, no ``roi`` table, or a region that is not valid.
+        """
+        path = Path(text)
+        if path.suffix.lower() not in (".toml", ".json"):
+            return cls.parse(text)
+        try:
+            raw = path.read_bytes()
+            doc = tomllib.loads(raw.decode("utf-8")) if path.suffix.lower() == ".toml" else json.loads(raw)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"--roi {path}: cannot read the camera file ({exc}); give a TOML or JSON file") from None
+        table = doc.get("roi") if isinstance(doc, dict) else None
+        if not isinstance(table, dict) or not {"x", "y", "w", "h"} <= set(table):
+            raise ConfigError(
+                f'--roi {path}: expected a \'roi\' table with x, y, w, h (and optionally unit = "px" or "fraction")'
+            )
+        try:
+            return cls(table["x"], table["y"], table["w"], table["h"], unit=str(table.get("unit", "px")))
+        except ValueError as exc:
+            raise ConfigError(f"--roi {path}: {exc}") from None
 
     def to_dict(self) -> dict:
         return {"x": self.x, "y": self.y, "w": self.w, "h": self.h, "unit": self.unit}

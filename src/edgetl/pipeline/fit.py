@@ -219,7 +219,7 @@ def _roi(text: str | None, task) -> Roi | None:
         return None
     if task.backbone_kind == "text":
         raise ConfigError(f"--roi {text}: a region of interest is for images; the {task.name} task reads texts")
-    return Roi.parse(text)
+    return Roi.load(text)
 
 
 def fit(
