@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from PIL import Image, ImageEnhance, ImageFilter
 
 
@@ -72,6 +73,7 @@ def subset(root: Path, dst: Path, n: int) -> None:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 500])
     ap.add_argument("--target", default="openvino-cpu")

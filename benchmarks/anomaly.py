@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 
@@ -432,6 +433,7 @@ HEADER = (
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--targets", nargs="+", default=["cpu-x86", "openvino-cpu"])

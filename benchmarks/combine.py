@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,6 +86,7 @@ def part_scores(data: Path, extractor, cache, seed: int) -> dict:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--sets", nargs="+", default=["photos", "digits", "defects"])

@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 from PIL import Image
 
@@ -286,6 +287,7 @@ def serve_throughput(work: Path, repeats: int, clients: int = 4, requests: int =
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/decode-bench"))
     ap.add_argument("--repeats", type=int, default=3)

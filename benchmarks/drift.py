@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import _shared as F
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -437,6 +438,7 @@ def report(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/transfer-work"))
     ap.add_argument("--folders", type=int, default=200, help="unshifted folders per size (false-alarm rate)")

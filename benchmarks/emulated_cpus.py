@@ -1167,6 +1167,9 @@ def fit_bundles(work: Path, targets: list[str], *, calibration: int = 64) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
+    import _provenance  # here, not at the top: tests load this file as a module from elsewhere
+
+    _provenance.stamp()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["guest"]:
         guest_main(argv[1:])

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fleet"))
 import _digits
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from edgetl.fleet import _edgetl as et
 from edgetl.fleet.cli import split_dataset
@@ -41,6 +42,7 @@ NAMES = [f"d{i}" for i in range(10)]
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--devices", type=int, default=8)

@@ -2,15 +2,18 @@
 the leave-one-device-out label check, of the honest 7-device merge, and of the merge with the check
 off. Engine-free, synthetic backbone-like features (the fleet unit tests' generator); seconds.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/fleet_poisoning.py
+    PYTHONPATH=.:src .venv/bin/python benchmarks/fleet_poisoning.py   # it reuses the fleet tests' generator
 """
 
 from __future__ import annotations
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 import edgetl.fleet.merger as M
 from tests.fleet.test_poisoning import NAMES, _accuracy, _poisoned, _split, _two_class_devices
+
+_provenance.stamp()
 
 SEEDS = 5
 

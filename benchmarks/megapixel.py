@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -234,6 +235,7 @@ def run_one(data: Path, out: Path, cache: str, extra_head: dict | None = None) -
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=["brick", "gravel", "retina"])
     ap.add_argument("--seed", type=int, default=0)

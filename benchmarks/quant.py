@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 
@@ -40,6 +41,7 @@ def _timed(fn) -> float:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=48)
     ap.add_argument("--json", action="store_true")

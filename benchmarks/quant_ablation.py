@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 # (row label, base profile, quantization overrides)
@@ -43,6 +44,7 @@ RECIPES = [
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--calibration", type=int, default=128)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -108,6 +110,7 @@ def _shrink(png: Path, limit: int = 300_000) -> int:
 
 
 def main(argv=None) -> int:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, help="Keep datasets, bundles and reports here (default: a temp dir).")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="Where the screenshots go.")

@@ -36,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -213,6 +214,7 @@ def adapt_now(svc: Service) -> dict:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/serve-bench"))
     ap.add_argument("--runs", type=int, default=3)

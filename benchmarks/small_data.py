@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 from PIL import Image
 
@@ -321,6 +322,7 @@ def text_calibration(work: Path, cache: Path, seeds: int) -> dict:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shots", help="images a class to sweep, e.g. 1,3,5,10,20 (the default fit per setting)")
     ap.add_argument("--int8", action="store_true", help="--shots: fit the default INT8 profile (slower)")

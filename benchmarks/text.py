@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import numpy as np
 
 
@@ -31,6 +32,7 @@ def _rate(encoder, texts: list[str], batch: int) -> float:
 
 
 def main() -> None:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime")
     ap.add_argument("--batch", type=int, default=32, help="texts per runtime call for throughput")

@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _provenance  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 import _shared as F
 import numpy as np
 from PIL import Image
@@ -513,6 +514,7 @@ def report(results: list[dict], lat: dict, budget: float, example: list[dict]) -
 
 
 def main(argv=None) -> int:
+    _provenance.stamp()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/transfer-work"))
     ap.add_argument("--seeds", type=int, default=5)
