@@ -126,3 +126,27 @@ def test_a_bad_camera_file_is_one_line_naming_it(tmp_path, name, text, says):
     with pytest.raises(ConfigError, match=says) as err:
         Roi.load(str(path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_no_pretraining_baseline_sees_the_region(tmp_path):
+    """The negative-transfer baseline describes what the backbone sees: the region of interest, not
+    the whole frame (so a check on a station with a fixture is not judged on the fixture)."""
+    from types import SimpleNamespace
+
+    from edgetl.core.features import FeatureCache
+    from edgetl.core.preprocess import PreprocessConfig, Roi
+    from edgetl.tasks.classify.data import Sample
+    from edgetl.tasks.classify.task import ImageClassifyTask
+    from edgetl.transfer.negative import pixel_baseline_features
+
+    frame = _frame(skdata.brick(), skdata.grass(), 0)
+    frame.save(tmp_path / "frame.png")
+    x, y, w, h = ROI
+    frame.crop((x, y, x + w, y + h)).save(tmp_path / "region.png")
+    pre = PreprocessConfig(input_size=224, crop_pct=0.875, interpolation="bicubic", roi=Roi(*ROI))
+    exported = SimpleNamespace(preprocess=pre.to_dict())
+    item = Sample(tmp_path / "frame.png", "brick", "d" * 64)
+    got = ImageClassifyTask().baseline_features([item], FeatureCache(tmp_path / "c", "b"), exported)[0]
+    region = pixel_baseline_features([Image.open(tmp_path / "region.png")])[0]
+    whole = pixel_baseline_features([frame])[0]
+    assert np.allclose(got, region, atol=1e-6) and not np.allclose(got, whole, atol=1e-2)

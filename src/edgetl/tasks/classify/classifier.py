@@ -10,6 +10,8 @@ features (:meth:`ClassifierTask.features`, :meth:`ClassifierTask.scan`,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -488,10 +490,12 @@ class ClassifierTask(Task):
 
         if not len(trained.outcome):
             return None
-        cache = FeatureCache(cache_root, self.baseline_key)
+        # keyed by the preprocessing too: another region of interest is another baseline
+        prep = hashlib.sha256(json.dumps(exported.preprocess, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        cache = FeatureCache(cache_root, f"{self.baseline_key}-{prep}")
         index = {label: i for i, label in enumerate(data.classes)}
         y_tr = np.array([index[s.label] for s in data.train], np.int64)
-        B_tr = self.baseline_features(data.train, cache)
+        B_tr = self.baseline_features(data.train, cache, exported)
         f = trained.features
         ok = ~np.isnan(f["oof_logits"][:, 0])
         cfg = HeadConfig(kind="linear", seed=0)
@@ -499,7 +503,7 @@ class ClassifierTask(Task):
         evidence = [np.argmax(cf.logits[ok], axis=1) == y_tr[ok]]
         if data.val:
             y_va = np.array([index[s.label] for s in data.val], np.int64)
-            evidence.append(cf.head.predict(self.baseline_features(data.val, cache)) == y_va)
+            evidence.append(cf.head.predict(self.baseline_features(data.val, cache, exported)) == y_va)
         baseline = np.concatenate(evidence)
         if len(baseline) != len(trained.outcome):
             return None
@@ -513,8 +517,9 @@ class ClassifierTask(Task):
         )
         return check.to_dict()
 
-    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
-        """A no-pretraining description of each item (cached per item digest)."""
+    def baseline_features(self, items: Sequence, cache, exported) -> np.ndarray:
+        """A no-pretraining description of each item as the backbone's preprocessing presents it
+        (cached per item digest)."""
         raise NotImplementedError
 
     def accuracy_score(self, reference: Trained, data):

@@ -65,13 +65,15 @@ class ImageClassifyTask(ClassifierTask):
 
         return BASELINE_NAME
 
-    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
+    def baseline_features(self, items: Sequence, cache, exported) -> np.ndarray:
         from ...core.preprocess import load_rgb
         from ...transfer.negative import pixel_baseline_features
 
+        # the baseline sees what the backbone sees: the bundle's region of interest, decoded as sized
+        pre = PreprocessConfig.from_dict(exported.preprocess)
         rows = [cache.get(s.digest, 0) for s in items]
         for i in [i for i, r in enumerate(rows) if r is None]:
-            rows[i] = pixel_baseline_features([load_rgb(items[i].path)])[0]
+            rows[i] = pixel_baseline_features([load_rgb(items[i].path, cfg=pre)])[0]
             cache.put(items[i].digest, 0, rows[i])
         return np.stack(rows)
 

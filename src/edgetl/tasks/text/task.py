@@ -133,7 +133,7 @@ class TextTask(ClassifierTask):
 
         return TEXT_BASELINE_NAME
 
-    def baseline_features(self, items: Sequence, cache) -> np.ndarray:
+    def baseline_features(self, items: Sequence, cache, exported) -> np.ndarray:
         from ...transfer.negative import bag_of_words_features
 
         return bag_of_words_features(s.text for s in items)
