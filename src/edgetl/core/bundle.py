@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BundleError, TrustError
+from ..errors import BundleError, TrustError, UnknownVersion
 from .lock import LOCK_NAME, writer_lock
 from .manifest import MAX_MANIFEST_BYTES, read_json, regular_file, validate
 from .preprocess import PreprocessConfig
@@ -257,7 +257,7 @@ class Bundle:
             if entry["version"] == version:
                 return entry
         known = [e["version"] for e in self.manifest["head"]["versions"]]
-        raise BundleError(f"{self.path}: no head version {version}; versions here: {known}")
+        raise UnknownVersion(f"{self.path}: no head version {version}; versions here: {known}")
 
 
 def _manifest_stamp(path: Path):
