@@ -87,6 +87,12 @@ def sign_option(what: str):
     )
 
 
+def _operations() -> list[str]:
+    from .core.signing import OPERATIONS
+
+    return list(OPERATIONS)
+
+
 def _signer(sign_key):
     from .core.signing import signing_key_from
 
@@ -723,25 +729,42 @@ def threshold(bundle, value, wait, sign_key, as_json):
     show_default=True,
     help="Folder for NAME.key (private, mode 0600) and NAME.pub.",
 )
+@click.option(
+    "--device",
+    "device_key",
+    is_flag=True,
+    help="A device's own key: its policy entry may adapt, roll back and set thresholds, never release.",
+)
+@click.option(
+    "--may",
+    "may",
+    multiple=True,
+    type=click.Choice(_operations()),
+    help="An operation the printed policy entry allows (repeat it).  [default: release, adapt, rollback, "
+    "threshold; with --device: adapt, rollback, threshold]",
+)
 @json_option
 @handle_errors
-def keygen(name, out, as_json):
+def keygen(name, out, device_key, may, as_json):
     """Make an Ed25519 key pair for signing bundles (NAME.key) and trusting them (NAME.pub).
 
     Sign with `edgetl fit/export/adapt/rollback/threshold --sign NAME.key` (or EDGETL_SIGN_KEY);
     on a device, list the .pub in a trust policy and run with `edgetl --trust POLICY.toml` (or
     EDGETL_TRUST). Keep .key files only where bundles are made or adapted.
     """
-    from .core.signing import generate_key, load_signing_key
+    from .core.signing import DEVICE_OPERATIONS, FACTORY_OPERATIONS, generate_key, load_signing_key, policy_entry
 
+    if device_key and may:
+        raise ConfigError("--device and --may both say what the key may do; give one of them")
+    ops = tuple(dict.fromkeys(may)) or (DEVICE_OPERATIONS if device_key else FACTORY_OPERATIONS)
     priv, pub = generate_key(name, out)
     kid = load_signing_key(priv).key_id
+    entry = policy_entry(pub.read_text(), ops)
     emit(
-        {"private_key": str(priv), "public_key": str(pub), "key_id": kid},
+        {"private_key": str(priv), "public_key": str(pub), "key_id": kid, "may": list(ops), "policy": entry},
         as_json,
         f"wrote {safe(priv)} (private: keep it secret) and {safe(pub)} (public: key id {kid})\n"
-        f'trust it on a device with a policy file:\n  [[key]]\n  name = "{name}"\n'
-        f'  public_key = "{pub.read_text().strip()}"\n  may = ["release", "adapt", "rollback", "threshold"]',
+        "trust it on a device with a policy file (edgetl --trust POLICY.toml):\n" + entry,
     )
 
 

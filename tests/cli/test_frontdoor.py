@@ -1,0 +1,45 @@
+"""What a new user meets first: keys and their policy entries, hints on mistyped arguments,
+messages that say what a number measures."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def _normalised(text: str) -> str:
+    # the key bytes and key id differ on every run; everything else is what the user sees
+    text = re.sub(r"edgetl-ed25519 \S+ ", "edgetl-ed25519 KEY ", text)
+    return re.sub(r"key id [0-9a-f]{16}", "key id ID", text)
+
+
+def test_keygen_device_key_is_trusted_for_device_operations_only(tmp_path):
+    from edgetl.core.signing import DEVICE_OPERATIONS, load_trust
+
+    r = run_cli("keygen", "line3", "--device", "--out", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["may"] == list(DEVICE_OPERATIONS)
+    (tmp_path / "policy.toml").write_text(out["policy"] + "\n")
+    (key,) = load_trust(tmp_path / "policy.toml").keys
+    assert key.name == "line3" and key.may == frozenset(DEVICE_OPERATIONS) and key.key_id == out["key_id"]
+    r = run_cli("keygen", "x", "--out", tmp_path, "--may", "adapt", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["may"] == ["adapt"]
+    r = run_cli("keygen", "y", "--out", tmp_path, "--device", "--may", "adapt")
+    assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+def test_security_doc_shows_exactly_what_keygen_prints(tmp_path):
+    doc = (DOCS / "SECURITY.md").read_text()
+    block = re.search(r"```console\n(\$ edgetl keygen factory\n.*?)```", doc, re.S).group(1)
+    printed = []
+    for args in (["factory"], ["line3", "--device"]):
+        r = run_cli("keygen", *args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        printed.append(f"$ edgetl keygen {' '.join(args)}\n{r.stdout}")
+    assert _normalised("".join(printed)) == _normalised(block)
