@@ -43,3 +43,13 @@ def test_security_doc_shows_exactly_what_keygen_prints(tmp_path):
         assert r.returncode == 0, r.stderr
         printed.append(f"$ edgetl keygen {' '.join(args)}\n{r.stdout}")
     assert _normalised("".join(printed)) == _normalised(block)
+
+
+def test_report_of_an_openvino_bundle_lists_model_bin_for_an_app(surfaces, cache_dir, tmp_path):
+    out = tmp_path / "ov.bundle"
+    r = run_cli("fit", surfaces, "--out", out, "-t", "openvino-cpu", "--precision", "fp32", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("report", out, "--out", tmp_path / "r.html", "--quiet")
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "needs only <code>model.xml</code> + <code>model.bin</code>" in page

@@ -728,14 +728,15 @@ def _speed(r: ReportData, s: dict) -> str:
 
 def _deploy(r: ReportData, s: dict) -> str:
     models = s.get("models") or {}
-    fused, backbone = models.get("fused", "model.*"), models.get("backbone", "backbone.*")
+    backbone = models.get("backbone", "backbone.*")
+    app = " + ".join(f"<code>{e(f)}</code>" for f in s.get("app_files") or [models.get("fused", "model.*")])
     extra = {"openvino": "edgetl[openvino]", "onnxruntime": "edgetl"}.get(s["runtime"], "edgetl")
     if r.name == "text":
         extra = extra.replace("edgetl", "edgetl[text]") if extra == "edgetl" else "edgetl[openvino,text]"
     return (
         '<section id="deploy"><h2>On the device</h2>'
-        f"<p>An app that calls the model itself needs only <code>{e(fused)}</code> (backbone and head in one "
-        f"graph{'; and tokenizer.json' if r.name == 'text' else ''}). <code>edgetl predict / adapt / eval</code> "
+        f"<p>An app that calls the model itself needs only {app} (backbone and head in one graph). "
+        f"<code>edgetl predict / adapt / eval</code> "
         f"use the whole bundle: <code>{e(backbone)}</code> with <code>heads/</code>, so that <code>adapt</code> can "
         f"train a new head on the device; install with <code>pip install '{e(extra)}'</code> (no torch).</p>"
         "</section>"
