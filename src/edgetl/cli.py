@@ -422,7 +422,12 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
     help="Comma-separated backbones to compare (registry or timm names).  "
     "[default: every built-in one: efficientnet_lite0,1,2]",
 )
-@click.option("--target", "-t", help="Its latency budget bounds the choice (unless --budget-ms).")
+@click.option(
+    "--target",
+    "-t",
+    help="Time each backbone as this target ships it (e.g. INT8); its latency budget bounds the choice "
+    "(unless --budget-ms).  [default: FP32 ONNX Runtime, no budget]",
+)
 @click.option("--budget-ms", type=float, help="Batch-1 latency budget in ms for the choice.")
 @click.option(
     "--by",

@@ -53,3 +53,13 @@ def test_report_of_an_openvino_bundle_lists_model_bin_for_an_app(surfaces, cache
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "r.html").read_text()
     assert "needs only <code>model.xml</code> + <code>model.bin</code>" in page
+
+
+def test_rank_for_an_int8_target_judges_the_budget_on_the_int8_model(surfaces, cache_dir):
+    r = run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "-t", "cpu-x86", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "INT8 onnxruntime (what cpu-x86 ships)" in out["latency"]
+    assert out["budget_ms"] == 20.0 and "(latency: batch-1 INT8" in out["reason"]
+    plain = json.loads(run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "--json", "--quiet").stdout)
+    assert plain["latency"] == "batch-1 FP32 onnxruntime on this machine"

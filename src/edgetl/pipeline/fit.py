@@ -368,6 +368,7 @@ def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: 
         )
     choice = rank(
         data,
+        target=target,
         budget_ms=target.latency_budget_ms or None,
         seed=options.seed,
         val_split=options.val_split,
