@@ -163,3 +163,33 @@ def feature_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = np.sum(a * b, axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12
     return num / den
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per row: every class shuffled (seeded) and dealt round-robin, continuing where the
+    previous class stopped so fold sizes differ by at most one row."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(y), np.int64)
+    offset = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        out[idx] = (np.arange(len(idx)) + offset) % folds
+        offset = (offset + len(idx)) % folds
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Numerically stable softmax over the last axis; keeps a floating input's dtype.
+
+    Args:
+        z: Logits of any shape, classes on the last axis.
+
+    Returns:
+        Probabilities of the same shape; each row sums to 1.
+    """
+    z = np.asarray(z)
+    if not np.issubdtype(z.dtype, np.floating):
+        z = z.astype(np.float64)
+    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)

@@ -42,7 +42,8 @@ import numpy as np
 
 from ..core.gate import paired_difference_interval as paired_difference
 from ..core.gate import wilson_interval as wilson
-from ._stats import grouped_folds, kendall_tau_b, stratified_folds, train_linear_head
+from ..core.metrics import stratified_folds
+from ._stats import grouped_folds, kendall_tau_b, train_linear_head
 from .evidence import logme
 
 __all__ = [
