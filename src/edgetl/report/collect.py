@@ -100,6 +100,7 @@ def summary(r: ReportData) -> dict:
         "leakage": rec.get("leakage"),
         "conversion": rec.get("conversion") or {},
         "threshold": (m.get("thresholds") or {}).get(r.task.threshold_key),
+        "threshold_policy": b.head_entry().get("threshold_policy"),
         "training": m.get("training", {}).get("counts"),
         "created": m["head"]["versions"][0].get("created"),
         "models": m.get("models", {}),

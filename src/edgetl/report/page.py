@@ -470,6 +470,17 @@ def _defects(r: ReportData, s: dict) -> str:
     )
     out = [f'<section id="evaluation"><h2>Defect detection: {where}</h2>']
     c = shown.get("confusion") or {}
+    # A threshold picked for the best F1 on labelled images makes F1 on those images optimistic:
+    # say so, with the out-of-fold figure fit recorded (the cut chosen without each image).
+    oof = rec.get("f1_out_of_fold")
+    policy = str(s.get("threshold_policy") or "")
+    in_sample = ""
+    if policy.startswith("best F1"):
+        in_sample = (
+            "; in-sample: the threshold was chosen for the best F1 on these images"
+            if m is None
+            else "; the threshold was chosen for the best F1 on the fit's labelled test images (in-sample on those)"
+        ) + (f"; out of fold at fit {key('f1_out_of_fold', num(oof))}" if oof is not None else "")
     cards = [
         card(
             "image AUROC",
@@ -486,7 +497,7 @@ def _defects(r: ReportData, s: dict) -> str:
         card(
             "F1 at the threshold",
             key("f1", num(shown.get("f1"))),
-            f"precision {num(shown.get('precision'))}, recall {num(shown.get('recall'))}",
+            f"precision {num(shown.get('precision'))}, recall {num(shown.get('recall'))}" + in_sample,
         ),
         card(
             "at the threshold",
@@ -502,6 +513,7 @@ def _defects(r: ReportData, s: dict) -> str:
         "image_auroc",
         "pixel_auroc",
         "f1",
+        "f1_out_of_fold",
         "precision",
         "recall",
         "accuracy",
