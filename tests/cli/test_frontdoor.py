@@ -45,14 +45,18 @@ def test_security_doc_shows_exactly_what_keygen_prints(tmp_path):
     assert _normalised("".join(printed)) == _normalised(block)
 
 
-def test_report_of_an_openvino_bundle_lists_model_bin_for_an_app(surfaces, cache_dir, tmp_path):
+def test_fp32_openvino_bundle_gate_is_not_applicable_and_its_report_lists_model_bin(surfaces, cache_dir, tmp_path):
     out = tmp_path / "ov.bundle"
     r = run_cli("fit", surfaces, "--out", out, "-t", "openvino-cpu", "--precision", "fp32", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
+    # FP32 against the FP32 reference: no quantization, so no verdict about one
+    gate = json.loads(r.stdout)["gate"]
+    assert gate["verdict"] == "not applicable" and gate["passed"] and "no quantization" in gate["method"]
     r = run_cli("report", out, "--out", tmp_path / "r.html", "--quiet")
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "r.html").read_text()
     assert "needs only <code>model.xml</code> + <code>model.bin</code>" in page
+    assert 'data-key="gate">not applicable<' in page and "no quantization to check" in page
 
 
 def test_rank_for_an_int8_target_judges_the_budget_on_the_int8_model(surfaces, cache_dir):

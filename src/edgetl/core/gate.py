@@ -147,6 +147,10 @@ def delong(y, scores_a, scores_b) -> tuple[float, float, float]:
     return float(aucs[0]), float(aucs[1]), max(0.0, float(var))
 
 
+# The verdict of a "gate" with no conversion to judge (FP32 shipped, FP32 reference).
+NOT_APPLICABLE = "not applicable"
+
+
 @dataclass(frozen=True)
 class GateDecision:
     """What the gate decided and on which evidence. Points (pp) are percentage points of the metric.
@@ -156,7 +160,8 @@ class GateDecision:
         reference / value: the FP32 and the converted model's figure (0..1).
         drop_pp: reference minus value, in points; ``lower_pp`` / ``upper_pp`` its one-sided
             ``confidence`` bounds.
-        verdict: ``passed``, ``inconclusive``, ``refused`` or ``not measured``.
+        verdict: ``passed``, ``inconclusive``, ``refused``, ``not measured`` or ``not applicable``
+            (nothing was quantized: an FP32 model against the FP32 reference).
         needed_items: for an inconclusive verdict, about how many validation items (at the rates
             observed) would settle it.
     """
@@ -194,6 +199,8 @@ class GateDecision:
 
     def describe(self) -> str:
         """One line for people: the drop, its interval, the tolerance and what was decided."""
+        if self.verdict == NOT_APPLICABLE:
+            return f"{self.metric.replace('_', ' ')}: {NOT_APPLICABLE} ({self.method})"
         if self.drop_pp is None:
             return f"{self.metric}: not measured ({self.method or 'no reference'})"
         pp = lambda v: f"{v + 0.0:.2f}".replace("-0.00", "0.00")  # noqa: E731 - no "-0.00" for people

@@ -42,11 +42,11 @@ td.diag { font-weight: 650; }
 .verdict { border-left: 7px solid var(--orange); }
 .verdict.passed { border-left-color: var(--blue); }
 .verdict.refused { border-left-color: var(--verm); }
-.verdict.not-measured { border-left-color: var(--line); }
+.verdict.not-measured, .verdict.not-applicable { border-left-color: var(--line); }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-weight: 650; font-size: 12.5px;
          border: 1.5px solid currentColor; }
 .badge.passed { color: var(--blue); } .badge.refused { color: var(--verm); }
-.badge.inconclusive { color: #8a5a00; } .badge.not-measured { color: var(--muted); }
+.badge.inconclusive { color: #8a5a00; } .badge.not-measured, .badge.not-applicable { color: var(--muted); }
 .row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 figure { margin: 6px 0; break-inside: avoid; }
 figure img { max-width: 100%; height: auto; display: block; }
@@ -222,6 +222,12 @@ def _gate(r: ReportData, s: dict, gate: dict, verdict: str) -> str:
         return '<p class="note">No conversion gate recorded (a bundle made before the gate existed).</p>'
     g = GateDecision.from_dict(gate)
     metric = g.metric.replace("_", " ")
+    if g.verdict == "not applicable":
+        body = (
+            f'<p><span class="badge {cls}">gate: {key("gate", verdict)}</span> {e(g.method)}: there is no '
+            "quantization to check.</p>"
+        )
+        return f'<div class="card verdict {cls}"><div class="k">conversion gate</div>{body}</div>'
     if g.drop_pp is None:
         body = (
             f'<p><span class="badge {cls}">gate: {key("gate", verdict)}</span> '
