@@ -67,3 +67,24 @@ def test_rank_for_an_int8_target_judges_the_budget_on_the_int8_model(surfaces, c
     assert out["budget_ms"] == 20.0 and "(latency: batch-1 INT8" in out["reason"]
     plain = json.loads(run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "--json", "--quiet").stdout)
     assert plain["latency"] == "batch-1 FP32 onnxruntime on this machine"
+
+
+def test_a_text_argument_that_names_a_file_gets_a_hint_to_use_file(tmp_path):
+    import io
+    import logging
+
+    from edgetl.tasks.text.task import TextTask
+
+    (tmp_path / "q.txt").write_text("the pump leaks\n")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("edgetl")
+    log.addHandler(handler)
+    try:
+        got = TextTask().gather_inputs([str(tmp_path / "q.txt")], stdin=io.StringIO())
+        plain = TextTask().gather_inputs(["the pump leaks"], stdin=io.StringIO())
+    finally:
+        log.removeHandler(handler)
+    assert got == [str(tmp_path / "q.txt")] and plain == ["the pump leaks"]
+    assert len(seen) == 1 and f"--file {tmp_path / 'q.txt'}" in seen[0]
