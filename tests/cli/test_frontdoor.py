@@ -65,8 +65,15 @@ def test_rank_for_an_int8_target_judges_the_budget_on_the_int8_model(surfaces, c
     out = json.loads(r.stdout)
     assert "INT8 onnxruntime (what cpu-x86 ships)" in out["latency"]
     assert out["budget_ms"] == 20.0 and "(latency: batch-1 INT8" in out["reason"]
-    plain = json.loads(run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "--json", "--quiet").stdout)
-    assert plain["latency"] == "batch-1 FP32 onnxruntime on this machine"
+    assert "rank:" not in r.stderr
+    plain = run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "--json")
+    assert json.loads(plain.stdout)["latency"] == "batch-1 FP32 onnxruntime on this machine"
+    assert "rank:" not in plain.stderr  # --json is quiet on stderr too
+    # for people: a line per candidate and one for the scoring, on stderr, as it goes
+    shown = run_cli("rank", surfaces, "--backbones", "efficientnet_lite0")
+    assert shown.returncode == 0 and "CV accuracy" in shown.stdout
+    assert "rank: efficientnet_lite0 (1 of 1)" in shown.stderr and "rank: scoring 1 backbone(s)" in shown.stderr
+    assert "rank:" not in run_cli("rank", surfaces, "--backbones", "efficientnet_lite0", "-q").stderr
 
 
 def test_a_text_argument_that_names_a_file_gets_a_hint_to_use_file(tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import tasks
+from ..core.console import status
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.targets import Target, load_target
 from ..errors import ConfigError, DataError
@@ -96,7 +97,10 @@ def rank(
     profile = load_target(target) if isinstance(target, str) else target
     budget = budget_ms if budget_ms is not None else (profile.latency_budget_ms if profile else None)
     features, latency, size = {}, {}, {}
-    for name in candidates(backbones):
+    names = candidates(backbones)
+    for i, name in enumerate(names, 1):
+        # each candidate takes seconds to a minute (export, features, conversion): say which one
+        status(f"rank: {name} ({i} of {len(names)}): features of {len(ds.train)} training images, latency", quiet=quiet)
         features[name], exported = backbone_features(ds.train, name, cache_dir=cache_root, quiet=quiet)
         model, runtime = _shipped_model(exported, profile, task, ds, seed, cache_root, quiet)
         session = open_session(model, runtime=runtime)
@@ -104,6 +108,7 @@ def rank(
         latency[name] = time_calls(lambda s=session, a=x: s(a), runs=10)["p50_ms"]
         size[name] = round(exported.path.stat().st_size / 1e6, 2)
     groups = [s.group for s in ds.train] if any(s.group for s in ds.train) else None
+    status(f"rank: scoring {len(names)} backbone(s) (cross-validated heads, LogME)", quiet=quiet)
     try:
         result = rank_backbones(
             features, [s.label for s in ds.train], groups, latency, budget or None, by=by, seed=seed
