@@ -36,6 +36,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -637,6 +638,14 @@ def update_manifest(
             manifest["signatures"] = {
                 k: v for k, v in manifest["signatures"].items() if k not in ("state", "selection", "thresholds")
             }
+            # Allowed (a device without a policy may), but the bundle silently stops loading
+            # wherever a policy is in force: the writer hears it now, not from the device later.
+            logging.getLogger("edgetl").warning(
+                "%s: signed bundle, %s without a key: the new state is unsigned, so devices with a trust "
+                "policy will refuse it; sign with --sign KEY or EDGETL_SIGN_KEY",
+                bundle.path,
+                operation,
+            )
         validate(manifest, where=str(bundle.path / MANIFEST))
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:
