@@ -95,3 +95,13 @@ def test_a_text_argument_that_names_a_file_gets_a_hint_to_use_file(tmp_path):
         log.removeHandler(handler)
     assert got == [str(tmp_path / "q.txt")] and plain == ["the pump leaks"]
     assert len(seen) == 1 and f"--file {tmp_path / 'q.txt'}" in seen[0]
+
+
+def test_fleet_join_spells_the_writer_wait_as_wait_and_still_takes_lock_wait(tmp_path):
+    h = run_cli("fleet", "join", "--help")
+    assert h.returncode == 0 and "--wait" in h.stdout and "--lock-wait" not in h.stdout
+    for spelling in ("--wait", "--lock-wait"):
+        r = run_cli(
+            "fleet", "join", tmp_path / "none", tmp_path, "--superlink", "127.0.0.1:1", "--insecure", spelling, "3"
+        )
+        assert r.returncode == 2 and "no such bundle" in r.stderr, r.stderr  # parsed: the bundle is the problem

@@ -265,8 +265,14 @@ def serve(
     help="Seconds to wait for a round to reach this device and finish.",
 )
 @click.option(
-    "--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle."
+    "--wait",
+    "lock_wait",
+    type=click.FloatRange(0),
+    default=0,
+    help="Seconds to queue behind another writer of the bundle (as every other edgetl command's --wait).",
 )
+# the spelling before --wait, still accepted
+@click.option("--lock-wait", "lock_wait_alias", type=click.FloatRange(0), hidden=True)
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's log here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_handled
@@ -285,6 +291,7 @@ def join(
     sign_key,
     timeout,
     lock_wait,
+    lock_wait_alias,
     log_dir,
     as_json,
 ):
@@ -299,6 +306,7 @@ def join(
     """
     from . import deploy
 
+    lock_wait = lock_wait if lock_wait_alias is None else lock_wait_alias
     root_ca = _tls(None, None, root_ca, insecure, server=False)
     d = deploy.join(
         bundle,
