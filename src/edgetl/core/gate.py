@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -36,15 +37,7 @@ CONFIDENCE = 0.95
 
 def _z(confidence: float) -> float:
     """The standard normal quantile for a one-sided ``confidence`` (0.95 -> 1.645)."""
-    # Acklam-free: bisection on erf keeps this numpy-only and exact to 1e-10.
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return NormalDist().inv_cdf(confidence)
 
 
 def wilson_interval(k: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
