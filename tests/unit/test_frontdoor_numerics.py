@@ -24,3 +24,16 @@ def test_stratified_folds_balance_each_class_and_softmax_rows_sum_to_one():
     assert all(abs(np.sum((f == k) & (y == c)) - np.sum(y == c) / 3) < 1 for k in range(3) for c in (0, 1))
     p = softmax(np.array([[1000.0, 0.0], [1.0, 1.0]]))
     assert np.allclose(p.sum(axis=1), 1) and np.allclose(p[1], 0.5) and p[0, 0] == 1.0
+
+
+def test_preprocess_config_and_manifest_check_share_one_bounds_table():
+    import pytest
+
+    from edgetl.core.manifest import INTERPOLATIONS, MIN_CROP_PCT, STD_RANGE
+    from edgetl.core.preprocess import _INTERPOLATION, PreprocessConfig
+
+    assert tuple(_INTERPOLATION) == INTERPOLATIONS
+    PreprocessConfig(input_size=224, crop_pct=MIN_CROP_PCT)
+    for bad in ({"crop_pct": MIN_CROP_PCT / 2}, {"std": (STD_RANGE[0] / 2,) * 3}, {"input_size": 4097}):
+        with pytest.raises(ValueError, match="preprocessing out of range"):
+            PreprocessConfig(**{"input_size": 224, **bad})
