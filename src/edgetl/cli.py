@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .core.commands import handle_errors
 from .core.console import safe
+from .core.targets import PRECISIONS, RUNTIMES
 from .errors import ConfigError
 
 log = logging.getLogger("edgetl")
@@ -133,6 +134,26 @@ def main(trust) -> None:
 
 
 # ----------------------------------------------------------------------------------------- fit
+# Choice lists come from the registries that hold the names, so a new task, precision, runtime,
+# example or score shows up in --help and is accepted without an edit here.
+def _task_names() -> list[str]:
+    from .tasks import TASKS
+
+    return sorted(TASKS)
+
+
+def _example_names() -> list[str]:
+    from .datasets import EXAMPLES
+
+    return list(EXAMPLES)
+
+
+def _rank_scores() -> list[str]:
+    from .transfer.rank import SCORES
+
+    return list(SCORES)
+
+
 def _head_kinds() -> list[str]:
     from .heads.classification import HEAD_KINDS
     from .heads.defect import DEFECT_KINDS
@@ -146,7 +167,7 @@ def _head_kinds() -> list[str]:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option(
     "--task",
-    type=click.Choice(["classify", "text", "anomaly"]),
+    type=click.Choice(_task_names()),
     help="classify (images), text, or anomaly (good images only: defect detection).  [default: text for "
     "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good folder, else classify]",
 )
@@ -180,10 +201,8 @@ def _head_kinds() -> list[str]:
     "-t",
     help="Target profile name (see `edgetl targets`) or a .toml file.  [default: openvino-cpu; text: cpu-x86]",
 )
-@click.option(
-    "--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision."
-)
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Override the target's precision.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or file.")
 @click.option(
     "--val-split",
@@ -431,7 +450,7 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
 @click.option("--budget-ms", type=float, help="Batch-1 latency budget in ms for the choice.")
 @click.option(
     "--by",
-    type=click.Choice(["cv", "logme"]),
+    type=click.Choice(_rank_scores()),
     default="cv",
     show_default=True,
     help="The score that decides: cross-validated head accuracy, or LogME (no training).",
@@ -524,8 +543,8 @@ def drift_cmd(bundle, data, alpha, fail_on, as_json, quiet):
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--target", "-t", help="Target profile name or .toml file (default: the run's).")
-@click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Precision of the new bundle.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Runtime of the new bundle.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Precision of the new bundle.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Runtime of the new bundle.")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data, if it moved since the run.")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than allowed.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
@@ -585,7 +604,7 @@ def targets(as_json):
 
 # ------------------------------------------------------------------------------------ example
 @main.command()
-@click.argument("name", type=click.Choice(["surfaces", "defects", "tickets"]))
+@click.argument("name", type=click.Choice(_example_names()))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")

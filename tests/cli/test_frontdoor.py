@@ -105,3 +105,14 @@ def test_fleet_join_spells_the_writer_wait_as_wait_and_still_takes_lock_wait(tmp
             "fleet", "join", tmp_path / "none", tmp_path, "--superlink", "127.0.0.1:1", "--insecure", spelling, "3"
         )
         assert r.returncode == 2 and "no such bundle" in r.stderr, r.stderr  # parsed: the bundle is the problem
+
+
+def test_choice_lists_come_from_the_registries():
+    from edgetl.core.targets import PRECISIONS, RUNTIMES
+    from edgetl.datasets import EXAMPLES
+    from edgetl.tasks import TASKS
+
+    fit = run_cli("fit", "--help").stdout
+    assert f"[{'|'.join(sorted(TASKS))}]" in fit
+    assert f"[{'|'.join(PRECISIONS)}]" in fit and f"[{'|'.join(RUNTIMES)}]" in fit
+    assert f"{{{'|'.join(EXAMPLES)}}}" in run_cli("example", "--help").stdout

@@ -82,10 +82,10 @@ def rank(
         ConfigError: an unknown backbone, target or score.
     """
     from ..core.sessions import open_session, time_calls
-    from ..transfer.rank import rank_backbones
+    from ..transfer.rank import SCORES, rank_backbones
 
-    if by not in ("cv", "logme"):
-        raise ConfigError(f"--by {by!r}: use cv or logme")
+    if by not in SCORES:
+        raise ConfigError(f"--by {by!r}: use {' or '.join(SCORES)}")
     task = tasks.get("classify")
     if tasks.for_data(data).name != task.name:
         raise ConfigError(
