@@ -8,7 +8,6 @@ input, 3 a device's gate refused the global head, 4 the bundle is busy, 5 a sign
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -17,33 +16,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..core.commands import handle_errors
 from ..core.console import clip
 from . import _edgetl as et
 from .summaries import DEFAULT_BASE
 
 _SPLITS = ("class", "dirichlet")
-
-
-def _fail(exc: BaseException, as_json: bool) -> None:
-    code = getattr(exc, "exit_code", 2)
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if as_json:
-        click.echo(json.dumps({"error": msg, "exit_code": code}))
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(code)
-
-
-def _handled(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except et.EdgetlError as exc:
-            _fail(exc, kwargs.get("as_json", False))
-        except (OSError, ValueError) as exc:  # unreadable files, bad numbers from the user
-            _fail(et.FleetError(f"{type(exc).__name__}: {exc}"), kwargs.get("as_json", False))
-
-    return wrapper
 
 
 def _echo(report: dict, as_json: bool, text: str) -> None:
@@ -152,7 +130,7 @@ def fleet() -> None:
 )
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's logs here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def serve(
     bundle,
     devices,
@@ -275,7 +253,7 @@ def serve(
 @click.option("--lock-wait", "lock_wait_alias", type=click.FloatRange(0), hidden=True)
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's log here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def join(
     bundle,
     data,
@@ -427,7 +405,7 @@ def split_dataset(
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def simulate(data, bundle, out, devices, split, classes_per_device, alpha, engine, kind, base, rounds, seed, as_json):
     """Simulate a fleet round on one machine: DATA (an image folder) split among N devices.
 
