@@ -127,10 +127,10 @@ def main(trust) -> None:
     Exit codes: 0 ok, 2 a usage or input problem (one line says which), 3 a gate refused,
     4 another process is writing the bundle (--wait), 5 a signature check refused it.
     """
-    import os
+    from .core.signing import use_trust
 
-    if trust:
-        os.environ["EDGETL_TRUST"] = str(trust)  # library calls below read the policy from here
+    # The process's policy for every bundle load and write below; its environment is not touched.
+    use_trust(trust)
 
 
 # ----------------------------------------------------------------------------------------- fit

@@ -250,8 +250,25 @@ def load_trust(path: str | Path) -> TrustPolicy:
     return TrustPolicy(tuple(keys), str(path))
 
 
+# The policy file the command line named (``edgetl --trust``); it wins over EDGETL_TRUST.
+_trust_path: str | None = None
+
+
+def use_trust(path: str | Path | None) -> None:
+    """Make ``path`` this process's trust policy (None: EDGETL_TRUST decides again). The CLI calls
+    it with ``--trust``; the environment of the process is left as it was."""
+    global _trust_path
+    _trust_path = str(path) if path else None
+
+
+def trust_path() -> str | None:
+    """The trust policy in force: the one :func:`use_trust` named, else ``EDGETL_TRUST``, else None."""
+    return _trust_path or os.environ.get("EDGETL_TRUST") or None
+
+
 def policy_from_env() -> TrustPolicy | None:
-    path = os.environ.get("EDGETL_TRUST")
+    """The trust policy in force (:func:`trust_path`), read and checked; None without one."""
+    path = trust_path()
     return load_trust(path) if path else None
 
 

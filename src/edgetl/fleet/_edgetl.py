@@ -32,7 +32,7 @@ from ..core.features import ImageExtractor
 from ..core.metrics import auroc as _auroc
 from ..core.metrics import softmax
 from ..core.sessions import bundle_session
-from ..core.signing import signing_key_from
+from ..core.signing import policy_from_env, sign_delivery, signing_key_from, trust_path, verify_delivery
 from ..core.versions import add_version
 from ..core.versions import for_update as _for_update
 from ..device import adapt as _adapt
@@ -65,6 +65,10 @@ __all__ = [
     "MissingDependency",
     "TrustError",
     "softmax",
+    "policy_from_env",
+    "sign_delivery",
+    "trust_path",
+    "verify_delivery",
     "FleetError",
 ]
 
