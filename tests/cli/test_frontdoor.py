@@ -51,6 +51,11 @@ def test_fp32_openvino_bundle_gate_is_not_applicable_and_its_report_lists_model_
     assert r.returncode == 0, r.stderr
     # FP32 against the FP32 reference: no quantization, so no verdict about one
     gate = json.loads(r.stdout)["gate"]
+    import numpy as np
+
+    stack = json.loads((out / "report.json").read_text())["numerics"]["stack"]
+    assert set(stack) == {"onnxruntime", "openvino", "nncf", "numpy", "torch", "timm"}
+    assert stack["numpy"] == np.__version__
     assert gate["verdict"] == "not applicable" and gate["passed"] and "no quantization" in gate["method"]
     r = run_cli("report", out, "--out", tmp_path / "r.html", "--quiet")
     assert r.returncode == 0, r.stderr

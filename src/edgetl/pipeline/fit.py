@@ -367,6 +367,23 @@ def fit(
     return FitResult(bundle, trained.metrics, report, run.data, run.timings, task)
 
 
+# The packages whose versions change a bundle's numbers (constraints/bench.txt pins them).
+NUMERICS_STACK = ("onnxruntime", "openvino", "nncf", "numpy", "torch", "timm")
+
+
+def stack_versions() -> dict[str, str | None]:
+    """The installed version of each package of :data:`NUMERICS_STACK` (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in NUMERICS_STACK:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: Path):
     """``--backbone auto``: the backbone :func:`edgetl.pipeline.rank.rank` chooses on the training
     split (cheapest not shown worse than the best, within the target's latency budget)."""
@@ -558,6 +575,8 @@ def _write(
                 "features": trained.session.describe(),
                 "fused": fused_session.describe(),
                 "target_float_precision": target.session_precision,
+                # what made these numbers: a figure is compared with another made on the same stack
+                "stack": stack_versions(),
             },
             **({"target_adjusted": list(target.adjusted)} if target.adjusted else {}),
             **speed,
