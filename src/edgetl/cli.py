@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .core.commands import handle_errors
 from .core.console import safe
+from .core.targets import PRECISIONS, RUNTIMES
 from .errors import ConfigError
 
 log = logging.getLogger("edgetl")
@@ -87,6 +88,12 @@ def sign_option(what: str):
     )
 
 
+def _operations() -> list[str]:
+    from .core.signing import OPERATIONS
+
+    return list(OPERATIONS)
+
+
 def _signer(sign_key):
     from .core.signing import signing_key_from
 
@@ -120,13 +127,33 @@ def main(trust) -> None:
     Exit codes: 0 ok, 2 a usage or input problem (one line says which), 3 a gate refused,
     4 another process is writing the bundle (--wait), 5 a signature check refused it.
     """
-    import os
+    from .core.signing import use_trust
 
-    if trust:
-        os.environ["EDGETL_TRUST"] = str(trust)  # library calls below read the policy from here
+    # The process's policy for every bundle load and write below; its environment is not touched.
+    use_trust(trust)
 
 
 # ----------------------------------------------------------------------------------------- fit
+# Choice lists come from the registries that hold the names, so a new task, precision, runtime,
+# example or score shows up in --help and is accepted without an edit here.
+def _task_names() -> list[str]:
+    from .tasks import TASKS
+
+    return sorted(TASKS)
+
+
+def _example_names() -> list[str]:
+    from .datasets import EXAMPLES
+
+    return list(EXAMPLES)
+
+
+def _rank_scores() -> list[str]:
+    from .transfer.rank import SCORES
+
+    return list(SCORES)
+
+
 def _head_kinds() -> list[str]:
     from .heads.classification import HEAD_KINDS
     from .heads.defect import DEFECT_KINDS
@@ -140,7 +167,7 @@ def _head_kinds() -> list[str]:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option(
     "--task",
-    type=click.Choice(["classify", "text", "anomaly"]),
+    type=click.Choice(_task_names()),
     help="classify (images), text, or anomaly (good images only: defect detection).  [default: text for "
     "a CSV/TSV/JSONL file with a text column, anomaly for a DATA/train/good folder, else classify]",
 )
@@ -174,10 +201,8 @@ def _head_kinds() -> list[str]:
     "-t",
     help="Target profile name (see `edgetl targets`) or a .toml file.  [default: openvino-cpu; text: cpu-x86]",
 )
-@click.option(
-    "--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Override the target's precision."
-)
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Override the target's runtime.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Override the target's precision.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Override the target's runtime.")
 @click.option("--val", type=click.Path(path_type=Path), help="Separate validation folder or file.")
 @click.option(
     "--val-split",
@@ -417,11 +442,16 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
     help="Comma-separated backbones to compare (registry or timm names).  "
     "[default: every built-in one: efficientnet_lite0,1,2]",
 )
-@click.option("--target", "-t", help="Its latency budget bounds the choice (unless --budget-ms).")
+@click.option(
+    "--target",
+    "-t",
+    help="Time each backbone as this target ships it (e.g. INT8); its latency budget bounds the choice "
+    "(unless --budget-ms).  [default: FP32 ONNX Runtime, no budget]",
+)
 @click.option("--budget-ms", type=float, help="Batch-1 latency budget in ms for the choice.")
 @click.option(
     "--by",
-    type=click.Choice(["cv", "logme"]),
+    type=click.Choice(_rank_scores()),
     default="cv",
     show_default=True,
     help="The score that decides: cross-validated head accuracy, or LogME (no training).",
@@ -514,8 +544,8 @@ def drift_cmd(bundle, data, alpha, fail_on, as_json, quiet):
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--target", "-t", help="Target profile name or .toml file (default: the run's).")
-@click.option("--precision", type=click.Choice(["int8", "bf16", "fp16", "fp32"]), help="Precision of the new bundle.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), help="Runtime of the new bundle.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Precision of the new bundle.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="Runtime of the new bundle.")
 @click.option("--data", type=click.Path(path_type=Path), help="Training data, if it moved since the run.")
 @click.option("--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than allowed.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
@@ -575,7 +605,7 @@ def targets(as_json):
 
 # ------------------------------------------------------------------------------------ example
 @main.command()
-@click.argument("name", type=click.Choice(["surfaces", "defects", "tickets"]))
+@click.argument("name", type=click.Choice(_example_names()))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
@@ -724,25 +754,42 @@ def threshold(bundle, value, wait, sign_key, as_json):
     show_default=True,
     help="Folder for NAME.key (private, mode 0600) and NAME.pub.",
 )
+@click.option(
+    "--device",
+    "device_key",
+    is_flag=True,
+    help="A device's own key: its policy entry may adapt, roll back and set thresholds, never release.",
+)
+@click.option(
+    "--may",
+    "may",
+    multiple=True,
+    type=click.Choice(_operations()),
+    help="An operation the printed policy entry allows (repeat it).  [default: release, adapt, rollback, "
+    "threshold; with --device: adapt, rollback, threshold]",
+)
 @json_option
 @handle_errors
-def keygen(name, out, as_json):
+def keygen(name, out, device_key, may, as_json):
     """Make an Ed25519 key pair for signing bundles (NAME.key) and trusting them (NAME.pub).
 
     Sign with `edgetl fit/export/adapt/rollback/threshold --sign NAME.key` (or EDGETL_SIGN_KEY);
     on a device, list the .pub in a trust policy and run with `edgetl --trust POLICY.toml` (or
     EDGETL_TRUST). Keep .key files only where bundles are made or adapted.
     """
-    from .core.signing import generate_key, load_signing_key
+    from .core.signing import DEVICE_OPERATIONS, FACTORY_OPERATIONS, generate_key, load_signing_key, policy_entry
 
+    if device_key and may:
+        raise ConfigError("--device and --may both say what the key may do; give one of them")
+    ops = tuple(dict.fromkeys(may)) or (DEVICE_OPERATIONS if device_key else FACTORY_OPERATIONS)
     priv, pub = generate_key(name, out)
     kid = load_signing_key(priv).key_id
+    entry = policy_entry(pub.read_text(), ops)
     emit(
-        {"private_key": str(priv), "public_key": str(pub), "key_id": kid},
+        {"private_key": str(priv), "public_key": str(pub), "key_id": kid, "may": list(ops), "policy": entry},
         as_json,
         f"wrote {safe(priv)} (private: keep it secret) and {safe(pub)} (public: key id {kid})\n"
-        f'trust it on a device with a policy file:\n  [[key]]\n  name = "{name}"\n'
-        f'  public_key = "{pub.read_text().strip()}"\n  may = ["release", "adapt", "rollback", "threshold"]',
+        "trust it on a device with a policy file (edgetl --trust POLICY.toml):\n" + entry,
     )
 
 

@@ -32,6 +32,10 @@ class BundleBusy(BundleError):
     exit_code = 4
 
 
+class UnknownVersion(BundleError):
+    """A head version was named that the bundle does not hold (the service answers it with 404)."""
+
+
 class TrustError(BundleError):
     """A bundle or head version is unsigned, wrongly signed, or signed by a key the trust policy
     does not allow for what it did."""

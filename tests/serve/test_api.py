@@ -135,10 +135,15 @@ def test_bad_input_is_one_clear_json_line_with_a_4xx(server):
         ("POST", "/v2/models/four/infer", b"{not json", 422, "KServe v2 JSON"),
         ("GET", "/nothing/here", None, 404, "no such route"),
         ("POST", "/feedback", {"id": "0123456789abcdef", "label": "wood"}, 404, "no longer held"),
-        ("POST", "/feedback", {"id": "../../etc/passwd", "label": "wood"}, 422, "give the 'id'"),
+        # an id names a resource: one that names no prediction is 404 whatever its shape
+        ("POST", "/feedback", {"id": "../../etc/passwd", "label": "wood"}, 404, "no prediction"),
+        ("POST", "/feedback", {"id": 7, "label": "wood"}, 422, "give the 'id'"),
+        ("POST", "/rollback", {"to": 99}, 404, "no head version 99"),
     ]
     for method, path, data, code, words in cases:
-        status, headers, body = http(method, server.url + path, data, auth() if path == "/feedback" else None)
+        status, headers, body = http(
+            method, server.url + path, data, auth() if path in ("/feedback", "/rollback") else None
+        )
         assert status == code, (path, status, body)
         err = json.loads(body)["error"]
         assert "\n" not in err and (words is None or words in err), (path, err)

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from edgetl.core.metrics import stratified_folds
 from edgetl.transfer import kendall_tau_b, rank_backbones
-from edgetl.transfer._stats import grouped_folds, stratified_folds
+from edgetl.transfer._stats import grouped_folds
 from edgetl.transfer.rank import choose_backbone, cv_accuracy, score_backbones
 
 

@@ -331,9 +331,23 @@ def test_overlay_colours():
     im = Image.new("RGB", (10, 10), (128, 128, 128))
     m = np.zeros((10, 10), np.float32)
     m[:, 5:] = 2.0
-    out = np.asarray(overlay(im, m))
-    assert out[0, 9, 0] > out[0, 9, 2]  # red where above threshold
-    assert out[0, 0, 2] > out[0, 0, 0]  # blue where low
+    out = np.asarray(overlay(im, m)).astype(int)
+    assert out[0, 9, 0] > out[0, 9, 2] + 50 and out[0, 9].sum() > 3 * 128  # bright yellow above threshold
+    assert out[0, 0].sum() < 3 * 128  # darkened (inferno's low end) where low
+
+
+def test_one_colouring_for_predict_serve_and_report():
+    pytest.importorskip("matplotlib")
+    from edgetl.core.heatmap import blend, colormap
+    from edgetl.report.figures import overlay as report_overlay
+
+    ramp = colormap(np.linspace(0, 1, 5))
+    assert ramp[0].sum() < 20 and ramp[-1].min() > 150 and np.all(np.diff(ramp.astype(int).sum(axis=1)) > 0)
+    rgb = np.full((8, 8, 3), 100, np.uint8)
+    m = np.linspace(0, 2, 64, dtype=np.float32).reshape(8, 8)
+    ours = np.asarray(overlay(Image.fromarray(rgb), m)).astype(int)
+    assert np.array_equal(ours, np.round(blend(rgb, m)).astype(int))
+    assert report_overlay(rgb, m, None, size=8).startswith("data:image/jpeg;base64,")
 
 
 def test_heatmap_names_unique_within_a_run_and_overwritten_across_runs(tmp_path):

@@ -36,6 +36,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import secrets
@@ -46,7 +47,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BundleError, TrustError
+from ..errors import BundleError, TrustError, UnknownVersion
 from .lock import LOCK_NAME, writer_lock
 from .manifest import MAX_MANIFEST_BYTES, read_json, regular_file, validate
 from .preprocess import PreprocessConfig
@@ -258,7 +259,7 @@ class Bundle:
             if entry["version"] == version:
                 return entry
         known = [e["version"] for e in self.manifest["head"]["versions"]]
-        raise BundleError(f"{self.path}: no head version {version}; versions here: {known}")
+        raise UnknownVersion(f"{self.path}: no head version {version}; versions here: {known}")
 
 
 def _manifest_stamp(path: Path):
@@ -638,6 +639,14 @@ def update_manifest(
             manifest["signatures"] = {
                 k: v for k, v in manifest["signatures"].items() if k not in ("state", "selection", "thresholds")
             }
+            # Allowed (a device without a policy may), but the bundle silently stops loading
+            # wherever a policy is in force: the writer hears it now, not from the device later.
+            logging.getLogger("edgetl").warning(
+                "%s: signed bundle, %s without a key: the new state is unsigned, so devices with a trust "
+                "policy will refuse it; sign with --sign KEY or EDGETL_SIGN_KEY",
+                bundle.path,
+                operation,
+            )
         validate(manifest, where=str(bundle.path / MANIFEST))
         write_file_durably(bundle.path / MANIFEST, json.dumps(manifest, indent=2).encode())
     except OSError as exc:

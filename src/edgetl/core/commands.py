@@ -1,14 +1,15 @@
 """What every ``edgetl`` command does with a failure, shared by the main CLI and the command groups
 that live beside their packages (fleet, report, serve): a user mistake is one ``error:`` line and
-its exit code, never a traceback; a bug keeps its traceback."""
+its exit code, never a traceback; a bug keeps its traceback.
+
+No click here (this is the bottom layer): the lines go to stderr directly, so any command-line
+front end, click's or another, gets the same behaviour."""
 
 from __future__ import annotations
 
 import errno
 import functools
 import sys
-
-import click
 
 from ..errors import EdgetlError
 from .console import one_line
@@ -32,6 +33,10 @@ ENVIRONMENT_ERRNOS = {
 }
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def handle_errors(fn):
     """Turn EdgetlError into ``error: message`` + its exit code; Ctrl-C into exit 130."""
 
@@ -40,19 +45,19 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except EdgetlError as exc:
-            click.echo(f"error: {one_line(exc)}", err=True)
+            _say(f"error: {one_line(exc)}")
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was written", err=True)
+            _say("interrupted; nothing was written")
             sys.exit(130)
         except MemoryError:
-            click.echo("error: out of memory; lower EDGETL_MAX_MEGAPIXELS or --batch sizes, or free memory", err=True)
+            _say("error: out of memory; lower EDGETL_MAX_MEGAPIXELS or --batch sizes, or free memory")
             sys.exit(2)
         except OSError as exc:
             if exc.errno not in ENVIRONMENT_ERRNOS:
                 raise
             where = f"{one_line(exc.filename)}: " if exc.filename else ""
-            click.echo(f"error: {where}{exc.strerror}; nothing was changed", err=True)
+            _say(f"error: {where}{exc.strerror}; nothing was changed")
             sys.exit(2)
 
     return wrapper

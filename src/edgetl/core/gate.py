@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -37,15 +38,7 @@ CONFIDENCE = 0.95
 
 def _z(confidence: float) -> float:
     """The standard normal quantile for a one-sided ``confidence`` (0.95 -> 1.645)."""
-    # Acklam-free: bisection on erf keeps this numpy-only and exact to 1e-10.
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < confidence:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return NormalDist().inv_cdf(confidence)
 
 
 def wilson_interval(k: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -148,6 +141,10 @@ def delong(y, scores_a, scores_b) -> tuple[float, float, float]:
     return float(aucs[0]), float(aucs[1]), max(0.0, float(var))
 
 
+# The verdict of a "gate" with no conversion to judge (FP32 shipped, FP32 reference).
+NOT_APPLICABLE = "not applicable"
+
+
 @dataclass(frozen=True)
 class GateDecision:
     """What the gate decided and on which evidence. Points (pp) are percentage points of the metric.
@@ -157,7 +154,8 @@ class GateDecision:
         reference / value: the FP32 and the converted model's figure (0..1).
         drop_pp: reference minus value, in points; ``lower_pp`` / ``upper_pp`` its one-sided
             ``confidence`` bounds.
-        verdict: ``passed``, ``inconclusive``, ``refused`` or ``not measured``.
+        verdict: ``passed``, ``inconclusive``, ``refused``, ``not measured`` or ``not applicable``
+            (nothing was quantized: an FP32 model against the FP32 reference).
         needed_items: for an inconclusive verdict, about how many validation items (at the rates
             observed) would settle it.
     """
@@ -195,6 +193,8 @@ class GateDecision:
 
     def describe(self) -> str:
         """One line for people: the drop, its interval, the tolerance and what was decided."""
+        if self.verdict == NOT_APPLICABLE:
+            return f"{self.metric.replace('_', ' ')}: {NOT_APPLICABLE} ({self.method})"
         if self.drop_pp is None:
             return f"{self.metric}: not measured ({self.method or 'no reference'})"
         pp = lambda v: f"{v + 0.0:.2f}".replace("-0.00", "0.00")  # noqa: E731 - no "-0.00" for people

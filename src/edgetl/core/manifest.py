@@ -32,6 +32,8 @@ MAX_MANIFEST_BYTES = 8 << 20  # a manifest of thousands of head versions is stil
 MAX_JSON_BYTES = 64 << 20  # report.json and other JSON a bundle carries
 MAX_JSON_DEPTH = 64
 MAX_PATH_CHARS = 512
+# The one table of preprocessing bounds: the manifest check here and PreprocessConfig both use it.
+INPUT_SIZE_RANGE = (8, 4096)
 # How many times the input's pixels an image may be resized to before its centre crop; crop_pct
 # >= 1 / sqrt(4) = 0.5 (timm's pretrained configs use 0.75 .. 1.0).
 MAX_RESIZE_FACTOR = 4.0
@@ -41,7 +43,7 @@ MIN_CROP_PCT = 1.0 / math.sqrt(MAX_RESIZE_FACTOR)
 MEAN_RANGE = (-1.0, 2.0)
 STD_RANGE = (1e-3, 10.0)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
 def _depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -200,7 +202,7 @@ def _preprocess(pre: dict) -> None:
     if pre.get("kind") == "text":
         _number(pre, "max_length", where, lo=1, hi=65536, integer=True)
         return
-    _number(pre, "input_size", where, lo=8, hi=4096, integer=True)
+    _number(pre, "input_size", where, lo=INPUT_SIZE_RANGE[0], hi=INPUT_SIZE_RANGE[1], integer=True)
     crop = _number(pre, "crop_pct", where, lo=0.0, hi=1.0)
     if crop < MIN_CROP_PCT:
         factor = 1 / crop**2 if crop > 0 else math.inf
@@ -210,8 +212,8 @@ def _preprocess(pre: dict) -> None:
             f"least {MIN_CROP_PCT:g} (at most {MAX_RESIZE_FACTOR:g} times)"
         )
     interp = _get(pre, "interpolation", str, where)
-    if interp not in _INTERPOLATIONS:
-        raise BundleError(f"manifest: {where}interpolation {interp!r} is not one of {', '.join(_INTERPOLATIONS)}")
+    if interp not in INTERPOLATIONS:
+        raise BundleError(f"manifest: {where}interpolation {interp!r} is not one of {', '.join(INTERPOLATIONS)}")
     for key in ("mean", "std"):
         v = _get(pre, key, (list, tuple), where)
         if len(v) != 3 or not all(

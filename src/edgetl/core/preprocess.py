@@ -23,15 +23,9 @@ from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DataError, require
 from .compat import tomllib
+from .manifest import INPUT_SIZE_RANGE, INTERPOLATIONS, MEAN_RANGE, MIN_CROP_PCT, STD_RANGE
 
-_INTERPOLATION = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
+_INTERPOLATION = {name: getattr(Image.Resampling, name.upper()) for name in INTERPOLATIONS}
 
 # Transparent pixels are composited onto mid-grey: deterministic, and close to the 0.5 mean most
 # backbones normalise with, so a cut-out product photo does not gain a black or white halo.
@@ -182,17 +176,21 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"interpolation {self.interpolation!r} is not one of {sorted(_INTERPOLATION)}")
-        # Bounds that keep a hostile or mistyped manifest from allocating gigabytes or dividing by 0.
+        # The manifest check's bounds: they keep a hostile or mistyped manifest from allocating
+        # gigabytes or dividing by 0, and a config made in code from what no manifest may hold.
+        lo, hi = INPUT_SIZE_RANGE
         if not (
-            8 <= self.input_size <= 4096
-            and 0.0 < self.crop_pct <= 1.0
+            lo <= self.input_size <= hi
+            and MIN_CROP_PCT <= self.crop_pct <= 1.0
             and len(self.mean) == 3
             and len(self.std) == 3
-            and all(s > 0 for s in self.std)
+            and all(MEAN_RANGE[0] <= m <= MEAN_RANGE[1] for m in self.mean)
+            and all(STD_RANGE[0] <= s <= STD_RANGE[1] for s in self.std)
         ):
             raise ValueError(
-                f"preprocessing out of range: input_size {self.input_size} (8..4096), crop_pct "
-                f"{self.crop_pct} (0..1], std {self.std} (> 0)"
+                f"preprocessing out of range: input_size {self.input_size} ({lo}..{hi}), crop_pct "
+                f"{self.crop_pct} ({MIN_CROP_PCT:g}..1), mean {self.mean} (each {MEAN_RANGE[0]:g}..{MEAN_RANGE[1]:g}), "
+                f"std {self.std} (each {STD_RANGE[0]:g}..{STD_RANGE[1]:g})"
             )
 
     def to_dict(self) -> dict:

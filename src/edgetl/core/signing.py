@@ -53,6 +53,10 @@ PREFIX = "edgetl-ed25519"
 OPERATIONS = ("release", "adapt", "fleet", "rollback", "threshold")
 # The operations that may choose what is current (and so which fused model an app runs).
 SELECTION_OPERATIONS = ("release", "adapt", "fleet", "rollback")
+# What keygen puts in a new key's policy entry: a factory key may do everything but merge fleet
+# rounds; a device's own key may learn on the device and nothing a release fixes.
+FACTORY_OPERATIONS = ("release", "adapt", "rollback", "threshold")
+DEVICE_OPERATIONS = ("adapt", "rollback", "threshold")
 # Fields of a version entry that a later writer may change: thresholds (the thresholds statement)
 # and a regenerated fused model (the selection statement); never covered by the version's own.
 THRESHOLD_ENTRY_FIELDS = ("unknown_threshold", "threshold", "threshold_policy")
@@ -132,6 +136,14 @@ def generate_key(name: str, out_dir: str | Path) -> tuple[Path, Path]:
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     pub_path.write_text(f"{PREFIX} {base64.b64encode(raw).decode()} {name}\n")
     return priv_path, pub_path
+
+
+def policy_entry(public_line: str, may: tuple[str, ...] | list[str]) -> str:
+    """The trust-policy ``[[key]]`` table for a public key line (``edgetl-ed25519 <base64> NAME``)
+    allowed ``may``: what keygen prints and what :func:`load_trust` reads back."""
+    name = public_line.split()[-1]
+    ops = ", ".join(f'"{m}"' for m in may)
+    return f'[[key]]\nname = "{name}"\npublic_key = "{public_line.strip()}"\nmay = [{ops}]'
 
 
 def load_signing_key(path: str | Path) -> SigningKey:
@@ -239,8 +251,25 @@ def load_trust(path: str | Path) -> TrustPolicy:
     return TrustPolicy(tuple(keys), str(path))
 
 
+# The policy file the command line named (``edgetl --trust``); it wins over EDGETL_TRUST.
+_trust_path: str | None = None
+
+
+def use_trust(path: str | Path | None) -> None:
+    """Make ``path`` this process's trust policy (None: EDGETL_TRUST decides again). The CLI calls
+    it with ``--trust``; the environment of the process is left as it was."""
+    global _trust_path
+    _trust_path = str(path) if path else None
+
+
+def trust_path() -> str | None:
+    """The trust policy in force: the one :func:`use_trust` named, else ``EDGETL_TRUST``, else None."""
+    return _trust_path or os.environ.get("EDGETL_TRUST") or None
+
+
 def policy_from_env() -> TrustPolicy | None:
-    path = os.environ.get("EDGETL_TRUST")
+    """The trust policy in force (:func:`trust_path`), read and checked; None without one."""
+    path = trust_path()
     return load_trust(path) if path else None
 
 

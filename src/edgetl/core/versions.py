@@ -25,7 +25,8 @@ KEEP_FUSED = 3
 
 
 def _fault(point: str) -> None:
-    """Test hook: ``EDGETL_FAULT=<point>`` kills the process here, like a power cut would."""
+    """Test hook: ``EDGETL_FAULT=<point>`` ends the process here (exit 70), like a power cut would;
+    the crash tests need a deterministic point inside the write (docs/SECURITY.md, "Test hook")."""
     if os.environ.get("EDGETL_FAULT") == point:
         os._exit(70)
 

@@ -25,6 +25,7 @@ from ..core.bundle import sha256_file
 from ..core.features import default_cache_dir
 from ..core.preprocess import PreprocessConfig
 from ..errors import ConfigError, MissingDependency, require
+from .provenance import check_weights
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ def export_image_backbone(
         MissingDependency: torch/timm absent on a cache miss, or no weights available.
     """
     source = weight_source(spec, weights)
+    if source.kind == "package":  # a built-in backbone's package: the weights edgetl checked
+        check_weights(spec.package, source.digest, source.path)
     variant = f"|patch:{','.join(map(str, patch_reductions))}:avg3:grid{PATCH_GRID_STRIDE}" if patch_reductions else ""
     pooled = bool(patch_reductions) and patch_pooled
     variant += "|pooled" if pooled else ""

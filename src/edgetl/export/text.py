@@ -56,6 +56,7 @@ from ..core.features import default_cache_dir, file_digest
 from ..core.preprocess import DEFAULT_MAX_LENGTH, load_tokenizer
 from ..core.targets import Target
 from ..errors import ConfigError, MissingDependency, require
+from .provenance import check_weights
 
 log = logging.getLogger("edgetl")
 
@@ -124,7 +125,9 @@ def _source(spec) -> TextSource:
     """Where the spec's files are: the offline package's folder, a local folder, or the hub."""
     d = _package_dir(spec)
     if d is not None:
-        return TextSource(spec.name, str(d), True, _dir_digest(d))
+        digest = _dir_digest(d)
+        check_weights(spec.package, digest, d)  # the weights edgetl checked, or one clear line
+        return TextSource(spec.name, str(d), True, digest)
     p = Path(spec.source)
     if p.is_dir():
         return TextSource(spec.name, str(p), True, _dir_digest(p))

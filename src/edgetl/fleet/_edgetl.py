@@ -13,7 +13,7 @@ What the fleet uses, by purpose:
 * data and features: :func:`labelled_images`, :func:`good_images`, :func:`image_features`,
   :func:`patch_features` (always through the bundle's own backbone);
 * anomaly maths: :func:`merge_moments` (Chan's merge), :func:`greedy_coreset`, :func:`patch_rows`,
-  :func:`coreset_size`, :func:`fit_anomaly_head`, :func:`auroc`;
+  :func:`coreset_size`, :func:`fit_anomaly_head`, :func:`auroc`, :func:`softmax`;
 * replay memory: :func:`load_exemplars`, :func:`herding`, :func:`holdout_mask`;
 * writing a new head version: :func:`write_head_version` (the same
   :func:`edgetl.core.versions.add_version` every ``adapt`` uses), :func:`history`, :func:`rollback`.
@@ -30,8 +30,9 @@ from .. import tasks
 from ..core import bundle as _bundle
 from ..core.features import ImageExtractor
 from ..core.metrics import auroc as _auroc
+from ..core.metrics import softmax
 from ..core.sessions import bundle_session
-from ..core.signing import signing_key_from
+from ..core.signing import policy_from_env, sign_delivery, signing_key_from, trust_path, verify_delivery
 from ..core.versions import add_version
 from ..core.versions import for_update as _for_update
 from ..device import adapt as _adapt
@@ -63,6 +64,11 @@ __all__ = [
     "GateError",
     "MissingDependency",
     "TrustError",
+    "softmax",
+    "policy_from_env",
+    "sign_delivery",
+    "trust_path",
+    "verify_delivery",
     "FleetError",
 ]
 

@@ -8,7 +8,6 @@ input, 3 a device's gate refused the global head, 4 the bundle is busy, 5 a sign
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -17,33 +16,12 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..core.commands import handle_errors
 from ..core.console import clip
 from . import _edgetl as et
 from .summaries import DEFAULT_BASE
 
 _SPLITS = ("class", "dirichlet")
-
-
-def _fail(exc: BaseException, as_json: bool) -> None:
-    code = getattr(exc, "exit_code", 2)
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if as_json:
-        click.echo(json.dumps({"error": msg, "exit_code": code}))
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(code)
-
-
-def _handled(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except et.EdgetlError as exc:
-            _fail(exc, kwargs.get("as_json", False))
-        except (OSError, ValueError) as exc:  # unreadable files, bad numbers from the user
-            _fail(et.FleetError(f"{type(exc).__name__}: {exc}"), kwargs.get("as_json", False))
-
-    return wrapper
 
 
 def _echo(report: dict, as_json: bool, text: str) -> None:
@@ -152,7 +130,7 @@ def fleet() -> None:
 )
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's logs here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def serve(
     bundle,
     devices,
@@ -265,11 +243,17 @@ def serve(
     help="Seconds to wait for a round to reach this device and finish.",
 )
 @click.option(
-    "--lock-wait", type=click.FloatRange(0), default=0, help="Seconds to queue behind another writer of the bundle."
+    "--wait",
+    "lock_wait",
+    type=click.FloatRange(0),
+    default=0,
+    help="Seconds to queue behind another writer of the bundle (as every other edgetl command's --wait).",
 )
+# the spelling before --wait, still accepted
+@click.option("--lock-wait", "lock_wait_alias", type=click.FloatRange(0), hidden=True)
 @click.option("--log-dir", type=click.Path(path_type=Path), help="Keep Flower's log here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def join(
     bundle,
     data,
@@ -285,6 +269,7 @@ def join(
     sign_key,
     timeout,
     lock_wait,
+    lock_wait_alias,
     log_dir,
     as_json,
 ):
@@ -299,6 +284,7 @@ def join(
     """
     from . import deploy
 
+    lock_wait = lock_wait if lock_wait_alias is None else lock_wait_alias
     root_ca = _tls(None, None, root_ca, insecure, server=False)
     d = deploy.join(
         bundle,
@@ -419,7 +405,7 @@ def split_dataset(
 @click.option("--rounds", type=click.IntRange(1, 10_000), default=30, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_handled
+@handle_errors
 def simulate(data, bundle, out, devices, split, classes_per_device, alpha, engine, kind, base, rounds, seed, as_json):
     """Simulate a fleet round on one machine: DATA (an image folder) split among N devices.
 

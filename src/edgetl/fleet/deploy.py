@@ -190,6 +190,11 @@ def flwr_env(home: Path) -> dict:
     # the daemons start flower-superexec / flwr-serverapp / flwr-clientapp through PATH
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # the ClientApp that gates the delivered head runs in a child process: it gets the policy
+    # this process has (edgetl --trust or EDGETL_TRUST) by name
+    trust = et.trust_path()
+    if trust:
+        env["EDGETL_TRUST"] = str(Path(trust).resolve())
     return env
 
 

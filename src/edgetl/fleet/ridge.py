@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._edgetl import softmax
+
 # log-spaced penalties (per row, on standardised features) searched by GCV
 RIDGE_L2_GRID = tuple(float(v) for v in np.logspace(-5, 3, 33))
 # bounds of the ridge temperature: ridge logits are regression outputs in about [0, 1]
@@ -137,9 +139,7 @@ def temperature_terms(
     rows = np.arange(len(Z))
     zt = Z[rows, target]
     for j, s in enumerate(grid):
-        e = s * Z
-        e = np.exp(e - e.max(axis=1, keepdims=True))
-        p = e / e.sum(axis=1, keepdims=True)
+        p = softmax(s * Z)
         m1 = np.sum(p * Z, axis=1)
         m2 = np.sum(p * Z * Z, axis=1)
         slope[j] = float(w @ (m1 - zt))

@@ -60,7 +60,7 @@ import numpy as np
 
 from ..core.manifest import loads_bounded
 from . import ridge as _ridge
-from ._edgetl import FleetError
+from ._edgetl import FleetError, softmax
 
 CLASSIFY_KINDS = ("ridge", "prototype", "linear", "mlp")
 ANOMALY_KINDS = ("padim", "patchcore")
@@ -483,11 +483,6 @@ def _ridge_rows(step: Step, X, y):
     return Z, np.searchsorted(present, y[keep]), np.ones(int(keep.sum()))
 
 
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _local_fedavg(step: Step, X, y, labels) -> Summary:
     """E local full-batch gradient steps on the class-weighted cross-entropy (global standardisation
     and class weights from the server), starting from the broadcast weights."""
@@ -516,12 +511,12 @@ def _local_fedavg(step: Step, X, y, labels) -> Summary:
 def _grads(kind, p, Xs, Y, w, l2):
     """Gradients of ``sum_i w_i CE_i + l2/2 ||weights||^2`` (w sums to 1 on this device)."""
     if kind == "linear":
-        P = _softmax(Xs @ p["W"] + p["b"])
+        P = softmax(Xs @ p["W"] + p["b"])
         G = (P - Y) * w[:, None]
         return {"W": Xs.T @ G + l2 * p["W"], "b": G.sum(axis=0)}
     H = Xs @ p["W1"] + p["b1"]
     R = np.maximum(H, 0)
-    P = _softmax(R @ p["W2"] + p["b2"])
+    P = softmax(R @ p["W2"] + p["b2"])
     G = (P - Y) * w[:, None]
     dR = (G @ p["W2"].T) * (H > 0)
     return {"W2": R.T @ G + l2 * p["W2"], "b2": G.sum(axis=0), "W1": Xs.T @ dR + l2 * p["W1"], "b1": dR.sum(axis=0)}

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.bundle import write_npz_durably
+from ..core.metrics import softmax
 from ..errors import BundleError, ConfigError, DataError, require
 
 __all__ = ["HEAD_KINDS", "HeadConfig", "Head", "softmax"]
@@ -155,22 +156,6 @@ class HeadConfig:
 # --------------------------------------------------------------------------------------------
 # the head
 # --------------------------------------------------------------------------------------------
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis; keeps a floating input's dtype.
-
-    Args:
-        z: Logits of any shape, classes on the last axis.
-
-    Returns:
-        Probabilities of the same shape; each row sums to 1.
-    """
-    z = np.asarray(z)
-    if not np.issubdtype(z.dtype, np.floating):
-        z = z.astype(np.float64)
-    e = np.exp(z - np.max(z, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from ..core.metrics import stratified_folds
 from ..errors import ConfigError, DataError
 from .classification import _NORM_EPS, Head, HeadConfig, _kinds_hint, softmax
 from .optimizers import fit_linear, fit_mlp
@@ -153,20 +154,6 @@ class _Basis:
     @property
     def rank(self) -> int:
         return int(self.lam.shape[0])
-
-
-def _stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per row; each class is shuffled (seeded) and dealt round-robin across folds."""
-    rng = np.random.default_rng(seed)
-    fold = np.empty(y.shape[0], dtype=np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(idx.shape[0])]
-        # Continue dealing where the previous class stopped, so fold sizes stay within one row.
-        fold[idx] = (np.arange(idx.shape[0]) + offset) % folds
-        offset = (offset + idx.shape[0]) % folds
-    return fold
 
 
 def _absent_bias(train_logits: np.ndarray) -> float:
@@ -308,7 +295,7 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
             return _DEFAULT_L2, record, trainer.fit(None, _DEFAULT_L2), None
         external = fold is not None
         if not external:
-            fold = _stratified_folds(y, _CV_FOLDS, cfg.seed)
+            fold = stratified_folds(y, _CV_FOLDS, cfg.seed)
         logits = {l2: np.full((n, k), np.nan) for l2 in order}
         for f in np.unique(fold[fold >= 0]):
             train_rows, val_rows = np.flatnonzero(fold != f), np.flatnonzero(fold == f)

@@ -33,7 +33,7 @@ from ..core.bundle import Bundle, BundleWriter, check_out_dir
 from ..core.diagnostics import leakage_message, near_duplicates, near_duplicates_across_folds
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.fuse import check_parity, fuse, model_files
-from ..core.gate import GateDecision, enforce
+from ..core.gate import NOT_APPLICABLE, GateDecision, enforce
 from ..core.preprocess import Roi
 from ..core.sessions import default_threads, open_session, time_calls
 from ..core.targets import Target, load_target
@@ -305,6 +305,16 @@ def fit(
             ),
         )
     )
+    if target.precision == "fp32":
+        # Nothing was quantized: FP32 against FP32 differs by runtime rounding only, and a gate over
+        # that noise would call small validation sets "inconclusive" about a conversion never made.
+        decision = dataclasses.replace(
+            decision,
+            verdict=NOT_APPLICABLE,
+            needed_items=None,
+            method="no quantization: the shipped model is FP32 like the reference"
+            + (f" ({target.runtime} vs onnxruntime; the figures show how they agree)" if reference else ""),
+        )
     t0 = run.lap("reference", t0)
     gate, after = decision.to_dict(), ""
     if (
@@ -357,6 +367,23 @@ def fit(
     return FitResult(bundle, trained.metrics, report, run.data, run.timings, task)
 
 
+# The packages whose versions change a bundle's numbers (constraints/bench.txt pins them).
+NUMERICS_STACK = ("onnxruntime", "openvino", "nncf", "numpy", "torch", "timm")
+
+
+def stack_versions() -> dict[str, str | None]:
+    """The installed version of each package of :data:`NUMERICS_STACK` (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in NUMERICS_STACK:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: Path):
     """``--backbone auto``: the backbone :func:`edgetl.pipeline.rank.rank` chooses on the training
     split (cheapest not shown worse than the best, within the target's latency budget)."""
@@ -368,6 +395,7 @@ def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: 
         )
     choice = rank(
         data,
+        target=target,
         budget_ms=target.latency_budget_ms or None,
         seed=options.seed,
         val_split=options.val_split,
@@ -547,6 +575,8 @@ def _write(
                 "features": trained.session.describe(),
                 "fused": fused_session.describe(),
                 "target_float_precision": target.session_precision,
+                # what made these numbers: a figure is compared with another made on the same stack
+                "stack": stack_versions(),
             },
             **({"target_adjusted": list(target.adjusted)} if target.adjusted else {}),
             **speed,

@@ -4,8 +4,11 @@ images before fitting any of them.
 Each candidate is exported once (cached) and its FP32 features of the *training* split are
 extracted through the same extractor and cache key the FP32 reference of ``fit`` uses, so the fit
 that follows runs no backbone for them again. The scores and the noise-aware choice are
-:mod:`edgetl.transfer.rank`'s; latency is each backbone's batch-1 FP32 latency on this machine
-(the target's INT8 model is faster, so a budget met here is met there), and size the FP32 model's
+:mod:`edgetl.transfer.rank`'s. Latency is each backbone's batch-1 latency on this machine at the
+precision the target ships: with a target (``fit --backbone auto`` always has one) each candidate
+is converted as ``fit`` converts it (same calibration items, same model cache, so the fit reuses
+the chosen one) and that model is timed, because a budget judged on FP32 refuses backbones whose
+INT8 model runs in half the time; without a target, FP32 ONNX Runtime. Size is the FP32 model's
 (INT8 weights are about a quarter).
 """
 
@@ -17,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import tasks
+from ..core.console import status
 from ..core.features import FeatureCache, default_cache_dir
-from ..core.targets import load_target
+from ..core.targets import Target, load_target
 from ..errors import ConfigError, DataError
 from .fit import FitOptions
 
@@ -52,7 +56,7 @@ def rank(
     data: str | Path,
     *,
     backbones: Sequence[str] | None = None,
-    target: str | None = None,
+    target: str | Target | None = None,
     budget_ms: float | None = None,
     by: str = "cv",
     seed: int = 0,
@@ -65,7 +69,8 @@ def rank(
 
     Args:
         backbones: names to compare (default: :func:`candidates`).
-        target: its ``latency_budget_ms`` is the budget unless ``budget_ms`` is given.
+        target: a profile (or its name): latency is measured on the model it ships, and its
+            ``latency_budget_ms`` is the budget unless ``budget_ms`` is given.
         by: ``cv`` (cross-validated head accuracy, the default) or ``logme``.
 
     Returns:
@@ -77,10 +82,10 @@ def rank(
         ConfigError: an unknown backbone, target or score.
     """
     from ..core.sessions import open_session, time_calls
-    from ..transfer.rank import rank_backbones
+    from ..transfer.rank import SCORES, rank_backbones
 
-    if by not in ("cv", "logme"):
-        raise ConfigError(f"--by {by!r}: use cv or logme")
+    if by not in SCORES:
+        raise ConfigError(f"--by {by!r}: use {' or '.join(SCORES)}")
     task = tasks.get("classify")
     if tasks.for_data(data).name != task.name:
         raise ConfigError(
@@ -89,15 +94,21 @@ def rank(
         )
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     ds = task.load_data(Path(data), FitOptions(val_split=val_split, seed=seed, group_by=group_by), cache_root)
-    budget = budget_ms if budget_ms is not None else (load_target(target).latency_budget_ms if target else None)
+    profile = load_target(target) if isinstance(target, str) else target
+    budget = budget_ms if budget_ms is not None else (profile.latency_budget_ms if profile else None)
     features, latency, size = {}, {}, {}
-    for name in candidates(backbones):
+    names = candidates(backbones)
+    for i, name in enumerate(names, 1):
+        # each candidate takes seconds to a minute (export, features, conversion): say which one
+        status(f"rank: {name} ({i} of {len(names)}): features of {len(ds.train)} training images, latency", quiet=quiet)
         features[name], exported = backbone_features(ds.train, name, cache_dir=cache_root, quiet=quiet)
-        session = open_session(exported.path, runtime="onnxruntime")
+        model, runtime = _shipped_model(exported, profile, task, ds, seed, cache_root, quiet)
+        session = open_session(model, runtime=runtime)
         x = np.zeros((1, 3, exported.image_preprocess.input_size, exported.image_preprocess.input_size), np.float32)
         latency[name] = time_calls(lambda s=session, a=x: s(a), runs=10)["p50_ms"]
         size[name] = round(exported.path.stat().st_size / 1e6, 2)
     groups = [s.group for s in ds.train] if any(s.group for s in ds.train) else None
+    status(f"rank: scoring {len(names)} backbone(s) (cross-validated heads, LogME)", quiet=quiet)
     try:
         result = rank_backbones(
             features, [s.label for s in ds.train], groups, latency, budget or None, by=by, seed=seed
@@ -106,14 +117,33 @@ def rank(
         raise DataError(f"{data}: cannot rank backbones on these images ({exc})") from None
     for row in result["table"]:
         row["size_mb"] = size[row["backbone"]]
+    measured = (
+        f"batch-1 {profile.precision.upper()} {profile.runtime} (what {profile.name} ships) on this machine"
+        if profile
+        else "batch-1 FP32 onnxruntime on this machine"
+    )
+    if budget:
+        result["reason"] += f" (latency: {measured})"
     return {
         **result,
         "data": str(data),
         "images": len(ds.train),
         "classes": ds.classes,
         "grouped": groups is not None,
-        "latency": "batch-1 FP32 ONNX Runtime on this machine",
+        "latency": measured,
     }
+
+
+def _shipped_model(exported, profile, task, ds, seed: int, cache_root: Path, quiet: bool) -> tuple[Path, str]:
+    """The model file whose speed the budget is about, and its runtime: the target's converted
+    model (from fit's model cache, made on a miss) or, without a target, the FP32 backbone."""
+    if profile is None:
+        return exported.path, "onnxruntime"
+    from .convert import converted_model
+
+    calibration = task.calibration(ds, profile, exported, seed) if profile.precision == "int8" else None
+    converted = converted_model(exported, profile, cache_root, calibration, quiet=quiet)
+    return converted.path, converted.runtime
 
 
 def format_rank(r: dict) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from .. import tasks
 from ..core.bundle import Bundle, load_bundle
 from ..core.preprocess import Roi
+from ..device.predict import deployment
 from ..errors import BundleError, DataError, EdgetlError
 
 log = logging.getLogger("edgetl")
@@ -99,9 +100,12 @@ def summary(r: ReportData) -> dict:
         "leakage": rec.get("leakage"),
         "conversion": rec.get("conversion") or {},
         "threshold": (m.get("thresholds") or {}).get(r.task.threshold_key),
+        "threshold_policy": b.head_entry().get("threshold_policy"),
         "training": m.get("training", {}).get("counts"),
         "created": m["head"]["versions"][0].get("created"),
         "models": m.get("models", {}),
+        # the one list of what an app that runs the model itself ships (OpenVINO: .xml and .bin)
+        "app_files": deployment(b)["app_files"],
     }
 
 

@@ -503,15 +503,13 @@ def overlay(
     """An image as the model saw it with its heat map on top (inferno; opacity grows with the
     score, so good areas stay readable) and the true defect's outline (white) where a mask
     exists; a JPEG data URI."""
-    from matplotlib import colormaps
     from PIL import Image as PILImage
+
+    from ..core.heatmap import blend
 
     out = image.astype(np.float32)
     if norm_map is not None:  # None: a head without a heat map, the image alone
-        v = np.clip(norm_map / vmax, 0, 1)
-        heat = colormaps["inferno"](v)[..., :3] * 255
-        alpha = (0.15 + 0.6 * v)[..., None]
-        out = (1 - alpha) * out + alpha * heat
+        out = blend(out, norm_map, vmax=vmax)
     if mask is not None and mask.any():
         m = mask.astype(bool)
         inner = m.copy()

@@ -42,11 +42,11 @@ td.diag { font-weight: 650; }
 .verdict { border-left: 7px solid var(--orange); }
 .verdict.passed { border-left-color: var(--blue); }
 .verdict.refused { border-left-color: var(--verm); }
-.verdict.not-measured { border-left-color: var(--line); }
+.verdict.not-measured, .verdict.not-applicable { border-left-color: var(--line); }
 .badge { display: inline-block; padding: 1px 8px; border-radius: 10px; font-weight: 650; font-size: 12.5px;
          border: 1.5px solid currentColor; }
 .badge.passed { color: var(--blue); } .badge.refused { color: var(--verm); }
-.badge.inconclusive { color: #8a5a00; } .badge.not-measured { color: var(--muted); }
+.badge.inconclusive { color: #8a5a00; } .badge.not-measured, .badge.not-applicable { color: var(--muted); }
 .row { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
 figure { margin: 6px 0; break-inside: avoid; }
 figure img { max-width: 100%; height: auto; display: block; }
@@ -150,6 +150,10 @@ def _summary(r: ReportData, s: dict) -> str:
     gate = s["gate"] or {}
     verdict = gate.get("verdict", "not measured")
     lat = s["latency_batch1"] or {}
+    # The single-file model is what a device runs (a defect head's scoring graph can make it several
+    # times slower than the backbone): the headline figure is its latency where fit recorded it.
+    fused = s["fused_latency_batch1"] or {}
+    shown = fused or lat
     size = s["size"]
     thr_name = {"anomaly": "defect threshold"}.get(r.name, "unknown threshold")
     cards = [
@@ -177,8 +181,13 @@ def _summary(r: ReportData, s: dict) -> str:
         ),
         card(
             "latency (batch 1)",
-            key("latency", f"{lat['p50_ms']:.1f} ms" if lat else "n/a"),
-            e(f"p50 at fit, p90 {lat['p90_ms']:.1f} ms" if lat.get("p90_ms") else "not recorded")
+            key("latency", f"{shown['p50_ms']:.1f} ms" if shown else "n/a"),
+            e(
+                f"{'single-file model' if fused else 'backbone'}, p50 at fit, p90 {shown['p90_ms']:.1f} ms"
+                if shown.get("p90_ms")
+                else "not recorded"
+            )
+            + (e(f"; backbone alone {lat['p50_ms']:.1f} ms") if fused and lat else "")
             + (e(f"; budget {s['latency_budget_ms']:g} ms") if s.get("latency_budget_ms") else ""),
         ),
         card("head", key("head_version", f"v{s['head_version']}"), f"of {s['versions']} version(s)"),
@@ -213,6 +222,12 @@ def _gate(r: ReportData, s: dict, gate: dict, verdict: str) -> str:
         return '<p class="note">No conversion gate recorded (a bundle made before the gate existed).</p>'
     g = GateDecision.from_dict(gate)
     metric = g.metric.replace("_", " ")
+    if g.verdict == "not applicable":
+        body = (
+            f'<p><span class="badge {cls}">gate: {key("gate", verdict)}</span> {e(g.method)}: there is no '
+            "quantization to check.</p>"
+        )
+        return f'<div class="card verdict {cls}"><div class="k">conversion gate</div>{body}</div>'
     if g.drop_pp is None:
         body = (
             f'<p><span class="badge {cls}">gate: {key("gate", verdict)}</span> '
@@ -461,6 +476,17 @@ def _defects(r: ReportData, s: dict) -> str:
     )
     out = [f'<section id="evaluation"><h2>Defect detection: {where}</h2>']
     c = shown.get("confusion") or {}
+    # A threshold picked for the best F1 on labelled images makes F1 on those images optimistic:
+    # say so, with the out-of-fold figure fit recorded (the cut chosen without each image).
+    oof = rec.get("f1_out_of_fold")
+    policy = str(s.get("threshold_policy") or "")
+    in_sample = ""
+    if policy.startswith("best F1"):
+        in_sample = (
+            "; in-sample: the threshold was chosen for the best F1 on these images"
+            if m is None
+            else "; the threshold was chosen for the best F1 on the fit's labelled test images (in-sample on those)"
+        ) + (f"; out of fold at fit {key('f1_out_of_fold', num(oof))}" if oof is not None else "")
     cards = [
         card(
             "image AUROC",
@@ -477,7 +503,7 @@ def _defects(r: ReportData, s: dict) -> str:
         card(
             "F1 at the threshold",
             key("f1", num(shown.get("f1"))),
-            f"precision {num(shown.get('precision'))}, recall {num(shown.get('recall'))}",
+            f"precision {num(shown.get('precision'))}, recall {num(shown.get('recall'))}" + in_sample,
         ),
         card(
             "at the threshold",
@@ -493,6 +519,7 @@ def _defects(r: ReportData, s: dict) -> str:
         "image_auroc",
         "pixel_auroc",
         "f1",
+        "f1_out_of_fold",
         "precision",
         "recall",
         "accuracy",
@@ -728,14 +755,15 @@ def _speed(r: ReportData, s: dict) -> str:
 
 def _deploy(r: ReportData, s: dict) -> str:
     models = s.get("models") or {}
-    fused, backbone = models.get("fused", "model.*"), models.get("backbone", "backbone.*")
+    backbone = models.get("backbone", "backbone.*")
+    app = " + ".join(f"<code>{e(f)}</code>" for f in s.get("app_files") or [models.get("fused", "model.*")])
     extra = {"openvino": "edgetl[openvino]", "onnxruntime": "edgetl"}.get(s["runtime"], "edgetl")
     if r.name == "text":
         extra = extra.replace("edgetl", "edgetl[text]") if extra == "edgetl" else "edgetl[openvino,text]"
     return (
         '<section id="deploy"><h2>On the device</h2>'
-        f"<p>An app that calls the model itself needs only <code>{e(fused)}</code> (backbone and head in one "
-        f"graph{'; and tokenizer.json' if r.name == 'text' else ''}). <code>edgetl predict / adapt / eval</code> "
+        f"<p>An app that calls the model itself needs only {app} (backbone and head in one graph). "
+        f"<code>edgetl predict / adapt / eval</code> "
         f"use the whole bundle: <code>{e(backbone)}</code> with <code>heads/</code>, so that <code>adapt</code> can "
         f"train a new head on the device; install with <code>pip install '{e(extra)}'</code> (no torch).</p>"
         "</section>"

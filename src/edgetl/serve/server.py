@@ -19,6 +19,10 @@ from ..errors import ConfigError
 from .app import create_app
 from .service import ServeOptions
 
+# Seconds a stopping service waits for requests in flight (an update in flight still completes:
+# its worker thread finishes its write before the process exits).
+GRACEFUL_STOP_S = 1
+
 
 @dataclass
 class Started:
@@ -108,7 +112,9 @@ def serve(bundle: str | Path, options: ServeOptions, *, port: int = 8080, on_sta
         access_log=False,
         lifespan="on",
         server_header=False,
-        timeout_graceful_shutdown=30,
+        # On SIGTERM / SIGINT requests in flight get this long to finish: an answer takes
+        # milliseconds, but an upload that stalls mid-body held the stop for 30 s before.
+        timeout_graceful_shutdown=GRACEFUL_STOP_S,
         limit_concurrency=1024,
         timeout_keep_alive=max(1, int(options.idle_timeout_s)),
     )

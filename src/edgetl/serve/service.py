@@ -275,8 +275,12 @@ class Service:
         if self.review is None:
             raise ConfigError("no review store: start edgetl serve with --review DIR to keep confirmed items")
         item_id = body.get("id")
-        if not isinstance(item_id, str) or not ID.fullmatch(item_id):
-            raise DataError(f"id {str(item_id)[:40]!r}: give the 'id' a prediction answered with")
+        if not isinstance(item_id, str):
+            raise DataError(f"id {str(item_id)[:40]!r}: give the 'id' a prediction answered with, as a string")
+        # A string that names no prediction is an unknown resource (404), whatever its shape; only
+        # the well-formed ids reach the stores.
+        if not ID.fullmatch(item_id):
+            raise NotFound(f"no prediction {item_id[:40]!r}: give the 'id' (16 hex digits) a prediction answered with")
         rec = self.recent.get(item_id)
         stored = self.review.get(item_id)
         if rec is None and stored is None:

@@ -15,7 +15,16 @@ from starlette.responses import Response
 
 from ..core.console import one_line
 from ..core.manifest import loads_bounded
-from ..errors import BundleBusy, BundleError, ConfigError, DataError, EdgetlError, GateError, TrustError
+from ..errors import (
+    BundleBusy,
+    BundleError,
+    ConfigError,
+    DataError,
+    EdgetlError,
+    GateError,
+    TrustError,
+    UnknownVersion,
+)
 from .engine import Busy
 from .images import TooLarge
 from .review import StoreFull
@@ -61,13 +70,15 @@ def as_object(value, what: str) -> dict:
     return value
 
 
-# Whose problem an error is: 4xx the caller's (409: the bundle's state or another writer), 503
+# Whose problem an error is: 4xx the caller's (404: a version the bundle does not hold; 409: the
+# bundle's state or another writer), 503
 # busy, 507 the review store or the disk full, 500 anything else edgetl can name.
 STATUS = [
     (Busy, 503),
     (StoreFull, 507),
     (TooLarge, 413),
     (SlowBody, 408),
+    (UnknownVersion, 404),
     (BundleBusy, 409),
     (GateError, 409),
     (TrustError, 409),

@@ -40,20 +40,6 @@ def unpaired_difference(k1: int, n1: int, k2: int, n2: int, wilson, *, confidenc
     return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
-def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold index per row: every class shuffled (seeded) and dealt round-robin, continuing where the
-    previous class stopped so fold sizes differ by at most one row."""
-    rng = np.random.default_rng(seed)
-    out = np.empty(len(y), np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(len(idx))]
-        out[idx] = (np.arange(len(idx)) + offset) % folds
-        offset = (offset + len(idx)) % folds
-    return out
-
-
 def grouped_folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """Fold index per row with every group whole in one fold, class counts balanced greedily.
 

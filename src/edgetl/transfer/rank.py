@@ -42,7 +42,8 @@ import numpy as np
 
 from ..core.gate import paired_difference_interval as paired_difference
 from ..core.gate import wilson_interval as wilson
-from ._stats import grouped_folds, kendall_tau_b, stratified_folds, train_linear_head
+from ..core.metrics import stratified_folds
+from ._stats import grouped_folds, kendall_tau_b, train_linear_head
 from .evidence import logme
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 CONFIDENCE = 0.95
+# What the choice can be decided by: cross-validated head accuracy, or LogME (no training).
+SCORES = ("cv", "logme")
 
 
 @dataclass
@@ -278,7 +281,7 @@ def choose_backbone(
     Latencies come from ``BackboneScore.latency_ms``; without them "cheaper" is undefined and the
     leader is chosen. A backbone without a latency is never over budget.
     """
-    if by not in ("cv", "logme"):
+    if by not in SCORES:
         raise ValueError(f"by must be 'cv' or 'logme', got {by!r}")
     within = {s.name: budget_ms is None or s.latency_ms is None or s.latency_ms <= budget_ms for s in scores}
     cands = [s for s in scores if within[s.name]]

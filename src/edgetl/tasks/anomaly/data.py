@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ...core.preprocess import PreprocessConfig, resize_crop
+from ...core.preprocess import PreprocessConfig, check_cost, decode, resize_crop
 from ...errors import DataError
 from ..classify.data import Sample, check_image, is_image_name
 
@@ -121,8 +120,10 @@ def load_mask(path: Path | None, pre: PreprocessConfig) -> np.ndarray | None:
     """A defect mask brought to the map's pixels: the image's own resize + crop, nearest neighbour."""
     if path is None:
         return None
-    with Image.open(path) as im:
-        im = im.convert("L")
+    # through the decoder's pixel budget, like every image edgetl reads (a mask may be as hostile)
+    with decode(path, path, load=False) as src:
+        check_cost(src, path)
+        im = src.convert("L")
         if pre.roi is not None:  # the mask follows its image through the region of interest
             width, height = im.size
             im = im.crop(pre.roi.box(width, height, path))

@@ -7,27 +7,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ...core.heatmap import blend
 from ...core.preprocess import PreprocessConfig, load_rgb, resize_crop
 
-_JET = np.array([[0, 0, 0.5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [0.5, 0, 0]], np.float32)
 
-
-def colormap(v: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> (..., 3) uint8 RGB along a jet-like ramp (blue = low, red = high)."""
-    v = np.clip(np.asarray(v, np.float32), 0, 1) * (len(_JET) - 1)
-    i = np.minimum(v.astype(np.int64), len(_JET) - 2)
-    w = (v - i)[..., None]
-    return np.round(255 * ((1 - w) * _JET[i] + w * _JET[i + 1])).astype(np.uint8)
-
-
-def overlay(image: Image.Image, norm_map: np.ndarray, *, vmax: float = 1.5) -> Image.Image:
-    """Blend a normalised map (1.0 = threshold) over an image of the same size: colour shows the
-    score (red from the threshold up), opacity grows with it, so good areas stay readable."""
-    v = np.clip(norm_map / vmax, 0, 1)
-    heat = colormap(v).astype(np.float32)
-    alpha = (0.25 + 0.5 * v)[..., None]
-    base = np.asarray(image.convert("RGB"), np.float32)
-    return Image.fromarray(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8), "RGB")
+def overlay(image: Image.Image, norm_map: np.ndarray) -> Image.Image:
+    """The normalised map (1.0 = threshold) over an image of the same size, in the one colouring
+    (:mod:`edgetl.core.heatmap`)."""
+    return Image.fromarray(np.round(blend(np.asarray(image.convert("RGB")), norm_map)).astype(np.uint8), "RGB")
 
 
 def save_overlay(

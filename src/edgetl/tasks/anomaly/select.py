@@ -11,6 +11,7 @@ much it could be off.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 
@@ -18,15 +19,6 @@ from ...core.gate import delong
 
 DEFAULT = "combined"
 LEVEL = 0.05
-
-
-def _z(two_sided: float) -> float:
-    """Standard normal quantile for a two-sided level (bisection on erfc; no scipy on devices)."""
-    lo, hi = 0.0, 10.0
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if math.erfc(mid / math.sqrt(2)) > two_sided else (lo, mid)
-    return 0.5 * (lo + hi)
 
 
 def choose(y: np.ndarray, candidates: dict[str, np.ndarray], *, default: str = DEFAULT, level: float = LEVEL) -> dict:
@@ -37,7 +29,7 @@ def choose(y: np.ndarray, candidates: dict[str, np.ndarray], *, default: str = D
     """
     y = np.asarray(y, bool)
     alts = [k for k in candidates if k != default]
-    z = _z(level / max(len(alts), 1))
+    z = NormalDist().inv_cdf(1 - level / max(len(alts), 1) / 2)  # two-sided at the Bonferroni level
     out = {
         "default": default,
         "chosen": default,

@@ -31,7 +31,7 @@ import numpy as np
 from ...core.features import ImageExtractor, decoded, load_input
 from ...core.fuse import score_parity
 from ...core.gate import auroc_gate, new_good_gate
-from ...core.metrics import best_f1_threshold, feature_cosine
+from ...core.metrics import best_f1_threshold, feature_cosine, out_of_fold_f1
 from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
 from ...core.versions import add_version
@@ -355,7 +355,7 @@ def evaluate_head(
     if threshold is None:
         if y.any() and (~y).any():
             threshold, _ = best_f1_threshold(y, scores)
-            policy = "best F1 on labelled test images"
+            policy = "best F1 on labelled test images (F1 there in-sample)"
         else:
             threshold = quantile_threshold(scores[~y], head.config)
             policy = f"{head.config.quantile} quantile of held-out good scores x {head.config.margin}"
@@ -376,6 +376,9 @@ def evaluate_head(
         map_threshold=getattr(head, "map_cut", lambda t: t)(threshold),
     )
     m["threshold_policy"] = policy
+    if policy.startswith("best F1"):
+        # the cut was chosen on these very images, so m["f1"] is in-sample; this is the honest figure
+        m["f1_out_of_fold"] = out_of_fold_f1(y, scores)
     return m, maps, scores
 
 
@@ -634,7 +637,7 @@ class AnomalyTask(Task):
                     "scoring": label,
                     "tiles": plan.to_dict() if plan is not None else None,
                 },
-                "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "n")}},
+                "metrics": {"eval": {k: m.get(k) for k in ("image_auroc", "pixel_auroc", "f1", "f1_out_of_fold", "n")}},
             },
             "report": {
                 "head": label,
@@ -808,7 +811,12 @@ class AnomalyTask(Task):
                 f"data      {c['train_good']} good training images"
                 + (f"; test: {tests}" if tests else f"; {c['val_good']} good held out"),
                 f"{r['eval_set']:<9} image AUROC {_fmt(m['image_auroc'])}, pixel AUROC {_fmt(m['pixel_auroc'])}, "
-                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})",
+                f"F1 {_fmt(m['f1'])} at threshold {m['threshold']:.4g} ({m['threshold_policy']})"
+                + (
+                    f"; out of fold (cut chosen without the image) F1 {_fmt(m['f1_out_of_fold'])}"
+                    if m.get("f1_out_of_fold") is not None
+                    else ""
+                ),
             ]
             + _rates(m)
             + _choice_lines(r)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...core.preprocess import PreprocessConfig, load_rgb, to_tensor
+from ...core.preprocess import PreprocessConfig, check_cost, decode, load_rgb, to_tensor
 from ...errors import DataError
 from .data import _MASK_LEVEL
 
@@ -188,6 +188,7 @@ def load_mask_tiled(path: Path | None, plan: TilePlan) -> np.ndarray | None:
     """A defect mask at the working frame's pixels (nearest neighbour)."""
     if path is None:
         return None
-    with Image.open(path) as im:
+    with decode(path, path, load=False) as im:  # the one pixel budget, as for images
+        check_cost(im, path)
         arr = np.asarray(im.convert("L").resize(plan.work, Image.Resampling.NEAREST))
     return arr > _MASK_LEVEL

@@ -18,6 +18,7 @@ runtime: no torch, no transformers.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import time
@@ -26,12 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.console import safe
 from ...core.sessions import time_calls
 from ...errors import DataError
 from ..base import Calibration, digest_of, stratified_subset
 from ..classify.classifier import ClassifierTask
 from .data import is_text_data, load_text_dataset, read_lines, scan_texts
 from .encoder import TextEncoder
+
+log = logging.getLogger("edgetl")
 
 # A typical ticket: what the batch-1 latency in the report is measured on.
 LATENCY_TEXT = "Operator reports the hydraulic pump on line 3 is leaking oil near the main seal again."
@@ -167,6 +171,14 @@ class TextTask(ClassifierTask):
         """Texts from arguments, then ``--file`` lines, then stdin (when nothing else was given, or ``-``)."""
         stdin = sys.stdin if stdin is None else stdin
         texts = [str(a) for a in args if str(a) != "-"]
+        for a in texts:
+            # A lone argument that names a file is almost always a --file forgotten: say so once,
+            # and still classify the string itself (an argument is a text, by contract).
+            if len(a) < 4096 and "\n" not in a and Path(a).is_file():
+                log.warning(
+                    "%s is a file: classifying the string itself; to classify its lines: --file %s", safe(a), safe(a)
+                )
+                break
         if file is not None:
             texts += read_lines(file)
         if "-" in map(str, args) or (not args and file is None):
