@@ -22,7 +22,7 @@ Families group the kinds that share a head object:
 Fleet merges (:mod:`edgetl.fleet`) are looked up here too (:func:`fleet_merge`): each has a name
 (``ridge``, ``linear``, ...), the head kind it produces, and its steps. The fleet registers the
 merges whose arithmetic it owns (:func:`register_fleet_merge`); a head kind may also be its own merge
-by defining the fleet methods itself (``fleet_steps`` and the rest, see :class:`FleetMerge`).
+by subclassing :class:`FleetMerge` too and defining its methods.
 
 This module imports no other heads module at import time, so every heads module can import it.
 """
@@ -330,11 +330,22 @@ class FleetMerge:
     * ``fleet_check(summary, step, who, ctx)``: refuse (``FleetError``) a summary that does not fit;
     * ``fleet_absorb(merger, step, ok)``: fold the valid summaries into ``merger.state``;
     * ``fleet_result(merger, provenance) -> head``: the merged head.
+
+    A head kind that is also a :class:`FleetMerge` (a subclass of both) is its own merge, under its
+    own name.
     """
 
     name: ClassVar[str] = ""
     head_kind: ClassVar[str] = ""
     anomaly: ClassVar[bool] = False
+
+    def fleet_expected_arrays(self, step) -> set | None:
+        """The array names a summary for ``step`` must hold exactly (None: the check decides)."""
+        return None
+
+    def fleet_geometry(self, template) -> dict:
+        """Shapes of the server's own head that the checks compare summaries with."""
+        return {}
 
 
 _MERGES: dict[str, Any] = {}
@@ -342,13 +353,15 @@ _MERGES: dict[str, Any] = {}
 
 def register_fleet_merge(cls: type[FleetMerge]) -> type[FleetMerge]:
     """Register fleet merge ``cls`` (a class decorator); its ``head_kind`` must be registered."""
+    if not cls.name:
+        raise ConfigError(f"fleet merge class {cls.__name__} has no name")
     get(cls.head_kind)
     _MERGES[cls.name] = cls()
     return cls
 
 
 def _own_merge(kind: HeadKind) -> bool:
-    return callable(getattr(kind, "fleet_steps", None))
+    return isinstance(kind, FleetMerge)
 
 
 def fleet_merge_names() -> tuple[str, ...]:
