@@ -275,37 +275,273 @@ class Prototype(ClassifyKind):
         return {**a, "logit_scale": (a["logit_scale"] * s).astype(np.float32), "b": a["b"] * s}
 
 
-# ---- the other families: their head objects hold the kind's name and ask here --------------------
+# ---- patch heads (edgetl.heads.patch): a head object holds the kind's name and asks here ----------
+class PatchKind(HeadKind):
+    """A one-class patch head kind (:class:`edgetl.heads.patch.AnomalyHead`): fit and update on good
+    images' patch features (N, C, H, W), squared patch distances in numpy and as ONNX nodes."""
+
+    family = "patch"
+
+    def fit(self, F, cfg, *, size: int):
+        raise NotImplementedError
+
+    def update(self, head, F):
+        raise NotImplementedError
+
+    def memory_size(self, head) -> int:
+        return 0
+
+    def patch_d2(self, head, F) -> np.ndarray:
+        """Squared distances (N, P) of features ``F`` (N, C, H, W), P = H * W positions."""
+        raise NotImplementedError
+
+    def graph_d2(self, b, head, x: str) -> str:
+        """Nodes computing :meth:`patch_d2` of ``x`` on a :mod:`edgetl.heads.patch_graph` builder."""
+        raise NotImplementedError
+
+
 @register
-class PatchCore(HeadKind):
+class PatchCore(PatchKind):
     """A memory bank of good patch features; a patch scores its distance to the nearest."""
 
     name = "patchcore"
-    family = "patch"
+
+    def fit(self, F, cfg, *, size):
+        from .patch import fit_patchcore
+
+        return fit_patchcore(F, cfg, size=size)
+
+    def update(self, head, F):
+        from .patch import _update_patchcore
+
+        return _update_patchcore(head, F)
+
+    def memory_size(self, head):
+        return int(head.arrays["memory"].shape[0])
+
+    def patch_d2(self, head, F):
+        N, P = F.shape[0], head.grid[0] * head.grid[1]
+        X = F.reshape(N, head.channels_in, P).transpose(0, 2, 1)  # (N, P, C)
+        mt2, mm = head.knn_constants()
+        d2 = (np.sum(X * X, axis=-1, keepdims=True) + X @ mt2) + mm
+        return np.min(d2, axis=-1)
+
+    def graph_d2(self, b, head, x):
+        op, const, reduce = b.op, b.const, b.reduce
+        C, P = head.channels_in, head.grid[0] * head.grid[1]
+        mt2, mm = head.knn_constants()
+        x = op("Reshape", [x, const("shape", np.array([0, C, P], np.int64))])
+        x = op("Transpose", [x], perm=[0, 2, 1])  # (N, P, C)
+        xx = reduce("ReduceSum", op("Mul", [x, x]), [-1], 1)
+        xm = op("MatMul", [x, const("memory_t_x_minus2", mt2)])  # (N, P, K)
+        d2 = op("Add", [op("Add", [xx, xm]), const("memory_sq", mm)])
+        return reduce("ReduceMin", d2, [-1], 0)  # (N, P)
 
 
 @register
-class PaDiM(HeadKind):
+class PaDiM(PatchKind):
     """A Gaussian per patch position; a patch scores its Mahalanobis distance."""
 
     name = "padim"
-    family = "patch"
+
+    def fit(self, F, cfg, *, size):
+        from .patch import fit_padim
+
+        return fit_padim(F, cfg, size=size)
+
+    def update(self, head, F):
+        from .patch import _update_padim
+
+        return _update_padim(head, F)
+
+    def patch_d2(self, head, F):
+        N, P = F.shape[0], head.grid[0] * head.grid[1]
+        mean, inv = head.padim_params()
+        ch = head.arrays["channels"].astype(np.int64)
+        X = F[:, ch].reshape(N, len(ch), P)
+        if inv.ndim == 3:  # per position: (P, N, d)
+            D = X.transpose(2, 0, 1) - mean[:, None, :]
+            return np.sum((D @ inv) * D, axis=-1).T
+        D = X.transpose(0, 2, 1) - mean[None]
+        return np.sum((D @ inv) * D, axis=-1)
+
+    def graph_d2(self, b, head, x):
+        op, const, reduce = b.op, b.const, b.reduce
+        C, P = head.channels_in, head.grid[0] * head.grid[1]
+        mean, inv = head.padim_params()
+        ch = head.arrays["channels"].astype(np.int64)
+        if len(ch) != C or np.any(ch != np.arange(C)):
+            x = op("Gather", [x, const("channels", ch)], axis=1)
+        x = op("Reshape", [x, const("shape", np.array([0, len(ch), P], np.int64))])  # (N, d, P)
+        if inv.ndim == 3:  # one Gaussian per position: work position-major
+            x = op("Transpose", [x], perm=[2, 0, 1])  # (P, N, d)
+            D = op("Sub", [x, const("mean", mean[:, None, :])])
+            q = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", inv)]), D]), [-1], 0)  # (P, N)
+            return op("Transpose", [q], perm=[1, 0])
+        x = op("Transpose", [x], perm=[0, 2, 1])  # (N, P, d)
+        D = op("Sub", [x, const("mean", mean[None])])
+        return reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", inv)]), D]), [-1], 0)
+
+
+# ---- image-level one-class heads (edgetl.heads.oneclass) ------------------------------------------
+class ImageKind(HeadKind):
+    """An image-level one-class head kind (:class:`edgetl.heads.oneclass.ImageHead`) on pooled
+    features (N, D): fit, update, float32 scoring constants, scores and their ONNX nodes."""
+
+    family = "image"
+
+    def fit(self, Z, cfg):
+        raise NotImplementedError
+
+    def update(self, head, Z):
+        raise NotImplementedError
+
+    def memory_size(self, head) -> int:
+        return 0
+
+    def images(self, head) -> int:
+        return int(head.meta.get("images", self.memory_size(head)))
+
+    def constants(self, head) -> dict:
+        raise NotImplementedError
+
+    def scores(self, head, Z, c: dict, *, exclude_self: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def held_out_scores(self, Z, cfg, *, folds: int, seed: int) -> np.ndarray:
+        """Scores of the training images by heads that never saw them: ``folds``-fold refits."""
+        order = np.random.default_rng(seed).permutation(len(Z))
+        out = np.zeros(len(Z), np.float32)
+        for f in range(min(folds, len(Z))):
+            held = order[f::folds]
+            rest = np.setdiff1d(order, held)
+            out[held] = self.fit(Z[rest], cfg).scores(Z[held])
+        return out
+
+    def graph_scores(self, b, head, z: str) -> str:
+        raise NotImplementedError
 
 
 @register
-class KNN(HeadKind):
-    """Image-level: distance of the pooled feature to its nearest good images."""
+class KNN(ImageKind):
+    """Distance of the pooled feature to its nearest good images (a coreset memory)."""
 
     name = "knn"
-    family = "image"
+
+    def fit(self, Z, cfg):
+        from .oneclass import ImageHead
+        from .patch import greedy_coreset
+
+        idx = greedy_coreset(Z, min(cfg.max_images, len(Z)), seed=cfg.seed, projection=cfg.projection)
+        return ImageHead(cfg, int(Z.shape[1]), {"memory": Z[idx]}, {"images": int(len(Z))})
+
+    def update(self, head, Z):
+        from .patch import greedy_coreset
+
+        cfg = head.config
+        pool = np.concatenate([head.arrays["memory"].astype(np.float32), Z])
+        if len(pool) > cfg.max_images:
+            pool = pool[greedy_coreset(pool, cfg.max_images, seed=cfg.seed, projection=cfg.projection)]
+        return {"memory": pool}
+
+    def memory_size(self, head):
+        return int(head.arrays["memory"].shape[0])
+
+    def constants(self, head):
+        M = head.arrays["memory"].astype(np.float32)
+        return {
+            "mt2": (-2.0 * M.T).astype(np.float32),
+            "mm": np.sum(M * M, axis=1)[None, :].astype(np.float32),
+            "k": min(head.config.k, len(M)),
+        }
+
+    def scores(self, head, Z, c, *, exclude_self=False):
+        d2 = (np.sum(Z * Z, axis=-1, keepdims=True) + Z @ c["mt2"]) + c["mm"]
+        if exclude_self:
+            d2[np.arange(len(Z)), np.arange(len(Z))] = np.inf
+        k = min(c["k"], d2.shape[1] - (1 if exclude_self else 0))
+        d2 = np.sort(d2, axis=1)[:, : max(k, 1)]
+        return np.mean(np.sqrt(np.maximum(d2, np.float32(0))), axis=1).astype(np.float32)
+
+    def held_out_scores(self, Z, cfg, *, folds, seed):
+        # leave-one-out on the full memory: exact when no coreset thinned it
+        import dataclasses
+
+        full = self.fit(Z, dataclasses.replace(cfg, max_images=len(Z)))
+        return full.scores(Z, exclude_self=True)
+
+    def graph_scores(self, b, head, z):
+        op, const, reduce = b.op, b.const, b.reduce
+        zero = const("zero", np.array(0.0, np.float32))
+        c = head.constants()
+        zz = reduce("ReduceSum", op("Mul", [z, z]), [-1], 1)
+        d2 = op(
+            "Add",
+            [op("Add", [zz, op("MatMul", [z, const("memory_t_x_minus2", c["mt2"])])]), const("memory_sq", c["mm"])],
+        )  # (N, K)
+        out = b.name("topk_values")
+        b.nodes.append(
+            b.onnx.helper.make_node(
+                "TopK",
+                [d2, const("k", np.array([c["k"]], np.int64))],
+                [out, b.name("topk_indices")],
+                name=b.name("TopK"),
+                axis=-1,
+                largest=0,
+                sorted=1,
+            )
+        )
+        return reduce("ReduceMean", op("Sqrt", [op("Max", [out, zero])]), [-1], 0)
 
 
 @register
-class Gaussian(HeadKind):
-    """Image-level: Mahalanobis distance of the pooled feature to the good images' Gaussian."""
+class Gaussian(ImageKind):
+    """Mahalanobis distance of the pooled feature to the good images' Gaussian (exact moment merges)."""
 
     name = "gaussian"
-    family = "image"
+
+    def fit(self, Z, cfg):
+        from .oneclass import ImageHead, moments
+
+        mean, m2, n = moments(Z)
+        arrays: dict[str, np.ndarray] = {
+            "mean": mean.astype(np.float32),
+            "m2": m2.astype(np.float32),
+            "count": np.asarray(n, np.int64),
+        }
+        return ImageHead(cfg, int(Z.shape[1]), arrays, {"images": int(n)})
+
+    def update(self, head, Z):
+        from .oneclass import moments
+        from .patch import merge_moments
+
+        a = head.arrays
+        mean_b, m2_b, n_b = moments(Z)
+        n_a = int(np.asarray(a["count"]).reshape(-1)[0])
+        mean, m2, n = merge_moments(a["mean"].astype(np.float64), a["m2"].astype(np.float64), n_a, mean_b, m2_b, n_b)
+        return {"mean": mean.astype(np.float32), "m2": m2.astype(np.float32), "count": np.asarray(n, np.int64)}
+
+    def images(self, head):
+        return int(np.asarray(head.arrays["count"]).reshape(-1)[0])
+
+    def constants(self, head):
+        from .oneclass import gaussian_params
+
+        mean, inv = gaussian_params(head.arrays)
+        return {"mean": mean, "inv": inv}
+
+    def scores(self, head, Z, c, *, exclude_self=False):
+        D = Z - c["mean"][None]
+        d2 = np.sum((D @ c["inv"]) * D, axis=-1)
+        return np.sqrt(np.maximum(d2, np.float32(0))).astype(np.float32)
+
+    def graph_scores(self, b, head, z):
+        op, const, reduce = b.op, b.const, b.reduce
+        zero = const("zero", np.array(0.0, np.float32))
+        c = head.constants()
+        D = op("Sub", [z, const("mean", c["mean"][None])])
+        d2 = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", c["inv"])]), D]), [-1], 0)
+        return op("Sqrt", [op("Max", [d2, zero])])
 
 
 @register
