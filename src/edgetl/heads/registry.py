@@ -64,6 +64,9 @@ class HeadKind:
 
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    # What a defect head scoring as this kind uses of its two parts ("patch", "image"); () for a
+    # kind that is no defect-head mode.
+    parts: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         return f"<head kind {self.name} ({self.family})>"
@@ -299,6 +302,11 @@ class PatchKind(HeadKind):
         """Nodes computing :meth:`patch_d2` of ``x`` on a :mod:`edgetl.heads.patch_graph` builder."""
         raise NotImplementedError
 
+    def held_out(self, F, cfg, *, size: int, rng, groups, chosen):
+        """(the head on all of ``F``, indices of the images scored, their held-out image scores);
+        ``groups``: per row, the frame it was cut from (a frame's tiles are left out together)."""
+        raise NotImplementedError
+
 
 @register
 class PatchCore(PatchKind):
@@ -325,6 +333,22 @@ class PatchCore(PatchKind):
         mt2, mm = head.knn_constants()
         d2 = (np.sum(X * X, axis=-1, keepdims=True) + X @ mt2) + mm
         return np.min(d2, axis=-1)
+
+    def held_out(self, F, cfg, *, size, rng, groups, chosen):
+        # the full bank without the rows that came from the image scored (leave one image out)
+        from .patch import maps_from_patches, patchcore_with_sources
+
+        head, src = patchcore_with_sources(F, cfg, size=size)
+        M = head.arrays["memory"].astype(np.float32)
+        mm = np.sum(M * M, axis=1)[None, :]
+        C, (H, W) = head.channels_in, head.grid
+        S = np.zeros((len(chosen), H, W), np.float32)
+        for j, i in enumerate(chosen):
+            X = F[i].reshape(C, H * W).T
+            d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
+            d2[:, groups[src] == groups[i]] = np.inf
+            S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
+        return head, chosen, maps_from_patches(S, head.operator)[1]
 
     def graph_d2(self, b, head, x):
         op, const, reduce = b.op, b.const, b.reduce
@@ -365,6 +389,23 @@ class PaDiM(PatchKind):
         D = X.transpose(0, 2, 1) - mean[None]
         return np.sum((D @ inv) * D, axis=-1)
 
+    def held_out(self, F, cfg, *, size, rng, groups, chosen):
+        # 5-fold refits (whole frames per fold when rows are tiles)
+        head = self.fit(F, cfg, size=size)
+        scores = np.zeros(len(F), np.float32)
+        order = rng.permutation(len(F))
+        fold = np.empty(len(F), np.int64)
+        fold[order] = np.arange(len(F)) % 5
+        if len(np.unique(groups)) < len(F):
+            g = np.unique(groups, return_inverse=True)[1]
+            fold = rng.permutation(g.max() + 1)[g] % 5
+        for f in range(min(5, len(F))):
+            held = np.nonzero(fold == f)[0]
+            rest = np.nonzero(fold != f)[0]
+            if len(held) and len(rest):
+                scores[held] = self.fit(F[rest], cfg, size=size).maps(F[held])[1]
+        return head, np.arange(len(F)), scores
+
     def graph_d2(self, b, head, x):
         op, const, reduce = b.op, b.const, b.reduce
         C, P = head.channels_in, head.grid[0] * head.grid[1]
@@ -389,6 +430,7 @@ class ImageKind(HeadKind):
     features (N, D): fit, update, float32 scoring constants, scores and their ONNX nodes."""
 
     family = "image"
+    parts = ("image",)  # a defect head scoring as an image kind uses its image part alone
 
     def fit(self, Z, cfg):
         raise NotImplementedError
@@ -544,12 +586,34 @@ class Gaussian(ImageKind):
         return op("Sqrt", [op("Max", [d2, zero])])
 
 
+class DefectKind(HeadKind):
+    """A way a defect head (:class:`edgetl.heads.defect.DefectHead`) scores: which of its parts.
+    ``fits``: a defect head is fitted as this kind (else it is only a view of a fitted one)."""
+
+    family = "defect"
+    fits: ClassVar[bool] = True
+
+
 @register
-class Combined(HeadKind):
+class Combined(DefectKind):
     """The defect detector scoring a patch head and an image head together."""
 
     name = "combined"
-    family = "defect"
+    parts = ("patch", "image")
+
+
+@register
+class PatchPart(DefectKind):
+    """A defect head scoring with its patch part alone (saved as that patch head)."""
+
+    name = "patch"
+    parts = ("patch",)
+    fits = False
+
+
+def parts(name: str) -> tuple[str, ...]:
+    """The parts a defect head scoring as ``name`` uses (() when ``name`` is no defect-head mode)."""
+    return _KINDS[name].parts if known(name) else ()
 
 
 # ---- fleet merges -------------------------------------------------------------------------------
