@@ -111,6 +111,11 @@ class ClassifyKind(HeadKind):
     convex: ClassVar[bool] = False
     calibration_keys: ClassVar[tuple[str, ...]] = ("scaling",)
 
+    def named_candidates(self) -> list[dict] | None:
+        """The settings a fit chooses among (by out-of-fold accuracy) when this kind is asked for by
+        name; None: its settings as given."""
+        return None
+
     # ---- scoring ----------------------------------------------------------------------------
     def logits(self, a: dict, X: np.ndarray) -> np.ndarray:
         """Float32 logits (n, k) of float32 features ``X`` (n, d) under arrays ``a``."""
@@ -206,6 +211,11 @@ class Linear(ClassifyKind):
     convex = True
     spec = {"mean": ("d",), "scale": ("d",), "W": ("d", "k"), "b": ("k",)}
 
+    def named_candidates(self):
+        # the features' own geometry (one scale) often generalises better on frozen features than
+        # per-feature standardisation; which one wins is data's call
+        return [{"kind": self.name, "scaling": "global"}, {"kind": self.name, "scaling": "feature"}]
+
     def logits(self, a, X):
         return _standardised(a, X) @ a["W"] + a["b"]
 
@@ -284,6 +294,7 @@ class PatchKind(HeadKind):
     images' patch features (N, C, H, W), squared patch distances in numpy and as ONNX nodes."""
 
     family = "patch"
+    has_memory: ClassVar[bool] = False  # a bank of rows that grows with the data (bounded by config)
 
     def fit(self, F, cfg, *, size: int):
         raise NotImplementedError
@@ -313,6 +324,7 @@ class PatchCore(PatchKind):
     """A memory bank of good patch features; a patch scores its distance to the nearest."""
 
     name = "patchcore"
+    has_memory = True
 
     def fit(self, F, cfg, *, size):
         from .patch import fit_patchcore
@@ -430,6 +442,7 @@ class ImageKind(HeadKind):
     features (N, D): fit, update, float32 scoring constants, scores and their ONNX nodes."""
 
     family = "image"
+    has_memory: ClassVar[bool] = False  # a bank of rows that grows with the data (bounded by config)
     parts = ("image",)  # a defect head scoring as an image kind uses its image part alone
 
     def fit(self, Z, cfg):
@@ -469,6 +482,7 @@ class KNN(ImageKind):
     """Distance of the pooled feature to its nearest good images (a coreset memory)."""
 
     name = "knn"
+    has_memory = True
 
     def fit(self, Z, cfg):
         from .oneclass import ImageHead
