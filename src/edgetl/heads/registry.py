@@ -13,11 +13,17 @@ Families group the kinds that share a head object:
     the same logits, the way a temperature is folded into it, how it is fitted and re-fitted on the
     device, and the fleet merges that produce it.
 ``patch``
-    One-class patch heads (:mod:`edgetl.heads.patch`).
+    One-class patch heads (:class:`edgetl.heads.patch.AnomalyHead`): the kind fits and updates the
+    head, computes squared patch distances in numpy and as ONNX nodes, and its held-out scores.
 ``image``
-    Image-level one-class heads on pooled features (:mod:`edgetl.heads.oneclass`).
+    Image-level one-class heads on pooled features (:class:`edgetl.heads.oneclass.ImageHead`): fit,
+    update, scoring constants, scores and their ONNX nodes.
 ``defect``
-    The detector scoring a patch head and an image head together (:mod:`edgetl.heads.defect`).
+    Ways a defect head (:class:`edgetl.heads.defect.DefectHead`) scores: ``combined`` (both parts)
+    and ``patch`` (its patch part alone); an image kind scores with the image part alone. Each
+    says which parts it uses (:attr:`HeadKind.parts`).
+
+Saved heads keep their format: a head file names its kind as before, and loading looks it up here.
 
 Fleet merges (:mod:`edgetl.fleet`) are looked up here too (:func:`fleet_merge`): each has a name
 (``ridge``, ``linear``, ...), the head kind it produces, and its steps. The fleet registers the
@@ -37,17 +43,25 @@ from ..errors import ConfigError
 
 __all__ = [
     "FAMILIES",
-    "FleetMerge",
-    "HeadKind",
+    "NORM_EPS",
     "ClassifyKind",
-    "register",
-    "unregister",
-    "get",
-    "names",
-    "hint",
+    "DefectKind",
+    "FleetMerge",
+    "GraphBuilder",
+    "HeadKind",
+    "ImageKind",
+    "PatchKind",
     "fleet_merge",
     "fleet_merge_names",
+    "get",
+    "hint",
+    "known",
+    "names",
+    "parts",
+    "prototype_logits",
+    "register",
     "register_fleet_merge",
+    "unregister",
 ]
 
 FAMILIES = ("classify", "patch", "image", "defect")
