@@ -10,11 +10,15 @@ the ``edgetl fleet`` command group. Every call into the rest of edgetl goes thro
 :mod:`edgetl.fleet._edgetl`.
 """
 
-from ._edgetl import FleetError
+from ._edgetl import FleetError, fleet_merge_names
 from .device import Device
 from .merger import Merger, run_local
 from .server import FleetRound, run_round
-from .summaries import KINDS, LocalData, Summary, check_summary, respond
+from .summaries import LocalData, Summary, check_summary, respond
+
+# The merges a round can run when this package is imported (head kinds registered later that merge
+# themselves are valid too: edgetl.heads.registry.fleet_merge_names()).
+KINDS = fleet_merge_names()
 
 __all__ = [
     "KINDS",

@@ -8,6 +8,8 @@ What the fleet uses, by purpose:
 * errors: :class:`FleetError` (a :class:`edgetl.errors.EdgetlError`, exit code 2) plus edgetl's own
   ``BundleError`` / ``DataError`` / ``GateError`` / ``BundleBusy`` / ``TrustError``;
 * bundles: :func:`load_bundle`, :func:`for_update` (the writer lock), :func:`current_head`;
+* head kinds: :func:`fleet_merge` (a merge by name from edgetl's registry of head kinds),
+  :class:`FleetMerge` and :func:`register_fleet_merge` (how the fleet's merges register);
 * heads: :func:`head_from_arrays` (a ``Head`` from plain arrays, checked the way loading a head
   file checks it), :func:`train_head` (central and device-alone baselines);
 * data and features: :func:`labelled_images`, :func:`good_images`, :func:`image_features`,
@@ -48,7 +50,9 @@ from ..errors import (
 )
 from ..heads import exemplars as _exemplars
 from ..heads import patch as _patch
+from ..heads import registry as _registry
 from ..heads.classification import Head, HeadConfig
+from ..heads.registry import FleetMerge, register_fleet_merge
 from ..heads.training import train_head as _train_head
 from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
@@ -70,6 +74,8 @@ __all__ = [
     "trust_path",
     "verify_delivery",
     "FleetError",
+    "FleetMerge",
+    "register_fleet_merge",
 ]
 
 
@@ -112,6 +118,27 @@ def signing_key(option):
 
 
 # ------------------------------------------------------------------------------------ heads
+def fleet_merge(name):
+    """The fleet merge registered as ``name`` (:func:`edgetl.heads.registry.fleet_merge`).
+
+    Raises:
+        FleetError: no such merge; the message lists the valid ones.
+    """
+    from . import merges  # noqa: F401  (the fleet's own merges register on import)
+
+    try:
+        return _registry.fleet_merge(name)
+    except ConfigError as exc:
+        raise FleetError(str(exc)) from None
+
+
+def fleet_merge_names() -> tuple[str, ...]:
+    """Every registered fleet merge's name."""
+    from . import merges  # noqa: F401  (the fleet's own merges register on import)
+
+    return _registry.fleet_merge_names()
+
+
 def head_from_arrays(kind: str, labels: list[str], arrays: dict, meta: dict | None = None):
     """A classification ``Head`` from float arrays, checked like loading a head file.
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _edgetl as et
-from .summaries import ANOMALY_KINDS, FleetError, LocalData, Step, Summary, respond
+from .summaries import FleetError, LocalData, Step, Summary, respond
 
 HOLDOUT = 0.25
 DEFAULT_TOLERANCE_PP = 5.0
@@ -126,7 +126,7 @@ class Device:
     # ------------------------------------------------------------------ rounds
     def respond(self, step: Step) -> Summary:
         """This device's summary for ``step`` (from the non-held-out part of its data)."""
-        if (step.kind in ANOMALY_KINDS) != (self.task == "anomaly"):
+        if et.fleet_merge(step.kind).anomaly != (self.task == "anomaly"):
             raise FleetError(f"{self.name}: a {step.kind} round does not fit this {self.task} bundle")
         return respond(step, self.train, head_template=self.template)
 
@@ -219,8 +219,7 @@ class Device:
         return decision
 
     def _gate_classify(self, current, kind, labels, arrays, meta, tol):
-        head_kind = "linear" if kind == "ridge" else kind
-        head = et.head_from_arrays(head_kind, labels, arrays, meta)
+        head = et.head_from_arrays(et.fleet_merge(kind).head_kind, labels, arrays, meta)
         if head.n_features != current.n_features:
             raise FleetError(
                 f"global head expects {head.n_features} features; this bundle's backbone gives {current.n_features}"
@@ -252,27 +251,16 @@ class Device:
         return head, {"heldout_images": len(yh), "accuracy_before": before, "accuracy_after": after, "reasons": reasons}
 
     def _gate_anomaly(self, b, current, kind, arrays, tol):
-        if kind != current.kind:
+        merge = et.fleet_merge(kind)
+        if merge.head_kind != current.kind:
             raise FleetError(f"global head is {kind}; this bundle runs {current.kind}")
-        need = {"padim": {"channels", "mean", "m2", "count"}, "patchcore": {"memory"}}[kind]
-        if set(arrays) != need:
-            raise FleetError(f"global {kind} head arrays {sorted(arrays)}, expected {sorted(need)}")
         clean = {}
         for name, a in arrays.items():
             a = np.asarray(a)
             if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and not np.all(np.isfinite(a))):
                 raise FleetError(f"global head array {name!r} is not finite numbers")
             clean[name] = a
-        if kind == "patchcore" and (clean["memory"].ndim != 2 or clean["memory"].shape[1] != current.channels_in):
-            raise FleetError(f"global memory bank {clean['memory'].shape} does not fit this bundle")
-        if kind == "padim":
-            ref = current.arrays
-            if (
-                clean["mean"].shape != ref["mean"].shape
-                or clean["m2"].shape != ref["m2"].shape
-                or not np.array_equal(clean["channels"], ref["channels"])
-            ):
-                raise FleetError("global PaDiM moments do not fit this bundle's head")
+        merge.gate_arrays(current, clean)
         head = et.anomaly_head_like(current, clean)
         threshold = float(b.head_entry().get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
         F = self.heldout.F
@@ -336,28 +324,10 @@ class _HeadParticipant:
 
     def summary(self, step: Step) -> Summary:
         h = self.head
-        if step.kind != h.kind:
+        merge = et.fleet_merge(step.kind)
+        if merge.head_kind != h.kind:
             raise FleetError(f"the server bundle runs {h.kind}, not {step.kind}")
-        if h.kind == "padim":
-            m2 = np.asarray(h.arrays["m2"], np.float64)
-            iu = np.triu_indices(m2.shape[-1])
-            n = int(np.asarray(h.arrays["count"]).reshape(-1)[0])
-            return Summary(
-                "padim",
-                "padim",
-                {"mean": np.asarray(h.arrays["mean"], np.float64), "m2_triu": m2[:, iu[0], iu[1]]},
-                {"images": n},
-            )
-        mem = np.asarray(h.arrays["memory"], np.float32)
-        return Summary(
-            "patchcore",
-            "patchcore",
-            {"memory": mem},
-            {
-                "images": int(h.meta.get("images", 1)),
-                "patches": int(max(h.meta.get("patches_seen", len(mem)), len(mem))),
-            },
-        )
+        return merge.own_summary(h)
 
 
 def answer(participant, step: Step, template=None) -> Summary:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from . import _edgetl as et
 from .device import answer, base_participant
 from .merger import FleetResult, Merger
-from .summaries import ANOMALY_KINDS, DEFAULT_BASE, KINDS, FleetError, Step
+from .summaries import DEFAULT_BASE, FleetError, Step
 
 # the fleet merge for each edgetl head kind
 DEFAULT_KIND = {"linear": "ridge", "prototype": "prototype", "mlp": "mlp", "padim": "padim", "patchcore": "patchcore"}
@@ -49,11 +49,13 @@ class FleetRound:
         head = et.current_head(b)
         self.task = b.task
         kind = kind or DEFAULT_KIND[head.kind]
-        if kind not in KINDS:
-            raise FleetError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}")
-        if (kind in ANOMALY_KINDS) != (b.task == "anomaly"):
+        try:
+            merge = et.fleet_merge(kind)
+        except FleetError:
+            raise FleetError(f"--kind {kind!r}: choose one of {', '.join(et.fleet_merge_names())}") from None
+        if merge.anomaly != (b.task == "anomaly"):
             raise FleetError(f"--kind {kind} does not fit this {b.task} bundle (its head is {head.kind})")
-        if b.task == "anomaly" and kind != head.kind:
+        if merge.anomaly and merge.head_kind != head.kind:
             raise FleetError(f"this bundle's head is {head.kind}; a fleet round merges the same kind")
         if base not in ("current", "none"):
             raise FleetError(f"--base {base!r}: choose current or none")

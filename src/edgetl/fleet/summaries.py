@@ -59,12 +59,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.manifest import loads_bounded
+from . import _edgetl as et
 from . import ridge as _ridge
-from ._edgetl import FleetError, softmax
-
-CLASSIFY_KINDS = ("ridge", "prototype", "linear", "mlp")
-ANOMALY_KINDS = ("padim", "patchcore")
-KINDS = CLASSIFY_KINDS + ANOMALY_KINDS
+from ._edgetl import FleetError
 
 # What a round merges besides the devices: "current" makes the bundle's own training data (its
 # replay exemplars, or its anomaly head's statistics) a participant, so classes no device holds
@@ -133,6 +130,19 @@ def step_to_wire(step: Step) -> tuple[dict, str]:
     )
 
 
+def _merge(kind):
+    """The registered fleet merge called ``kind`` (FleetError naming the valid ones otherwise)."""
+    return et.fleet_merge(kind)
+
+
+def _is_merge(kind) -> bool:
+    try:
+        _merge(kind)
+    except FleetError:
+        return False
+    return True
+
+
 def step_from_wire(arrays: dict, meta_json: str) -> Step:
     """A broadcast as a device reads it: checked to be one of the steps it knows, nothing more."""
     if not isinstance(meta_json, str) or len(meta_json) > 16 * MAX_META_BYTES:
@@ -141,7 +151,7 @@ def step_from_wire(arrays: dict, meta_json: str) -> Step:
         m = loads_bounded(meta_json)
     except ValueError as exc:
         raise FleetError(f"server step metadata is not usable JSON ({exc})") from None
-    if not isinstance(m, dict) or m.get("kind") not in KINDS or not isinstance(m.get("name"), str):
+    if not isinstance(m, dict) or not _is_merge(m.get("kind")) or not isinstance(m.get("name"), str):
         raise FleetError(f"server step of unknown kind {m.get('kind') if isinstance(m, dict) else None!r}")
     if not isinstance(m.get("config"), dict):
         raise FleetError("server step without a config object")
@@ -249,14 +259,23 @@ def check_summary(
     """
     if s.kind != step.kind or s.step != step.name:
         _fail(who, f"answers step {s.kind}/{s.step}, the round is at {step.kind}/{step.name}")
-    known = _EXPECTED_ARRAYS.get(step.name if step.kind not in ANOMALY_KINDS else step.kind)
-    if known is not None:
-        names = set(s.arrays)
-        want = known(step)
-        if names != want:
-            _fail(who, f"arrays {sorted(names)}, expected {sorted(want)}")
-    if step.kind in ANOMALY_KINDS:
-        return _check_anomaly(s, step, who, max_rows, geometry or {})
+    merge = _merge(step.kind)
+    want = merge.fleet_expected_arrays(step)
+    if want is not None and set(s.arrays) != want:
+        _fail(who, f"arrays {sorted(s.arrays)}, expected {sorted(want)}")
+    ctx = {"d": d, "labels": labels, "max_rows": max_rows, **(geometry or {})}
+    return merge.fleet_check(s, step, who, ctx)
+
+
+def check_anomaly_images(s: Summary, who: str, max_rows: int) -> int:
+    """The number of images an anomaly summary claims, refused outside 1..max_rows."""
+    return _count(s.meta, "images", who, max_rows)
+
+
+def check_classify(
+    s: Summary, step: Step, who: str, *, d: int | None, labels: list[str] | None, max_rows: int
+) -> Summary:
+    """The checks of the classification merges' steps (moments, unit-sums, temperature, fedavg)."""
     if step.name == "moments":
         lab = _labels(s.meta, who)
         if labels is not None and not set(lab) <= set(labels):
@@ -331,45 +350,6 @@ def check_summary(
     _fail(who, f"unknown step {step.name!r}")
 
 
-def _fedavg_arrays(step: Step) -> set:
-    return {n for n in step.arrays if n not in ("mean", "scale", "class_weight")}
-
-
-_EXPECTED_ARRAYS = {
-    "moments": lambda st: {"count", "sum", "gram" if st.config.get("gram") else "sumsq"},
-    "unit-sums": lambda st: {"count", "sum"},
-    "temperature-a": lambda st: {"slope", "curv"},
-    "temperature-b": lambda st: {"slope", "curv"},
-    "fedavg": _fedavg_arrays,
-    "padim": lambda st: {"mean", "m2_triu"},
-    "patchcore": lambda st: {"memory"},
-}
-
-
-def _check_anomaly(s: Summary, step: Step, who: str, max_rows: int, geo: dict) -> Summary:
-    n = _count(s.meta, "images", who, max_rows)
-    if step.kind == "padim":
-        P, dims = geo.get("P"), geo.get("dims")
-        mean = _arr(s, "mean", who, shape=(P, dims) if P else None, ndim=2)
-        dd = mean.shape[1] * (mean.shape[1] + 1) // 2
-        tri = _arr(s, "m2_triu", who, shape=(mean.shape[0], dd))
-        iu = np.triu_indices(mean.shape[1])
-        diag = tri[:, iu[0] == iu[1]]
-        if np.any(diag < -1e-6 * np.maximum(1.0, np.abs(diag).max())):
-            _fail(who, "negative scatter on the diagonal")
-        if n == 1 and np.abs(tri).max() > 0:
-            _fail(who, "one image cannot have a non-zero scatter")
-        return s
-    C, cap = geo.get("channels_in"), geo.get("max_memory", MAX_ROWS)
-    mem = _arr(s, "memory", who, ndim=2)
-    if C is not None and mem.shape[1] != C:
-        _fail(who, f"memory bank rows have {mem.shape[1]} channels, expected {C} (another backbone?)")
-    patches = _count(s.meta, "patches", who, max_rows * 10_000)
-    if not 1 <= mem.shape[0] <= min(cap, patches):
-        _fail(who, f"memory bank of {mem.shape[0]} rows from {patches} patches (at most {cap})")
-    return s
-
-
 # ============================================================================================ devices
 def respond(step: Step, data: LocalData, *, head_template=None) -> Summary:
     """A device's answer to ``step`` from its own data. The step selects one of the functions
@@ -378,9 +358,12 @@ def respond(step: Step, data: LocalData, *, head_template=None) -> Summary:
     ``head_template`` is the device's own current anomaly head (its config, channels and grid are
     used, never the server's).
     """
+    return _merge(step.kind).fleet_respond(step, data, head_template)
+
+
+def respond_classify(step: Step, data: LocalData, merge) -> Summary:
+    """A device's answer to a classification merge's step (``merge`` supplies what differs)."""
     k = step.kind
-    if k in ANOMALY_KINDS:
-        return _respond_anomaly(step, data, head_template)
     if step.name == "moments":
         labels = data.local_labels()
         y = data.indices(labels)
@@ -407,11 +390,11 @@ def respond(step: Step, data: LocalData, *, head_template=None) -> Summary:
         )
     if step.name.startswith("temperature"):
         grid = _grid(step)
-        Z, t, w = _proto_loo(step, data.X, y) if k == "prototype" else _ridge_rows(step, data.X, y)
+        Z, t, w = merge.temperature_rows(step, data.X, y)
         slope, curv = _ridge.temperature_terms(Z, t, w, grid)
         return Summary(k, step.name, {"slope": slope, "curv": curv}, {"rows": len(Z)})
     if step.name == "fedavg":
-        return _local_fedavg(step, data.X, y, labels)
+        return merge.local_update(step, data.X, y, labels)
     raise FleetError(f"this device does not know step {k}/{step.name}")
 
 
@@ -436,7 +419,7 @@ def _unit_rows(X: np.ndarray, mean32: np.ndarray) -> np.ndarray:
     return (centred / np.sqrt(np.maximum(sq, np.float32(PROTO_NORM_EPS**2)))).astype(np.float64)
 
 
-def _proto_loo(step: Step, X, y):
+def proto_loo(step: Step, X, y):
     """Leave-one-out cosines of this device's rows against the *global* class sums (as edgetl's
     prototype head scores its temperature), restricted to usable rows and present classes."""
     a = step.arrays
@@ -462,7 +445,7 @@ def _proto_loo(step: Step, X, y):
     return C, np.searchsorted(cols, y[usable]), w[usable]
 
 
-def _ridge_rows(step: Step, X, y):
+def ridge_rows(step: Step, X, y):
     """Leave-one-out logits of this device's rows under the merged ridge fit (present classes)."""
     a = step.arrays
     n = step.config.get("n")
@@ -483,7 +466,7 @@ def _ridge_rows(step: Step, X, y):
     return Z, np.searchsorted(present, y[keep]), np.ones(int(keep.sum()))
 
 
-def _local_fedavg(step: Step, X, y, labels) -> Summary:
+def local_fedavg(step: Step, X, y, labels, grads) -> Summary:
     """E local full-batch gradient steps on the class-weighted cross-entropy (global standardisation
     and class weights from the server), starting from the broadcast weights."""
     a = step.arrays
@@ -500,47 +483,9 @@ def _local_fedavg(step: Step, X, y, labels) -> Summary:
     Y = np.zeros((len(y), len(labels)))
     Y[np.arange(len(y)), y] = 1.0
     for _ in range(steps):
-        grads = _grads(step.kind, params, Xs, Y, w / weight, l2)
+        g = grads(params, Xs, Y, w / weight, l2)
         for n in params:
-            params[n] -= lr * grads[n]
+            params[n] -= lr * g[n]
     return Summary(
         step.kind, "fedavg", {n: v.astype(np.float32) for n, v in params.items()}, {"weight": weight, "n": len(y)}
     )
-
-
-def _grads(kind, p, Xs, Y, w, l2):
-    """Gradients of ``sum_i w_i CE_i + l2/2 ||weights||^2`` (w sums to 1 on this device)."""
-    if kind == "linear":
-        P = softmax(Xs @ p["W"] + p["b"])
-        G = (P - Y) * w[:, None]
-        return {"W": Xs.T @ G + l2 * p["W"], "b": G.sum(axis=0)}
-    H = Xs @ p["W1"] + p["b1"]
-    R = np.maximum(H, 0)
-    P = softmax(R @ p["W2"] + p["b2"])
-    G = (P - Y) * w[:, None]
-    dR = (G @ p["W2"].T) * (H > 0)
-    return {"W2": R.T @ G + l2 * p["W2"], "b2": G.sum(axis=0), "W1": Xs.T @ dR + l2 * p["W1"], "b1": dR.sum(axis=0)}
-
-
-def _respond_anomaly(step: Step, data: LocalData, template) -> Summary:
-    from . import _edgetl as et
-
-    if template is None:
-        raise FleetError("an anomaly summary needs the device's own anomaly head")
-    F = data.F
-    if step.kind != template.kind:
-        raise FleetError(f"the round merges {step.kind} heads; this device runs {template.kind}")
-    if tuple(F.shape[1:]) != (template.channels_in, *template.grid):
-        raise FleetError(f"patch features {F.shape[1:]} do not fit this bundle's head")
-    if step.kind == "padim":
-        channels = np.asarray(template.arrays["channels"], np.int64)
-        sent = step.arrays.get("channels")
-        if sent is None or not np.array_equal(np.asarray(sent, np.int64), channels):
-            raise FleetError("the server's PaDiM channels differ from this bundle's (another release?)")
-        mean, m2, n = et.padim_moments(F, channels)
-        iu = np.triu_indices(len(channels))
-        return Summary("padim", "padim", {"mean": mean, "m2_triu": m2[:, iu[0], iu[1]]}, {"images": int(n)})
-    cfg = template.config
-    X = et.patch_rows(F)
-    idx = et.greedy_coreset(X, et.coreset_size(len(X), cfg), seed=cfg.seed, projection=cfg.projection)
-    return Summary("patchcore", "patchcore", {"memory": X[idx]}, {"images": len(F), "patches": len(X)})

@@ -9,5 +9,7 @@
 * :mod:`.oneclass`: image-level one-class heads on pooled features (knn, gaussian) for the wrong
   part; :mod:`.defect`: the detector that scores a patch head and an image head together.
 
-Every head has ``save(path)``, ``load(path)`` and ``graph(opset, ir_version)``.
+Every head has ``save(path)``, ``load(path)`` and ``graph(opset, ir_version)``. What differs between
+head kinds lives in one class per kind, registered in :mod:`.registry` (the code above asks it
+instead of comparing kind names).
 """

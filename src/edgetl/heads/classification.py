@@ -30,36 +30,23 @@ import numpy as np
 from ..core.bundle import write_npz_durably
 from ..core.metrics import softmax
 from ..errors import BundleError, ConfigError, DataError, require
+from . import registry
+from .registry import GraphBuilder
 
 __all__ = ["HEAD_KINDS", "HeadConfig", "Head", "softmax"]
 
-HEAD_KINDS = ("linear", "mlp", "prototype")
+# The built-in classification kinds (a snapshot at import; kinds registered later are valid too,
+# ask :func:`edgetl.heads.registry.names` for the current list).
+HEAD_KINDS = registry.names("classify")
 
 _FORMAT = "edgetl-head"
 _FORMAT_VERSION = 1
 _HEADER_KEY = "_header"
 _MIN_OPSET = 13  # MatMul/Relu/Max/Sqrt with today's broadcasting rules; older runtimes lack them
 
-# Rows whose centred norm is below this are treated as the zero vector (cosine 0 to everything)
-# rather than amplified noise; the ONNX graph applies the same floor.
-_NORM_EPS = 1e-6
-# Arrays each kind needs, with their shapes in terms of d (features), k (classes), h (hidden).
-_SPECS: dict[str, dict[str, tuple[str, ...]]] = {
-    "linear": {"mean": ("d",), "scale": ("d",), "W": ("d", "k"), "b": ("k",)},
-    "mlp": {
-        "mean": ("d",),
-        "scale": ("d",),
-        "W1": ("d", "h"),
-        "b1": ("h",),
-        "W2": ("h", "k"),
-        "b2": ("k",),
-    },
-    "prototype": {"mean": ("d",), "prototypes": ("d", "k"), "logit_scale": (), "b": ("k",)},
-}
-
 
 def _kinds_hint() -> str:
-    return "valid kinds: " + ", ".join(HEAD_KINDS)
+    return registry.hint("classify")
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +90,7 @@ class HeadConfig:
     scaling: str = "feature"
 
     def __post_init__(self) -> None:
-        if self.kind not in HEAD_KINDS:
+        if not registry.known(self.kind, "classify"):
             raise ConfigError(f"unknown head kind {self.kind!r}; {_kinds_hint()}")
         number = (int, float, np.integer, np.floating)
         if self.l2 is not None:
@@ -214,15 +201,7 @@ class Head:
         Raises:
             DataError: if ``X`` is not ``(n, n_features)``.
         """
-        X = self._check_input(X)
-        a = self.arrays
-        if self.kind == "prototype":
-            return _prototype_logits(X, a["mean"], a["prototypes"], a["logit_scale"], a["b"])
-        Xs = (X - a["mean"]) / a["scale"]
-        if self.kind == "linear":
-            return Xs @ a["W"] + a["b"]
-        hidden = np.maximum(Xs @ a["W1"] + a["b1"], np.float32(0))
-        return hidden @ a["W2"] + a["b2"]
+        return registry.get(self.kind, "classify").logits(self.arrays, self._check_input(X))
 
     def proba(self, X: np.ndarray) -> np.ndarray:
         """Class probabilities, the softmax of :meth:`logits`; rows sum to 1."""
@@ -261,8 +240,8 @@ class Head:
         Raises:
             DataError: the arrays do not make a ``kind`` head over ``labels``.
         """
-        if kind not in HEAD_KINDS:
-            raise DataError(f"head kind {kind!r} is not one of {', '.join(HEAD_KINDS)}")
+        if not registry.known(kind, "classify"):
+            raise DataError(f"head kind {kind!r} is not one of {', '.join(registry.names('classify'))}")
         arrays = {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
         problem = _check_arrays(kind, arrays, len(labels))
         if problem:
@@ -307,7 +286,7 @@ class Head:
                 f"{path}: head format version {version!r}; this edgetl reads 1 to {_FORMAT_VERSION} (upgrade edgetl)"
             )
         kind, labels, meta = header.get("kind"), header.get("labels"), header.get("meta")
-        if kind not in HEAD_KINDS:
+        if not isinstance(kind, str) or not registry.known(kind, "classify"):
             raise BundleError(f"{path}: unknown head kind {kind!r}; {_kinds_hint()}")
         if not isinstance(labels, list) or not labels or not all(isinstance(s, str) for s in labels):
             raise BundleError(f"{path}: head labels missing or not a list of strings")
@@ -342,34 +321,10 @@ class Head:
         newest = onnx.defs.onnx_opset_version()
         if isinstance(opset, bool) or not isinstance(opset, int) or not _MIN_OPSET <= opset <= newest:
             raise ConfigError(f"opset must be an integer from {_MIN_OPSET} to {newest}, got {opset!r}")
-        a, inits, nodes = self.arrays, [], []
-
-        def const(name: str, value: np.ndarray) -> str:
-            inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32, order="C"), f"head/{name}"))
-            return f"head/{name}"
-
-        def node(op: str, inputs: list[str]) -> str:
-            out = f"head/{op.lower()}_{len(nodes)}"
-            nodes.append(helper.make_node(op, inputs, [out], name=f"head/{op}_{len(nodes)}"))
-            return out
-
-        centred = node("Sub", ["head/features", const("mean", a["mean"])])
-        if self.kind == "prototype":
-            # Squared norm via MatMul with a ones column: avoids ReduceSumSquare, whose `axes`
-            # moved from attribute to input in opset 18, so one graph builder serves every opset.
-            sq = node("MatMul", [node("Mul", [centred, centred]), const("ones", np.ones((self.n_features, 1)))])
-            norm = node("Sqrt", [node("Max", [sq, const("eps2", np.array(_NORM_EPS**2))])])
-            cos = node("MatMul", [node("Div", [centred, norm]), const("prototypes", a["prototypes"])])
-            logits = node("Add", [node("Mul", [cos, const("logit_scale", a["logit_scale"])]), const("b", a["b"])])
-        else:
-            std = node("Div", [centred, const("scale", a["scale"])])
-            if self.kind == "linear":
-                logits = node("Add", [node("MatMul", [std, const("W", a["W"])]), const("b", a["b"])])
-            else:
-                hidden = node(
-                    "Relu", [node("Add", [node("MatMul", [std, const("W1", a["W1"])]), const("b1", a["b1"])])]
-                )
-                logits = node("Add", [node("MatMul", [hidden, const("W2", a["W2"])]), const("b2", a["b2"])])
+        a, g = self.arrays, GraphBuilder(helper, numpy_helper)
+        centred = g.node("Sub", ["head/features", g.const("mean", a["mean"])])
+        logits = registry.get(self.kind, "classify").graph_logits(a, g, centred, self.n_features)
+        inits, nodes = g.inits, g.nodes
         nodes.append(helper.make_node("Softmax", [logits], ["probabilities"], axis=-1, name="head/softmax"))
         graph = helper.make_graph(
             nodes,
@@ -392,16 +347,9 @@ class Head:
         return model
 
 
-def _prototype_logits(X, mean, prototypes, logit_scale, b) -> np.ndarray:
-    centred = X - mean
-    sq = np.sum(centred * centred, axis=1, keepdims=True)
-    unit = centred / np.sqrt(np.maximum(sq, np.float32(_NORM_EPS**2)))
-    return (unit @ prototypes) * logit_scale + b
-
-
 def _check_arrays(kind: str, arrays: dict, k: int) -> str | None:
     """Return what is wrong with a head's arrays, or None when they fit together."""
-    spec = _SPECS[kind]
+    spec = registry.get(kind, "classify").spec
     missing = sorted(set(spec) - set(arrays))
     extra = sorted(set(arrays) - set(spec))
     if missing or extra:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import registry
 from .classification import Head, HeadConfig, softmax
 
 # At or under this many items every item is its own fold: K fits of a few dozen rows are cheap,
@@ -161,14 +162,7 @@ def fit_temperature(L: np.ndarray, y: np.ndarray) -> float:
 def scale_logits(head: Head, s: float) -> Head:
     """The same head with every logit multiplied by ``s`` (its last layer scaled): the argmax is
     unchanged, and the ONNX graph needs no extra node."""
-    a = dict(head.arrays)
-    s32 = np.float32(s)
-    if head.kind == "linear":
-        a["W"], a["b"] = a["W"] * s32, a["b"] * s32
-    elif head.kind == "mlp":
-        a["W2"], a["b2"] = a["W2"] * s32, a["b2"] * s32
-    else:
-        a["logit_scale"], a["b"] = (a["logit_scale"] * s32).astype(np.float32), a["b"] * s32
+    a = registry.get(head.kind, "classify").scale_logits(dict(head.arrays), np.float32(s))
     return Head(head.kind, list(head.labels), a, dict(head.meta))
 
 
@@ -293,7 +287,7 @@ def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight,
     tries = []
     for cand in kinds or (cfg.kind,):
         kcfg = dataclasses.replace(cfg, **(cand if isinstance(cand, dict) else {"kind": cand}))
-        if kcfg.kind == "prototype":
+        if not registry.get(kcfg.kind, "classify").uses_l2:
             kcfg = dataclasses.replace(kcfg, l2=None)
         # a plan without folds still goes in: the L2 then takes its default (nothing to choose on)
         head, oof = _fit(X, y, labels, cfg=kcfg, sample_weight=sample_weight, fold=plan.fold)
@@ -314,7 +308,7 @@ def _cross_fit(X, y, labels, *, cfg, kinds, plan, groups, scored, sample_weight,
             "oof_score": t[2],
             "chosen": i == best,
             "lead_se": lead_se[i],
-            **({"scaling": t[0].meta["config"]["scaling"]} if t[0].kind != "prototype" else {}),
+            **{key: t[0].meta["config"][key] for key in registry.get(t[0].kind, "classify").calibration_keys},
         }
         for i, t in enumerate(tries)
     ]

@@ -39,8 +39,8 @@ import numpy as np
 
 from ..core.bundle import write_npz_durably
 from ..errors import BundleError, ConfigError, DataError
+from . import registry
 from .oneclass import (
-    IMAGE_KINDS,
     ImageConfig,
     ImageHead,
     fit_image_head,
@@ -52,14 +52,19 @@ from .patch import (
     HEADER_KEY,
     AnomalyConfig,
     AnomalyHead,
-    fit_padim,
     maps_from_patches,
-    patchcore_with_sources,
     read_head_file,
     update_patch_head,
 )
 
-DEFECT_KINDS = ("combined", *IMAGE_KINDS)
+
+def _fits_as_defect(kind: str) -> bool:
+    """A defect head is fitted as a fitting defect kind (combined) or as an image kind alone."""
+    return registry.known(kind, "image") or (registry.known(kind, "defect") and registry.get(kind).fits)
+
+
+# The kinds a defect head is fitted as (a snapshot at import).
+DEFECT_KINDS = tuple(n for n in (*registry.names("defect"), *registry.names("image")) if _fits_as_defect(n))
 _FORMAT = "edgetl-defect-head"
 _FORMAT_VERSION = 1
 # How a combined head joins its parts: "softmax" of the z-scores (fitted now), or the "mean" of
@@ -81,7 +86,7 @@ class DefectConfig:
     image: ImageConfig = ImageConfig()
 
     def __post_init__(self) -> None:
-        if self.kind not in DEFECT_KINDS:
+        if not _fits_as_defect(self.kind):
             raise ConfigError(f"defect head {self.kind!r} is not one of {', '.join(DEFECT_KINDS)}")
 
     pooled = True  # the backbone export these heads read (``export_backbone(patch_pooled=True)``)
@@ -131,7 +136,7 @@ class DefectConfig:
         image_fields = {f.name for f in dataclasses.fields(ImageConfig)} - {"kind"}
         for key in list(d):
             (image if key in image_fields else patch)[key] = d.pop(key)
-        if kind in IMAGE_KINDS:
+        if registry.known(kind, "image"):
             image["kind"] = kind
         return cls(kind, AnomalyConfig.from_dict(patch), ImageConfig.from_dict(image))
 
@@ -153,22 +158,32 @@ class DefectHead:
     rule: str = "softmax"
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts this head scores with: ``("patch", "image")``, ``("patch",)`` or ``("image",)``."""
+        return registry.parts(self.kind)
+
+    @property
+    def combined(self) -> bool:
+        return len(self.parts) == 2
+
+    @property
     def has_map(self) -> bool:
-        return self.patch is not None and self.kind not in IMAGE_KINDS
+        return self.patch is not None and "patch" in self.parts
 
     def as_kind(self, kind: str) -> DefectHead:
         """The same fitted parts scoring as ``kind``: ``combined``, ``patch`` (the patch part
         alone) or the image kind (the image part alone)."""
-        if kind not in ("combined", "patch", self.image.kind) or (kind != self.image.kind and self.patch is None):
+        parts = registry.parts(kind)
+        image_only = parts == ("image",)
+        if not parts or (image_only and kind != self.image.kind) or (not image_only and self.patch is None):
             raise ConfigError(f"a {self.kind} defect head cannot score as {kind!r}")
         return dataclasses.replace(self, kind=kind)
 
     @property
     def label(self) -> str:
         """What scores, for people: ``patchcore + knn``, ``knn``, ``padim``."""
-        if self.kind == "combined":
-            return f"{self.patch.kind} + {self.image.kind}"
-        return self.patch.kind if self.kind == "patch" else self.image.kind
+        heads = {"patch": self.patch, "image": self.image}
+        return " + ".join(heads[p].kind for p in self.parts)  # type: ignore[union-attr]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -208,7 +223,7 @@ class DefectHead:
         peak plus the image part, so a map divided by the threshold itself fades even on a caught
         defect. With the image part at a typical good image's value (its held-out mean), the
         patch part reaches the threshold at ``threshold - 0.5 * mean / sd``."""
-        if self.kind != "combined" or "image" not in self.norm:
+        if not self.combined or "image" not in self.norm:
             return float(threshold)
         if self.rule == "softmax":  # the patch term t with log(exp t + exp c) = threshold, c: a typical image term
             c = float(self.offset("image")) + self.norm["image"][0] / self.norm["image"][1]
@@ -221,11 +236,11 @@ class DefectHead:
         """(N, L) feature rows -> (maps (N, S, S) or None, scores (N,)), float32, as the graph computes them."""
         F, Z = self.split(X)
         si = self.image.scores(Z)
-        if self.patch is None or self.kind in IMAGE_KINDS:
+        if self.patch is None or not self.has_map:
             return None, si
         S = self.patch.patch_scores(F, chunk=chunk)
         m, sp = maps_from_patches(S, self.patch.operator)
-        if self.kind == "patch":
+        if not self.combined:
             return m, sp
         return m * self.scale("patch") + self.offset("patch"), self.combine(sp, si)
 
@@ -269,7 +284,7 @@ class DefectHead:
         outs = []
         if not self.has_map:
             b.op("Identity", [image_scores_nodes(b, self.image, pooled())], OUTPUTS[1])
-        elif self.kind == "patch":
+        elif not self.combined:
             x = b.op(
                 "Slice",
                 [INPUT, b.const("start", np.array([0], np.int64)), b.const("end", np.array([n], np.int64)), axis],
@@ -418,32 +433,7 @@ def held_out_patch_scores(
     rng = np.random.default_rng(seed)
     groups = np.arange(len(F)) if groups is None else np.asarray(groups).reshape(-1)
     chosen = np.sort(rng.permutation(len(F))[:MAX_NORM_IMAGES]) if rows is None else np.asarray(rows)
-    if cfg.kind == "patchcore":
-        head, src = patchcore_with_sources(F, cfg, size=size)
-        M = head.arrays["memory"].astype(np.float32)
-        mm = np.sum(M * M, axis=1)[None, :]
-        C, (H, W) = head.channels_in, head.grid
-        S = np.zeros((len(chosen), H, W), np.float32)
-        for j, i in enumerate(chosen):
-            X = F[i].reshape(C, H * W).T
-            d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
-            d2[:, groups[src] == groups[i]] = np.inf
-            S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
-        return head, chosen, maps_from_patches(S, head.operator)[1]
-    head = fit_padim(F, cfg, size=size)
-    scores = np.zeros(len(F), np.float32)
-    order = rng.permutation(len(F))
-    fold = np.empty(len(F), np.int64)
-    fold[order] = np.arange(len(F)) % 5
-    if len(np.unique(groups)) < len(F):  # tiles: whole frames per fold
-        g = np.unique(groups, return_inverse=True)[1]
-        fold = rng.permutation(g.max() + 1)[g] % 5
-    for f in range(min(5, len(F))):
-        held = np.nonzero(fold == f)[0]
-        rest = np.nonzero(fold != f)[0]
-        if len(held) and len(rest):
-            scores[held] = fit_padim(F[rest], cfg, size=size).maps(F[held])[1]
-    return head, np.arange(len(F)), scores
+    return registry.get(cfg.kind, "patch").held_out(F, cfg, size=size, rng=rng, groups=groups, chosen=chosen)
 
 
 def fit_defect_head(
@@ -463,7 +453,7 @@ def fit_defect_head(
     image = fit_image_head(Z, cfg.image)
     norm = {"image": _norm(held_out_scores(Z, cfg.image, seed=cfg.seed))}
     patch = None
-    if cfg.kind == "combined":
+    if "patch" in registry.parts(cfg.kind):
         patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups)
         norm["patch"] = _norm(held)
     return DefectHead(

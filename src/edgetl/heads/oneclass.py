@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .patch import greedy_coreset, merge_moments, oas_shrink
+from . import registry
+from .patch import oas_shrink
 
-IMAGE_KINDS = ("knn", "gaussian")
+IMAGE_KINDS = registry.names("image")
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,8 @@ class ImageConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in IMAGE_KINDS:
-            raise ConfigError(f"image head {self.kind!r} is not one of {', '.join(IMAGE_KINDS)}")
+        if not registry.known(self.kind, "image"):
+            raise ConfigError(f"image head {self.kind!r} is not one of {', '.join(registry.names('image'))}")
         if self.k < 1 or self.max_images < 1 or self.projection < 1:
             raise ConfigError("k, max_images and projection must be >= 1")
 
@@ -88,46 +89,23 @@ class ImageHead:
 
     @property
     def memory_size(self) -> int:
-        return int(self.arrays["memory"].shape[0]) if self.kind == "knn" else 0
+        return registry.get(self.kind, "image").memory_size(self)
 
     @property
     def images(self) -> int:
-        return (
-            int(np.asarray(self.arrays["count"]).reshape(-1)[0])
-            if self.kind == "gaussian"
-            else int(self.meta.get("images", self.memory_size))
-        )
+        return registry.get(self.kind, "image").images(self)
 
     def constants(self) -> dict[str, np.ndarray]:
         """float32 constants of the scoring: knn: -2 M^T, sum(M*M), k; gaussian: mean, inverse covariance."""
         if "c" not in self._cache:
-            if self.kind == "knn":
-                M = self.arrays["memory"].astype(np.float32)
-                self._cache["c"] = {
-                    "mt2": (-2.0 * M.T).astype(np.float32),
-                    "mm": np.sum(M * M, axis=1)[None, :].astype(np.float32),
-                    "k": min(self.config.k, len(M)),
-                }
-            else:
-                mean, inv = gaussian_params(self.arrays)
-                self._cache["c"] = {"mean": mean, "inv": inv}
+            self._cache["c"] = registry.get(self.kind, "image").constants(self)
         return self._cache["c"]
 
     def scores(self, Z: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
         """(N, D) pooled features -> (N,) float32 distances. ``exclude_self`` (knn, Z = the memory's
         own rows): each row's own entry is left out: leave-one-out scores of the memory."""
         Z = self.check(Z)
-        c = self.constants()
-        if self.kind == "knn":
-            d2 = (np.sum(Z * Z, axis=-1, keepdims=True) + Z @ c["mt2"]) + c["mm"]
-            if exclude_self:
-                d2[np.arange(len(Z)), np.arange(len(Z))] = np.inf
-            k = min(c["k"], d2.shape[1] - (1 if exclude_self else 0))
-            d2 = np.sort(d2, axis=1)[:, : max(k, 1)]
-            return np.mean(np.sqrt(np.maximum(d2, np.float32(0))), axis=1).astype(np.float32)
-        D = Z - c["mean"][None]
-        d2 = np.sum((D @ c["inv"]) * D, axis=-1)
-        return np.sqrt(np.maximum(d2, np.float32(0))).astype(np.float32)
+        return registry.get(self.kind, "image").scores(self, Z, self.constants(), exclude_self=exclude_self)
 
     def check(self, Z: np.ndarray) -> np.ndarray:
         Z = np.asarray(Z, np.float32)
@@ -163,34 +141,15 @@ def fit_image_head(Z: np.ndarray, cfg: ImageConfig) -> ImageHead:
     Z = np.asarray(Z, np.float32)
     if Z.ndim != 2 or len(Z) < 2:
         raise DataError(f"image-level heads need pooled features of >= 2 good images, got {Z.shape}")
-    if cfg.kind == "knn":
-        idx = greedy_coreset(Z, min(cfg.max_images, len(Z)), seed=cfg.seed, projection=cfg.projection)
-        return ImageHead(cfg, int(Z.shape[1]), {"memory": Z[idx]}, {"images": int(len(Z))})
-    mean, m2, n = moments(Z)
-    return ImageHead(
-        cfg,
-        int(Z.shape[1]),
-        {"mean": mean.astype(np.float32), "m2": m2.astype(np.float32), "count": np.asarray(n, np.int64)},
-        {"images": int(n)},
-    )
+    return registry.get(cfg.kind, "image").fit(Z, cfg)
 
 
 def update_image_head(head: ImageHead, Z: np.ndarray) -> ImageHead:
     """``head`` after also learning the good images ``Z``: knn's memory grows (a coreset of old +
     new rows past ``max_images``); gaussian's moments merge exactly."""
     Z = head.check(Z)
-    cfg = head.config
     meta = dict(head.meta, images=head.images + len(Z))
-    if head.kind == "knn":
-        pool = np.concatenate([head.arrays["memory"].astype(np.float32), Z])
-        if len(pool) > cfg.max_images:
-            pool = pool[greedy_coreset(pool, cfg.max_images, seed=cfg.seed, projection=cfg.projection)]
-        return dataclasses.replace(head, arrays={"memory": pool}, meta=meta, _cache={})
-    a = head.arrays
-    mean_b, m2_b, n_b = moments(Z)
-    n_a = int(np.asarray(a["count"]).reshape(-1)[0])
-    mean, m2, n = merge_moments(a["mean"].astype(np.float64), a["m2"].astype(np.float64), n_a, mean_b, m2_b, n_b)
-    arrays = {"mean": mean.astype(np.float32), "m2": m2.astype(np.float32), "count": np.asarray(n, np.int64)}
+    arrays = registry.get(head.kind, "image").update(head, Z)
     return dataclasses.replace(head, arrays=arrays, meta=meta, _cache={})
 
 
@@ -198,43 +157,10 @@ def held_out_scores(Z: np.ndarray, cfg: ImageConfig, *, folds: int = 5, seed: in
     """Scores of the training images by heads that never saw them: knn leave-one-out on the full
     memory (exact when no coreset thinned it), gaussian by ``folds``-fold refits."""
     Z = np.asarray(Z, np.float32)
-    if cfg.kind == "knn":
-        full = fit_image_head(Z, dataclasses.replace(cfg, max_images=len(Z)))
-        return full.scores(Z, exclude_self=True)
-    order = np.random.default_rng(seed).permutation(len(Z))
-    out = np.zeros(len(Z), np.float32)
-    for f in range(min(folds, len(Z))):
-        held = order[f::folds]
-        rest = np.setdiff1d(order, held)
-        out[held] = fit_image_head(Z[rest], cfg).scores(Z[held])
-    return out
+    return registry.get(cfg.kind, "image").held_out_scores(Z, cfg, folds=folds, seed=seed)
 
 
 def image_scores_nodes(b, head: ImageHead, z: str) -> str:
     """Graph nodes (on a :class:`edgetl.heads.patch_graph.GraphBuilder`) scoring pooled features
     ``z`` (N, D): the score's name, computed as :meth:`ImageHead.scores` computes it."""
-    op, const, reduce = b.op, b.const, b.reduce
-    zero = const("zero", np.array(0.0, np.float32))
-    c = head.constants()
-    if head.kind == "knn":
-        zz = reduce("ReduceSum", op("Mul", [z, z]), [-1], 1)
-        d2 = op(
-            "Add",
-            [op("Add", [zz, op("MatMul", [z, const("memory_t_x_minus2", c["mt2"])])]), const("memory_sq", c["mm"])],
-        )  # (N, K)
-        out = b.name("topk_values")
-        b.nodes.append(
-            b.onnx.helper.make_node(
-                "TopK",
-                [d2, const("k", np.array([c["k"]], np.int64))],
-                [out, b.name("topk_indices")],
-                name=b.name("TopK"),
-                axis=-1,
-                largest=0,
-                sorted=1,
-            )
-        )
-        return reduce("ReduceMean", op("Sqrt", [op("Max", [out, zero])]), [-1], 0)
-    D = op("Sub", [z, const("mean", c["mean"][None])])
-    d2 = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", c["inv"])]), D]), [-1], 0)
-    return op("Sqrt", [op("Max", [d2, zero])])
+    return registry.get(head.kind, "image").graph_scores(b, head, z)

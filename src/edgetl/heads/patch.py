@@ -35,8 +35,9 @@ import numpy as np
 
 from ..core.bundle import write_npz_durably
 from ..errors import BundleError, ConfigError, DataError
+from . import registry
 
-PATCH_KINDS = ("patchcore", "padim")
+PATCH_KINDS = registry.names("patch")
 COVARIANCES = ("position", "shared")
 _FORMAT = "edgetl-anomaly-head"
 _FORMAT_VERSION = 1
@@ -92,8 +93,8 @@ class AnomalyConfig:
             isinstance(self.defect_size, (int, float)) and 0 < self.defect_size < 10_000
         ):
             raise ConfigError(f"defect_size {self.defect_size!r}: give the smallest defect's size in pixels (> 0)")
-        if self.kind not in PATCH_KINDS:
-            raise ConfigError(f"anomaly head {self.kind!r} is not one of {', '.join(PATCH_KINDS)}")
+        if not registry.known(self.kind, "patch"):
+            raise ConfigError(f"anomaly head {self.kind!r} is not one of {', '.join(registry.names('patch'))}")
         if self.covariance not in COVARIANCES:
             raise ConfigError(f"covariance {self.covariance!r} is not one of {', '.join(COVARIANCES)}")
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -209,7 +210,7 @@ class AnomalyHead:
 
     @property
     def memory_size(self) -> int:
-        return int(self.arrays["memory"].shape[0]) if self.kind == "patchcore" else 0
+        return registry.get(self.kind, "patch").memory_size(self)
 
     # ---- scoring (the numpy reference the exported graph must equal) ----------------------
     def patch_scores(self, F: np.ndarray, *, chunk: int = 8) -> np.ndarray:
@@ -221,22 +222,7 @@ class AnomalyHead:
     def _patch_scores(self, F: np.ndarray) -> np.ndarray:
         N = F.shape[0]
         H, W = self.grid
-        P = H * W
-        if self.kind == "patchcore":
-            X = F.reshape(N, self.channels_in, P).transpose(0, 2, 1)  # (N, P, C)
-            mt2, mm = self.knn_constants()
-            d2 = (np.sum(X * X, axis=-1, keepdims=True) + X @ mt2) + mm
-            d2 = np.min(d2, axis=-1)
-        else:
-            mean, inv = self.padim_params()
-            ch = self.arrays["channels"].astype(np.int64)
-            X = F[:, ch].reshape(N, len(ch), P)
-            if inv.ndim == 3:  # per position: (P, N, d)
-                D = X.transpose(2, 0, 1) - mean[:, None, :]
-                d2 = np.sum((D @ inv) * D, axis=-1).T
-            else:
-                D = X.transpose(0, 2, 1) - mean[None]
-                d2 = np.sum((D @ inv) * D, axis=-1)
+        d2 = registry.get(self.kind, "patch").patch_d2(self, F)  # (N, P)
         return np.sqrt(np.maximum(d2, np.float32(0))).reshape(N, H, W).astype(np.float32, copy=False)
 
     def knn_constants(self) -> tuple[np.ndarray, np.ndarray]:
@@ -576,13 +562,13 @@ def fit_patch_head(F: np.ndarray, cfg: AnomalyConfig, *, size: int) -> AnomalyHe
     F = np.asarray(F, np.float32)
     if F.ndim != 4 or len(F) == 0:
         raise DataError(f"anomaly heads need patch features (N, C, H, W) of >= 1 good image, got {F.shape}")
-    return fit_patchcore(F, cfg, size=size) if cfg.kind == "patchcore" else fit_padim(F, cfg, size=size)
+    return registry.get(cfg.kind, "patch").fit(F, cfg, size=size)
 
 
 def update_patch_head(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
     """``head`` after also learning the good images with features ``F``; memory stays bounded."""
     F = head._check(F)
-    return _update_patchcore(head, F) if head.kind == "patchcore" else _update_padim(head, F)
+    return registry.get(head.kind, "patch").update(head, F)
 
 
 def quantile_threshold(good_scores: np.ndarray, cfg: AnomalyConfig) -> float:

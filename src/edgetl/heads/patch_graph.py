@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import require
+from . import registry
 
 PREFIX = "anomaly/"
 INPUT = PREFIX + "features"
@@ -70,34 +71,10 @@ class GraphBuilder:
 def patch_scores_nodes(b: GraphBuilder, head, x: str) -> tuple[str, str]:
     """Nodes scoring patch features ``x`` (N, C, H, W) with ``head``: (map (N, S, S), score (N,))
     names, in the order and precision of :meth:`AnomalyHead.maps`."""
-    C = head.channels_in
     H, W = head.grid
-    P = H * W
     op, const, reduce = b.op, b.const, b.reduce
     zero = const("zero", np.array(0.0, np.float32))
-    if head.kind == "patchcore":
-        mt2, mm = head.knn_constants()
-        x = op("Reshape", [x, const("shape", np.array([0, C, P], np.int64))])
-        x = op("Transpose", [x], perm=[0, 2, 1])  # (N, P, C)
-        xx = reduce("ReduceSum", op("Mul", [x, x]), [-1], 1)
-        xm = op("MatMul", [x, const("memory_t_x_minus2", mt2)])  # (N, P, K)
-        d2 = op("Add", [op("Add", [xx, xm]), const("memory_sq", mm)])
-        d2 = reduce("ReduceMin", d2, [-1], 0)  # (N, P)
-    else:
-        mean, inv = head.padim_params()
-        ch = head.arrays["channels"].astype(np.int64)
-        if len(ch) != C or np.any(ch != np.arange(C)):
-            x = op("Gather", [x, const("channels", ch)], axis=1)
-        x = op("Reshape", [x, const("shape", np.array([0, len(ch), P], np.int64))])  # (N, d, P)
-        if inv.ndim == 3:  # one Gaussian per position: work position-major
-            x = op("Transpose", [x], perm=[2, 0, 1])  # (P, N, d)
-            D = op("Sub", [x, const("mean", mean[:, None, :])])
-            q = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", inv)]), D]), [-1], 0)  # (P, N)
-            d2 = op("Transpose", [q], perm=[1, 0])
-        else:
-            x = op("Transpose", [x], perm=[0, 2, 1])  # (N, P, d)
-            D = op("Sub", [x, const("mean", mean[None])])
-            d2 = reduce("ReduceSum", op("Mul", [op("MatMul", [D, const("inv_cov", inv)]), D]), [-1], 0)
+    d2 = registry.get(head.kind, "patch").graph_d2(b, head, x)  # (N, P)
     s = op("Sqrt", [op("Max", [d2, zero])])
     s = op("Reshape", [s, const("grid", np.array([-1, H, W], np.int64))])
     A = head.operator

@@ -24,8 +24,10 @@ import numpy as np
 
 from ..core.metrics import stratified_folds
 from ..errors import ConfigError, DataError
-from .classification import _NORM_EPS, Head, HeadConfig, _kinds_hint, softmax
+from . import registry
+from .classification import Head, HeadConfig, _kinds_hint, softmax
 from .optimizers import fit_linear, fit_mlp
+from .registry import NORM_EPS as _NORM_EPS
 
 # One value per decade from "barely regularised" to "close to nearest-class-mean". The penalty is
 # (l2 / 2) * ||W||^2 added to the *mean* (weighted) cross-entropy, so it does not scale with n;
@@ -207,7 +209,7 @@ class _Trainer:
         if kp < 2:  # one class: nothing to separate; a constant model is exact
             fit["const"] = True
             return fit
-        if self.cfg.kind == "linear":
+        if _convex(self.cfg):
             if init is not None:  # warm starts come over all k classes; keep this fit's ones
                 init = (init[0][:, present], init[1][present])
             Wz, b, iters, conv = fit_linear(Z, yp, wn, kp, l2, self.cfg.epochs, gtol, init=init)
@@ -265,7 +267,7 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
     grid = _grid(cfg)
     metric = "balanced_accuracy" if cfg.balance else "accuracy"
     order = sorted(grid, reverse=True)
-    loose = _SEARCH_GTOL if cfg.kind == "linear" else _FINAL_GTOL
+    loose = _SEARCH_GTOL if _convex(cfg) else _FINAL_GTOL
     scores: dict[float, float] = {}
     fits: dict[float, list[dict]] = {l2: [] for l2 in order}
     oof_logits = None
@@ -321,7 +323,7 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
     }
     if method != "validation":
         oof_logits = logits[chosen]
-    if cfg.kind != "linear":
+    if not _convex(cfg):
         # An MLP fit depends only on (rows, l2, seed): the validation winner *is* the final fit.
         final = fits[chosen][0] if method == "validation" else trainer.fit(None, chosen)
     else:
@@ -330,7 +332,12 @@ def _search_l2(trainer: _Trainer, *, y, k, cfg, sample_weight, Z_val=None, y_val
 
 
 def _grid(cfg: HeadConfig) -> tuple[float, ...]:
-    return L2_GRID if cfg.kind == "linear" else MLP_L2_GRID
+    return L2_GRID if _convex(cfg) else MLP_L2_GRID
+
+
+def _convex(cfg: HeadConfig) -> bool:
+    """The built-in trainer's two weight fits: L-BFGS for a convex kind, Adam otherwise."""
+    return registry.get(cfg.kind, "classify").convex
 
 
 def _mean_start(candidates: list[dict], k: int):
@@ -349,13 +356,22 @@ def _mean_start(candidates: list[dict], k: int):
 
 
 def _warm(prev: dict | None, cfg: HeadConfig, k: int):
-    if prev is None or cfg.kind != "linear":
+    if prev is None or not _convex(cfg):
         return None
     return _mean_start([prev], k)
 
 
 def train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_val=None, sample_weight=None) -> Head:
-    """Train a classification head on frozen-backbone features (see :func:`_train_head`).
+    """Train a classification head on frozen-backbone features: the registered kind's own fit
+    (:meth:`edgetl.heads.registry.ClassifyKind.fit`; the built-in kinds' is :func:`train_builtin`)."""
+    if not isinstance(cfg, HeadConfig):
+        raise ConfigError(f"cfg must be a HeadConfig, got {type(cfg).__name__}; {_kinds_hint()}")
+    kind = registry.get(cfg.kind, "classify")
+    return kind.fit(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
+
+
+def train_builtin(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight=None) -> Head:
+    """Train a linear, mlp or prototype head (see :func:`_train_head`).
 
     BLAS runs single-threaded here: the matrices are small (a few hundred rows), and OpenBLAS
     threads spinning for busy cores made training 5-10x slower on 2-core machines (measured:
@@ -423,7 +439,7 @@ def _fit(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight
     mean64 = X.mean(axis=0, dtype=np.float64)
     mean = mean64.astype(np.float32)
     oof = None
-    if cfg.kind == "prototype":
+    if not registry.get(cfg.kind, "classify").uses_l2:
         arrays = _train_prototype(X, y, w, sample_weight, k, mean, meta)
         if fold is not None:
             oof = _prototype_out_of_fold(X, y, sample_weight, k, fold, cfg.balance)
@@ -438,7 +454,7 @@ def _fit(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight
 
 def _prototype_out_of_fold(X, y, sample_weight, k, fold, balance: bool) -> np.ndarray:
     """Prototype logits of each held-out row from class means (and temperature) without its fold."""
-    from .classification import _prototype_logits
+    from .registry import prototype_logits as _prototype_logits
 
     oof = np.full((X.shape[0], k), np.nan)
     for f in np.unique(fold[fold >= 0]):
@@ -513,19 +529,19 @@ def _train_weights(X, y, w, cfg: HeadConfig, mean64, meta: dict, X_val, y_val, s
     meta["l2"] = l2
     meta["optimizer"] = (
         {"name": "lbfgs", "iterations": fit["iterations"], "converged": fit["converged"]}
-        if cfg.kind == "linear"
+        if _convex(cfg)
         else {"name": "adam", "steps": cfg.epochs, "lr": cfg.lr}
     )
-    return _expand(cfg.kind, fit, trainer, basis, k, mean, scale, cfg.hidden), oof
+    return _expand(_convex(cfg), fit, trainer, basis, k, mean, scale, cfg.hidden), oof
 
 
-def _expand(kind, fit, trainer: _Trainer, basis: _Basis, k, mean, scale, hidden) -> dict:
+def _expand(convex: bool, fit, trainer: _Trainer, basis: _Basis, k, mean, scale, hidden) -> dict:
     """Map a basis-space fit back to float32 feature-space arrays over all ``k`` classes."""
     present = fit["present"]
     absent = np.setdiff1d(np.arange(k), present)
     low = _absent_bias(trainer.present_logits(fit, basis.Z))
     d = mean.shape[0]
-    if kind == "linear":
+    if convex:
         W = np.zeros((d, k), dtype=np.float32)
         b = np.zeros(k, dtype=np.float32)
         if not fit.get("const"):

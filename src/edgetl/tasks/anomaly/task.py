@@ -36,6 +36,7 @@ from ...core.preprocess import PreprocessConfig
 from ...core.sessions import bundle_session
 from ...core.versions import add_version
 from ...errors import ConfigError, DataError, GateError
+from ...heads import registry
 from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
 from ...heads.patch import (
     PATCH_KINDS,
@@ -414,7 +415,7 @@ def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int, plan: 
     if head.patch is None or head.kind == head.image.kind:
         return per_frame(image(Z))
     picked, sp = patch(P, head.config.patch)
-    if head.kind == "patch":
+    if not head.combined:
         return per_frame(sp)
     return per_frame(head.combine(sp, image(Z)[picked]))
 
@@ -443,17 +444,17 @@ def select_kind(
     the maximum over tiles of that image part mostly adds its noise (measured on 1 MP frames:
     image part alone 0.52 / 0.79 image AUROC, combined 0.72 / 0.94, patch part 0.83 / 0.93)."""
     y = np.array([s.label != "good" for s in samples], bool)
-    default = "patch" if plan is not None and head.kind == "combined" else "combined"
-    if head.kind != "combined" or not (y.any() and (~y).any()):
+    default = "patch" if plan is not None and head.combined else "combined"
+    if not head.combined or not (y.any() and (~y).any()):
         why = (
             "asked for"
-            if head.kind != "combined"
+            if not head.combined
             else "no labelled anomalies: the default"
             if default == "combined"
             else "tiled frames: the patch part (the default there)"
         )
-        return head.as_kind(default) if head.kind == "combined" else head, {
-            "chosen": default if head.kind == "combined" else head.kind,
+        return head.as_kind(default) if head.combined else head, {
+            "chosen": default if head.combined else head.kind,
             "reason": why,
         }
     kinds = (default, *(k for k in ("combined", "patch", head.image.kind) if k != default))
@@ -952,7 +953,7 @@ def tiled_config(cfg, plan: TilePlan):
     """``cfg`` with the patchcore memory bounded for ``plan`` (see :data:`TILED_MEMORY_VIEWS`)."""
     patch = cfg.patch if isinstance(cfg, DefectConfig) else cfg
     cap = max(1000, patch.max_memory * TILED_MEMORY_VIEWS // plan.count)
-    if patch.kind != "patchcore" or patch.max_memory <= cap:
+    if not registry.get(patch.kind, "patch").has_memory or patch.max_memory <= cap:
         return cfg
     patch = dataclasses.replace(patch, max_memory=cap)
     return dataclasses.replace(cfg, patch=patch) if isinstance(cfg, DefectConfig) else patch
@@ -969,10 +970,10 @@ def _memory(head) -> dict:
     """What a head remembers, for the adapt summary."""
     if isinstance(head, DefectHead):
         out = _memory(head.patch) if head.patch is not None and head.kind != head.image.kind else {}
-        if head.image.kind == "knn":
+        if registry.get(head.image.kind, "image").has_memory:
             return {**out, "image_memory": head.image.memory_size, "max_images": head.image.config.max_images}
         return {**out, "image_images": head.image.images}
-    if head.kind == "patchcore":
+    if registry.get(head.kind, "patch").has_memory:
         return {"patches": head.memory_size, "max_memory": head.config.max_memory}
     return {"images": image_count(head.arrays)}
 

@@ -24,6 +24,7 @@ from ...core.gate import accuracy_gate
 from ...core.metrics import classification_metrics, feature_cosine, format_metrics
 from ...core.sessions import bundle_session
 from ...errors import BundleError, ConfigError, DataError
+from ...heads import registry
 from ...heads.classification import HEAD_KINDS, Head, HeadConfig, softmax
 from ...heads.crossfit import FoldPlan, cross_fit, expected_calibration_error, fold_plan
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
@@ -350,9 +351,9 @@ class ClassifierTask(Task):
         (nearest class mean), which wins on a few items a class. The one listed first wins ties and
         stands alone when no item can be held out: the prototype up to :data:`FEW_SHOT` items a
         class, the linear head above. A named linear head still has its scaling chosen."""
-        linear = [{"kind": "linear", "scaling": "global"}, {"kind": "linear", "scaling": "feature"}]
         if not getattr(options, "head_auto", False):
-            return linear if cfg.kind == "linear" else None
+            return registry.get(cfg.kind, "classify").named_candidates()
+        linear = registry.get("linear", "classify").named_candidates() or []
         counts = np.bincount(y, minlength=k)
         few = float(np.median(counts[counts > 0])) <= FEW_SHOT
         return [{"kind": "prototype"}, *linear] if few else [*linear, {"kind": "prototype"}]
