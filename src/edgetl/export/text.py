@@ -103,7 +103,7 @@ def text_spec(ref: str):
     Raises:
         ConfigError: a folder that is not a model, or a name that is neither.
     """
-    from . import REGISTRY, BackboneSpec
+    from .registry import REGISTRY, BackboneSpec
 
     p = Path(ref).expanduser()
     if p.is_dir():

@@ -24,7 +24,7 @@ from ..core.console import status
 from ..core.features import FeatureCache, default_cache_dir
 from ..core.targets import Target, load_target
 from ..errors import ConfigError, DataError
-from .fit import FitOptions
+from .options import FitOptions
 
 
 def candidates(names: Sequence[str] | None = None) -> list[str]:
