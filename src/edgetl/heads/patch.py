@@ -30,6 +30,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -274,13 +275,13 @@ class AnomalyHead:
         write_npz_durably(path, **payload)
 
     @classmethod
-    def load(cls, path: str | Path) -> AnomalyHead:
+    def load(cls, path: str | Path | IO[bytes]) -> AnomalyHead:
         """Read a head written by :meth:`save` (``allow_pickle=False``).
 
         Raises:
             BundleError: missing, unreadable or not an anomaly head.
         """
-        path = path if hasattr(path, "read") else Path(path)  # a path, or a bundle's verified bytes
+        path = Path(path) if isinstance(path, str) else path  # a path, or a bundle's verified bytes
         raw, header = read_head_file(path)
         if "m2_triu" in raw:
             packed = raw.pop("m2_triu")
@@ -296,7 +297,7 @@ class AnomalyHead:
             raise BundleError(
                 f"{path}: anomaly head format {header.get('version')}; this edgetl reads {_FORMAT_VERSION}"
             )
-        need = {"patchcore": {"memory"}, "padim": {"channels", "mean", "m2", "count"}}.get(header.get("kind"))
+        need = {"patchcore": {"memory"}, "padim": {"channels", "mean", "m2", "count"}}.get(str(header.get("kind")))
         if need is None or not need <= set(raw):
             missing = sorted((need or set()) - set(raw))
             raise BundleError(f"{path}: anomaly head of kind {header.get('kind')!r} lacks arrays {missing}")
@@ -311,13 +312,13 @@ class AnomalyHead:
         )
 
 
-def read_head_file(path: Path) -> tuple[dict, dict]:
+def read_head_file(path: Path | IO[bytes]) -> tuple[dict, dict]:
     """(arrays, JSON header) of a head ``.npz``; its header is ``{}`` when it has none.
 
     Raises:
         BundleError: missing or unreadable.
     """
-    if hasattr(path, "seek"):  # verified bytes: read from the start, however often
+    if not isinstance(path, (str, Path)):  # verified bytes: read from the start, however often
         path.seek(0)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -534,7 +535,7 @@ def _padim_params(arrays: dict, grid: tuple[int, int], cfg: AnomalyConfig) -> tu
         mg = np.pad(mean.reshape(H, W, d), ((r, r), (r, r), (0, 0)), mode="edge")
         sg = np.pad(m2.reshape(H, W, d, d), ((r, r), (r, r), (0, 0), (0, 0)), mode="edge")
         offs = [(i, j) for i in range(2 * r + 1) for j in range(2 * r + 1)]
-        pooled_mean = sum(mg[i : i + H, j : j + W] for i, j in offs) / len(offs)
+        pooled_mean = np.asarray(sum(mg[i : i + H, j : j + W] for i, j in offs)) / len(offs)
         pooled_m2 = np.zeros((H, W, d, d))
         for i, j in offs:
             delta = mg[i : i + H, j : j + W] - pooled_mean

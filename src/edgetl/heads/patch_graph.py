@@ -36,7 +36,8 @@ class GraphBuilder:
     def __init__(self, opset: int, prefix: str = PREFIX):
         self.onnx = require("onnx", extra="base", purpose="building ONNX graphs")
         self.opset, self.prefix = opset, prefix
-        self.nodes, self.inits = [], []
+        self.nodes: list = []
+        self.inits: list = []
         self._n = 0
 
     def name(self, tag: str) -> str:

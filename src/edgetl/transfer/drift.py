@@ -71,6 +71,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
@@ -108,7 +109,7 @@ DRIFT_EFFECT = 0.1
 # ... or when at least this share of the images is ood (10x the 1 % expected): a new kind of input
 # mixed into the folder moves the MMD little but shows here.
 OOD_MATERIAL = 0.10
-_BLAS = None
+_BLAS: Any = None  # a threadpoolctl controller once made; False where it cannot be
 
 
 def _one_blas_thread():
@@ -455,20 +456,20 @@ def save_drift_reference(ref: DriftReference, path: str | Path) -> Path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, **ref.arrays)
+        np.savez(f, **ref.arrays)  # type: ignore[arg-type]  # numpy's stub lets ** fill allow_pickle
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
 
 
-def load_drift_reference(path: str | Path) -> DriftReference:
+def load_drift_reference(path: str | Path | IO[bytes]) -> DriftReference:
     """Read a ``drift.npz`` written by :func:`save_drift_reference` (no pickles; every array checked).
 
     Raises:
         ValueError: not a drift reference, an array missing or of the wrong shape, or too large.
     """
-    if hasattr(path, "getbuffer"):  # a bundle's verified bytes
+    if not isinstance(path, (str, Path)):  # a bundle's verified bytes
         size = path.seek(0, 2)
         path.seek(0)
     else:

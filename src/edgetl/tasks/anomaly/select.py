@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def choose(y: np.ndarray, candidates: dict[str, np.ndarray], *, default: str = D
     y = np.asarray(y, bool)
     alts = [k for k in candidates if k != default]
     z = NormalDist().inv_cdf(1 - level / max(len(alts), 1) / 2)  # two-sided at the Bonferroni level
-    out = {
+    out: dict[str, Any] = {
         "default": default,
         "chosen": default,
         "confidence": round(1 - level / max(len(alts), 1), 4),
