@@ -27,6 +27,7 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
+from .backbone import TEXT
 
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest of thousands of head versions is still far below this
 MAX_JSON_BYTES = 64 << 20  # report.json and other JSON a bundle carries
@@ -197,7 +198,7 @@ def _strings(v, field: str, *, max_items: int = 100_000, unique: bool = False) -
 
 def _preprocess(pre: dict) -> None:
     where = "backbone.preprocess."
-    if pre.get("kind") == "text":
+    if pre.get("kind") == TEXT:
         _number(pre, "max_length", where, lo=1, hi=65536, integer=True)
         return
     _number(pre, "input_size", where, lo=8, hi=4096, integer=True)
