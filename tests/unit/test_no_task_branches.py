@@ -100,3 +100,14 @@ def test_no_module_outside_tasks_branches_on_a_task_name():
     assert not found, (
         f"{len(found)} branch(es) on a task's name outside edgetl/tasks; ask the task instead:\n" + "\n".join(found)
     )
+
+
+def test_every_task_supplies_what_the_layers_above_ask():
+    """The abstract hooks are all implemented (the registry could instantiate each task), and every
+    task names its gate's metric and the key its predictions name an item by."""
+    from edgetl.tasks.base import Task
+
+    assert Task.__abstractmethods__, "Task declares what every task must supply as abstract methods"
+    for name, task in tasks.TASKS.items():
+        assert task.name == name and task.gate_metric and task.item_key, name
+        assert not type(task).__abstractmethods__, name

@@ -179,6 +179,12 @@ class Task(abc.ABC):
     summary_metrics: tuple[str, ...] = ("accuracy", "balanced_accuracy", "n")
     threshold_title: str = "unknown threshold"
 
+    def __init__(self) -> None:
+        # Without these a task would register under an empty name, or its gate would record no metric.
+        missing = [k for k in ("name", "gate_metric") if not getattr(self, k)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} must set {' and '.join(missing)}")
+
     @property
     def reads_texts(self) -> bool:
         """Whether the task's inputs are texts (a tokenizer feeds the backbone) rather than images."""
@@ -191,6 +197,7 @@ class Task(abc.ABC):
         return TEXT if self.reads_texts else IMAGE
 
     # ---- data ----------------------------------------------------------------------------
+    @abc.abstractmethod
     def claims(self, data: Path) -> bool:
         """Whether ``data`` looks like this task's (automatic task detection)."""
         return False
