@@ -188,3 +188,12 @@ def test_anomaly_round_in_process_writes_versions(defects, tmp_path):
         assert d["accepted"], d
         assert d["false_alarms_after"] <= d["false_alarms_before"] + 0.05
         assert et.load_bundle(tmp_path / f"{name}.bundle").head_version == 2
+
+
+def test_a_bundle_without_a_reference_records_its_tasks_gate_metric(defects, digits_bundle):
+    """FP32 in ONNX Runtime is its own reference: nothing is compared, and the gate still names the
+    figure the task's gate compares (a defect detector's image AUROC, never accuracy)."""
+    _, parts = defects
+    for bundle, metric in ((parts, "image_auroc"), (digits_bundle, "accuracy")):
+        gate = json.loads((bundle / "report.json").read_text())["gate"]
+        assert gate["metric"] == metric and gate["method"] == "the shipped model is the reference", gate

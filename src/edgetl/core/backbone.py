@@ -13,7 +13,10 @@ from pathlib import Path
 from .preprocess import PreprocessConfig
 
 # What a backbone outputs: pooled features of an image, a patch-feature map, a sentence embedding.
-KINDS = ("image", "image-patch", "text")
+# Named, so code that asks "is this a text encoder?" reads as a question about the backbone (a text
+# backbone's preprocess kind is TEXT too), never as a question about which task made the bundle.
+IMAGE, IMAGE_PATCH, TEXT = "image", "image-patch", "text"
+KINDS = (IMAGE, IMAGE_PATCH, TEXT)
 # Opset 18: torch's dynamo exporter emits it natively (its down-conversion to 17 fails on Pad), and
 # ONNX Runtime, OpenVINO and TensorRT 10 all read it.
 ONNX_OPSET = 18

@@ -27,23 +27,21 @@ import stat
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
+from .backbone import TEXT
+from .preprocess import (
+    INPUT_SIZE_RANGE,
+    INTERPOLATIONS,
+    MAX_RESIZE_FACTOR,
+    MEAN_RANGE,
+    MIN_CROP_PCT,
+    STD_RANGE,
+)
 
 MAX_MANIFEST_BYTES = 8 << 20  # a manifest of thousands of head versions is still far below this
 MAX_JSON_BYTES = 64 << 20  # report.json and other JSON a bundle carries
 MAX_JSON_DEPTH = 64
 MAX_PATH_CHARS = 512
-# The one table of preprocessing bounds: the manifest check here and PreprocessConfig both use it.
-INPUT_SIZE_RANGE = (8, 4096)
-# How many times the input's pixels an image may be resized to before its centre crop; crop_pct
-# >= 1 / sqrt(4) = 0.5 (timm's pretrained configs use 0.75 .. 1.0).
-MAX_RESIZE_FACTOR = 4.0
-MIN_CROP_PCT = 1.0 / math.sqrt(MAX_RESIZE_FACTOR)
-# Normalisation on the 0..1 pixel scale: a mean outside [-1, 2] or a std outside [1e-3, 10] is
-# not a statistic of pixels (ImageNet's and CLIP's are near 0.45 and 0.25).
-MEAN_RANGE = (-1.0, 2.0)
-STD_RANGE = (1e-3, 10.0)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
 def _depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -199,7 +197,7 @@ def _strings(v, field: str, *, max_items: int = 100_000, unique: bool = False) -
 
 def _preprocess(pre: dict) -> None:
     where = "backbone.preprocess."
-    if pre.get("kind") == "text":
+    if pre.get("kind") == TEXT:
         _number(pre, "max_length", where, lo=1, hi=65536, integer=True)
         return
     _number(pre, "input_size", where, lo=INPUT_SIZE_RANGE[0], hi=INPUT_SIZE_RANGE[1], integer=True)

@@ -23,8 +23,18 @@ from PIL import Image, ImageOps
 
 from ..errors import ConfigError, DataError, require
 from .compat import tomllib
-from .manifest import INPUT_SIZE_RANGE, INTERPOLATIONS, MEAN_RANGE, MIN_CROP_PCT, STD_RANGE
 
+# The one table of preprocessing bounds: PreprocessConfig here and the manifest check (core.manifest) both use it.
+INPUT_SIZE_RANGE = (8, 4096)
+# How many times the input's pixels an image may be resized to before its centre crop; crop_pct
+# >= 1 / sqrt(4) = 0.5 (timm's pretrained configs use 0.75 .. 1.0).
+MAX_RESIZE_FACTOR = 4.0
+MIN_CROP_PCT = 1.0 / math.sqrt(MAX_RESIZE_FACTOR)
+# Normalisation on the 0..1 pixel scale: a mean outside [-1, 2] or a std outside [1e-3, 10] is
+# not a statistic of pixels (ImageNet's and CLIP's are near 0.45 and 0.25).
+MEAN_RANGE = (-1.0, 2.0)
+STD_RANGE = (1e-3, 10.0)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 _INTERPOLATION = {name: getattr(Image.Resampling, name.upper()) for name in INTERPOLATIONS}
 
 # Transparent pixels are composited onto mid-grey: deterministic, and close to the 0.5 mean most

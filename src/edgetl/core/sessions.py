@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, MissingDependency, require
+from .backbone import TEXT
 
 log = logging.getLogger("edgetl")
 
@@ -432,7 +433,7 @@ def bundle_session(
         weights_bytes=weights,
     )
     pre = bundle.manifest["backbone"]["preprocess"]
-    if pre.get("kind") != "text":
+    if pre.get("kind") != TEXT:
         size = int(pre["input_size"])
         hw = list(session.input_shape[2:4]) if len(session.input_shape) == 4 else None
         if hw is None or any(d is not None and d != size for d in hw):

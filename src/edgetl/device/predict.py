@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import tasks
+from ..core.backbone import TEXT
 from ..core.bundle import Bundle, load_bundle
 
 
@@ -50,7 +51,7 @@ def deployment(bundle: Bundle) -> dict:
     """
     m = bundle.manifest
     extras = (["openvino"] if m["runtime"] == "openvino" else []) + (
-        ["text"] if m["backbone"].get("preprocess", {}).get("kind") == "text" else []
+        ["text"] if m["backbone"].get("preprocess", {}).get("kind") == TEXT else []
     )
     pip = "pip install 'edgetl" + (f"[{','.join(extras)}]" if extras else "") + "'"
     fused = m["models"]["fused"]

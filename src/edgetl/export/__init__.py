@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from ..core.backbone import ONNX_OPSET, ExportedBackbone
+from ..core.backbone import ONNX_OPSET, TEXT, ExportedBackbone
 from ..errors import ConfigError
 from .registry import DEFAULTS, REGISTRY, BackboneSpec, names
 
@@ -32,7 +32,7 @@ def resolve(name: str | None, kind: str = "image") -> BackboneSpec:
                 f"backbone {name!r} is a {spec.kind} backbone; this task needs a {kind} one ({', '.join(names(kind))})"
             )
         return spec
-    if kind == "text":
+    if kind == TEXT:
         from .text import text_spec
 
         return text_spec(name)
@@ -84,10 +84,10 @@ def export_backbone(
         >>> e.num_features  # doctest: +SKIP
         1280
     """
-    if kind == "text":
+    if kind == TEXT:
         from .text import export_text_backbone
 
-        return export_text_backbone(resolve(name, "text"), cache_dir=cache_dir, opset=opset, exporter=exporter)
+        return export_text_backbone(resolve(name, TEXT), cache_dir=cache_dir, opset=opset, exporter=exporter)
     from .image import PATCH_REDUCTIONS, export_image_backbone
 
     patches = (tuple(patch_reductions or PATCH_REDUCTIONS)) if kind == "image-patch" else None

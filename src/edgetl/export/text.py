@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backbone import ExportedBackbone
+from ..core.backbone import TEXT, ExportedBackbone
 from ..core.console import quantizer_output
 from ..core.features import default_cache_dir, file_digest
 from ..core.preprocess import DEFAULT_MAX_LENGTH, load_tokenizer
@@ -112,7 +112,7 @@ def text_spec(ref: str):
         return BackboneSpec(p.name.lower(), "text", str(p.resolve()), "local model folder")
     if "/" in ref:  # a hub name: transformers / Optimum resolve it (and need network unless cached)
         return BackboneSpec(ref.rsplit("/", 1)[-1].lower(), "text", ref, "hub model")
-    known = [s.name for s in REGISTRY.values() if s.kind == "text"]
+    known = [s.name for s in REGISTRY.values() if s.kind == TEXT]
     close = difflib.get_close_matches(ref.lower(), known, n=2)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ConfigError(

@@ -95,6 +95,12 @@ def for_update(path, *, operation: str = "adapt", wait: float = 0.0):
     return _for_update(path, operation=operation, wait=wait)
 
 
+def task_of(name: str):
+    """The registered task called ``name``: a round asks it what differs by task (a one-class task
+    merges defect heads and sends verdicts, a classifier merges classes)."""
+    return tasks.get(name)
+
+
 def current_head(b):
     """The bundle's current head: a ``Head`` (classify / text) or an ``AnomalyHead``.
 
@@ -102,8 +108,9 @@ def current_head(b):
         FleetError: a defect head with an image-level part (combined, knn, gaussian): its merges
             (and the normalisation of its two parts across devices) are not built yet.
     """
-    head = tasks.for_bundle(b).load_head(b.open_verified(b.head_entry()["file"]))
-    if b.task == "anomaly" and not isinstance(head, _patch.AnomalyHead):
+    task = tasks.for_bundle(b)
+    head = task.load_head(b.open_verified(b.head_entry()["file"]))
+    if task.one_class and not isinstance(head, _patch.AnomalyHead):
         raise FleetError(
             f"{b.path}: its {getattr(head, 'label', head.kind)} defect head cannot be merged by a "
             "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
@@ -210,6 +217,22 @@ def labelled_images(data, *, strict: bool = False) -> tuple[list[Path], list[str
     return [s.path for s in samples], [s.label for s in samples], [s.digest for s in samples], skipped
 
 
+def labelled_features(b, data, *, strict: bool = False, quiet: bool = True) -> tuple[np.ndarray, list[str], list]:
+    """(features, labels, skipped) of a classifier bundle's labelled ``data``, found and read by the
+    bundle's task as ``adapt`` reads them (image folders and CSV manifests with an explicit
+    validation split folded in; CSV / TSV / JSONL texts) and through the bundle's own backbone.
+
+    Raises:
+        DataError: no usable labelled item in ``data``.
+    """
+    task = tasks.for_bundle(b)
+    items, skipped = task.scan(data, bundle=b, strict=strict)
+    if not items:
+        raise DataError(f"{data}: no usable labelled {task.items} for this device ({len(skipped)} skipped)")
+    X = task.features(task.predictor(b).extractor, items, quiet=quiet, desc="fleet features")
+    return X, [s.label for s in items], skipped
+
+
 def good_images(data, *, strict: bool = False) -> list[Path]:
     """Good images of an anomaly layout (``DATA/train/good``, ``DATA/good`` or the folder itself)."""
     samples, _ = _good_images(data, strict=strict)
@@ -274,10 +297,10 @@ def write_head_version(b, head, *, entry: dict, exemplars=None, signer=None):
     thresholds = dict(b.manifest.get("thresholds", {}))
     version = max(e["version"] for e in b.manifest["head"]["versions"]) + 1
     files = {}
-    if task.name == "anomaly":
-        threshold = float(entry.get("threshold", cur.get("threshold", thresholds.get("anomaly", 1.0))))
-        full = {"kind": head.kind, "labels": ["good", "defect"], **entry, "threshold": threshold}
-        thresholds["anomaly"] = threshold
+    if task.one_class:
+        threshold = float(entry.get("threshold", cur.get("threshold", thresholds.get(task.threshold_key, 1.0))))
+        full = {"kind": head.kind, "labels": list(task.fixed_labels), **entry, "threshold": threshold}
+        thresholds[task.threshold_key] = threshold
         changes = {"thresholds": thresholds}
         meta = {**task.fused_meta(b, head), "threshold": threshold}
     else:

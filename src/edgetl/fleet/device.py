@@ -65,18 +65,15 @@ class Device:
         """Load ``bundle`` (verified), read ``data`` and extract its features through the bundle's
         backbone. Raises :class:`edgetl.errors.DataError` / ``BundleError`` with one line."""
         b = et.load_bundle(bundle)
-        if b.task == "anomaly":
+        if et.task_of(b.task).one_class:
             paths = et.good_images(data, strict=strict)
             if not paths:
                 raise et.DataError(f"{data}: no readable good images for this device")
             F = et.patch_features(b, paths, quiet=quiet)
             return cls.from_features(
-                b.path, patches=F, name=name, holdout=holdout, seed=seed, template=et.current_head(b)
+                b.path, patches=F, name=name, holdout=holdout, seed=seed, template=et.current_head(b), task=b.task
             )
-        paths, labels, digests, skipped = et.labelled_images(data, strict=strict)
-        if not paths:
-            raise et.DataError(f"{data}: no usable labelled images; expected {data}/<class>/<image>")
-        X = et.image_features(b, paths, digests=digests, quiet=quiet)
+        X, labels, skipped = et.labelled_features(b, data, strict=strict, quiet=quiet)
         dev = cls.from_features(b.path, X=X, labels=labels, name=name, holdout=holdout, seed=seed, task=b.task)
         dev.skipped = skipped
         return dev
@@ -107,7 +104,7 @@ class Device:
             return cls(
                 bundle,
                 name,
-                "anomaly",
+                task or et.load_bundle(bundle).task,
                 LocalData.anomaly(F[~hold]),
                 LocalData(F=F[hold]),
                 template=template,
@@ -121,12 +118,12 @@ class Device:
         lab = np.array(labels, dtype=object)
         train = LocalData.classify(X[~hold], lab[~hold].tolist())
         held = LocalData(X=X[hold], labels=lab[hold].tolist())
-        return cls(bundle, name, task or "classify", train, held, images=len(labels))
+        return cls(bundle, name, task or et.load_bundle(bundle).task, train, held, images=len(labels))
 
     # ------------------------------------------------------------------ rounds
     def respond(self, step: Step) -> Summary:
         """This device's summary for ``step`` (from the non-held-out part of its data)."""
-        if et.fleet_merge(step.kind).anomaly != (self.task == "anomaly"):
+        if et.fleet_merge(step.kind).anomaly != et.task_of(self.task).one_class:
             raise FleetError(f"{self.name}: a {step.kind} round does not fit this {self.task} bundle")
         return respond(step, self.train, head_template=self.template)
 
@@ -187,7 +184,8 @@ class Device:
 
     def _consider(self, b, kind, labels, arrays, meta, provenance, tol, force, dry_run, signer) -> dict:
         current = et.current_head(b)
-        if b.task == "anomaly":
+        task = et.task_of(b.task)
+        if task.one_class:
             head, decision = self._gate_anomaly(b, current, kind, arrays, tol)
         else:
             head, decision = self._gate_classify(current, kind, labels, arrays, meta, tol)
@@ -212,7 +210,7 @@ class Device:
             "parent": b.head_version,
         }
         exemplars = None
-        if b.task != "anomaly":
+        if not task.one_class:
             exemplars = self._new_exemplars(b, head)
         new, version = et.write_head_version(b, head, entry=entry, exemplars=exemplars, signer=signer)
         decision.update(accepted=True, version=version)
@@ -262,7 +260,9 @@ class Device:
             clean[name] = a
         merge.gate_arrays(current, clean)
         head = et.anomaly_head_like(current, clean)
-        threshold = float(b.head_entry().get("threshold", b.manifest.get("thresholds", {}).get("anomaly", 1.0)))
+        threshold = float(
+            b.head_entry().get("threshold", b.manifest.get("thresholds", {}).get(et.task_of(b.task).threshold_key, 1.0))
+        )
         F = self.heldout.F
         reasons = []
         if F is None or len(F) == 0:
@@ -308,7 +308,7 @@ def base_participant(bundle) -> tuple[str, object]:
     classification: its replay exemplars (features the server holds anyway); PaDiM: the current
     head's moments; PatchCore: the current memory bank. Returns (name, LocalData or Summary maker)."""
     b = et.load_bundle(bundle)
-    if b.task == "anomaly":
+    if et.task_of(b.task).one_class:
         return "server-bundle", _HeadParticipant(et.current_head(b))
     X, y, names = et.load_exemplars(b)
     if len(y) == 0:

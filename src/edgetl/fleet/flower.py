@@ -339,13 +339,14 @@ def _device_from_state(context, spec: dict) -> Device:
     if "fleet-device" in st:
         info = json.loads(st["fleet-device"]["json"])
         arrs = from_array_record(st["fleet-data"], who="state")
-        if info["task"] == "anomaly":
+        if et.task_of(info["task"]).one_class:
             dev = Device.from_features(
                 info["bundle"],
                 patches=np.concatenate([arrs["train"], arrs["held"]]),
                 name=info["name"],
                 holdout=0.0,
                 template=et.current_head(et.load_bundle(info["bundle"])),
+                task=info["task"],
             )
             dev.train.F, dev.heldout.F = arrs["train"], arrs["held"]
             return dev
@@ -362,9 +363,9 @@ def _device_from_state(context, spec: dict) -> Device:
         holdout=float(spec.get("holdout", HOLDOUT)),
         seed=int(spec.get("seed", 0)),
     )
-    if dev.task == "anomaly":
+    if et.task_of(dev.task).one_class:
         arrays = {"train": dev.train.F, "held": dev.heldout.F if dev.heldout.F is not None else dev.train.F[:0]}
-        info = {"task": "anomaly"}
+        info = {"task": dev.task}
     else:
         d = dev.train.X.shape[1]
         arrays = {"train": dev.train.X, "held": dev.heldout.X.reshape(-1, d)}

@@ -48,12 +48,13 @@ class FleetRound:
         self.bundle = b.path
         head = et.current_head(b)
         self.task = b.task
+        self.task_obj = task = et.task_of(b.task)
         kind = kind or DEFAULT_KIND[head.kind]
         try:
             merge = et.fleet_merge(kind)
         except FleetError:
             raise FleetError(f"--kind {kind!r}: choose one of {', '.join(et.fleet_merge_names())}") from None
-        if merge.anomaly != (b.task == "anomaly"):
+        if merge.anomaly != task.one_class:
             raise FleetError(f"--kind {kind} does not fit this {b.task} bundle (its head is {head.kind})")
         if merge.anomaly and merge.head_kind != head.kind:
             raise FleetError(f"this bundle's head is {head.kind}; a fleet round merges the same kind")
@@ -62,13 +63,13 @@ class FleetRound:
         extra = {} if max_rows is None else {"max_rows": max_rows}
         self.merger = Merger(
             kind,
-            labels=None if b.task == "anomaly" else b.labels,
+            labels=None if task.one_class else b.labels,
             allow_new_classes=allow_new_classes,
             l2=l2,
             rounds=rounds,
             local_steps=local_steps,
             seed=seed,
-            anomaly_template=head if b.task == "anomaly" else None,
+            anomaly_template=head if task.one_class else None,
             min_devices=min_devices,
             **extra,
         )
@@ -125,8 +126,9 @@ class FleetRound:
         if self.result is None:
             raise FleetError("the round has not finished")
         h = self.result.head
-        labels = ["good", "defect"] if self.task == "anomaly" else list(h.labels)
-        meta = {} if self.task == "anomaly" else dict(h.meta)
+        one_class = self.task_obj.one_class
+        labels = list(self.task_obj.fixed_labels) if one_class else list(h.labels)
+        meta = {} if one_class else dict(h.meta)
         short = {
             k: v
             for k, v in (self.written or {}).items()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.backbone import ExportedBackbone
+from ..core.backbone import TEXT, ExportedBackbone
 from ..core.console import quantizer_output, quiet_requested, status
 from ..core.features import file_digest
 from ..core.fuse import model_files
@@ -254,7 +254,7 @@ def convert(
         ConfigError: INT8 without calibration data, a static-shape profile for text, a bad mode.
         MissingDependency: the quantizer's package is not installed.
     """
-    text = isinstance(exported, ExportedBackbone) and exported.kind == "text"
+    text = isinstance(exported, ExportedBackbone) and exported.kind == TEXT
     path = exported.path if isinstance(exported, ExportedBackbone) else Path(exported)
     if text and target.batch > 0:
         raise ConfigError(
@@ -522,14 +522,14 @@ def converted_model(
         return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    items = "texts" if exported.kind == "text" else "images"
+    items = "texts" if exported.kind == TEXT else "images"
     status(
         f"converting the backbone to {target.precision} for {target.name} ({target.runtime})"
         + (f", calibrated on {calibration.count} training {items}" if int8 and calibration is not None else "")
         + (": accuracy-controlled" if restore is not None else ""),
         quiet=quiet,
     )
-    needs_calibration = int8 and not (exported.kind == "text" and target.runtime == "onnxruntime" and mode != "static")
+    needs_calibration = int8 and not (exported.kind == TEXT and target.runtime == "onnxruntime" and mode != "static")
     inputs = calibration.load() if needs_calibration and calibration is not None else None
     try:
         if restore is None:

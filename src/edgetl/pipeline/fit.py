@@ -153,7 +153,7 @@ class _Run:
 def _roi(text: str | None, task) -> Roi | None:
     if not text:
         return None
-    if task.backbone_kind == "text":
+    if task.reads_texts:
         raise ConfigError(f"--roi {text}: a region of interest is for images; the {task.name} task reads texts")
     return Roi.load(text)
 
@@ -195,7 +195,7 @@ def fit(
         head_auto=options.head_auto or _head_kind(options.head) is None,
     )
     target = resolve_target(options, task)
-    kind = "text" if task.backbone_kind == "text" else "image"
+    kind = task.backbone_family
     cache_root = Path(options.cache_dir) if options.cache_dir else default_cache_dir()
     choice = None
     if options.backbone == "auto":
@@ -234,7 +234,7 @@ def fit(
         else (
             {},
             GateDecision(
-                getattr(task, "gate_metric", "accuracy"),
+                task.gate_metric,
                 target.accuracy_tolerance,
                 0,
                 method="the shipped model is the reference",
@@ -272,7 +272,7 @@ def fit(
         log.warning("%s", check["message"])
     enforce(
         decision,
-        model=f"{target.precision} {'encoder' if kind == 'text' else 'model'}",
+        model=f"{target.precision} {'encoder' if task.reads_texts else 'model'}",
         target=target.name,
         items=task.items,
         allow=options.allow_drop,
@@ -325,7 +325,7 @@ def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: 
     split (cheapest not shown worse than the best, within the target's latency budget)."""
     from .rank import rank
 
-    if task.name != "classify":
+    if not task.ranks_backbones:
         raise ConfigError(
             f"--backbone auto ranks image classifiers on labelled images; for {task.name} data name a backbone"
         )
@@ -400,7 +400,7 @@ def _accuracy_control(run: _Run, shipped, trained, reference, ref, decision):
 def _check_split(run: _Run, trained) -> dict:
     """The leakage check and the classes the validation figure does not cover (classification)."""
     f, data = trained.features, run.data
-    if "X_va" not in f:
+    if not run.task.leakage_check:
         return {}
     names = [getattr(s, "path", None) or getattr(s, "where", "") for s in data.train]
     grouped = data.split.get("method") == "grouped" or "grouped" in getattr(f.get("plan"), "method", "")

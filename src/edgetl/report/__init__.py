@@ -172,14 +172,9 @@ def headline(r) -> dict:
         "gate_interval_pp": [gate.get("lower_pp"), gate.get("upper_pp")] if gate.get("drop_pp") is not None else None,
         "head_version": r.bundle.head_version,
     }
-    m = (
-        r.evaluation
-        if r.evaluation is not None
-        else (r.recorded.get("metrics") if r.name == "anomaly" else r.recorded.get("val")) or {}
-    )
-    keys = ("image_auroc", "pixel_auroc", "f1", "n") if r.name == "anomaly" else ("accuracy", "balanced_accuracy", "n")
-    out.update({k: m.get(k) for k in keys})
-    if r.name != "anomaly" and m.get("misclassified") is not None:
+    m = r.evaluation if r.evaluation is not None else r.recorded.get(r.task.recorded_metrics) or {}
+    out.update({k: m.get(k) for k in r.task.summary_metrics})
+    if not r.task.one_class and m.get("misclassified") is not None:
         out["misclassified"] = len(m["misclassified"])
         out["ece"] = (m.get("calibration") or {}).get("ece")
         out["unknown"] = m.get("unknown")
@@ -196,13 +191,7 @@ def report_for_fit(result, out, *, quiet: bool = True) -> ReportResult:
         >>> r = fit("parts/", "parts.bundle")  # doctest: +SKIP
         >>> report_for_fit(r, "parts.html").path  # doctest: +SKIP
     """
-    data = None
-    d = result.data
-    if result.bundle.task == "anomaly":
-        if getattr(d, "test", None):
-            data = d.root
-        elif getattr(d, "val", None):
-            data = list(d.val)  # held-out good images: their scores against the threshold
-    elif getattr(d, "val", None):
-        data = list(d.val)
-    return write_report(result.bundle, data, out=out, quiet=quiet)
+    from .. import tasks
+
+    task = result.task or tasks.for_bundle(result.bundle)
+    return write_report(result.bundle, task.report_data(result.data), out=out, quiet=quiet)

@@ -152,7 +152,7 @@ def history(r: ReportData) -> list[dict]:
                     else ("forced" if gate.get("forced") else "passed" if gate.get("passed") else "refused")
                 ),
                 "threshold": e.get(task.threshold_field),
-                "memory_images": e.get("images") if task.name == "anomaly" else None,
+                "memory_images": e.get("images") if task.one_class else None,
                 "on_data": on_data.get(e["version"]),
             }
         )
@@ -176,7 +176,7 @@ def _fit_items(counts: dict) -> int | None:
 def evaluate(r: ReportData, data, predictor, *, quiet: bool = True, strict: bool = False) -> None:
     """Fill ``r.evaluation`` from ``data`` (a path, or labelled items a fit already found)."""
     t0 = time.perf_counter()
-    if r.task.name == "anomaly":
+    if r.task.one_class:
         r.evaluation = _evaluate_defects(predictor, data, strict=strict)
     else:
         m = predictor.evaluate(data, quiet=quiet, strict=strict, details=True)
@@ -369,7 +369,7 @@ def evaluate_versions(r: ReportData, data, *, device=None, quiet: bool = True, s
     from ..device.predict import load_predictor
 
     t0 = time.perf_counter()
-    metric = "image_auroc" if r.task.name == "anomaly" else "accuracy"
+    metric = r.task.gate_metric
     for e in r.bundle.manifest["head"]["versions"]:
         v = e["version"]
         try:

@@ -155,14 +155,18 @@ def _summary(r: ReportData, s: dict) -> str:
     fused = s["fused_latency_batch1"] or {}
     shown = fused or lat
     size = s["size"]
-    thr_name = {"anomaly": "defect threshold"}.get(r.name, "unknown threshold")
+    thr_name = r.task.threshold_title
     cards = [
-        card("task", key("task", r.name), f"{len(s['labels'])} labels" if r.name != "anomaly" else "good / defect"),
+        card(
+            "task",
+            key("task", r.name),
+            f"{len(s['labels'])} labels" if not r.task.one_class else " / ".join(s["labels"]),
+        ),
         card(
             "backbone",
             f'<span class="{"long" if len(str(s["backbone"])) > 14 else ""}">{e(s["backbone"])}</span>',
             f"{s['num_features']}-d features, "
-            + (f"up to {s['input']} tokens" if r.name == "text" else f"{s['input']} px input")
+            + (f"up to {s['input']} tokens" if r.task.reads_texts else f"{s['input']} px input")
             + (e(f", region of interest {s['roi']}") if s.get("roi") else ""),
         ),
         card("target", key("target", s["target"] or "n/a"), e(f"{s['runtime']} · {s['target_device'] or 'CPU'}")),
@@ -195,7 +199,7 @@ def _summary(r: ReportData, s: dict) -> str:
             thr_name,
             e(num(s["threshold"], ".4g") if s["threshold"] is not None else "n/a"),
             "raw score; 1.0 in normalised units"
-            if r.name == "anomaly"
+            if r.task.one_class
             else ("off: every item answered" if not s["threshold"] else "below it: 'unknown'"),
         ),
     ]
@@ -260,7 +264,7 @@ def _gate(r: ReportData, s: dict, gate: dict, verdict: str) -> str:
     if cos is not None:
         lines.append(f'<p class="note">Feature cosine, converted vs FP32: mean {cos:.4f}.</p>')
     figs = img(fig.gate_interval(gate)) + (
-        img(fig.fp32_vs_converted(rec, s["precision"])) if r.name != "anomaly" else ""
+        img(fig.fp32_vs_converted(rec, s["precision"])) if not r.task.one_class else ""
     )
     return (
         f'<div class="card verdict {cls}"><div class="k">conversion gate</div>{"".join(lines)}'
@@ -629,7 +633,7 @@ def _tiles(title: str, tiles: list[dict]) -> str:
 
 def _history(r: ReportData) -> str:
     rows = history_rows(r)
-    anomaly = r.name == "anomaly"
+    anomaly = r.task.one_class
     head = [
         "version",
         "made",
@@ -758,7 +762,7 @@ def _deploy(r: ReportData, s: dict) -> str:
     backbone = models.get("backbone", "backbone.*")
     app = " + ".join(f"<code>{e(f)}</code>" for f in s.get("app_files") or [models.get("fused", "model.*")])
     extra = {"openvino": "edgetl[openvino]", "onnxruntime": "edgetl"}.get(s["runtime"], "edgetl")
-    if r.name == "text":
+    if r.task.reads_texts:
         extra = extra.replace("edgetl", "edgetl[text]") if extra == "edgetl" else "edgetl[openvino,text]"
     return (
         '<section id="deploy"><h2>On the device</h2>'
@@ -775,7 +779,7 @@ def render(r: ReportData, *, title: str | None = None) -> str:
     t0 = time.perf_counter()
     s = summary_of(r)
     body = [_summary(r, s)]
-    body.append(_defects(r, s) if r.name == "anomaly" else _classifier(r, s))
+    body.append(_defects(r, s) if r.task.one_class else _classifier(r, s))
     body.append(_history(r))
     body.append(_speed(r, s))
     body.append(_deploy(r, s))

@@ -114,7 +114,7 @@ class Api:
         """(payloads, suffixes, several?) of a predict request."""
         body = await read_body(request, self.svc.max_body)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if self.svc.task == "text":
+        if self.svc.task_obj.reads_texts:
             texts, several = self.texts_of(body, ctype)
             return texts, [".txt"] * len(texts), several
         if ctype == "multipart/form-data":
@@ -128,7 +128,7 @@ class Api:
         svc = self.svc
         payloads, suffixes, several = await self.inputs_of(request)
         top_k = self.top_k(request)
-        want_map = svc.task == "anomaly" and request.query_params.get("heatmap", "") in ("1", "true", "yes")
+        want_map = svc.task_obj.one_class and request.query_params.get("heatmap", "") in ("1", "true", "yes")
         _, out = await svc.answer(payloads, suffixes, top_k=top_k)
         rows = []
         for x in out:
@@ -181,8 +181,8 @@ class Api:
     async def v2_model(self, request: Request) -> Response:
         self.check_model(request)
         svc, b = self.svc, self.svc.loaded
-        size = b.bundle.preprocess.input_size if svc.task == "anomaly" else None
-        return jsonr(kserve.metadata(svc.name, b.version, svc.task, list(b.labels), size))
+        size = b.bundle.preprocess.input_size if svc.task_obj.one_class else None
+        return jsonr(kserve.metadata(svc.name, b.version, svc.task_obj, list(b.labels), size))
 
     @guarded(Access.READ)
     async def v2_model_ready(self, request: Request) -> Response:
@@ -195,9 +195,9 @@ class Api:
         svc = self.svc
         body = await read_body(request, svc.max_body)
         req, binary = kserve.split_body(body, request.headers.get(kserve.HEADER))
-        items = kserve.read_inputs(req, binary, svc.task)
-        wanted = kserve.requested_outputs(req, svc.task)
-        if svc.task == "text":
+        items = kserve.read_inputs(req, binary, svc.task_obj)
+        wanted = kserve.requested_outputs(req, svc.task_obj)
+        if svc.task_obj.reads_texts:
             if not all(t.strip() for t in items):
                 raise DataError("a text element is empty")
             suffixes = [".txt"] * len(items)
@@ -210,7 +210,7 @@ class Api:
         if bad:
             raise DataError(f"item {out.index(bad[0])}: {bad[0]}")
         recs, answers = [r for r, _ in out], [a for _, a in out]
-        tensors = kserve.output_tensors(svc.task, list(svc.loaded.labels), answers, [r.id for r in recs])
+        tensors = kserve.output_tensors(svc.task_obj, list(svc.loaded.labels), answers, [r.id for r in recs])
         content, headers = kserve.response(svc.name, version, req.get("id"), tensors, wanted)
         request.scope["edgetl.log"] = {"ids": [r.id for r in recs], "version": version}
         return Response(content, headers={"cache-control": "no-store", **headers})

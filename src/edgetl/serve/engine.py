@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import os
 import queue
 import secrets
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import tasks
 from ..device.predict import load_predictor
 from ..errors import DataError, EdgetlError
 
@@ -73,6 +73,11 @@ class Loaded:
     @property
     def bundle(self):
         return self.predictor.bundle
+
+    @property
+    def task_obj(self):
+        """The :class:`edgetl.tasks.base.Task` the bundle was made by (what differs by task is asked of it)."""
+        return tasks.get(self.task)
 
 
 @dataclass
@@ -258,9 +263,9 @@ class Engine:
     def answer(self, loaded: Loaded, items: list, *, top_k: int = 1, raw_maps: bool = False) -> list:
         """Answers for ``items`` with one predictor, in order (a :class:`DataError` for an
         unreadable one, the others still answered)."""
-        p = loaded.predictor
-        if loaded.task == "text":
-            return [Answer(_strip(pr.to_dict(), "text")) for pr in p.predict(items, top_k=top_k)]
+        p, task = loaded.predictor, loaded.task_obj
+        if task.reads_texts:
+            return [Answer(_strip(pr.to_dict(), task.item_key)) for pr in p.predict(items, top_k=top_k)]
         paths = []
         tag = secrets.token_hex(6)
         try:
@@ -268,13 +273,13 @@ class Engine:
                 path = self._tmp / f"{tag}-{k}"
                 path.write_bytes(data)
                 paths.append(path)
-            if loaded.task == "anomaly":
+            if task.one_class:
                 return self._defects(p, paths, raw_maps)
             skipped: list = []
             found = {pr.item: pr for pr in p.predict(paths, top_k=top_k, skipped=skipped)}
             why = {str(path): reason for path, reason in skipped}
             return [
-                Answer(_strip(found[str(path)].to_dict(), "path"))
+                Answer(_strip(found[str(path)].to_dict(), task.item_key))
                 if str(path) in found
                 else DataError(f"upload: {why.get(str(path), 'not a readable image')}")
                 for path in paths
@@ -328,19 +333,3 @@ class Engine:
 def _strip(d: dict, key: str) -> dict:
     d.pop(key, None)
     return d
-
-
-def need(task: str, result: dict) -> float:
-    """How much an answer needs a person, for the review queue (higher first).
-
-    Classification: 1 - confidence, plus 1 when the input is out of distribution (drift), so drifted
-    inputs come first and then the least confident. Defects: 1 at the threshold, falling to 0 at
-    half or twice it (``1 - |log2(score / threshold)|``), since a person decides best there.
-    """
-    if task == "anomaly":
-        r = max(float(result.get("normalised", 1.0)), 1e-9)
-        return round(max(0.0, 1.0 - abs(math.log2(r))), 6)
-    value = 1.0 - float(result.get("confidence", 1.0))
-    if result.get("ood"):
-        value += 1.0
-    return round(value, 6)

@@ -27,6 +27,7 @@ import struct
 import numpy as np
 
 from ..errors import DataError
+from ..tasks.base import Task
 from .web import as_object, parse_json
 
 HEADER = "inference-header-content-length"
@@ -48,12 +49,12 @@ DTYPES = {
 MAX_ITEMS = 64
 
 
-def input_name(task: str) -> str:
-    return "text" if task == "text" else "image"
+def input_name(task: Task) -> str:
+    return "text" if task.reads_texts else "image"
 
 
-def output_names(task: str) -> list[str]:
-    if task == "anomaly":
+def output_names(task: Task) -> list[str]:
+    if task.one_class:
         return ["label", "score", "threshold", "normalised", "id", "anomaly_map"]
     return ["label", "confidence", "unknown", "probabilities", "drift_p", "id"]
 
@@ -61,7 +62,7 @@ def output_names(task: str) -> list[str]:
 DEFAULT_EXCLUDED = {"anomaly_map"}
 
 
-def metadata(name: str, version: int, task: str, labels: list[str], map_size: int | None) -> dict:
+def metadata(name: str, version: int, task: Task, labels: list[str], map_size: int | None) -> dict:
     outs = {
         "label": ("BYTES", [-1]),
         "confidence": ("FP32", [-1]),
@@ -80,7 +81,7 @@ def metadata(name: str, version: int, task: str, labels: list[str], map_size: in
         "platform": "edgetl",
         "inputs": [{"name": input_name(task), "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": n, "datatype": outs[n][0], "shape": outs[n][1]} for n in output_names(task)],
-        "parameters": {"task": task, "labels": labels, "head_version": version},
+        "parameters": {"task": task.name, "labels": labels, "head_version": version},
     }
 
 
@@ -129,7 +130,7 @@ def _flatten(data) -> list:
     return [data]
 
 
-def read_inputs(req: dict, binary: bytes, task: str) -> list:
+def read_inputs(req: dict, binary: bytes, task: Task) -> list:
     """The items of the model's one input: image bytes (or texts for a text bundle).
 
     Raises:
@@ -180,7 +181,7 @@ def read_inputs(req: dict, binary: bytes, task: str) -> list:
         raise DataError(f"input {want!r} has neither 'data' nor a binary_data_size parameter")
     if len(elements) != count:
         raise DataError(f"input {want!r} declares {count} items and carries {len(elements)}")
-    if want == "text":
+    if task.reads_texts:
         try:
             return [e.decode("utf-8") if isinstance(e, bytes) else e for e in elements]
         except UnicodeDecodeError:
@@ -188,7 +189,7 @@ def read_inputs(req: dict, binary: bytes, task: str) -> list:
     return elements
 
 
-def requested_outputs(req: dict, task: str) -> list[tuple[str, bool]]:
+def requested_outputs(req: dict, task: Task) -> list[tuple[str, bool]]:
     """(name, binary?) of the outputs to send: those asked for, or every default one."""
     names = output_names(task)
     default_binary = bool(as_object(req.get("parameters"), "the request's parameters").get("binary_data_output", False))
@@ -207,14 +208,14 @@ def requested_outputs(req: dict, task: str) -> list[tuple[str, bool]]:
     return out
 
 
-def output_tensors(task: str, labels: list[str], answers: list, ids: list[str]) -> dict[str, tuple[str, np.ndarray]]:
+def output_tensors(task: Task, labels: list[str], answers: list, ids: list[str]) -> dict[str, tuple[str, np.ndarray]]:
     """Every output as (datatype, array) from the engine's answers (all items answered)."""
     r = [a.result for a in answers]
     t = {
         "label": ("BYTES", np.array([x["label"].encode() for x in r], dtype=object)),
         "id": ("BYTES", np.array([i.encode() for i in ids], dtype=object)),
     }
-    if task == "anomaly":
+    if task.one_class:
         t.update(
             score=("FP32", np.array([x["score"] for x in r], np.float32)),
             threshold=("FP32", np.array([x["threshold"] for x in r], np.float32)),

@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from .. import tasks
 from ..core.bundle import fsync_dir, write_file_durably
 from ..errors import ConfigError, DataError, EdgetlError
 
@@ -320,7 +321,8 @@ class ReviewStore:
         with self._lock:
             rows = sorted((m for m in self.index.values() if self.pending_in(m, version)), key=lambda m: m["created"])
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000:06d}"
-            if self.task == "anomaly":
+            task = tasks.get(self.task)
+            if task.one_class:
                 rows = [m for m in rows if m["label"] == "good"]
                 if not rows:
                     raise DataError(
@@ -336,7 +338,7 @@ class ReviewStore:
                 raise DataError("no confirmed or corrected items waiting for an update; confirm some predictions first")
             out = io.StringIO()
             w = csv.writer(out)
-            if self.task == "text":
+            if task.reads_texts:
                 w.writerow(["text", "label"])
                 for m in rows:
                     w.writerow([(self.items_dir / m["file"]).read_text(encoding="utf-8"), m["label"]])

@@ -25,7 +25,7 @@ from .. import __version__, tasks
 from ..core.console import one_line
 from ..device.adapt import DEFAULT_TOLERANCE_PP, adapt, history, rollback
 from ..errors import ConfigError, DataError, GateError
-from .engine import Engine, need
+from .engine import Engine
 from .images import make_thumb, stored_form
 from .metrics import Metrics
 from .review import ID, ReviewStore, check_label
@@ -257,7 +257,7 @@ class Service:
                 time.time(),
                 version,
                 a.result,
-                need(self.task, a.result),
+                self.task_obj.review_need(a.result),
                 payload,
                 suffix,
                 a.map_u8,
@@ -308,18 +308,21 @@ class Service:
             "id": item_id,
             "label": label,
             "confirmed": label == predicted,
-            "new_class": self.task != "anomaly" and label not in known,
+            "new_class": not self.task_obj.one_class and label not in known,
             "stored": meta["file"],
             "review": self.review.summary(self.loaded.version),
         }
 
     def _label_of(self, body: dict, predicted: str | None) -> str:
-        if self.task == "anomaly":
+        if self.task_obj.one_class:
             verdict = body.get("verdict", body.get("label"))
             if body.get("confirm") is True and verdict is None:
                 verdict = predicted
-            if verdict not in ("good", "defect"):
-                raise DataError(f"verdict {str(verdict)[:40]!r}: give 'good' or 'defect' (or confirm: true)")
+            verdicts = self.task_obj.fixed_labels
+            if verdict not in verdicts:
+                raise DataError(
+                    f"verdict {str(verdict)[:40]!r}: give {' or '.join(map(repr, verdicts))} (or confirm: true)"
+                )
             return verdict
         if body.get("confirm") is True and body.get("label") is None:
             if predicted in (None, "unknown"):
@@ -457,7 +460,7 @@ class Service:
             if rec.thumb is None:
                 self.recent.set_thumb(rec, make_thumb(rec.payload, self.loaded.bundle.preprocess, rec.map_u8))
             return rec.thumb
-        if self.review is not None and self.task != "text":
+        if self.review is not None and not self.task_obj.reads_texts:
             data = self.review.payload(item_id)
             if data:
                 return make_thumb(data, self.loaded.bundle.preprocess, None)

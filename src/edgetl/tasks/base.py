@@ -15,7 +15,16 @@ supplies only what is its own:
   (:meth:`Task.write_release`); a head saves itself and gives the graph fused behind the backbone
   (``head.save(path)``, ``head.graph(opset, ir_version)``);
 * **device**: the predictor (:meth:`Task.predictor`), the on-device update (:meth:`Task.adapt`),
-  its thresholds, and how results read as text (``render_*``).
+  its thresholds, and how results read as text (``render_*``);
+* **the layers above** (serve, report, fleet, the pipeline's checks): what differs by task is a
+  property or hook of the task (:attr:`Task.gate_metric`, :attr:`Task.one_class`,
+  :attr:`Task.reads_texts`, :meth:`Task.review_need`, :meth:`Task.report_data` ...), never a
+  comparison with its name: a task is one package, and a new one needs no branch elsewhere
+  (``tests/unit/test_no_task_branches.py`` holds every module outside this package to that).
+
+:class:`Task` is abstract: what every task must supply is an abstract method, and what only some
+tasks have (a classifier's items and features for drift, the accuracy-control score) is declared
+here with an error saying which task lacks it, so the upper layers call only what ``Task`` declares.
 
 Tasks import the core and the heads, never the laptop side (:mod:`edgetl.pipeline`,
 :mod:`edgetl.export`): the device loads them.
@@ -23,14 +32,16 @@ Tasks import the core and the heads, never the laptop side (:mod:`edgetl.pipelin
 
 from __future__ import annotations
 
+import abc
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..core.backbone import IMAGE, TEXT
 from ..core.bundle import Bundle
 from ..errors import ConfigError
 
@@ -129,7 +140,7 @@ def digest_of(parts: Iterable[str]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-class Task:
+class Task(abc.ABC):
     """The base every task extends; see the module docstring for what each part is for."""
 
     name: str = ""
@@ -146,15 +157,56 @@ class Task:
     threshold_key: str = ""
     threshold_field: str = ""
     accuracy_control: bool = False
+    # The figure the conversion gate compares (the fit's gate records it even when the shipped model
+    # is its own reference and nothing is compared); every task sets it.
+    gate_metric: str = ""
+    # What the layers above ask instead of the task's name:
+    # answers are good / defect verdicts on a score against one threshold (learned from good items
+    # only): no classes to add, a heat map per answer, an update that learns from good items alone.
+    one_class: bool = False
+    # the labels every bundle of the task has (a one-class task's verdicts); empty: the data's classes
+    fixed_labels: tuple[str, ...] = ()
+    # the key naming an item in predictions and galleries (a file's path, or the text itself)
+    item_key: str = "path"
+    # whether fit looks for near-duplicates across its split (the trained features carry the split's
+    # feature rows: ``X_tr``, ``X_va``, ``n_train`` and the fold ``plan``)
+    leakage_check: bool = False
+    # whether ``--backbone auto`` can rank backbones on this task's data
+    ranks_backbones: bool = False
+    # the report: where a bundle's report.json keeps the fit's figures, the ones its summary shows,
+    # and what its threshold card is called
+    recorded_metrics: str = "val"
+    summary_metrics: tuple[str, ...] = ("accuracy", "balanced_accuracy", "n")
+    threshold_title: str = "unknown threshold"
+
+    def __init__(self) -> None:
+        # Without these a task would register under an empty name, or its gate would record no metric.
+        missing = [k for k in ("name", "gate_metric") if not getattr(self, k)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} must set {' and '.join(missing)}")
+
+    @property
+    def reads_texts(self) -> bool:
+        """Whether the task's inputs are texts (a tokenizer feeds the backbone) rather than images."""
+        return self.backbone_kind == TEXT
+
+    @property
+    def backbone_family(self) -> str:
+        """Which of the backbone registry's families this task picks from: ``image`` or ``text``
+        (a patch-feature backbone is an image backbone read another way)."""
+        return TEXT if self.reads_texts else IMAGE
 
     # ---- data ----------------------------------------------------------------------------
+    @abc.abstractmethod
     def claims(self, data: Path) -> bool:
         """Whether ``data`` looks like this task's (automatic task detection)."""
         return False
 
+    @abc.abstractmethod
     def load_data(self, data: Path, options, cache_root: Path):
         raise NotImplementedError
 
+    @abc.abstractmethod
     def head_config(self, head):
         """A validated head configuration from a config object, a dict, a kind name or None."""
         raise NotImplementedError
@@ -172,6 +224,7 @@ class Task:
         """The exported backbone as this task feeds it (e.g. another preprocessing)."""
         return exported
 
+    @abc.abstractmethod
     def extractor(
         self,
         model: Path,
@@ -186,36 +239,44 @@ class Task:
     ):
         raise NotImplementedError
 
+    @abc.abstractmethod
     def calibration(self, data, target, exported, seed: int) -> Calibration:
         raise NotImplementedError
 
     # ---- heads ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def train(self, extractor, data, options, cache, *, like: Trained | None = None) -> Trained:
         """Features of every item through ``extractor`` (cached), then the head and its figures.
         ``like``: train the FP32 reference with the settings ``like`` chose (its L2)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
         """-> (the reference figures for the report, the :class:`GateDecision`)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def write_release(self, folder: Path, trained: Trained, data, options, exported) -> dict:
         """Write the task's files beside head v1 into a bundle being staged; returns
         ``{"entry": ..., "manifest": ..., "report": ...}`` additions."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def parity(self, fused_session, trained: Trained, data, exported) -> tuple[dict, float, str]:
         raise NotImplementedError
 
     # ---- device --------------------------------------------------------------------------
+    @abc.abstractmethod
     def predictor(
         self, bundle: Bundle, *, device: str | None = None, threads: int | None = None, head_version: int | None = None
     ):
         raise NotImplementedError
 
+    @abc.abstractmethod
     def adapt(self, b: Bundle, data, **options) -> AdaptResult:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def check_threshold(self, value) -> float:
         raise NotImplementedError
 
@@ -251,6 +312,7 @@ class Task:
                 )
         return None
 
+    @abc.abstractmethod
     def load_head(self, path: Path):
         raise NotImplementedError
 
@@ -267,6 +329,57 @@ class Task:
     def speed(self, shipped, reference, data) -> dict:
         """Report figures of speed beyond the batch-1 latencies fit measures for image models."""
         return {}
+
+    # ---- what only some tasks have ------------------------------------------------------------
+    # Declared here so the device, the pipeline and the report call only what Task declares; a task
+    # without the capability says so in one line (its flags keep the callers from asking).
+    def _lacks(self, what: str):
+        return NotImplementedError(f"the {self.name} task has no {what}")
+
+    def features(
+        self,
+        extractor,
+        items: Sequence,
+        *,
+        cache=None,
+        view: int = 0,
+        quiet: bool = True,
+        desc: str = "features",
+        skipped: list | None = None,
+        batch_size: int = 32,
+    ) -> np.ndarray:
+        """Pooled features of ``items`` through ``extractor`` (drift compares them with the
+        training features)."""
+        raise self._lacks("pooled features of its items")
+
+    def scan(self, data, *, bundle=None, strict: bool = False, group_by: str | None = None) -> tuple[list, list]:
+        """Labelled items of ``data`` for eval, drift and adapt: (items, skipped)."""
+        raise self._lacks("labelled-item scan")
+
+    def predict_items(self, inputs: Sequence) -> list:
+        """The items of files and folders given to predict (drift on unlabelled images)."""
+        raise self._lacks("item listing")
+
+    def accuracy_score(self, reference: Trained, data):
+        """What accuracy control maximises, from a converted model's outputs (only tasks with
+        :attr:`accuracy_control`)."""
+        raise self._lacks("accuracy control")
+
+    # ---- the layers above: serving and the report ------------------------------------------------
+    def review_need(self, result: dict) -> float:
+        """How much an answer needs a person (the review queue serves the highest first).
+
+        Classes: 1 - confidence, plus 1 when the input is out of distribution (drift), so drifted
+        inputs come first and then the least confident."""
+        value = 1.0 - float(result.get("confidence", 1.0))
+        if result.get("ood"):
+            value += 1.0
+        return round(value, 6)
+
+    def report_data(self, data):
+        """What the report of a bundle fit has just written is evaluated on, from the fit's data:
+        its held-out items, or None (the report then shows what the bundle recorded)."""
+        return list(data.val) if getattr(data, "val", None) else None
 
     # ---- what fit prints -------------------------------------------------------------------
     # The report's feature-agreement figure, as the fit summary names it.
@@ -337,18 +450,23 @@ class Task:
         return []
 
     # ---- text for people -------------------------------------------------------------------
+    @abc.abstractmethod
     def render_predictions(self, predictions) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def render_metrics(self, metrics: dict, title: str = "") -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def render_adapt(self, result: AdaptResult, dry_run: bool) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def render_history(self, rows: list[dict]) -> str:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def render_threshold(self, value: float, version: int, where: str) -> str:
         raise NotImplementedError
 

@@ -473,6 +473,25 @@ class AnomalyTask(Task):
     backbone_fields = ("feature_shape",)
     predict_options = frozenset({"threshold", "heatmaps", "strict"})
     threshold_key, threshold_field = "anomaly", "threshold"
+    gate_metric = "image_auroc"  # the paired DeLong gate (auroc_gate)
+    one_class = True
+    fixed_labels = tuple(LABELS)
+    recorded_metrics = "metrics"
+    summary_metrics = ("image_auroc", "pixel_auroc", "f1", "n")
+    threshold_title = "defect threshold"
+
+    def review_need(self, result: dict) -> float:
+        """1 at the threshold, falling to 0 at half or twice it (``1 - |log2(score / threshold)|``):
+        a person decides best where the detector is least sure."""
+        r = max(float(result.get("normalised", 1.0)), 1e-9)
+        return round(max(0.0, 1.0 - abs(math.log2(r))), 6)
+
+    def report_data(self, data):
+        """The labelled test set when the data has one, else the held-out good images (their scores
+        against the threshold)."""
+        if getattr(data, "test", None):
+            return data.root
+        return list(data.val) if getattr(data, "val", None) else None
 
     def claims(self, data: Path) -> bool:
         return is_anomaly_layout(data)

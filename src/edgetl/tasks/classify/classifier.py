@@ -300,6 +300,8 @@ class ClassifierTask(Task):
     predict_options = frozenset({"top_k", "threshold", "strict"})
     threshold_key, threshold_field = "unknown", "unknown_threshold"
     item_key = "path"
+    gate_metric = "accuracy"  # the paired accuracy gate (accuracy_gate)
+    leakage_check = True
     exemplars_per_class = EXEMPLARS_PER_CLASS
 
     # ---- what a modality provides ----------------------------------------------------------

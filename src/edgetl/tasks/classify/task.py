@@ -27,6 +27,8 @@ class ImageClassifyTask(ClassifierTask):
     items = "images"
     backbone_kind = "image"
     accuracy_control = True
+    gate_metric = "accuracy"
+    ranks_backbones = True  # edgetl.pipeline.rank compares image classifiers on labelled images
 
     def claims(self, data: Path) -> bool:
         return Path(data).is_dir() or Path(data).suffix.lower() == ".csv"

@@ -52,6 +52,7 @@ class TextTask(ClassifierTask):
     # (benchmarks/text.py); images default to openvino-cpu instead.
     default_target = "cpu-x86"
     item_key = "text"
+    gate_metric = "accuracy"
     predict_options = frozenset({"top_k", "threshold", "file"})
     # Embeddings are 384 floats: 20 per class is small.
     exemplars_per_class = 20
