@@ -47,10 +47,10 @@ def for_data(data: str | Path, *, task: str | None = None, head: str | None = No
             raise ConfigError(f"--task {task} takes --head {' | '.join(chosen.head_kinds)}{hint}")
         return chosen
     if head is not None:
-        owners = [t for t in TASKS.values() if head in t.head_kinds]
-        claimers = [t for t in owners if t.claims(Path(data))]
-        if owners:
-            return (claimers or owners)[0]
+        having = [t for t in TASKS.values() if head in t.head_kinds]
+        claimers = [t for t in having if t.claims(Path(data))]
+        if having:
+            return (claimers or having)[0]
     return next((t for t in TASKS.values() if t.claims(Path(data))), TASKS["classify"])
 
 

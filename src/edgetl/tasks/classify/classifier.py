@@ -220,7 +220,8 @@ class ClassifierPredictor:
         """
         check_confidence(threshold)
         if isinstance(data, (list, tuple)):
-            items, skipped, where = list(data), [], f"the {len(data)} given {self.task.items}"
+            skipped: list = []
+            items, where = list(data), f"the {len(data)} given {self.task.items}"
         else:
             items, skipped = self.task.scan(data, bundle=self.bundle, strict=strict, group_by=group_by)
             where = data
@@ -303,6 +304,13 @@ class ClassifierTask(Task):
     gate_metric = "accuracy"  # the paired accuracy gate (accuracy_gate)
     leakage_check = True
     exemplars_per_class = EXEMPLARS_PER_CLASS
+    # the no-pretraining baseline of the negative-transfer check: its cache key, per modality
+    baseline_key: str
+
+    @property
+    def baseline_name(self) -> str:
+        """The no-pretraining baseline's name, as the negative-transfer check reports it."""
+        raise NotImplementedError
 
     # ---- what a modality provides ----------------------------------------------------------
     def features(
