@@ -144,6 +144,8 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     assert maps.shape == (len(frames), *plan.work[::-1])
     # the fused tile model against backbone + numpy head, frame by frame
     numpy_path = ANOMALY.predictor(p.bundle)
+    # the fit held out a frame's tiles together and normalised on its 8 training frames
+    assert numpy_path.head.meta == {"images": 8 * plan.count, "frames": 8}
     numpy_path.fused, numpy_path.session = False, bundle_session(p.bundle, p.bundle.model_file("backbone"))
     np.testing.assert_allclose(numpy_path.maps(frames)[1], scores, rtol=1e-4)
     # a scratch 2 px wide on a 448 px frame is found, and the map's peak sits on it

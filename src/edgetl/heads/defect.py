@@ -7,7 +7,9 @@ image: the patch map, then the pooled vector). Kinds:
 ``combined`` (default)
     patch head + image head. Each part's raw score becomes a z-score against its scores on
     held-out good images (training images scored by heads that never saw them:
-    leave-one-image-out for patchcore and knn, 5-fold refits for padim and gaussian), and the
+    leave-one-image-out for patchcore and knn, 5-fold refits for padim and gaussian; on tiled
+    frames a frame's tiles are left out together and a part is normalised on frame maxima, see
+    :func:`fit_defect_head`), and the
     score is their soft maximum, shifted by one constant so that it stays positive like every
     other head's score (the threshold convention needs it):
     ``log(exp z_patch + exp z_image) + c``, ``c = max(mean_patch / sd_patch, mean_image / sd_image)``.
@@ -40,6 +42,7 @@ import numpy as np
 from ..core.bundle import write_npz_durably
 from ..errors import BundleError, ConfigError, DataError
 from . import registry
+from .heldout import group_max
 from .oneclass import (
     ImageConfig,
     ImageHead,
@@ -145,7 +148,8 @@ class DefectConfig:
 class DefectHead:
     """A fitted detector: ``patch`` (None for an image-only kind), ``image``, and ``norm``: per
     part, (mean, std) of held-out good scores (the std scales the part; the mean is kept as a
-    record of where good images score)."""
+    record of where good images score), of frames where the rows are tiles (``meta["frames"]``:
+    how many)."""
 
     kind: str
     config: DefectConfig
@@ -442,6 +446,21 @@ def fit_defect_head(
     """Fit ``cfg`` on good images' feature rows (N, L) and its held-out normalisation (``groups``:
     the frame each row was cut from, when rows are tiles).
 
+    Tiled frames: every held-out score comes from a head that saw no tile of the scored tile's
+    frame (the tiles of a frame overlap: a neighbour tile in the memory scores a tile almost as
+    well as the tile itself, which made good tiles look closer than a new frame's tiles are), and
+    a part's normalisation is that of its held-out *frame* scores, the maximum over a frame's
+    tiles. Why the frame and not the tile: the device scores every tile and a frame's score is the
+    maximum of its tiles' scores, and thresholds are set on those frame scores. A part's term in
+    the combined score is increasing and affine in its raw score, so the maximum over tiles of the
+    term is the term of the part's frame maximum; normalised on frame maxima, each part's term then
+    sits on good frames where it sits on good untiled images (mean ``c``, spread 1), and a frame's
+    score is between the maximum and the soft maximum of its parts' frame z-scores, as an untiled
+    image's is. Normalised on tiles, each part's frame maximum lands above ``c`` by an amount that
+    depends on how its tile scores spread within a frame, which differs between the parts (a
+    tile's pooled features see a piece of the part, its patches see everything in it), so the
+    balance between the parts would drift with the tiling.
+
     Raises:
         DataError: fewer than 3 good images (a held-out spread needs them).
     """
@@ -451,14 +470,28 @@ def fit_defect_head(
     n = int(np.prod(patch_shape))
     F, Z = X[:, :n].reshape(len(X), *patch_shape), X[:, n:]
     image = fit_image_head(Z, cfg.image)
-    norm = {"image": _norm(held_out_scores(Z, cfg.image, seed=cfg.seed))}
+    if groups is not None:
+        groups = np.asarray(groups).reshape(-1)
+        if len(groups) != len(X):
+            raise DataError(f"groups need one entry per feature row: {len(groups)} for {len(X)} rows")
+    held_i = held_out_scores(Z, cfg.image, seed=cfg.seed, groups=groups)
+    norm = {"image": _norm(held_i if groups is None else group_max(held_i, groups))}
     patch = None
     if "patch" in registry.parts(cfg.kind):
-        patch, _, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups)
-        norm["patch"] = _norm(held)
-    return DefectHead(
-        cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm, {"images": int(len(X))}
-    )
+        rows = None if groups is None else _norm_rows(groups, cfg.seed)
+        patch, picked, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups, rows=rows)
+        norm["patch"] = _norm(held if groups is None else group_max(held, groups, picked))
+    meta = {"images": int(len(X))} if groups is None else {"images": int(len(X)), "frames": len(np.unique(groups))}
+    return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm, meta)
+
+
+def _norm_rows(groups: np.ndarray, seed: int) -> np.ndarray:
+    """Every tile of at most :data:`MAX_NORM_IMAGES` frames (a seeded choice): the rows whose
+    held-out scores give the frame maxima a patch part is normalised on (patchcore scores only
+    these; padim scores every row anyway)."""
+    names = np.unique(groups)
+    chosen = np.random.default_rng(seed).permutation(len(names))[:MAX_NORM_IMAGES]
+    return np.nonzero(np.isin(groups, names[chosen]))[0]
 
 
 def update_defect_head(head: DefectHead, X: np.ndarray) -> DefectHead:

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from . import registry
+from .heldout import FOLDS
 from .patch import oas_shrink
 
 IMAGE_KINDS = registry.names("image")
@@ -101,11 +102,10 @@ class ImageHead:
             self._cache["c"] = registry.get(self.kind, "image").constants(self)
         return self._cache["c"]
 
-    def scores(self, Z: np.ndarray, *, exclude_self: bool = False) -> np.ndarray:
-        """(N, D) pooled features -> (N,) float32 distances. ``exclude_self`` (knn, Z = the memory's
-        own rows): each row's own entry is left out: leave-one-out scores of the memory."""
+    def scores(self, Z: np.ndarray) -> np.ndarray:
+        """(N, D) pooled features -> (N,) float32 distances."""
         Z = self.check(Z)
-        return registry.get(self.kind, "image").scores(self, Z, self.constants(), exclude_self=exclude_self)
+        return registry.get(self.kind, "image").scores(self, Z, self.constants())
 
     def check(self, Z: np.ndarray) -> np.ndarray:
         Z = np.asarray(Z, np.float32)
@@ -153,11 +153,15 @@ def update_image_head(head: ImageHead, Z: np.ndarray) -> ImageHead:
     return dataclasses.replace(head, arrays=arrays, meta=meta, _cache={})
 
 
-def held_out_scores(Z: np.ndarray, cfg: ImageConfig, *, folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Scores of the training images by heads that never saw them: knn leave-one-out on the full
-    memory (exact when no coreset thinned it), gaussian by ``folds``-fold refits."""
+def held_out_scores(
+    Z: np.ndarray, cfg: ImageConfig, *, folds: int = FOLDS, seed: int = 0, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """Scores of the training images by heads that saw neither them nor any image of their group
+    (``groups``: one entry per row, e.g. the frame a tile was cut from; None: each row its own):
+    knn on the full memory with the row's group left out (exact when no coreset thinned it),
+    gaussian by ``folds``-fold refits over whole groups (:mod:`edgetl.heads.heldout`)."""
     Z = np.asarray(Z, np.float32)
-    return registry.get(cfg.kind, "image").held_out_scores(Z, cfg, folds=folds, seed=seed)
+    return registry.get(cfg.kind, "image").held_out_scores(Z, cfg, folds=folds, seed=seed, groups=groups)
 
 
 def image_scores_nodes(b, head: ImageHead, z: str) -> str:

@@ -362,6 +362,7 @@ class PatchCore(PatchKind):
 
     def held_out(self, F, cfg, *, size, rng, groups, chosen):
         # the full bank without the rows that came from the image scored (leave one image out)
+        from .heldout import same_group
         from .patch import maps_from_patches, patchcore_with_sources
 
         head, src = patchcore_with_sources(F, cfg, size=size)
@@ -372,7 +373,7 @@ class PatchCore(PatchKind):
         for j, i in enumerate(chosen):
             X = F[i].reshape(C, H * W).T
             d2 = (np.sum(X * X, axis=1, keepdims=True) - 2.0 * (X @ M.T)) + mm
-            d2[:, groups[src] == groups[i]] = np.inf
+            d2[:, same_group(groups, [i], src)[0]] = np.inf
             S[j] = np.sqrt(np.maximum(d2.min(axis=1), 0)).reshape(H, W)
         return head, chosen, maps_from_patches(S, head.operator)[1]
 
@@ -416,21 +417,13 @@ class PaDiM(PatchKind):
         return np.sum((D @ inv) * D, axis=-1)
 
     def held_out(self, F, cfg, *, size, rng, groups, chosen):
-        # 5-fold refits (whole frames per fold when rows are tiles)
-        head = self.fit(F, cfg, size=size)
-        scores = np.zeros(len(F), np.float32)
-        order = rng.permutation(len(F))
-        fold = np.empty(len(F), np.int64)
-        fold[order] = np.arange(len(F)) % 5
-        if len(np.unique(groups)) < len(F):
-            g = np.unique(groups, return_inverse=True)[1]
-            fold = rng.permutation(g.max() + 1)[g] % 5
-        for f in range(min(5, len(F))):
-            held = np.nonzero(fold == f)[0]
-            rest = np.nonzero(fold != f)[0]
-            if len(held) and len(rest):
-                scores[held] = self.fit(F[rest], cfg, size=size).maps(F[held])[1]
-        return head, np.arange(len(F)), scores
+        # refits on folds of whole frames (each row its own frame when rows are not tiles)
+        from .heldout import refit_scores
+
+        scores = refit_scores(
+            lambda rest, held: self.fit(F[rest], cfg, size=size).maps(F[held])[1], len(F), seed=rng, groups=groups
+        )
+        return self.fit(F, cfg, size=size), np.arange(len(F)), scores
 
     def graph_d2(self, b, head, x):
         op, const, reduce = b.op, b.const, b.reduce
@@ -474,18 +467,17 @@ class ImageKind(HeadKind):
     def constants(self, head) -> dict:
         raise NotImplementedError
 
-    def scores(self, head, Z, c: dict, *, exclude_self: bool = False) -> np.ndarray:
+    def scores(self, head, Z, c: dict) -> np.ndarray:
         raise NotImplementedError
 
-    def held_out_scores(self, Z, cfg, *, folds: int, seed: int) -> np.ndarray:
-        """Scores of the training images by heads that never saw them: ``folds``-fold refits."""
-        order = np.random.default_rng(seed).permutation(len(Z))
-        out = np.zeros(len(Z), np.float32)
-        for f in range(min(folds, len(Z))):
-            held = order[f::folds]
-            rest = np.setdiff1d(order, held)
-            out[held] = self.fit(Z[rest], cfg).scores(Z[held])
-        return out
+    def held_out_scores(self, Z, cfg, *, folds: int, seed: int, groups=None) -> np.ndarray:
+        """Scores of the training images by heads that saw neither them nor any image of their group
+        (``groups``: one entry per row, None: each row its own): ``folds``-fold refits over whole groups."""
+        from .heldout import refit_scores
+
+        return refit_scores(
+            lambda rest, held: self.fit(Z[rest], cfg).scores(Z[held]), len(Z), folds=folds, seed=seed, groups=groups
+        )
 
     def graph_scores(self, b, head, z: str) -> str:
         raise NotImplementedError
@@ -525,20 +517,36 @@ class KNN(ImageKind):
             "k": min(head.config.k, len(M)),
         }
 
-    def scores(self, head, Z, c, *, exclude_self=False):
+    def scores(self, head, Z, c):
+        return self._mean_nearest(Z, c, c["k"])
+
+    @staticmethod
+    def _mean_nearest(Z, c, k: int, masked=None) -> np.ndarray:
+        """Mean distance to the ``k`` nearest memory rows, ``masked`` (N, K) rows left out."""
         d2 = (np.sum(Z * Z, axis=-1, keepdims=True) + Z @ c["mt2"]) + c["mm"]
-        if exclude_self:
-            d2[np.arange(len(Z)), np.arange(len(Z))] = np.inf
-        k = min(c["k"], d2.shape[1] - (1 if exclude_self else 0))
-        d2 = np.sort(d2, axis=1)[:, : max(k, 1)]
+        if masked is not None:
+            d2[masked] = np.inf
+        d2 = np.sort(d2, axis=1)[:, :k]
         return np.mean(np.sqrt(np.maximum(d2, np.float32(0))), axis=1).astype(np.float32)
 
-    def held_out_scores(self, Z, cfg, *, folds, seed):
-        # leave-one-out on the full memory: exact when no coreset thinned it
+    def held_out_scores(self, Z, cfg, *, folds, seed, groups=None):
+        # the full memory with the scored row's group left out (leave one group out): exact when no
+        # coreset thinned it, and no refits (the memory's rows are Z's, in order)
         import dataclasses
 
+        from .heldout import group_index, same_group
+
         full = self.fit(Z, dataclasses.replace(cfg, max_images=len(Z)))
-        return full.scores(Z, exclude_self=True)
+        c = full.constants()
+        k = min(c["k"], len(Z) - int(np.bincount(group_index(groups, len(Z))).max()))
+        out = np.zeros(len(Z), np.float32)
+        if k < 1:  # one group: nothing to score it against
+            return out
+        columns = np.arange(len(Z))
+        for s in range(0, len(Z), 1024):  # bounded memory on many tiles
+            rows = columns[s : s + 1024]
+            out[rows] = self._mean_nearest(Z[rows], c, k, same_group(groups, rows, columns))
+        return out
 
     def graph_scores(self, b, head, z):
         op, const, reduce = b.op, b.const, b.reduce
@@ -600,7 +608,7 @@ class Gaussian(ImageKind):
         mean, inv = gaussian_params(head.arrays)
         return {"mean": mean, "inv": inv}
 
-    def scores(self, head, Z, c, *, exclude_self=False):
+    def scores(self, head, Z, c):
         D = Z - c["mean"][None]
         d2 = np.sum((D @ c["inv"]) * D, axis=-1)
         return np.sqrt(np.maximum(d2, np.float32(0))).astype(np.float32)

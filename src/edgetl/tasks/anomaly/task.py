@@ -400,11 +400,7 @@ def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int, plan: 
         return held_out_patch_scores(P, cfg, size=size, seed=seed, groups=groups, rows=rows)[1:]
 
     def image(Z):
-        return (
-            held_out_scores(Z, head.config.image, seed=seed)
-            if plan is None
-            else _grouped_image_scores(Z, head.config.image, groups, seed)
-        )
+        return held_out_scores(Z, head.config.image, seed=seed, groups=groups)
 
     def per_frame(scores):
         return scores if plan is None else plan.frames(None, scores)[1]
@@ -418,21 +414,6 @@ def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int, plan: 
     if not head.combined:
         return per_frame(sp)
     return per_frame(head.combine(sp, image(Z)[picked]))
-
-
-def _grouped_image_scores(Z: np.ndarray, cfg, groups: np.ndarray, seed: int) -> np.ndarray:
-    """Image-part scores of tile rows by 5-fold refits over whole frames (a frame's tiles overlap:
-    none of them may stand in the memory that scores another)."""
-    from ...heads.oneclass import fit_image_head
-
-    g = np.unique(groups, return_inverse=True)[1]
-    fold = np.random.default_rng(seed).permutation(g.max() + 1)[g] % 5
-    out = np.zeros(len(Z), np.float32)
-    for f in range(5):
-        held, rest = fold == f, fold != f
-        if held.any() and rest.any():
-            out[held] = fit_image_head(Z[rest], cfg).scores(Z[held])
-    return out
 
 
 def select_kind(
