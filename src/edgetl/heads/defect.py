@@ -36,6 +36,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -76,6 +77,12 @@ RULES = ("softmax", "mean")
 # Held-out scoring of patchcore costs one pass over the bank per training image: a random subset
 # this large pins the normalisation well enough (its standard error ~ 1/sqrt(2n) of the spread).
 MAX_NORM_IMAGES = 80
+
+
+def _triple(values) -> tuple[int, int, int]:
+    """A patch grid's (channels, height, width), as the head stores it."""
+    c, h, w = (int(v) for v in values)
+    return c, h, w
 
 
 @dataclass(frozen=True)
@@ -352,13 +359,13 @@ class DefectHead:
         write_npz_durably(Path(path), **payload)
 
     @classmethod
-    def load(cls, path: str | Path) -> DefectHead:
+    def load(cls, path: str | Path | IO[bytes]) -> DefectHead:
         """Read a head written by :meth:`save` (``allow_pickle=False``).
 
         Raises:
             BundleError: missing, unreadable, or not a defect head.
         """
-        path = path if hasattr(path, "read") else Path(path)  # a path, or a bundle's verified bytes
+        path = Path(path) if isinstance(path, str) else path  # a path, or a bundle's verified bytes
         raw, header = read_head_file(path)
         if header.get("format") != _FORMAT or header.get("version") != _FORMAT_VERSION:
             raise BundleError(
@@ -379,7 +386,7 @@ class DefectHead:
                 patch = AnomalyHead(
                     cfg.patch.kind,
                     cfg.patch,
-                    shape[1:],
+                    (shape[1], shape[2]),
                     shape[0],
                     int(header["size"]),
                     part("patch"),
@@ -392,7 +399,15 @@ class DefectHead:
             if rule not in RULES:
                 raise ValueError(f"combination rule {rule!r}")
             return cls(
-                header["kind"], cfg, patch, image, shape, int(header["size"]), norm, header.get("meta", {}), rule
+                header["kind"],
+                cfg,
+                patch,
+                image,
+                _triple(shape),
+                int(header["size"]),
+                norm,
+                header.get("meta", {}),
+                rule,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
@@ -404,9 +419,9 @@ def softmax2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (np.maximum(a, b) + np.log(np.float32(1.0) + np.exp(-np.abs(a - b)))).astype(np.float32)
 
 
-def load_any_head(path: str | Path):
+def load_any_head(path: str | Path | IO[bytes]):
     """A defect bundle's head file: a :class:`DefectHead`, or a patch-only :class:`AnomalyHead`."""
-    path = path if hasattr(path, "read") else Path(path)
+    path = Path(path) if isinstance(path, str) else path
     _, header = read_head_file(path)
     return DefectHead.load(path) if header.get("format") == _FORMAT else AnomalyHead.load(path)
 
@@ -482,7 +497,7 @@ def fit_defect_head(
         patch, picked, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups, rows=rows)
         norm["patch"] = _norm(held if groups is None else group_max(held, groups, picked))
     meta = {"images": int(len(X))} if groups is None else {"images": int(len(X)), "frames": len(np.unique(groups))}
-    return DefectHead(cfg.kind, cfg, patch, image, tuple(int(d) for d in patch_shape), size, norm, meta)
+    return DefectHead(cfg.kind, cfg, patch, image, _triple(patch_shape), size, norm, meta)
 
 
 def _norm_rows(groups: np.ndarray, seed: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 
@@ -572,6 +572,16 @@ def update_patch_head(head: AnomalyHead, F: np.ndarray) -> AnomalyHead:
     return registry.get(head.kind, "patch").update(head, F)
 
 
-def quantile_threshold(good_scores: np.ndarray, cfg: AnomalyConfig) -> float:
+class ThresholdRule(Protocol):
+    """What the good-only threshold reads from a head's config (patch and defect configs both have it)."""
+
+    @property
+    def quantile(self) -> float: ...
+
+    @property
+    def margin(self) -> float: ...
+
+
+def quantile_threshold(good_scores: np.ndarray, cfg: ThresholdRule) -> float:
     """Good-only rule: the ``quantile`` of held-out good scores times ``margin``."""
     return float(np.quantile(np.asarray(good_scores, np.float64), cfg.quantile) * cfg.margin)

@@ -162,7 +162,9 @@ class AnomalyPredictor:
         W, H = plan.work if plan is not None else (self.preprocess.input_size,) * 2
         if not scores:
             return (np.zeros((0, H, W), np.float32) if self.has_map else None), np.zeros(0, np.float32)
-        return (np.concatenate(maps) if self.has_map else None), np.concatenate(scores).reshape(-1)
+        return (np.concatenate([m for m in maps if m is not None]) if self.has_map else None), np.concatenate(
+            scores
+        ).reshape(-1)
 
     def predict(
         self,
@@ -204,12 +206,12 @@ class AnomalyPredictor:
             for j, (path, s) in enumerate(zip(chunk, scores)):
                 peak = None
                 if maps is not None:
-                    i, k = np.unravel_index(int(np.argmax(maps[j])), maps[j].shape)
-                    peak = (int(i), int(k))
+                    row, col = np.unravel_index(int(np.argmax(maps[j])), maps[j].shape)
+                    peak = (int(row), int(col))
                 out.append(
                     AnomalyPrediction(str(path), "defect" if s >= thr else "good", float(s), thr, float(s / thr), peak)
                 )
-                if heatmaps is not None:
+                if heatmaps is not None and maps is not None:
                     save_overlay(
                         path, maps[j] / map_cut, Path(heatmaps), self.preprocess, taken, frame=self.plan is not None
                     )
@@ -480,7 +482,7 @@ class AnomalyTask(Task):
     def load_data(self, data: Path, options, cache_root: Path):
         return load_anomaly_data(data, val_split=options.val_split, seed=options.seed, strict=options.strict)
 
-    def head_config(self, head) -> AnomalyConfig:
+    def head_config(self, head) -> AnomalyConfig | DefectConfig:
         if isinstance(head, (AnomalyConfig, DefectConfig)):
             return head
         if head is None or isinstance(head, str):
@@ -537,6 +539,7 @@ class AnomalyTask(Task):
             F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
             F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
         shape = extractor.shape
+        head: DefectHead | AnomalyHead
         if isinstance(cfg, DefectConfig):
             head = fit_defect_head(F_tr, cfg, patch_shape=shape, size=pre.input_size, groups=groups)
             if like is not None:  # the FP32 reference scores as the shipped head does
@@ -722,7 +725,7 @@ class AnomalyTask(Task):
         head = pred.head
         ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
         F = ext.tiles(samples, pred.plan) if pred.plan is not None else ext.patches(samples, quiet=quiet, desc="adapt")
-        _, before = score_rows(head, F, pred.plan)
+        _maps, before = score_rows(head, F, pred.plan)
         gate = new_good_gate(before, pred.threshold, [s.path.name for s in samples])
         if gate["reasons"] and not force and not dry_run:
             raise GateError(f"update refused, v{pred.version} stays current: " + "; ".join(gate["reasons"]))
@@ -731,7 +734,7 @@ class AnomalyTask(Task):
             if isinstance(head, DefectHead)
             else update_patch_head(head, patch_part(head, F))
         )
-        _, after = score_rows(new_head, F, pred.plan)
+        _maps, after = score_rows(new_head, F, pred.plan)
         labelled = labelled_check(pred, head, new_head, data, tolerance_pp=tolerance_pp, quiet=quiet)
         if labelled is not None:
             gate["image_auroc"] = labelled
