@@ -77,6 +77,11 @@ RULES = ("softmax", "mean")
 # Held-out scoring of patchcore costs one pass over the bank per training image: a random subset
 # this large pins the normalisation well enough (its standard error ~ 1/sqrt(2n) of the spread).
 MAX_NORM_IMAGES = 80
+# Tiled frames are normalised on frame maxima, so patchcore scores every tile of the frames chosen:
+# at most this many tiles (4x the untiled cost), but never fewer frames than MIN_NORM_FRAMES (the
+# spread of fewer is too loose: standard error ~ 1/sqrt(2n), 16 % at 20).
+MAX_NORM_TILES = 4 * MAX_NORM_IMAGES
+MIN_NORM_FRAMES = 20
 
 
 def _triple(values) -> tuple[int, int, int]:
@@ -501,11 +506,13 @@ def fit_defect_head(
 
 
 def _norm_rows(groups: np.ndarray, seed: int) -> np.ndarray:
-    """Every tile of at most :data:`MAX_NORM_IMAGES` frames (a seeded choice): the rows whose
-    held-out scores give the frame maxima a patch part is normalised on (patchcore scores only
-    these; padim scores every row anyway)."""
-    names = np.unique(groups)
-    chosen = np.random.default_rng(seed).permutation(len(names))[:MAX_NORM_IMAGES]
+    """Every tile of a seeded choice of frames: the rows whose held-out scores give the frame
+    maxima a patch part is normalised on (patchcore scores only these; padim scores every row
+    anyway). As many frames as :data:`MAX_NORM_TILES` tiles allow, within
+    [:data:`MIN_NORM_FRAMES`, :data:`MAX_NORM_IMAGES`]."""
+    names, counts = np.unique(groups, return_counts=True)
+    frames = min(MAX_NORM_IMAGES, max(MAX_NORM_TILES // int(counts.max()), MIN_NORM_FRAMES))
+    chosen = np.random.default_rng(seed).permutation(len(names))[:frames]
     return np.nonzero(np.isin(groups, names[chosen]))[0]
 
 
