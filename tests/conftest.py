@@ -68,7 +68,7 @@ def make_folder(root: Path, classes=("a", "b"), per_class: int = 4, suffix: str 
     return root
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, preexec_fn=None):
     """Run the real `edgetl` entry point in a subprocess (as a user would)."""
     import subprocess
 
@@ -81,7 +81,28 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
         env=full_env,
         cwd=cwd,
         timeout=900,
+        preexec_fn=preexec_fn,
     )
+
+
+def permissions_enforced() -> None:
+    """``preexec_fn`` for a child that must obey file permissions even when the tests run as root
+    (CI containers do): root's permission override is the capabilities CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH, and dropping them from the bounding set before ``exec`` leaves the new
+    program without them (root's inheritable set is empty, so ``exec`` grants only what the bounding
+    set still holds). Its uid stays 0, so files it owns stay readable; a 0o555 folder is then
+    read-only to it as to anyone. Raises in the child (and so in ``subprocess.run``) where the
+    capabilities cannot be dropped, rather than letting a permission test pass unchecked."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot drop capability {cap} for a permission test: {os.strerror(err)}")
 
 
 _BLOCKER = '''
