@@ -31,7 +31,7 @@ from ..core import bundle as _bundle
 from ..core.features import ImageExtractor
 from ..core.metrics import auroc as _auroc
 from ..core.sessions import bundle_session
-from ..core.signing import signing_key_from
+from ..core.signing import policy_from_env, sign_delivery, signing_key_from, verify_delivery
 from ..core.versions import add_version
 from ..core.versions import for_update as _for_update
 from ..device import adapt as _adapt
@@ -64,6 +64,10 @@ __all__ = [
     "MissingDependency",
     "TrustError",
     "FleetError",
+    # the trust policy of a fleet delivery (edgetl.fleet reaches edgetl only through this module)
+    "policy_from_env",
+    "sign_delivery",
+    "verify_delivery",
 ]
 
 
