@@ -14,6 +14,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The quick tier (``make check``: ``-m "not slow"``) is every test that never runs the real
+    backbone. Whatever exports a backbone, extracts its features or fits a bundle shares the
+    session's ``cache_dir`` (see below), so a test that needs ``cache_dir``, directly or through
+    another fixture, is ``slow``; tests that start browsers, Flower/Ray, emulated CPUs or extra
+    Python interpreters carry the marker themselves."""
+    slow = pytest.mark.slow
+    for item in items:
+        if "cache_dir" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(slow)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("edgetl-cache")
