@@ -1,11 +1,12 @@
-# Two entry points for a newcomer: `make demo` and `make test`. Both create or reuse .venv.
+# Entry points for a newcomer: `make demo`, `make check` (the quick tier: every test that never runs
+# the real backbone, a few minutes) and `make test` (everything). Each creates or reuses .venv.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgetl-installed
 DEMO   ?= demo-out
 
-.PHONY: demo test install clean bench
+.PHONY: demo check test install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +23,18 @@ demo: $(STAMP)
 	$(VENV)/bin/edgetl eval $(DEMO)/surfaces.bundle $(DEMO)/surfaces/val
 	$(VENV)/bin/edgetl predict $(DEMO)/surfaces.bundle $(DEMO)/surfaces/val --top-k 2 | head -n 8
 
+# pytest's exit code 5 means it collected nothing (a wrong -m or -k, a broken conftest): a failure
+# here, said in words, never a silent pass. make itself then exits 2, as for any failed recipe.
+PYTEST = $(PY) -m pytest -q $(1) tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+
+# The quick tier: leaves out the tests marked slow (real backbone, quantizers, browsers, Flower,
+# emulated CPUs, other interpreters; see tests/conftest.py). No system packages needed.
+check: $(STAMP)
+	$(call PYTEST,-m "not slow")
+
 test: $(STAMP)
 	bash tools/system-deps.sh
-	$(PY) -m pytest -q tests
+	$(call PYTEST,)
 
 # Every benchmark script, one after another (the emulated-CPU one needs qemu-user-static).
 bench: $(STAMP)

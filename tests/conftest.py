@@ -14,6 +14,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The quick tier (``make check``: ``-m "not slow"``) is every test that never runs the real
+    backbone. Whatever exports a backbone, extracts its features or fits a bundle shares the
+    session's ``cache_dir`` (see below), so a test that needs ``cache_dir``, directly or through
+    another fixture, is ``slow``; tests that start browsers, Flower/Ray, emulated CPUs or extra
+    Python interpreters carry the marker themselves."""
+    slow = pytest.mark.slow
+    for item in items:
+        if "cache_dir" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("slow"):
+            item.add_marker(slow)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("edgetl-cache")
@@ -68,7 +80,7 @@ def make_folder(root: Path, classes=("a", "b"), per_class: int = 4, suffix: str 
     return root
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, preexec_fn=None):
     """Run the real `edgetl` entry point in a subprocess (as a user would)."""
     import subprocess
 
@@ -81,7 +93,28 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None):
         env=full_env,
         cwd=cwd,
         timeout=900,
+        preexec_fn=preexec_fn,
     )
+
+
+def permissions_enforced() -> None:
+    """``preexec_fn`` for a child that must obey file permissions even when the tests run as root
+    (CI containers do): root's permission override is the capabilities CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH, and dropping them from the bounding set before ``exec`` leaves the new
+    program without them (root's inheritable set is empty, so ``exec`` grants only what the bounding
+    set still holds). Its uid stays 0, so files it owns stay readable; a 0o555 folder is then
+    read-only to it as to anyone. Raises in the child (and so in ``subprocess.run``) where the
+    capabilities cannot be dropped, rather than letting a permission test pass unchecked."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop, cap_dac_override, cap_dac_read_search = 24, 1, 2
+    for cap in (cap_dac_override, cap_dac_read_search):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot drop capability {cap} for a permission test: {os.strerror(err)}")
 
 
 _BLOCKER = '''

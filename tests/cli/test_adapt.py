@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from tests.conftest import run_cli
+from tests.conftest import permissions_enforced, run_cli
 
 HELD_OUT_CLASS = "wood"
 
@@ -114,19 +114,38 @@ def test_bad_inputs_leave_the_head_current(base, tmp_path, no_torch_env):
     (empty / "bad.jpg").write_bytes(b"not an image")
     r = run_cli("adapt", b, tmp_path / "empty", env=no_torch_env)
     assert r.returncode == 2 and "no usable" in r.stderr
-    os.chmod(b, 0o555)
-    try:
-        if os.access(b, os.W_OK):  # root ignores permissions: nothing to test there
-            pytest.skip("running as root: directory permissions are not enforced")
-        r = run_cli("adapt", b, new, env=no_torch_env)
-        assert r.returncode == 2 and "not writable" in r.stderr
-    finally:
-        os.chmod(b, 0o755)
+    assert (b / "manifest.json").read_bytes() == before
     m = json.loads(before)
     m["format_version"] = 99
     (b / "manifest.json").write_text(json.dumps(m))
     r = run_cli("adapt", b, new, env=no_torch_env)
-    assert r.returncode == 2 and "format version" in r.stderr
+    assert r.returncode == 2 and "format version" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((b / "manifest.json").read_text()) == m  # a bundle from a newer edgetl is left alone
+
+
+@pytest.mark.parametrize("read_only", ["bundle and its folder", "bundle"])
+def test_a_read_only_bundle_is_refused_in_one_line(base, tmp_path, no_torch_env, read_only):
+    """The writer lock lives beside the bundle, so a read-only folder holding it is refused before
+    anything is read; a read-only bundle in a writable folder fails at its first write. Either way:
+    one line, exit 2, nothing changed. The child runs without root's permission override, so this
+    holds for root runners too."""
+    bundle, new, _ = base
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    b = _copy(bundle, shelf)
+    before = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    locked = [b, shelf] if read_only == "bundle and its folder" else [b, b / "heads"]
+    for d in locked:
+        os.chmod(d, 0o555)
+    try:
+        r = run_cli("adapt", b, new, env=no_torch_env, preexec_fn=permissions_enforced)
+    finally:
+        for d in locked:
+            os.chmod(d, 0o755)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    if read_only == "bundle and its folder":
+        assert "not writable" in r.stderr, r.stderr
+    assert {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()} == before
 
 
 def _limit_file_size():

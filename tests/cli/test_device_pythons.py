@@ -74,6 +74,7 @@ def _device_venv(python: Path, wheel: Path, root: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a venv and a pip install of edgetl[openvino] per interpreter
 @pytest.mark.parametrize("version", VERSIONS)
 def test_device_install_predicts_and_adapts(version, wheel, int8_bundle, surfaces, tmp_path):
     python = PYTHONS.get(version)

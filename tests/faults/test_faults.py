@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, permissions_enforced, run_cli
 from tests.faults.conftest import write_policy
 
 CLI = [sys.executable, "-m", "edgetl.cli"]
@@ -153,6 +153,7 @@ def test_kill_9_at_random_points_of_adapt_leaves_one_whole_version_and_no_leftov
 
     for _trial in range(6):
         before = _versions(b)
+        current_before = load_bundle(b).head_version
         p = subprocess.Popen(
             [*CLI, "adapt", str(b), str(new), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
         )
@@ -162,7 +163,11 @@ def test_kill_9_at_random_points_of_adapt_leaves_one_whole_version_and_no_leftov
         loaded = load_bundle(b)  # old or new version current, every file verified
         after = _versions(b)
         assert after in (before, before + [max(before) + 1])
-        assert loaded.head_version == max(after) or loaded.head_version in after
+        # the version list and the current pointer switch together, in one manifest rename: a new
+        # version in the list is the current one, and without one the current version is unchanged
+        expected = max(after) if after != before else current_before
+        assert loaded.head_version == expected, (before, after, current_before, loaded.head_version)
+        assert json.loads((b / "manifest.json").read_text())["head"]["current"] == expected
     # the next writer clears what the killed ones left (staging files, unlisted version files)
     r = run_cli("adapt", b, new, "-q")
     assert r.returncode == 0, r.stderr
@@ -333,40 +338,49 @@ def test_fit_force_keeps_a_user_file_found_inside_a_bundle(small, tmp_path):
 
 def test_read_only_bundle_and_full_disk_give_one_line(small, tmp_path):
     bundle, new, _ = small
-    if os.geteuid() == 0:
-        # root ignores permissions; RLIMIT_FSIZE stands in for a full disk (as in tests/cli/test_adapt.py)
-        b = _copy(bundle, tmp_path)
-        before = (b / "manifest.json").read_bytes()
+    # A full disk: RLIMIT_FSIZE makes writes fail with EFBIG, for root and everyone else alike.
+    b = _copy(bundle, tmp_path)
+    before = (b / "manifest.json").read_bytes()
 
-        def limit():
-            import resource
+    def limit():
+        import resource
 
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, 32 * 1024))
 
+    r = subprocess.run([*CLI, "adapt", str(b), str(new)], capture_output=True, text=True, env=_env(), preexec_fn=limit)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (b / "manifest.json").read_bytes() == before
+    out = tmp_path / "fresh"
+    r = subprocess.run(
+        [*CLI, "fit", str(small[2]), "--out", str(out), "--precision", "fp32", "--runtime", "onnxruntime", "-q"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        preexec_fn=limit,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".fresh.")]
+    # A read-only bundle in a read-only folder (where its writer lock would go); the child obeys
+    # permissions even under root (see permissions_enforced).
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    ro = _copy(bundle, shelf)
+    for d in (ro, shelf):
+        os.chmod(d, 0o555)
+    try:
         r = subprocess.run(
-            [*CLI, "adapt", str(b), str(new)], capture_output=True, text=True, env=_env(), preexec_fn=limit
-        )
-        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-        assert (b / "manifest.json").read_bytes() == before
-        out = tmp_path / "fresh"
-        r = subprocess.run(
-            [*CLI, "fit", str(small[2]), "--out", str(out), "--precision", "fp32", "--runtime", "onnxruntime", "-q"],
+            [*CLI, "adapt", str(ro), str(new)],
             capture_output=True,
             text=True,
             env=_env(),
-            preexec_fn=limit,
+            preexec_fn=permissions_enforced,
         )
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".fresh.")]
-        return
-    b = _copy(bundle, tmp_path)  # pragma: no cover - non-root runners
-    os.chmod(b, 0o555)
-    try:
-        r = run_cli("adapt", b, new)
-        assert r.returncode == 2 and "not writable" in r.stderr
     finally:
-        os.chmod(b, 0o755)
+        for d in (ro, shelf):
+            os.chmod(d, 0o755)
+    assert r.returncode == 2 and "not writable" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (ro / "manifest.json").read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------ images

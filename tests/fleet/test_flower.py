@@ -17,6 +17,9 @@ from . import _certs, _digits
 
 flwr = pytest.importorskip("flwr")
 
+# Ray and Flower processes; the 8-device simulation alone took 218 s on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
 CLI = [sys.executable, "-m", "edgetl.fleet.cli"]
 
 
@@ -46,10 +49,21 @@ def test_flower_simulation_eight_devices(digits_bundle, digits, tmp_path):
     took = time.monotonic() - t0
     print(f"\nsimulation: 8 devices, {took:.1f} s, accepted {report['accepted']}")  # a figure, not a gate
     assert report["devices"] == 8 and report["version"] == 2 and report["engine"].startswith("flower")
-    # each device's gate judged the head on its own 10 held-out images (one image = 10 points)
-    assert len(report["deliveries"]) == 8 and report["accepted"] >= 1, report["deliveries"]
-    for who, d in report["deliveries"].items():
-        assert d["accepted"] or "stays current" in d["reason"], (who, d)
+    # Every device's gate judged the merged head on its own 10 held-out images (one image = 10
+    # points, tolerance 5): each delivery is an acceptance with its figures or the gate's refusal
+    # (exit 3, the fall it measured), never a device that failed to judge (an exception in a
+    # ClientApp is reported as a refusal too, and a round where every device crashed looked the same
+    # as one where every gate said no). Measured here: 4 of 8 accept; on another CPU one borderline
+    # image may flip one device's decision, no more.
+    deliveries = report["deliveries"]
+    assert len(deliveries) == 8 and report["accepted"] == sum(d["accepted"] for d in deliveries.values())
+    for who, d in deliveries.items():
+        if d["accepted"]:
+            assert d["heldout_images"] == 10 and not d["reasons"] and d["version"] == 2, (who, d)
+            assert d["accuracy_after"] >= d["accuracy_before"] - d["tolerance_pp"] / 100, (who, d)
+        else:
+            assert d.get("exit_code") == 3 and "held-out accuracy on this device would fall" in d["reason"], (who, d)
+    assert report["accepted"] >= 3, deliveries
     entry = et.load_bundle(server).head_entry()
     assert entry["source"] == "fleet" and entry["fleet"]["devices"] == 8
     assert sorted(entry["fleet"]["class_counts"].values()) == [15] * 4 + [30] * 6  # 3/4 of 20 per device and digit

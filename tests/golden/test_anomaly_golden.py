@@ -4,10 +4,17 @@ Good-only training, detection quality (image AUROC, pixel AUROC, heat-map peaks 
 masks), INT8 vs FP32, the fused model against the numpy reference, the torch-free device path
 (predict with heat maps, eval) and an on-device update.
 
-Dataset: ``make_defects(seed=0)``: gravel, 60 good training images, 20 good and 40 defective test
-images (scratch, spot, crack, missing, contamination; 8 each), 224 px. Measured on it (this
-machine, AMD EPYC AVX2 without VNNI): padim image AUROC 0.86-0.88, patchcore 0.85-0.93 (see
-benchmarks/anomaly.py for the full table); the floors below leave a margin for other hosts' kernels.
+Dataset: ``make_defects(seed=0)``: brick, 60 good training images, 20 good and 40 defective test
+images (scratch, spot, crack, missing, contamination; 8 each), 224 px.
+
+Floors: what was measured here (Intel Xeon with AVX-512 VNNI and AMX) less one image's weight, so
+that another CPU's kernels may move any one image past its neighbours and no more. Measured:
+padim on OpenVINO INT8 image AUROC 1.000, pixel 0.987, peaks 40/40, F1 1.000; patchcore on ONNX
+Runtime INT8 0.989 (FP32 0.995), pixel 0.970, peaks 39/40, F1 0.987; the default head (combined,
+FP32) 0.996, pixel 0.975, peaks 39/40, F1 0.987. One image's weight: image AUROC ranks 20 x 40 =
+800 good/defect pairs, so one good image scored above every defect costs 40/800 = 0.05 (a defect
+image below every good one 0.025); the peak rate counts 40 defects (0.025 each); F1 and pixel
+AUROC move by under 0.02 for one image of 60.
 """
 
 from __future__ import annotations
@@ -23,11 +30,19 @@ from PIL import Image
 
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.slow
+# A test's time includes its module fixtures: the first to need them fits two INT8 bundles.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-MIN_IMAGE_AUROC = 0.85
-MIN_PIXEL_AUROC = 0.90
-MIN_PEAK_IN_MASK = 0.7  # "most defects": the map's maximum within 8 px of the true defect
+ONE_IMAGE_AUROC = 40 / 800  # one good image moved past every defect (see the module docstring)
+# measured image AUROC per head less one image: padim 1.000, patchcore 0.989, combined 0.996
+MIN_IMAGE_AUROC = {
+    "padim": 1.0 - ONE_IMAGE_AUROC,
+    "patchcore": 0.989 - ONE_IMAGE_AUROC,
+    "combined": 0.996 - ONE_IMAGE_AUROC,
+}
+MIN_PIXEL_AUROC = 0.95  # measured 0.970-0.987
+MIN_PEAK_IN_MASK = 38 / 40  # the map's maximum within 8 px of the true defect; measured 39-40 of 40
+MIN_F1 = 0.95  # measured 0.987-1.000
 INT8_MAX_DROP_PP = 1.0  # image AUROC points INT8 may lose vs FP32 (the profiles' accuracy_tolerance)
 # Fused graph vs backbone + numpy head on the same images: the same backbone kernels in both (the
 # patch extractor's pooling/concat tail is kept in float, so OpenVINO's low-precision passes stop
@@ -73,6 +88,29 @@ def patchcore_bundle(defects, cache_dir, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def default_head_fit(defects, cache_dir, tmp_path_factory):
+    """The head a user gets without asking for one (combined: patch part + image part), on the real
+    backbone's FP32 features through ONNX Runtime: no calibration or INT8 reference to pay for, and
+    the floor below is then the head's own, not a quantizer's."""
+    from edgetl import FitOptions, fit
+
+    out = tmp_path_factory.mktemp("anomaly") / "default.bundle"
+    options = FitOptions(target="cpu-x86", precision="fp32", cache_dir=str(cache_dir), reference=False, quiet=True)
+    return fit(defects, out, options=options)
+
+
+def test_default_defect_head_meets_its_floor_on_real_features(default_head_fit):
+    r = default_head_fit
+    assert r.task.name == "anomaly" and r.data.counts()["train_good"] == 60 and r.data.counts()["test_good"] == 20
+    assert r.bundle.head_entry()["kind"] in ("combined", "patch")  # combined, or scored by its patch part
+    m = r.metrics
+    assert m["image_auroc"] >= MIN_IMAGE_AUROC["combined"], m
+    assert m["pixel_auroc"] >= MIN_PIXEL_AUROC, m
+    assert m["peak_in_mask"] >= MIN_PEAK_IN_MASK, m
+    assert m["f1"] >= MIN_F1, m
+
+
 def test_patch_backbone_export_matches_torch(defects, cache_dir):
     import torch
 
@@ -98,15 +136,15 @@ def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
     from edgetl.heads.patch import AnomalyHead
 
     _, summary = patchcore_bundle
-    for m, counts in (
-        (padim_bundle.report["metrics"], padim_bundle.data.counts()),
-        (summary["metrics"], summary["counts"]),
+    for kind, m, counts in (
+        ("padim", padim_bundle.report["metrics"], padim_bundle.data.counts()),
+        ("patchcore", summary["metrics"], summary["counts"]),
     ):
         assert counts["train_good"] == 60 and counts["test_good"] == 20
-        assert m["image_auroc"] > MIN_IMAGE_AUROC, m
-        assert m["pixel_auroc"] > MIN_PIXEL_AUROC, m
-        assert m["peak_in_mask"] >= MIN_PEAK_IN_MASK, m
-        assert m["threshold_policy"].startswith("best F1") and m["f1"] > 0.75
+        assert m["image_auroc"] >= MIN_IMAGE_AUROC[kind], (kind, m)
+        assert m["pixel_auroc"] >= MIN_PIXEL_AUROC, (kind, m)
+        assert m["peak_in_mask"] >= MIN_PEAK_IN_MASK, (kind, m)
+        assert m["threshold_policy"].startswith("best F1") and m["f1"] >= MIN_F1, (kind, m)
     b = load_bundle(padim_bundle.bundle.path)
     assert b.task == "anomaly" and b.labels == ["good", "defect"]
     assert {"backbone.xml", "backbone.bin", "model.xml", "model.bin", "heads/v1.npz", "report.json"} <= set(
@@ -118,8 +156,8 @@ def test_good_only_training_finds_defects(padim_bundle, patchcore_bundle):
 
 
 def test_int8_keeps_image_auroc(padim_bundle, patchcore_bundle):
-    for ref in (padim_bundle.report["reference"], patchcore_bundle[1]["reference"]):
-        assert ref["fp32_image_auroc"] > MIN_IMAGE_AUROC, ref
+    for kind, ref in (("padim", padim_bundle.report["reference"]), ("patchcore", patchcore_bundle[1]["reference"])):
+        assert ref["fp32_image_auroc"] >= MIN_IMAGE_AUROC[kind], (kind, ref)
         assert ref["image_auroc_drop_pp"] <= INT8_MAX_DROP_PP, ref
     assert padim_bundle.report["gate"]["passed"] and patchcore_bundle[1]["gate"]["passed"]
 
@@ -294,4 +332,4 @@ def test_patchcore_on_openvino_int8_scores_like_numpy(defects, cache_dir, tmp_pa
     paths = sorted((defects / "test").glob("*/*.png"))[::7]
     fused = predictor(r.bundle.path).maps(paths)[1]
     np.testing.assert_allclose(fused, predictor(r.bundle.path, fused=False).maps(paths)[1], rtol=RTOL_OPENVINO_INT8)
-    assert r.metrics["image_auroc"] > MIN_IMAGE_AUROC
+    assert r.metrics["image_auroc"] >= MIN_IMAGE_AUROC["patchcore"]

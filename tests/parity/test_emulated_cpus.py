@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.slow,
+    # the first run also prepares the aarch64 root (apt, PyPI) inside the first test's time
+    pytest.mark.timeout(1800),
     pytest.mark.skipif(
         not (shutil.which("qemu-aarch64-static") and shutil.which("qemu-x86_64-static")),
         reason="qemu-user-static is not installed (apt-get install qemu-user-static)",

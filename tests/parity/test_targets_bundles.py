@@ -17,6 +17,8 @@ from edgetl.core.targets import list_targets
 from edgetl.pipeline.fit import FitOptions, fit
 
 TARGETS = [t.name for t in list_targets()]
+# The first test to need `bundles` fits one INT8 bundle per shipped profile inside its time.
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")

@@ -70,10 +70,11 @@ FIXTURES = {"classify": "classify_made", "anomaly": "defects_made", "text": "tex
 
 
 @pytest.fixture(scope="session")
-def pages(report_root, no_torch_env):
+def pages(report_root, no_torch_env, cache_dir):
     """``edgetl report BUNDLE DATA --json`` for a task's bundle, run where torch cannot be
     imported, and ``edgetl eval BUNDLE DATA --json`` on the same data (the numbers the page must
-    show); each made once. Call it as ``pages(request, "classify")``."""
+    show); each made once. Call it as ``pages(request, "classify")``. (Its bundles are fetched by
+    name, so ``cache_dir`` is named here: that is what marks its users slow, see tests/conftest.py.)"""
     out = {}
 
     def get(request, task: str) -> dict:

@@ -9,6 +9,8 @@ from PIL import Image, ImageStat
 
 from tests.browser.util import check_page
 
+pytestmark = pytest.mark.slow  # headless Chromium, on pages of bundles fitted with the real backbone
+
 PICTURES = (
     "[...document.images].map(i => { const r = i.getBoundingClientRect(); "
     "return [i.complete, i.naturalWidth, i.naturalHeight, r.width, r.height, i.alt]; })"

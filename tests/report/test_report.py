@@ -65,6 +65,7 @@ def pct(v: float) -> str:
 
 
 # ------------------------------------------------------------------------------ fit --report
+@pytest.mark.slow  # its bundle comes through request.getfixturevalue: a fit of the real backbone
 @pytest.mark.parametrize("task", TASKS)
 def test_fit_report_writes_the_page_beside_the_bundle(task, request):
     from tests.report.conftest import FIXTURES

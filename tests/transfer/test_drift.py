@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -154,18 +153,23 @@ def test_fit_without_calibration_rows_and_unlabelled():
         fit_drift_reference(X, y, n_classes=4)
 
 
-def test_scoring_is_cheap_per_frame():
+def test_scoring_a_frame_costs_what_the_shapes_say_not_the_training_set():
+    """A frame's drift score is one (d, r) projection and k class means: its arithmetic is fixed by
+    the stored shapes, whatever the number of training rows (the reference scores are only searched,
+    log m). Counted, not timed: a wall-clock figure measures the machine's load as much as the code.
+    EfficientNet-Lite0's forward pass is ~0.4 GMAC; a drift score must stay far below that."""
     rng = np.random.default_rng(0)
-    X = rng.random((400, 1280), dtype=np.float32)
-    y = rng.integers(0, 10, 400)
-    ref = fit_drift_reference(X, y, rank=32)
-    x = X[:1]
-    ref.score(x)
-    t0 = time.perf_counter()
-    for _ in range(200):
-        ref.score(x)
-    per_frame_ms = (time.perf_counter() - t0) / 200 * 1000
-    assert per_frame_ms < 2.0, per_frame_ms  # a backbone forward pass takes 5-30 ms
+    for n in (400, 800):
+        X = rng.random((n, 1280), dtype=np.float32)
+        y = rng.integers(0, 10, n)
+        ref = fit_drift_reference(X, y, rank=32)
+        assert ref.arrays["components"].shape == (1280, 32) and ref.arrays["class_means"].shape == (10, 1280)
+        macs = ref.dim * (ref.rank + ref.n_classes) + 3 * ref.n_classes * ref.rank
+        assert macs < 0.4e9 / 1000, macs  # under a thousandth of the backbone
+        # a frame alone scores as it does among others: nothing of a frame's score depends on the batch
+        batch = ref.score(X[:64]).score
+        alone = np.array([ref.score(X[i : i + 1]).score[0] for i in range(8)])
+        np.testing.assert_allclose(alone, batch[:8], rtol=1e-4)
 
 
 def test_no_torch_anywhere_in_the_package(no_torch_env, tmp_path, world):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[2] / "src" / "edgetl"
 
 # What each top-level part of the package may import from edgetl (itself always).
@@ -96,12 +94,11 @@ def test_there_is_something_to_check():
     assert len(FILES) > 40
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
-def test_imports_go_down_the_layers(path):
+def _layer_violations(path: Path) -> list[str]:
+    """Imports of edgetl parts that are not below this file's part (or an unknown part)."""
     part = _part(path)
-    assert part in ALLOWED, (
-        f"{part}: a new top-level part of edgetl; give it a layer in this test and in docs/ARCHITECTURE.md"
-    )
+    if part not in ALLOWED:
+        return [f"{part}: a new top-level part of edgetl; give it a layer in this test and in docs/ARCHITECTURE.md"]
     bad = []
     for name, names, line in _imports(path):
         for target in _edgetl_target(name, names):
@@ -110,11 +107,11 @@ def test_imports_go_down_the_layers(path):
                 continue
             if other not in ALLOWED[part]:
                 bad.append(f"line {line}: {part} imports {target}")
-    assert not bad, bad
+    return bad
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
-def test_no_private_names_from_another_package(path):
+def _private_name_violations(path: Path) -> list[str]:
+    """Private names (or private modules) imported from another edgetl package."""
     mine = _module(path).split(".")[:2]
     bad = []
     for name, names, line in _imports(path):
@@ -125,15 +122,56 @@ def test_no_private_names_from_another_package(path):
         private_module = any(seg.startswith("_") and seg != "__init__" for seg in target[2:])
         if (private or private_module) and target[:2] != mine:
             bad.append(f"line {line}: from {name} import {', '.join(names)}")
-    assert not bad, bad
+    return bad
 
 
-@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
-def test_torch_only_where_training_happens(path):
+def _heavy_import_violations(path: Path) -> list[str]:
+    """torch and its friends imported outside the layers where training happens."""
     if _part(path) in HEAVY_ALLOWED:
-        return
-    bad = [f"line {line}: import {name}" for name, _, line in _imports(path) if name.split(".")[0] in HEAVY]
-    assert not bad, bad
+        return []
+    return [f"line {line}: import {name}" for name, _, line in _imports(path) if name.split(".")[0] in HEAVY]
+
+
+RULES = {
+    "imports go down the layers": _layer_violations,
+    "no private names from another package": _private_name_violations,
+    "torch only where training happens": _heavy_import_violations,
+}
+
+
+def test_every_module_keeps_the_import_rules():
+    """Every source file against every rule, all findings reported at once (one test, not one per
+    file and rule: a broken rule shows every file that breaks it in a single failure)."""
+    findings = [
+        f"{path.relative_to(SRC)}: {rule}: {finding}"
+        for path in FILES
+        for rule, check in RULES.items()
+        for finding in check(path)
+    ]
+    assert not findings, "\n".join(findings)
+
+
+def test_the_rules_catch_what_they_forbid(tmp_path, monkeypatch):
+    """Each rule finds a violation written for it, so an empty finding list above means something."""
+    import sys
+
+    here = sys.modules[__name__]
+    monkeypatch.setattr(here, "SRC", tmp_path / "edgetl")  # a source tree with one bad device module
+    probe = tmp_path / "edgetl" / "device" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text(
+        "import torch\n"
+        "from edgetl.pipeline import fit\n"
+        "from edgetl.core._private import thing\n"
+        "from ..heads.classification import _hidden\n"
+    )
+    assert _layer_violations(probe) == ["line 2: device imports edgetl.pipeline"]
+    assert _private_name_violations(probe) == [
+        "line 3: from edgetl.core._private import thing",
+        "line 4: from edgetl.heads.classification import _hidden",
+    ]
+    assert _heavy_import_violations(probe) == ["line 1: import torch"]
+    assert "a new top-level part" in _layer_violations(tmp_path / "edgetl" / "newpart" / "x.py")[0]
 
 
 def test_no_import_cycle_between_modules():
@@ -167,3 +205,56 @@ def test_no_import_cycle_between_modules():
     for m in sorted(edges):
         if m not in state:
             visit(m, [m])
+
+
+def _module_aliases(path: Path) -> dict[str, str]:
+    """Names a file binds to edgetl *modules* (``from . import _edgetl as et``, ``import edgetl.core.bundle
+    as b``), mapped to the module's dotted name."""
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("edgetl.") and a.asname:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            package = _module(path) if path.name == "__init__.py" else _module(path).rsplit(".", 1)[0]
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                parent = ".".join(base + ([node.module] if node.module else []))
+            else:
+                parent = node.module or ""
+            if not parent.startswith("edgetl"):
+                continue
+            for a in node.names:
+                full = f"{parent}.{a.name}"
+                where = SRC.parent / Path(*full.split("."))
+                if (where / "__init__.py").is_file() or where.with_suffix(".py").is_file():
+                    aliases[a.asname or a.name] = full  # a module or package, not a function or class
+    return aliases
+
+
+def test_every_attribute_read_off_an_edgetl_module_exists():
+    """``et.verify_delivery`` where ``et`` is an edgetl module: the module must have it. A name
+    imported only to be handed on (a facade such as edgetl.fleet._edgetl) looks unused to a linter,
+    and an automatic fix that drops it breaks its users only when they run; this finds it at once."""
+    import importlib
+
+    missing = []
+    for path in FILES:
+        aliases = _module_aliases(path)
+        if not aliases:
+            continue
+        used = {
+            (node.value.id, node.attr, node.lineno)
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+        }
+        for alias, attr, line in sorted(used):
+            target = aliases[alias]
+            if _part(SRC / Path(*target.split(".")[1:])) in HEAVY_ALLOWED:
+                continue  # importing these loads torch: the layer rules above cover them
+            module = importlib.import_module(target)
+            if not hasattr(module, attr):
+                missing.append(f"{path.relative_to(SRC)} line {line}: {target} has no {attr!r}")
+    assert not missing, "\n".join(missing)
