@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.edgetl-installed
 DEMO   ?= demo-out
 
-.PHONY: demo check test install clean bench
+.PHONY: demo check test lint install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ check: $(STAMP)
 test: $(STAMP)
 	bash tools/system-deps.sh
 	$(call PYTEST,)
+
+# Lint, format and types, as CI runs them before the tests (settings in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
+	$(VENV)/bin/mypy
 
 # Every benchmark script, one after another (the emulated-CPU one needs qemu-user-static).
 bench: $(STAMP)
