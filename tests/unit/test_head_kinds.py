@@ -18,7 +18,7 @@ from edgetl.fleet import FleetError
 from edgetl.fleet import _edgetl as et
 from edgetl.fleet.merger import Merger, run_local
 from edgetl.fleet.summaries import LocalData, Summary, _arr, _fail, _labels
-from edgetl.heads import registry
+from edgetl.heads import kinds, registry
 from edgetl.heads.classification import Head, HeadConfig
 from edgetl.heads.defect import DefectConfig, fit_defect_head, load_any_head, update_defect_head
 from edgetl.heads.oneclass import ImageConfig
@@ -159,7 +159,7 @@ def test_kind_lifecycle(kind, tmp_path):
 
 
 # ============================================================================ a new kind, one class
-class NearestMean(registry.ClassifyKind, registry.FleetMerge):
+class NearestMean(kinds.ClassifyKind, registry.FleetMerge):
     """Euclidean nearest class mean (logits: minus half the squared distance), defined here and
     nowhere else: its arrays, numpy logits, ONNX nodes, fit, on-device update and fleet merge."""
 

@@ -10,6 +10,9 @@ the ``edgetl fleet`` command group. Every call into the rest of edgetl goes thro
 :mod:`edgetl.fleet._edgetl`.
 """
 
+# The fleet's own merges register with edgetl's head-kind registry when the package loads, before
+# anything here asks for one (every fleet module is imported after this package).
+from . import merges  # noqa: F401
 from ._edgetl import FleetError, fleet_merge_names
 from .device import Device
 from .merger import Merger, run_local

@@ -131,8 +131,6 @@ def fleet_merge(name):
     Raises:
         FleetError: no such merge; the message lists the valid ones.
     """
-    from . import merges  # noqa: F401  (the fleet's own merges register on import)
-
     try:
         return _registry.fleet_merge(name)
     except ConfigError as exc:
@@ -141,8 +139,6 @@ def fleet_merge(name):
 
 def fleet_merge_names() -> tuple[str, ...]:
     """Every registered fleet merge's name."""
-    from . import merges  # noqa: F401  (the fleet's own merges register on import)
-
     return _registry.fleet_merge_names()
 
 

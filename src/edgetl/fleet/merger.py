@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _edgetl as et
-from . import merges  # noqa: F401  (registers the built-in merges)
 from ._edgetl import FleetError
 from .summaries import (
     MAX_ROWS,

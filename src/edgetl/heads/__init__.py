@@ -13,5 +13,7 @@
 
 Every head has ``save(path)``, ``load(path)`` and ``graph(opset, ir_version)``. What differs between
 head kinds lives in one class per kind, registered in :mod:`.registry` (the code above asks it
-instead of comparing kind names).
+instead of comparing kind names); the built-in kinds are :mod:`.kinds`, registered here on import.
 """
+
+from . import kinds  # noqa: F401  (the built-in head kinds register themselves on import)

@@ -31,7 +31,7 @@ from ..core.bundle import write_npz_durably
 from ..core.metrics import softmax
 from ..errors import BundleError, ConfigError, DataError, require
 from . import registry
-from .registry import GraphBuilder
+from .registry import NORM_EPS, GraphBuilder
 
 __all__ = ["HEAD_KINDS", "HeadConfig", "Head", "softmax"]
 
@@ -375,3 +375,11 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def prototype_logits(X, mean, prototypes, logit_scale, b) -> np.ndarray:
+    """Cosine of the centred rows to the unit class means, times the temperature, plus ``b``."""
+    centred = X - mean
+    sq = np.sum(centred * centred, axis=1, keepdims=True)
+    unit = centred / np.sqrt(np.maximum(sq, np.float32(NORM_EPS**2)))
+    return (unit @ prototypes) * logit_scale + b

@@ -363,36 +363,12 @@ def _warm(prev: dict | None, cfg: HeadConfig, k: int):
 
 def train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_val=None, sample_weight=None) -> Head:
     """Train a classification head on frozen-backbone features: the registered kind's own fit
-    (:meth:`edgetl.heads.registry.ClassifyKind.fit`; the built-in kinds' is :func:`train_builtin`)."""
+    (:meth:`edgetl.heads.kinds.ClassifyKind.fit`; the built-in kinds' is
+    :func:`edgetl.heads.crossfit.train_builtin`)."""
     if not isinstance(cfg, HeadConfig):
         raise ConfigError(f"cfg must be a HeadConfig, got {type(cfg).__name__}; {_kinds_hint()}")
     kind = registry.get(cfg.kind, "classify")
     return kind.fit(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
-
-
-def train_builtin(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight=None) -> Head:
-    """Train a linear, mlp or prototype head (see :func:`_train_head`).
-
-    BLAS runs single-threaded here: the matrices are small (a few hundred rows), and OpenBLAS
-    threads spinning for busy cores made training 5-10x slower on 2-core machines (measured:
-    0.5 s vs 2.5-5 s for 500 x 1280 x 10 with automatic L2).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl is a base dependency
-        return _train_calibrated(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _train_calibrated(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
-
-
-def _train_calibrated(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight=None) -> Head:
-    """A ``calibrate`` head (without validation rows) is cross-fitted: L2 and temperature from
-    out-of-fold logits (:func:`edgetl.heads.crossfit.cross_fit`)."""
-    if cfg.calibrate and X_val is None:
-        from .crossfit import cross_fit
-
-        return cross_fit(X, y, labels, cfg=cfg, sample_weight=sample_weight).head
-    return _train_head(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
 
 
 def _train_head(X, y, labels, *, cfg: HeadConfig = HeadConfig(), X_val=None, y_val=None, sample_weight=None) -> Head:
@@ -454,7 +430,7 @@ def _fit(X, y, labels, *, cfg: HeadConfig, X_val=None, y_val=None, sample_weight
 
 def _prototype_out_of_fold(X, y, sample_weight, k, fold, balance: bool) -> np.ndarray:
     """Prototype logits of each held-out row from class means (and temperature) without its fold."""
-    from .registry import prototype_logits as _prototype_logits
+    from .classification import prototype_logits as _prototype_logits
 
     oof = np.full((X.shape[0], k), np.nan)
     for f in np.unique(fold[fold >= 0]):

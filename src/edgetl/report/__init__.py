@@ -62,7 +62,6 @@ def check_dependencies() -> None:
 
 # Written into every page, so that a later report may replace an earlier one but never a file
 # that someone else made (a mistyped --out naming a CSV or a hand-written page).
-GENERATOR = "edgetl report"
 
 
 def default_out(bundle_path) -> Path:
@@ -74,6 +73,8 @@ def default_out(bundle_path) -> Path:
 
 
 def _is_report(path: Path) -> bool:
+    from .collect import GENERATOR  # here: importing the package stays light (the CLI's --help)
+
     try:
         with open(path, "rb") as f:
             head = f.read(4096)

@@ -23,6 +23,9 @@ from ..core.preprocess import Roi
 from ..device.predict import deployment
 from ..errors import BundleError, DataError, EdgetlError
 
+# What the page's <meta name="generator"> says, and how an earlier report is recognised.
+GENERATOR = "edgetl report"
+
 log = logging.getLogger("edgetl")
 
 # Gallery sizes: enough to see a pattern, few enough that a 1,000-item evaluation stays small.

@@ -10,9 +10,8 @@ import time
 from collections.abc import Iterable
 
 from .. import __version__
-from . import GENERATOR
 from . import figures as fig
-from .collect import ReportData
+from .collect import GENERATOR, ReportData
 from .collect import history as history_rows
 from .collect import summary as summary_of
 

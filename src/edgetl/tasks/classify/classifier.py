@@ -30,6 +30,7 @@ from ...heads.crossfit import FoldPlan, cross_fit, expected_calibration_error, f
 from ...heads.exemplars import EXEMPLARS_PER_CLASS, herding, save_exemplars
 from ...transfer.drift import load_drift_reference, save_drift_reference
 from ..base import AdaptResult, Task, Trained, coerce_head_config
+from .update import drift_reference, update_head
 
 # Up to this many items a class (median) the prototype head is preferred: it wins ties of
 # out-of-fold accuracy, and stands alone at one item a class where nothing can be held out.
@@ -38,25 +39,6 @@ FEW_SHOT = 10
 # Per-image drift: an input whose conformal p-value against the training images' drift scores is
 # under this is "ood" (1 % of in-distribution inputs are flagged, by construction).
 OOD_ALPHA = 0.01
-
-
-def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=None, folds=None):
-    """What the device compares new inputs with (:mod:`edgetl.transfer.drift`): the training
-    features' class means and within-class subspace, calibrated on held-out items: the validation
-    set when given, else every training item scored out of fold (``folds``, or the head's own
-    plan :func:`edgetl.heads.crossfit.fold_plan`). None when there are too few items to describe
-    (a note in the log says so)."""
-    from ...transfer.drift import fit_drift_reference
-
-    if X_cal is None and folds is None:
-        folds = fold_plan(y, k).fold
-    try:
-        return fit_drift_reference(X, y, X_cal=X_cal, y_cal=y_cal, n_classes=k, oof_folds=folds)
-    except ValueError as exc:
-        import logging
-
-        logging.getLogger("edgetl").info("no drift reference: %s", exc)
-        return None
 
 
 def drift_info(ref) -> dict:
@@ -679,7 +661,6 @@ class ClassifierTask(Task):
         signer=None,
         **_,
     ) -> AdaptResult:
-        from .update import update_head
 
         t0 = time.perf_counter()
         items, skipped = self.scan(data, bundle=b, strict=strict)

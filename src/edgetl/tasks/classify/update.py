@@ -28,11 +28,30 @@ from ...core.gate import new_class_gate
 from ...core.versions import add_version, next_version
 from ...errors import GateError
 from ...heads.classification import Head, HeadConfig
+from ...heads.crossfit import fold_plan
 from ...heads.exemplars import herding, load_exemplars, save_exemplars
 from ...heads.training import train_head
 from ...transfer.drift import save_drift_reference
 from ..base import AdaptResult
-from .classifier import drift_reference
+
+
+def drift_reference(X: np.ndarray, y: np.ndarray, k: int, *, X_cal=None, y_cal=None, folds=None):
+    """What the device compares new inputs with (:mod:`edgetl.transfer.drift`): the training
+    features' class means and within-class subspace, calibrated on held-out items: the validation
+    set when given, else every training item scored out of fold (``folds``, or the head's own
+    plan :func:`edgetl.heads.crossfit.fold_plan`). None when there are too few items to describe
+    (a note in the log says so)."""
+    from ...transfer.drift import fit_drift_reference
+
+    if X_cal is None and folds is None:
+        folds = fold_plan(y, k).fold
+    try:
+        return fit_drift_reference(X, y, X_cal=X_cal, y_cal=y_cal, n_classes=k, oof_folds=folds)
+    except ValueError as exc:
+        import logging
+
+        logging.getLogger("edgetl").info("no drift reference: %s", exc)
+        return None
 
 
 def holdout_mask(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
