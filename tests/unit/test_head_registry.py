@@ -112,3 +112,16 @@ def test_unknown_kinds_fail_with_the_valid_list():
         registry.get("lineer", "classify")
     with pytest.raises(ConfigError, match="choose one of ridge"):
         registry.fleet_merge("nope")
+
+
+def test_the_kind_lists_hold_every_built_in_kind():
+    """The lists the CLI and the tasks offer are taken after the built-in kinds registered (an import
+    order that read the registry first would offer no kind at all)."""
+    from edgetl.heads.classification import HEAD_KINDS
+    from edgetl.heads.defect import DEFECT_KINDS
+    from edgetl.heads.oneclass import IMAGE_KINDS
+    from edgetl.heads.patch import PATCH_KINDS
+
+    assert set(HEAD_KINDS) >= {"linear", "mlp", "prototype"}
+    assert set(PATCH_KINDS) >= {"patchcore", "padim"} and set(IMAGE_KINDS) >= {"knn", "gaussian"}
+    assert "combined" in DEFECT_KINDS

@@ -14,7 +14,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .classification import prototype_logits
+# Only the registry at import time: every kind is registered before any heads module that reads the
+# registry's names (HEAD_KINDS, PATCH_KINDS, ...) is imported; the heads they drive are imported
+# inside the methods that use them.
 from .registry import NORM_EPS, GraphBuilder, HeadKind, register
 
 __all__ = ["ClassifyKind", "DefectKind", "ImageKind", "PatchKind"]
@@ -142,6 +144,8 @@ class Prototype(ClassifyKind):
     spec = {"mean": ("d",), "prototypes": ("d", "k"), "logit_scale": (), "b": ("k",)}
 
     def logits(self, a, X):
+        from .classification import prototype_logits
+
         return prototype_logits(X, a["mean"], a["prototypes"], a["logit_scale"], a["b"])
 
     def graph_logits(self, a, g, centred, d):
