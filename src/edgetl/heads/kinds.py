@@ -67,13 +67,22 @@ class ClassifyKind(HeadKind):
 
         return train_builtin(X, y, labels, cfg=cfg, X_val=X_val, y_val=y_val, sample_weight=sample_weight)
 
-    def update(self, head, X, y, *, sample_weight=None):
-        """The on-device retrain: the head fitted again, with its own settings, on the device's rows
-        (numpy only). ``y`` indexes ``head.labels``."""
+    def device_config(self, head):
+        """The settings an on-device retrain of ``head`` uses: its own, with the L2 it chose fixed
+        (no search on the device)."""
         from .classification import HeadConfig
 
-        cfg = HeadConfig.from_dict(dict(head.meta.get("config") or {"kind": self.name}))
-        return self.fit(X, y, list(head.labels), cfg=cfg, sample_weight=sample_weight)
+        cfg = HeadConfig.from_dict(head.meta.get("config", {"kind": head.kind}))
+        if cfg.l2 is None and head.meta.get("l2") is not None:
+            cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": head.meta["l2"]})
+        return cfg
+
+    def update(self, head, X, y, *, labels=None, sample_weight=None):
+        """The on-device retrain (numpy only): ``head`` refitted with :meth:`device_config` on the
+        rows the device trains on (its new rows and its replay memory). ``y`` indexes ``labels``
+        (default ``head.labels``; classes the device adds follow the head's own)."""
+        labels = list(head.labels if labels is None else labels)
+        return self.fit(X, y, labels, cfg=self.device_config(head), sample_weight=sample_weight)
 
 
 # ---- built-in classification kinds ------------------------------------------------------------

@@ -27,7 +27,8 @@ import numpy as np
 from ...core.gate import new_class_gate
 from ...core.versions import add_version, next_version
 from ...errors import GateError
-from ...heads.classification import Head, HeadConfig
+from ...heads import registry
+from ...heads.classification import Head
 from ...heads.crossfit import fold_plan
 from ...heads.exemplars import herding, load_exemplars, save_exemplars
 from ...heads.training import train_head
@@ -109,14 +110,14 @@ def update_head(
     if replace:
         X_ex, y_ex = X_ex[:0], y_ex[:0]
     hold_new, hold_ex = holdout_mask(y_new, holdout, seed), holdout_mask(y_ex, holdout, seed + 1)
-    cfg = HeadConfig.from_dict(old_head.meta.get("config", {"kind": old_head.kind}))
-    if cfg.l2 is None and old_head.meta.get("l2") is not None:
-        cfg = HeadConfig.from_dict({**cfg.to_dict(), "l2": old_head.meta["l2"]})  # no search on the device
-    head = train_head(
+    # the kind's own on-device retrain (its settings, the L2 it chose fixed: no search on the device)
+    kind = registry.get(old_head.kind, "classify")
+    cfg = kind.device_config(old_head)
+    head = kind.update(
+        old_head,
         np.concatenate([X_new[~hold_new], X_ex[~hold_ex]]),
         np.concatenate([y_new[~hold_new], y_ex[~hold_ex]]),
-        labels,
-        cfg=cfg,
+        labels=labels,
     )
     timings["train"] = round(time.perf_counter() - t1, 3)
     gate = _gate(
@@ -157,7 +158,7 @@ def update_head(
     # the head that ships trains on everything, held-out rows included
     t2 = time.perf_counter()
     X_all, y_all = np.concatenate([X_new, X_ex]), np.concatenate([y_new, y_ex])
-    head = train_head(X_all, y_all, labels, cfg=cfg)
+    head = kind.update(old_head, X_all, y_all, labels=labels)
     ex_idx = herding(X_all, y_all, len(labels), per_class=int(b.manifest.get("exemplars", {}).get("per_class", 20)))
     version = next_version(b)
     ex_rel, drift_rel = f"exemplars/v{version}.npz", f"drift/v{version}.npz"
