@@ -107,3 +107,35 @@ def test_killed_mid_write_leaves_old_bundle_intact(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not fresh.exists()  # never a half bundle at the destination
+
+
+def _outlive_the_writer(started, seconds: float) -> None:
+    started.set()  # the fork's handlers have run by now
+    time.sleep(seconds)
+
+
+def test_a_forked_child_does_not_keep_the_writer_lock(tmp_path):
+    """A child forked while the lock is held (OpenVINO's telemetry sends from one, and waits on the
+    network) must not hold the bundle after the writer lets go: the same process writes again at once."""
+    import multiprocessing
+
+    from edgetl.core.lock import writer_lock
+    from edgetl.errors import BundleBusy
+
+    bundle = tmp_path / "b.bundle"
+    bundle.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    with writer_lock(bundle, operation="adapt"):
+        child = ctx.Process(target=_outlive_the_writer, args=(started, 30.0), daemon=True)
+        child.start()
+        assert started.wait(30)
+    try:
+        assert child.is_alive()
+        with writer_lock(bundle, operation="rollback"):  # wait=0: refused at once if the child held it
+            pass
+    except BundleBusy as exc:
+        pytest.fail(f"the forked child kept the lock: {exc}")
+    finally:
+        child.terminate()
+        child.join()

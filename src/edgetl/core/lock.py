@@ -35,6 +35,25 @@ from ..errors import BundleBusy, BundleError
 
 LOCK_NAME = ".edgetl.lock"  # inside a bundle: where earlier versions locked (cleaned, never used)
 
+# The lock descriptors this process holds. A forked child shares each descriptor's open file, and
+# with it the flock: a child that outlives the write (OpenVINO's telemetry sends from a forked
+# multiprocessing.Process that waits up to 3 s on a network a line PC does not have) would keep the
+# bundle locked after the writer let go, and the same process's next rollback would be refused. So
+# every Python-level fork closes them in the child; closing the child's copy leaves the parent's
+# lock alone (an explicit unlock would release it for both).
+_HELD: set[int] = set()
+
+
+def _forget_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
 
 def lock_path(bundle: str | Path) -> Path:
     """The writer lock of ``bundle``: ``.NAME.edgetl.lock`` in the folder that holds it (the
@@ -110,6 +129,8 @@ def writer_lock(bundle: str | Path, *, operation: str, wait: float = 0.0):
         with contextlib.suppress(OSError):  # the note is for messages only; the flock is the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(stamp).encode(), 0)
+        _HELD.add(fd)
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the flock
