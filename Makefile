@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # pytest's exit code 5 means it collected nothing (a wrong -m or -k, a broken conftest): a failure
 # here, said in words, never a silent pass. make itself then exits 2, as for any failed recipe.
-PYTEST = $(PY) -m pytest -q $(1) tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+PYTEST = $(PY) -m pytest -q --durations=15 $(1) tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
 
 # The quick tier: leaves out the tests marked slow (real backbone, quantizers, browsers, Flower,
 # emulated CPUs, other interpreters; see tests/conftest.py). No system packages needed.
