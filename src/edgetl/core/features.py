@@ -13,6 +13,8 @@ import hashlib
 import math
 import os
 import random
+import secrets
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,27 @@ def default_cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "edgetl"
+
+
+def staging_dir(folder: Path) -> Path:
+    """A private sibling of cache ``folder`` to build it in: two processes filling the same cache
+    entry at once (two fits on one machine, parallel test workers) never write into each other's."""
+    return folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+
+
+def publish_dir(tmp: Path, folder: Path) -> bool:
+    """Move the complete ``tmp`` into place as ``folder`` in one rename. When another process
+    published the same entry first, theirs is kept (same key, same content) and ``tmp`` removed,
+    so a reader never sees a folder deleted or half-replaced under it. -> whether ours was used."""
+    try:
+        os.rename(tmp, folder)
+        return True
+    except OSError:
+        if not folder.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
 
 
 def file_digest(path: str | Path, *, length: int | None = None) -> str:

@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.backbone import ONNX_OPSET, ExportedBackbone
 from ..core.bundle import sha256_file
-from ..core.features import default_cache_dir
+from ..core.features import default_cache_dir, publish_dir, staging_dir
 from ..core.preprocess import PreprocessConfig
 from ..errors import ConfigError, MissingDependency, require
 from .provenance import check_weights
@@ -286,8 +285,8 @@ def export_image_backbone(
         if patch_reductions:
             model = patch_feature_model(model, patch_reductions, pooled=pooled)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp = staging_dir(folder)
+        tmp.mkdir()
         export_onnx(model, tmp / "backbone.onnx", input_size=pre.input_size, opset=opset)
         meta = {
             "name": spec.name,
@@ -300,12 +299,7 @@ def export_image_backbone(
             meta["pooled_features"] = int(model.body.num_features)
             meta["feature_shape"] = list(_output_shape_of(model, pre.input_size))
         (tmp / "backbone.json").write_text(json.dumps(meta, indent=2))
-        import shutil
-
-        if folder.exists():  # a concurrent export won the race; theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        publish_dir(tmp, folder)  # a concurrent export may have won the race: theirs is as good as ours
     meta = json.loads(meta_path.read_text())
     if "pooled_features" in meta:
         shape = tuple(int(d) for d in meta["feature_shape"])

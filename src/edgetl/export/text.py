@@ -52,7 +52,7 @@ import numpy as np
 
 from ..core.backbone import TEXT, ExportedBackbone
 from ..core.console import quantizer_output
-from ..core.features import default_cache_dir, file_digest
+from ..core.features import default_cache_dir, file_digest, publish_dir, staging_dir
 from ..core.preprocess import DEFAULT_MAX_LENGTH, load_tokenizer
 from ..core.targets import Target
 from ..errors import ConfigError, MissingDependency, require
@@ -296,9 +296,9 @@ def export_text_backbone(
             "exporting with Optimum needs 'optimum-onnx'; install it with: pip install 'edgetl[text-train]'"
         )
     onnx = require("onnx", extra="base", purpose="exporting ONNX graphs")
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(folder)
+    tmp.mkdir()
     t0 = time.perf_counter()
     try:
         raw = (_export_optimum if chosen == "optimum" else _export_torch)(src, tmp / "raw", opset)
@@ -330,11 +330,13 @@ def export_text_backbone(
             "opset": opset,
         }
         (tmp / "info.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if folder.is_dir() and not info_path.is_file():  # a broken entry from before: ours replaces it
+        shutil.rmtree(folder, ignore_errors=True)
+    if not publish_dir(tmp, folder):  # another process exported it first: use theirs
+        info = json.loads(info_path.read_text())
     log.info("exported %s with %s in %.1f s", src.name, chosen, time.perf_counter() - t0)
     return _exported(folder, info)
 

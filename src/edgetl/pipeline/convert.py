@@ -32,7 +32,7 @@ import numpy as np
 
 from ..core.backbone import TEXT, ExportedBackbone
 from ..core.console import quantizer_output, quiet_requested, status
-from ..core.features import file_digest
+from ..core.features import file_digest, publish_dir, staging_dir
 from ..core.fuse import model_files
 from ..core.targets import Target
 from ..errors import ConfigError, require
@@ -520,8 +520,8 @@ def converted_model(
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staging_dir(folder)
     items = "texts" if exported.kind == TEXT else "images"
     status(
         f"converting the backbone to {target.precision} for {target.name} ({target.runtime})"
@@ -549,9 +549,12 @@ def converted_model(
             converted.info["calibration"] = calibration.info
         converted.info["file"] = converted.path.name
         (tmp / "info.json").write_text(json.dumps(converted.info, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if folder.is_dir() and not info_path.is_file():  # a broken entry from before: ours replaces it
+        shutil.rmtree(folder, ignore_errors=True)
+    if not publish_dir(tmp, folder):  # another process converted the same model first: use theirs
+        info = json.loads(info_path.read_text())
+        return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
     return ConvertedModel(folder / converted.path.name, converted.runtime, converted.precision, converted.info)
