@@ -199,7 +199,7 @@ def test_avx2_eight_bit_weights_saturate_and_edgetl_emulates_them(emu, haswell, 
 
     # Exact emulation is float arithmetic, the same per image whatever its class: two images (two
     # classes, 16 probabilities within 1e-4) tell it apart from a saturated or fooled run, which
-    # misses by 0.3. Each image costs ~15 s under TCG on a quiet 2-core host (eight took 172 s).
+    # misses by 0.3. About 15 s an image under TCG on a quiet 2-core host (with eight, 172 s in all).
     few = images[:2]
     pred, _ = emu.predict(haswell, fitted["cpu-arm64"], few, work=work)
     cmp = emu.compare_probs(pred, ref["predict_exact"][: len(few)])
