@@ -51,13 +51,32 @@ def surfaces(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def int8_bundle(surfaces, cache_dir, tmp_path_factory) -> Path:
-    """An INT8 bundle of the example for the default target, fitted once through the CLI; tests that
-    change it work on a copy."""
-    out = tmp_path_factory.mktemp("nt") / "int8.bundle"
-    r = run_cli("fit", surfaces, "--out", out, "--calibration-size", "64", "--allow-drop", "--json")
-    assert r.returncode == 0, r.stderr
-    return out
+def target_fit(surfaces, cache_dir, tmp_path_factory):
+    """``target_fit(name)``: the :class:`edgetl.pipeline.fit.FitResult` of the example's INT8 bundle
+    for the shipped profile ``name``, with the profile's own settings (what a user gets), fitted on
+    first use and then shared: the profile checks (tests/parity), the emulated CPUs and the device
+    tests read the same bundles instead of each fitting its own. Tests that change one work on a copy."""
+    from edgetl.pipeline.fit import FitOptions, fit
+
+    root = tmp_path_factory.mktemp("targets")
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            opts = FitOptions(target=name, cache_dir=str(cache_dir), quiet=True, allow_drop=True)
+            done[name] = fit(surfaces, root / f"{name}.bundle", options=opts)
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def int8_bundle(target_fit) -> Path:
+    """The example's INT8 bundle for the default target (openvino-cpu, as `edgetl fit` makes it);
+    tests that change it work on a copy."""
+    from edgetl import tasks
+
+    return target_fit(tasks.get("classify").default_target).bundle.path
 
 
 def write_image(path: Path, *, mode: str = "RGB", size=(64, 48), seed: int = 0) -> Path:

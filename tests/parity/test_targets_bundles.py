@@ -22,13 +22,9 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
-def bundles(surfaces, cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("targets")
-    out = {}
-    for name in TARGETS:
-        opts = FitOptions(target=name, cache_dir=str(cache_dir), quiet=True, allow_drop=True)
-        out[name] = fit(surfaces, root / f"{name}.bundle", options=opts)
-    return out
+def bundles(target_fit):
+    """One bundle per shipped profile (tests/conftest.py: shared with the emulated CPUs and the device tests)."""
+    return {name: target_fit(name) for name in TARGETS}
 
 
 # Feature cosine of INT8 vs FP32 on the example's validation images, per profile, as the bundle
