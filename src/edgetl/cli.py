@@ -133,6 +133,16 @@ def main(trust) -> None:
     use_trust(trust)
 
 
+# One option for every command that reads frames as a bundle will (fit, rank), one parser behind
+# it (Roi.load).
+roi_option = click.option(
+    "--roi",
+    help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
+    "or as fractions of the frame (0.1,0.05,0.8,0.9), or a camera file (.toml / .json with a [roi] table "
+    "of x, y, w, h, unit); kept in the bundle, applied everywhere (rank: the candidates see it).",
+)
+
+
 # ----------------------------------------------------------------------------------------- fit
 # Choice lists come from the registries that hold the names, so a new task, precision, runtime,
 # example or score shows up in --help and is accepted without an edit here.
@@ -218,12 +228,7 @@ def _head_kinds() -> list[str]:
 @click.option(
     "--augment", type=int, default=0, show_default=True, help="Images: augmented views cached per training image."
 )
-@click.option(
-    "--roi",
-    help="Images: the region of interest every frame is cut to, x,y,w,h in pixels (100,50,800,600) "
-    "or as fractions of the frame (0.1,0.05,0.8,0.9), or a camera file (.toml / .json with a [roi] table "
-    "of x, y, w, h, unit); kept in the bundle, applied everywhere.",
-)
+@roi_option
 @click.option("--calibration-size", type=int, help="INT8 calibration items (default: the target's, 128).")
 @click.option(
     "--allow-drop", is_flag=True, help="Write the bundle even if quantization loses more than the target allows."
@@ -460,16 +465,18 @@ def predict(bundle, inputs, top_k, threshold, text_file, heatmaps, device, stric
 @click.option("--group-by", help="Keep groups in one fold (as fit's --group-by).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), help="Cache directory.")
+@roi_option
 @json_option
 @quiet_option
 @handle_errors
-def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cache_dir, as_json, quiet):
+def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cache_dir, roi, as_json, quiet):
     """Score candidate backbones on the labelled images in DATA before fitting any of them.
 
     Each backbone's features of the training split are extracted once (the cache makes the fit that
     follows free) and scored by cross-validated head accuracy (grouped folds where the data have
     groups) and LogME. The choice is the cheapest backbone within the budget that the best-scoring
-    one is not shown to beat (paired 95% interval): `fit --backbone auto` uses it.
+    one is not shown to beat (paired 95% interval): `fit --backbone auto` uses it. With --roi the
+    frames are cut to the region first, as the bundle fitted with it will cut them.
     """
     _setup_logging(quiet)
     from .pipeline.rank import format_rank
@@ -486,6 +493,7 @@ def rank(data, backbones, target, budget_ms, by, val_split, group_by, seed, cach
         val_split=val_split,
         group_by=group_by,
         cache_dir=cache_dir,
+        roi=roi,
         quiet=quiet or as_json,
     )
     emit(r, as_json, format_rank(r))

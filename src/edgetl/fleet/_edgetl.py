@@ -56,6 +56,7 @@ from ..heads.registry import FleetMerge, register_fleet_merge
 from ..heads.training import train_head as _train_head
 from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
+from ..tasks.anomaly.tiles import TilePlan
 from ..tasks.classify.data import scan_images
 from ..tasks.classify.update import holdout_mask as _holdout_mask
 
@@ -116,7 +117,26 @@ def current_head(b):
             "fleet round yet (patchcore and padim can); fit the fleet's bundle with --head patchcore "
             "or --head padim"
         )
+    if task.one_class:
+        # the tile plan travels with the head through a round: patches of another plan are
+        # patches of another scale, and a merge of them would score neither plan's frames
+        head.meta = {**head.meta, "tiles": tiles_tag(tile_plan(b))}
     return head
+
+
+def tile_plan(b) -> TilePlan | None:
+    """A defect bundle's tile plan (None: one view per image)."""
+    tiles = b.manifest.get("anomaly", {}).get("tiles")
+    return TilePlan.from_dict(tiles) if tiles else None
+
+
+def tiles_tag(plan: TilePlan | None) -> str:
+    """What a round compares of two bundles' tilings, readable in a refusal: ``"none"`` or
+    ``"448x336 frames, 2x2 tiles of 224 at scale 1, <digest>"``."""
+    if plan is None:
+        return "none"
+    (fw, fh), n = plan.frame, f"{len(plan.xs)}x{len(plan.ys)}"
+    return f"{fw}x{fh} frames, {n} tiles of {plan.tile} at scale {plan.scale:.3g}, {plan.digest()}"
 
 
 def signing_key(option):
@@ -252,16 +272,30 @@ class _Item:
 
 
 def patch_features(b, paths, *, quiet: bool = True) -> np.ndarray:
-    """Patch features (N, C, H, W) through an anomaly bundle's backbone (as ``adapt`` does)."""
+    """Patch features (N, C, H, W) through an anomaly bundle's backbone (as ``adapt`` does); for a
+    tiled bundle, of every tile of every frame (N * tiles, C, H, W), frame-major."""
     pred = AnomalyPredictor(b, fused=False)
     ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
-    rows = ext.patches([Path(p) for p in paths], quiet=quiet, desc="fleet features")  # (N, C*H*W)
+    items = [Path(p) for p in paths]
+    if pred.plan is not None:
+        rows = ext.tiles(items, pred.plan)
+    else:
+        rows = ext.patches(items, quiet=quiet, desc="fleet features")  # (N, C*H*W)
     return rows.reshape(len(rows), *ext.shape)
 
 
+def tiles_per_image(b) -> int:
+    """Rows of :func:`patch_features` per image: the tile count of a tiled bundle, else 1."""
+    plan = tile_plan(b)
+    return 1 if plan is None else plan.count
+
+
 def anomaly_scores(b, head, F) -> np.ndarray:
-    """Image scores of patch features under ``head`` (the numpy reference of the fused graph)."""
-    return head.maps(F)[1]
+    """Image scores of patch features under ``head`` (the numpy reference of the fused graph); for
+    a tiled bundle, frame scores (the maximum over each frame's tiles, as the device scores)."""
+    scores = head.maps(F)[1]
+    plan = tile_plan(b)
+    return scores if plan is None else plan.frames(None, scores)[1]
 
 
 # ------------------------------------------------------------------------------------ replay memory

@@ -71,7 +71,14 @@ class Device:
                 raise et.DataError(f"{data}: no readable good images for this device")
             F = et.patch_features(b, paths, quiet=quiet)
             return cls.from_features(
-                b.path, patches=F, name=name, holdout=holdout, seed=seed, template=et.current_head(b), task=b.task
+                b.path,
+                patches=F,
+                name=name,
+                holdout=holdout,
+                seed=seed,
+                template=et.current_head(b),
+                task=b.task,
+                rows_per_image=et.tiles_per_image(b),
             )
         X, labels, skipped = et.labelled_features(b, data, strict=strict, quiet=quiet)
         dev = cls.from_features(b.path, X=X, labels=labels, name=name, holdout=holdout, seed=seed, task=b.task)
@@ -91,16 +98,22 @@ class Device:
         seed: int = 0,
         template=None,
         task: str | None = None,
+        rows_per_image: int = 1,
     ) -> Device:
-        """A device from already extracted features (tests, ``simulate``): same split, same gate."""
+        """A device from already extracted features (tests, ``simulate``): same split, same gate.
+        ``rows_per_image``: patch rows per image (a tiled bundle's tiles: a frame is held out or
+        summarised whole, as adapt's held-out normalisation keeps a frame's tiles together)."""
         bundle = Path(bundle)
         name = name or bundle.name
         if patches is not None:
             F = np.asarray(patches, np.float32)
+            k = max(1, int(rows_per_image))
+            n = len(F) // k
             rng = np.random.default_rng(seed)
-            hold = np.zeros(len(F), bool)
-            if len(F) >= 2:
-                hold[rng.choice(len(F), max(1, int(round(len(F) * holdout))), replace=False)] = True
+            hold_img = np.zeros(n, bool)
+            if n >= 2:
+                hold_img[rng.choice(n, max(1, int(round(n * holdout))), replace=False)] = True
+            hold = np.repeat(hold_img, k)
             return cls(
                 bundle,
                 name,
@@ -108,7 +121,7 @@ class Device:
                 LocalData.anomaly(F[~hold]),
                 LocalData(F=F[hold]),
                 template=template,
-                images=len(F),
+                images=n,
             )
         X = np.asarray(X, np.float32)
         labels = [str(l) for l in labels]
@@ -186,7 +199,7 @@ class Device:
         current = et.current_head(b)
         task = et.task_of(b.task)
         if task.one_class:
-            head, decision = self._gate_anomaly(b, current, kind, arrays, tol)
+            head, decision = self._gate_anomaly(b, current, kind, arrays, tol, meta)
         else:
             head, decision = self._gate_classify(current, kind, labels, arrays, meta, tol)
         decision.update(device=self.name, current_version=b.head_version, tolerance_pp=tol, forced=False)
@@ -248,10 +261,16 @@ class Device:
             )
         return head, {"heldout_images": len(yh), "accuracy_before": before, "accuracy_after": after, "reasons": reasons}
 
-    def _gate_anomaly(self, b, current, kind, arrays, tol):
+    def _gate_anomaly(self, b, current, kind, arrays, tol, meta=None):
         merge = et.fleet_merge(kind)
         if merge.head_kind != current.kind:
             raise FleetError(f"global head is {kind}; this bundle runs {current.kind}")
+        sent = (meta or {}).get("tiles")
+        if sent is not None and sent != current.meta.get("tiles"):
+            raise et.GateError(
+                f"global head refused, v{b.head_version} stays current: it was merged from frames tiled as "
+                f"{sent}; this bundle tiles them as {current.meta.get('tiles')} (fitted on frames of another size)"
+            )
         clean = {}
         for name, a in arrays.items():
             a = np.asarray(a)
@@ -277,7 +296,7 @@ class Device:
                     f"(tolerance {tol:g} pp)"
                 )
         return head, {
-            "heldout_images": 0 if F is None else len(F),
+            "heldout_images": 0 if F is None else len(F) // et.tiles_per_image(b),
             "false_alarms_before": before,
             "false_alarms_after": after,
             "threshold": threshold,
@@ -327,7 +346,10 @@ class _HeadParticipant:
         merge = et.fleet_merge(step.kind)
         if merge.head_kind != h.kind:
             raise FleetError(f"the server bundle runs {h.kind}, not {step.kind}")
-        return merge.own_summary(h)
+        s = merge.own_summary(h)
+        if "tiles" in h.meta:  # its memory holds tiles of its own plan
+            s.meta["tiles"] = str(h.meta["tiles"])
+        return s
 
 
 def answer(participant, step: Step, template=None) -> Summary:

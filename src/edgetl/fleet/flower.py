@@ -340,13 +340,15 @@ def _device_from_state(context, spec: dict) -> Device:
         info = json.loads(st["fleet-device"]["json"])
         arrs = from_array_record(st["fleet-data"], who="state")
         if et.task_of(info["task"]).one_class:
+            b = et.load_bundle(info["bundle"])
             dev = Device.from_features(
                 info["bundle"],
                 patches=np.concatenate([arrs["train"], arrs["held"]]),
                 name=info["name"],
                 holdout=0.0,
-                template=et.current_head(et.load_bundle(info["bundle"])),
+                template=et.current_head(b),
                 task=info["task"],
+                rows_per_image=et.tiles_per_image(b),
             )
             dev.train.F, dev.heldout.F = arrs["train"], arrs["held"]
             return dev

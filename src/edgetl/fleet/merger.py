@@ -235,7 +235,10 @@ class Merger:
         return self.state["labels"]
 
     def _geometry(self) -> dict:
-        return {} if self.template is None else self.merge.fleet_geometry(self.template)
+        if self.template is None:
+            return {}
+        tiles = self.template.meta.get("tiles")
+        return {**self.merge.fleet_geometry(self.template), **({"tiles": str(tiles)} if tiles is not None else {})}
 
     # ---------------------------------------------------------------- result
     def result(self) -> FleetResult:
@@ -250,7 +253,12 @@ class Merger:
             "refused": [r.__dict__ for r in self.refused],
             **({"label_agreement": self.state["agreement"]} if self.state.get("agreement") else {}),
         }
-        return FleetResult(self.kind, self.merge.fleet_result(self, prov), prov)
+        head = self.merge.fleet_result(self, prov)
+        tiles = None if self.template is None else self.template.meta.get("tiles")
+        if tiles is not None:  # the merged head scores frames of the plan its parts were cut by
+            head.meta = {**head.meta, "tiles": tiles}
+            prov["tiles"] = tiles
+        return FleetResult(self.kind, head, prov)
 
 
 def run_local(merger: Merger, participants: dict, *, templates: dict | None = None) -> FleetResult:

@@ -438,12 +438,25 @@ class _Anomaly(FleetMerge):
             raise FleetError(f"the round merges {step.kind} heads; this device runs {template.kind}")
         if tuple(F.shape[1:]) != (template.channels_in, *template.grid):
             raise FleetError(f"patch features {F.shape[1:]} do not fit this bundle's head")
-        return self._respond(step, F, template)
+        s = self._respond(step, F, template)
+        if "tiles" in template.meta:  # rows are tiles of frames cut by this plan
+            s.meta["tiles"] = str(template.meta["tiles"])
+        return s
 
     def _respond(self, step, F, template) -> Summary:
         raise NotImplementedError
 
     def fleet_check(self, s, step, who, ctx):
+        want, got = ctx.get("tiles"), s.meta.get("tiles", "none")
+        if want is not None and got != want:
+            # patches of another tiling are another scale of the part: merged, the bank would fit
+            # neither plan's frames
+            _fail(
+                who,
+                f"its bundle tiles frames as {got}, this round's bundle as {want} (fitted on frames of "
+                "another size or another --defect-size): not merged; give the device a copy of this "
+                "round's bundle",
+            )
         images = check_anomaly_images(s, who, ctx["max_rows"])
         return self._check(s, who, images, ctx)
 

@@ -128,7 +128,8 @@ class FleetRound:
         h = self.result.head
         one_class = self.task_obj.one_class
         labels = list(self.task_obj.fixed_labels) if one_class else list(h.labels)
-        meta = {} if one_class else dict(h.meta)
+        # a defect head's delivery names its tile plan: a device of another plan refuses it
+        meta = ({"tiles": h.meta["tiles"]} if "tiles" in h.meta else {}) if one_class else dict(h.meta)
         short = {
             k: v
             for k, v in (self.written or {}).items()

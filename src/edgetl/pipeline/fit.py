@@ -337,6 +337,7 @@ def _auto_backbone(data, options: FitOptions, task, target: Target, cache_root: 
         val_split=options.val_split,
         group_by=options.group_by,
         cache_dir=cache_root,
+        roi=options.roi,
         quiet=options.quiet,
     )
     return dataclasses.replace(options, backbone=choice["choice"]), choice

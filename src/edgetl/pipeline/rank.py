@@ -10,6 +10,10 @@ is converted as ``fit`` converts it (same calibration items, same model cache, s
 the chosen one) and that model is timed, because a budget judged on FP32 refuses backbones whose
 INT8 model runs in half the time; without a target, FP32 ONNX Runtime. Size is the FP32 model's
 (INT8 weights are about a quarter).
+
+With a region of interest (``--roi``, parsed by the one :meth:`edgetl.core.preprocess.Roi.load`
+that ``fit`` uses) every candidate sees the frames cut to it, as the bundle will: a backbone is
+ranked on what it will be shown, and ``fit --roi ... --backbone auto`` reuses these features.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 from .. import tasks
 from ..core.console import status
 from ..core.features import FeatureCache, default_cache_dir
+from ..core.preprocess import Roi
 from ..core.targets import Target, load_target
 from ..errors import ConfigError, DataError
 from .options import FitOptions
@@ -37,14 +42,23 @@ def candidates(names: Sequence[str] | None = None) -> list[str]:
 
 
 def backbone_features(
-    items: Sequence, backbone: str, *, cache_dir: str | Path | None = None, weights=None, quiet: bool = True
+    items: Sequence,
+    backbone: str,
+    *,
+    cache_dir: str | Path | None = None,
+    weights=None,
+    roi: Roi | None = None,
+    quiet: bool = True,
 ) -> tuple[np.ndarray, object]:
-    """FP32 ONNX Runtime features of image items (samples or paths) through ``backbone``, from the
-    cache that ``fit``'s FP32 reference shares. -> (features, the exported backbone)."""
+    """FP32 ONNX Runtime features of image items (samples or paths) through ``backbone`` (each cut
+    to ``roi`` first, as ``fit --roi`` cuts them), from the cache that ``fit``'s FP32 reference
+    shares. -> (features, the exported backbone, with the region in its preprocessing)."""
     from ..export import export_backbone
 
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
     exported = export_backbone(backbone, weights=weights, cache_dir=cache_root)
+    if roi is not None:  # as fit does: the region is part of the preprocessing (and the cache key)
+        exported = exported.with_preprocess({**exported.preprocess, "roi": roi.to_dict()})
     task = tasks.get("classify")
     ext = task.extractor(exported.path, exported, runtime="onnxruntime", device="CPU", providers=None)
     return ext.features(
@@ -63,6 +77,7 @@ def rank(
     val_split: float = 0.2,
     group_by: str | None = None,
     cache_dir: str | Path | None = None,
+    roi: str | Roi | None = None,
     quiet: bool = True,
 ) -> dict:
     """Rank backbones on the training split of the labelled image data at ``data``.
@@ -72,6 +87,8 @@ def rank(
         target: a profile (or its name): latency is measured on the model it ships, and its
             ``latency_budget_ms`` is the budget unless ``budget_ms`` is given.
         by: ``cv`` (cross-validated head accuracy, the default) or ``logme``.
+        roi: the region of interest every frame is cut to (``fit --roi``'s value: ``"x,y,w,h"``
+            in pixels or fractions, or a camera file), so candidates see what the bundle will.
 
     Returns:
         ``{"table", "choice", "leader", "reason", ...}`` (:class:`edgetl.transfer.rank.RankResult`)
@@ -79,13 +96,14 @@ def rank(
 
     Raises:
         DataError: unusable data (fewer than 2 classes, too few images to cross-validate).
-        ConfigError: an unknown backbone, target or score.
+        ConfigError: an unknown backbone, target or score, or a malformed region.
     """
     from ..core.sessions import open_session, time_calls
     from ..transfer.rank import SCORES, rank_backbones
 
     if by not in SCORES:
         raise ConfigError(f"--by {by!r}: use {' or '.join(SCORES)}")
+    region = Roi.load(roi) if isinstance(roi, str) else roi  # a malformed region fails before any work
     task = tasks.get("classify")
     if tasks.for_data(data).name != task.name:
         raise ConfigError(
@@ -101,7 +119,7 @@ def rank(
     for i, name in enumerate(names, 1):
         # each candidate takes seconds to a minute (export, features, conversion): say which one
         status(f"rank: {name} ({i} of {len(names)}): features of {len(ds.train)} training images, latency", quiet=quiet)
-        features[name], exported = backbone_features(ds.train, name, cache_dir=cache_root, quiet=quiet)
+        features[name], exported = backbone_features(ds.train, name, cache_dir=cache_root, roi=region, quiet=quiet)
         model, runtime = _shipped_model(exported, profile, task, ds, seed, cache_root, quiet)
         session = open_session(model, runtime=runtime)
         x = np.zeros((1, 3, exported.image_preprocess.input_size, exported.image_preprocess.input_size), np.float32)
@@ -131,6 +149,7 @@ def rank(
         "classes": ds.classes,
         "grouped": groups is not None,
         "latency": measured,
+        "roi": region.to_dict() if region is not None else None,
     }
 
 
@@ -166,11 +185,13 @@ def format_rank(r: dict) -> str:
             + ("" if row["within_budget"] else "  (over budget)")
         )
     how = "grouped " if r["grouped"] else ""
+    roi = r.get("roi")
+    cut = f", cut to the region {roi['x']:g},{roi['y']:g},{roi['w']:g},{roi['h']:g} ({roi['unit']})" if roi else ""
     return "\n".join(
         lines
         + [
             f"{r['reason']}",
-            f"({r['images']} training images, {how}5-fold CV; ms: {r['latency']}; a score "
+            f"({r['images']} training images{cut}, {how}5-fold CV; ms: {r['latency']}; a score "
             "on training images cannot see a gap to where you deploy)",
         ]
     )

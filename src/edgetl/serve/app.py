@@ -139,7 +139,7 @@ class Api:
             row = svc.response_of(rec)
             if want_map and a.map_u8 is not None:
                 row["heatmap"] = await run_in_threadpool(
-                    heatmap_png, rec.payload, svc.loaded.bundle.preprocess, a.map_u8
+                    heatmap_png, rec.payload, svc.loaded.bundle.preprocess, a.map_u8, frame=svc.loaded.tiled
                 )
             rows.append(row)
         request.scope["edgetl.log"] = {
@@ -181,8 +181,8 @@ class Api:
     async def v2_model(self, request: Request) -> Response:
         self.check_model(request)
         svc, b = self.svc, self.svc.loaded
-        size = b.bundle.preprocess.input_size if svc.task_obj.one_class else None
-        return jsonr(kserve.metadata(svc.name, b.version, svc.task_obj, list(b.labels), size))
+        shape = b.map_shape if svc.task_obj.one_class else None
+        return jsonr(kserve.metadata(svc.name, b.version, svc.task_obj, list(b.labels), shape))
 
     @guarded(Access.READ)
     async def v2_model_ready(self, request: Request) -> Response:

@@ -41,7 +41,8 @@ from ..errors import DataError, EdgetlError
 log = logging.getLogger("edgetl.serve")
 
 # A normalised defect map (1.0 = the threshold) is kept as uint8 over [0, MAP_RANGE] for the
-# page's overlays: 224 x 224 bytes per image instead of 200 KB of float32.
+# page's overlays: 224 x 224 bytes per image instead of 200 KB of float32 (a tiled bundle's map
+# covers its working frame: 448 x 336 bytes, say).
 MAP_RANGE = 1.5
 
 
@@ -73,6 +74,20 @@ class Loaded:
     @property
     def bundle(self):
         return self.predictor.bundle
+
+    @property
+    def map_shape(self) -> tuple[int, int] | None:
+        """(h, w) of a defect bundle's maps: the input view, or a tiled bundle's working frame."""
+        plan = getattr(self.predictor, "plan", None)
+        if plan is not None:
+            return plan.work[1], plan.work[0]
+        size = self.bundle.preprocess.input_size
+        return size, size
+
+    @property
+    def tiled(self) -> bool:
+        """Maps cover the whole frame (a tiled defect bundle), not the model's input view."""
+        return getattr(self.predictor, "plan", None) is not None
 
     @property
     def task_obj(self):

@@ -49,27 +49,42 @@ def stored_form(data: bytes, suffix: str) -> tuple[bytes, str]:
     return out.getvalue(), ".png"
 
 
-def make_thumb(data: bytes, pre, map_u8=None, size: int = 192) -> bytes:
-    """A small JPEG of an image as the model saw it; for defects with the heat map over it."""
-    from ..core.preprocess import load_rgb, resize_crop
+# The longest side of a tiled bundle's heat map as the service sends it: the frame at its own
+# resolution up to this (a 12 MP frame as a PNG data URL would be tens of megabytes), the aspect
+# ratio kept.
+MAX_SIDE = 1280
 
-    rgb = load_rgb(io.BytesIO(data), "upload", cfg=pre, need=size if map_u8 is None else None)
-    if map_u8 is not None:
-        from ..tasks.anomaly.render import overlay
 
-        seen = resize_crop(rgb, pre)
-        rgb = overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE) if seen.size == map_u8.shape[::-1] else seen
+def _view(data: bytes, pre, map_u8, frame: bool, max_side: int):
+    from ..tasks.anomaly.render import overlay_view
+
+    norm = map_u8.astype("float32") / 255.0 * MAP_RANGE
+    return overlay_view(io.BytesIO(data), norm, pre, frame=frame, max_side=max_side, name="upload")
+
+
+def make_thumb(data: bytes, pre, map_u8=None, size: int = 192, *, frame: bool = False) -> bytes:
+    """A small JPEG of an image as the model saw it; for defects with the heat map over it (with
+    ``frame``, a tiled bundle's, over the whole frame, its aspect ratio kept)."""
+    if map_u8 is None:
+        from ..core.preprocess import load_rgb
+
+        rgb = load_rgb(io.BytesIO(data), "upload", cfg=pre, need=size)
+    else:
+        rgb = _view(data, pre, map_u8, frame, 4 * size)
     rgb.thumbnail((size, size))
     out = io.BytesIO()
     rgb.save(out, "JPEG", quality=82)
     return out.getvalue()
 
 
-def heatmap_png(data: bytes, pre, map_u8) -> str:
-    from ..core.preprocess import load_rgb, resize_crop
-    from ..tasks.anomaly.render import overlay
-
-    seen = resize_crop(load_rgb(io.BytesIO(data), "upload", cfg=pre), pre)
+def heatmap_bytes(data: bytes, pre, map_u8, *, frame: bool = False) -> bytes:
+    """The heat map over the image as PNG bytes: over the model's input view, or with ``frame``
+    (a tiled bundle) over the whole frame at its resolution (at most :data:`MAX_SIDE`)."""
     out = io.BytesIO()
-    overlay(seen, map_u8.astype("float32") / 255.0 * MAP_RANGE).save(out, "PNG")
-    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+    _view(data, pre, map_u8, frame, MAX_SIDE).save(out, "PNG")
+    return out.getvalue()
+
+
+def heatmap_png(data: bytes, pre, map_u8, *, frame: bool = False) -> str:
+    """:func:`heatmap_bytes` as a PNG data URL."""
+    return "data:image/png;base64," + base64.b64encode(heatmap_bytes(data, pre, map_u8, frame=frame)).decode()

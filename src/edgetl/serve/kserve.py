@@ -8,7 +8,8 @@ A bundle is one model whose input is the encoded image file (``image``, datatype
   ``drift_p`` (FP32, where the bundle has a drift reference) and ``id`` (BYTES: the prediction id
   ``/feedback`` takes);
 * defects: ``label`` (``good`` / ``defect``), ``score``, ``threshold``, ``normalised`` (score /
-  threshold), ``id``, and, only when asked for by name, ``anomaly_map`` (FP32 ``[N, S, S]``).
+  threshold), ``id``, and, only when asked for by name, ``anomaly_map`` (FP32 ``[N, S, S]``, a
+  tiled bundle's ``[N, H, W]`` over its working frame).
 
 Both encodings of the protocol are read and written: JSON ``data`` (BYTES elements as strings;
 an image in JSON is base64, as the protocol has no raw bytes there) and the binary tensor
@@ -62,7 +63,10 @@ def output_names(task: Task) -> list[str]:
 DEFAULT_EXCLUDED = {"anomaly_map"}
 
 
-def metadata(name: str, version: int, task: Task, labels: list[str], map_size: int | None) -> dict:
+def metadata(name: str, version: int, task: Task, labels: list[str], map_shape: tuple[int, int] | None) -> dict:
+    """The v2 model metadata; ``map_shape`` (h, w) of a defect bundle's maps: the model's input
+    view, or a tiled bundle's working frame."""
+    mh, mw = map_shape or (-1, -1)
     outs = {
         "label": ("BYTES", [-1]),
         "confidence": ("FP32", [-1]),
@@ -73,7 +77,7 @@ def metadata(name: str, version: int, task: Task, labels: list[str], map_size: i
         "score": ("FP32", [-1]),
         "threshold": ("FP32", [-1]),
         "normalised": ("FP32", [-1]),
-        "anomaly_map": ("FP32", [-1, map_size or -1, map_size or -1]),
+        "anomaly_map": ("FP32", [-1, mh, mw]),
     }
     return {
         "name": name,

@@ -112,6 +112,14 @@ class Page:
             raise NotFound("no such thumbnail")
         return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=600"})
 
+    @guarded(Access.READ)
+    async def heat_map(self, request: Request) -> Response:
+        item_id = request.path_params["id"]
+        data = await run_in_threadpool(self.svc.heat_map, item_id) if ID.fullmatch(item_id) else None
+        if data is None:
+            raise NotFound("no such heat map")
+        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=600"})
+
     def routes(self) -> list[Route]:
         return [
             Route("/", self.page, methods=["GET"]),
@@ -122,4 +130,5 @@ class Page:
             Route("/api/session", self.session, methods=["GET"]),
             Route("/api/state", self.state, methods=["GET"]),
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
+            Route("/heatmap/{id}", self.heat_map, methods=["GET"]),
         ]

@@ -26,7 +26,7 @@ from ..core.console import one_line
 from ..device.adapt import DEFAULT_TOLERANCE_PP, adapt, history, rollback
 from ..errors import ConfigError, DataError, GateError
 from .engine import Engine
-from .images import make_thumb, stored_form
+from .images import heatmap_bytes, make_thumb, stored_form
 from .metrics import Metrics
 from .review import ID, ReviewStore, check_label
 from .security import Guard, is_loopback_host
@@ -452,13 +452,24 @@ class Service:
             "edgetl": __version__,
         }
 
+    def heat_map(self, item_id: str) -> bytes | None:
+        """A recent defect answer's heat map over its image, full size (PNG; None: no such answer
+        or no map). Drawn on request, not kept: the page asks for it when a person opens it."""
+        rec = self.recent.get(item_id)
+        if rec is None or rec.map_u8 is None or isinstance(rec.payload, str):
+            return None
+        loaded = self.loaded
+        return heatmap_bytes(rec.payload, loaded.bundle.preprocess, rec.map_u8, frame=loaded.tiled)
+
     def thumbnail(self, item_id: str) -> bytes | None:
         rec = self.recent.get(item_id)
         if rec is not None:
             if isinstance(rec.payload, str):
                 return None
             if rec.thumb is None:
-                self.recent.set_thumb(rec, make_thumb(rec.payload, self.loaded.bundle.preprocess, rec.map_u8))
+                loaded = self.loaded
+                thumb = make_thumb(rec.payload, loaded.bundle.preprocess, rec.map_u8, frame=loaded.tiled)
+                self.recent.set_thumb(rec, thumb)
             return rec.thumb
         if self.review is not None and not self.task_obj.reads_texts:
             data = self.review.payload(item_id)

@@ -53,7 +53,11 @@ function picture(row, big) {
   if (row.text !== undefined) return el("blockquote", { class: big ? "text big" : "text", text: row.text });
   const key = `${row.id}:${big ? 1 : 0}`;
   if (!pictures.has(key)) {
-    pictures.set(key, el("img", { src: `/thumb/${row.id}`, alt: row.label, width: big ? 192 : 96, height: big ? 192 : 96 }));
+    const img = el("img", { src: `/thumb/${row.id}`, alt: row.label, width: big ? 192 : 96, height: big ? 192 : 96 });
+    // a defect's heat map at the frame's own resolution (a tiled frame's small defect is a few
+    // pixels of a thumbnail) opens in a tab of its own
+    pictures.set(key, state.task === "anomaly" && big ?
+      el("a", { href: `/heatmap/${row.id}`, target: "_blank", rel: "noopener", title: "heat map, full size" }, img) : img);
   }
   return pictures.get(key);
 }

@@ -17,6 +17,26 @@ def overlay(image: Image.Image, norm_map: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(blend(np.asarray(image.convert("RGB")), norm_map)).astype(np.uint8), "RGB")
 
 
+def overlay_view(
+    source, norm_map: np.ndarray, pre: PreprocessConfig, *, frame: bool = False, max_side: int | None = None, name=None
+) -> Image.Image:
+    """The image as the model saw it with the map on top: its input view (the resized, cropped
+    square), or with ``frame`` (a tiled bundle) the whole frame (its region of interest) at its own
+    resolution, at most ``max_side`` px on its longer side, the map enlarged to it. ``source`` is a
+    file or an open binary stream (an upload, named ``name`` in messages)."""
+    if frame:
+        seen = load_rgb(source, name, cfg=pre, need=0)
+        if max_side and max(seen.size) > max_side:  # keeps the aspect ratio
+            seen.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    else:
+        seen = resize_crop(load_rgb(source, name, cfg=pre), pre)
+    if norm_map.shape[::-1] != seen.size:  # bilinear, in float: the map keeps its values
+        norm_map = np.asarray(
+            Image.fromarray(np.asarray(norm_map, np.float32), "F").resize(seen.size, Image.Resampling.BILINEAR)
+        )
+    return overlay(seen, norm_map)
+
+
 def save_overlay(
     path: Path,
     norm_map: np.ndarray,
@@ -26,22 +46,17 @@ def save_overlay(
     *,
     frame: bool = False,
 ) -> Path:
-    """Write ``<out_dir>/<stem>_heatmap.png``: the image as the model saw it, with the map on top;
-    with ``frame`` (a tiled bundle) the whole frame at its own resolution, the map enlarged to it.
+    """Write ``<out_dir>/<stem>_heatmap.png``: :func:`overlay_view` of the image (with ``frame``,
+    a tiled bundle's, the whole frame at its own resolution).
 
     ``taken`` holds the names already written in this run: a second input with the same stem (from
     another folder) gets ``<stem>_1_heatmap.png``; a file left by an earlier run is overwritten.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen = load_rgb(path, cfg=pre, need=0) if frame else resize_crop(load_rgb(path, cfg=pre), pre)
-    if norm_map.shape[::-1] != seen.size:  # bilinear, in float: the map keeps its values
-        norm_map = np.asarray(
-            Image.fromarray(np.asarray(norm_map, np.float32), "F").resize(seen.size, Image.Resampling.BILINEAR)
-        )
     taken = set() if taken is None else taken
     name, k = f"{Path(path).stem}_heatmap.png", 1
     while name in taken:
         name, k = f"{Path(path).stem}_{k}_heatmap.png", k + 1
     taken.add(name)
-    overlay(seen, norm_map).save(out_dir / name)
+    overlay_view(path, norm_map, pre, frame=frame).save(out_dir / name)
     return out_dir / name
