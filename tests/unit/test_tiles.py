@@ -63,12 +63,26 @@ def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     p = plan_tiles((640, 480), 224, 3)
     pre = PreprocessConfig(crop_pct=1.0)
     x = p.inputs(tmp_path / "f.png", pre)
-    assert x.shape == (p.count, 3, 224, 224)
-    work = np.asarray(Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
+    # the tiles, then one whole-frame view: one more row of the same batch, same input shape
+    assert p.overview and p.rows == p.count + 1
+    assert x.shape == (p.rows, 3, 224, 224)
+    work_im = Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    work = np.asarray(work_im, np.float32)
     x0, y0 = p.boxes[-1]
     np.testing.assert_allclose(
-        x[-1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5, atol=1e-6
+        x[p.count - 1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5, atol=1e-6
     )
+    whole = np.asarray(work_im.resize((224, 224), Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
+    np.testing.assert_allclose(x[-1].transpose(1, 2, 0), (whole / 255 - 0.5) / 0.5, atol=1e-6)
+    tiles, views = p.split(np.concatenate([x, x]))  # two frames' rows -> their tiles, their overviews
+    np.testing.assert_array_equal(tiles, np.concatenate([x[: p.count]] * 2))
+    np.testing.assert_array_equal(views, np.stack([x[-1]] * 2))
+    # a plan saved before the overview (no key) reads as tiles alone: same rows, same feature-cache key
+    old = {k: v for k, v in p.to_dict().items() if k != "overview"}
+    before = TilePlan.from_dict(old)
+    assert not before.overview and before.rows == before.count
+    assert before.inputs(tmp_path / "f.png", pre).shape == (p.count, 3, 224, 224)
+    assert before.to_dict() == old and before.digest() != p.digest()
     Image.fromarray(frame[:, :400]).save(tmp_path / "narrow.png")
     with pytest.raises(DataError, match="narrow.png: a 400 x 480 frame; this bundle was fitted on 640 x 480"):
         p.inputs(tmp_path / "narrow.png", pre)
