@@ -141,10 +141,90 @@ def tiled(tmp_path_factory, cache_dir):
     return root, out, r
 
 
+def _views(p, frames):
+    """(tile frame maxima, overview scores) of frames under a predictor's two heads (numpy)."""
+    from edgetl.tasks.anomaly.task import PatchExtractor, score_rows
+
+    ext = PatchExtractor(p.session, p.preprocess, p.bundle.model_file("backbone"), p.shape)
+    tiles, whole = p.plan.split(ext.tiles(frames, p.plan))
+    return p.plan.frames(*score_rows(p.head, tiles))[1], score_rows(p.overview.head, whole)[1]
+
+
+def test_tiled_bundle_scores_a_whole_frame_overview_beside_the_tiles(tiled, tmp_path):
+    import shutil
+
+    from edgetl import load_predictor
+    from edgetl.core.bundle import load_bundle
+    from edgetl.errors import BundleError
+    from edgetl.tasks.anomaly.task import ANOMALY, AnomalyPredictor
+
+    root, out, r = tiled
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)  # the module's bundle is adapted by the test after this one
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["head"]["versions"][0]
+    # its own memory, in a file of its own, hashed in the manifest like the head
+    assert manifest["anomaly"]["tiles"]["overview"] is True
+    assert entry["overview"] == "overview.npz" and entry["overview"] in manifest["files"]
+    assert set(entry["overview_norm"]) == {"tiles", "overview"}
+    assert r.report["tiling"]["overview_memory"] > 0
+    assert any("whole frame in one view" in line for line in ANOMALY.fit_lines(r))
+    p = load_predictor(copy)
+    assert p.overview.head.memory_size == r.report["tiling"]["overview_memory"] != p.head.memory_size
+    frames = sorted((root / "test").rglob("*.png"))
+    maps, scores = p.maps(frames)
+    # the frame's score is the soft maximum of the two views' z-scores (numpy, backbone + heads)
+    numpy_path = AnomalyPredictor(p.bundle, fused=False)
+    st, so = _views(numpy_path, frames)
+    np.testing.assert_allclose(scores, p.overview.combine(st, so), rtol=1e-4)
+    assert np.all(scores >= np.maximum(p.overview.term("tiles", st), p.overview.term("overview", so)) - 1e-4)
+    # the frame map holds both views in those units: never below the overview's map upsampled
+    om = numpy_path.maps(frames)[0]
+    np.testing.assert_allclose(om, maps, rtol=1e-4, atol=1e-4)
+    # a changed overview file is refused, naming it
+    raw = bytearray((copy / "overview.npz").read_bytes())
+    raw[-10] ^= 0xFF
+    (copy / "overview.npz").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="overview.npz"):
+        load_predictor(load_bundle(copy)).maps(frames[:1])
+
+
+def test_a_tiled_bundle_made_before_the_overview_scores_its_tiles_alone(tiled, tmp_path):
+    import shutil
+
+    from edgetl import load_predictor
+    from edgetl.tasks.anomaly.task import AnomalyPredictor, PatchExtractor, score_rows
+
+    root, out, _ = tiled
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    # the manifest as tiled bundles were written before: no overview in the plan or the version
+    m = json.loads((old / "manifest.json").read_text())
+    del m["anomaly"]["tiles"]["overview"]
+    for e in m["head"]["versions"]:
+        e.pop("overview"), e.pop("overview_norm")
+    m["files"].pop("overview.npz")
+    (old / "overview.npz").unlink()
+    (old / "manifest.json").write_text(json.dumps(m))
+    p = load_predictor(old)
+    assert p.plan.rows == p.plan.count and p.overview is None
+    frames = sorted((root / "test").rglob("*.png"))
+    maps, scores = p.maps(frames)
+    assert maps.shape == (len(frames), *p.plan.work[::-1])
+    new = AnomalyPredictor(load_predictor(out).bundle, fused=False)
+    st = _views(new, frames)[0]  # the tile head alone, on the same tiles
+    np.testing.assert_allclose(scores, st, rtol=1e-4)
+    numpy_path = AnomalyPredictor(p.bundle, fused=False)
+    ext = PatchExtractor(numpy_path.session, p.preprocess, p.bundle.model_file("backbone"), p.shape)
+    F = ext.tiles(frames, p.plan)
+    assert len(F) == len(frames) * p.plan.count  # no overview row in its batch
+    np.testing.assert_allclose(score_rows(numpy_path.head, F, p.plan)[1], scores, rtol=1e-4)
+
+
 def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_path, no_torch_env):
     from edgetl import load_predictor
     from edgetl.core.sessions import bundle_session
-    from edgetl.tasks.anomaly.task import ANOMALY
+    from edgetl.tasks.anomaly.task import ANOMALY, AnomalyPredictor
     from tests.conftest import run_cli
 
     root, out, r = tiled
@@ -185,7 +265,20 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     new.mkdir()
     for f in sorted((root / "test" / "good").glob("*.png")):
         (new / f.name).write_bytes(f.read_bytes())
+    before_ov = p.overview.head
     res = run_cli("adapt", out, new, "--json", env=no_torch_env)
     assert res.returncode == 0, res.stderr
-    after = load_predictor(out).maps(sorted((root / "test" / "good").glob("*.png")))[1]
+    q = load_predictor(out)
+    after = q.maps(sorted((root / "test" / "good").glob("*.png")))[1]
     assert np.all(after <= scores[: len(after)] * (1 + 1e-5))  # their own tiles are now in memory
+    # both memories learned the new frames: the tiles' and the overview's (a file of the new
+    # version, hashed); the normalisation carries over
+    entry = q.bundle.head_entry()
+    assert entry["overview"] == "overview/v2.npz" and entry["overview"] in q.bundle.manifest["files"]
+    assert entry["overview_norm"] == p.bundle.head_entry(1)["overview_norm"]
+    assert q.head.memory_size > p.head.memory_size
+    assert q.overview.head.memory_size > before_ov.memory_size
+    views = _views(AnomalyPredictor(q.bundle, fused=False), sorted(new.glob("*.png")))
+    old_views = _views(AnomalyPredictor(p.bundle, fused=False, head_version=1), sorted(new.glob("*.png")))
+    # their whole views are now in the overview's memory: none scores higher, and they score lower
+    assert np.all(views[1] <= old_views[1] * (1 + 1e-5)) and views[1].mean() < old_views[1].mean()
