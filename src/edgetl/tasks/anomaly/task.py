@@ -552,6 +552,29 @@ def select_kind(
     return head.as_kind(choice["chosen"]), choice
 
 
+def keep_overview(head, overview: Overview, F_ev: np.ndarray, samples: list, plan: TilePlan) -> dict:
+    """On labelled anomalies, the tiles with the overview (the default) vs the tiles alone, by the
+    rule that chooses a head's parts (:func:`.select.choose`): the overview is dropped only where
+    the tiles alone are shown better beyond noise. Why: where the whole view sees nothing (an
+    irregular texture at 0.2x looks alike everywhere), its spread on good frames lifts some of them
+    above defects the tiles only just catch (measured on gravel); with no labelled anomalies it stays."""
+    y = np.array([s.label != "good" for s in samples], bool)
+    if not (y.any() and (~y).any()):
+        return {"chosen": "tiles + overview", "reason": "no labelled anomalies: the default"}
+    alone = dataclasses.replace(plan, overview=False)
+    both = score_rows(head, F_ev, plan, overview)[1]
+    return choose(
+        y,
+        {"tiles + overview": both, "tiles": score_rows(head, plan_split(F_ev, plan), alone)[1]},
+        default="tiles + overview",
+    )
+
+
+def plan_split(rows: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """The tile rows of per-frame rows (tiles, then the overview where ``plan`` has one)."""
+    return plan.split(rows)[0]
+
+
 def overview_for(overview: Overview | None, head) -> Overview | None:
     """``overview`` with the tiles' normalisation of ``head`` scoring by one part (its own held-out
     frame maxima of that part); unchanged otherwise."""
@@ -674,6 +697,12 @@ class AnomalyTask(Task):
         if isinstance(head, DefectHead) and like is None:
             head, choice = select_kind(head, F_ev, data.eval_set, plan, overview)
             overview = overview_for(overview, head)
+        if overview is not None and plan is not None and like is None:
+            kept = keep_overview(head, overview, F_ev, data.eval_set, plan)
+            choice = {**(choice or {}), "overview": kept}
+            if kept["chosen"] == "tiles":  # shown better alone on these labelled frames: as before
+                overview, plan = None, dataclasses.replace(plan, overview=False)
+                R_tr, F_ev = F_tr, plan_split(F_ev, dataclasses.replace(plan, overview=True))
         features = {"choice": choice, "plan": plan, "overview": overview}
         if not data.eval_set:  # good images only, none held out: the threshold from all of them, out of fold
             scores = out_of_fold_good_scores(head, F_tr, shape, pre.input_size, plan)
@@ -1108,7 +1137,16 @@ def _tiling_lines(r: dict) -> list[str]:
         if ms
         else ""
     )
-    return [f"tiles     {t['plan']}{cost}"]
+    lines = [f"tiles     {t['plan']}{cost}"]
+    kept = (r.get("selection") or {}).get("overview") or {}
+    if kept.get("candidates"):
+        alt = kept["candidates"]["tiles"]
+        lines.append(
+            f"overview  {'kept' if kept['chosen'] != 'tiles' else 'dropped'}: tiles + overview AUROC "
+            f"{kept['default_auroc']:.3f}, tiles alone {alt['auroc']:.3f} ({alt['diff']:+.3f}, interval "
+            f"[{alt['interval'][0]:+.3f}, {alt['interval'][1]:+.3f}]); {kept['reason']}"
+        )
+    return lines
 
 
 # A tiled frame runs the patch head once per tile: its memory is cut so that a frame costs at most
