@@ -16,10 +16,16 @@ tiles of the input size, spaced evenly (they overlap wherever the frame does not
 When the whole frame shrunk to the input size already keeps the defect that large, there is one
 view and no tiling, as before.
 
+Beside the tiles, a plan has an overview (:class:`Overview`): the whole working frame in one view,
+one more row of the same input size, scored by a head of its own. Tiles find small defects but
+lose some large, low-contrast ones that one view of the frame sees whole.
+
 The device loop (numpy + Pillow, no torch): decode, scale to the working size, cut the tiles,
 one model call on the (n_tiles, 3, S, S) batch (a static-batch target pads / splits it as for any
-batch), then the frame's score is the maximum of its tiles' scores and its map the maximum of the
-tile maps where they overlap, at the working size. Thresholds are set on these frame scores.
+batch), then the tiles' score is the maximum of their scores and the map the maximum of the tile
+maps where they overlap, at the working size; with the overview, the frame's score is the soft
+maximum of the two views' z-scores and its map the maximum of both maps in those units.
+Thresholds are set on these frame scores.
 """
 
 from __future__ import annotations
