@@ -56,6 +56,35 @@ def test_frames_take_the_max_over_tiles_and_stitch_maps_in_place():
         assert m[1, y, x] == max(cover)
 
 
+def test_the_overview_joins_the_tiles_as_z_scores_in_score_and_map():
+    from edgetl.heads.defect import softmax2
+    from edgetl.tasks.anomaly.tiles import Overview
+
+    p = TilePlan((300, 300), (300, 300), 224, (0, 76), (0, 76), 3.0, overview=True)
+    rng = np.random.default_rng(0)
+    # raw units differ per view (tiles ~ 20 +- 2, overview ~ 5 +- 0.5): only z-scores compare
+    ov = Overview(None, {"tiles": (20.0, 2.0), "overview": (5.0, 0.5)})
+    n = 6
+    tile_maps = rng.normal(18, 1, (n * p.count, 224, 224)).astype(np.float32)
+    tile_scores = tile_maps.reshape(n * p.count, -1).max(1)
+    om = rng.normal(4.5, 0.2, (n, 224, 224)).astype(np.float32)
+    om[2, 100:140, 150:190] = 7.5  # a large defect only the whole view sees: +5 sd there
+    maps, scores = p.frames(tile_maps, tile_scores, (om, om.reshape(n, -1).max(1)), ov)
+    z_t = (tile_scores.reshape(n, -1).max(1) - 20.0) / 2.0
+    z_o = (om.reshape(n, -1).max(1) - 5.0) / 0.5
+    c = max(20.0 / 2.0, 5.0 / 0.5)
+    np.testing.assert_allclose(scores, softmax2(z_t + c, z_o + c), rtol=1e-5)
+    assert scores[2] > np.delete(scores, 2).max() + 2  # caught, though its tiles look like the rest
+    assert z_t[2] <= np.delete(z_t, 2).max()  # the tiles alone would not single it out
+    # the map: both views in the score's units; the overview's peak lands where it is in the frame
+    assert maps.shape == (n, 300, 300)
+    row, col = np.unravel_index(np.argmax(maps[2]), maps[2].shape)
+    assert 100 * 300 / 224 - 2 <= row <= 140 * 300 / 224 + 2 and 150 * 300 / 224 - 2 <= col <= 190 * 300 / 224 + 2
+    tiles_only = p.frames(tile_maps, tile_scores)[0]
+    np.testing.assert_allclose(maps[0] >= (tiles_only[0] - 20.0) / 2.0 + c - 1e-4, True)
+    assert np.all(scores >= maps.reshape(n, -1).max(1) - 1e-4)  # a score never below its map
+
+
 def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (480, 640, 3), np.uint8)
