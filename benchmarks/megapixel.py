@@ -16,9 +16,11 @@ Reference: the same frames cut to 256 px windows (a random window of each good f
 each defect), which edgetl resizes to 224 px: the defect then keeps about its pixel size and fills
 ~16x more of the picture. The goal is megapixel image AUROC within 2 points of it.
 
-Figures: threshold-free image AUROC per kind and overall; fit wall time (without the FP32 reference
-pass: ``reference=False``); latency = median over 10 frames of scoring one frame (decode, preprocess,
-model, heat map) at batch 1. Two cores shared with other jobs: compare rows of one run, medians only.
+Figures: threshold-free image AUROC per kind and overall (a tiled bundle also per view: the tiles
+alone, the whole-frame overview alone, and their combination, which is what the bundle scores); fit
+wall time (without the FP32 reference pass: ``reference=False``); latency = median over 10 frames of
+scoring one frame (decode, preprocess, model, heat map) at batch 1. Two cores shared with other jobs:
+compare rows of one run, medians only.
 """
 
 from __future__ import annotations
@@ -231,7 +233,39 @@ def run_one(data: Path, out: Path, cache: str, extra_head: dict | None = None) -
         "frame_ms": round(1000 * float(np.median(lat)), 1),
         "detected": m.get("defects_detected"),
         "tiling": r.report.get("tiling"),
+        "views": views(out, data),
     }
+
+
+def views(bundle: Path, data: Path) -> dict | None:
+    """Image AUROC (overall and per kind) of each view of a tiled bundle with an overview, from
+    the same fitted heads: ``tiles`` (the frame's tile maximum alone: the default before the
+    overview), ``overview`` (the whole-frame view alone) and ``combined`` (their soft maximum in
+    z units: what the bundle scores). None for a bundle without an overview."""
+    from edgetl.core.bundle import load_bundle
+    from edgetl.core.metrics import auroc
+    from edgetl.tasks.anomaly.data import labelled_images
+    from edgetl.tasks.anomaly.task import AnomalyPredictor, PatchExtractor, score_rows
+
+    p = AnomalyPredictor(load_bundle(bundle), fused=False)
+    ov = p.overview
+    if ov is None or p.plan is None:
+        return None
+    samples, _, _ = labelled_images(data)
+    ext = PatchExtractor(p.session, p.preprocess, p.bundle.model_file("backbone"), p.shape)
+    tiles, whole = p.plan.split(ext.tiles(samples, p.plan))
+    st = p.plan.frames(*score_rows(p.head, tiles))[1]
+    so = score_rows(ov.head, whole)[1]
+    y = np.array([s.label != "good" for s in samples])
+    kinds = np.array([s.label for s in samples])
+    out = {}
+    for name, s in (("tiles", st), ("overview", so), ("combined", ov.combine(st, so))):
+        row = {"all": auroc(y, s)}
+        for k in sorted(set(kinds) - {"good"}):
+            sel = (kinds == "good") | (kinds == k)
+            row[k] = auroc(y[sel], s[sel])
+        out[name] = {k: None if v is None else round(float(v), 4) for k, v in row.items()}
+    return out
 
 
 def main() -> None:
@@ -283,6 +317,10 @@ def _line(r: dict) -> str:
         + " ".join(f"{k} {v:.2f}" for k, v in m["per_kind"].items())
         + f" | fit {m['fit_s']:.0f} s, {m['frame_ms']:.0f} ms/frame"
     )
+    for name, row in (m.get("views") or {}).items():
+        s += f"\n{'':<8} {name:<8} AUROC {row['all']:.3f} " + " ".join(
+            f"{k} {v:.2f}" for k, v in row.items() if k != "all" and v is not None
+        )
     if "ref224" in r:
         f = r["ref224"]
         s += f"\n{'':<8} 224 ref: image AUROC {f['image_auroc']:.3f} " + " ".join(

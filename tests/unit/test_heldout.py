@@ -117,12 +117,12 @@ def test_tiled_fit_normalises_on_held_out_frames():
 
 
 def test_tiled_patch_normalisation_scores_whole_frames_within_a_tile_budget():
-    from edgetl.heads.defect import MAX_NORM_IMAGES, MAX_NORM_TILES, MIN_NORM_FRAMES, _norm_rows
+    from edgetl.heads.defect import MAX_NORM_IMAGES, MAX_NORM_TILES, MIN_NORM_FRAMES, norm_rows
 
     few = np.repeat(np.arange(30), 4)
-    np.testing.assert_array_equal(_norm_rows(few, 0), np.arange(120))  # every frame, every tile
+    np.testing.assert_array_equal(norm_rows(few, 0), np.arange(120))  # every frame, every tile
     many = np.repeat(np.arange(200), 16)
-    rows = _norm_rows(many, 0)
+    rows = norm_rows(many, 0)
     frames, counts = np.unique(many[rows], return_counts=True)
     assert np.all(counts == 16) and len(frames) == max(MAX_NORM_TILES // 16, MIN_NORM_FRAMES)
-    assert len(np.unique(_norm_rows(np.repeat(np.arange(200), 2), 0) // 2)) == MAX_NORM_IMAGES
+    assert len(np.unique(norm_rows(np.repeat(np.arange(200), 2), 0) // 2)) == MAX_NORM_IMAGES

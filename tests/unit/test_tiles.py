@@ -56,6 +56,35 @@ def test_frames_take_the_max_over_tiles_and_stitch_maps_in_place():
         assert m[1, y, x] == max(cover)
 
 
+def test_the_overview_joins_the_tiles_as_z_scores_in_score_and_map():
+    from edgetl.heads.defect import softmax2
+    from edgetl.tasks.anomaly.tiles import Overview
+
+    p = TilePlan((300, 300), (300, 300), 224, (0, 76), (0, 76), 3.0, overview=True)
+    rng = np.random.default_rng(0)
+    # raw units differ per view (tiles ~ 20 +- 2, overview ~ 5 +- 0.5): only z-scores compare
+    ov = Overview(None, {"tiles": (20.0, 2.0), "overview": (5.0, 0.5)})
+    n = 6
+    tile_maps = rng.normal(18, 1, (n * p.count, 224, 224)).astype(np.float32)
+    tile_scores = tile_maps.reshape(n * p.count, -1).max(1)
+    om = rng.normal(4.5, 0.2, (n, 224, 224)).astype(np.float32)
+    om[2, 100:140, 150:190] = 7.5  # a large defect only the whole view sees: +5 sd there
+    maps, scores = p.frames(tile_maps, tile_scores, (om, om.reshape(n, -1).max(1)), ov)
+    z_t = (tile_scores.reshape(n, -1).max(1) - 20.0) / 2.0
+    z_o = (om.reshape(n, -1).max(1) - 5.0) / 0.5
+    c = max(20.0 / 2.0, 5.0 / 0.5)
+    np.testing.assert_allclose(scores, softmax2(z_t + c, z_o + c), rtol=1e-5)
+    assert scores[2] > np.delete(scores, 2).max() + 2  # caught, though its tiles look like the rest
+    assert z_t[2] <= np.delete(z_t, 2).max()  # the tiles alone would not single it out
+    # the map: both views in the score's units; the overview's peak lands where it is in the frame
+    assert maps.shape == (n, 300, 300)
+    row, col = np.unravel_index(np.argmax(maps[2]), maps[2].shape)
+    assert 100 * 300 / 224 - 2 <= row <= 140 * 300 / 224 + 2 and 150 * 300 / 224 - 2 <= col <= 190 * 300 / 224 + 2
+    tiles_only = p.frames(tile_maps, tile_scores)[0]
+    np.testing.assert_allclose(maps[0] >= (tiles_only[0] - 20.0) / 2.0 + c - 1e-4, True)
+    assert np.all(scores >= maps.reshape(n, -1).max(1) - 1e-4)  # a score never below its map
+
+
 def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (480, 640, 3), np.uint8)
@@ -63,12 +92,26 @@ def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     p = plan_tiles((640, 480), 224, 3)
     pre = PreprocessConfig(crop_pct=1.0)
     x = p.inputs(tmp_path / "f.png", pre)
-    assert x.shape == (p.count, 3, 224, 224)
-    work = np.asarray(Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
+    # the tiles, then one whole-frame view: one more row of the same batch, same input shape
+    assert p.overview and p.rows == p.count + 1
+    assert x.shape == (p.rows, 3, 224, 224)
+    work_im = Image.fromarray(frame).resize(p.work, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    work = np.asarray(work_im, np.float32)
     x0, y0 = p.boxes[-1]
     np.testing.assert_allclose(
-        x[-1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5, atol=1e-6
+        x[p.count - 1].transpose(1, 2, 0), (work[y0 : y0 + 224, x0 : x0 + 224] / 255 - 0.5) / 0.5, atol=1e-6
     )
+    whole = np.asarray(work_im.resize((224, 224), Image.Resampling.BICUBIC, reducing_gap=3.0), np.float32)
+    np.testing.assert_allclose(x[-1].transpose(1, 2, 0), (whole / 255 - 0.5) / 0.5, atol=1e-6)
+    tiles, views = p.split(np.concatenate([x, x]))  # two frames' rows -> their tiles, their overviews
+    np.testing.assert_array_equal(tiles, np.concatenate([x[: p.count]] * 2))
+    np.testing.assert_array_equal(views, np.stack([x[-1]] * 2))
+    # a plan saved before the overview (no key) reads as tiles alone: same rows, same feature-cache key
+    old = {k: v for k, v in p.to_dict().items() if k != "overview"}
+    before = TilePlan.from_dict(old)
+    assert not before.overview and before.rows == before.count
+    assert before.inputs(tmp_path / "f.png", pre).shape == (p.count, 3, 224, 224)
+    assert before.to_dict() == old and before.digest() != p.digest()
     Image.fromarray(frame[:, :400]).save(tmp_path / "narrow.png")
     with pytest.raises(DataError, match="narrow.png: a 400 x 480 frame; this bundle was fitted on 640 x 480"):
         p.inputs(tmp_path / "narrow.png", pre)
@@ -127,10 +170,90 @@ def tiled(tmp_path_factory, cache_dir):
     return root, out, r
 
 
+def _views(p, frames):
+    """(tile frame maxima, overview scores) of frames under a predictor's two heads (numpy)."""
+    from edgetl.tasks.anomaly.task import PatchExtractor, score_rows
+
+    ext = PatchExtractor(p.session, p.preprocess, p.bundle.model_file("backbone"), p.shape)
+    tiles, whole = p.plan.split(ext.tiles(frames, p.plan))
+    return p.plan.frames(*score_rows(p.head, tiles))[1], score_rows(p.overview.head, whole)[1]
+
+
+def test_tiled_bundle_scores_a_whole_frame_overview_beside_the_tiles(tiled, tmp_path):
+    import shutil
+
+    from edgetl import load_predictor
+    from edgetl.core.bundle import load_bundle
+    from edgetl.errors import BundleError
+    from edgetl.tasks.anomaly.task import ANOMALY, AnomalyPredictor
+
+    root, out, r = tiled
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)  # the module's bundle is adapted by the test after this one
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["head"]["versions"][0]
+    # its own memory, in a file of its own, hashed in the manifest like the head
+    assert manifest["anomaly"]["tiles"]["overview"] is True
+    assert entry["overview"] == "overview.npz" and entry["overview"] in manifest["files"]
+    assert set(entry["overview_norm"]) == {"tiles", "overview"}
+    assert r.report["tiling"]["overview_memory"] > 0
+    assert any("whole frame in one view" in line for line in ANOMALY.fit_lines(r))
+    p = load_predictor(copy)
+    assert p.overview.head.memory_size == r.report["tiling"]["overview_memory"] != p.head.memory_size
+    frames = sorted((root / "test").rglob("*.png"))
+    maps, scores = p.maps(frames)
+    # the frame's score is the soft maximum of the two views' z-scores (numpy, backbone + heads)
+    numpy_path = AnomalyPredictor(p.bundle, fused=False)
+    st, so = _views(numpy_path, frames)
+    np.testing.assert_allclose(scores, p.overview.combine(st, so), rtol=1e-4)
+    assert np.all(scores >= np.maximum(p.overview.term("tiles", st), p.overview.term("overview", so)) - 1e-4)
+    # the frame map holds both views in those units: never below the overview's map upsampled
+    om = numpy_path.maps(frames)[0]
+    np.testing.assert_allclose(om, maps, rtol=1e-4, atol=1e-4)
+    # a changed overview file is refused, naming it
+    raw = bytearray((copy / "overview.npz").read_bytes())
+    raw[-10] ^= 0xFF
+    (copy / "overview.npz").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="overview.npz"):
+        load_predictor(load_bundle(copy)).maps(frames[:1])
+
+
+def test_a_tiled_bundle_made_before_the_overview_scores_its_tiles_alone(tiled, tmp_path):
+    import shutil
+
+    from edgetl import load_predictor
+    from edgetl.tasks.anomaly.task import AnomalyPredictor, PatchExtractor, score_rows
+
+    root, out, _ = tiled
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    # the manifest as tiled bundles were written before: no overview in the plan or the version
+    m = json.loads((old / "manifest.json").read_text())
+    del m["anomaly"]["tiles"]["overview"]
+    for e in m["head"]["versions"]:
+        e.pop("overview"), e.pop("overview_norm")
+    m["files"].pop("overview.npz")
+    (old / "overview.npz").unlink()
+    (old / "manifest.json").write_text(json.dumps(m))
+    p = load_predictor(old)
+    assert p.plan.rows == p.plan.count and p.overview is None
+    frames = sorted((root / "test").rglob("*.png"))
+    maps, scores = p.maps(frames)
+    assert maps.shape == (len(frames), *p.plan.work[::-1])
+    new = AnomalyPredictor(load_predictor(out).bundle, fused=False)
+    st = _views(new, frames)[0]  # the tile head alone, on the same tiles
+    np.testing.assert_allclose(scores, st, rtol=1e-4)
+    numpy_path = AnomalyPredictor(p.bundle, fused=False)
+    ext = PatchExtractor(numpy_path.session, p.preprocess, p.bundle.model_file("backbone"), p.shape)
+    F = ext.tiles(frames, p.plan)
+    assert len(F) == len(frames) * p.plan.count  # no overview row in its batch
+    np.testing.assert_allclose(score_rows(numpy_path.head, F, p.plan)[1], scores, rtol=1e-4)
+
+
 def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_path, no_torch_env):
     from edgetl import load_predictor
     from edgetl.core.sessions import bundle_session
-    from edgetl.tasks.anomaly.task import ANOMALY
+    from edgetl.tasks.anomaly.task import ANOMALY, AnomalyPredictor
     from tests.conftest import run_cli
 
     root, out, r = tiled
@@ -171,7 +294,20 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     new.mkdir()
     for f in sorted((root / "test" / "good").glob("*.png")):
         (new / f.name).write_bytes(f.read_bytes())
+    before_ov = p.overview.head
     res = run_cli("adapt", out, new, "--json", env=no_torch_env)
     assert res.returncode == 0, res.stderr
-    after = load_predictor(out).maps(sorted((root / "test" / "good").glob("*.png")))[1]
+    q = load_predictor(out)
+    after = q.maps(sorted((root / "test" / "good").glob("*.png")))[1]
     assert np.all(after <= scores[: len(after)] * (1 + 1e-5))  # their own tiles are now in memory
+    # both memories learned the new frames: the tiles' and the overview's (a file of the new
+    # version, hashed); the normalisation carries over
+    entry = q.bundle.head_entry()
+    assert entry["overview"] == "overview/v2.npz" and entry["overview"] in q.bundle.manifest["files"]
+    assert entry["overview_norm"] == p.bundle.head_entry(1)["overview_norm"]
+    assert q.head.memory_size > p.head.memory_size
+    assert q.overview.head.memory_size > before_ov.memory_size
+    views = _views(AnomalyPredictor(q.bundle, fused=False), sorted(new.glob("*.png")))
+    old_views = _views(AnomalyPredictor(p.bundle, fused=False, head_version=1), sorted(new.glob("*.png")))
+    # their whole views are now in the overview's memory: none scores higher, and they score lower
+    assert np.all(views[1] <= old_views[1] * (1 + 1e-5)) and views[1].mean() < old_views[1].mean()

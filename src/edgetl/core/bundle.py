@@ -12,6 +12,8 @@
                     versions: exemplars/vN.npz)
     drift.npz       what the training features looked like, for drift scores on the device
                     (classification; later versions: drift/vN.npz)
+    overview.npz    a tiled defect bundle's whole-frame head, scored beside the tiles (later
+                    versions: overview/vN.npz)
     tokenizer.json  text bundles: the tokenizer
     report.json     FP32 vs quantized accuracy, feature cosine, parity, sizes, latency
 
@@ -61,7 +63,7 @@ _FORBIDDEN = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 # of a writer that was killed (cleaned by the next writer).
 _OWN_UNLISTED = re.compile(r"(\.edgetl\.lock|\..*\.tmp|\.staging-\d+.*|\.write-probe-\d+)")
 # Version files edgetl writes; one the manifest does not list is a killed writer's orphan.
-_VERSION_FILE = re.compile(r"(heads/v\d+\.npz|exemplars/v\d+\.npz|drift/v\d+\.npz|model-v\d+\.(onnx|xml|bin))")
+_VERSION_FILE = re.compile(r"((heads|exemplars|drift|overview)/v\d+\.npz|model-v\d+\.(onnx|xml|bin))")
 
 
 def sha256_file(path: Path) -> str:
@@ -403,7 +405,7 @@ def check_out_dir(out: Path, *, force: bool, data: str | Path | None = None) -> 
     listed = set(read_json(out / MANIFEST, limit=MAX_MANIFEST_BYTES).get("files", {}))
     # Folders edgetl writes: those of listed files, and the version folders. Anything in another
     # folder, any other folder (empty too) and any symlink is the user's, and stops the replace.
-    own_dirs = {"", "heads", "exemplars", "drift"} | {str(Path(rel).parent.as_posix()) for rel in listed}
+    own_dirs = {"", "heads", "exemplars", "drift", "overview"} | {str(Path(rel).parent.as_posix()) for rel in listed}
     own_dirs = {"" if d == "." else d for d in own_dirs}
     foreign = []
     for dirpath, dirnames, filenames in os.walk(out):

@@ -279,7 +279,7 @@ def version_core(entry: dict) -> dict:
 
 
 def version_files(entry: dict) -> list[str]:
-    return [entry[k] for k in ("file", "exemplars", "drift") if entry.get(k)]
+    return [entry[k] for k in ("file", "exemplars", "drift", "overview") if entry.get(k)]
 
 
 def release_block(manifest: dict) -> dict:

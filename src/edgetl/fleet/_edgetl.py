@@ -329,7 +329,10 @@ def write_head_version(b, head, *, entry: dict, exemplars=None, signer=None):
     files = {}
     if task.one_class:
         threshold = float(entry.get("threshold", cur.get("threshold", thresholds.get(task.threshold_key, 1.0))))
-        full = {"kind": head.kind, "labels": list(task.fixed_labels), **entry, "threshold": threshold}
+        # a tiled bundle's whole-frame head is not merged by the round: the new version keeps the
+        # current one's (file and normalisation), so its frames score as the threshold expects
+        keep = {k: cur[k] for k in ("overview", "overview_norm") if cur.get(k)}
+        full = {"kind": head.kind, "labels": list(task.fixed_labels), **keep, **entry, "threshold": threshold}
         thresholds[task.threshold_key] = threshold
         changes = {"thresholds": thresholds}
         meta = {**task.fused_meta(b, head), "threshold": threshold}

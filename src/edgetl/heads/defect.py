@@ -224,15 +224,15 @@ class DefectHead:
     def scale(self, part: str) -> np.float32:
         """A part's factor in the combined score, float32: 1 / (std of its held-out good scores)
         (``mean`` rule: 0.5 / std)."""
-        return np.float32((0.5 if self.rule == "mean" else 1.0) / self.norm[part][1])
+        if self.rule == "mean":
+            return np.float32(0.5 / self.norm[part][1])
+        return softmax_terms(self.norm)[part][0]
 
     def offset(self, part: str) -> np.float32:
         """A part's shift in the combined score (``softmax`` rule; 0 for ``mean``): every term is >= 0."""
         if self.rule == "mean":
             return np.float32(0.0)
-        c = max(m / sd for m, sd in self.norm.values())
-        m, sd = self.norm[part]
-        return np.float32(c - m / sd)
+        return softmax_terms(self.norm)[part][1]
 
     def map_cut(self, threshold: float) -> float:
         """The map value that is "at the threshold", for drawing: the combined score is the map's
@@ -418,6 +418,17 @@ class DefectHead:
             raise BundleError(f"{path}: defect head is incomplete ({exc})") from None
 
 
+def softmax_terms(norm: dict) -> dict[str, tuple[np.float32, np.float32]]:
+    """Per part, (scale, offset) of its term in a soft maximum of z-scores, float32: ``1 / sd`` and
+    ``c - mean / sd`` with ``c = max(mean / sd)`` over the parts, so that every term is a z-score
+    shifted by the same constant (a part's term on good items sits at ``c``, spread 1) and the
+    soft maximum stays positive like every other head's score. ``norm``: per part, (mean, sd) of
+    its held-out good scores. The one rule for a head's parts (:meth:`DefectHead.combine`) and for
+    the views of a tiled frame (:class:`edgetl.tasks.anomaly.tiles.Overview`)."""
+    c = max(m / sd for m, sd in norm.values())
+    return {k: (np.float32(1.0 / sd), np.float32(c - m / sd)) for k, (m, sd) in norm.items()}
+
+
 def softmax2(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """log(exp a + exp b), float32, computed as the graph does (no overflow)."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -432,7 +443,8 @@ def load_any_head(path: str | Path | IO[bytes]):
 
 
 # ----- fitting ----------------------------------------------------------------------------------
-def _norm(scores: np.ndarray) -> tuple[float, float]:
+def good_norm(scores: np.ndarray) -> tuple[float, float]:
+    """(mean, sd) of held-out good scores: what a z-score is taken against (sd kept above 0)."""
     s = np.asarray(scores, np.float64)
     sd = float(s.std(ddof=1)) if len(s) > 1 else 0.0
     return float(s.mean()), max(sd, 1e-6 * abs(float(s.mean())), 1e-12)
@@ -495,17 +507,17 @@ def fit_defect_head(
         if len(groups) != len(X):
             raise DataError(f"groups need one entry per feature row: {len(groups)} for {len(X)} rows")
     held_i = held_out_scores(Z, cfg.image, seed=cfg.seed, groups=groups)
-    norm = {"image": _norm(held_i if groups is None else group_max(held_i, groups))}
+    norm = {"image": good_norm(held_i if groups is None else group_max(held_i, groups))}
     patch = None
     if "patch" in registry.parts(cfg.kind):
-        rows = None if groups is None else _norm_rows(groups, cfg.seed)
+        rows = None if groups is None else norm_rows(groups, cfg.seed)
         patch, picked, held = held_out_patch_scores(F, cfg.patch, size=size, seed=cfg.seed, groups=groups, rows=rows)
-        norm["patch"] = _norm(held if groups is None else group_max(held, groups, picked))
+        norm["patch"] = good_norm(held if groups is None else group_max(held, groups, picked))
     meta = {"images": int(len(X))} if groups is None else {"images": int(len(X)), "frames": len(np.unique(groups))}
     return DefectHead(cfg.kind, cfg, patch, image, _triple(patch_shape), size, norm, meta)
 
 
-def _norm_rows(groups: np.ndarray, seed: int) -> np.ndarray:
+def norm_rows(groups: np.ndarray, seed: int) -> np.ndarray:
     """Every tile of a seeded choice of frames: the rows whose held-out scores give the frame
     maxima a patch part is normalised on (patchcore scores only these; padim scores every row
     anyway). As many frames as :data:`MAX_NORM_TILES` tiles allow, within

@@ -33,9 +33,9 @@ from ...core.fuse import score_parity
 from ...core.gate import auroc_gate, new_good_gate
 from ...core.metrics import best_f1_threshold, feature_cosine, out_of_fold_f1
 from ...core.preprocess import PreprocessConfig
-from ...core.sessions import bundle_session
-from ...core.versions import add_version
-from ...errors import ConfigError, DataError, GateError
+from ...core.sessions import Session, bundle_session
+from ...core.versions import add_version, next_version
+from ...errors import BundleError, ConfigError, DataError, GateError
 from ...heads import registry
 from ...heads.defect import DEFECT_KINDS, DefectConfig, DefectHead, fit_defect_head, load_any_head, update_defect_head
 from ...heads.patch import (
@@ -55,7 +55,7 @@ from .data import good_images, is_anomaly_layout, labelled_images, load_anomaly_
 from .metrics import detection_metrics
 from .render import save_overlay
 from .select import choose
-from .tiles import TilePlan, frame_size, load_mask_tiled, plan_tiles
+from .tiles import Overview, TilePlan, frame_size, load_mask_tiled, plan_tiles
 
 LABELS = ["good", "defect"]
 # Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): it ends in
@@ -115,6 +115,9 @@ class AnomalyPredictor:
         self.plan: TilePlan | None = TilePlan.from_dict(tiles) if tiles else None
         self.fused = fused and bool(entry.get("fused"))
         self._head: AnomalyHead | DefectHead | None = None
+        self._overview: Overview | None = None
+        self._backbone: Session | None = None
+        self._where = (device, threads)
         model = bundle.path / entry["fused"] if self.fused else bundle.model_file("backbone")
         self.session = bundle_session(bundle, model, device=device, threads=threads)
 
@@ -123,6 +126,42 @@ class AnomalyPredictor:
         if self._head is None:
             self._head = load_any_head(self.bundle.open_verified(self.bundle.head_entry(self.version)["file"]))
         return self._head
+
+    @property
+    def overview(self) -> Overview | None:
+        """The whole-frame view's head and normalisation, where the tile plan has an overview
+        (None for one-view bundles and tiled bundles made before it).
+
+        Raises:
+            BundleError: the plan has an overview but this head version lacks its file or norms.
+        """
+        if self.plan is None or not self.plan.overview:
+            return None
+        if self._overview is None:
+            entry = self.bundle.head_entry(self.version)
+            if not entry.get("overview"):
+                raise BundleError(
+                    f"{self.bundle.path}: head v{self.version} has no overview head, but its tile plan scores "
+                    "one; roll back to a version with one or fit again"
+                )
+            head = load_any_head(self.bundle.open_verified(entry["overview"]))
+            try:
+                norm = Overview.read_norm(entry.get("overview_norm") or {})
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                raise BundleError(f"{self.bundle.path}: head v{self.version}: {exc}; fit again") from None
+            self._overview = Overview(head, norm)
+        return self._overview
+
+    def backbone(self, x: np.ndarray) -> np.ndarray:
+        """Feature rows (N, L) of model inputs through the bundle's backbone (the overview's rows:
+        the fused model carries the tile head's memory, the overview has its own)."""
+        if not self.fused:
+            return np.asarray(self.session(x), np.float32).reshape(len(x), -1)
+        if self._backbone is None:
+            device, threads = self._where
+            model = self.bundle.model_file("backbone")
+            self._backbone = bundle_session(self.bundle, model, device=device, threads=threads)
+        return np.asarray(self._backbone(x), np.float32).reshape(len(x), -1)
 
     @property
     def has_map(self) -> bool:
@@ -150,13 +189,16 @@ class AnomalyPredictor:
                 continue
             x = ready[0] if plan is not None else np.stack(ready)
             ready = []
-            if self.fused:
-                outs = self.session.run(x)
+            if self.fused:  # the tiles through the fused model; an overview row through its own head
+                tiles, whole = plan.split(x) if plan is not None else (x, None)
+                outs = self.session.run(tiles)
                 m, s = (outs[0], outs[1]) if self.has_map else (None, outs[0])
+                if plan is not None:
+                    ov = self.overview
+                    views = None if whole is None or ov is None else score_rows(ov.head, self.backbone(whole))
+                    m, s = plan.frames(m, s, views, ov)
             else:
-                m, s = score_rows(self.head, self.session(x).reshape(len(x), -1))
-            if plan is not None:
-                m, s = plan.frames(m, s)
+                m, s = score_rows(self.head, self.session(x).reshape(len(x), -1), plan, self.overview)
             maps.append(m)
             scores.append(s)
         W, H = plan.work if plan is not None else (self.preprocess.input_size,) * 2
@@ -294,11 +336,13 @@ class PatchExtractor(ImageExtractor):
                 if tc:
                     tc.put(digests[i], 0, out[i])
                     cache.misses += 1
-        n = plan.count
+        n = plan.rows
         return np.concatenate([v.reshape(n, -1) for v in out]) if out else np.zeros((0, 0), np.float32)
 
 
-def labelled_check(pred, head, new_head, data, *, tolerance_pp: float, quiet: bool = True) -> dict | None:
+def labelled_check(
+    pred, head, new_head, data, *, tolerance_pp: float, quiet: bool = True, new_overview: Overview | None = None
+) -> dict | None:
     """An update's effect on labelled images the operator keeps beside the new good ones
     (``DATA/test/good`` and ``DATA/test/<defect>``, never learned): image AUROC of the current and
     the updated head on the same images, gated like a conversion (paired DeLong, refused only when
@@ -317,19 +361,37 @@ def labelled_check(pred, head, new_head, data, *, tolerance_pp: float, quiet: bo
         else ext.patches(samples, quiet=quiet, desc="adapt check")
     )
     decision = auroc_gate(
-        y, score_rows(head, F, pred.plan)[1], score_rows(new_head, F, pred.plan)[1], tolerance_pp=tolerance_pp
+        y,
+        score_rows(head, F, pred.plan, pred.overview)[1],
+        score_rows(new_head, F, pred.plan, new_overview)[1],
+        tolerance_pp=tolerance_pp,
     )
     return {**decision.to_dict(), "line": decision.describe().replace(" vs FP32", " vs the current head")}
 
 
-def score_rows(head, X: np.ndarray, plan: TilePlan | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+def score_rows(
+    head, X: np.ndarray, plan: TilePlan | None = None, overview: Overview | None = None
+) -> tuple[np.ndarray | None, np.ndarray]:
     """(maps or None, scores) of feature rows (N, L) under a patch-only or a defect head; with a
-    tile ``plan``, rows are tiles and the answer is per frame (maps at the working size)."""
+    tile ``plan``, rows are a frame's tiles (then its overview row, scored by ``overview``'s head)
+    and the answer is per frame (maps at the working size)."""
+    tiles, whole = plan.split(X) if plan is not None else (X, None)
     if isinstance(head, DefectHead):
-        m, s = head.maps(X)
+        m, s = head.maps(tiles)
     else:
-        m, s = head.maps(X.reshape(len(X), head.channels_in, *head.grid))
-    return plan.frames(m, s) if plan is not None else (m, s)
+        m, s = head.maps(tiles.reshape(len(tiles), head.channels_in, *head.grid))
+    if plan is None:
+        return m, s
+    if whole is None:
+        return plan.frames(m, s)
+    if overview is None:
+        raise BundleError("this tile plan scores an overview, and no overview head was given")
+    return plan.frames(m, s, score_rows(overview.head, whole), overview)
+
+
+def learn(head, X: np.ndarray):
+    """``head`` after also learning good feature rows ``X`` (a defect or a patch-only head)."""
+    return update_defect_head(head, X) if isinstance(head, DefectHead) else update_patch_head(head, patch_part(head, X))
 
 
 def _mask(path, pre: PreprocessConfig, plan: TilePlan | None):
@@ -351,9 +413,10 @@ def evaluate_head(
     pre: PreprocessConfig,
     threshold: float | None = None,
     plan: TilePlan | None = None,
+    overview: Overview | None = None,
 ) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """Metrics of ``head`` on labelled feature rows (per frame when tiled); picks the threshold when none is given."""
-    maps, scores = score_rows(head, F, plan)
+    maps, scores = score_rows(head, F, plan, overview)
     y = np.array([s.label != "good" for s in samples], bool)
     if threshold is None:
         if y.any() and (~y).any():
@@ -385,47 +448,85 @@ def evaluate_head(
     return m, maps, scores
 
 
-def out_of_fold_good_scores(head, F: np.ndarray, shape: tuple, size: int, plan: TilePlan | None = None) -> np.ndarray:
+def out_of_fold_good_scores(
+    head, F: np.ndarray, shape: tuple, size: int, plan: TilePlan | None = None, rows: np.ndarray | None = None
+) -> np.ndarray:
     """Scores of good training images by heads that never saw them, as ``head`` combines its parts
     (the same held-out scores its part scaling comes from): every image for an image part, at
-    most :data:`edgetl.heads.defect.MAX_NORM_IMAGES` (a seeded choice) where a patch part scores.
-    Tiled frames (rows are tiles): every tile, each frame's tiles left out together (they
+    most :data:`edgetl.heads.defect.MAX_NORM_IMAGES` (a seeded choice) where a patch part scores,
+    unless ``rows`` names the rows to score. Tiled frames (``F``: tile rows only): every tile of
+    every frame (``rows``: of the frames chosen), each frame's tiles left out together (they
     overlap), the frame's score the maximum over its tiles."""
     from ...heads.defect import held_out_patch_scores
+    from ...heads.heldout import group_max
     from ...heads.oneclass import held_out_scores
 
     seed = head.config.seed
     groups = None if plan is None else np.repeat(np.arange(len(F) // plan.count), plan.count)
-    rows = None if plan is None else np.arange(len(F))
+    if rows is None and plan is not None:
+        rows = np.arange(len(F))
 
     def patch(P, cfg):
         return held_out_patch_scores(P, cfg, size=size, seed=seed, groups=groups, rows=rows)[1:]
 
     def image(Z):
-        return held_out_scores(Z, head.config.image, seed=seed, groups=groups)
+        s = held_out_scores(Z, head.config.image, seed=seed, groups=groups)
+        return (np.arange(len(Z)), s) if rows is None else (rows, s[rows])
 
-    def per_frame(scores):
-        return scores if plan is None else plan.frames(None, scores)[1]
+    def per_frame(picked, scores):
+        return scores if plan is None else group_max(scores, groups, picked)
 
     if isinstance(head, AnomalyHead):
-        return per_frame(patch(F.reshape(len(F), *shape), head.config)[1])
+        return per_frame(*patch(F.reshape(len(F), *shape), head.config))
     P, Z = head.split(F)
     if head.patch is None or head.kind == head.image.kind:
-        return per_frame(image(Z))
+        return per_frame(*image(Z))
     picked, sp = patch(P, head.config.patch)
     if not head.combined:
-        return per_frame(sp)
-    return per_frame(head.combine(sp, image(Z)[picked]))
+        return per_frame(picked, sp)
+    return per_frame(picked, head.combine(sp, held_out_scores(Z, head.config.image, seed=seed, groups=groups)[picked]))
+
+
+def fit_overview(head, F_tr: np.ndarray, O_tr: np.ndarray, cfg, plan: TilePlan, size: int) -> Overview:
+    """The whole-frame view beside the tiles: a head of the same kind on the training frames'
+    overview rows ``O_tr`` (N, L) (its memory bounded as the tile head's is), scoring by its patch
+    part where it has one, and the held-out normalisation of both views. ``head``: the fitted
+    tile head, scoring as chosen; ``F_tr``: its tile rows.
+
+    The tiles' (mean, sd) is that of held-out frame maxima: where the tile head scores by one
+    part, its own normalisation of that part (fitted on exactly that); otherwise computed here on
+    the same seeded choice of frames. The overview's comes from its own leave-one-frame-out scores."""
+    from ...heads.defect import good_norm, held_out_patch_scores, norm_rows
+
+    shape = head.patch_shape if isinstance(head, DefectHead) else (head.channels_in, *head.grid)
+    groups = np.repeat(np.arange(len(O_tr)), plan.count)
+    if isinstance(head, DefectHead) and len(head.parts) == 1:
+        tiles = head.norm[head.parts[0]]
+    else:
+        tiles = good_norm(out_of_fold_good_scores(head, F_tr, shape, size, plan, norm_rows(groups, head.config.seed)))
+    ov: AnomalyHead | DefectHead
+    if isinstance(cfg, DefectConfig):
+        fitted = fit_defect_head(O_tr, cfg, patch_shape=shape, size=size)
+        ov = fitted.as_kind(OVERVIEW_KIND) if fitted.patch is not None else fitted
+        one = len(ov.parts) == 1
+        whole = ov.norm[ov.parts[0]] if one else good_norm(out_of_fold_good_scores(ov, O_tr, shape, size))
+    else:
+        ov, _, held = held_out_patch_scores(O_tr.reshape(len(O_tr), *shape), cfg, size=size, seed=cfg.seed)
+        whole = good_norm(held)
+    return Overview(ov, {"tiles": tiles, "overview": whole})
 
 
 def select_kind(
-    head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None
+    head: DefectHead, F_ev: np.ndarray, samples: list, plan: TilePlan | None = None, overview: Overview | None = None
 ) -> tuple[DefectHead, dict]:
     """On labelled anomalies, combined vs the patch part vs the image part (see :mod:`.select`).
 
     Tiled frames default to the patch part: a tile's pooled features see a piece of the part, and
     the maximum over tiles of that image part mostly adds its noise (measured on 1 MP frames:
-    image part alone 0.52 / 0.79 image AUROC, combined 0.72 / 0.94, patch part 0.83 / 0.93)."""
+    image part alone 0.52 / 0.79 image AUROC, combined 0.72 / 0.94, patch part 0.83 / 0.93).
+    Beside an ``overview`` the tiles score by one part (patch or image), each normalised on the
+    held-out frame maxima the head was fitted with; a combined tile score would need a held-out
+    pass of its own, and the overview already brings in the whole frame."""
     y = np.array([s.label != "good" for s in samples], bool)
     default = "patch" if plan is not None and head.combined else "combined"
     if not head.combined or not (y.any() and (~y).any()):
@@ -441,8 +542,49 @@ def select_kind(
             "reason": why,
         }
     kinds = (default, *(k for k in ("combined", "patch", head.image.kind) if k != default))
-    choice = choose(y, {k: score_rows(head.as_kind(k), F_ev, plan)[1] for k in kinds}, default=default)
+    if overview is not None:
+        kinds = tuple(k for k in kinds if len(registry.parts(k)) == 1)
+    choice = choose(
+        y,
+        {k: score_rows(head.as_kind(k), F_ev, plan, overview_for(overview, head.as_kind(k)))[1] for k in kinds},
+        default=default,
+    )
     return head.as_kind(choice["chosen"]), choice
+
+
+def keep_overview(head, overview: Overview, F_ev: np.ndarray, samples: list, plan: TilePlan) -> dict:
+    """On labelled anomalies, the tiles with the overview (the default) vs the tiles alone, by the
+    rule that chooses a head's parts (:func:`.select.choose`): the overview is dropped only where
+    the tiles alone are shown better beyond noise. Why: where the whole view sees nothing (an
+    irregular texture at 0.2x looks alike everywhere), its spread on good frames lifts some of them
+    above defects the tiles only just catch (measured on gravel); with no labelled anomalies it stays."""
+    y = np.array([s.label != "good" for s in samples], bool)
+    if not (y.any() and (~y).any()):
+        return {"chosen": "tiles + overview", "reason": "no labelled anomalies: the default"}
+    alone = dataclasses.replace(plan, overview=False)
+    both = score_rows(head, F_ev, plan, overview)[1]
+    return choose(
+        y,
+        {"tiles + overview": both, "tiles": score_rows(head, plan_split(F_ev, plan), alone)[1]},
+        default="tiles + overview",
+    )
+
+
+def plan_split(rows: np.ndarray, plan: TilePlan) -> np.ndarray:
+    """The tile rows of per-frame rows (tiles, then the overview where ``plan`` has one)."""
+    return plan.split(rows)[0]
+
+
+def overview_for(overview: Overview | None, head) -> Overview | None:
+    """``overview`` with the tiles' normalisation of ``head`` scoring by one part (its own held-out
+    frame maxima of that part); unchanged otherwise."""
+    if overview is None or not isinstance(head, DefectHead) or len(head.parts) != 1:
+        return overview
+    return dataclasses.replace(overview, norm={**overview.norm, "tiles": head.norm[head.parts[0]]})
+
+
+OVERVIEW_KIND = "patch"  # the overview scores by its patch part (measured: its image part added nothing)
+OVERVIEW_FILE = "overview.npz"  # fit's; adapt writes overview/vN.npz beside heads/vN.npz
 
 
 class AnomalyTask(Task):
@@ -529,27 +671,44 @@ class AnomalyTask(Task):
         pre = extractor.preprocess
         desc = "fp32 reference" if like is not None else "patch features"
         plan = like.features.get("plan") if like is not None else tile_plan(data, cfg, pre)
-        groups = None
+        groups, O_tr = None, None
         if plan is not None:
             cfg = tiled_config(cfg, plan)
-            F_tr = extractor.tiles(data.train, plan, cache=cache)
+            R_tr = extractor.tiles(data.train, plan, cache=cache)  # a frame's tiles, then its overview
             F_ev = extractor.tiles(data.eval_set, plan, cache=cache)
+            F_tr, O_tr = plan.split(R_tr)
             groups = np.repeat(np.arange(len(data.train)), plan.count)
         else:
-            F_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
+            F_tr = R_tr = extractor.patches(data.train, cache=cache, quiet=options.quiet, desc=f"{desc} train")
             F_ev = extractor.patches(data.eval_set, cache=cache, quiet=options.quiet, desc=f"{desc} eval")
         shape = extractor.shape
         head: DefectHead | AnomalyHead
+        choice = None
         if isinstance(cfg, DefectConfig):
             head = fit_defect_head(F_tr, cfg, patch_shape=shape, size=pre.input_size, groups=groups)
             if like is not None:  # the FP32 reference scores as the shipped head does
                 head, choice = head.as_kind(like.head.kind), like.features.get("choice")
-            else:
-                head, choice = select_kind(head, F_ev, data.eval_set, plan)
         else:
-            head, choice = fit_patch_head(F_tr.reshape(len(F_tr), *shape), cfg, size=pre.input_size), None
+            head = fit_patch_head(F_tr.reshape(len(F_tr), *shape), cfg, size=pre.input_size)
+        overview = None
+        if O_tr is not None and plan is not None:
+            tiles_as = head.as_kind("patch") if isinstance(head, DefectHead) and head.combined else head
+            overview = fit_overview(tiles_as, F_tr, O_tr, cfg, plan, pre.input_size)
+        if isinstance(head, DefectHead) and like is None:
+            head, choice = select_kind(head, F_ev, data.eval_set, plan, overview)
+            overview = overview_for(overview, head)
+        if overview is not None and plan is not None and like is None:
+            kept = keep_overview(head, overview, F_ev, data.eval_set, plan)
+            choice = {**(choice or {}), "overview": kept}
+            if kept["chosen"] == "tiles":  # shown better alone on these labelled frames: as before
+                overview, plan = None, dataclasses.replace(plan, overview=False)
+                R_tr, F_ev = F_tr, plan_split(F_ev, dataclasses.replace(plan, overview=True))
+        features = {"choice": choice, "plan": plan, "overview": overview}
         if not data.eval_set:  # good images only, none held out: the threshold from all of them, out of fold
             scores = out_of_fold_good_scores(head, F_tr, shape, pre.input_size, plan)
+            if overview is not None and O_tr is not None:  # every frame's overview, held out as its tiles are
+                whole = out_of_fold_good_scores(overview.head, O_tr, shape, pre.input_size, rows=np.arange(len(O_tr)))
+                scores = overview.combine(scores, whole)
             threshold = quantile_threshold(scores, head.config)
             metrics = detection_metrics(np.zeros(len(scores), bool), scores, threshold)
             metrics["threshold_policy"] = (
@@ -563,9 +722,9 @@ class AnomalyTask(Task):
                 {},
                 cache.misses if cache else 0,
                 extractor.session,
-                {"F_ev": F_tr, "choice": choice, "plan": plan},
+                {"F_ev": R_tr, **features},
             )
-        metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre, plan=plan)
+        metrics, _, scores = evaluate_head(head, F_ev, data.eval_set, data.masks, pre, plan=plan, overview=overview)
         y = np.array([s.label != "good" for s in data.eval_set], bool)
         return Trained(
             head,
@@ -574,7 +733,7 @@ class AnomalyTask(Task):
             {},
             cache.misses if cache else 0,
             extractor.session,
-            {"F_ev": F_ev, "choice": choice, "plan": plan},
+            {"F_ev": F_ev, **features},
         )
 
     def gate(self, trained: Trained, reference: Trained, tolerance_pp: float):
@@ -609,6 +768,9 @@ class AnomalyTask(Task):
         plan = trained.features.get("plan")
         has_map = not isinstance(head, DefectHead) or head.has_map
         label = head.label if isinstance(head, DefectHead) else head.kind
+        overview: Overview | None = trained.features.get("overview")
+        if overview is not None:  # a file of its own, hashed with the bundle like the head
+            overview.head.save(folder / OVERVIEW_FILE)  # type: ignore[attr-defined]
         heat = (
             "none: an image-level head scores the whole image"
             if not has_map
@@ -627,6 +789,7 @@ class AnomalyTask(Task):
                 "image_auroc": m["image_auroc"],
                 "heat_map": has_map,
                 "scoring": label,
+                **({"overview": OVERVIEW_FILE, "overview_norm": overview.norm_dict()} if overview is not None else {}),
             },
             "manifest": {
                 "labels": LABELS,
@@ -651,7 +814,11 @@ class AnomalyTask(Task):
                 "heat_map": heat,
                 "selection": trained.features.get("choice"),
                 "tiling": (
-                    {**plan.to_dict(), "plan": plan.describe()}
+                    {
+                        **plan.to_dict(),
+                        "plan": plan.describe(),
+                        **({"overview_memory": overview.head.memory_size} if overview is not None else {}),  # type: ignore[attr-defined]
+                    }
                     if plan is not None
                     else {"count": 1, "plan": "one view: the frame resized to the input size"}
                 ),
@@ -725,17 +892,24 @@ class AnomalyTask(Task):
         head = pred.head
         ext = PatchExtractor(pred.session, pred.preprocess, b.model_file("backbone"), pred.shape)
         F = ext.tiles(samples, pred.plan) if pred.plan is not None else ext.patches(samples, quiet=quiet, desc="adapt")
-        _maps, before = score_rows(head, F, pred.plan)
+        overview = pred.overview
+        _maps, before = score_rows(head, F, pred.plan, overview)
         gate = new_good_gate(before, pred.threshold, [s.path.name for s in samples])
         if gate["reasons"] and not force and not dry_run:
             raise GateError(f"update refused, v{pred.version} stays current: " + "; ".join(gate["reasons"]))
-        new_head = (
-            update_defect_head(head, F)
-            if isinstance(head, DefectHead)
-            else update_patch_head(head, patch_part(head, F))
+        tiles, whole = pred.plan.split(F) if pred.plan is not None else (F, None)
+        new_head = learn(head, tiles)
+        # both memories learn the new frames: the tiles their tiles, the overview their whole view;
+        # each view's normalisation carries over, as a head's parts' does
+        new_overview = (
+            dataclasses.replace(overview, head=learn(overview.head, whole))
+            if overview is not None and whole is not None
+            else None
         )
-        _maps, after = score_rows(new_head, F, pred.plan)
-        labelled = labelled_check(pred, head, new_head, data, tolerance_pp=tolerance_pp, quiet=quiet)
+        _maps, after = score_rows(new_head, F, pred.plan, new_overview)
+        labelled = labelled_check(
+            pred, head, new_head, data, tolerance_pp=tolerance_pp, quiet=quiet, new_overview=new_overview
+        )
         if labelled is not None:
             gate["image_auroc"] = labelled
             if not labelled["passed"] and not force and not dry_run:
@@ -750,6 +924,8 @@ class AnomalyTask(Task):
             "over_threshold": int(np.sum(s >= thr)),
         }
         memory = _memory(new_head)
+        if new_overview is not None:
+            memory["overview"] = _memory(new_overview.head)
         info = {
             "images": len(samples),
             "new_images_before": summary(before),
@@ -771,12 +947,18 @@ class AnomalyTask(Task):
             "new_images": len(samples),
             "parent": pred.version,
         }
+        files = {}
+        if new_overview is not None:
+            rel = f"overview/v{next_version(b)}.npz"
+            entry.update(overview=rel, overview_norm=new_overview.norm_dict())
+            files[rel] = new_overview.head.save  # type: ignore[attr-defined]
         new = add_version(
             b,
             new_head,
             entry,
             meta={**self.fused_meta(b, new_head), "threshold": thr},
             changes={"thresholds": {**b.manifest.get("thresholds", {}), "anomaly": thr}},
+            files=files,
             signer=signer,
         )
         return AdaptResult(new, new.head_version, info, {"total": round(time.perf_counter() - t0, 3)}, skipped)
@@ -877,6 +1059,11 @@ class AnomalyTask(Task):
                     else f"; image statistics of {mem['image_images']} images"
                     if "image_images" in mem
                     else ""
+                )
+                + (
+                    f"; overview memory {mem['overview']['patches']} patches"
+                    if "patches" in mem.get("overview", {})
+                    else ""
                 ),
                 f"their scores  max {b4['max']:.4g} -> {af['max']:.4g}; over the threshold {b4['over_threshold']} -> "
                 f"{af['over_threshold']}",
@@ -942,8 +1129,24 @@ def _tiling_lines(r: dict) -> list[str]:
     if not t or t.get("count", 1) == 1:
         return []
     ms = (r.get("fused_latency_batch1") or {}).get("p50_ms")
-    cost = f"; about {t['count'] * ms:.0f} ms of model a frame ({t['count']} x {ms:.1f} ms, this machine)" if ms else ""
-    return [f"tiles     {t['plan']}{cost}"]
+    rows = t["count"] + int(bool(t.get("overview")))
+    cost = (
+        f"; about {rows * ms:.0f} ms of model a frame ({rows} x {ms:.1f} ms, this machine"
+        + (f"; the overview's memory {t['overview_memory']} patches" if t.get("overview_memory") else "")
+        + ")"
+        if ms
+        else ""
+    )
+    lines = [f"tiles     {t['plan']}{cost}"]
+    kept = (r.get("selection") or {}).get("overview") or {}
+    if kept.get("candidates"):
+        alt = kept["candidates"]["tiles"]
+        lines.append(
+            f"overview  {'kept' if kept['chosen'] != 'tiles' else 'dropped'}: tiles + overview AUROC "
+            f"{kept['default_auroc']:.3f}, tiles alone {alt['auroc']:.3f} ({alt['diff']:+.3f}, interval "
+            f"[{alt['interval'][0]:+.3f}, {alt['interval'][1]:+.3f}]); {kept['reason']}"
+        )
+    return lines
 
 
 # A tiled frame runs the patch head once per tile: its memory is cut so that a frame costs at most

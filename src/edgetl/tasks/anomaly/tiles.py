@@ -16,10 +16,16 @@ tiles of the input size, spaced evenly (they overlap wherever the frame does not
 When the whole frame shrunk to the input size already keeps the defect that large, there is one
 view and no tiling, as before.
 
+Beside the tiles, a plan has an overview (:class:`Overview`): the whole working frame in one view,
+one more row of the same input size, scored by a head of its own. Tiles find small defects but
+lose some large, low-contrast ones that one view of the frame sees whole.
+
 The device loop (numpy + Pillow, no torch): decode, scale to the working size, cut the tiles,
 one model call on the (n_tiles, 3, S, S) batch (a static-batch target pads / splits it as for any
-batch), then the frame's score is the maximum of its tiles' scores and its map the maximum of the
-tile maps where they overlap, at the working size. Thresholds are set on these frame scores.
+batch), then the tiles' score is the maximum of their scores and the map the maximum of the tile
+maps where they overlap, at the working size; with the overview, the frame's score is the soft
+maximum of the two views' z-scores and its map the maximum of both maps in those units.
+Thresholds are set on these frame scores.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from PIL import Image
 
 from ...core.preprocess import PreprocessConfig, check_cost, decode, load_rgb, to_tensor
 from ...errors import DataError
+from ...heads.defect import softmax2, softmax_terms
 from .data import _MASK_LEVEL
 
 # The smallest defect is scaled to cover this many input pixels (see the module docstring).
@@ -63,10 +70,17 @@ class TilePlan:
     xs: tuple[int, ...]
     ys: tuple[int, ...]
     defect_size: float
+    overview: bool = False  # one whole-frame view after the tiles (plans saved before: none)
 
     @property
     def count(self) -> int:
+        """Tiles a frame is cut into."""
         return len(self.xs) * len(self.ys)
+
+    @property
+    def rows(self) -> int:
+        """Model inputs per frame: the tiles, then the overview where the plan has one."""
+        return self.count + int(self.overview)
 
     @property
     def scale(self) -> float:
@@ -87,6 +101,8 @@ class TilePlan:
             "defect_size": self.defect_size,
             "count": self.count,
             "scale": round(self.scale, 5),
+            # only when set: a plan without it reads (and digests) as plans saved before
+            **({"overview": True} if self.overview else {}),
         }
 
     @classmethod
@@ -98,6 +114,7 @@ class TilePlan:
             tuple(int(v) for v in d["xs"]),
             tuple(int(v) for v in d["ys"]),
             float(d["defect_size"]),
+            bool(d.get("overview", False)),
         )
 
     def digest(self) -> str:
@@ -108,7 +125,7 @@ class TilePlan:
         return (
             f"{len(self.xs)} x {len(self.ys)} tiles of {self.tile} px over {fw} x {fh} frames scaled by "
             f"{self.scale:.2f} (smallest defect {self.defect_size:g} px -> {self.defect_size * self.scale:.1f} "
-            "input px)"
+            "input px)" + (", and the whole frame in one view beside them" if self.overview else "")
         )
 
     # ---- device side ----------------------------------------------------------------------
@@ -132,10 +149,23 @@ class TilePlan:
         return im
 
     def inputs(self, path: Path, pre: PreprocessConfig) -> np.ndarray:
-        """(count, 3, S, S) model inputs of one frame file, in :attr:`boxes` order."""
-        arr = to_tensor(self.working_frame(path, pre), pre)
+        """(rows, 3, S, S) model inputs of one frame file: the tiles in :attr:`boxes` order, then
+        the overview (the whole working frame resized to S x S) where the plan has one."""
+        im = self.working_frame(path, pre)
+        arr = to_tensor(im, pre)
         S = self.tile
-        return np.stack([arr[:, y : y + S, x : x + S] for x, y in self.boxes])
+        tiles = [arr[:, y : y + S, x : x + S] for x, y in self.boxes]
+        if self.overview:  # all of the frame (no centre crop: a defect at a side must stay in view)
+            whole = im.resize((S, S), Image.Resampling[pre.interpolation.upper()], reducing_gap=3.0)
+            tiles.append(to_tensor(whole, pre))
+        return np.stack(tiles)
+
+    def split(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per-frame rows (N * rows, ...) -> (tile rows (N * count, ...), overview rows (N, ...) or None)."""
+        if not self.overview:
+            return rows, None
+        r = np.asarray(rows).reshape(-1, self.rows, *np.shape(rows)[1:])
+        return r[:, : self.count].reshape(-1, *r.shape[2:]), r[:, self.count]
 
     def stitch(self, maps: np.ndarray) -> np.ndarray:
         """(count, S, S) tile maps -> (H, W) frame map at the working size, maximum where tiles overlap."""
@@ -146,16 +176,83 @@ class TilePlan:
             np.maximum(out[y : y + S, x : x + S], m, out=out[y : y + S, x : x + S])
         return out
 
-    def frames(self, tile_maps: np.ndarray | None, tile_scores: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Per-tile (maps (N*n, S, S) or None, scores (N*n,)) -> per-frame (maps (N, H, W) or None, scores (N,))."""
+    def frames(
+        self,
+        tile_maps: np.ndarray | None,
+        tile_scores: np.ndarray,
+        whole: tuple[np.ndarray | None, np.ndarray] | None = None,
+        overview: Overview | None = None,
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Per-tile (maps (N*n, S, S) or None, scores (N*n,)) -> per-frame (maps (N, H, W) or None,
+        scores (N,)). With the overview's (maps (N, S, S) or None, scores (N,)) in ``whole`` and its
+        :class:`Overview` (memory and normalisation), a frame's score is the soft maximum of the
+        tiles' maximum and the overview's score, each as a z-score (:meth:`Overview.combine`), and
+        its map the maximum of the stitched tile map and the overview's map upsampled to the
+        working frame, both in those units."""
         n = self.count
         scores = np.asarray(tile_scores, np.float32).reshape(-1, n).max(axis=1)
-        if tile_maps is None:
-            return None, scores
-        tm = np.asarray(tile_maps, np.float32).reshape(-1, n, self.tile, self.tile)
-        return np.stack([self.stitch(m) for m in tm]) if len(tm) else np.zeros(
-            (0, self.work[1], self.work[0]), np.float32
-        ), scores
+        maps = None
+        if tile_maps is not None:
+            tm = np.asarray(tile_maps, np.float32).reshape(-1, n, self.tile, self.tile)
+            maps = (
+                np.stack([self.stitch(m) for m in tm])
+                if len(tm)
+                else np.zeros((0, self.work[1], self.work[0]), np.float32)
+            )
+        if whole is None:
+            return maps, scores
+        if overview is None:
+            raise ValueError("overview scores need the overview's normalisation")
+        om, os_ = whole
+        scores = overview.combine(scores, os_)
+        if maps is not None:
+            maps = overview.term("tiles", maps)
+            if om is not None:
+                for i, m in enumerate(np.asarray(om, np.float32)):
+                    np.maximum(maps[i], self.upsample(overview.term("overview", m)), out=maps[i])
+        return maps, scores
+
+    def upsample(self, m: np.ndarray) -> np.ndarray:
+        """An (S, S) overview map -> (H, W) at the working size (bilinear)."""
+        W, H = self.work
+        return np.asarray(Image.fromarray(np.asarray(m, np.float32)).resize((W, H), Image.Resampling.BILINEAR))
+
+
+@dataclass(frozen=True)
+class Overview:
+    """The whole-frame view's scoring beside the tiles: its own head (memory of whole training
+    frames in one view) and ``norm``, per view (``"tiles"``: the frame's tile maximum under the
+    tile head; ``"overview"``: the overview's score), (mean, sd) of held-out good training frames'
+    scores. Why: tiles find small defects but a large, low-contrast one (a stain filling much of a
+    tile) reads there as a change of lighting, while one view of the frame sees it whole; the soft
+    maximum follows whichever view sees the anomaly (the rule of a combined head's parts)."""
+
+    head: object  # a DefectHead or an AnomalyHead (anything with ``maps(rows)``)
+    norm: dict
+
+    def term(self, view: str, x: np.ndarray) -> np.ndarray:
+        """A view's raw score or map in the combined units (z-score + the shared offset)."""
+        a, b = softmax_terms(self.norm)[view]
+        return (np.asarray(x, np.float32) * a + b).astype(np.float32)
+
+    def combine(self, tiles: np.ndarray, whole: np.ndarray) -> np.ndarray:
+        """Frame scores from the tiles' maximum and the overview's raw score."""
+        return softmax2(self.term("tiles", tiles), self.term("overview", whole))
+
+    def norm_dict(self) -> dict:
+        return {k: [float(v) for v in vs] for k, vs in self.norm.items()}
+
+    @staticmethod
+    def read_norm(d: dict) -> dict:
+        """The manifest's ``overview_norm`` -> {view: (mean, sd)}.
+
+        Raises:
+            ValueError: not two views of two finite numbers with sd > 0.
+        """
+        norm = {k: (float(d[k][0]), float(d[k][1])) for k in ("tiles", "overview")}
+        if not all(math.isfinite(m) and math.isfinite(sd) and sd > 0 for m, sd in norm.values()):
+            raise ValueError(f"overview normalisation {d!r}")
+        return norm
 
 
 def _edges(length: int, tile: int) -> tuple[int, ...]:
@@ -166,9 +263,12 @@ def _edges(length: int, tile: int) -> tuple[int, ...]:
     return tuple(int(round(i * (length - tile) / (n - 1))) for i in range(n))
 
 
-def plan_tiles(frame: tuple[int, int], input_size: int, defect_size: float | None) -> TilePlan | None:
+def plan_tiles(
+    frame: tuple[int, int], input_size: int, defect_size: float | None, *, overview: bool = True
+) -> TilePlan | None:
     """The tiling for frames of ``frame`` (w, h) px whose smallest defect of interest is
-    ``defect_size`` px (None: :data:`DEFAULT_DEFECT_SIZE`), or None when one view keeps it visible."""
+    ``defect_size`` px (None: :data:`DEFAULT_DEFECT_SIZE`), or None when one view keeps it visible.
+    ``overview``: one whole-frame view scored beside the tiles (:class:`Overview`)."""
     d = float(defect_size or DEFAULT_DEFECT_SIZE)
     w, h = int(frame[0]), int(frame[1])
     one_view = input_size / min(w, h)  # the single view's scale (shorter side to the input size)
@@ -176,7 +276,7 @@ def plan_tiles(frame: tuple[int, int], input_size: int, defect_size: float | Non
     if scale <= one_view * MIN_GAIN:
         return None
     work = (max(input_size, round(w * scale)), max(input_size, round(h * scale)))
-    return TilePlan((w, h), work, input_size, _edges(work[0], input_size), _edges(work[1], input_size), d)
+    return TilePlan((w, h), work, input_size, _edges(work[0], input_size), _edges(work[1], input_size), d, overview)
 
 
 def frame_size(path: Path, pre: PreprocessConfig | None = None) -> tuple[int, int]:
