@@ -73,8 +73,11 @@ def test_round_on_tiled_frames_keeps_the_plan_and_scores_like_central(bundles, t
         Image.open(f).resize((400, 300), Image.Resampling.BICUBIC).save(f)
     shutil.copytree(small, tmp_path / "other.bundle")
     devices["other"] = Device.open(tmp_path / "other.bundle", tmp_path / "other", name="other")
-    n = et.tiles_per_image(b0)
-    assert n == 4 and all(len(d.train.F) == 3 * n and len(d.heldout.F) == n for d in list(devices.values())[:3])
+    plan = et.tile_plan(b0)
+    n, rows = plan.count, et.tiles_per_image(b0)  # rows: the tiles, then the whole-frame overview
+    assert n == 4 and rows == n + int(plan.overview) and et.has_overview(b0) == plan.overview
+    # 3 frames summarised as tiles only (the overview is each device's own), 1 held out whole
+    assert all(len(d.train.F) == 3 * n and len(d.heldout.F) == rows for d in list(devices.values())[:3])
 
     report = run_round(FleetRound(tmp_path / "server.bundle"), devices)
     assert report["version"] == 2 and report["devices"] == 3, report
@@ -86,7 +89,7 @@ def test_round_on_tiled_frames_keeps_the_plan_and_scores_like_central(bundles, t
     assert et.load_bundle(tmp_path / "other.bundle").head_version == 1
     for name in ("cam0", "cam1", "cam2"):
         d = report["deliveries"][name]
-        # judged on its held-out frame (4 tiles, one frame score), at the carried-over frame threshold
+        # judged on its held-out frame (its tiles and overview, one frame score), at the carried-over frame threshold
         assert d["accepted"] and d["heldout_images"] == 1 and d["threshold"] == thr0, d
         assert et.load_bundle(tmp_path / f"{name}.bundle").head_version == 2
 

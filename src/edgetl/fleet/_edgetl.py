@@ -56,6 +56,7 @@ from ..heads.registry import FleetMerge, register_fleet_merge
 from ..heads.training import train_head as _train_head
 from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
+from ..tasks.anomaly.task import score_rows as _score_rows
 from ..tasks.anomaly.tiles import TilePlan
 from ..tasks.classify.data import scan_images
 from ..tasks.classify.update import holdout_mask as _holdout_mask
@@ -285,17 +286,29 @@ def patch_features(b, paths, *, quiet: bool = True) -> np.ndarray:
 
 
 def tiles_per_image(b) -> int:
-    """Rows of :func:`patch_features` per image: the tile count of a tiled bundle, else 1."""
+    """Rows of :func:`patch_features` per image: a tiled bundle's tiles (and its overview row,
+    where the plan has one), else 1."""
     plan = tile_plan(b)
-    return 1 if plan is None else plan.count
+    return 1 if plan is None else plan.rows
+
+
+def has_overview(b) -> bool:
+    """Whether each frame's rows of :func:`patch_features` end with a whole-frame overview row:
+    scored with the frame, never merged into the shared patch memory (the overview is the whole
+    frame at another scale and has a memory of its own, which each device keeps)."""
+    plan = tile_plan(b)
+    return plan is not None and plan.overview
 
 
 def anomaly_scores(b, head, F) -> np.ndarray:
     """Image scores of patch features under ``head`` (the numpy reference of the fused graph); for
-    a tiled bundle, frame scores (the maximum over each frame's tiles, as the device scores)."""
-    scores = head.maps(F)[1]
+    a tiled bundle, frame scores as the device scores them: the maximum over each frame's tiles,
+    with the overview (the bundle's current one) combined in where the plan has one."""
     plan = tile_plan(b)
-    return scores if plan is None else plan.frames(None, scores)[1]
+    if plan is None:
+        return head.maps(F)[1]
+    overview = AnomalyPredictor(b, fused=False).overview if plan.overview else None
+    return _score_rows(head, np.asarray(F).reshape(len(F), -1), plan, overview)[1]
 
 
 # ------------------------------------------------------------------------------------ replay memory

@@ -79,6 +79,7 @@ class Device:
                 template=et.current_head(b),
                 task=b.task,
                 rows_per_image=et.tiles_per_image(b),
+                overview=et.has_overview(b),
             )
         X, labels, skipped = et.labelled_features(b, data, strict=strict, quiet=quiet)
         dev = cls.from_features(b.path, X=X, labels=labels, name=name, holdout=holdout, seed=seed, task=b.task)
@@ -99,10 +100,13 @@ class Device:
         template=None,
         task: str | None = None,
         rows_per_image: int = 1,
+        overview: bool = False,
     ) -> Device:
         """A device from already extracted features (tests, ``simulate``): same split, same gate.
         ``rows_per_image``: patch rows per image (a tiled bundle's tiles: a frame is held out or
-        summarised whole, as adapt's held-out normalisation keeps a frame's tiles together)."""
+        summarised whole, as adapt's held-out normalisation keeps a frame's tiles together).
+        ``overview``: each frame's last row is its whole-frame view, scored on the held-out frames
+        but never summarised into the shared patch memory (it has a memory of its own)."""
         bundle = Path(bundle)
         name = name or bundle.name
         if patches is not None:
@@ -114,11 +118,14 @@ class Device:
             if n >= 2:
                 hold_img[rng.choice(n, max(1, int(round(n * holdout))), replace=False)] = True
             hold = np.repeat(hold_img, k)
+            train = F[~hold]
+            if overview:  # the tiles only: the overview row is another scale of the part
+                train = train.reshape(-1, k, *F.shape[1:])[:, : k - 1].reshape(-1, *F.shape[1:])
             return cls(
                 bundle,
                 name,
                 task or et.load_bundle(bundle).task,
-                LocalData.anomaly(F[~hold]),
+                LocalData.anomaly(train),
                 LocalData(F=F[hold]),
                 template=template,
                 images=n,

@@ -351,6 +351,8 @@ def _device_from_state(context, spec: dict) -> Device:
                 rows_per_image=et.tiles_per_image(b),
             )
             dev.train.F, dev.heldout.F = arrs["train"], arrs["held"]
+            k = et.tiles_per_image(b)  # the summarised frames lack their overview row
+            dev.images = len(arrs["held"]) // k + len(arrs["train"]) // max(1, k - int(et.has_overview(b)))
             return dev
         dev = Device.from_features(
             info["bundle"], X=arrs["train"], labels=info["train"], name=info["name"], holdout=0.0, task=info["task"]
