@@ -203,6 +203,12 @@ def _head_kinds() -> list[str]:
     help="anomaly: the smallest defect to find, in frame pixels (a scratch's "
     "width); frames too large to keep it visible in one view are scored as tiles.  [default: 3]",
 )
+@click.option(
+    "--overview",
+    type=click.Choice(["auto", "on", "off"]),
+    help="anomaly, tiled frames: also score the whole frame in one view beside the tiles (large, "
+    "low-contrast defects); auto: only where labelled anomalies show it helps.  [default: auto]",
+)
 @click.option("--l2", type=float, help="Classifier heads: L2 regularisation (default: chosen on the validation split).")
 @click.option("--hidden", type=int, help="mlp head: hidden units.  [default: 256]")
 @click.option("--epochs", type=int, help="linear / mlp heads: optimizer iterations.  [default: 300]")
@@ -263,6 +269,7 @@ def fit(
     weights,
     head_kind,
     defect_size,
+    overview,
     l2,
     hidden,
     epochs,
@@ -313,6 +320,7 @@ def fit(
             "hidden": hidden,
             "epochs": epochs,
             "defect_size": defect_size,
+            "overview": overview,
         }.items()
         if v is not None
     }

@@ -89,7 +89,7 @@ def test_tile_inputs_are_crops_of_the_scaled_frame(tmp_path):
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (480, 640, 3), np.uint8)
     Image.fromarray(frame).save(tmp_path / "f.png")
-    p = plan_tiles((640, 480), 224, 3)
+    p = plan_tiles((640, 480), 224, 3, overview=True)
     pre = PreprocessConfig(crop_pct=1.0)
     x = p.inputs(tmp_path / "f.png", pre)
     # the tiles, then one whole-frame view: one more row of the same batch, same input shape
@@ -159,7 +159,8 @@ def tiled(tmp_path_factory, cache_dir):
         root,
         out,
         options=FitOptions(
-            head=ANOMALY.head_config({"kind": "combined", "defect_size": 3}),
+            # the overview asked for: by default it is fitted only beside labelled anomalies that show it helps
+            head=ANOMALY.head_config({"kind": "combined", "defect_size": 3, "overview": "on"}),
             target="cpu-x86",
             precision="fp32",
             cache_dir=str(cache_dir),
@@ -257,7 +258,7 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     from tests.conftest import run_cli
 
     root, out, r = tiled
-    plan = plan_tiles((448, 448), 224, 3)
+    plan = plan_tiles((448, 448), 224, 3, overview=True)
     assert json.loads((out / "manifest.json").read_text())["anomaly"]["tiles"] == plan.to_dict()
     assert r.report["tiling"]["count"] == plan.count == 4
     assert any(line.startswith("tiles ") and "ms of model a frame" in line for line in ANOMALY.fit_lines(r))

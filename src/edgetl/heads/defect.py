@@ -130,6 +130,10 @@ class DefectConfig:
     def defect_size(self) -> float | None:
         return self.patch.defect_size
 
+    @property
+    def overview(self) -> str:
+        return self.patch.overview
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "patch": self.patch.to_dict(), "image": self.image.to_dict()}
 

@@ -51,6 +51,10 @@ HEADER_KEY = "__header__"
 
 
 # =============================================================================== configuration
+# Whether a tiled bundle scores a whole-frame view beside its tiles (see tasks/anomaly/tiles.py).
+OVERVIEW_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class AnomalyConfig:
     """How an anomaly head is built. Defaults are what ``edgetl fit DATA --task anomaly`` does.
@@ -73,6 +77,8 @@ class AnomalyConfig:
         defect_size: the smallest defect to find, in frame pixels (None: the task's default); with
             the frame size it decides whether and how large frames are tiled
             (:mod:`edgetl.tasks.anomaly.tiles`).
+        overview: tiled frames only: a whole-frame view scored beside the tiles. ``auto``: only
+            where labelled anomalies show it better beyond noise; ``on`` / ``off``: always / never.
     """
 
     kind: str = "patchcore"
@@ -88,8 +94,11 @@ class AnomalyConfig:
     margin: float = 1.05
     seed: int = 0
     defect_size: float | None = None
+    overview: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.overview not in OVERVIEW_MODES:
+            raise ConfigError(f"overview {self.overview!r} is not one of {', '.join(OVERVIEW_MODES)}")
         if self.defect_size is not None and not (
             isinstance(self.defect_size, (int, float)) and 0 < self.defect_size < 10_000
         ):

@@ -264,7 +264,7 @@ def _edges(length: int, tile: int) -> tuple[int, ...]:
 
 
 def plan_tiles(
-    frame: tuple[int, int], input_size: int, defect_size: float | None, *, overview: bool = True
+    frame: tuple[int, int], input_size: int, defect_size: float | None, *, overview: bool = False
 ) -> TilePlan | None:
     """The tiling for frames of ``frame`` (w, h) px whose smallest defect of interest is
     ``defect_size`` px (None: :data:`DEFAULT_DEFECT_SIZE`), or None when one view keeps it visible.
