@@ -312,3 +312,37 @@ def test_tiled_bundle_predicts_per_frame_with_frame_sized_heat_maps(tiled, tmp_p
     old_views = _views(AnomalyPredictor(p.bundle, fused=False, head_version=1), sorted(new.glob("*.png")))
     # their whole views are now in the overview's memory: none scores higher, and they score lower
     assert np.all(views[1] <= old_views[1] * (1 + 1e-5)) and views[1].mean() < old_views[1].mean()
+
+
+def test_a_tiled_fit_on_good_frames_alone_checks_its_fused_model_on_tiles(tmp_path, cache_dir, no_torch_env):
+    """Good frames only (no test folder), as a line often starts: the fused model's check must
+    compare it with the numpy head on the same tile rows, not on whole frames shrunk to one view
+    (which read as a 15-19 % disagreement and stopped the fit)."""
+    from tests import tiled
+    from tests.conftest import run_cli
+
+    frames = tiled.good_frames(tmp_path / "line" / "good", 4, seed=5)
+    out = tmp_path / "line.bundle"
+    r = run_cli(
+        "fit",
+        tmp_path / "line",
+        "--out",
+        out,
+        "--head",
+        "patchcore",
+        "--defect-size",
+        str(tiled.DEFECT_SIZE),
+        "--precision",
+        "fp32",
+        "--runtime",
+        "onnxruntime",
+        "--json",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiling"]["count"] == 4
+    par = report["fused_parity"]
+    assert par["passed"] and par["images"] == 4 and par["max_rel_score_diff"] < 1e-3, par
+    res = run_cli("predict", out, frames[0], "--json", env=no_torch_env)
+    assert res.returncode == 0, res.stderr

@@ -841,7 +841,9 @@ class AnomalyTask(Task):
         probe = (data.eval_set or data.train)[:8]
         pre = PreprocessConfig.from_dict(exported.preprocess)
         plan = trained.features.get("plan")
-        if plan is not None and data.eval_set:  # the first frame's tiles, the rows they gave
+        # a tiled fit: the first probe frame's tiles, the rows they gave (evaluation frames, or the
+        # training frames when there are only good images: those rows stand in for them then)
+        if plan is not None:
             probe = probe[:1] * min(8, plan.count)
             x = plan.inputs(Path(probe[0].path), pre)[: len(probe)]
         else:
