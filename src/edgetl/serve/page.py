@@ -106,19 +106,11 @@ class Page:
 
     @guarded(Access.READ)
     async def thumb(self, request: Request) -> Response:
-        item_id = request.path_params["id"]
-        data = await run_in_threadpool(self.svc.thumbnail, item_id) if ID.fullmatch(item_id) else None
-        if data is None:
-            raise NotFound("no such thumbnail")
-        return Response(data, media_type="image/jpeg", headers={"cache-control": "private, max-age=600"})
+        return await _item_image(request, self.svc.thumbnail, "image/jpeg", "thumbnail")
 
     @guarded(Access.READ)
     async def heat_map(self, request: Request) -> Response:
-        item_id = request.path_params["id"]
-        data = await run_in_threadpool(self.svc.heat_map, item_id) if ID.fullmatch(item_id) else None
-        if data is None:
-            raise NotFound("no such heat map")
-        return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=600"})
+        return await _item_image(request, self.svc.heat_map, "image/png", "heat map")
 
     def routes(self) -> list[Route]:
         return [
@@ -132,3 +124,13 @@ class Page:
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
             Route("/heatmap/{id}", self.heat_map, methods=["GET"]),
         ]
+
+
+async def _item_image(request: Request, draw, media_type: str, what: str) -> Response:
+    """An image of one recent answer (``draw(item_id)`` -> bytes or None), drawn off the event loop;
+    404 for an id of the wrong form or one with nothing to draw."""
+    item_id = request.path_params["id"]
+    data = await run_in_threadpool(draw, item_id) if ID.fullmatch(item_id) else None
+    if data is None:
+        raise NotFound(f"no such {what}")
+    return Response(data, media_type=media_type, headers={"cache-control": "private, max-age=600"})
