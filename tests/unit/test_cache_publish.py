@@ -18,8 +18,8 @@ def test_each_writer_stages_privately_and_the_first_to_publish_wins(tmp_path):
     for tmp, text in ((a, "first"), (b, "second")):
         tmp.mkdir()
         (tmp / "info.json").write_text(text)
-    assert publish_dir(a, folder) is True
-    assert publish_dir(b, folder) is False  # the same key: theirs is kept, ours removed
+    assert publish_dir(a, folder, "info.json") is True
+    assert publish_dir(b, folder, "info.json") is False  # the same key: theirs is kept, ours removed
     assert (folder / "info.json").read_text() == "first"
     assert not a.exists() and not b.exists()
     assert sorted(p.name for p in folder.parent.iterdir()) == ["abc"]
@@ -32,7 +32,7 @@ def _race(folder: str, text: str, start) -> bool:
     for i in range(50):
         (tmp / f"part{i}").write_text(text)
     (tmp / "info.json").write_text(text)
-    return publish_dir(tmp, Path(folder))
+    return publish_dir(tmp, Path(folder), "info.json")
 
 
 def test_writers_racing_for_one_entry_leave_one_complete_folder(tmp_path):
@@ -49,3 +49,14 @@ def test_writers_racing_for_one_entry_leave_one_complete_folder(tmp_path):
     assert {p.read_text() for p in folder.glob("part*")} == {text}  # one writer's files, all of them
     assert len(list(folder.glob("part*"))) == 50
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+def test_an_entry_without_its_marker_is_replaced(tmp_path):
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    (folder / "model.onnx").write_text("half of an old write")  # no info.json: never completed
+    tmp = staging_dir(folder)
+    tmp.mkdir()
+    (tmp / "info.json").write_text("new")
+    assert publish_dir(tmp, folder, "info.json") is True
+    assert sorted(p.name for p in folder.iterdir()) == ["info.json"]

@@ -44,10 +44,14 @@ def staging_dir(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
 
 
-def publish_dir(tmp: Path, folder: Path) -> bool:
+def publish_dir(tmp: Path, folder: Path, marker: str) -> bool:
     """Move the complete ``tmp`` into place as ``folder`` in one rename. When another process
     published the same entry first, theirs is kept (same key, same content) and ``tmp`` removed,
-    so a reader never sees a folder deleted or half-replaced under it. -> whether ours was used."""
+    so a reader never sees a folder deleted or half-replaced under it. A ``folder`` without its
+    ``marker`` file (written last) is a broken entry from an older edgetl and is replaced.
+    -> whether ours was used."""
+    if folder.is_dir() and not (folder / marker).is_file():
+        shutil.rmtree(folder, ignore_errors=True)
     try:
         os.rename(tmp, folder)
         return True

@@ -299,7 +299,7 @@ def export_image_backbone(
             meta["pooled_features"] = int(model.body.num_features)
             meta["feature_shape"] = list(_output_shape_of(model, pre.input_size))
         (tmp / "backbone.json").write_text(json.dumps(meta, indent=2))
-        publish_dir(tmp, folder)  # a concurrent export may have won the race: theirs is as good as ours
+        publish_dir(tmp, folder, meta_path.name)  # a concurrent export may have won the race: theirs is as good as ours
     meta = json.loads(meta_path.read_text())
     if "pooled_features" in meta:
         shape = tuple(int(d) for d in meta["feature_shape"])

@@ -333,9 +333,7 @@ def export_text_backbone(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if folder.is_dir() and not info_path.is_file():  # a broken entry from before: ours replaces it
-        shutil.rmtree(folder, ignore_errors=True)
-    if not publish_dir(tmp, folder):  # another process exported it first: use theirs
+    if not publish_dir(tmp, folder, info_path.name):  # another process exported it first: use theirs
         info = json.loads(info_path.read_text())
     log.info("exported %s with %s in %.1f s", src.name, chosen, time.perf_counter() - t0)
     return _exported(folder, info)

@@ -552,9 +552,7 @@ def converted_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if folder.is_dir() and not info_path.is_file():  # a broken entry from before: ours replaces it
-        shutil.rmtree(folder, ignore_errors=True)
-    if not publish_dir(tmp, folder):  # another process converted the same model first: use theirs
+    if not publish_dir(tmp, folder, info_path.name):  # another process converted the same model first: use theirs
         info = json.loads(info_path.read_text())
         return ConvertedModel(folder / info["file"], target.runtime, target.precision, info)
     return ConvertedModel(folder / converted.path.name, converted.runtime, converted.precision, converted.info)
