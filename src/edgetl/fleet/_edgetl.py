@@ -56,6 +56,7 @@ from ..heads.registry import FleetMerge, register_fleet_merge
 from ..heads.training import train_head as _train_head
 from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
+from ..tasks.anomaly.task import load_overview as _load_overview
 from ..tasks.anomaly.task import score_rows as _score_rows
 from ..tasks.anomaly.tiles import TilePlan
 from ..tasks.classify.data import scan_images
@@ -307,7 +308,7 @@ def anomaly_scores(b, head, F) -> np.ndarray:
     plan = tile_plan(b)
     if plan is None:
         return head.maps(F)[1]
-    overview = AnomalyPredictor(b, fused=False).overview if plan.overview else None
+    overview = _load_overview(b, b.head_version, plan)  # the file alone: no runtime session for it
     return _score_rows(head, np.asarray(F).reshape(len(F), -1), plan, overview)[1]
 
 

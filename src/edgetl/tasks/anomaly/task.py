@@ -135,21 +135,8 @@ class AnomalyPredictor:
         Raises:
             BundleError: the plan has an overview but this head version lacks its file or norms.
         """
-        if self.plan is None or not self.plan.overview:
-            return None
         if self._overview is None:
-            entry = self.bundle.head_entry(self.version)
-            if not entry.get("overview"):
-                raise BundleError(
-                    f"{self.bundle.path}: head v{self.version} has no overview head, but its tile plan scores "
-                    "one; roll back to a version with one or fit again"
-                )
-            head = load_any_head(self.bundle.open_verified(entry["overview"]))
-            try:
-                norm = Overview.read_norm(entry.get("overview_norm") or {})
-            except (KeyError, TypeError, ValueError, IndexError) as exc:
-                raise BundleError(f"{self.bundle.path}: head v{self.version}: {exc}; fit again") from None
-            self._overview = Overview(head, norm)
+            self._overview = load_overview(self.bundle, self.version, self.plan)
         return self._overview
 
     def backbone(self, x: np.ndarray) -> np.ndarray:
@@ -369,6 +356,29 @@ def labelled_check(
     return {**decision.to_dict(), "line": decision.describe().replace(" vs FP32", " vs the current head")}
 
 
+def load_overview(bundle, version: int, plan: TilePlan | None) -> Overview | None:
+    """Head version ``version``'s whole-frame view (head and normalisation), where the tile
+    ``plan`` has an overview (None for one-view bundles and tiled bundles made before it).
+
+    Raises:
+        BundleError: the plan has an overview but this head version lacks its file or norms.
+    """
+    if plan is None or not plan.overview:
+        return None
+    entry = bundle.head_entry(version)
+    if not entry.get("overview"):
+        raise BundleError(
+            f"{bundle.path}: head v{version} has no overview head, but its tile plan scores "
+            "one; roll back to a version with one or fit again"
+        )
+    head = load_any_head(bundle.open_verified(entry["overview"]))
+    try:
+        norm = Overview.read_norm(entry.get("overview_norm") or {})
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise BundleError(f"{bundle.path}: head v{version}: {exc}; fit again") from None
+    return Overview(head, norm)
+
+
 def score_rows(
     head, X: np.ndarray, plan: TilePlan | None = None, overview: Overview | None = None
 ) -> tuple[np.ndarray | None, np.ndarray]:
@@ -572,14 +582,9 @@ def keep_overview(
     both = score_rows(head, F_ev, plan, overview)[1]
     return choose(
         y,
-        {"tiles": score_rows(head, plan_split(F_ev, plan), alone)[1], "tiles + overview": both},
+        {"tiles": score_rows(head, plan.split(F_ev)[0], alone)[1], "tiles + overview": both},
         default="tiles",
     )
-
-
-def plan_split(rows: np.ndarray, plan: TilePlan) -> np.ndarray:
-    """The tile rows of per-frame rows (tiles, then the overview where ``plan`` has one)."""
-    return plan.split(rows)[0]
 
 
 def overview_for(overview: Overview | None, head) -> Overview | None:
@@ -708,8 +713,8 @@ class AnomalyTask(Task):
             kept = keep_overview(head, overview, F_ev, data.eval_set, plan, getattr(cfg, "overview", "auto"))
             choice = {**(choice or {}), "overview": kept}
             if kept["chosen"] == "tiles":  # the default, unless labelled frames show the overview better
+                R_tr, F_ev = F_tr, plan.split(F_ev)[0]
                 overview, plan = None, dataclasses.replace(plan, overview=False)
-                R_tr, F_ev = F_tr, plan_split(F_ev, dataclasses.replace(plan, overview=True))
         features = {"choice": choice, "plan": plan, "overview": overview}
         if not data.eval_set:  # good images only, none held out: the threshold from all of them, out of fold
             scores = out_of_fold_good_scores(head, F_tr, shape, pre.input_size, plan)
