@@ -36,6 +36,38 @@ def test_plan_covers_the_frame_with_the_fewest_tiles():
     assert fine.work == (1024, 768) and fine.count > p.count
 
 
+def test_every_plan_fit_writes_reads_back_and_a_hostile_one_is_refused():
+    # no false refusal: whatever plan fit makes, over frame shapes and defect sizes, reads back
+    plans = 0
+    for w in (300, 448, 640, 1024, 1280, 1920, 2592, 4000):
+        for h in (260, 480, 768, 1024, 1944, 3000):
+            for d in (1, 2, 3, 5, 8, 13):
+                p = plan_tiles((w, h), 224, d, overview=d % 2 == 0)
+                if p is not None:
+                    assert TilePlan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+                    plans += 1
+    assert plans > 100
+    # a plan fit could not have written: the device would allocate by it, so it is refused
+    good = plan_tiles((1024, 768), 224, 3).to_dict()
+    hostile = {
+        "frame": [0, 0],
+        "work": [10**6, 10**6],  # upscaled to a terapixel frame
+        "tile": -5,
+        "xs": list(range(0, 60)),  # thousands of tiles per frame
+        "ys": [0, 10**5],  # past the frame's edge
+        "defect_size": float("nan"),
+        "overview": "yes",
+    }
+    for key, value in hostile.items():
+        with pytest.raises(ValueError):
+            TilePlan.from_dict({**good, key: value})
+    for broken in ("tiles", None, [], {k: v for k, v in good.items() if k != "work"}, {**good, "xs": ["a"]}):
+        with pytest.raises(ValueError):
+            TilePlan.from_dict(broken)
+    with pytest.raises(ValueError, match="pixel budget"):
+        TilePlan.from_dict({**good, "frame": [10**5, 10**5]})
+
+
 def test_frames_take_the_max_over_tiles_and_stitch_maps_in_place():
     p = TilePlan((300, 300), (300, 300), 224, (0, 76), (0, 76), 3.0)
     rng = np.random.default_rng(0)
@@ -217,6 +249,35 @@ def test_tiled_bundle_scores_a_whole_frame_overview_beside_the_tiles(tiled, tmp_
     (copy / "overview.npz").write_bytes(bytes(raw))
     with pytest.raises(BundleError, match="overview.npz"):
         load_predictor(load_bundle(copy)).maps(frames[:1])
+
+
+def test_a_bundle_with_a_damaged_tile_plan_is_refused_in_one_line(tiled, tmp_path, no_torch_env):
+    import shutil
+
+    from edgetl import load_predictor
+    from edgetl.errors import BundleError
+    from tests.conftest import run_cli
+
+    root, out, _ = tiled
+    frame = sorted((root / "test").rglob("*.png"))[0]
+    for i, edit in enumerate(
+        (
+            lambda t: t.update(xs=list(range(0, 76)), ys=list(range(0, 76))),  # 5,776 tiles a frame
+            lambda t: t.update(work=[448 * 1000, 448 * 1000]),  # a 448 px frame upscaled 1000x
+            lambda t: t.update(tile=112),  # not the model's input
+            lambda t: t.pop("frame"),
+        )
+    ):
+        b = tmp_path / f"b{i}"
+        shutil.copytree(out, b)
+        m = json.loads((b / "manifest.json").read_text())
+        edit(m["anomaly"]["tiles"])
+        (b / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=r"manifest.json: the tile plan \(anomaly.tiles\) is damaged"):
+            load_predictor(b)
+    res = run_cli("predict", tmp_path / "b0", frame, env=no_torch_env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "fit the bundle again" in res.stderr
 
 
 def test_a_tiled_bundle_made_before_the_overview_scores_its_tiles_alone(tiled, tmp_path):

@@ -58,7 +58,7 @@ from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
 from ..tasks.anomaly.task import load_overview as _load_overview
 from ..tasks.anomaly.task import score_rows as _score_rows
-from ..tasks.anomaly.tiles import TilePlan
+from ..tasks.anomaly.tiles import TilePlan, read_plan
 from ..tasks.classify.data import scan_images
 from ..tasks.classify.update import holdout_mask as _holdout_mask
 
@@ -128,8 +128,7 @@ def current_head(b):
 
 def tile_plan(b) -> TilePlan | None:
     """A defect bundle's tile plan (None: one view per image)."""
-    tiles = b.manifest.get("anomaly", {}).get("tiles")
-    return TilePlan.from_dict(tiles) if tiles else None
+    return read_plan(b)
 
 
 def tiles_tag(plan: TilePlan | None) -> str:

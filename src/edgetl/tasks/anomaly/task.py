@@ -55,7 +55,7 @@ from .data import good_images, is_anomaly_layout, labelled_images, load_anomaly_
 from .metrics import detection_metrics
 from .render import save_overlay
 from .select import choose
-from .tiles import Overview, TilePlan, frame_size, load_mask_tiled, plan_tiles
+from .tiles import Overview, TilePlan, frame_size, load_mask_tiled, plan_tiles, read_plan
 
 LABELS = ["good", "defect"]
 # Op types of the patch extractor's tail kept in float (ONNX and OpenVINO names): it ends in
@@ -111,8 +111,7 @@ class AnomalyPredictor:
         self.version = int(entry["version"])
         self.threshold = float(entry.get("threshold", bundle.manifest.get("thresholds", {}).get("anomaly", 1.0)))
         self.shape = tuple(bundle.manifest["backbone"]["feature_shape"])
-        tiles = bundle.manifest.get("anomaly", {}).get("tiles")
-        self.plan: TilePlan | None = TilePlan.from_dict(tiles) if tiles else None
+        self.plan: TilePlan | None = read_plan(bundle)
         self.fused = fused and bool(entry.get("fused"))
         self._head: AnomalyHead | DefectHead | None = None
         self._overview: Overview | None = None

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from ...core.preprocess import PreprocessConfig, check_cost, decode, load_rgb, to_tensor
-from ...errors import DataError
+from ...errors import BundleError, DataError
 from ...heads.defect import softmax2, softmax_terms
 from .data import _MASK_LEVEL
 
@@ -54,9 +54,40 @@ MIN_GAIN = 1.15
 ASPECT_TOLERANCE = 0.02
 
 
+def _int(v) -> int:
+    """An integer field of a stored plan (a bool or a fraction is refused, not truncated)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+        raise ValueError(f"{v!r} is not a whole number")
+    return int(v)
+
+
 def _pair(values) -> tuple[int, int]:
-    a, b = (int(v) for v in values)
+    if not isinstance(values, (list, tuple)) or len(values) != 2:
+        raise ValueError(f"{values!r} is not a (width, height) pair")
+    a, b = (_int(v) for v in values)
     return a, b
+
+
+def read_plan(bundle) -> TilePlan | None:
+    """A bundle's tile plan (None: one view per image).
+
+    Raises:
+        BundleError: the manifest's plan is not one ``fit`` could have written, or not for this
+            bundle's model input.
+    """
+    d = bundle.manifest.get("anomaly", {}).get("tiles") if isinstance(bundle.manifest.get("anomaly"), dict) else None
+    if not d:
+        return None
+    try:
+        plan = TilePlan.from_dict(d)
+        size = bundle.preprocess.input_size
+        if plan.tile != size:
+            raise ValueError(f"its {plan.tile} px tiles are not the model's {size} px input")
+    except ValueError as exc:
+        raise BundleError(
+            f"{bundle.path / 'manifest.json'}: the tile plan (anomaly.tiles) is damaged: {exc}; fit the bundle again"
+        ) from None
+    return plan
 
 
 @dataclass(frozen=True)
@@ -107,15 +138,56 @@ class TilePlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> TilePlan:
-        return cls(
-            _pair(d["frame"]),
-            _pair(d["work"]),
-            int(d["tile"]),
-            tuple(int(v) for v in d["xs"]),
-            tuple(int(v) for v in d["ys"]),
-            float(d["defect_size"]),
-            bool(d.get("overview", False)),
-        )
+        """The plan a manifest stores, checked (see :meth:`check`).
+
+        Raises:
+            ValueError: not a plan ``fit`` could have written.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a mapping was expected, not {type(d).__name__}")
+        try:
+            plan = cls(
+                _pair(d["frame"]),
+                _pair(d["work"]),
+                _int(d["tile"]),
+                tuple(_int(v) for v in d["xs"]),
+                tuple(_int(v) for v in d["ys"]),
+                float(d["defect_size"]),
+                d.get("overview", False),
+            )
+        except KeyError as exc:
+            raise ValueError(f"{exc.args[0]!r} is missing") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"a field is not a number: {exc}") from None
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Refuse a plan ``fit`` could not have written: the device allocates by it (a working frame,
+        one model row per tile), so a hostile manifest must not make it upscale a frame to gigapixels,
+        cut thousands of tiles or read past the frame's edge.
+
+        Raises:
+            ValueError: what is wrong with it.
+        """
+        (fw, fh), (ww, wh), S = self.frame, self.work, self.tile
+        if not isinstance(self.overview, bool):
+            raise ValueError(f"overview is {self.overview!r}, not true or false")
+        if not (math.isfinite(self.defect_size) and self.defect_size > 0):
+            raise ValueError(f"defect_size {self.defect_size!r} is not a positive size in pixels")
+        if S < 1 or fw < 1 or fh < 1:
+            raise ValueError(f"tile {S} px over a {fw} x {fh} frame")
+        from ...core.preprocess import max_pixels
+
+        if fw * fh > max_pixels():  # the frames it was fitted on were decoded under this budget
+            raise ValueError(f"its {fw} x {fh} frames are over the pixel budget; raise EDGETL_MAX_MEGAPIXELS")
+        if not (S <= ww <= fw and S <= wh <= fh):  # plans only ever scale frames down, to >= one tile
+            raise ValueError(f"its working size {ww} x {wh} is not between one {S} px tile and the {fw} x {fh} frame")
+        if abs((ww / wh) / (fw / fh) - 1) > ASPECT_TOLERANCE:
+            raise ValueError(f"its working size {ww} x {wh} is not the {fw} x {fh} frame's shape")
+        for name, edges, length in (("xs", self.xs, ww), ("ys", self.ys, wh)):
+            if edges != _edges(length, S):
+                raise ValueError(f"{name} {list(edges)[:8]} are not the fewest {S} px tiles covering {length} px")
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
