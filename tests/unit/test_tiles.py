@@ -61,7 +61,8 @@ def test_every_plan_fit_writes_reads_back_and_a_hostile_one_is_refused():
     for key, value in hostile.items():
         with pytest.raises(ValueError):
             TilePlan.from_dict({**good, key: value})
-    for broken in ("tiles", None, [], {k: v for k, v in good.items() if k != "work"}, {**good, "xs": ["a"]}):
+    missing = {k: v for k, v in good.items() if k != "work"}
+    for broken in ("tiles", None, [], missing, {**good, "xs": ["a"]}, {**good, "tile": float("inf")}):
         with pytest.raises(ValueError):
             TilePlan.from_dict(broken)
     with pytest.raises(ValueError, match="pixel budget"):

@@ -56,7 +56,7 @@ ASPECT_TOLERANCE = 0.02
 
 def _int(v) -> int:
     """An integer field of a stored plan (a bool or a fraction is refused, not truncated)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
         raise ValueError(f"{v!r} is not a whole number")
     return int(v)
 
