@@ -58,7 +58,8 @@ from ..tasks.anomaly.data import good_images as _good_images
 from ..tasks.anomaly.task import AnomalyPredictor, PatchExtractor
 from ..tasks.anomaly.task import load_overview as _load_overview
 from ..tasks.anomaly.task import score_rows as _score_rows
-from ..tasks.anomaly.tiles import TilePlan, read_plan
+from ..tasks.anomaly.tiles import TilePlan
+from ..tasks.anomaly.tiles import read_plan as tile_plan  # a defect bundle's plan (None: one view)
 from ..tasks.classify.data import scan_images
 from ..tasks.classify.update import holdout_mask as _holdout_mask
 
@@ -124,11 +125,6 @@ def current_head(b):
         # patches of another scale, and a merge of them would score neither plan's frames
         head.meta = {**head.meta, "tiles": tiles_tag(tile_plan(b))}
     return head
-
-
-def tile_plan(b) -> TilePlan | None:
-    """A defect bundle's tile plan (None: one view per image)."""
-    return read_plan(b)
 
 
 def tiles_tag(plan: TilePlan | None) -> str:

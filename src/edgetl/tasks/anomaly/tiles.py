@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ...core.preprocess import PreprocessConfig, check_cost, decode, load_rgb, to_tensor
+from ...core.preprocess import PreprocessConfig, check_cost, decode, load_rgb, max_pixels, to_tensor
 from ...errors import BundleError, DataError
 from ...heads.defect import softmax2, softmax_terms
 from .data import _MASK_LEVEL
@@ -75,7 +75,8 @@ def read_plan(bundle) -> TilePlan | None:
         BundleError: the manifest's plan is not one ``fit`` could have written, or not for this
             bundle's model input.
     """
-    d = bundle.manifest.get("anomaly", {}).get("tiles") if isinstance(bundle.manifest.get("anomaly"), dict) else None
+    anomaly = bundle.manifest.get("anomaly")
+    d = anomaly.get("tiles") if isinstance(anomaly, dict) else None
     if not d:
         return None
     try:
@@ -177,8 +178,6 @@ class TilePlan:
             raise ValueError(f"defect_size {self.defect_size!r} is not a positive size in pixels")
         if S < 1 or fw < 1 or fh < 1:
             raise ValueError(f"tile {S} px over a {fw} x {fh} frame")
-        from ...core.preprocess import max_pixels
-
         if fw * fh > max_pixels():  # the frames it was fitted on were decoded under this budget
             raise ValueError(f"its {fw} x {fh} frames are over the pixel budget; raise EDGETL_MAX_MEGAPIXELS")
         if not (S <= ww <= fw and S <= wh <= fh):  # plans only ever scale frames down, to >= one tile
